@@ -1,0 +1,210 @@
+"""The shared benchmark harness (GUIDE §4).
+
+Every row is measured in the same process and run as its baseline: median time of
+``triton.testing.do_bench`` (events, L2 flushed before each repetition, randn inputs),
+TFLOP/s, ratio baseline_ms / ms, % of the peak measured on this GPU in this run, relative
+error against float64, peak memory, and joules per call where NVML reports energy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Row:
+    op: str
+    mode: str  # fwd | bwd | fwd+bwd
+    backend: str
+    baseline: str
+    dtype: str
+    shape: dict
+    ms: float | None
+    tflops: float | None
+    baseline_ms: float | None
+    ratio: float | None
+    rel_err: float | None
+    baseline_rel_err: float | None = None
+    pct_of_peak: float | None = None
+    peak_mem_bytes: int | None = None
+    joules: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ---- environment -----------------------------------------------------------------------------
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def environment() -> dict:
+    import triton
+
+    env = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "driver": _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        or None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": _run(["git", "-C", str(ROOT), "rev-parse", "HEAD"]) or None,
+        "dirty": bool(_run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        clocks = _run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,"
+                       "power.limit,temperature.gpu", "--format=csv,noheader"])
+        env["clocks_sm_maxsm_mem_powerlimit_temp"] = clocks or None
+    return env
+
+
+# ---- energy ----------------------------------------------------------------------------------
+
+class EnergyMeter:
+    """Total energy counter of GPU 0 through NVML (libnvidia-ml, loaded with ctypes so no
+    Python package is needed), in joules; ``available`` is False where NVML or the counter
+    is missing (then rows carry joules=None)."""
+
+    def __init__(self):
+        self.available = False
+        try:
+            self._nvml = ctypes.CDLL("libnvidia-ml.so.1")
+            if self._nvml.nvmlInit_v2() != 0:
+                return
+            self._handle = ctypes.c_void_p()
+            index = torch.cuda.current_device()
+            if self._nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self._handle)) != 0:
+                return
+            self.available = self.read() is not None
+        except (OSError, AttributeError):
+            self.available = False
+
+    def read(self) -> float | None:
+        value = ctypes.c_ulonglong()
+        if self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle, ctypes.byref(value)):
+            return None
+        return value.value / 1000.0  # millijoules -> joules
+
+
+def joules_per_call(fn, meter: EnergyMeter, min_seconds: float = 1.0) -> float | None:
+    """Energy per call over a loop of at least ``min_seconds`` (the counter's resolution
+    is coarse)."""
+    if not meter.available:
+        return None
+    fn()
+    torch.cuda.synchronize()
+    calls, start_j, start_t = 0, meter.read(), time.perf_counter()
+    while time.perf_counter() - start_t < min_seconds:
+        for _ in range(10):
+            fn()
+        calls += 10
+        torch.cuda.synchronize()
+    end_j = meter.read()
+    if start_j is None or end_j is None:
+        return None
+    return (end_j - start_j) / calls
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    import triton.testing
+
+    result = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5])
+    return float(result[0] if isinstance(result, (list, tuple)) else result)
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes allocated during one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measured_peak_tflops(dtype: torch.dtype) -> float:
+    """The matmul rate cuBLAS reaches on this GPU now (8192^3, randn): the roof that
+    '% of peak' refers to, measured in the same run instead of taken from a datasheet."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = median_ms(lambda: torch.matmul(a, b))
+    del a, b
+    return 2 * n**3 / ms / 1e9
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+def write_results(rows: list[Row], env: dict, out_dir: Path, peaks: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"env": env, "measured_peaks_tflops": peaks, "rows": [asdict(r) for r in rows]}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+
+
+def _fmt(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    head = ("| op | mode | backend | dtype | shape | ms | TFLOP/s | vs | baseline ms | ratio "
+            "| % peak | rel err | base rel err | peak MiB | J/call |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        shape = "×".join(str(v) for v in r.shape.values())
+        mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
+        lines.append(
+            f"| {r.op} | {r.mode} | {r.backend} | {r.dtype} | {shape} | {_fmt(r.ms, '.4f')} "
+            f"| {_fmt(r.tflops, '.1f')} | {r.baseline} | {_fmt(r.baseline_ms, '.4f')} "
+            f"| {_fmt(r.ratio, '.3f')} | {_fmt(r.pct_of_peak, '.1f')} | {_fmt(r.rel_err, '.2e')} "
+            f"| {_fmt(r.baseline_rel_err, '.2e')} | {_fmt(mem, '.1f')} | {_fmt(r.joules, '.4f')} |"
+            + (f" {r.note}" if r.note else ""))
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_ratios(rows: list[Row], path: Path, title: str) -> bool:
+    """One bar per (backend, dtype, shape): ratio to the baseline; 1.0 drawn as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    timed = [r for r in rows if r.ratio is not None]
+    if not timed:
+        return False
+    labels = [f"{r.backend} {r.dtype} " + "×".join(str(v) for v in r.shape.values())
+              for r in timed]
+    fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(timed)), 5))
+    colors = {"cuda": "tab:green", "triton": "tab:blue"}
+    ax.bar(range(len(timed)), [r.ratio for r in timed],
+           color=[colors.get(r.backend, "tab:gray") for r in timed])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(timed)), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("speed vs baseline (baseline ms / ms)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,15 @@
+// The one place that binds CUDA implementations to tilesmith's ops. The schemas themselves
+// are defined once, in python/tilesmith/ops/ (the same file as each op's fake kernel and
+// autograd rule); the dispatcher accepts an implementation registered before its schema.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "matmul/matmul_api.h"
+
+// An empty module: importing tilesmith._C runs the static registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) { m.impl("matmul_cuda", &tilesmith::matmul_cuda); }

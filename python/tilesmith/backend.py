@@ -1,0 +1,176 @@
+"""Which implementation runs an op: "cuda" (tilesmith's CUDA C++), "triton" (tilesmith's
+Triton kernels) or "torch" (PyTorch's own: cuBLAS/cuDNN on a GPU, the CPU fallback, and the
+baseline every benchmark compares against).
+
+The choice, first match wins:
+  1. the call's own argument, e.g. ``ops.matmul(a, b, backend="triton")``;
+  2. the innermost ``with tilesmith.use_backend("triton"):`` block;
+  3. the ``TILESMITH_BACKEND`` environment variable (read when tilesmith is imported);
+  4. the default: the first *available* backend in ``DEFAULT_ORDER[op][dtype]``, a table kept
+     in step with the committed GPU benchmarks (bench/results/): a backend of ours goes
+     ahead of "torch" only where a committed run on an H100 shows it faster.
+
+A backend named by 1-3 that cannot run the call raises BackendUnavailableError saying why;
+only the default silently moves on to the next in its list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+
+# Until bench/results/ holds an H100 run where one of ours beats the vendor library, the
+# vendor library is the fastest we know of and comes first. (No GPU run is committed yet.)
+DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
+    "matmul": {
+        torch.bfloat16: ("torch", "cuda", "triton"),
+        torch.float16: ("torch", "cuda", "triton"),
+        torch.float32: ("torch", "triton"),
+    },
+}
+
+# Which dtypes each backend implements, per op.
+SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
+    "matmul": {
+        "cuda": (torch.float16, torch.bfloat16),
+        # float64 is there for gradcheck through the interpreter; it is not a fast path.
+        "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    },
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run this call here; the message says why."""
+
+
+def _load_extension(name: str):
+    try:
+        return importlib.import_module(f"tilesmith.{name}"), None
+    except ImportError as exc:
+        return None, str(exc)
+
+
+_C, _C_ERROR = _load_extension("_C")
+_C_SM90A, _C_SM90A_ERROR = _load_extension("_C_sm90a")
+
+
+def _triton_status() -> str | None:
+    """None when Triton can be imported, else the reason."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - triton ships with torch on Linux
+        return f"triton is not installed ({exc})"
+    return None
+
+
+_TRITON_ERROR = _triton_status()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _env_backend() -> str | None:
+    name = os.environ.get("TILESMITH_BACKEND", "").strip().lower() or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"TILESMITH_BACKEND={name!r}: expected one of {BACKENDS}")
+    return name
+
+
+_ENV_BACKEND = _env_backend()
+_STACK: list[str] = []
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops in this block on ``name`` unless a call names its own backend."""
+    _check_name(name)
+    _STACK.append(name)
+    try:
+        yield
+    finally:
+        _STACK.pop()
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def unavailable_reason(backend: str, op: str, device: torch.device,
+                       dtype: torch.dtype | None = None) -> str | None:
+    """None if ``backend`` can run ``op`` for tensors on ``device`` of ``dtype``, else why not."""
+    _check_name(backend)
+    dtypes = SUPPORTED_DTYPES[op][backend]
+    if dtype is not None and dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        return f"the {backend} backend of {op} supports {names}, not {dtype}"
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        if _C is None:
+            return ("the CUDA extension tilesmith._C is not built (installed without nvcc, or "
+                    f"with TILESMITH_SKIP_CUDA_BUILD=1): {_C_ERROR}")
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got tensors on {device}"
+        major, minor = _capability(device)
+        if major < 8:
+            return (f"the cuda backend needs compute capability 8.0 or newer (mma.sync with "
+                    f"bf16), this GPU has {major}.{minor}")
+        return None
+    # triton
+    if _TRITON_ERROR is not None:
+        return _TRITON_ERROR
+    if device.type == "cuda":
+        if interpreting():
+            return "TRITON_INTERPRET=1 is set: Triton kernels run on CPU tensors only"
+        return None
+    if device.type == "cpu":
+        if interpreting():
+            return None
+        return ("the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+                "set before triton is imported)")
+    return f"the triton backend does not run on {device}"
+
+
+def available_backends(op: str, device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> list[str]:
+    """The backends that can run ``op`` here: on ``device`` (default: the current CUDA device
+    if there is one, else the CPU) and, if given, for ``dtype``."""
+    if op not in SUPPORTED_DTYPES:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(SUPPORTED_DTYPES)}")
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    return [b for b in BACKENDS if unavailable_reason(b, op, device, dtype) is None]
+
+
+def pick(op: str, tensor: torch.Tensor, backend: str | None = None) -> str:
+    """The backend that runs ``op`` on inputs like ``tensor`` (see the module docstring)."""
+    requested = backend or (_STACK[-1] if _STACK else None) or _ENV_BACKEND
+    if requested is not None:
+        why = unavailable_reason(requested, op, tensor.device, tensor.dtype)
+        if why is not None:
+            raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {why}")
+        return requested
+    if tensor.device.type != "cuda":
+        return "torch"
+    for name in DEFAULT_ORDER[op].get(tensor.dtype, ("torch",)):
+        if unavailable_reason(name, op, tensor.device, tensor.dtype) is None:
+            return name
+    return "torch"

@@ -1,0 +1,18 @@
+"""The one owner of the ``tilesmith`` op namespace. Ops whose kernels are C++ are defined
+here (``LIBRARY.define``) by their op family's file; ops whose kernels are Triton are defined
+by ``torch.library.triton_op`` in that same file. The CUDA extension only binds kernels."""
+
+import os
+
+import torch
+
+LIBRARY = torch.library.Library("tilesmith", "DEF")
+
+
+def new_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Output allocation for every op. Under ``tilesmith.testing.poison_outputs()`` outputs
+    start NaN-filled, so an element a kernel fails to write cannot pass a test."""
+    dtype = dtype or like.dtype
+    if os.environ.get("TILESMITH_POISON_OUTPUTS"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)

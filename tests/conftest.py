@@ -1,0 +1,34 @@
+"""Test configuration. Without a GPU the Triton kernels run through the interpreter on CPU
+tensors: TRITON_INTERPRET must be set before triton is first imported, hence here."""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import tilesmith  # noqa: E402  (after TRITON_INTERPRET)
+from tilesmith import backend  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
+
+
+def kernel_backends(op: str, dtype: torch.dtype | None = None) -> list:
+    """tilesmith's own backends for ``op`` as pytest params: available ones run, the others
+    are skipped with the reason they cannot run here."""
+    params = []
+    for name in ("cuda", "triton"):
+        why = backend.unavailable_reason(name, op, DEVICE, dtype)
+        marks = [pytest.mark.skip(reason=why)] if why else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,109 @@
+"""The build: the CUDA extensions exist where they should, carry the architectures we
+promise, and their matmul kernels keep everything in registers (no local-memory spills)."""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import tilesmith
+from tilesmith import backend
+
+ROOT = Path(__file__).resolve().parent.parent
+SKIPPED_BUILD = os.environ.get("TILESMITH_SKIP_CUDA_BUILD", "0") not in ("", "0")
+
+
+def _nvcc_present() -> bool:
+    home = os.environ.get("CUDA_HOME")
+    return bool(shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()
+                or (home and Path(home, "bin", "nvcc").exists()))
+
+
+def _cuobjdump() -> str | None:
+    candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    try:
+        import triton
+
+        candidates.append(str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and Path(c).exists()), None)
+
+
+needs_extension = pytest.mark.skipif(
+    backend._C is None,
+    reason=f"tilesmith._C is not built here ({backend._C_ERROR})")
+
+
+def test_import_works_with_or_without_extension():
+    assert tilesmith.ops.matmul is not None
+    assert "torch" in tilesmith.available_backends("matmul", "cpu")
+
+
+@pytest.mark.skipif(not _nvcc_present() or SKIPPED_BUILD,
+                    reason="no nvcc here, or TILESMITH_SKIP_CUDA_BUILD set: pure-Python install")
+def test_extensions_built_when_nvcc_is_present():
+    assert backend._C is not None, backend._C_ERROR
+    assert backend._C_SM90A is not None, backend._C_SM90A_ERROR
+
+
+def _extension_file(module) -> str:
+    return module.__file__
+
+
+@needs_extension
+def test_fatbin_has_sm80_sm90_sass_and_ptx():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump found (CUDA toolkit bin/ or triton's bundled copy)")
+    so = _extension_file(backend._C)
+    elves = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", so], capture_output=True, text=True).stdout
+    if os.environ.get("TILESMITH_CUDA_ARCHS"):
+        pytest.skip("custom TILESMITH_CUDA_ARCHS: the default architecture set is not expected")
+    assert re.search(r"matmul_sm80_bf16\.sm_80\.cubin", elves), elves
+    assert re.search(r"matmul_sm80_bf16\.sm_90\.cubin", elves), elves
+    assert re.search(r"matmul_sm80_bf16\.sm_90\.ptx", ptx), ptx
+
+
+def _resource_usage(so: str) -> dict[tuple[str, str], dict[str, int]]:
+    """{(arch, mangled function): {"REG": .., "STACK": .., "LOCAL": .., ...}}"""
+    out = subprocess.run([_cuobjdump(), "--dump-resource-usage", so], capture_output=True,
+                         text=True, check=True).stdout
+    usage, arch, function = {}, None, None
+    for line in out.splitlines():
+        if m := re.match(r"arch = (\S+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            function = m.group(1)
+        elif function and "REG:" in line:
+            usage[(arch, function)] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            function = None
+    return usage
+
+
+@needs_extension
+def test_matmul_kernels_do_not_spill():
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump found (CUDA toolkit bin/ or triton's bundled copy)")
+    usage = _resource_usage(_extension_file(backend._C))
+    matmul = {key: value for key, value in usage.items() if "matmul_kernel" in key[1]}
+    # 2 dtypes x 2 layouts of a x 2 layouts of b x 2 load paths, per SASS architecture.
+    archs = {arch for arch, _ in matmul}
+    assert len(matmul) == 16 * len(archs) and archs, sorted(matmul)
+    spilling = {f"{arch} {name}": (u["STACK"], u["LOCAL"]) for (arch, name), u in matmul.items()
+                if u["STACK"] or u["LOCAL"]}
+    assert not spilling, f"kernels with stack/local memory (spills): {spilling}"
+
+
+def test_kernel_files_include_no_torch_headers():
+    """Kernel files see plain params structs: they compile in seconds, not minutes."""
+    offenders = []
+    for path in list((ROOT / "csrc").rglob("*.cu")) + list((ROOT / "csrc").rglob("*.cuh")):
+        text = path.read_text()
+        if re.search(r"#include\s*[<\"](torch|ATen|c10)/", text):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders

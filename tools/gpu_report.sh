@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# make gpu-report OUT_DIR=DIR, on a GPU machine with no network: uses the python3 there
+# and its torch/triton, installs nothing. Builds the extensions in place, runs the whole
+# test suite on the GPU, runs the benchmarks, and leaves in DIR: report.md, results.json,
+# pytest.log, build.log, matmul.png, nvidia-smi.txt. Each stage has its own time limit so
+# that the whole fits in 10 minutes and a hang in one stage still leaves the others' files.
+set -uo pipefail
+OUT=${1:-bench/out}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+start=$SECONDS
+timeout 150 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+echo "build: rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/build.log"
+
+# One autotune config per kernel in the test run (hundreds of dtype x layout x config
+# compilations otherwise); every config is still checked by test_every_autotune_config.
+start=$SECONDS
+TILESMITH_TRITON_AUTOTUNE=first timeout 240 "$PY" -m pytest tests -q -rs \
+  -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+echo "tests: rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/pytest.log"
+tail -3 "$OUT/pytest.log"
+
+start=$SECONDS
+timeout 190 "$PY" -m bench.run --out "$OUT" --pytest-log "$OUT/pytest.log" \
+  --build-log "$OUT/build.log" > "$OUT/bench.log" 2>&1
+echo "bench: rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/bench.log"
+tail -40 "$OUT/bench.log"
