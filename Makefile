@@ -29,7 +29,7 @@ build: $(VENV)/.deps
 	@start=$$SECONDS; \
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build.log 2>&1 \
 	  || { tail -40 build.log; exit 1; }; \
-	grep -E "^tilesmith:" build.log || true; \
+	grep -E "tilesmith: " build.log || true; \
 	echo "build: $$((SECONDS - start)) s (MAX_JOBS=$(MAX_JOBS), CUDA_HOME=$(CUDA_HOME))"
 
 test: build

@@ -10,6 +10,8 @@ import os
 import triton
 import triton.language as tl
 
+from ._common import to_output
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -48,17 +50,6 @@ def matmul_configs():
     if os.environ.get("TILESMITH_TRITON_AUTOTUNE", "full") == "first":
         return [GPU_CONFIGS[2]]
     return GPU_CONFIGS
-
-
-@triton.jit
-def round_to_bfloat16(x):
-    """fp32 -> the nearest bf16 value (ties to even), still as fp32. The interpreter's own
-    fp32 -> bf16 cast truncates, which doubles the rounding error and would fail the
-    2x-PyTorch accuracy rule on the CPU for a reason that does not exist on a GPU; after this
-    the truncating cast is exact. (Inputs are finite: NaN/inf are not special-cased.)"""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.autotune(configs=matmul_configs(), key=["M", "N", "K", "A_K_UNIT", "B_N_UNIT"])
@@ -106,9 +97,6 @@ def matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    out = acc
-    if UPCAST and c_ptr.dtype.element_ty == tl.bfloat16:
-        out = round_to_bfloat16(out)
     c_ptrs = c_ptr + z * stride_cz + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty),
+    tl.store(c_ptrs, to_output(acc, c_ptr, UPCAST),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

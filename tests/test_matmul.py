@@ -62,13 +62,11 @@ GRAD_SAMPLES = ["17x17x17", "33x127x65", "a_transposed", "both_transposed", "off
 def test_gradients_match_float64(backend, dtype, name):
     sample = _sample(name, dtype)
     # Differentiate through the very views the forward test uses (strides, offsets).
-    bases = [t._base if t._base is not None else t for t in sample.args]
-    leaves = [base.detach().clone().requires_grad_(True) for base in bases]
-    a, b = (leaf.as_strided(t.shape, t.stride(), t.storage_offset())
-            for leaf, t in zip(leaves, sample.args))
-    out = tilesmith.ops.matmul(a, b, backend=backend)
-    grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
-    grad_a, grad_b = torch.autograd.grad(out, (a, b), grad_out)
+    a, b = testing.grad_views(sample.args)
+    with testing.poison_outputs():
+        out = tilesmith.ops.matmul(a, b, backend=backend)
+        grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
+        grad_a, grad_b = torch.autograd.grad(out, (a, b), grad_out)
 
     a64 = a.detach().double().requires_grad_(True)
     b64 = b.detach().double().requires_grad_(True)

@@ -32,6 +32,11 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
         torch.float16: ("torch", "cuda", "triton"),
         torch.float32: ("torch", "triton"),
     },
+    "attention": {
+        torch.bfloat16: ("torch", "triton"),
+        torch.float16: ("torch", "triton"),
+        torch.float32: ("torch", "triton"),
+    },
 }
 
 # Which dtypes each backend implements, per op.
@@ -39,6 +44,11 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "matmul": {
         "cuda": (torch.float16, torch.bfloat16),
         # float64 is there for gradcheck through the interpreter; it is not a fast path.
+        "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    },
+    "attention": {
+        "cuda": (),  # not written yet
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
@@ -117,6 +127,8 @@ def unavailable_reason(backend: str, op: str, device: torch.device,
     """None if ``backend`` can run ``op`` for tensors on ``device`` of ``dtype``, else why not."""
     _check_name(backend)
     dtypes = SUPPORTED_DTYPES[op][backend]
+    if not dtypes:
+        return f"tilesmith has no {backend} kernel for {op} yet"
     if dtype is not None and dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         return f"the {backend} backend of {op} supports {names}, not {dtype}"
@@ -160,15 +172,20 @@ def available_backends(op: str, device: torch.device | str | None = None,
     return [b for b in BACKENDS if unavailable_reason(b, op, device, dtype) is None]
 
 
-def pick(op: str, tensor: torch.Tensor, backend: str | None = None) -> str:
-    """The backend that runs ``op`` on inputs like ``tensor`` (see the module docstring)."""
+def pick(op: str, tensor: torch.Tensor, backend: str | None = None,
+         kernels_cannot: str | None = None) -> str:
+    """The backend that runs ``op`` on inputs like ``tensor`` (see the module docstring).
+    ``kernels_cannot``: why tilesmith's own kernels cannot run this particular call (an
+    argument they do not implement), if so; then only "torch" can take it."""
     requested = backend or (_STACK[-1] if _STACK else None) or _ENV_BACKEND
     if requested is not None:
         why = unavailable_reason(requested, op, tensor.device, tensor.dtype)
+        if why is None and requested != "torch":
+            why = kernels_cannot
         if why is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {why}")
         return requested
-    if tensor.device.type != "cuda":
+    if tensor.device.type != "cuda" or kernels_cannot is not None:
         return "torch"
     for name in DEFAULT_ORDER[op].get(tensor.dtype, ("torch",)):
         if unavailable_reason(name, op, tensor.device, tensor.dtype) is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 
 import torch
@@ -32,14 +33,33 @@ def ulp(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+# A reference that is exactly zero in exact arithmetic (the query gradient of attention over
+# a single key, say) comes out of float64 as ~1e-16 noise and out of any lower precision as
+# rounding noise of the O(1..10)-sized terms that cancel: relative error means nothing there.
+# Such outputs must instead stay within this many ulps (at 1.0) of zero, element-wise.
+ZERO_REFERENCE_ULPS = 64
+
+
+def _exactly_zero(ref: torch.Tensor) -> bool:
+    return ref.numel() > 0 and ref.detach().abs().max().item() < 1e-12
+
+
+def _assert_near_zero(out: torch.Tensor, name: str) -> None:
+    bound = ZERO_REFERENCE_ULPS * ulp(out.dtype)
+    worst = out.detach().double().abs().max().item()
+    assert worst <= bound, f"{name}: reference is 0, got |max| {worst:.3e} > {bound:.3e}"
+
+
 def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor,
                               *, name: str = "output", factor: float = 2.0) -> None:
     """The low-precision rule: ``out``'s error against the float64 ``ref`` is at most
     ``factor`` times the error of ``baseline`` (PyTorch's own implementation at the same
     precision), with a floor of one ulp of the dtype (relative), for cases where PyTorch
-    happens to be (nearly) exact."""
+    happens to be (nearly) exact. (Exactly-zero references: see ZERO_REFERENCE_ULPS.)"""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert out.dtype == baseline.dtype, f"{name}: dtype {out.dtype} != {baseline.dtype}"
+    if _exactly_zero(ref):
+        return _assert_near_zero(out, name)
     err = rel_error(out, ref)
     base = rel_error(baseline, ref)
     allowed = max(factor * base, ulp(out.dtype))
@@ -49,6 +69,8 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, baseline: to
 
 def assert_fp32_close(out: torch.Tensor, ref: torch.Tensor, *, tf32: bool = False,
                       name: str = "output") -> None:
+    if _exactly_zero(ref):
+        return _assert_near_zero(out, name)
     rtol = FP32_TF32_RTOL if tf32 else FP32_IEEE_RTOL
     err = rel_error(out, ref)
     assert err <= rtol, f"{name}: relative error {err:.3e} exceeds {rtol:.0e}"
@@ -146,3 +168,109 @@ def matmul_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
             SampleInput("transposed_large", (r(1024, 777).t(), r(1024, 513))),
         ]
     return samples
+
+
+def grad_views(tensors):
+    """Each tensor rebuilt as the same view (shape, strides, storage offset) of a fresh leaf
+    that requires grad, so gradient tests differentiate through the layouts the forward
+    tests use. Non-tensors and non-float tensors pass through."""
+    views = []
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            views.append(t)
+            continue
+        base = t._base if t._base is not None else t
+        leaf = base.detach().clone().requires_grad_(True)
+        views.append(leaf.as_strided(t.shape, t.stride(), t.storage_offset()))
+    return views
+
+
+def attention_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
+                            ) -> list[SampleInput]:
+    """One list for every attention test: lengths 1..1023, causal with seq_q < seq_k and
+    seq_q > seq_k, grouped-query heads, head dims 40..256, value head dim != query's, boolean
+    and additive masks of every broadcastable shape, a fully masked row, strided views.
+    Each sample's args are (query, key, value); kwargs are scaled_dot_product_attention's."""
+    g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+
+    def r(*shape):
+        return _rand(shape, dtype, device, g)
+
+    def qkv(b, h, hk, sq, sk, d, dv=None):
+        return r(b, h, sq, d), r(b, hk, sk, d), r(b, hk, sk, dv or d)
+
+    samples = [
+        SampleInput("basic_b2h3s17", qkv(2, 3, 3, 17, 17, 64)),
+        SampleInput("len1", qkv(1, 2, 2, 1, 1, 64)),
+        SampleInput("len113_d40", qkv(1, 2, 2, 113, 113, 40)),
+        SampleInput("len1023", qkv(1, 1, 1, 1023, 1023, 64)),
+        SampleInput("cross_sq17_sk50", qkv(2, 2, 2, 17, 50, 32)),
+        SampleInput("causal_square_113", qkv(1, 2, 2, 113, 113, 64), {"is_causal": True}),
+        SampleInput("causal_sq17_lt_sk50", qkv(2, 2, 2, 17, 50, 32), {"is_causal": True}),
+        SampleInput("causal_sq50_gt_sk17", qkv(2, 2, 2, 50, 17, 32), {"is_causal": True}),
+        SampleInput("gqa_kv1", qkv(1, 8, 1, 33, 33, 32), {"enable_gqa": True}),
+        SampleInput("gqa_kv2_causal", qkv(1, 8, 2, 33, 33, 32),
+                    {"enable_gqa": True, "is_causal": True}),
+        SampleInput("gqa_kv8", qkv(1, 8, 8, 33, 33, 32), {"enable_gqa": True}),
+        SampleInput("d40", qkv(1, 2, 2, 33, 33, 40)),
+        SampleInput("d64", qkv(1, 2, 2, 33, 33, 64)),
+        SampleInput("d80", qkv(1, 2, 2, 33, 33, 80)),
+        SampleInput("d128", qkv(1, 2, 2, 33, 33, 128)),
+        SampleInput("d256", qkv(1, 2, 2, 33, 33, 256)),
+        SampleInput("dv_differs", qkv(2, 2, 2, 20, 24, 64, dv=32)),
+        SampleInput("custom_scale", qkv(1, 2, 2, 20, 20, 32), {"scale": 0.3}),
+        SampleInput("empty_batch", qkv(0, 2, 2, 8, 8, 32)),
+    ]
+    # A (batch, seq, heads, dim) projection viewed as (batch, heads, seq, dim), and slices.
+    q = r(2, 19, 3, 48).transpose(1, 2)
+    kv = r(2, 3, 30, 96)
+    samples.append(SampleInput("strided_views", (q, kv[..., :48], kv[..., 48:])))
+
+    b, h, sq, sk = 2, 3, 21, 26
+    mask_shapes = {"sq_sk": (sq, sk), "1_sk": (1, sk), "b_1_sq_sk": (b, 1, sq, sk),
+                   "1_h_sq_sk": (1, h, sq, sk), "b_h_sq_sk": (b, h, sq, sk),
+                   "b_1_1_sk": (b, 1, 1, sk), "h_sq_sk": (h, sq, sk)}
+    for name, shape in mask_shapes.items():
+        keep = torch.rand(shape, generator=g) > 0.3
+        samples.append(SampleInput(f"bool_mask_{name}", qkv(b, h, h, sq, sk, 32),
+                                   {"attn_mask": keep.to(device)}))
+        samples.append(SampleInput(f"float_mask_{name}", qkv(b, h, h, sq, sk, 32),
+                                   {"attn_mask": r(*shape)}))
+    keep = torch.rand(b, 1, sq, sk, generator=g) > 0.3
+    keep[:, :, 4] = False  # query row 4 sees no key at all
+    samples.append(SampleInput("fully_masked_row_bool", qkv(b, h, h, sq, sk, 32),
+                               {"attn_mask": keep.to(device)}))
+    bias = r(1, h, sq, sk)
+    bias[:, :, 7] = float("-inf")
+    samples.append(SampleInput("fully_masked_row_float", qkv(b, h, h, sq, sk, 32),
+                               {"attn_mask": bias}))
+    if large:
+        samples += [
+            SampleInput("large_causal_2k", qkv(2, 8, 8, 2048, 2048, 128), {"is_causal": True}),
+            SampleInput("large_gqa_1k", qkv(2, 16, 4, 1024, 1024, 128), {"enable_gqa": True}),
+            SampleInput("large_d64_4k", qkv(1, 4, 4, 4096, 4096, 64)),
+        ]
+    return samples
+
+
+def varlen_sample_inputs(device, dtype, *, seed: int = 0) -> list[SampleInput]:
+    """Packed batches for varlen_attention: args (q, k, v, cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k); kwargs: causal."""
+    g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    samples = []
+    cases = [("self_lengths_1_17_5_40", [1, 17, 5, 40], [1, 17, 5, 40], 4, 4, 32, {}),
+             ("cross_gqa", [3, 17, 30, 1], [5, 2, 30, 9], 4, 2, 64, {}),
+             ("causal_gqa", [3, 17, 30, 1], [5, 2, 30, 9], 4, 2, 64, {"causal": True}),
+             ("with_empty_sequence", [4, 0, 9], [4, 3, 0], 2, 1, 40, {})]
+    for name, lens_q, lens_k, h, hk, d, kwargs in cases:
+        cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
+        cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+        q = _rand((sum(lens_q), h, d), dtype, device, g)
+        k = _rand((sum(lens_k), hk, d), dtype, device, g)
+        v = _rand((sum(lens_k), hk, d), dtype, device, g)
+        samples.append(SampleInput(name, (q, k, v, cu_q.to(device), cu_k.to(device),
+                                          max(lens_q), max(lens_k)), kwargs))
+    return samples
+

@@ -16,3 +16,12 @@ def new_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -
     if os.environ.get("TILESMITH_POISON_OUTPUTS"):
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton ``input_precision`` for dots on ``dtype`` inputs. fp32 follows
+    torch.set_float32_matmul_precision, as torch.matmul does: "highest" (PyTorch's default)
+    computes in IEEE fp32, "high"/"medium" in TF32. Other dtypes are exact products."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from ._library import LIBRARY, new_output
+from ._library import LIBRARY, dot_precision, new_output
 
 LIBRARY.define("matmul_cuda(Tensor a, Tensor b) -> Tensor")
 
@@ -47,14 +47,7 @@ def triton_launch_args(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     batch = a.shape[0] if batched else 1
     # A 2-D call is a batch of one.
     za, zb, zc = (a.stride(0), b.stride(0), c.stride(0)) if batched else (0, 0, 0)
-    if a.dtype == torch.float64:
-        acc_dtype, precision = tl.float64, "ieee"
-    else:
-        acc_dtype = tl.float32
-        # fp32 follows torch.set_float32_matmul_precision, as torch.matmul does:
-        # "highest" (PyTorch's default) computes in IEEE fp32, "high"/"medium" in TF32.
-        tf32 = a.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-        precision = "tf32" if tf32 else "ieee"
+    acc_dtype = tl.float64 if a.dtype == torch.float64 else tl.float32
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch)
@@ -64,7 +57,8 @@ def triton_launch_args(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
             zb, b.stride(-2), b.stride(-1),
             zc, c.stride(-2), c.stride(-1))
     constexprs = dict(A_K_UNIT=a.stride(-1) == 1, B_N_UNIT=b.stride(-1) == 1,
-                      UPCAST=INTERPRETING, INPUT_PRECISION=precision, ACC_DTYPE=acc_dtype)
+                      UPCAST=INTERPRETING, INPUT_PRECISION=dot_precision(a.dtype),
+                      ACC_DTYPE=acc_dtype)
     return grid, args, constexprs
 
 

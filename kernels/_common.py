@@ -1,0 +1,25 @@
+"""Small @triton.jit helpers shared by several kernel files."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_bfloat16(x):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32. The interpreter's own
+    fp32 -> bf16 cast truncates, which doubles the rounding error and would fail the
+    2x-PyTorch accuracy rule on the CPU for a reason that does not exist on a GPU; after this
+    the truncating cast is exact. (Inputs are finite: NaN/inf are not special-cased.)"""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_output(x, out_ptr, UPCAST: tl.constexpr):
+    """``x`` cast to the element type of ``out_ptr``, rounding to nearest under the
+    interpreter too (see round_to_bfloat16)."""
+    if UPCAST:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            x = round_to_bfloat16(x.to(tl.float32))
+    return x.to(out_ptr.dtype.element_ty)

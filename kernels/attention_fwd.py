@@ -1,0 +1,137 @@
+"""Flash-style attention forward: online softmax over key blocks, never forming the full
+score matrix; saves the log-sum-exp of every query row for the backward.
+
+One program computes BLOCK_M query rows of one (batch, head). Scores live in the log2
+domain (qk_scale = scale * log2(e)) so the exponentials are exp2. Optional pieces are
+compile-time switches: a boolean or additive mask (strides of 0 broadcast it), causal
+masking aligned top-left as in torch.nn.functional.scaled_dot_product_attention, grouped
+key/value heads, and packed variable-length batches (cu_seqlens).
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from ._common import to_output
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_ADD = 2
+
+
+@triton.jit
+def sequence_bounds(cu_seqlens_ptr, b, fixed_len, VARLEN: tl.constexpr):
+    """(first token, length) of sequence b: packed batches read them from cu_seqlens."""
+    if VARLEN:
+        start = tl.load(cu_seqlens_ptr + b)
+        length = tl.load(cu_seqlens_ptr + b + 1) - start
+    else:
+        start = 0
+        length = fixed_len
+    return start, length
+
+
+@triton.jit
+def masked_scores(s, rows, cols, seqlen_q, seqlen_k, mask_ptrs,
+                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """Scores (log2 domain) with every excluded position at -inf, and the validity mask."""
+    valid = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None])
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptrs, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    if MASK_KIND == 2:
+        bias = tl.load(mask_ptrs, mask=valid, other=0.0)
+        s = s + bias.to(s.dtype) * 1.4426950408889634
+    s = tl.where(valid, s, float("-inf"))
+    return s, valid
+
+
+@triton.jit
+def attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh,
+    num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    h_kv = h // group_size
+    q_start, seqlen_q = sequence_bounds(cu_seqlens_q_ptr, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = sequence_bounds(cu_seqlens_k_ptr, b, seqlen_k, VARLEN)
+    b64 = b.to(tl.int64)
+
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_base = q_ptr + b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
+    k_base = k_ptr + b64 * stride_kb + h_kv * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh + k_start.to(tl.int64) * stride_vs
+    mask_base = mask_ptr + b64 * stride_mb + h * stride_mh
+
+    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim), other=0.0)
+    if UPCAST:
+        q = q.to(ACC_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
+
+    # Key blocks this query block can see; none when the block lies past its sequence
+    # (packed batches launch for the longest sequence).
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
+    hi = tl.where(start_m * BLOCK_M < seqlen_q, hi, 0)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)
+        if UPCAST:
+            k = k.to(ACC_DTYPE)
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        s, valid = masked_scores(s, rows, cols, seqlen_q, seqlen_k,
+                                 mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk,
+                                 MASK_KIND, CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; exponentiate against 0 instead so
+        # that exp2(-inf - (-inf)) never makes a NaN.
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_base[:, None])
+        alpha = tl.exp2(m_i - m_base)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                    mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v), other=0.0)
+        if UPCAST:
+            v = v.to(ACC_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
+                                            out_dtype=ACC_DTYPE)
+        m_i = m_new
+
+    # A fully masked row (l = 0) gives zeros and lse = -inf, as PyTorch does.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    o_base = o_ptr + b64 * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_os
+    tl.store(o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
+             to_output(out, o_ptr, UPCAST),
+             mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v))
+    lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
+    tl.store(lse_base + rows, lse.to(lse_ptr.dtype.element_ty), mask=rows < seqlen_q)

@@ -1,0 +1,466 @@
+"""Attention: ``torch.nn.functional.scaled_dot_product_attention`` semantics on tilesmith's
+flash-style kernels, plus ``attention`` (which also returns the log-sum-exp) and
+``varlen_attention`` (packed variable-length batches).
+
+Layers, as for every op family:
+  * public functions: validate, apply PyTorch's argument rules, pick a backend;
+  * registered ops ``tilesmith::attention_{fwd,bwd}_triton`` and
+    ``tilesmith::varlen_attention_{fwd,bwd}_triton`` (fake kernels from triton_op, autograd
+    whose backward calls the bwd op, so torch.compile traces both directions);
+  * kernels: kernels/attention_fwd.py, kernels/attention_bwd.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from .. import backend as _backend
+from ._library import dot_precision, new_output
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+# ---- launch helpers -----------------------------------------------------------------------
+
+def _blocks(head_dim: int, head_dim_v: int, longest: int, backward: bool) -> dict:
+    """Tile sizes by head dimension (first choices, to be tuned from bench/results)."""
+    from tilesmith.kernels.attention_fwd import INTERPRETING
+
+    block_d = max(16, triton_next_power_of_2(head_dim))
+    block_dv = max(16, triton_next_power_of_2(head_dim_v))
+    if INTERPRETING:
+        # The interpreter's cost is per block operation: 16-row tiles test the edges of short
+        # sequences, 64-row tiles keep a 1023-token test at seconds instead of a minute.
+        block = 16 if longest <= 128 else 64
+        return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                    num_warps=4, num_stages=1)
+    widest = max(block_d, block_dv)
+    if backward:
+        m, n, warps = (64, 64, 4) if widest <= 64 else (64, 64, 8) if widest <= 128 else (32, 32, 4)
+        return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps,
+                    num_stages=2)
+    m, n, warps, stages = ((128, 64, 4, 3) if widest <= 64 else (128, 64, 8, 3) if widest <= 128
+                           else (64, 32, 4, 2))
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps,
+                num_stages=stages)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _acc_dtype(dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _lse_dtype(dtype):
+    # float64 runs (gradcheck) keep the log-sum-exp in float64 too.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dense_strides(t):
+    """(batch, heads, seq, dim) strides of a (B, H, S, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _packed_strides(t):
+    """The same four for a packed (tokens, H, D) tensor: batch stride 0, the sequence's
+    first token is added by the kernel from cu_seqlens."""
+    return 0, t.stride(1), t.stride(0), t.stride(2)
+
+
+def _mask_strides(mask):
+    """Strides of a 4-D mask whose size-1 dimensions broadcast (stride 0)."""
+    if mask is None:
+        return 0, 0, 0, 0
+    return tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
+
+
+def _mask_kind(mask):
+    from tilesmith.kernels.attention_fwd import MASK_ADD, MASK_BOOL, MASK_NONE
+
+    if mask is None:
+        return MASK_NONE
+    return MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
+
+
+def _mask_pointer(mask, fallback):
+    if mask is None:
+        return fallback  # never read: MASK_KIND is MASK_NONE
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _common_constexprs(q, mask, causal, varlen):
+    from tilesmith.kernels.attention_fwd import INTERPRETING
+
+    return dict(MASK_KIND=_mask_kind(mask), CAUSAL=causal, VARLEN=varlen, UPCAST=INTERPRETING,
+                INPUT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_acc_dtype(q.dtype))
+
+
+def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale, varlen):
+    """Shared by the dense and packed forward ops: allocate, launch, return (out, lse)."""
+    import triton
+
+    from tilesmith.kernels.attention_fwd import LOG2E, attention_fwd_kernel
+
+    if varlen:
+        total_q, heads, head_dim = q.shape
+        heads_kv, head_dim_v = k.shape[1], v.shape[2]
+        out = new_output((total_q, heads, head_dim_v), like=q)
+        lse = new_output((heads, total_q), like=q, dtype=_lse_dtype(q.dtype))
+        strides = [_packed_strides(t) for t in (q, k, v)] + [_mask_strides(None),
+                                                             _packed_strides(out)]
+        lse_strides = (0, lse.stride(0))
+    else:
+        heads, head_dim = q.shape[1], q.shape[3]
+        heads_kv, head_dim_v = k.shape[1], v.shape[3]
+        out = new_output((batch, heads, seqlen_q, head_dim_v), like=q)
+        lse = new_output((batch, heads, seqlen_q), like=q, dtype=_lse_dtype(q.dtype))
+        strides = [_dense_strides(t) for t in (q, k, v)] + [_mask_strides(mask),
+                                                            _dense_strides(out)]
+        lse_strides = (lse.stride(0), lse.stride(1))
+    if out.numel() == 0:
+        return out, lse
+    blocks = _blocks(head_dim, head_dim_v, max(seqlen_q, seqlen_k), backward=False)
+    grid = (triton.cdiv(seqlen_q, blocks["BLOCK_M"]), batch * heads)
+    wrap_triton(attention_fwd_kernel)[grid](
+        q, k, v, _mask_pointer(mask, q), out, lse, cu_q, cu_k,
+        *[s for group in strides for s in group], *lse_strides,
+        heads, heads // heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E,
+        **_common_constexprs(q, mask, causal, varlen), **blocks)
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, seqlen_k,
+              causal, scale, mask_grad, varlen):
+    """Shared by the dense and packed backward ops: (dq, dk, dv, dmask)."""
+    import triton
+
+    from tilesmith.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+    from tilesmith.kernels.attention_fwd import LOG2E
+
+    dq = new_output(q.shape, like=q)
+    dk = new_output(k.shape, like=k)
+    dv = new_output(v.shape, like=v)
+    # The additive mask's gradient accumulates (atomically) in fp32, in the mask's own
+    # (broadcast) shape: a (1, H, S, S) bias gets a (1, H, S, S) gradient, summed over batch.
+    dmask = (torch.zeros(mask.shape, dtype=torch.float32, device=q.device) if mask_grad
+             else q.new_empty(0))
+    if varlen:
+        heads, head_dim = q.shape[1], q.shape[2]
+        heads_kv, head_dim_v = k.shape[1], v.shape[2]
+        layout = _packed_strides
+        # delta = rowsum(dout * out), laid out like lse: (heads, tokens).
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).t().contiguous()
+        lse_strides = (0, lse.stride(0))
+    else:
+        heads, head_dim = q.shape[1], q.shape[3]
+        heads_kv, head_dim_v = k.shape[1], v.shape[3]
+        layout = _dense_strides
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        lse_strides = (lse.stride(0), lse.stride(1))
+    if q.numel() == 0 or k.numel() == 0 or (q.shape[-1] == 0 and v.shape[-1] == 0):
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    if batch * heads == 0:
+        return dq, dk, dv, dmask
+    assert delta.stride(-1) == 1 and delta.shape == lse.shape
+    mask_strides = _mask_strides(mask)
+    common = _common_constexprs(q, mask, causal, varlen)
+    blocks = _blocks(head_dim, head_dim_v, max(seqlen_q, seqlen_k), backward=True)
+    sizes = (seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E, scale)
+    qkv_strides = [s for t in (q, k, v) for s in layout(t)]
+    mask_ptr = _mask_pointer(mask, q)
+
+    grid_kv = (triton.cdiv(seqlen_k, blocks["BLOCK_N"]), batch * heads_kv)
+    wrap_triton(attention_bwd_dkdv_kernel)[grid_kv](
+        q, k, v, mask_ptr, grad_out, lse, delta, dk, dv, cu_q, cu_k,
+        *qkv_strides, *mask_strides, *layout(grad_out), *lse_strides, *layout(dk), *layout(dv),
+        heads_kv, heads // heads_kv, *sizes, **common, **blocks)
+    grid_q = (triton.cdiv(seqlen_q, blocks["BLOCK_M"]), batch * heads)
+    wrap_triton(attention_bwd_dq_kernel)[grid_q](
+        q, k, v, mask_ptr, grad_out, lse, delta, dq, dmask if mask_grad else q, cu_q, cu_k,
+        *qkv_strides, *mask_strides, *layout(grad_out), *lse_strides, *layout(dq),
+        heads, heads // heads_kv, *sizes, MASK_GRAD=mask_grad, **common, **blocks)
+    return dq, dk, dv, dmask
+
+
+# ---- registered ops -----------------------------------------------------------------------
+
+@triton_op("tilesmith::attention_fwd_triton", mutates_args=())
+def _attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None, causal: bool, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, mask, q, q, q.shape[0], q.shape[2], k.shape[2], causal, scale,
+                    varlen=False)
+
+
+@triton_op("tilesmith::attention_bwd_triton", mutates_args=())
+def _attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor,
+                          lse: torch.Tensor, causal: bool, scale: float, mask_grad: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_out, q, k, v, mask, out, lse, q, q, q.shape[0], q.shape[2], k.shape[2],
+                     causal, scale, mask_grad, varlen=False)
+
+
+@triton_op("tilesmith::varlen_attention_fwd_triton", mutates_args=())
+def _varlen_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                                 max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, None, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1,
+                    max_seqlen_q, max_seqlen_k, causal, scale, varlen=True)
+
+
+@triton_op("tilesmith::varlen_attention_bwd_triton", mutates_args=())
+def _varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                 cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                                 max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                                 scale: float
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, _ = _backward(grad_out, q, k, v, None, out, lse, cu_seqlens_q, cu_seqlens_k,
+                              cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, causal,
+                              scale, False, varlen=True)
+    return dq, dk, dv
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, grad_out, _grad_lse):
+    # The log-sum-exp is returned for inspection; it carries no gradient (documented).
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = torch.ops.tilesmith.attention_bwd_triton(
+        grad_out, q, k, v, mask, out, lse, ctx.causal, ctx.scale, mask_grad)
+    return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.tilesmith.varlen_attention_bwd_triton(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("tilesmith::attention_fwd_triton", _fwd_backward,
+                                setup_context=_fwd_setup_context)
+torch.library.register_autograd("tilesmith::varlen_attention_fwd_triton", _varlen_backward,
+                                setup_context=_varlen_setup_context)
+
+
+# ---- public functions -----------------------------------------------------------------------
+
+def _check_qkv(q, k, v, fn: str, rank: int, layout: str) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{fn}: {name} must be {rank}-D {layout}, got shape "
+                             f"{tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got "
+                            f"{t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{fn}: query, key and value must have one dtype, got {q.dtype}, "
+                        f"{k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{fn}: query, key and value must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}")
+    shapes = f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{fn}: query and key head dims differ ({q.shape[-1]} != "
+                         f"{k.shape[-1]}): {shapes}")
+
+
+def _check_heads(num_heads, num_kv_heads, value_heads, enable_gqa, fn, shapes):
+    if num_kv_heads != value_heads:
+        raise ValueError(f"{fn}: key and value must have the same number of heads: {shapes}")
+    if num_heads == num_kv_heads:
+        return
+    if not enable_gqa:
+        raise ValueError(f"{fn}: query has {num_heads} heads and key/value {num_kv_heads}; "
+                         f"pass enable_gqa=True for grouped-query attention: {shapes}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"{fn}: the query heads ({num_heads}) must be a multiple of the "
+                         f"key/value heads ({num_kv_heads}) for grouped-query attention: "
+                         f"{shapes}")
+
+
+def _prepare_mask(attn_mask, q, k, fn):
+    """The mask as a 4-D view whose dimensions are 1 or full (B, H, Sq, Sk)."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        raise TypeError(f"{fn}: attn_mask must be bool or the query's dtype {q.dtype}, got "
+                        f"{attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"{fn}: attn_mask is on {attn_mask.device}, query on {q.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_mask.dim() > 4:
+        raise ValueError(f"{fn}: attn_mask has {attn_mask.dim()} dimensions, at most 4")
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    for size, full in zip(mask.shape, target):
+        if size not in (1, full):
+            raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                             f"broadcast to (batch, heads, seq_q, seq_k) = {target}")
+    return mask
+
+
+def _kernel_limits(q, v, dropout_p) -> str | None:
+    """Why tilesmith's kernels cannot run this call, if they cannot."""
+    if dropout_p > 0:
+        return ("dropout_p > 0 is not implemented in tilesmith's attention kernels (the "
+                "default backend routes such calls to torch)")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
+    return None
+
+
+def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
+             fn):
+    _check_qkv(query, key, value, fn, 4, "(batch, heads, seq, head_dim)")
+    shapes = (f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+              f"{tuple(value.shape)}")
+    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
+        raise ValueError(f"{fn}: batch sizes differ: {shapes}")
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(f"{fn}: key and value sequence lengths differ: {shapes}")
+    _check_heads(query.shape[1], key.shape[1], value.shape[1], enable_gqa, fn, shapes)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as "
+                         "torch.nn.functional.scaled_dot_product_attention)")
+    mask = _prepare_mask(attn_mask, query, key, fn)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    name = _backend.pick("attention", query, backend, _kernel_limits(query, value, dropout_p))
+    return name, mask, scale
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *,
+                                 backend=None) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` on the chosen backend.
+
+    (batch, heads, seq, head_dim) layout; ``is_causal`` aligned top-left when seq_q != seq_k
+    (as PyTorch); a boolean ``attn_mask`` keeps the True positions, a float one is added to
+    the scores and receives a gradient when it requires one; ``enable_gqa`` for grouped- and
+    multi-query attention; a fully masked query row gives zeros. ``dropout_p > 0`` runs on
+    the torch backend (tilesmith's kernels have no dropout yet; naming another backend for
+    it raises)."""
+    fn = "scaled_dot_product_attention"
+    name, mask, scale = _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                 enable_gqa, backend, fn)
+    if name == "torch":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                              dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=enable_gqa)
+    out, _ = torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, is_causal, scale)
+    return out
+
+
+def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
+              enable_gqa=False, backend=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``scaled_dot_product_attention`` (no dropout), returning ``(out, lse)``: lse is
+    the natural log-sum-exp of each query row's scaled, masked scores, (batch, heads, seq_q)
+    in float32 (-inf for a fully masked row). Gradients flow through ``out`` only."""
+    fn = "attention"
+    name, mask, scale = _resolve(query, key, value, attn_mask, 0.0, causal, scale, enable_gqa,
+                                 backend, fn)
+    if name == "torch":
+        return _torch_attention_with_lse(query, key, value, mask, causal, scale)
+    return torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, causal, scale)
+
+
+def _torch_attention_with_lse(q, k, v, mask, causal, scale):
+    """The torch backend of ``attention``: PyTorch's SDPA for the output, and the
+    log-sum-exp from the explicit (quadratic-memory) scores."""
+    group = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=group > 1)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    keys = k.to(compute).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(compute), keys.transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.to(compute))
+    return out, torch.logsumexp(scores, dim=-1).detach().to(_lse_dtype(q.dtype))
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                     causal=False, scale=None, backend=None) -> torch.Tensor:
+    """Attention over packed variable-length sequences: q is (total_q, heads, head_dim), k
+    and v (total_k, kv_heads, head_dim[_v]); sequence i owns tokens cu_seqlens[i] to
+    cu_seqlens[i + 1] (int32, batch + 1 entries, starting at 0). ``causal`` is aligned
+    top-left within each sequence, as in scaled_dot_product_attention. kv_heads may divide
+    heads (grouped-query attention)."""
+    fn = "varlen_attention"
+    _check_qkv(q, k, v, fn, 3, "(total_tokens, heads, head_dim)")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"{fn}: k and v token counts differ: {shapes}")
+    _check_heads(q.shape[1], k.shape[1], v.shape[1], True, fn, shapes)
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
+                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+            raise TypeError(f"{fn}: {name} must be a 1-D int32 tensor")
+        if cu.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {cu.device}, q on {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
+        raise ValueError(f"{fn}: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+                         f"{tuple(cu_seqlens_k.shape)} must both have batch + 1 entries")
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError(f"{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    name = _backend.pick("attention", q, backend, _kernel_limits(q, v, 0.0))
+    if name == "torch":
+        return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    # Contents of cu_seqlens are not checked here: that would need a host sync. Offsets past
+    # the tensors are the caller's contract, as in flash-attn's varlen API.
+    out, _ = torch.ops.tilesmith.varlen_attention_fwd_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale)
+    return out
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale):
+    """Reference and fallback: one SDPA call per sequence (reads cu_seqlens on the host)."""
+    group = q.shape[1] // k.shape[1]
+    outs = []
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(starts_q) - 1):
+        qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
+        ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+        vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale,
+                                            enable_gqa=group > 1)
+        outs.append(oi[0].transpose(0, 1))
+    if not outs:
+        return q.new_empty((0, q.shape[1], v.shape[2]))
+    return torch.cat(outs, 0)

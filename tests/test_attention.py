@@ -1,0 +1,298 @@
+"""tilesmith.ops.scaled_dot_product_attention / attention / varlen_attention against
+PyTorch's scaled_dot_product_attention in float64 (GUIDE §3), outputs and every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_GPU, kernel_backends, requires_gpu
+
+import tilesmith
+from tilesmith import testing
+from tilesmith.ops import attention as attention_ops
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SAMPLE_NAMES = [s.name for s in testing.attention_sample_inputs("cpu", torch.float32,
+                                                                 large=HAS_GPU)]
+VARLEN_NAMES = [s.name for s in testing.varlen_sample_inputs("cpu", torch.float32)]
+
+
+def _sample(name, dtype):
+    return {s.name: s for s in testing.attention_sample_inputs(DEVICE, dtype, large=HAS_GPU)}[name]
+
+
+def _params(dtypes):
+    return [pytest.param(b.values[0], dt, marks=b.marks,
+                         id=f"{b.values[0]}-{str(dt).removeprefix('torch.')}")
+            for dt in dtypes for b in kernel_backends("attention", dt)]
+
+
+def _float64(kwargs):
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        return dict(kwargs, attn_mask=mask.detach().double().requires_grad_(mask.requires_grad))
+    return kwargs
+
+
+def _check(got, ref, base, name):
+    if got.dtype in LOW_PRECISION:
+        testing.assert_close_to_reference(got, ref, base, name=name)
+    else:
+        testing.assert_fp32_close(got, ref, name=name)
+
+
+@pytest.mark.parametrize("backend,dtype", _params(DTYPES))
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_forward_and_gradients_match_float64(backend, dtype, name):
+    sample = _sample(name, dtype)
+    kwargs = dict(sample.kwargs)
+    mask = kwargs.get("attn_mask")
+    q, k, v = testing.grad_views(sample.args)
+    inputs = [q, k, v]
+    if mask is not None and mask.is_floating_point():
+        kwargs["attn_mask"] = mask = mask.detach().clone().requires_grad_(True)
+        inputs.append(mask)
+
+    with testing.poison_outputs():
+        out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+        grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
+        grads = (torch.autograd.grad(out, inputs, grad_out) if out.numel()
+                 else [None] * len(inputs))
+
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref_kwargs = dict(kwargs, attn_mask=ref_inputs[3]) if len(inputs) == 4 else kwargs
+    ref = F.scaled_dot_product_attention(*ref_inputs[:3], **ref_kwargs)
+    base_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    base_kwargs = dict(kwargs, attn_mask=base_inputs[3]) if len(inputs) == 4 else kwargs
+    base = F.scaled_dot_product_attention(*base_inputs[:3], **base_kwargs)
+
+    assert out.shape == ref.shape and out.dtype == dtype
+    _check(out, ref, base, "out")
+    if out.numel() == 0:
+        return
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+    base_grads = torch.autograd.grad(base, base_inputs, grad_out)
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv", "dmask"]):
+        assert torch.isfinite(got).all(), f"{what} has NaN/inf"
+        _check(got, want, baseline, what)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_row_gives_zeros_and_finite_grads(backend, kind):
+    sample = _sample(f"fully_masked_row_{kind}", torch.bfloat16)
+    q, k, v = testing.grad_views(sample.args)
+    out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend=backend, **sample.kwargs)
+    row = 4 if kind == "bool" else 7
+    assert torch.equal(out[:, :, row], torch.zeros_like(out[:, :, row]))
+    for grad in torch.autograd.grad(out.float().square().sum(), (q, k, v)):
+        assert torch.isfinite(grad).all()
+    _, lse = tilesmith.ops.attention(*[t.detach() for t in (q, k, v)], backend=backend,
+                                     attn_mask=sample.kwargs["attn_mask"])
+    assert torch.isneginf(lse[:, :, row]).all() and torch.isfinite(lse[:, :, row + 1]).all()
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+def test_forward_is_deterministic(backend):
+    q, k, v = _sample("gqa_kv2_causal", torch.bfloat16).args
+    first = tilesmith.ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                       backend=backend)
+    for _ in range(3):
+        again = tilesmith.ops.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                           enable_gqa=True, backend=backend)
+        assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_returns_logsumexp(backend, dtype, causal):
+    q, k, v = _sample("cross_sq17_sk50", dtype).args
+    out, lse = tilesmith.ops.attention(q, k, v, causal=causal, backend=backend)
+    ref_out, ref_lse = tilesmith.ops.attention(q.double(), k.double(), v.double(), causal=causal,
+                                               backend="torch")
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    testing.assert_fp32_close(lse, ref_lse, name="lse")
+    _check(out, ref_out, F.scaled_dot_product_attention(q, k, v, is_causal=causal), "out")
+
+
+@pytest.mark.parametrize("backend", [p for p in kernel_backends("attention", torch.float64)])
+@pytest.mark.parametrize("case", ["plain", "causal_gqa", "float_mask"])
+def test_gradcheck_float64(backend, case):
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+
+    q, k, v = r(1, 2, 5, 4), r(1, 1 if case == "causal_gqa" else 2, 7, 4), None
+    v = r(1, k.shape[1], 7, 3)
+    inputs = [q, k, v]
+    kwargs = {"is_causal": case == "causal_gqa", "enable_gqa": case == "causal_gqa"}
+    if case == "float_mask":
+        inputs.append(r(2, 5, 7))
+
+    def f(*xs):
+        mask = xs[3] if len(xs) == 4 else None
+        return tilesmith.ops.scaled_dot_product_attention(*xs[:3], attn_mask=mask,
+                                                          backend=backend, **kwargs)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+def _varlen_reference(sample, dtype):
+    q, k, v, cu_q, cu_k, _, _ = sample.args
+    return tilesmith.ops.varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k,
+                                          0, 0, backend="torch", **sample.kwargs)
+
+
+@pytest.mark.parametrize("backend,dtype", _params(DTYPES))
+@pytest.mark.parametrize("name", VARLEN_NAMES)
+def test_varlen_forward_and_gradients(backend, dtype, name):
+    sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, dtype)}[name]
+    q, k, v, cu_q, cu_k, max_q, max_k = sample.args
+    q, k, v = testing.grad_views((q, k, v))
+    with testing.poison_outputs():
+        out = tilesmith.ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend,
+                                             **sample.kwargs)
+        grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    def reference(compute_dtype):
+        xs = [t.detach().to(compute_dtype).requires_grad_(True) for t in (q, k, v)]
+        o = tilesmith.ops.varlen_attention(*xs, cu_q, cu_k, max_q, max_k, backend="torch",
+                                           **sample.kwargs)
+        return o, torch.autograd.grad(o, xs, grad_out.to(compute_dtype))
+
+    ref, ref_grads = reference(torch.float64)
+    base, base_grads = reference(dtype)
+    _check(out, ref, base, "out")
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv"]):
+        _check(got, want, baseline, what)
+
+
+# ---- GPU-only: opcheck, compile, memory -------------------------------------------------------
+
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+@pytest.mark.parametrize("name", ["basic_b2h3s17", "causal_sq50_gt_sk17", "float_mask_1_h_sq_sk",
+                                  "gqa_kv2_causal"])
+def test_opcheck(backend, name):
+    sample = _sample(name, torch.bfloat16)
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in sample.args)
+    mask = sample.kwargs.get("attn_mask")
+    if mask is not None:
+        mask = attention_ops._prepare_mask(mask, q, k, "test")
+    causal = sample.kwargs.get("is_causal", False)
+    torch.library.opcheck(torch.ops.tilesmith.attention_fwd_triton,
+                          (q, k, v, mask, causal, 0.125))
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+def test_torch_compile_fullgraph(backend):
+    q, k, v = (t.requires_grad_(True) for t in _sample("gqa_kv2_causal", torch.bfloat16).args)
+
+    def f(q, k, v):
+        return tilesmith.ops.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True, backend=backend).float().square().sum()
+
+    loss = torch.compile(f, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for got, want in zip(grads, eager):
+        torch.testing.assert_close(got, want)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+def test_memory_is_linear_in_sequence_length(backend):
+    """16k tokens, one head: the score matrix alone would be 1 GiB in fp32."""
+    seq = 16384
+    q, k, v = (torch.randn(1, 1, seq, 64, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    tilesmith.ops.scaled_dot_product_attention(q, k, v, backend=backend).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 64 * 2**20
+
+
+# ---- dropout, backends, bad input ---------------------------------------------------------------
+
+def test_dropout_runs_on_torch_and_is_applied():
+    q, k, v = _sample("basic_b2h3s17", torch.float32).args
+    with tilesmith.use_backend("torch"):
+        plain = tilesmith.ops.scaled_dot_product_attention(q, k, v)
+    torch.manual_seed(0)
+    dropped = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert not torch.allclose(plain, dropped)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_dropout_on_tilesmith_kernels_raises(backend):
+    q, k, v = _sample("basic_b2h3s17", torch.bfloat16).args
+    with pytest.raises(tilesmith.BackendUnavailableError, match="dropout|no cuda kernel|CUDA"):
+        tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend=backend)
+
+
+def test_cuda_backend_says_it_does_not_exist_yet():
+    q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(tilesmith.BackendUnavailableError, match="no cuda kernel for attention"):
+        tilesmith.ops.scaled_dot_product_attention(q, q, q, backend="cuda")
+
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+BAD_INPUTS = [
+    ("head_dims_differ", lambda: ((_t(1, 2, 4, 8), _t(1, 2, 4, 16), _t(1, 2, 4, 16)), {}),
+     ValueError, r"head dims differ \(8 != 16\)"),
+    ("gqa_not_divisible", lambda: ((_t(1, 6, 4, 8), _t(1, 4, 4, 8), _t(1, 4, 4, 8)),
+                                   {"enable_gqa": True}), ValueError, "multiple of"),
+    ("gqa_flag_missing", lambda: ((_t(1, 4, 4, 8), _t(1, 2, 4, 8), _t(1, 2, 4, 8)), {}),
+     ValueError, "enable_gqa=True"),
+    ("kv_heads_differ", lambda: ((_t(1, 4, 4, 8), _t(1, 2, 4, 8), _t(1, 4, 4, 8)),
+                                 {"enable_gqa": True}), ValueError, "same number of heads"),
+    ("rank3", lambda: ((_t(2, 4, 8), _t(2, 4, 8), _t(2, 4, 8)), {}), ValueError, "4-D"),
+    ("int_dtype", lambda: ((torch.ones(1, 1, 2, 8, dtype=torch.int64),) * 3, {}), TypeError,
+     "float16, bfloat16"),
+    ("mixed_dtype", lambda: ((_t(1, 1, 2, 8), _t(1, 1, 2, 8, dtype=torch.float64),
+                              _t(1, 1, 2, 8)), {}), TypeError, "one dtype"),
+    ("wrong_device", lambda: ((_t(1, 1, 2, 8), _t(1, 1, 2, 8, device="meta"), _t(1, 1, 2, 8)),
+                              {}), ValueError, "one device"),
+    ("batch_differs", lambda: ((_t(2, 1, 2, 8), _t(1, 1, 2, 8), _t(1, 1, 2, 8)), {}),
+     ValueError, "batch sizes differ"),
+    ("kv_len_differs", lambda: ((_t(1, 1, 2, 8), _t(1, 1, 3, 8), _t(1, 1, 4, 8)), {}),
+     ValueError, "sequence lengths differ"),
+    ("mask_not_broadcastable", lambda: ((_t(1, 2, 4, 8),) * 3,
+                                        {"attn_mask": torch.ones(3, 4, dtype=torch.bool)}),
+     ValueError, r"does not broadcast to \(batch, heads, seq_q, seq_k\) = \(1, 2, 4, 4\)"),
+    ("mask_wrong_dtype", lambda: ((_t(1, 2, 4, 8),) * 3,
+                                  {"attn_mask": torch.ones(4, 4, dtype=torch.int32)}),
+     TypeError, "attn_mask must be bool"),
+    ("mask_and_causal", lambda: ((_t(1, 2, 4, 8),) * 3,
+                                 {"attn_mask": torch.ones(4, 4, dtype=torch.bool),
+                                  "is_causal": True}), ValueError, "not both"),
+    ("dropout_out_of_range", lambda: ((_t(1, 2, 4, 8),) * 3, {"dropout_p": 1.5}), ValueError,
+     r"dropout_p must be in \[0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case,make,error,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_clear_error(backend, case, make, error, match):
+    args, kwargs = make()
+    with pytest.raises(error, match=match):
+        tilesmith.ops.scaled_dot_product_attention(*args, backend=backend, **kwargs)
+
+
+def test_varlen_bad_input():
+    q = _t(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be a 1-D int32 tensor"):
+        tilesmith.ops.varlen_attention(q, q, q, cu.long(), cu, 6, 6)
+    with pytest.raises(ValueError, match="batch \\+ 1 entries"):
+        tilesmith.ops.varlen_attention(q, q, q, cu, cu[:2], 6, 6)
+    with pytest.raises(ValueError, match="3-D"):
+        tilesmith.ops.varlen_attention(q[None], q[None], q[None], cu, cu, 6, 6)
