@@ -26,7 +26,7 @@ ERROR_ROWS = 64  # rows of the float64 reference computed per shape (a cheap, ho
 
 
 def shapes(quick: bool):
-    squares = [(n, n, n) for n in ([1024, 4096] if quick else SQUARES)]
+    squares = [(n, n, n) for n in ([1024, 4096, 8192] if quick else SQUARES)]
     llm = [(16, 4096, 4096), (8192, 14336, 4096)] if quick else LLM
     return [("square", s) for s in squares] + [("llm", s) for s in llm]
 

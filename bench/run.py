@@ -18,28 +18,57 @@ import torch
 
 # The targets of the open issues (ratio to the vendor library, same run, H100).
 TARGETS = [
-    # op, backend, dtype, shape, minimum ratio
-    ("matmul", "cuda", "bfloat16", {"M": 4096, "N": 4096, "K": 4096}, 0.85),
-    ("matmul", "cuda", "bfloat16", {"M": 8192, "N": 8192, "K": 8192}, 0.85),
-    ("matmul", "triton", "bfloat16", {"M": 4096, "N": 4096, "K": 4096}, 0.90),
-    ("matmul", "triton", "bfloat16", {"M": 8192, "N": 8192, "K": 8192}, 0.90),
+    # op, backend, dtype, shape, minimum ratio, mode
+    ("matmul", "cuda", "bfloat16", {"M": 4096, "N": 4096, "K": 4096}, 0.85, "fwd"),
+    ("matmul", "cuda", "bfloat16", {"M": 8192, "N": 8192, "K": 8192}, 0.85, "fwd"),
+    ("matmul", "triton", "bfloat16", {"M": 4096, "N": 4096, "K": 4096}, 0.90, "fwd"),
+    ("matmul", "triton", "bfloat16", {"M": 8192, "N": 8192, "K": 8192}, 0.90, "fwd"),
+] + [
+    # GEMM + bias + GELU 8192^3 bf16 >= 1.10x cuBLAS + eager epilogue (both backends)
+    ("gemm", backend, "bfloat16", {"M": 8192, "N": 8192, "K": 8192, "epilogue": "bias_gelu"},
+     1.10, "fwd") for backend in ("triton", "cuda")
+] + [
+    # attention, bf16, d=128, 16k tokens: Triton forward >= 0.80x SDPA-cuDNN, backward >= 0.60x
+    ("attention", "triton", "bfloat16", {"B": 16384 // s, "H": 16, "S": s, "D": 128,
+                                         "causal": causal}, minimum, mode)
+    for s in (1024, 4096, 16384) for causal in (False, True)
+    for mode, minimum in (("fwd", 0.80), ("bwd", 0.60))
 ]
 
 
 def gpu_main(args) -> int:
+    from bench import attention as attention_bench
+    from bench import gemm as gemm_bench
     from bench import harness
     from bench import matmul as matmul_bench
 
     env = harness.environment()
+    peaks: dict = {}
+    rows: list = []
 
-    def write(rows, peaks):
-        harness.write_results(rows, env, args.out, peaks)
-        (args.out / "report.md").write_text(render_report(rows, peaks, env, args))
+    def write(current_rows, current_peaks=None):
+        peaks.update(current_peaks or {})
+        harness.write_results(current_rows, env, args.out, peaks)
+        (args.out / "report.md").write_text(render_report(current_rows, peaks, env, args))
 
-    rows, peaks = matmul_bench.run(quick=args.quick, checkpoint=write)
-    write(rows, peaks)
-    harness.plot_ratios([r for r in rows if r.backend != "torch"], args.out / "matmul.png",
-                        f"matmul vs cuBLAS, {env['gpu']} (same run)")
+    ops = args.ops.split(",")
+    if "matmul" in ops:
+        matmul_rows, _ = matmul_bench.run(
+            quick=args.quick, checkpoint=lambda r, p: write(rows + r, p))
+        rows += matmul_rows
+        harness.plot_ratios([r for r in matmul_rows if r.backend != "torch"],
+                            args.out / "matmul.png", f"matmul vs cuBLAS, {env['gpu']} (same run)")
+    if "gemm" in ops:
+        gemm_rows = gemm_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
+        rows += gemm_rows
+    if "attention" in ops:
+        attention_rows = attention_bench.run(quick=args.quick,
+                                             checkpoint=lambda r: write(rows + r))
+        rows += attention_rows
+        harness.plot_ratios([r for r in attention_rows if r.ratio is not None
+                             and r.backend != "sdpa_cudnn"], args.out / "attention.png",
+                            f"attention vs SDPA cuDNN, {env['gpu']} (same run)")
+    write(rows)
     print((args.out / "report.md").read_text())
     return 0
 
@@ -59,14 +88,16 @@ def render_report(rows, peaks, env, args) -> str:
             report.append(f"\n## {title}\n\n```\n" + "\n".join(summary) + "\n```\n")
     report.append("\n## Targets\n\n| op | backend | dtype | shape | target | measured |\n"
                   "|---|---|---|---|---|---|\n")
-    for op, backend, dtype, shape, minimum in TARGETS:
-        found = [r for r in rows
-                 if (r.op, r.backend, r.dtype, r.shape) == (op, backend, dtype, shape)]
+    for op, backend, dtype, shape, minimum, mode in TARGETS:
+        found = [r for r in rows if (r.op, r.backend, r.dtype, r.shape, r.mode)
+                 == (op, backend, dtype, shape, mode) and r.ratio is not None]
         got = f"{found[0].ratio:.3f}" if found else "not run"
         verdict = "" if not found else (" ✅" if found[0].ratio >= minimum else " ❌")
-        report.append(f"| {op} | {backend} | {dtype} | {'×'.join(map(str, shape.values()))} "
-                      f"| ≥ {minimum} | {got}{verdict} |\n")
-    report.append("\n## matmul\n\n" + harness.markdown_table(rows))
+        report.append(f"| {op} {mode} | {backend} | {dtype} | "
+                      f"{'×'.join(map(str, shape.values()))} | ≥ {minimum} | {got}{verdict} |\n")
+    for op in dict.fromkeys(r.op for r in rows):
+        report.append(f"\n## {op}\n\n" + harness.markdown_table([r for r in rows
+                                                                    if r.op == op]))
     return "".join(report)
 
 
@@ -102,6 +133,7 @@ def interpreter_main(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--ops", default="matmul,gemm,attention", help="comma-separated op families")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--pytest-log")
     parser.add_argument("--build-log")

@@ -32,6 +32,11 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
         torch.float16: ("torch", "cuda", "triton"),
         torch.float32: ("torch", "triton"),
     },
+    "gemm": {
+        torch.bfloat16: ("torch", "triton"),
+        torch.float16: ("torch", "triton"),
+        torch.float32: ("torch", "triton"),
+    },
     "attention": {
         torch.bfloat16: ("torch", "triton"),
         torch.float16: ("torch", "triton"),
@@ -44,6 +49,11 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "matmul": {
         "cuda": (torch.float16, torch.bfloat16),
         # float64 is there for gradcheck through the interpreter; it is not a fast path.
+        "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    },
+    "gemm": {
+        "cuda": (),  # not written yet
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },

@@ -274,3 +274,56 @@ def varlen_sample_inputs(device, dtype, *, seed: int = 0) -> list[SampleInput]:
                                           max(lens_q), max(lens_k)), kwargs))
     return samples
 
+
+
+def gemm_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
+                       ) -> list[SampleInput]:
+    """One list for every gemm test: each activation with every epilogue piece, the four
+    transpose combinations, odd and zero sizes, a wider output dtype, an fp32 bias.
+    args: (a, b); kwargs: gemm's keyword arguments."""
+    g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+
+    def r(*shape, dt=dtype):
+        return _rand(shape, dt, device, g)
+
+    samples = []
+    m, k, n = 37, 50, 29
+    for act in ("relu", "gelu", "gelu_tanh", "silu"):
+        samples.append(SampleInput(f"{act}_bias_residual_alpha", (r(m, k), r(k, n)),
+                                   {"activation": act, "bias": r(n), "residual": r(m, n),
+                                    "alpha": 0.5}))
+        samples.append(SampleInput(f"{act}_only", (r(m, k), r(k, n)), {"activation": act}))
+    layouts = {"nn": (r(33, 40), r(40, 17)), "nt": (r(33, 40), r(17, 40).t()),
+               "tn": (r(40, 33).t(), r(40, 17)), "tt": (r(40, 33).t(), r(17, 40).t())}
+    for name, (a, b) in layouts.items():
+        samples.append(SampleInput(f"layout_{name}_gelu_bias", (a, b),
+                                   {"activation": "gelu", "bias": r(17)}))
+    samples += [
+        SampleInput("plain", (r(m, k), r(k, n)), {}),
+        SampleInput("bias_only", (r(m, k), r(k, n)), {"bias": r(n)}),
+        SampleInput("residual_only", (r(m, k), r(k, n)), {"residual": r(m, n)}),
+        SampleInput("alpha_only", (r(m, k), r(k, n)), {"alpha": -1.75}),
+        SampleInput("fp32_bias", (r(m, k), r(k, n)), {"bias": r(n, dt=torch.float32),
+                                                      "activation": "silu"}),
+        SampleInput("strided_residual", (r(m, k), r(k, n)),
+                    {"residual": r(n, m).t(), "activation": "relu"}),
+        SampleInput("m1_k1000", (r(1, 1000), r(1000, 17)), {"bias": r(17), "activation": "gelu"}),
+        SampleInput("k1", (r(127, 1), r(1, 17)), {"bias": r(17), "activation": "relu"}),
+        SampleInput("1x1x1", (r(1, 1), r(1, 1)), {"bias": r(1)}),
+        SampleInput("zero_m", (r(0, 8), r(8, 5)), {"bias": r(5), "activation": "gelu"}),
+        SampleInput("zero_k", (r(7, 0), r(0, 5)), {"bias": r(5), "activation": "gelu",
+                                                   "residual": r(7, 5)}),
+    ]
+    if dtype != torch.float32:
+        samples.append(SampleInput("out_fp32", (r(m, k), r(k, n)),
+                                   {"bias": r(n), "activation": "gelu_tanh",
+                                    "out_dtype": torch.float32}))
+    if large:
+        samples += [
+            SampleInput("large_gelu", (r(1024, 4096), r(4096, 1024)),
+                        {"bias": r(1024), "activation": "gelu"}),
+            SampleInput("large_tt_silu", (r(2048, 777).t(), r(1500, 2048).t()),
+                        {"bias": r(1500), "activation": "silu", "residual": r(777, 1500)}),
+        ]
+    return samples

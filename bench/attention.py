@@ -1,0 +1,126 @@
+"""attention: tilesmith's kernels against PyTorch's SDPA backends (cuDNN, flash,
+memory-efficient), same run, on the flash-attention protocol: batch x seqlen = 16k tokens,
+heads x head_dim = 2048, seqlen 512..16k, head dim 64/128, causal or not; forward, backward
+and forward+backward, bf16.
+
+    python -m bench.attention [--quick] [--out DIR]
+
+FLOPs: forward 4·B·H·S²·D (halved when causal), backward 2.5x forward. Peak memory is the
+extra memory one call allocates; the quadratic math backend is shown where it fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tilesmith
+from bench import harness
+from tilesmith import testing
+
+TOKENS = 16384
+WIDTH = 2048
+SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
+TORCH_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+                  "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
+MATH_MAX_SEQLEN = 2048  # its (B, H, S, S) scores: beyond this the point is made
+ERROR_ROWS = 128
+
+
+def _contender(name):
+    """(fn(q, k, v, causal) -> out) for a tilesmith backend or one SDPA backend."""
+    if name in TORCH_BACKENDS:
+        def run(q, k, v, causal):
+            with sdpa_kernel(TORCH_BACKENDS[name]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+    return lambda q, k, v, causal: tilesmith.ops.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, backend=name)
+
+
+def _measure(fn, q, k, v, causal, mode):
+    out = fn(q, k, v, causal)
+    grad = torch.randn_like(out)
+    if mode == "fwd":
+        call = lambda: fn(q, k, v, causal)  # noqa: E731
+    elif mode == "bwd":
+        call = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)  # noqa: E731
+    else:
+        call = lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), grad)  # noqa: E731
+    return harness.median_ms(call), harness.peak_memory(call)
+
+
+def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=None):
+    rows = [] if rows is None else rows
+    seqlens = [1024, 4096, 16384] if quick else SEQLENS
+    head_dims = [128] if quick else [64, 128]
+    dtype = torch.bfloat16
+    for head_dim in head_dims:
+        heads = WIDTH // head_dim
+        for seqlen in seqlens:
+            batch = TOKENS // seqlen
+            for causal in (False, True):
+                q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
+                                       requires_grad=True) for _ in range(3))
+                ref = F.scaled_dot_product_attention(
+                    q[:1, :1, :ERROR_ROWS].double(), k[:1, :1].double(), v[:1, :1].double(),
+                    is_causal=causal) if not causal else None
+                flops_fwd = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+                shape = {"B": batch, "H": heads, "S": seqlen, "D": head_dim}
+                contenders = [b for b in backends if tilesmith.backend.unavailable_reason(
+                    b, "attention", q.device, dtype) is None] + list(TORCH_BACKENDS)
+                timings = {}
+                for name in contenders:
+                    if name == "sdpa_math" and seqlen > MATH_MAX_SEQLEN:
+                        continue
+                    fn = _contender(name)
+                    try:
+                        out = fn(q, k, v, causal)
+                    except RuntimeError as exc:  # a backend that refuses this shape/GPU
+                        print(f"  {name}: {str(exc).splitlines()[0][:100]}")
+                        continue
+                    err = (testing.rel_error(fn(q[:1, :1, :ERROR_ROWS], k[:1, :1], v[:1, :1],
+                                                causal), ref) if ref is not None else None)
+                    del out
+                    for mode, factor in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
+                        ms, mem = _measure(fn, q, k, v, causal, mode)
+                        timings[(name, mode)] = (ms, mem, flops_fwd * factor, err)
+                for (name, mode), (ms, mem, flops, err) in timings.items():
+                    base = timings.get(("sdpa_cudnn", mode))
+                    base_ms = base[0] if base else None
+                    rows.append(harness.Row(
+                        op="attention", mode=mode, backend=name,
+                        baseline="sdpa_cudnn" if base else "none", dtype="bfloat16",
+                        shape=dict(shape, causal=causal), ms=ms, tflops=flops / ms / 1e9,
+                        baseline_ms=base_ms, ratio=base_ms / ms if base_ms else None,
+                        rel_err=err, peak_mem_bytes=mem, joules=None))
+                print(f"attention D={head_dim} S={seqlen} causal={causal}: " + ", ".join(
+                    f"{n}/{m} {t[0]:.2f} ms" for (n, m), t in timings.items() if m == "fwd+bwd"),
+                    flush=True)
+                if checkpoint:
+                    checkpoint(rows)
+                del q, k, v
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    rows = run(args.quick)
+    env = harness.environment()
+    harness.write_results(rows, env, args.out, {})
+    (args.out / "attention.md").write_text(harness.markdown_table(rows))
+    harness.plot_ratios([r for r in rows if r.ratio is not None and r.backend != "sdpa_cudnn"],
+                        args.out / "attention.png", "attention vs SDPA cuDNN (same run)")
+    print(harness.markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""gemm: out = activation(alpha * (a @ b) + bias) + residual in one kernel, fp16/bf16 (or
+fp32) inputs, fp32 accumulation and epilogue, output in fp16/bf16/fp32.
+
+Layers: ``gemm`` (validation, backend choice) -> ``tilesmith::gemm_triton`` (forward; also
+stores the pre-activation when a backward will need it) and
+``tilesmith::activation_backward_triton`` (dz = grad * act'(pre), one elementwise pass) ->
+kernels/gemm.py. The backward computes dA = alpha dz B^T and dB = alpha A^T dz with the gemm
+op itself, dbias = sum(dz) and dresidual = grad.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from .. import backend as _backend
+from ._library import dot_precision, new_output
+
+ACTIVATION_NAMES = (None, "relu", "gelu", "gelu_tanh", "silu")
+# float64 is accepted for gradcheck (through the interpreter on the CPU); it is not a fast path.
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _gemm_launch(a, b, out, bias, residual, pre, activation: str, alpha: float):
+    import triton
+
+    from tilesmith.kernels.gemm import ACTIVATIONS, gemm_kernel
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    m, k = a.shape
+    n = b.shape[1]
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    def strides(t):
+        return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+    wrap_triton(gemm_kernel)[grid](
+        a, b, out, bias if bias is not None else out, residual if residual is not None else out,
+        pre if pre is not None else out, m, n, k, alpha,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        *strides(residual), *strides(pre),
+        A_K_UNIT=a.stride(1) == 1, B_N_UNIT=b.stride(1) == 1,
+        ACTIVATION=ACTIVATIONS[None if activation == "none" else activation],
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None,
+        HAS_ALPHA=alpha != 1.0, UPCAST=INTERPRETING, INPUT_PRECISION=dot_precision(a.dtype),
+        ACC_DTYPE=_compute_dtype(a.dtype))
+
+
+def _compute_dtype(dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton_op("tilesmith::gemm_triton", mutates_args=())
+def _gemm_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                 residual: torch.Tensor | None, activation: str, alpha: float,
+                 out_dtype: torch.dtype, save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = a.shape
+    n = b.shape[1]
+    out = new_output((m, n), like=a, dtype=out_dtype)
+    # The pre-activation, in the input dtype (what eager PyTorch would keep for act').
+    pre = new_output((m, n) if save_pre else (0,), like=a)
+    if out.numel() == 0:
+        return out, pre
+    _gemm_launch(a, b, out, bias, residual, pre if save_pre else None, activation, alpha)
+    return out, pre
+
+
+@triton_op("tilesmith::activation_backward_triton", mutates_args=())
+def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activation: str
+                                ) -> torch.Tensor:
+    import triton
+
+    from tilesmith.kernels.gemm import ACTIVATIONS, activation_backward_kernel
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    m, n = pre.shape
+    dz = new_output((m, n), like=pre)
+    if dz.numel() == 0:
+        return dz
+    block_m, block_n = (32, 32) if INTERPRETING else (64, 128)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    wrap_triton(activation_backward_kernel)[grid](
+        grad, pre, dz, m, n, grad.stride(0), grad.stride(1), pre.stride(0), pre.stride(1),
+        ACTIVATION=ACTIVATIONS[activation], UPCAST=INTERPRETING,
+        COMPUTE_DTYPE=_compute_dtype(pre.dtype), BLOCK_M=block_m,
+        BLOCK_N=block_n)
+    return dz
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, bias, residual, activation, alpha, out_dtype, save_pre = inputs
+    _, pre = output
+    ctx.save_for_backward(a, b, pre)
+    ctx.activation, ctx.alpha = activation, alpha
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.mark_non_differentiable(pre)
+
+
+def _backward(ctx, grad_out, _grad_pre):
+    a, b, pre = ctx.saved_tensors
+    if ctx.activation != "none":
+        if pre.numel() == 0 and grad_out.numel() != 0:
+            raise RuntimeError("gemm: backward through the activation needs the forward's "
+                               "pre-activation; call gemm with grad mode enabled")
+        dz = torch.ops.tilesmith.activation_backward_triton(grad_out, pre, ctx.activation)
+    else:
+        dz = grad_out.to(a.dtype)
+    gemm = torch.ops.tilesmith.gemm_triton
+    grad_a = grad_b = grad_bias = grad_residual = None
+    if ctx.needs_input_grad[0]:
+        grad_a = gemm(dz, b.t(), None, None, "none", ctx.alpha, a.dtype, False)[0]
+    if ctx.needs_input_grad[1]:
+        grad_b = gemm(a.t(), dz, None, None, "none", ctx.alpha, b.dtype, False)[0]
+    if ctx.needs_input_grad[2]:
+        grad_bias = dz.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_residual = grad_out.to(ctx.residual_dtype)
+    return grad_a, grad_b, grad_bias, grad_residual, None, None, None, None
+
+
+torch.library.register_autograd("tilesmith::gemm_triton", _backward, setup_context=_setup_context)
+
+
+def _torch_gemm(a, b, bias, residual, activation, alpha, out_dtype):
+    """The torch backend and benchmark baseline: cuBLAS, then the epilogue as eager ops."""
+    if out_dtype.itemsize > a.dtype.itemsize:
+        a, b = a.to(out_dtype), b.to(out_dtype)  # a wider output: compute in it, as ours
+    y = torch.matmul(a, b)
+    if alpha != 1.0:
+        y = y * alpha
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if activation == "relu":
+        y = F.relu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "silu":
+        y = F.silu(y)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    return y.to(out_dtype)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
+         activation: str | None = None, residual: torch.Tensor | None = None,
+         alpha: float = 1.0, out_dtype: torch.dtype | None = None,
+         backend: str | None = None) -> torch.Tensor:
+    """``activation(alpha * (a @ b) + bias) + residual`` for 2-D a (M, K) and b (K, N), any
+    strides (all four transpose combinations without copies). fp16/bf16 (or fp32) inputs,
+    fp32 accumulation, output ``out_dtype`` (fp16, bf16 or fp32; default a's dtype).
+    ``activation``: None, "relu", "gelu", "gelu_tanh" or "silu". ``bias``: (N,).
+    ``residual``: (M, N). Differentiable in a, b, bias and residual."""
+    fn = "gemm"
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got "
+                            f"{t.dtype}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{fn}: a and b must have one dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{fn}: a is on {a.device}, b on {b.device}")
+    m, k = a.shape
+    if b.shape[0] != k:
+        raise ValueError(f"{fn}: inner dimensions differ: a {tuple(a.shape)} @ b "
+                         f"{tuple(b.shape)}")
+    n = b.shape[1]
+    if activation not in ACTIVATION_NAMES:
+        raise ValueError(f"{fn}: activation must be one of {ACTIVATION_NAMES}, got "
+                         f"{activation!r}")
+    out_dtype = a.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"{fn}: out_dtype must be float16, bfloat16, float32 or float64, got "
+                        f"{out_dtype}")
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+        raise TypeError(f"{fn}: alpha must be a real number, got {type(alpha).__name__}")
+    for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (m, n))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{fn}: {name} must have shape {shape} for a {tuple(a.shape)} @ "
+                             f"b {tuple(b.shape)}, got {tuple(t.shape)}")
+        if t.device != a.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, a on {a.device}")
+
+    name = _backend.pick("gemm", a, backend)
+    if name == "torch":
+        return _torch_gemm(a, b, bias, residual, activation, float(alpha), out_dtype)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (a, b, bias, residual))
+    out, _ = torch.ops.tilesmith.gemm_triton(
+        a, b, bias, residual, activation or "none", float(alpha), out_dtype,
+        bool(activation is not None and needs_grad))
+    return out

@@ -1,0 +1,161 @@
+"""tilesmith.ops.gemm (matmul + bias + activation + residual, one kernel) against float64."""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_GPU, kernel_backends, requires_gpu
+
+import tilesmith
+from tilesmith import testing
+from tilesmith.ops.gemm import _torch_gemm
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+def _sample(name, dtype):
+    return {s.name: s for s in testing.gemm_sample_inputs(DEVICE, dtype, large=HAS_GPU)}[name]
+
+
+def _params(dtypes):
+    """(backend, dtype, sample name) for every sample of every dtype."""
+    return [pytest.param(b.values[0], dt, s.name, marks=b.marks,
+                         id=f"{s.name}-{b.values[0]}-{str(dt).removeprefix('torch.')}")
+            for dt in dtypes for b in kernel_backends("gemm", dt)
+            for s in testing.gemm_sample_inputs("cpu", dt, large=HAS_GPU)]
+
+
+def _tensor_kwargs(kwargs):
+    return [key for key in ("bias", "residual") if kwargs.get(key) is not None]
+
+
+def _expression(a, b, kwargs, dtype=None):
+    """The same expression through the torch backend, optionally recomputed in ``dtype``."""
+    kwargs = dict(kwargs)
+    out_dtype = kwargs.pop("out_dtype", None) or a.dtype
+    if dtype is not None:
+        a, b = a.to(dtype), b.to(dtype)
+        kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        out_dtype = dtype
+    return _torch_gemm(a, b, kwargs.get("bias"), kwargs.get("residual"), kwargs.get("activation"),
+                       float(kwargs.get("alpha", 1.0)), out_dtype)
+
+
+def _check(got, ref, base, name, input_dtype):
+    # The precision class is the inputs': an fp32 bias or output of a bf16 GEMM is as
+    # accurate as the bf16 products and gradients it comes from, for PyTorch as for us.
+    if input_dtype in LOW_PRECISION:
+        testing.assert_close_to_reference(got, ref, base, name=name)
+    else:
+        testing.assert_fp32_close(got, ref, name=name)
+
+
+@pytest.mark.parametrize("backend,dtype,name",
+                         _params([torch.bfloat16, torch.float16, torch.float32]))
+def test_forward_and_gradients_match_float64(backend, dtype, name):
+    sample = _sample(name, dtype)
+    kwargs = dict(sample.kwargs)
+    a, b = testing.grad_views(sample.args)
+    extra = _tensor_kwargs(kwargs)
+    for key in extra:
+        kwargs[key] = testing.grad_views([kwargs[key]])[0]
+    inputs = [a, b] + [kwargs[key] for key in extra]
+
+    with testing.poison_outputs():
+        out = tilesmith.ops.gemm(a, b, backend=backend, **kwargs)
+        grad_out = torch.randn(out.shape, device=DEVICE).to(out.dtype)
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+    def expression_grads(compute):
+        xs = [t.detach().to(compute if compute else t.dtype).requires_grad_(True) for t in inputs]
+        kw = dict(kwargs, **dict(zip(extra, xs[2:])))
+        y = _expression(xs[0], xs[1], kw) if compute is None else _torch_gemm(
+            xs[0], xs[1], kw.get("bias"), kw.get("residual"), kw.get("activation"),
+            float(kw.get("alpha", 1.0)), compute)
+        return y, torch.autograd.grad(y, xs, grad_out.to(y.dtype))
+
+    ref, ref_grads = expression_grads(torch.float64)
+    base, base_grads = expression_grads(None)
+    assert out.dtype == (kwargs.get("out_dtype") or dtype) and out.shape == ref.shape
+    _check(out, ref, base, "out", dtype)
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads,
+                                         ["grad_a", "grad_b"] + [f"grad_{k}" for k in extra]):
+        assert got.dtype == baseline.dtype, what
+        _check(got, want, baseline, what, dtype)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("gemm", torch.float64))
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_gradcheck_float64(backend, activation):
+    g = torch.Generator().manual_seed(2)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+
+    a, b, bias, residual = r(5, 4), r(3, 4).t(), r(3), r(5, 3)
+    if activation == "relu":  # keep pre-activations away from the kink at 0
+        bias = (bias.detach() + 3.0 * bias.detach().sign()).requires_grad_()
+
+    def f(a, b, bias, residual):
+        return tilesmith.ops.gemm(a, b, bias=bias, residual=residual, activation=activation,
+                                  alpha=0.7, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (a, b, bias, residual))
+
+
+@pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
+def test_no_pre_activation_saved_without_grad(backend):
+    a, b = _sample("gelu_only", torch.bfloat16).args
+    with torch.no_grad():
+        out = tilesmith.ops.gemm(a, b, activation="gelu", backend=backend)
+    _, pre = torch.ops.tilesmith.gemm_triton(a, b, None, None, "gelu", 1.0, a.dtype, False)
+    assert pre.numel() == 0 and out.shape == (a.shape[0], b.shape[1])
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
+def test_opcheck_and_compile(backend):
+    sample = _sample("gelu_bias_residual_alpha", torch.bfloat16)
+    a, b = (t.detach().clone().requires_grad_(True) for t in sample.args)
+    kw = sample.kwargs
+    torch.library.opcheck(torch.ops.tilesmith.gemm_triton,
+                          (a, b, kw["bias"], kw["residual"], "gelu", 0.5, torch.bfloat16, True))
+
+    def f(a, b):
+        return tilesmith.ops.gemm(a, b, backend=backend, **kw).float().square().sum()
+
+    grads = torch.autograd.grad(torch.compile(f, fullgraph=True)(a, b), (a, b))
+    eager = torch.autograd.grad(f(a, b), (a, b))
+    for got, want in zip(grads, eager):
+        torch.testing.assert_close(got, want)
+
+
+def _t(*shape, dtype=torch.bfloat16):
+    return torch.randn(shape, dtype=dtype)
+
+
+BAD_INPUTS = [
+    ("rank3", lambda: ((_t(2, 3, 4), _t(4, 5)), {}), ValueError, "a must be 2-D"),
+    ("inner_mismatch", lambda: ((_t(3, 4), _t(5, 6)), {}), ValueError,
+     r"inner dimensions differ: a \(3, 4\) @ b \(5, 6\)"),
+    ("int_dtype", lambda: ((torch.ones(3, 4, dtype=torch.int8), torch.ones(4, 5, dtype=torch.int8)),
+                           {}), TypeError, "float16, bfloat16"),
+    ("mixed_dtype", lambda: ((_t(3, 4), _t(4, 5, dtype=torch.float16)), {}), TypeError,
+     "one dtype"),
+    ("bias_shape", lambda: ((_t(3, 4), _t(4, 5)), {"bias": _t(4)}), ValueError,
+     r"bias must have shape \(5,\)"),
+    ("residual_shape", lambda: ((_t(3, 4), _t(4, 5)), {"residual": _t(5, 3)}), ValueError,
+     r"residual must have shape \(3, 5\)"),
+    ("bad_activation", lambda: ((_t(3, 4), _t(4, 5)), {"activation": "tanh"}), ValueError,
+     "activation must be one of"),
+    ("bad_out_dtype", lambda: ((_t(3, 4), _t(4, 5)), {"out_dtype": torch.int32}), TypeError,
+     "out_dtype"),
+    ("bad_alpha", lambda: ((_t(3, 4), _t(4, 5)), {"alpha": "2"}), TypeError, "alpha"),
+    ("device_mismatch", lambda: ((_t(3, 4), torch.randn(4, 5, dtype=torch.bfloat16,
+                                                       device="meta")), {}),
+     ValueError, "a is on cpu, b on meta"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case,make,error,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_clear_error(backend, case, make, error, match):
+    args, kwargs = make()
+    with pytest.raises(error, match=match):
+        tilesmith.ops.gemm(*args, backend=backend, **kwargs)
