@@ -37,6 +37,11 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
         torch.float16: ("torch", "triton"),
         torch.float32: ("torch", "triton"),
     },
+    "conv2d": {
+        torch.bfloat16: ("torch", "triton"),
+        torch.float16: ("torch", "triton"),
+        torch.float32: ("torch", "triton"),
+    },
     "attention": {
         torch.bfloat16: ("torch", "triton"),
         torch.float16: ("torch", "triton"),
@@ -53,6 +58,11 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
     "gemm": {
+        "cuda": (),  # not written yet
+        "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    },
+    "conv2d": {
         "cuda": (),  # not written yet
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),

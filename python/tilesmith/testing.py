@@ -327,3 +327,58 @@ def gemm_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
                         {"bias": r(1500), "activation": "silu", "residual": r(777, 1500)}),
         ]
     return samples
+
+
+def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
+                         ) -> list[SampleInput]:
+    """One list for every conv2d test. args: (input, weight, bias); kwargs: stride, padding,
+    dilation, groups, activation. Inputs are NCHW unless the name says channels_last."""
+    g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+
+    def r(*shape):
+        return _rand(shape, dtype, device, g)
+
+    def case(name, n, c, h, w, k, kh, kw=None, groups=1, bias=True, channels_last=False,
+             **kwargs):
+        x = r(n, c, h, w)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = r(k, c // groups, kh, kw or kh)
+        return SampleInput(name, (x, weight, r(k) if bias else None),
+                           dict(kwargs, groups=groups))
+
+    samples = [
+        case("k1_c17", 2, 17, 7, 7, 8, 1),
+        case("k3_pad1", 2, 3, 13, 13, 16, 3, padding=1),
+        case("k3_stride2", 1, 8, 13, 13, 8, 3, stride=2, padding=1),
+        case("k5_valid", 2, 4, 13, 11, 6, 5, padding="valid"),
+        case("k7_stride2_pad3", 1, 3, 33, 33, 8, 7, stride=2, padding=3),
+        case("k3_same", 2, 5, 13, 7, 4, 3, padding="same"),
+        case("k3_dilation2", 1, 4, 13, 13, 4, 3, dilation=2, padding=2),
+        case("k3_same_dilation2", 1, 4, 7, 13, 5, 3, dilation=2, padding="same"),
+        case("groups2", 2, 8, 13, 13, 6, 3, groups=2, padding=1),
+        case("depthwise", 2, 8, 13, 13, 8, 3, groups=8, padding=1),
+        case("depthwise_stride2", 1, 6, 13, 13, 6, 3, groups=6, stride=2, padding=1),
+        case("asymmetric_kernel", 1, 4, 13, 13, 4, 3, kw=1, padding=(1, 0)),
+        case("no_bias", 2, 4, 7, 7, 4, 3, bias=False, padding=1),
+        case("batch1_c3", 1, 3, 33, 33, 17, 3, padding=1),
+        case("channels_last_k3", 2, 17, 13, 13, 16, 3, channels_last=True, padding=1),
+        case("channels_last_k1_stride2", 2, 16, 13, 13, 32, 1, channels_last=True, stride=2),
+        case("relu", 2, 8, 13, 13, 8, 3, padding=1, activation="relu"),
+        case("gelu_channels_last", 2, 8, 13, 13, 8, 3, padding=1, activation="gelu",
+             channels_last=True),
+        case("silu_stride2", 1, 8, 13, 13, 8, 3, stride=2, padding=1, activation="silu"),
+        case("empty_batch", 0, 4, 7, 7, 4, 3, padding=1),
+    ]
+    base = r(2, 6, 15, 17)
+    samples.append(SampleInput("noncontiguous_slice", (base[:, 1:5, 1:14, 2:15], r(5, 4, 3, 3),
+                                                       r(5)), {"padding": 1}))
+    if large:
+        samples += [
+            case("resnet_3x3_64", 8, 64, 56, 56, 64, 3, padding=1, channels_last=True),
+            case("resnet_1x1_256_stride2", 8, 256, 56, 56, 512, 1, stride=2, channels_last=True),
+            case("resnet_7x7_stem", 4, 3, 224, 224, 64, 7, stride=2, padding=3,
+                 channels_last=True, activation="relu"),
+        ]
+    return samples

@@ -1,7 +1,8 @@
 """tilesmith's ops, one file per op family: schema, fake kernel, autograd, backend dispatch."""
 
 from .attention import attention, scaled_dot_product_attention, varlen_attention
+from .conv2d import conv2d
 from .gemm import gemm
 from .matmul import matmul
 
-__all__ = ["attention", "gemm", "matmul", "scaled_dot_product_attention", "varlen_attention"]
+__all__ = ["attention", "conv2d", "gemm", "matmul", "scaled_dot_product_attention", "varlen_attention"]

@@ -1,0 +1,181 @@
+"""2-D convolution as implicit GEMM: no im2col buffer is ever written; each program
+gathers its (pixels x reduction) tile of the input straight from the tensor, with the
+padding, stride and dilation folded into the load mask. Strides are arguments, so one
+kernel serves NCHW and channels_last (NHWC); the reduction index runs channel-innermost,
+which makes the gathers contiguous in NHWC.
+
+    forward   out[n, k, p, q]  = sum_{c, r, s} x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] w[k, c, r, s]
+              GEMM (N*P*Q) x K, reduction C/groups * R * S, epilogue bias + activation.
+    dgrad     dx[n, c, h, w]   = sum_{k, r, s} dy[n, k, (h + ph - r*dh)/sh, ...] w[k, c, r, s]
+              over the (r, s) for which that division is exact and in range (stride > 1).
+    wgrad     dw[k, c, r, s]   = sum_{n, p, q} dy[n, k, p, q] x[n, c, p*sh - ph + r*dh, ...]
+              reduction N*P*Q split over SPLITS programs writing fp32 partial sums.
+Groups are the second grid dimension (depthwise: groups = C = K).
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import to_output
+from .gemm import activation
+from .matmul import grouped_tile
+
+
+@triton.jit
+def conv2d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr,
+    N, H, W, P, Q, R, S, C_GROUP, K_GROUP,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swk, swc, swr, sws, son, sok, sop, soq,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    g = tl.program_id(1)
+    M = N * P * Q
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, K_GROUP, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = offs_m // (P * Q)
+    p = (offs_m % (P * Q)) // Q
+    q = offs_m % Q
+    h0 = p * stride_h - pad_h
+    w0 = q * stride_w - pad_w
+    row_ok = offs_m < M
+    col_ok = offs_k < K_GROUP
+    x_rows = x_ptr + n * sxn + (g * C_GROUP) * sxc
+    w_cols = w_ptr + (g * K_GROUP + offs_k).to(tl.int64) * swk
+
+    reduction = C_GROUP * R * S
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for red0 in range(0, reduction, BLOCK_K):
+        red = red0 + tl.arange(0, BLOCK_K)
+        red_ok = red < reduction
+        c = red % C_GROUP
+        r = (red // C_GROUP) // S
+        s = (red // C_GROUP) % S
+        ih = h0[:, None] + r[None, :] * dil_h
+        iw = w0[:, None] + s[None, :] * dil_w
+        x_ok = (row_ok[:, None] & red_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
+                & (iw < W))
+        xt = tl.load(x_rows[:, None] + c[None, :] * sxc + ih * sxh + iw * sxw, mask=x_ok,
+                     other=0.0)
+        wt = tl.load(w_cols[None, :] + c[:, None] * swc + r[:, None] * swr + s[:, None] * sws,
+                     mask=red_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(ACC_DTYPE)
+            wt = wt.to(ACC_DTYPE)
+        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    channel = g * K_GROUP + offs_k
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + channel, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
+    offsets = (n * son + p * sop + q * soq)[:, None] + channel[None, :].to(tl.int64) * sok
+    ok = row_ok[:, None] & col_ok[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + offsets, to_output(acc, pre_ptr, UPCAST), mask=ok)
+    tl.store(out_ptr + offsets, to_output(activation(acc, ACTIVATION), out_ptr, UPCAST), mask=ok)
+
+
+@triton.jit
+def conv2d_dgrad_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    N, H, W, P, Q, R, S, C_GROUP, K_GROUP,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    syn, syk, syp, syq, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    g = tl.program_id(1)
+    M = N * H * W
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, C_GROUP, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = offs_m // (H * W)
+    h = (offs_m % (H * W)) // W
+    w = offs_m % W
+    row_ok = offs_m < M
+    col_ok = offs_c < C_GROUP
+    dy_rows = dy_ptr + n * syn + (g * K_GROUP) * syk
+    w_cols = w_ptr + (g * K_GROUP).to(tl.int64) * swk + offs_c * swc
+
+    reduction = K_GROUP * R * S
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for red0 in range(0, reduction, BLOCK_K):
+        red = red0 + tl.arange(0, BLOCK_K)
+        red_ok = red < reduction
+        k = red % K_GROUP
+        r = (red // K_GROUP) // S
+        s = (red // K_GROUP) % S
+        # The output pixel whose window put tap (r, s) on input pixel (h, w), if any.
+        ph = h[:, None] + pad_h - r[None, :] * dil_h
+        pw = w[:, None] + pad_w - s[None, :] * dil_w
+        p = ph // stride_h
+        q = pw // stride_w
+        y_ok = (row_ok[:, None] & red_ok[None, :] & (ph >= 0) & (pw >= 0)
+                & (ph % stride_h == 0) & (pw % stride_w == 0) & (p < P) & (q < Q))
+        dyt = tl.load(dy_rows[:, None] + k[None, :] * syk + p * syp + q * syq, mask=y_ok,
+                      other=0.0)
+        wt = tl.load(w_cols[None, :] + k[:, None].to(tl.int64) * swk + r[:, None] * swr
+                     + s[:, None] * sws, mask=red_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            dyt = dyt.to(ACC_DTYPE)
+            wt = wt.to(ACC_DTYPE)
+        acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    offsets = (n * sxn + h * sxh + w * sxw)[:, None] + (g * C_GROUP + offs_c)[None, :].to(
+        tl.int64) * sxc
+    tl.store(dx_ptr + offsets, to_output(acc, dx_ptr, UPCAST),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def conv2d_wgrad_kernel(
+    dy_ptr, x_ptr, partial_ptr,
+    N, H, W, P, Q, R, S, C_GROUP, K_GROUP, CHUNK,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    syn, syk, syp, syq, sxn, sxc, sxh, sxw,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """partial[split, g*K_GROUP + k, (c*R + r)*S + s] over reduction indices
+    [split*CHUNK, (split+1)*CHUNK) of N*P*Q, in fp32 (summed over splits afterwards)."""
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    CRS = C_GROUP * R * S
+    pid_m, pid_n = grouped_tile(tl.program_id(0), K_GROUP, CRS, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_crs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K_GROUP
+    crs_ok = offs_crs < CRS
+    c = offs_crs // (R * S)
+    r = (offs_crs // S) % R
+    s = offs_crs % S
+    dy_k = dy_ptr + (g * K_GROUP + offs_k).to(tl.int64) * syk
+    x_c = x_ptr + (g * C_GROUP + c).to(tl.int64) * sxc
+
+    total = N * P * Q
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, total)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for red0 in range(start, end, BLOCK_K):
+        red = (red0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        red_ok = red < end
+        n = red // (P * Q)
+        p = (red % (P * Q)) // Q
+        q = red % Q
+        dyt = tl.load(dy_k[:, None] + (n * syn + p * syp + q * syq)[None, :],
+                      mask=k_ok[:, None] & red_ok[None, :], other=0.0)
+        ih = (p * stride_h - pad_h)[:, None] + r[None, :] * dil_h
+        iw = (q * stride_w - pad_w)[:, None] + s[None, :] * dil_w
+        x_ok = red_ok[:, None] & crs_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xt = tl.load(x_c[None, :] + (n * sxn)[:, None] + ih * sxh + iw * sxw, mask=x_ok,
+                     other=0.0)
+        if UPCAST:
+            dyt = dyt.to(ACC_DTYPE)
+            xt = xt.to(ACC_DTYPE)
+        acc = tl.dot(dyt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    rows = (split * (K_GROUP * tl.num_programs(1)) + g * K_GROUP + offs_k).to(tl.int64)
+    tl.store(partial_ptr + rows[:, None] * CRS + offs_crs[None, :], acc,
+             mask=k_ok[:, None] & crs_ok[None, :])

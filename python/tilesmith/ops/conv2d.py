@@ -1,0 +1,311 @@
+"""conv2d: ``torch.nn.functional.conv2d`` semantics plus a fused ``activation`` after the
+bias, on implicit-GEMM Triton kernels (forward, dgrad, wgrad).
+
+Layers: ``conv2d`` (validation, padding="same"/"valid", backend choice) ->
+``tilesmith::conv2d_fwd_triton`` (also stores the pre-activation when a backward will need
+it), ``tilesmith::conv2d_dgrad_triton``, ``tilesmith::conv2d_wgrad_triton`` and, through a
+fused activation, ``tilesmith::activation_backward_triton`` -> kernels/conv2d.py. Outputs
+and input gradients keep the input's memory format (NCHW or channels_last).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from .. import backend as _backend
+from ._library import dot_precision, new_output
+
+ACTIVATION_NAMES = (None, "relu", "gelu", "silu")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not (
+        t.is_contiguous())
+
+
+def _empty_like_format(shape, like, channels_last, dtype=None):
+    out = new_output(shape, like=like, dtype=dtype)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _strides4(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _constexprs(x):
+    import triton.language as tl
+
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    return dict(UPCAST=INTERPRETING, INPUT_PRECISION=dot_precision(x.dtype),
+                ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32)
+
+
+def _blocks(m, n):
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    if INTERPRETING:
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+    # First choices for H100, to be tuned from bench/results.
+    block_n = 128 if n > 64 else 64 if n > 32 else 32 if n > 16 else 16
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def _out_size(size, pad, dil, kernel, stride):
+    return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
+
+
+@triton_op("tilesmith::conv2d_fwd_triton", mutates_args=())
+def _conv2d_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                       activation: str, save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import triton
+
+    from tilesmith.kernels.conv2d import conv2d_fwd_kernel
+    from tilesmith.kernels.gemm import ACTIVATIONS
+
+    n, c, h, w = x.shape
+    k, c_group, r, s = weight.shape
+    p = _out_size(h, padding[0], dilation[0], r, stride[0])
+    q = _out_size(w, padding[1], dilation[1], s, stride[1])
+    channels_last = _is_channels_last(x)
+    out = _empty_like_format((n, k, p, q), x, channels_last)
+    pre = _empty_like_format((n, k, p, q) if save_pre else (0, 0, 0, 0), x, channels_last)
+    if out.numel() == 0:
+        return out, pre
+    blocks = _blocks(n * p * q, k // groups)
+    grid = (triton.cdiv(n * p * q, blocks["BLOCK_M"]) * triton.cdiv(k // groups,
+                                                                    blocks["BLOCK_N"]), groups)
+    wrap_triton(conv2d_fwd_kernel)[grid](
+        x, weight, bias if bias is not None else out, out, pre if save_pre else out,
+        n, h, w, p, q, r, s, c_group, k // groups, *stride, *padding, *dilation,
+        *_strides4(x), *_strides4(weight), *_strides4(out),
+        ACTIVATION=ACTIVATIONS[None if activation == "none" else activation],
+        HAS_BIAS=bias is not None, STORE_PRE=save_pre, **_constexprs(x), **blocks)
+    return out, pre
+
+
+@triton_op("tilesmith::conv2d_dgrad_triton", mutates_args=())
+def _conv2d_dgrad_triton(grad: torch.Tensor, weight: torch.Tensor, input_shape: list[int],
+                         stride: list[int], padding: list[int], dilation: list[int],
+                         groups: int, channels_last: bool) -> torch.Tensor:
+    import triton
+
+    from tilesmith.kernels.conv2d import conv2d_dgrad_kernel
+
+    n, c, h, w = input_shape
+    k, c_group, r, s = weight.shape
+    p, q = grad.shape[2], grad.shape[3]
+    dx = _empty_like_format((n, c, h, w), weight, channels_last)
+    if dx.numel() == 0:
+        return dx
+    if grad.numel() == 0:
+        return dx.zero_()
+    blocks = _blocks(n * h * w, c_group)
+    grid = (triton.cdiv(n * h * w, blocks["BLOCK_M"]) * triton.cdiv(c_group, blocks["BLOCK_N"]),
+            groups)
+    wrap_triton(conv2d_dgrad_kernel)[grid](
+        grad, weight, dx, n, h, w, p, q, r, s, c_group, k // groups, *stride, *padding,
+        *dilation, *_strides4(grad), *_strides4(weight), *_strides4(dx), **_constexprs(weight),
+        **blocks)
+    return dx
+
+
+@triton_op("tilesmith::conv2d_wgrad_triton", mutates_args=())
+def _conv2d_wgrad_triton(grad: torch.Tensor, x: torch.Tensor, weight_shape: list[int],
+                         stride: list[int], padding: list[int], dilation: list[int],
+                         groups: int) -> torch.Tensor:
+    import triton
+
+    from tilesmith.kernels.conv2d import conv2d_wgrad_kernel
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    k, c_group, r, s = weight_shape
+    n, _, h, w = x.shape
+    p, q = grad.shape[2], grad.shape[3]
+    total = n * p * q
+    blocks = _blocks(k // groups, c_group * r * s)
+    blocks.update(BLOCK_M=16 if INTERPRETING else 64)
+    tiles = triton.cdiv(k // groups, blocks["BLOCK_M"]) * triton.cdiv(c_group * r * s,
+                                                                      blocks["BLOCK_N"])
+    # Split the N*P*Q reduction when the weight alone gives too few programs to fill the GPU:
+    # aim at ~4 programs per SM (132 on an H100), each with at least 8 K-steps of work.
+    target_programs = 4 if INTERPRETING else 528
+    splits = max(1, min(target_programs // max(tiles * groups, 1),
+                        total // (8 * blocks["BLOCK_K"]) or 1))
+    chunk = triton.cdiv(triton.cdiv(total, splits), blocks["BLOCK_K"]) * blocks["BLOCK_K"]
+    splits = triton.cdiv(total, chunk) if total else 1
+    partial = torch.zeros((splits, k, c_group * r * s), dtype=torch.float32 if
+                          x.dtype != torch.float64 else torch.float64, device=x.device)
+    if total and partial.numel():
+        wrap_triton(conv2d_wgrad_kernel)[(tiles, groups, splits)](
+            grad, x, partial, n, h, w, p, q, r, s, c_group, k // groups, chunk, *stride,
+            *padding, *dilation, *_strides4(grad), *_strides4(x), **_constexprs(x), **blocks)
+    # Splits are summed in a fixed order: the weight gradient is deterministic.
+    return partial.sum(0).view(k, c_group, r, s).to(x.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, activation, save_pre = inputs
+    _, pre = output
+    ctx.save_for_backward(x, weight, pre)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.channels_last = _is_channels_last(x)
+    ctx.mark_non_differentiable(pre)
+
+
+def _backward(ctx, grad_out, _grad_pre):
+    x, weight, pre = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    if ctx.activation != "none":
+        if pre.numel() == 0 and grad_out.numel() != 0:
+            raise RuntimeError("conv2d: backward through the activation needs the forward's "
+                               "pre-activation; call conv2d with grad mode enabled")
+        # The elementwise kernel is 2-D: view both, in one memory format, as rows of
+        # channels (channels_last) or of pixels (NCHW).
+        g = grad_out.contiguous(memory_format=memory_format)
+        pre = pre.contiguous(memory_format=memory_format)
+        rows = (lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])) if ctx.channels_last \
+            else (lambda t: t.reshape(-1, t.shape[-1]))
+        dz2 = torch.ops.tilesmith.activation_backward_triton(rows(g), rows(pre), ctx.activation)
+        if ctx.channels_last:
+            n, k, p, q = g.shape
+            dz = dz2.view(n, p, q, k).permute(0, 3, 1, 2)
+        else:
+            dz = dz2.view(g.shape)
+    else:
+        dz = grad_out
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.tilesmith.conv2d_dgrad_triton(dz, weight, list(x.shape), stride,
+                                                         padding, dilation, groups,
+                                                         ctx.channels_last)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.tilesmith.conv2d_wgrad_triton(dz, x, list(weight.shape), stride,
+                                                         padding, dilation, groups)
+        grad_w = grad_w.contiguous(memory_format=torch.channels_last) if (
+            _is_channels_last(weight)) else grad_w
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = dz.sum((0, 2, 3), dtype=torch.float32 if dz.dtype != torch.float64
+                        else torch.float64).to(weight.dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+torch.library.register_autograd("tilesmith::conv2d_fwd_triton", _backward,
+                                setup_context=_setup_context)
+
+
+def _pair(value, name):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value, value]
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return list(value)
+    raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
+
+
+def _torch_conv2d(x, weight, bias, stride, padding, dilation, groups, activation):
+    """The torch backend and benchmark baseline: cuDNN, then the activation as an eager op."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if activation == "relu":
+        y = F.relu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "silu":
+        y = F.silu(y)
+    return y
+
+
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           stride=1, padding=0, dilation=1, groups: int = 1, *, activation: str | None = None,
+           backend: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)``
+    followed by ``activation`` (None, "relu", "gelu", "silu") in the same kernel. input is
+    (N, C, H, W) in NCHW or channels_last, weight (K, C/groups, R, S); the output keeps the
+    input's memory format. padding: int, pair, "valid" or "same" (stride 1 only, as in
+    PyTorch). Differentiable in input, weight and bias, through the activation."""
+    fn = "conv2d"
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D, got shape {tuple(t.shape)} (batched "
+                             "(N, C, H, W) input and (K, C/groups, R, S) weight)")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got "
+                            f"{t.dtype}")
+    shapes = f"input {tuple(input.shape)}, weight {tuple(weight.shape)}"
+    if input.dtype != weight.dtype:
+        raise TypeError(f"{fn}: input and weight must have one dtype, got {input.dtype} and "
+                        f"{weight.dtype}")
+    if input.device != weight.device:
+        raise ValueError(f"{fn}: input is on {input.device}, weight on {weight.device}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
+    channels, out_channels = input.shape[1], weight.shape[0]
+    if channels % groups or out_channels % groups:
+        raise ValueError(f"{fn}: groups={groups} must divide the input channels ({channels}) "
+                         f"and the output channels ({out_channels}): {shapes}")
+    if weight.shape[1] * groups != channels:
+        raise ValueError(f"{fn}: channel mismatch: weight expects {weight.shape[1]} * groups "
+                         f"({groups}) = {weight.shape[1] * groups} input channels, input has "
+                         f"{channels}: {shapes}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_channels,):
+            raise ValueError(f"{fn}: bias must have shape ({out_channels},), got "
+                             f"{None if not isinstance(bias, torch.Tensor) else tuple(bias.shape)}")
+        if bias.device != input.device:
+            raise ValueError(f"{fn}: bias is on {bias.device}, input on {input.device}")
+    if activation not in ACTIVATION_NAMES:
+        raise ValueError(f"{fn}: activation must be one of {ACTIVATION_NAMES}, got "
+                         f"{activation!r}")
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"{fn}: stride and dilation must be >= 1, got {stride}, {dilation}")
+    r, s = weight.shape[2], weight.shape[3]
+    if padding == "valid":
+        padding = [0, 0]
+    elif padding == "same":
+        if stride != [1, 1]:
+            raise ValueError(f"{fn}: padding='same' is not supported for strided convolutions "
+                             f"(stride {stride}), as in PyTorch")
+        total = [dilation[0] * (r - 1), dilation[1] * (s - 1)]
+        if total[0] % 2 or total[1] % 2:
+            # PyTorch pads one more on the bottom/right here; we would need asymmetric
+            # padding in the kernel. Route such calls to torch.
+            padding = "same_asymmetric"
+        else:
+            padding = [total[0] // 2, total[1] // 2]
+    else:
+        padding = _pair(padding, "padding")
+        if min(padding) < 0:
+            raise ValueError(f"{fn}: padding must be >= 0, got {padding}")
+    if padding != "same_asymmetric":
+        p = _out_size(input.shape[2], padding[0], dilation[0], r, stride[0])
+        q = _out_size(input.shape[3], padding[1], dilation[1], s, stride[1])
+        if p < 1 or q < 1:
+            raise ValueError(f"{fn}: the kernel ({r}x{s}, dilation {dilation}) is larger than "
+                             f"the padded input ({input.shape[2]}x{input.shape[3]} + padding "
+                             f"{padding}): {shapes}")
+
+    cannot = ("padding='same' with an even kernel extent (asymmetric padding) is not "
+              "implemented in tilesmith's conv2d kernels" if padding == "same_asymmetric"
+              else None)
+    name = _backend.pick("conv2d", input, backend, cannot)
+    if name == "torch":
+        return _torch_conv2d(input, weight, bias, stride,
+                             "same" if padding == "same_asymmetric" else padding, dilation,
+                             groups, activation)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    out, _ = torch.ops.tilesmith.conv2d_fwd_triton(
+        input, weight, bias, stride, padding, dilation, groups, activation or "none",
+        bool(activation is not None and needs_grad))
+    return out

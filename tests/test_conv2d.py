@@ -1,0 +1,153 @@
+"""tilesmith.ops.conv2d against torch.nn.functional.conv2d in float64 (GUIDE §3): output and
+the gradients of input, weight and bias, through the fused activation."""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_GPU, kernel_backends, requires_gpu
+
+import tilesmith
+from tilesmith import testing
+from tilesmith.ops.conv2d import _torch_conv2d
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+SAMPLE_NAMES = [s.name for s in testing.conv2d_sample_inputs("cpu", torch.float32,
+                                                              large=HAS_GPU)]
+
+
+def _sample(name, dtype):
+    return {s.name: s for s in testing.conv2d_sample_inputs(DEVICE, dtype, large=HAS_GPU)}[name]
+
+
+def _params(dtypes):
+    return [pytest.param(b.values[0], dt, marks=b.marks,
+                         id=f"{b.values[0]}-{str(dt).removeprefix('torch.')}")
+            for dt in dtypes for b in kernel_backends("conv2d", dt)]
+
+
+def _reference(x, weight, bias, kwargs):
+    kw = dict(kwargs)
+    return _torch_conv2d(x, weight, bias, kw.get("stride", 1), kw.get("padding", 0),
+                         kw.get("dilation", 1), kw.get("groups", 1), kw.get("activation"))
+
+
+def _check(got, ref, base, name):
+    if got.dtype in LOW_PRECISION:
+        testing.assert_close_to_reference(got, ref, base, name=name)
+    else:
+        testing.assert_fp32_close(got, ref, name=name)
+
+
+@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float16, torch.float32]))
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_forward_and_gradients_match_float64(backend, dtype, name):
+    sample = _sample(name, dtype)
+    x, weight, bias = testing.grad_views(sample.args)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    with testing.poison_outputs():
+        out = tilesmith.ops.conv2d(x, weight, bias, backend=backend, **sample.kwargs)
+        grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
+        grads = torch.autograd.grad(out, inputs, grad_out) if out.numel() else None
+
+    def expression(compute):
+        xs = [t.detach().to(compute).requires_grad_(True) for t in inputs]
+        y = _reference(xs[0], xs[1], xs[2] if bias is not None else None, sample.kwargs)
+        return y, (torch.autograd.grad(y, xs, grad_out.to(compute)) if y.numel() else None)
+
+    ref, ref_grads = expression(torch.float64)
+    base, base_grads = expression(dtype)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert (out.is_contiguous(memory_format=torch.channels_last)
+            == base.is_contiguous(memory_format=torch.channels_last)), "memory format differs"
+    _check(out, ref, base, "out")
+    if grads is None:
+        return
+    assert (grads[0].is_contiguous(memory_format=torch.channels_last)
+            == base_grads[0].is_contiguous(memory_format=torch.channels_last)), "grad format"
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads,
+                                         ["grad_input", "grad_weight", "grad_bias"]):
+        _check(got, want, baseline, what)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))
+@pytest.mark.parametrize("case", [
+    dict(stride=2, padding=1), dict(dilation=2, padding=1, groups=2),
+    dict(padding=1, activation="gelu"), dict(stride=1, padding=0, activation="silu")],
+    ids=["stride2", "dilation2_groups2", "gelu", "silu"])
+def test_gradcheck_float64(backend, case):
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+
+    x, w, b = r(1, 2, 5, 4), r(2, 2 // case.get("groups", 1), 3, 3), r(2)
+
+    def f(x, w, b):
+        return tilesmith.ops.conv2d(x, w, b, backend=backend, **case)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.bfloat16))
+def test_same_padding_even_kernel_routes_to_torch_or_says_why(backend):
+    x = torch.randn(1, 2, 6, 6, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(2, 2, 2, 2, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(tilesmith.BackendUnavailableError, match="asymmetric padding"):
+        tilesmith.ops.conv2d(x, w, padding="same", backend=backend)
+    out = tilesmith.ops.conv2d(x, w, padding="same")  # default backend: torch
+    assert out.shape == (1, 2, 6, 6)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.bfloat16))
+def test_opcheck_and_compile(backend):
+    x, w, b = (t.detach().clone().requires_grad_(True)
+               for t in _sample("gelu_channels_last", torch.bfloat16).args)
+    torch.library.opcheck(torch.ops.tilesmith.conv2d_fwd_triton,
+                          (x, w, b, [1, 1], [1, 1], [1, 1], 1, "gelu", True))
+
+    def f(x, w, b):
+        return tilesmith.ops.conv2d(x, w, b, padding=1, activation="gelu",
+                                    backend=backend).float().square().sum()
+
+    grads = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w, b), (x, w, b))
+    eager = torch.autograd.grad(f(x, w, b), (x, w, b))
+    for got, want in zip(grads, eager):
+        torch.testing.assert_close(got, want)
+
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+BAD_INPUTS = [
+    ("channel_mismatch", lambda: ((_t(1, 3, 8, 8), _t(4, 5, 3, 3)), {}), ValueError,
+     "channel mismatch: weight expects 5"),
+    ("groups_not_dividing", lambda: ((_t(1, 6, 8, 8), _t(4, 3, 3, 3)), {"groups": 4}),
+     ValueError, "groups=4 must divide"),
+    ("rank3_input", lambda: ((_t(3, 8, 8), _t(4, 3, 3, 3)), {}), ValueError, "input must be 4-D"),
+    ("int_dtype", lambda: ((torch.ones(1, 3, 8, 8, dtype=torch.int32),
+                            torch.ones(4, 3, 3, 3, dtype=torch.int32)), {}), TypeError,
+     "float16, bfloat16"),
+    ("mixed_dtype", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3, dtype=torch.float64)), {}),
+     TypeError, "one dtype"),
+    ("device_mismatch", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3, device="meta")), {}),
+     ValueError, "input is on cpu, weight on meta"),
+    ("bias_shape", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), _t(3)), {}), ValueError,
+     r"bias must have shape \(4,\)"),
+    ("same_strided", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"padding": "same", "stride": 2}),
+     ValueError, "not supported for strided"),
+    ("kernel_too_large", lambda: ((_t(1, 3, 4, 4), _t(4, 3, 7, 7)), {}), ValueError,
+     "larger than the padded input"),
+    ("bad_activation", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"activation": "tanh"}),
+     ValueError, "activation must be one of"),
+    ("bad_stride", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"stride": (1, 2, 3)}), TypeError,
+     "stride must be an int or a pair"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case,make,error,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_clear_error(backend, case, make, error, match):
+    args, kwargs = make()
+    with pytest.raises(error, match=match):
+        tilesmith.ops.conv2d(*args, backend=backend, **kwargs)
