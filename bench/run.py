@@ -28,6 +28,12 @@ TARGETS = [
     ("gemm", backend, "bfloat16", {"M": 8192, "N": 8192, "K": 8192, "epilogue": "bias_gelu"},
      1.10, "fwd") for backend in ("triton", "cuda")
 ] + [
+    # conv2d fwd, bf16 channels_last, ResNet-50 batch 32: Triton >= 0.70x cuDNN
+    ("conv2d", "triton", "bfloat16", {"layer": name, "N": 32, "C": c, "K": k, "H": h, "R": r,
+                                      "stride": st}, 0.70, "fwd")
+    for name, c, k, h, r, st in (("l1_3x3_64", 64, 64, 56, 3, 1),
+                                 ("l3_1x1_1024_256", 1024, 256, 14, 1, 1))
+] + [
     # attention, bf16, d=128, 16k tokens: Triton forward >= 0.80x SDPA-cuDNN, backward >= 0.60x
     ("attention", "triton", "bfloat16", {"B": 16384 // s, "H": 16, "S": s, "D": 128,
                                          "causal": causal}, minimum, mode)
@@ -38,6 +44,7 @@ TARGETS = [
 
 def gpu_main(args) -> int:
     from bench import attention as attention_bench
+    from bench import conv2d as conv2d_bench
     from bench import gemm as gemm_bench
     from bench import harness
     from bench import matmul as matmul_bench
@@ -51,6 +58,7 @@ def gpu_main(args) -> int:
         harness.write_results(current_rows, env, args.out, peaks)
         (args.out / "report.md").write_text(render_report(current_rows, peaks, env, args))
 
+    # In order of priority: a time limit that cuts the run short leaves the first ones.
     ops = args.ops.split(",")
     if "matmul" in ops:
         matmul_rows, _ = matmul_bench.run(
@@ -58,9 +66,6 @@ def gpu_main(args) -> int:
         rows += matmul_rows
         harness.plot_ratios([r for r in matmul_rows if r.backend != "torch"],
                             args.out / "matmul.png", f"matmul vs cuBLAS, {env['gpu']} (same run)")
-    if "gemm" in ops:
-        gemm_rows = gemm_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
-        rows += gemm_rows
     if "attention" in ops:
         attention_rows = attention_bench.run(quick=args.quick,
                                              checkpoint=lambda r: write(rows + r))
@@ -68,6 +73,12 @@ def gpu_main(args) -> int:
         harness.plot_ratios([r for r in attention_rows if r.ratio is not None
                              and r.backend != "sdpa_cudnn"], args.out / "attention.png",
                             f"attention vs SDPA cuDNN, {env['gpu']} (same run)")
+    if "gemm" in ops:
+        gemm_rows = gemm_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
+        rows += gemm_rows
+    if "conv2d" in ops:
+        conv_rows = conv2d_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
+        rows += conv_rows
     write(rows)
     print((args.out / "report.md").read_text())
     return 0
@@ -133,7 +144,7 @@ def interpreter_main(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--ops", default="matmul,gemm,attention", help="comma-separated op families")
+    parser.add_argument("--ops", default="matmul,attention,gemm,conv2d", help="comma-separated op families")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--pytest-log")
     parser.add_argument("--build-log")

@@ -1,0 +1,133 @@
+"""conv2d: tilesmith's implicit-GEMM kernels against cuDNN (through F.conv2d and
+aten.convolution_backward), same run, on every distinct conv layer of ResNet-50 (224x224,
+batch 32 and 128) and of a CIFAR ResNet (32x32); channels_last, bf16 and fp16.
+
+    python -m bench.conv2d [--quick] [--out DIR]
+
+Modes: fwd (conv + bias), fused (conv + bias + ReLU in one kernel, against cuDNN conv + bias
+followed by an eager ReLU), dgrad, wgrad. FLOPs 2*N*K*P*Q*C*R*S/groups for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tilesmith
+from bench import harness
+from tilesmith import testing
+
+# (name, C, K, H, R, stride): H is the input height (= width)
+RESNET50 = [
+    ("stem_7x7", 3, 64, 224, 7, 2),
+    ("l1_1x1_64_64", 64, 64, 56, 1, 1), ("l1_3x3_64", 64, 64, 56, 3, 1),
+    ("l1_1x1_64_256", 64, 256, 56, 1, 1), ("l1_1x1_256_64", 256, 64, 56, 1, 1),
+    ("l2_1x1_256_128", 256, 128, 56, 1, 1), ("l2_3x3_128_s2", 128, 128, 56, 3, 2),
+    ("l2_1x1_128_512", 128, 512, 28, 1, 1), ("l2_down_256_512_s2", 256, 512, 56, 1, 2),
+    ("l2_1x1_512_128", 512, 128, 28, 1, 1), ("l2_3x3_128", 128, 128, 28, 3, 1),
+    ("l3_1x1_512_256", 512, 256, 28, 1, 1), ("l3_3x3_256_s2", 256, 256, 28, 3, 2),
+    ("l3_1x1_256_1024", 256, 1024, 14, 1, 1), ("l3_down_512_1024_s2", 512, 1024, 28, 1, 2),
+    ("l3_1x1_1024_256", 1024, 256, 14, 1, 1), ("l3_3x3_256", 256, 256, 14, 3, 1),
+    ("l4_1x1_1024_512", 1024, 512, 14, 1, 1), ("l4_3x3_512_s2", 512, 512, 14, 3, 2),
+    ("l4_1x1_512_2048", 512, 2048, 7, 1, 1), ("l4_down_1024_2048_s2", 1024, 2048, 14, 1, 2),
+    ("l4_1x1_2048_512", 2048, 512, 7, 1, 1), ("l4_3x3_512", 512, 512, 7, 3, 1),
+]
+CIFAR = [
+    ("cifar_stem", 3, 16, 32, 3, 1), ("cifar_3x3_16", 16, 16, 32, 3, 1),
+    ("cifar_3x3_16_32_s2", 16, 32, 32, 3, 2), ("cifar_3x3_32", 32, 32, 16, 3, 1),
+    ("cifar_3x3_32_64_s2", 32, 64, 16, 3, 2), ("cifar_3x3_64", 64, 64, 8, 3, 1),
+]
+
+
+def _layers(quick):
+    if quick:
+        keep = {"stem_7x7", "l1_3x3_64", "l3_1x1_1024_256", "l3_3x3_256"}
+        return [(l, 32) for l in RESNET50 if l[0] in keep] + [(CIFAR[1], 128)]
+    return ([(l, b) for b in (32, 128) for l in RESNET50] + [(l, 128) for l in CIFAR]
+            + [(l, 512) for l in CIFAR])
+
+
+def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
+    rows = []
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+    for (name, c, k, h, r, stride), batch in _layers(quick):
+        for dtype in dtypes:
+            pad = r // 2
+            x = torch.randn(batch, c, h, h, device="cuda", dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            w = torch.randn(k, c, r, r, device="cuda", dtype=dtype).contiguous(
+                memory_format=torch.channels_last) / (c * r * r) ** 0.5
+            bias = torch.randn(k, device="cuda", dtype=dtype)
+            p = (h + 2 * pad - r) // stride + 1
+            flops = 2 * batch * k * p * p * c * r * r
+            grad = torch.randn(batch, k, p, p, device="cuda", dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            shape = {"layer": name, "N": batch, "C": c, "K": k, "H": h, "R": r, "stride": stride}
+            args = ([stride] * 2, [pad] * 2, [1, 1], 1)
+            baselines = {
+                "fwd": lambda: F.conv2d(x, w, bias, stride, pad),
+                "fused": lambda: F.relu(F.conv2d(x, w, bias, stride, pad)),
+                "dgrad": lambda: torch.ops.aten.convolution_backward(
+                    grad, x, w, None, args[0], args[1], args[2], False, [0, 0], 1,
+                    [True, False, False])[0],
+                "wgrad": lambda: torch.ops.aten.convolution_backward(
+                    grad, x, w, None, args[0], args[1], args[2], False, [0, 0], 1,
+                    [False, True, False])[1],
+            }
+            ours = {
+                "fwd": lambda be: tilesmith.ops.conv2d(x, w, bias, stride, pad, backend=be),
+                "fused": lambda be: tilesmith.ops.conv2d(x, w, bias, stride, pad,
+                                                         activation="relu", backend=be),
+                "dgrad": lambda be: torch.ops.tilesmith.conv2d_dgrad_triton(
+                    grad, w, list(x.shape), *args, True),
+                "wgrad": lambda be: torch.ops.tilesmith.conv2d_wgrad_triton(
+                    grad, x, list(w.shape), *args),
+            }
+            refs = {"fwd": F.conv2d(x[:1].double(), w.double(), bias.double(), stride, pad)}
+            for mode, base_fn in baselines.items():
+                base_ms = harness.median_ms(base_fn)
+                base_label = "cudnn+eager_relu" if mode == "fused" else "cudnn"
+                rows.append(harness.Row(
+                    op="conv2d", mode=mode, backend="torch", baseline=base_label,
+                    dtype=str(dtype)[6:], shape=shape, ms=base_ms, tflops=flops / base_ms / 1e9,
+                    baseline_ms=base_ms, ratio=1.0, rel_err=None, peak_mem_bytes=None,
+                    joules=None))
+                for backend in backends:
+                    if tilesmith.backend.unavailable_reason(backend, "conv2d", x.device,
+                                                            dtype) is not None:
+                        continue
+                    fn = (lambda b=backend, m=mode: ours[m](b))
+                    out = fn()
+                    ms = harness.median_ms(fn)
+                    err = (testing.rel_error(out[:1], refs["fwd"]) if mode == "fwd" else None)
+                    rows.append(harness.Row(
+                        op="conv2d", mode=mode, backend=backend, baseline=base_label,
+                        dtype=str(dtype)[6:], shape=shape, ms=ms, tflops=flops / ms / 1e9,
+                        baseline_ms=base_ms, ratio=base_ms / ms, rel_err=err,
+                        peak_mem_bytes=harness.peak_memory(fn), joules=None))
+            print(f"conv2d {name} N={batch} {str(dtype)[6:]}: " + ", ".join(
+                f"{r.mode} {r.ratio:.2f}x" for r in rows
+                if r.shape == shape and r.backend != "torch" and r.dtype == str(dtype)[6:]),
+                flush=True)
+            if checkpoint:
+                checkpoint(rows)
+            del x, w, grad
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    rows = run(args.quick)
+    harness.write_results(rows, harness.environment(), args.out, {})
+    (args.out / "conv2d.md").write_text(harness.markdown_table(rows))
+    print(harness.markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
