@@ -131,7 +131,7 @@ setup(
     description="Readable CUDA C++ and Triton kernels for matmul, conv2d, attention and "
     "mixed-precision GEMM, as PyTorch custom ops",
     package_dir={"tilesmith": "python/tilesmith", "tilesmith.kernels": "kernels"},
-    packages=["tilesmith", "tilesmith.ops", "tilesmith.kernels"],
+    packages=["tilesmith", "tilesmith.ops", "tilesmith.nn", "tilesmith.kernels"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

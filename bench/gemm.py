@@ -94,3 +94,97 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+FP8_SHAPES = [(8192, 8192, 4096)] + [(m, n, k) for m in (16, 1024, 16384)
+                                     for (n, k) in ((14336, 4096), (4096, 14336))]
+
+
+def _scaled_mm(qa, qb, sa, sb):
+    return torch._scaled_mm(qa, qb, sa, sb, out_dtype=torch.bfloat16)
+
+
+def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
+    """scaled_gemm (tensor-wise, row-wise, 1x128/128x128 blocks) against torch._scaled_mm
+    (tensor-wise and row-wise) and against bf16 cuBLAS on the same shapes; then Float8Linear
+    forward+backward against a bf16 Linear."""
+    rows = []
+    shapes = FP8_SHAPES[:2] if quick else FP8_SHAPES
+    e4m3 = torch.float8_e4m3fn
+    for (m, n, k) in shapes:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        flops = 2 * m * n * k
+        bf16_ms = harness.median_ms(lambda: torch.matmul(a, w.t()))
+        ref = torch.matmul(a[:ERROR_ROWS].double(), w.double().t())
+        shape = {"M": m, "N": n, "K": k}
+        rows.append(harness.Row(op="fp8_gemm", mode="fwd", backend="torch_bf16",
+                                baseline="cublas_bf16", dtype="bfloat16", shape=shape,
+                                ms=bf16_ms, tflops=flops / bf16_ms / 1e9, baseline_ms=bf16_ms,
+                                ratio=1.0, rel_err=None, peak_mem_bytes=None, joules=None))
+        for granularity in ("tensor", "row", "block"):
+            if granularity == "block":
+                qa, sa = tilesmith.ops.quantize_fp8(a, granularity="block", block_size=128)
+                qw, sw = tilesmith.ops.quantize_fp8(w, granularity="block", block_size=(128, 128))
+            else:
+                qa, sa = tilesmith.ops.quantize_fp8(a, granularity=granularity)
+                qw, sw = tilesmith.ops.quantize_fp8(w, granularity=granularity)
+            sb = sw.t() if sw.dim() == 2 else sw
+            base_name, base_ms = None, None
+            if granularity != "block":
+                try:
+                    base_ms = harness.median_ms(lambda: _scaled_mm(qa, qw.t(), sa, sb))
+                    base_name = f"scaled_mm_{granularity}"
+                    rows.append(harness.Row(
+                        op="fp8_gemm", mode="fwd", backend="torch_scaled_mm",
+                        baseline=base_name, dtype=f"e4m3_{granularity}", shape=shape,
+                        ms=base_ms, tflops=flops / base_ms / 1e9, baseline_ms=base_ms,
+                        ratio=1.0, rel_err=testing.rel_error(
+                            _scaled_mm(qa, qw.t(), sa, sb)[:ERROR_ROWS], ref),
+                        peak_mem_bytes=None, joules=None, extra={"vs_bf16": bf16_ms / base_ms}))
+                except RuntimeError as exc:
+                    print(f"  torch._scaled_mm {granularity}: {str(exc).splitlines()[0][:100]}")
+            for backend in backends:
+                if tilesmith.backend.unavailable_reason(backend, "fp8", a.device, e4m3):
+                    continue
+                fn = (lambda be=backend: tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sb,
+                                                                   backend=be))
+                fn()
+                ms = harness.median_ms(fn)
+                rows.append(harness.Row(
+                    op="fp8_gemm", mode="fwd", backend=backend,
+                    baseline=base_name or "cublas_bf16", dtype=f"e4m3_{granularity}",
+                    shape=shape, ms=ms, tflops=flops / ms / 1e9,
+                    baseline_ms=base_ms or bf16_ms, ratio=(base_ms or bf16_ms) / ms,
+                    rel_err=testing.rel_error(fn()[:ERROR_ROWS], ref), peak_mem_bytes=None,
+                    joules=None, extra={"vs_bf16": bf16_ms / ms}))
+        print(f"fp8 {m}x{n}x{k}: " + ", ".join(
+            f"{r.backend}/{r.dtype} {r.tflops:.0f} TF/s" for r in rows if r.shape == shape),
+            flush=True)
+        if checkpoint:
+            checkpoint(rows)
+        del a, w
+
+    # Float8Linear forward + backward against bf16 Linear.
+    size = 4096 if quick else 8192
+    x = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    linear = torch.nn.Linear(size, size, device="cuda", dtype=torch.bfloat16)
+    fp8_linear = tilesmith.nn.Float8Linear.from_linear(linear)
+    grad = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+
+    def step(module):
+        return lambda: torch.autograd.grad(module(x), (x, module.weight, module.bias), grad)
+
+    base_ms = harness.median_ms(step(linear))
+    flops = 3 * 2 * size ** 3
+    for name, module in (("torch_bf16", linear), ("float8_linear", fp8_linear)):
+        ms = base_ms if module is linear else harness.median_ms(step(module))
+        rows.append(harness.Row(op="float8_linear", mode="fwd+bwd", backend=name,
+                                baseline="linear_bf16", dtype="bfloat16",
+                                shape={"M": size, "N": size, "K": size}, ms=ms,
+                                tflops=flops / ms / 1e9, baseline_ms=base_ms,
+                                ratio=base_ms / ms, rel_err=None, peak_mem_bytes=None,
+                                joules=None))
+    if checkpoint:
+        checkpoint(rows)
+    return rows

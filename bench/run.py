@@ -28,6 +28,11 @@ TARGETS = [
     ("gemm", backend, "bfloat16", {"M": 8192, "N": 8192, "K": 8192, "epilogue": "bias_gelu"},
      1.10, "fwd") for backend in ("triton", "cuda")
 ] + [
+    # FP8 row-wise 8192x8192x4096: >= 0.90x torch._scaled_mm; Float8Linear >= 1.3x bf16 Linear
+    ("fp8_gemm", "triton", "e4m3_row", {"M": 8192, "N": 8192, "K": 4096}, 0.90, "fwd"),
+    ("float8_linear", "float8_linear", "bfloat16", {"M": 8192, "N": 8192, "K": 8192}, 1.30,
+     "fwd+bwd"),
+] + [
     # conv2d fwd, bf16 channels_last, ResNet-50 batch 32: Triton >= 0.70x cuDNN
     ("conv2d", "triton", "bfloat16", {"layer": name, "N": 32, "C": c, "K": k, "H": h, "R": r,
                                       "stride": st}, 0.70, "fwd")
@@ -76,6 +81,9 @@ def gpu_main(args) -> int:
     if "gemm" in ops:
         gemm_rows = gemm_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
         rows += gemm_rows
+    if "fp8" in ops:
+        fp8_rows = gemm_bench.run_fp8(quick=args.quick, checkpoint=lambda r: write(rows + r))
+        rows += fp8_rows
     if "conv2d" in ops:
         conv_rows = conv2d_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
         rows += conv_rows
@@ -144,7 +152,7 @@ def interpreter_main(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--ops", default="matmul,attention,gemm,conv2d", help="comma-separated op families")
+    parser.add_argument("--ops", default="matmul,attention,gemm,fp8,conv2d", help="comma-separated op families")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--pytest-log")
     parser.add_argument("--build-log")

@@ -9,6 +9,7 @@
 """
 
 from . import ops  # defines the op schemas before the extensions bind kernels to them
+from . import nn
 from .backend import (
     BACKENDS,
     BackendUnavailableError,
@@ -16,5 +17,6 @@ from .backend import (
     use_backend,
 )
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "ops", "use_backend"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "nn", "ops",
+           "use_backend"]
 __version__ = "0.1.0"

@@ -42,6 +42,14 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
         torch.float16: ("torch", "triton"),
         torch.float32: ("torch", "triton"),
     },
+    "fp8": {
+        # Keyed on the input dtype: the activation being quantized, or the fp8 operand.
+        torch.bfloat16: ("triton", "torch"),
+        torch.float16: ("triton", "torch"),
+        torch.float32: ("triton", "torch"),
+        torch.float8_e4m3fn: ("triton", "torch"),
+        torch.float8_e5m2: ("triton", "torch"),
+    },
     "attention": {
         torch.bfloat16: ("torch", "triton"),
         torch.float16: ("torch", "triton"),
@@ -66,6 +74,15 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "cuda": (),  # not written yet
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    },
+    "fp8": {
+        "cuda": (),  # the sm_90a wgmma kernels are not written yet
+        "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn,
+                   torch.float8_e5m2),
+        # The torch backend of fp8 is tilesmith.testing's plain-PyTorch reference (float64
+        # matmul): correct everywhere, not fast.
+        "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn,
+                  torch.float8_e5m2),
     },
     "attention": {
         "cuda": (),  # not written yet

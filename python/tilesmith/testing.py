@@ -382,3 +382,56 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
                  channels_last=True, activation="relu"),
         ]
     return samples
+
+
+def quantize_fp8_reference(x: torch.Tensor, dtype: torch.dtype, granularity: str,
+                           block_m: int = 1, block_k: int = 1):
+    """quantize_fp8 in plain PyTorch, the same arithmetic bit for bit: amax per group (floor
+    1e-12), reciprocal FP8_MAX / amax computed in float64 and rounded to float32, x * that in
+    float32, clamp to +-FP8_MAX, round-to-nearest-even cast."""
+    fmax = float(torch.finfo(dtype).max)
+    xf = x.float()
+    m, k = x.shape
+    if granularity == "tensor":
+        amax = xf.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+        expanded = amax
+    elif granularity == "row":
+        amax = xf.abs().amax(1, keepdim=True) if k else torch.zeros(m, 1, device=x.device)
+        expanded = amax
+    else:
+        bm = block_m if granularity == "block2d" else 1
+        pad_m, pad_k = -m % bm, -k % block_k
+        padded = torch.nn.functional.pad(xf.abs(), (0, pad_k, 0, pad_m))
+        tiles = padded.view((m + pad_m) // bm, bm, (k + pad_k) // block_k, block_k)
+        amax = tiles.amax((1, 3))
+        expanded = amax.repeat_interleave(bm, 0).repeat_interleave(block_k, 1)[:m, :k]
+    amax = amax.clamp_min(1e-12)
+    expanded = expanded.clamp_min(1e-12)
+    inverse = (fmax / expanded.double()).float()
+    q = (xf * inverse).clamp(-fmax, fmax).to(dtype)
+    scale = (amax.double() / fmax).float()
+    return q, scale.reshape(()) if granularity == "tensor" else scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block=(1, 128)) -> torch.Tensor:
+    """q * scale in float64, expanding per-block scales over their blocks."""
+    qd = q.double()
+    s = scale.double()
+    if block[0] > 1 and s.dim() == 2:  # per 2-D block (weights): always expand
+        s = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+        s = s[:qd.shape[0], :qd.shape[1]]
+    elif s.dim() == 2 and s.shape != (qd.shape[0], 1) and s.shape != (1, qd.shape[1]):
+        s = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+        s = s[:qd.shape[0], :qd.shape[1]]
+    return qd * s
+
+
+def scaled_gemm_reference(a, b, scale_a, scale_b, bias=None):
+    """(a * scale_a) @ (b * scale_b) + bias in float64 (scale shapes as scaled_gemm's)."""
+    from .ops.fp8 import _scale_kinds
+
+    blocked = _scale_kinds(scale_a, scale_b, a.shape[0], b.shape[1], a.shape[1])[0] == 2
+    a64 = dequantize_fp8(a, scale_a, (1, 128))
+    b64 = dequantize_fp8(b, scale_b, (128, 128)) if blocked else dequantize_fp8(b, scale_b)
+    out = a64 @ b64
+    return out + bias.double() if bias is not None else out

@@ -1,0 +1,227 @@
+"""FP8 (float8_e4m3fn, float8_e5m2): ``quantize_fp8`` (amax, scale and cast on the device)
+and ``scaled_gemm`` (fp8 x fp8 -> bf16/fp16/fp32 with per-tensor, per-row/column or
+per-block scales, fp32 accumulation). Kernels: kernels/fp8.py.
+
+Scale shapes (dequantization multipliers, x ~ x_fp8 * scale, as torch._scaled_mm):
+    quantize_fp8(x (M, K), granularity=)  "tensor": ()   "row": (M, 1)
+                                          "block", block_size=b: (M, ceil(K / b))
+                                          "block", block_size=(b, b): (ceil(M / b), ceil(K / b))
+    scaled_gemm(a (M, K), b (K, N), scale_a, scale_b):
+        scale_a: () | (M, 1) | (M, ceil(K / 128));  scale_b: () | (1, N) | (ceil(K / 128),
+        ceil(N / 128)). A weight quantized row-wise as (N, K) is b = w_fp8.t() with
+        scale_b = scale.t(); block-quantized with block_size=(128, 128) it is the same with
+        the (ceil(N/128), ceil(K/128)) scale transposed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from .. import backend as _backend
+from ._library import new_output
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_BLOCK = 128  # the block of scaled_gemm's per-block scales
+# (mantissa bits, smallest normal exponent) of each format, for the interpreter's rounding.
+_FORMAT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+_GRANULARITY = {"tensor": 0, "row": 1, "block": 2, "block2d": 3}
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+@triton_op("tilesmith::quantize_fp8_triton", mutates_args=())
+def _quantize_fp8_triton(x: torch.Tensor, dtype: torch.dtype, granularity: str,
+                         block_m: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import triton
+
+    from tilesmith.kernels.fp8 import amax_kernel, quantize_kernel
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    m, k = x.shape
+    q = new_output((m, k), like=x, dtype=dtype)
+    kind = _GRANULARITY[granularity]
+    if kind == 0:
+        scale = new_output((), like=x, dtype=torch.float32)
+    elif kind == 1:
+        scale = new_output((m, 1), like=x, dtype=torch.float32)
+    elif kind == 2:
+        scale = new_output((m, triton.cdiv(k, block_k)), like=x, dtype=torch.float32)
+    else:
+        scale = new_output((triton.cdiv(m, block_m), triton.cdiv(k, block_k)), like=x,
+                           dtype=torch.float32)
+    amax = torch.zeros((), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return q, scale.fill_(1.0 / fp8_max(dtype) * 1e-12) if kind == 0 else scale
+    mantissa, min_exponent = _FORMAT[dtype]
+    common = dict(FP8_MAX=fp8_max(dtype), MANTISSA_BITS=mantissa, MIN_EXPONENT=min_exponent,
+                  UPCAST=INTERPRETING)
+    tile_m = block_m if kind == 3 else (16 if INTERPRETING else 32)
+    tile_k = block_k if kind in (2, 3) else (64 if INTERPRETING else 128)
+    if kind == 0:
+        wrap_triton(amax_kernel)[(triton.cdiv(m, tile_m), triton.cdiv(k, tile_k))](
+            x, amax, m, k, x.stride(0), x.stride(1), BLOCK_M=tile_m, BLOCK_K=tile_k)
+    grid = (triton.cdiv(m, tile_m), 1 if kind == 1 else triton.cdiv(k, tile_k))
+    scale_strides = (scale.stride(0), scale.stride(1)) if scale.dim() == 2 else (0, 0)
+    wrap_triton(quantize_kernel)[grid](
+        x, q, scale, amax, m, k, x.stride(0), x.stride(1), *scale_strides, GRANULARITY=kind,
+        BLOCK_M=tile_m, BLOCK_K=tile_k, **common)
+    return q, scale
+
+
+def quantize_fp8(x: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn,
+                 granularity: str = "tensor", block_size=128, backend: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8, scale) with x ~ x_fp8 * scale; scale = amax / max(dtype) per tensor, row, or
+    block (see the module docstring for shapes). x: 2-D (M, K), fp16/bf16/fp32, finite.
+    Values saturate at the format's max; all-zero input gives zeros. Tensor-wise scaling
+    reduces in two kernels (tile amax with an atomic max into a device scalar, then scale
+    and cast reading it), so nothing waits on the host."""
+    fn = "quantize_fp8"
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{fn}: x must be a 2-D tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{fn}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if dtype not in FP8_DTYPES:
+        raise TypeError(f"{fn}: dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got "
+                        f"{dtype}")
+    if granularity not in ("tensor", "row", "block"):
+        raise ValueError(f"{fn}: granularity must be 'tensor', 'row' or 'block', got "
+                         f"{granularity!r}")
+    block_m, block_k = 1, 1
+    if granularity == "block":
+        if isinstance(block_size, int):
+            block_k = block_size
+        elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+            block_m, block_k = block_size
+            granularity = "block2d"
+        else:
+            raise TypeError(f"{fn}: block_size must be an int or a pair, got {block_size!r}")
+        for b in ((block_m, block_k) if granularity == "block2d" else (block_k,)):
+            if not isinstance(b, int) or b < 16 or b & (b - 1):
+                raise ValueError(f"{fn}: block sizes must be powers of two >= 16, got "
+                                 f"{block_size!r}")
+    name = _backend.pick("fp8", x, backend)
+    if name == "torch":
+        from ..testing import quantize_fp8_reference
+
+        return quantize_fp8_reference(x, dtype, granularity, block_m, block_k)
+    return torch.ops.tilesmith.quantize_fp8_triton(x, dtype, granularity, block_m, block_k)
+
+
+def _scale_kind(scale, rows, cols, blocks_k, blocks_other, operand):
+    """0 tensor, 1 per row of a / column of b, 2 per block; by the scale's shape."""
+    shape = tuple(scale.shape)
+    if scale.numel() == 1 and len(shape) <= 2:
+        return 0
+    if operand == "a":
+        if shape == (rows, 1):
+            return 1
+        if shape == (rows, blocks_k):
+            return 2
+        expected = f"(), ({rows}, 1) or ({rows}, {blocks_k})"
+    else:
+        if shape == (1, cols):
+            return 1
+        if shape == (blocks_k, blocks_other):
+            return 2
+        expected = f"(), (1, {cols}) or ({blocks_k}, {blocks_other})"
+    raise ValueError(f"scaled_gemm: scale_{operand} has shape {shape}; expected {expected}")
+
+
+def _scale_kinds(scale_a, scale_b, m, n, k):
+    """(kind of scale_a, kind of scale_b). Shapes can coincide (one K block makes a per-block
+    scale_a (M, 1), the per-row shape; M = 1 makes it a single element): when the other
+    operand is per-block, a scale of the per-block shape is per-block, which for one block
+    is also what the per-row/tensor reading would compute."""
+    blocks_k = -(-k // SCALE_BLOCK)
+    blocks_n = -(-n // SCALE_BLOCK)
+    kind_a = _scale_kind(scale_a, m, n, blocks_k, blocks_k, "a")
+    kind_b = _scale_kind(scale_b, m, n, blocks_k, blocks_n, "b")
+    if kind_b == 2 and kind_a != 2 and tuple(scale_a.shape) in ((m, blocks_k),) + (
+            ((), (1,), (1, 1)) if m == 1 and blocks_k == 1 else ()):
+        kind_a = 2
+    if kind_a == 2 and kind_b != 2 and tuple(scale_b.shape) in ((blocks_k, blocks_n),) + (
+            ((), (1,), (1, 1)) if blocks_k == 1 and blocks_n == 1 else ()):
+        kind_b = 2
+    if (kind_a == 2) != (kind_b == 2):
+        raise ValueError(f"scaled_gemm: per-block scaling needs both scale_a and scale_b per "
+                         f"block, got shapes {tuple(scale_a.shape)} and "
+                         f"{tuple(scale_b.shape)}")
+    return kind_a, kind_b
+
+
+@triton_op("tilesmith::scaled_gemm_triton", mutates_args=())
+def _scaled_gemm_triton(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
+                        scale_b: torch.Tensor, bias: torch.Tensor | None,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    import triton
+
+    from tilesmith.kernels.fp8 import scaled_gemm_kernel
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    m, k = a.shape
+    n = b.shape[1]
+    kind_a, kind_b = _scale_kinds(scale_a, scale_b, m, n, k)
+    out = new_output((m, n), like=a, dtype=out_dtype)
+    if out.numel() == 0:
+        return out
+    if kind_a == 2 or kind_b == 2:
+        # Per-block scales need K steps and N tiles aligned with the 128-wide blocks.
+        blocks = dict(BLOCK_M=32 if INTERPRETING else 128, BLOCK_N=SCALE_BLOCK,
+                      BLOCK_K=SCALE_BLOCK, num_warps=4 if INTERPRETING else 8, num_stages=3)
+    elif INTERPRETING:
+        blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    else:
+        blocks = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
+    grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+    sa = scale_a.reshape(1, 1) if scale_a.dim() < 2 else scale_a
+    sb = scale_b.reshape(1, 1) if scale_b.dim() < 2 else scale_b
+    wrap_triton(scaled_gemm_kernel)[grid](
+        a, b, out, sa, sb, bias if bias is not None else out, m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
+        A_SCALE=kind_a, B_SCALE=kind_b, HAS_BIAS=bias is not None, UPCAST=INTERPRETING,
+        GROUP_M=8, **blocks)
+    return out
+
+
+def scaled_gemm(a_fp8: torch.Tensor, b_fp8: torch.Tensor, scale_a: torch.Tensor,
+                scale_b: torch.Tensor, *, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None
+                ) -> torch.Tensor:
+    """(a_fp8 * scale_a) @ (b_fp8 * scale_b) + bias with fp32 accumulation. a (M, K), b (K, N)
+    in float8_e4m3fn or float8_e5m2 (they may differ: e5m2 gradients times e4m3 weights);
+    the granularity of each scale is read from its shape (module docstring); per-block
+    scaling needs both operands per-block. K need not be a multiple of 128."""
+    fn = "scaled_gemm"
+    for name, t in (("a_fp8", a_fp8), ("b_fp8", b_fp8)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be a 2-D tensor")
+        if t.dtype not in FP8_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float8_e4m3fn or float8_e5m2, got {t.dtype}")
+    if a_fp8.shape[1] != b_fp8.shape[0]:
+        raise ValueError(f"{fn}: inner dimensions differ: a {tuple(a_fp8.shape)} @ b "
+                         f"{tuple(b_fp8.shape)}")
+    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
+            raise TypeError(f"{fn}: {name} must be a float32 tensor")
+        if s.device != a_fp8.device:
+            raise ValueError(f"{fn}: {name} is on {s.device}, a_fp8 on {a_fp8.device}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{fn}: out_dtype must be bfloat16, float16 or float32")
+    m, k = a_fp8.shape
+    n = b_fp8.shape[1]
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    _scale_kinds(scale_a, scale_b, m, n, k)
+    name = _backend.pick("fp8", a_fp8, backend)
+    if name == "torch":
+        from ..testing import scaled_gemm_reference
+
+        return scaled_gemm_reference(a_fp8, b_fp8, scale_a, scale_b, bias).to(out_dtype)
+    return torch.ops.tilesmith.scaled_gemm_triton(a_fp8, b_fp8, scale_a, scale_b, bias,
+                                                  out_dtype)
