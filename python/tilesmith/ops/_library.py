@@ -25,3 +25,43 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def autocast_inputs(*tensors):
+    """Under torch.autocast, cast floating-point tensors to the autocast dtype up front, as
+    autocast does for matmul, conv and attention (so the checks that follow, which want one
+    dtype, see what the op will compute in). None passes through."""
+    first = next(t for t in tensors if isinstance(t, torch.Tensor))
+    device_type = first.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (
+        torch.float32, torch.float16, torch.bfloat16) else t for t in tensors)
+
+
+def _cast_floating(value, dtype):
+    if isinstance(value, torch.Tensor):
+        if value.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return value.to(dtype)
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    return value
+
+
+def register_autocast(op_name: str) -> None:
+    """Autocast kernels for ``tilesmith::op_name`` on CUDA and CPU: floating inputs are cast
+    to the autocast dtype in force at the call (fp16 or bf16), as autocast does for torch's
+    matmul, conv and attention, so torch.ops.tilesmith.* behave like the native ops.
+    (torch.library.register_autocast would fix one dtype at registration time.)"""
+    op = getattr(torch.ops.tilesmith, op_name).default
+    for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+        dispatch_key = getattr(torch._C.DispatchKey, key)
+
+        def kernel(*args, _device_type=device_type, _dispatch_key=dispatch_key):
+            dtype = torch.get_autocast_dtype(_device_type)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_dispatch_key)):
+                return op(*_cast_floating(args, dtype))
+
+        LIBRARY.impl(op_name, kernel, key)

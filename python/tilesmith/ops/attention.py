@@ -15,14 +15,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
 from .. import backend as _backend
-from ._library import dot_precision, new_output
+from ._library import autocast_inputs, dot_precision, new_output, register_autocast
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
+# PyTorch's own SDPA, by its builtin name: F.scaled_dot_product_attention may be
+# tilesmith.nn.patch_sdpa's wrapper, which would route the torch backend back here.
+_torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 
 # ---- launch helpers -----------------------------------------------------------------------
@@ -373,10 +375,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     the torch backend (tilesmith's kernels have no dropout yet; naming another backend for
     it raises)."""
     fn = "scaled_dot_product_attention"
+    if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     name, mask, scale = _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                  enable_gqa, backend, fn)
     if name == "torch":
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask,
                                               dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale, enable_gqa=enable_gqa)
     out, _ = torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, is_causal, scale)
@@ -389,6 +393,8 @@ def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
     the natural log-sum-exp of each query row's scaled, masked scores, (batch, heads, seq_q)
     in float32 (-inf for a fully masked row). Gradients flow through ``out`` only."""
     fn = "attention"
+    if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     name, mask, scale = _resolve(query, key, value, attn_mask, 0.0, causal, scale, enable_gqa,
                                  backend, fn)
     if name == "torch":
@@ -396,12 +402,19 @@ def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
     return torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, causal, scale)
 
 
+def _autocast(query, key, value, attn_mask):
+    """autocast_inputs for q, k, v and a float mask (a bool mask stays bool)."""
+    if attn_mask is not None and attn_mask.is_floating_point():
+        return autocast_inputs(query, key, value, attn_mask)
+    return (*autocast_inputs(query, key, value), attn_mask)
+
+
 def _torch_attention_with_lse(q, k, v, mask, causal, scale):
     """The torch backend of ``attention``: PyTorch's SDPA for the output, and the
     log-sum-exp from the explicit (quadratic-memory) scores."""
     group = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                         scale=scale, enable_gqa=group > 1)
+    out = _torch_sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                      enable_gqa=group > 1)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys = k.to(compute).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(compute), keys.transpose(-1, -2)) * scale
@@ -422,6 +435,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     top-left within each sequence, as in scaled_dot_product_attention. kv_heads may divide
     heads (grouped-query attention)."""
     fn = "varlen_attention"
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        q, k, v = autocast_inputs(q, k, v)
     _check_qkv(q, k, v, fn, 3, "(total_tokens, heads, head_dim)")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if k.shape[0] != v.shape[0]:
@@ -458,9 +473,11 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale):
         qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
         ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
         vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale,
-                                            enable_gqa=group > 1)
+        oi = _torch_sdpa(qi, ki, vi, is_causal=causal, scale=scale, enable_gqa=group > 1)
         outs.append(oi[0].transpose(0, 1))
     if not outs:
         return q.new_empty((0, q.shape[1], v.shape[2]))
     return torch.cat(outs, 0)
+
+register_autocast("attention_fwd_triton")
+register_autocast("varlen_attention_fwd_triton")

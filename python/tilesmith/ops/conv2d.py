@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
 from .. import backend as _backend
-from ._library import dot_precision, new_output
+from ._library import autocast_inputs, dot_precision, new_output, register_autocast
 
 ACTIVATION_NAMES = (None, "relu", "gelu", "silu")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -231,6 +231,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     input's memory format. padding: int, pair, "valid" or "same" (stride 1 only, as in
     PyTorch). Differentiable in input, weight and bias, through the activation."""
     fn = "conv2d"
+    if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor):
+        input, weight, bias = autocast_inputs(input, weight, bias)
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -309,3 +311,5 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         input, weight, bias, stride, padding, dilation, groups, activation or "none",
         bool(activation is not None and needs_grad))
     return out
+
+register_autocast("conv2d_fwd_triton")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
 from .. import backend as _backend
-from ._library import dot_precision, new_output
+from ._library import autocast_inputs, dot_precision, new_output, register_autocast
 
 ACTIVATION_NAMES = (None, "relu", "gelu", "gelu_tanh", "silu")
 # float64 is accepted for gradcheck (through the interpreter on the CPU); it is not a fast path.
@@ -162,6 +162,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
     ``activation``: None, "relu", "gelu", "gelu_tanh" or "silu". ``bias``: (N,).
     ``residual``: (M, N). Differentiable in a, b, bias and residual."""
     fn = "gemm"
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        a, b, bias, residual = autocast_inputs(a, b, bias, residual)
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -208,3 +210,5 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
         a, b, bias, residual, activation or "none", float(alpha), out_dtype,
         bool(activation is not None and needs_grad))
     return out
+
+register_autocast("gemm_triton")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from ._library import LIBRARY, dot_precision, new_output
+from ._library import LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast
 
 LIBRARY.define("matmul_cuda(Tensor a, Tensor b) -> Tensor")
 
@@ -138,6 +138,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None) -> t
     fp32 follows ``torch.set_float32_matmul_precision`` (IEEE by default, TF32 when allowed)
     on the triton backend; the cuda backend takes fp16/bf16 only. Differentiable in a and b.
     """
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        a, b = autocast_inputs(a, b)
     _check(a, b)
     name = _backend.pick("matmul", a, backend)
     if name == "torch":
@@ -186,3 +188,6 @@ def _as_batch(t: torch.Tensor, batch_shape) -> torch.Tensor:
     if len(batch_shape) == 1:
         return expanded
     return expanded.reshape(-1, *t.shape[-2:])
+
+register_autocast("matmul_cuda")
+register_autocast("matmul_triton")

@@ -1,0 +1,155 @@
+"""Train a GPT-style character-level Transformer with native torch and with tilesmith,
+from the same seed, and compare loss curves, step time, tokens/s and peak memory.
+
+    python examples/gpt_char.py [--text FILE] [--steps 200] [--seq-len 1024] [--d-model 768]
+    torchrun --nproc_per_node=2 examples/gpt_char.py ...   # DistributedDataParallel
+
+The model calls torch.nn.functional.scaled_dot_product_attention itself (as most GPT code
+does): tilesmith takes it over with tilesmith.nn.patch_sdpa(), and the Linear layers with
+tilesmith.nn.convert(). Default corpus: the source files of Python's standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import tilesmith  # noqa: E402
+
+
+def stdlib_text(max_chars: int) -> str:
+    """Python's own standard library sources, which ship with every Python."""
+    root = Path(os.__file__).parent
+    parts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(errors="replace")
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "".join(parts)[:max_chars]
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d_model, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = torch.nn.LayerNorm(d_model)
+        self.qkv = torch.nn.Linear(d_model, 3 * d_model)
+        self.proj = torch.nn.Linear(d_model, d_model)
+        self.ln2 = torch.nn.LayerNorm(d_model)
+        self.fc = torch.nn.Linear(d_model, 4 * d_model)
+        self.out = torch.nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        # Looked up on the module at call time, so patch_sdpa() applies.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(torch.nn.Module):
+    def __init__(self, vocab, d_model, heads, layers, seq_len):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d_model)
+        self.pos = torch.nn.Embedding(seq_len, d_model)
+        self.blocks = torch.nn.Sequential(*[Block(d_model, heads) for _ in range(layers)])
+        self.ln = torch.nn.LayerNorm(d_model)
+        self.head = torch.nn.Linear(d_model, vocab, bias=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+
+    def forward(self, idx):
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.blocks(self.tok(idx) + self.pos(positions))
+        return self.head(self.ln(x))
+
+
+def batches(data, batch_size, seq_len, device, rank, world, seed):
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    while True:
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+        x = torch.stack([data[s:s + seq_len] for s in starts]).to(device)
+        y = torch.stack([data[s + 1:s + seq_len + 1] for s in starts]).to(device)
+        yield x, y
+
+
+def main(argv=None):
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", type=Path, help="a text file (default: Python's stdlib)")
+    parser.add_argument("--max-chars", type=int, default=2_000_000)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--amp", choices=["bfloat16", "float16", "none"],
+                        default="bfloat16" if default_device == "cuda" else "none")
+    parser.add_argument("--backend", default="triton" if default_device == "cuda" else "torch",
+                        help="tilesmith backend (default: triton on a GPU; torch on the CPU, "
+                        "where the Triton interpreter would take minutes per step)")
+    parser.add_argument("--device", default=default_device)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    rank, world = _common.setup_distributed(args.device)
+    device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else args.device
+    text = args.text.read_text(errors="replace") if args.text else stdlib_text(args.max_chars)
+    vocab = sorted(set(text))
+    index = {ch: i for i, ch in enumerate(vocab)}
+    data = torch.tensor([index[ch] for ch in text])
+    if rank == 0:
+        print(f"corpus: {len(text):,} characters, vocabulary {len(vocab)}")
+
+    torch.manual_seed(args.seed)
+    native = GPT(len(vocab), args.d_model, args.heads, args.layers, args.seq_len).to(device)
+    ours = tilesmith.nn.convert(copy.deepcopy(native), include=("linear",), backend=args.backend)
+
+    def loss_fn(logits, targets):
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+    results = {}
+    for label, model in (("native", native), ("tilesmith", ours)):
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda")
+                else None)
+        stream = batches(data, args.batch_size, args.seq_len, device, rank, world, args.seed)
+        patch = (tilesmith.nn.patch_sdpa(args.backend) if label == "tilesmith"
+                 else contextlib.nullcontext())
+        with patch:
+            results[label] = _common.train(
+                model, stream, loss_fn, steps=args.steps, lr=args.lr, device=device,
+                amp=args.amp, label=label, rank=rank,
+                items_per_batch=args.batch_size * args.seq_len * world)
+    same = _common.report(results["native"], results["tilesmith"], unit="tokens",
+                          tolerance=args.tolerance, out_dir=args.out, title="gpt_char",
+                          rank=rank)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return results, same
+
+
+if __name__ == "__main__":
+    main()

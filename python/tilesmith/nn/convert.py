@@ -1,0 +1,112 @@
+"""convert(model): swap torch modules for tilesmith's in place; patch_sdpa(): route
+torch.nn.functional.scaled_dot_product_attention to tilesmith."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .float8 import Float8Linear
+from .modules import Conv2d, Linear, MultiheadAttention
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    converted: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, why)
+
+
+def _why_not(module: torch.nn.Module, kind: str) -> str | None:
+    if kind == "conv2d" and module.padding_mode not in ("zeros", "reflect", "replicate",
+                                                        "circular"):
+        return f"padding_mode {module.padding_mode!r}"
+    if kind == "attention" and (module.bias_k is not None or module.add_zero_attn):
+        return "add_bias_kv / add_zero_attn (they run on torch's implementation anyway)"
+    return None
+
+
+def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention"),
+            backend: str | None = None, fp8: bool = False, return_report: bool = False):
+    """Make ``model``'s nn.Linear, nn.Conv2d and nn.MultiheadAttention modules tilesmith's,
+    in place: each module's class is switched to tilesmith's subclass, so its parameters
+    (the same Parameter objects an optimizer may hold), buffers, device, dtype, hooks and
+    state_dict keys are untouched. ``fp8=True`` makes Linear layers Float8Linear.
+    Modules that cannot be converted are left as they are and reported (a warning, and the
+    returned report when ``return_report``). Returns the model (and the report)."""
+    unknown = set(include) - {"linear", "conv2d", "attention"}
+    if unknown:
+        raise ValueError(f"convert: include may name 'linear', 'conv2d', 'attention', got "
+                         f"{sorted(unknown)}")
+    report = ConversionReport()
+    targets = []
+    if "linear" in include:
+        targets.append(("linear", torch.nn.Linear, Float8Linear if fp8 else Linear))
+    if "conv2d" in include:
+        targets.append(("conv2d", torch.nn.Conv2d, Conv2d))
+    if "attention" in include:
+        targets.append(("attention", torch.nn.MultiheadAttention, MultiheadAttention))
+    for name, module in model.named_modules():
+        for kind, torch_class, our_class in targets:
+            # Exact class only: a user's own subclass keeps its own forward.
+            if type(module) is not torch_class:
+                continue
+            why = _why_not(module, kind)
+            if why:
+                report.skipped.append((name or "<root>", why))
+                continue
+            module.__class__ = our_class
+            if our_class is not Float8Linear:
+                module.backend = backend
+                if kind != "attention":
+                    module.activation = None
+            report.converted.append(name or "<root>")
+    if report.skipped:
+        warnings.warn("tilesmith.nn.convert left these modules as they were: "
+                      + "; ".join(f"{n} ({why})" for n, why in report.skipped), stacklevel=2)
+    return (model, report) if return_report else model
+
+
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
+def _make_patched_sdpa(backend):
+    @functools.wraps(_ORIGINAL_SDPA)
+    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                scale=None, enable_gqa=False):
+        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+            # torch accepts any number of leading dimensions; ours take (B, H, S, D).
+            return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+                                                is_causal, scale, enable_gqa, backend=backend)
+
+    patched.tilesmith_backend = backend
+    return patched
+
+
+class patch_sdpa:
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` to tilesmith's (on
+    ``backend``, default: tilesmith's choice), for models that call it directly.
+    ``patch_sdpa()`` patches at once; used as ``with patch_sdpa():`` it restores what was
+    there on exit; ``unpatch_sdpa()`` restores torch's own explicitly. Inputs that are not
+    4-D go to torch's own function."""
+
+    def __init__(self, backend: str | None = None):
+        self._previous = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _make_patched_sdpa(backend)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._previous
+        return False
+
+
+def unpatch_sdpa() -> None:
+    F.scaled_dot_product_attention = _ORIGINAL_SDPA

@@ -1,0 +1,144 @@
+"""Drop-in modules: subclasses of torch's own, with the same constructor arguments,
+parameters, state_dict keys and forward semantics, whose forward runs on tilesmith's ops.
+Being subclasses, they can also be made from an existing module in place (``convert``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` on ``tilesmith.ops.gemm``, with an optional fused ``activation``
+    ("relu", "gelu", "gelu_tanh", "silu") applied after the bias in the same kernel."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 activation=None, backend=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.activation = activation
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear: input has {x.shape[-1]} features, the layer expects "
+                             f"{self.in_features} (input shape {tuple(x.shape)})")
+        x2d = x.reshape(-1, self.in_features)
+        out = ops.gemm(x2d, self.weight.t(), bias=self.bias, activation=self.activation,
+                       backend=self.backend)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}"
+                                       if self.activation else "")
+
+
+class Conv2d(torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` on ``tilesmith.ops.conv2d``, with an optional fused
+    ``activation`` ("relu", "gelu", "silu") after the bias. padding_mode other than "zeros"
+    pads with F.pad first, as torch does."""
+
+    def __init__(self, *args, activation=None, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return ops.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
+                          self.groups, activation=self.activation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}"
+                                       if self.activation else "")
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` whose ``need_weights=False`` path (the one
+    Transformers use) runs the projections on ``tilesmith.ops.gemm`` and attention on
+    ``tilesmith.ops.scaled_dot_product_attention``. ``need_weights=True`` (the averaged
+    weights need the full attention matrix), ``add_bias_kv`` and ``add_zero_attn`` run
+    torch's own implementation."""
+
+    backend: str | None = None
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        if need_weights or self.bias_k is not None or self.add_zero_attn:
+            return super().forward(query, key, value, key_padding_mask, need_weights,
+                                   attn_mask, average_attn_weights, is_causal)
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self.batch_first and batched:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        # From here on (seq, batch, embed), as torch's functional implementation.
+        tgt_len, bsz, embed = query.shape
+        src_len = key.shape[0]
+        heads, head_dim = self.num_heads, self.head_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = (self.in_proj_bias.chunk(3) if self.in_proj_bias is not None
+                         else (None, None, None))
+
+        def project(x, w, b):
+            return ops.gemm(x.reshape(-1, x.shape[-1]), w.t(), bias=b, backend=self.backend)
+
+        def split_heads(x, length):
+            # (length * bsz, heads * head_dim) -> (bsz, heads, length, head_dim), a view.
+            return x.view(length, bsz, heads, head_dim).permute(1, 2, 0, 3)
+
+        q = split_heads(project(query, w_q, b_q), tgt_len)
+        k = split_heads(project(key, w_k, b_k), src_len)
+        v = split_heads(project(value, w_v, b_v), src_len)
+        mask = self._combined_mask(attn_mask, key_padding_mask, bsz, tgt_len, src_len,
+                                   q.dtype)
+        if is_causal and mask is not None:
+            is_causal = False  # torch's module treats the given attn_mask as the causal one
+        dropout = self.dropout if self.training else 0.0
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=is_causal and mask is None,
+                                               backend=self.backend)
+        out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed)
+        out = ops.gemm(out, self.out_proj.weight.t(), bias=self.out_proj.bias,
+                       backend=self.backend).view(tgt_len, bsz, embed)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        if not batched:
+            out = out.squeeze(1)
+        return out, None
+
+    def _combined_mask(self, attn_mask, key_padding_mask, bsz, tgt_len, src_len, dtype):
+        """torch.nn.MultiheadAttention's masks (bool: True = masked out; float: added) as
+        one SDPA mask (bool: True = attend; float: added), broadcastable to
+        (bsz, heads, tgt_len, src_len)."""
+        def as_additive(mask):
+            if mask.dtype == torch.bool:
+                return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                    mask, float("-inf"))
+            return mask.to(dtype)
+
+        combined = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:  # (bsz * heads, tgt, src)
+                attn_mask = attn_mask.view(bsz, self.num_heads, tgt_len, src_len)
+            combined = attn_mask
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(bsz, 1, 1, src_len)
+            if combined is None:
+                combined = padding
+            elif combined.dtype == torch.bool and padding.dtype == torch.bool:
+                combined = combined | padding
+            else:
+                combined = as_additive(combined) + as_additive(padding)
+        if combined is None:
+            return None
+        return ~combined if combined.dtype == torch.bool else combined

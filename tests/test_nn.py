@@ -1,0 +1,308 @@
+"""tilesmith.nn: drop-in modules, convert(), patch_sdpa(), autocast, the examples, DDP."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_GPU, requires_gpu
+
+import tilesmith
+from tilesmith import testing
+
+ROOT = Path(__file__).resolve().parent.parent
+# Our kernels where they can run fast enough: Triton (the interpreter on the CPU) for small
+# modules; whole models on the CPU go through the torch backend of each op (the interpreter
+# takes minutes per ResNet step), which still exercises convert, the modules' argument
+# handling and every layer of dispatch.
+KERNELS = "triton"
+MODELS = "triton" if HAS_GPU else "torch"
+
+
+def _close(got, want, rtol=1e-5, name="output"):
+    """fp32 against torch's fp32 module: the same math, so IEEE-level agreement."""
+    err = testing.rel_error(got, want)
+    assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def test_linear_module_is_a_drop_in():
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(20, 12, device=DEVICE)
+    ours = tilesmith.nn.Linear(20, 12, device=DEVICE, backend=KERNELS)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(3, 4, 20, device=DEVICE, requires_grad=True)
+    _close(ours(x), ref(x))
+    gelu = tilesmith.nn.Linear(20, 12, device=DEVICE, activation="gelu", backend=KERNELS)
+    gelu.load_state_dict(ref.state_dict())
+    _close(gelu(x), F.gelu(ref(x)))
+    grads = torch.autograd.grad(gelu(x).sum(), (x, gelu.weight, gelu.bias))
+    want = torch.autograd.grad(F.gelu(ref(x)).sum(), (x, ref.weight, ref.bias))
+    for g, w in zip(grads, want):
+        _close(g, w, name="grad")
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_conv2d_module_is_a_drop_in(padding_mode, channels_last):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1, padding_mode=padding_mode,
+                          device=DEVICE)
+    ours = tilesmith.nn.Conv2d(3, 6, 3, stride=2, padding=1, padding_mode=padding_mode,
+                               device=DEVICE, activation="relu", backend=KERNELS)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 9, 9, device=DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = ours(x)
+    _close(out, F.relu(ref(x)))
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "bool_attn", "float_attn", "key_padding", "both",
+                                   "causal"])
+def test_multihead_attention_matches_torch(batch_first, masks):
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first, device=DEVICE)
+    ours = copy.deepcopy(ref)
+    tilesmith.nn.convert(ours, backend=KERNELS)
+    assert type(ours) is tilesmith.nn.MultiheadAttention
+    L, S, B = 7, 9, 2
+    shape = (B, L, 32) if batch_first else (L, B, 32)
+    kv_shape = (B, S, 32) if batch_first else (S, B, 32)
+    q = torch.randn(shape, device=DEVICE, requires_grad=True)
+    kv = torch.randn(kv_shape, device=DEVICE, requires_grad=True)
+    kwargs = {}
+    if masks in ("bool_attn", "both"):
+        kwargs["attn_mask"] = torch.rand(L, S, device=DEVICE) > 0.7
+    if masks == "float_attn":
+        kwargs["attn_mask"] = torch.randn(B * 4, L, S, device=DEVICE)
+    if masks in ("key_padding", "both"):
+        kwargs["key_padding_mask"] = torch.rand(B, S, device=DEVICE) > 0.7
+    if masks == "causal":
+        kv = q
+        kwargs["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(
+            L, device=DEVICE)
+        kwargs["is_causal"] = True
+    out, weights = ours(q, kv, kv, need_weights=False, **kwargs)
+    want, _ = ref(q, kv, kv, need_weights=False, **kwargs)
+    assert weights is None
+    _close(out, want, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, *ours.parameters()))
+    want_grads = torch.autograd.grad(want.square().sum(), (q, *ref.parameters()))
+    for g, w in zip(grads, want_grads):
+        _close(g, w, rtol=1e-5, name="grad")
+
+
+def test_multihead_attention_need_weights_and_kdim_paths():
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 2, kdim=12, vdim=10, batch_first=True, device=DEVICE)
+    ours = tilesmith.nn.convert(copy.deepcopy(ref), backend=KERNELS)
+    q = torch.randn(2, 5, 16, device=DEVICE)
+    k = torch.randn(2, 6, 12, device=DEVICE)
+    v = torch.randn(2, 6, 10, device=DEVICE)
+    _close(ours(q, k, v, need_weights=False)[0], ref(q, k, v, need_weights=False)[0])
+    out, weights = ours(q, k, v)  # need_weights=True: torch's implementation
+    want, want_weights = ref(q, k, v)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(weights, want_weights)
+    # Unbatched input.
+    _close(ours(q[0], k[0], v[0], need_weights=False)[0],
+           ref(q[0], k[0], v[0], need_weights=False)[0])
+
+
+def _transformer():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0,
+                                             batch_first=True, device=DEVICE)
+    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def test_convert_transformer_encoder_outputs_and_grads():
+    native = _transformer()
+    ours, report = tilesmith.nn.convert(copy.deepcopy(native), backend=KERNELS,
+                                        return_report=True)
+    assert sum(n.endswith("self_attn") for n in report.converted) == 2
+    assert not report.skipped
+    x = torch.randn(2, 11, 32, device=DEVICE, requires_grad=True)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(11, device=DEVICE)
+    out, want = ours(x, mask=mask), native(x, mask=mask)
+    _close(out, want, rtol=1e-5)
+    # A random projection, not out.square().sum(): after the final LayerNorm that sum is
+    # constant, and its gradients would be pure rounding noise.
+    probe = torch.randn(out.shape, device=DEVICE)
+    grads = torch.autograd.grad((out * probe).sum(), (x, *ours.parameters()))
+    want_grads = torch.autograd.grad((want * probe).sum(), (x, *native.parameters()))
+    for g, w in zip(grads, want_grads):
+        _close(g, w, rtol=1e-5, name="grad")
+
+
+def test_convert_resnet18_outputs_grads_and_state_dict():
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+    torch.manual_seed(0)
+    native = torchvision.models.resnet18(num_classes=10).to(DEVICE).eval()
+    ours, report = tilesmith.nn.convert(copy.deepcopy(native), backend=MODELS,
+                                        return_report=True)
+    assert len(report.converted) == 21  # 20 convolutions and the classifier
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    out, want = ours(x), native(x)
+    _close(out, want, rtol=1e-4)  # 21 layers deep: fp32 rounding accumulates
+    grads = torch.autograd.grad(out.square().sum(), list(ours.parameters()))
+    want_grads = torch.autograd.grad(want.square().sum(), list(native.parameters()))
+    for g, w in zip(grads, want_grads):
+        _close(g, w, rtol=1e-4, name="grad")
+    # state_dict round trip both ways: same keys, same tensors, same outputs.
+    assert ours.state_dict().keys() == native.state_dict().keys()
+    fresh = torchvision.models.resnet18(num_classes=10).to(DEVICE).eval()
+    fresh.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(fresh(x), want)
+    fresh_ours = tilesmith.nn.convert(torchvision.models.resnet18(num_classes=10).to(DEVICE)
+                                      .eval(), backend=MODELS)
+    fresh_ours.load_state_dict(native.state_dict())
+    torch.testing.assert_close(fresh_ours(x), out)
+
+
+def test_convert_keeps_parameters_and_reports_skips():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4),
+                              torch.nn.MultiheadAttention(4, 2, add_bias_kv=True))
+    params = list(net.parameters())
+    with pytest.warns(UserWarning, match="add_bias_kv"):
+        net, report = tilesmith.nn.convert(net, return_report=True)
+    assert list(net.parameters()) == params  # the very same Parameter objects
+    assert report.converted == ["0"] and report.skipped[0][0] == "1"
+    assert type(net[0]) is tilesmith.nn.Linear and type(net[1]) is torch.nn.MultiheadAttention
+    fp8 = tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), fp8=True)
+    assert type(fp8[0]) is tilesmith.nn.Float8Linear
+    with pytest.raises(ValueError, match="include may name"):
+        tilesmith.nn.convert(net, include=("lstm",))
+
+
+def test_patch_sdpa_routes_and_restores(monkeypatch):
+    original = F.scaled_dot_product_attention
+    calls = []
+    real = tilesmith.ops.scaled_dot_product_attention
+    monkeypatch.setattr(tilesmith.ops, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k.get("backend")) or real(*a, **k))
+    q = torch.randn(1, 2, 5, 8, device=DEVICE)
+    with tilesmith.nn.patch_sdpa(backend=KERNELS):
+        assert F.scaled_dot_product_attention is not original
+        out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        F.scaled_dot_product_attention(q[0], q[0], q[0])  # 3-D: torch's own
+    assert F.scaled_dot_product_attention is original
+    assert calls == [KERNELS]
+    torch.testing.assert_close(out, original(q, q, q, is_causal=True))
+    tilesmith.nn.patch_sdpa()
+    assert F.scaled_dot_product_attention is not original
+    tilesmith.nn.unpatch_sdpa()
+    assert F.scaled_dot_product_attention is original
+
+
+@pytest.mark.parametrize("module", ["linear", "conv2d", "attention"])
+def test_autocast_dtypes_match_native(module):
+    device_type = DEVICE.type
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    if module == "linear":
+        native, inputs = torch.nn.Linear(8, 4, device=DEVICE), (torch.randn(3, 8, device=DEVICE),)
+    elif module == "conv2d":
+        native = torch.nn.Conv2d(3, 4, 3, device=DEVICE)
+        inputs = (torch.randn(1, 3, 6, 6, device=DEVICE),)
+    else:
+        native = torch.nn.MultiheadAttention(8, 2, batch_first=True, device=DEVICE)
+        x = torch.randn(2, 5, 8, device=DEVICE)
+        inputs = (x, x, x)
+    ours = tilesmith.nn.convert(copy.deepcopy(native), backend=KERNELS)
+    kwargs = {"need_weights": False} if module == "attention" else {}
+    with torch.autocast(device_type, dtype=dtype):
+        got = ours(*inputs, **kwargs)
+        want = native(*inputs, **kwargs)
+    got, want = (got[0], want[0]) if module == "attention" else (got, want)
+    assert got.dtype == want.dtype == dtype
+    testing.assert_close_to_reference(got, want.double(), want, factor=2.0)
+
+
+def test_cifar_example_trains_a_few_steps(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import cifar_resnet
+
+    results, same = cifar_resnet.main(["--steps", "3", "--batch-size", "8", "--width", "4",
+                                       "--blocks", "1", "--device", str(DEVICE),
+                                       "--backend", MODELS, "--out", str(tmp_path)])
+    assert len(results["tilesmith"]["losses"]) == 3 and same
+    assert (tmp_path / "cifar_resnet.json").exists()
+    # The generated data set is in CIFAR-10's own format, readable as the real one is.
+    data = cifar_resnet.write_synthetic_cifar(tmp_path / "cifar", images_per_batch=10)
+    x, y = cifar_resnet.load_cifar(data)
+    assert x.shape == (50, 3, 32, 32) and y.shape == (50,)
+
+
+def test_gpt_example_trains_a_few_steps(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import gpt_char
+
+    results, same = gpt_char.main(["--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                                   "--d-model", "32", "--heads", "2", "--layers", "1",
+                                   "--max-chars", "20000", "--device", str(DEVICE),
+                                   "--backend", MODELS, "--out", str(tmp_path)])
+    assert len(results["native"]["losses"]) == 3 and same
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    """Two gloo processes, half the batch each, DistributedDataParallel over a converted
+    model: the averaged gradients equal one process's gradients on the whole batch."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _ddp_worker
+
+    env = dict(os.environ, TILESMITH_TEST_BACKEND=KERNELS,
+               PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT),
+                                           os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "grads.pt"
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "_ddp_worker.py"),
+                               str(rank), "2", str(out), str(tmp_path / "rendezvous")],
+                              env=env, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"DDP worker failed:\n{err[-3000:]}"
+    ddp_grads = torch.load(out)
+    os.environ["TILESMITH_TEST_BACKEND"] = KERNELS
+    try:
+        single = _ddp_worker.gradients(_ddp_worker.model(), *_ddp_worker.data())
+    finally:
+        del os.environ["TILESMITH_TEST_BACKEND"]
+    for got, want in zip(ddp_grads, single):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@requires_gpu
+def test_compile_and_cuda_graph_of_a_converted_training_step():
+    model = tilesmith.nn.convert(_transformer(), backend="triton")
+    x = torch.randn(2, 64, 32, device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    static_x = x.clone()
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = model(static_x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(static_loss)
