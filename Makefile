@@ -9,6 +9,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
+# torchvision only for tests (converting a ResNet-18); the release built for that torch.
+TORCHVISION_SPEC ?= torchvision==0.29.1
 OUT_DIR ?= bench/out
 MAX_JOBS ?= $(shell nproc)
 # /usr/local/bin/nvcc is a wrapper script on our machines: point at the real toolkit.
@@ -22,7 +24,8 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pytest setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" numpy pytest setuptools \
+	  wheel ninja
 	touch $@
 
 build: $(VENV)/.deps

@@ -120,32 +120,79 @@ def render_report(rows, peaks, env, args) -> str:
     return "".join(report)
 
 
-def interpreter_main(args) -> int:
-    """Without a GPU: the Triton kernels through the interpreter on every sample, errors
-    against float64 next to PyTorch's own."""
-    from tilesmith import testing
+def _sweep_cases():
+    """(family, sample name, dtype, tilesmith call, float64 reference, PyTorch baseline) for
+    the forward of every sample of every op family: what make bench checks without a GPU."""
+    import torch.nn.functional as F
 
     import tilesmith
+    from tilesmith import testing
+    from tilesmith.ops.conv2d import _torch_conv2d
+    from tilesmith.ops.gemm import _torch_gemm
+
+    def double(value):
+        return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() \
+            else value
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for s in testing.matmul_sample_inputs("cpu", dtype):
+            a, b = s.args
+            yield ("matmul", s.name, dtype, lambda a=a, b=b: tilesmith.ops.matmul(
+                a, b, backend="triton"), torch.matmul(a.double(), b.double()), torch.matmul(a, b))
+        for s in testing.gemm_sample_inputs("cpu", dtype):
+            a, b = s.args
+            kw = dict(s.kwargs)
+            out_dtype = kw.pop("out_dtype", None) or dtype
+            expr = (kw.get("bias"), kw.get("residual"), kw.get("activation"),
+                    float(kw.get("alpha", 1.0)))
+            yield ("gemm", s.name, dtype, lambda a=a, b=b, s=s: tilesmith.ops.gemm(
+                a, b, backend="triton", **s.kwargs),
+                _torch_gemm(a.double(), b.double(), *(double(e) for e in expr[:2]), *expr[2:],
+                            torch.float64), _torch_gemm(a, b, *expr, out_dtype))
+        for s in testing.attention_sample_inputs("cpu", dtype):
+            q, k, v = s.args
+            kw64 = {key: double(val) for key, val in s.kwargs.items()}
+            yield ("attention", s.name, dtype, lambda s=s: tilesmith.ops.scaled_dot_product_attention(
+                *s.args, backend="triton", **s.kwargs),
+                F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw64),
+                F.scaled_dot_product_attention(q, k, v, **s.kwargs))
+        for s in testing.conv2d_sample_inputs("cpu", dtype):
+            x, w, b = s.args
+            kw = dict(s.kwargs)
+            conv_args = (kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
+                         kw.get("groups", 1), kw.get("activation"))
+            yield ("conv2d", s.name, dtype, lambda s=s: tilesmith.ops.conv2d(
+                *s.args, backend="triton", **s.kwargs),
+                _torch_conv2d(x.double(), w.double(), double(b), *conv_args),
+                _torch_conv2d(x, w, b, *conv_args))
+
+
+def interpreter_main(args) -> int:
+    """Without a GPU: every op family's Triton kernels through the interpreter on every
+    forward sample, errors against float64 next to PyTorch's own at the same precision."""
+    from tilesmith import testing
 
     print("No CUDA GPU here: running the correctness sweep of the Triton kernels through the "
           "interpreter (TRITON_INTERPRET=1). Timings need a GPU: run `make bench` there.\n")
-    print(f"{'sample':24s} {'dtype':9s} {'triton rel err':>15s} {'torch rel err':>14s}  verdict")
-    failures = 0
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for sample in testing.matmul_sample_inputs("cpu", dtype):
-            a, b = sample.args
-            ref = torch.matmul(a.double(), b.double())
-            with testing.poison_outputs():
-                out = tilesmith.ops.matmul(a, b, backend="triton")
-            err = testing.rel_error(out, ref)
-            base = testing.rel_error(torch.matmul(a, b), ref)
-            limit = (max(2 * base, testing.ulp(dtype)) if dtype != torch.float32
-                     else testing.FP32_IEEE_RTOL)
-            ok = err <= limit
-            failures += not ok
-            print(f"{sample.name:24s} {str(dtype)[6:]:9s} {err:15.3e} {base:14.3e}  "
-                  f"{'ok' if ok else 'FAIL'}")
-    print(f"\n{failures} failure(s). Timings need a GPU.")
+    print(f"{'op':9s} {'sample':32s} {'dtype':9s} {'tilesmith err':>14s} {'torch err':>10s}  "
+          "verdict")
+    failures = count = 0
+    for family, name, dtype, call, ref, base in _sweep_cases():
+        with testing.poison_outputs():
+            out = call()
+        try:
+            if dtype == torch.float32:
+                testing.assert_fp32_close(out, ref)
+            else:
+                testing.assert_close_to_reference(out, ref, base)
+            verdict = "ok"
+        except AssertionError as exc:
+            verdict, failures = f"FAIL ({exc})", failures + 1
+        count += 1
+        print(f"{family:9s} {name:32s} {str(dtype)[6:]:9s} {testing.rel_error(out, ref):14.3e} "
+              f"{testing.rel_error(base, ref):10.3e}  {verdict}")
+    print(f"\n{count - failures} passed, {failures} failed (forward, every sample; gradients "
+          "are in make test). Timings need a GPU.")
     return 1 if failures else 0
 
 
