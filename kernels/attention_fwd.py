@@ -16,8 +16,7 @@ import triton.language as tl
 from ._common import to_output
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: scale * log2(e) makes the kernel's exponentials exp2
 
 MASK_NONE = 0
 MASK_BOOL = 1
@@ -128,7 +127,10 @@ def attention_fwd_kernel(
     # A fully masked row (l = 0) gives zeros and lse = -inf, as PyTorch does.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    # (m + log2 l) * ln 2: back to the natural log. (A literal: kernels cannot read module
+    # globals that are not tl.constexpr, which the interpreter does not enforce.)
+    lse = tl.where(empty, float("-inf"),
+                   (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     o_base = o_ptr + b64 * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_os
     tl.store(o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
              to_output(out, o_ptr, UPCAST),

@@ -1,0 +1,216 @@
+"""Compile every Triton kernel tilesmith launches, for real GPU targets, on a machine without
+a GPU: the launches that the ops make on representative inputs are recorded instead of run,
+and each (kernel, argument types, constexprs, config) is compiled ahead of time down to a
+cubin with Triton's own ptxas. Catches what the interpreter cannot: unsupported dtype
+combinations, layouts, shared-memory overflows, type errors in the compiled dialect.
+
+    python tools/compile_kernels.py [--targets 80,90] [--jobs 2]
+
+Must run without TRITON_INTERPRET (it compiles, it does not interpret).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import sys
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("compile_kernels.py: unset TRITON_INTERPRET (this compiles for the GPU)")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+          torch.float64: "fp64", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5",
+          torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+
+
+def _arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2**31 else "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument {value!r}")
+
+
+class Recorder:
+    """Stands in for torch.library.wrap_triton: records launches, runs nothing."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        def launcher(grid):
+            def launch(*args, **kwargs):
+                self.launches.append((kernel, args, kwargs))
+            return launch
+
+        class Indexable:
+            def __getitem__(self, grid):
+                return launcher(grid)
+
+        return Indexable()
+
+
+def record_launches():
+    """Every distinct Triton launch the ops make on a set of representative calls."""
+    import importlib
+
+    import tilesmith
+    from tilesmith import backend
+
+    recorder = Recorder()
+    # By module path: tilesmith.ops.matmul (the attribute) is the function, not the module.
+    for name in ("attention", "conv2d", "fp8", "gemm", "matmul"):
+        importlib.import_module(f"tilesmith.ops.{name}").wrap_triton = recorder
+    # The ops run on CPU tensors here; only the recorder sees their launches.
+    backend.unavailable_reason = lambda name, op, device, dtype=None: (
+        None if name in ("triton", "torch") else "compile check: triton only")
+
+    def grad(out, *inputs):
+        torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+
+    bf16 = torch.bfloat16
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        a = torch.randn(64, 32, dtype=dtype, requires_grad=True)
+        b = torch.randn(32, 48, dtype=dtype, requires_grad=True)
+        grad(tilesmith.ops.matmul(a, b, backend="triton"), a, b)
+        bias = torch.randn(48, dtype=dtype, requires_grad=True)
+        for act in (None, "relu", "gelu", "gelu_tanh", "silu"):
+            grad(tilesmith.ops.gemm(a, b, bias=bias, activation=act,
+                                    residual=torch.randn(64, 48, dtype=dtype), alpha=0.5,
+                                    backend="triton"), a, b, bias)
+    a = torch.randn(4, 64, 32, dtype=bf16)
+    tilesmith.ops.matmul(a, a.transpose(1, 2), backend="triton")
+    for head_dim in (64, 128, 256):
+        q = torch.randn(2, 4, 64, head_dim, dtype=bf16, requires_grad=True)
+        kv = torch.randn(2, 2, 64, head_dim, dtype=bf16, requires_grad=True)
+        for kwargs in ({}, {"is_causal": True},
+                       {"attn_mask": torch.randn(1, 4, 64, 64, dtype=bf16, requires_grad=True)},
+                       {"attn_mask": torch.rand(2, 1, 64, 64) > 0.5}):
+            out = tilesmith.ops.scaled_dot_product_attention(q, kv, kv, enable_gqa=True,
+                                                             backend="triton", **kwargs)
+            mask = kwargs.get("attn_mask")
+            extra = (mask,) if mask is not None and mask.requires_grad else ()
+            grad(out, q, kv, *extra)
+    cu = torch.tensor([0, 30, 64], dtype=torch.int32)
+    q = torch.randn(64, 4, 128, dtype=bf16, requires_grad=True)
+    k = torch.randn(64, 2, 128, dtype=bf16, requires_grad=True)
+    grad(tilesmith.ops.varlen_attention(q, k, k, cu, cu, 34, 34, causal=True,
+                                        backend="triton"), q, k)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(2, 16, 8, 8, dtype=dtype).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(32, 16, 3, 3, dtype=dtype, requires_grad=True)
+        bias = torch.randn(32, dtype=dtype, requires_grad=True)
+        grad(tilesmith.ops.conv2d(x, w, bias, padding=1, activation="relu", backend="triton"),
+             x, w, bias)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        x = torch.randn(256, 256, dtype=bf16)
+        for gran, size in (("tensor", 128), ("row", 128), ("block", 128), ("block", (128, 128))):
+            tilesmith.ops.quantize_fp8(x, dtype=dtype, granularity=gran, block_size=size,
+                                       backend="triton")
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    qa = torch.randn(256, 256).to(e4m3)
+    for kinds in (((), ()), ((256, 1), (1, 256)), ((256, 2), (2, 2))):
+        tilesmith.ops.scaled_gemm(qa, qa.t(), torch.ones(kinds[0]), torch.ones(kinds[1]),
+                                  backend="triton")
+    tilesmith.ops.scaled_gemm(qa.to(e5m2), qa.t(), torch.ones(256, 1), torch.ones(1, 256),
+                              backend="triton")
+    return recorder.launches
+
+
+def compile_jobs(launches):
+    """(name, module, signature, constexprs, options) for each distinct compilation."""
+    jobs, seen, all_configs_done = [], set(), set()
+    for kernel, args, kwargs in launches:
+        configs = [None]
+        if isinstance(kernel, triton.runtime.autotuner.Autotuner):
+            # Every config of the autotune space once (for the first launch of the kernel);
+            # the first config for the kernel's other argument types.
+            configs = (kernel.configs if kernel.fn.__name__ not in all_configs_done
+                       else kernel.configs[:1])
+            all_configs_done.add(kernel.fn.__name__)
+            kernel = kernel.fn
+        fn = kernel
+        names = fn.arg_names
+        for config in configs:
+            constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            options = {"num_warps": kwargs.get("num_warps", 4),
+                       "num_stages": kwargs.get("num_stages", 3)}
+            if config is not None:
+                constexprs.update(config.kwargs)
+                options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            signature = {name: _arg_type(value) for name, value in zip(names, args)}
+            signature.update({name: "constexpr" for name in constexprs})
+            key = (fn.__name__, tuple(signature.items()),
+                   tuple((k, str(v)) for k, v in sorted(constexprs.items())),
+                   tuple(options.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            # By name, re-imported in the worker process: JIT functions do not pickle.
+            jobs.append((fn.__name__, fn.fn.__module__, signature, constexprs, options))
+    return jobs
+
+
+def _compile(job, capability):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import importlib
+
+    name, module, signature, constexprs, options = job
+    fn = getattr(importlib.import_module(module), name)
+    fn = getattr(fn, "fn", fn) if isinstance(fn, triton.runtime.autotuner.Autotuner) else fn
+    if capability < 89 and any(v.startswith("*fp8") for v in signature.values()):
+        return name, capability, "skipped (fp8 needs sm_89+)", 0.0
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", capability, 32), options=options)
+        return name, capability, f"ok, {compiled.metadata.shared} B shared", \
+            time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, then fails the run
+        return name, capability, f"FAILED: {type(exc).__name__}: {str(exc)[:600]}", \
+            time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="80,90")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    jobs = compile_jobs(record_launches())
+    targets = [int(t) for t in args.targets.split(",")]
+    work = [(job, cap) for cap in targets for job in jobs]
+    print(f"{len(jobs)} distinct kernel compilations x targets {targets}", flush=True)
+    failures = 0
+    # Processes, not threads: Triton's compiler holds the GIL for long stretches.
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        for name, cap, status, seconds in pool.map(_compile_star, work):
+            failures += status.startswith("FAILED")
+            print(f"sm_{cap} {name:32s} {seconds:5.1f} s  {status}", flush=True)
+    print(f"{len(work) - failures} compiled, {failures} failed")
+    return 1 if failures else 0
+
+
+def _compile_star(item):
+    return _compile(*item)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
