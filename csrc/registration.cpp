@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "gemm/gemm_api.h"
 #include "matmul/matmul_api.h"
 
 // An empty module: importing tilesmith._C runs the static registrations below.
@@ -12,4 +13,7 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
-TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) { m.impl("matmul_cuda", &tilesmith::matmul_cuda); }
+TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) {
+  m.impl("matmul_cuda", &tilesmith::matmul_cuda);
+  m.impl("gemm_cuda", &tilesmith::gemm_cuda);
+}

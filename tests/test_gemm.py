@@ -114,7 +114,7 @@ def test_opcheck_and_compile(backend):
     sample = _sample("gelu_bias_residual_alpha", torch.bfloat16)
     a, b = (t.detach().clone().requires_grad_(True) for t in sample.args)
     kw = sample.kwargs
-    torch.library.opcheck(torch.ops.tilesmith.gemm_triton,
+    torch.library.opcheck(getattr(torch.ops.tilesmith, f"gemm_{backend}"),
                           (a, b, kw["bias"], kw["residual"], "gelu", 0.5, torch.bfloat16, True))
 
     def f(a, b):

@@ -26,8 +26,11 @@ echo "build: rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/build.log"
 
 # One autotune config per kernel in the test run (hundreds of dtype x layout x config
 # compilations otherwise); every config is still checked by test_every_autotune_config.
+# pytest-xdist, where installed, spreads the Triton compilations over the CPU cores.
+parallel=""
+"$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
 start=$SECONDS
-TILESMITH_TRITON_AUTOTUNE=first timeout 240 "$PY" -m pytest tests -q -rs \
+TILESMITH_TRITON_AUTOTUNE=first timeout 240 "$PY" -m pytest tests -q -rs $parallel \
   -p no:cacheprovider > "$OUT/pytest.log" 2>&1
 echo "tests: rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/pytest.log"
 tail -3 "$OUT/pytest.log"

@@ -8,7 +8,11 @@
 
 namespace tilesmith {
 
-// c[z] = a[z] @ b[z] for z in [0, batch): a[z] is m x k, b[z] is k x n, c[z] is m x n.
+// The epilogue's activation; the numbering is kernels/gemm.py's ACTIVATIONS.
+enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+
+// c[z] = act(alpha * (a[z] @ b[z]) + bias) + residual[z] for z in [0, batch): a[z] is m x k,
+// b[z] is k x n, c[z] is m x n. With the epilogue fields at their defaults, the plain product.
 struct MatmulParams {
   const void* a;
   const void* b;
@@ -17,6 +21,16 @@ struct MatmulParams {
   int64_t a_batch_stride, a_row_stride, a_col_stride;  // a[z][i][p]
   int64_t b_batch_stride, b_row_stride, b_col_stride;  // b[z][p][j]
   int64_t c_batch_stride, c_row_stride;                // c[z][i][j], unit column stride
+
+  // Epilogue, in fp32 on the accumulators.
+  float alpha = 1.0f;
+  const float* bias = nullptr;           // (n,)
+  const void* residual = nullptr;        // like c, unit column stride
+  int64_t residual_batch_stride = 0, residual_row_stride = 0;
+  void* pre = nullptr;                   // alpha * acc + bias before the activation, in a's
+  int64_t pre_batch_stride = 0, pre_row_stride = 0;  // dtype (what the backward needs)
+  Activation activation = Activation::kNone;
+  bool out_fp32 = false;                 // c and residual are float, not a's dtype
 };
 
 // fp32 accumulation; each returns the launch's error code.

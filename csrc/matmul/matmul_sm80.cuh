@@ -9,6 +9,8 @@
 // with element-wise loads (kVectorLoads = false): slower, but any view is correct.
 #pragma once
 
+#include <type_traits>
+
 #include "../common/mma_sm80.cuh"
 #include "matmul.h"
 
@@ -88,9 +90,61 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row0, 
   }
 }
 
+__device__ __forceinline__ float activate(float v, Activation activation) {
+  switch (activation) {
+    case Activation::kRelu:
+      return fmaxf(v, 0.0f);
+    case Activation::kGelu:
+      return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    case Activation::kSilu:
+      return v / (1.0f + expf(-v));
+    default:
+      return v;
+  }
+}
+
+template <typename OutT>
+__device__ __forceinline__ OutT to_out(float v) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    return v;
+  } else {
+    return from_float<OutT>(v);
+  }
+}
+
+template <typename OutT>
+__device__ __forceinline__ float out_to_float(OutT v) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    return v;
+  } else {
+    return to_float<OutT>(v);
+  }
+}
+
+// Two neighbouring columns (col, col + 1) of one row: one 4- or 8-byte store when both are
+// in range and aligned, else element by element.
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* out, float v0, float v1, bool paired,
+                                           bool has0, bool has1) {
+  if (paired && has1) {
+    OutT pair[2] = {to_out<OutT>(v0), to_out<OutT>(v1)};
+    if constexpr (sizeof(OutT) == 4) {
+      *reinterpret_cast<float2*>(out) = *reinterpret_cast<const float2*>(pair);
+    } else {
+      *reinterpret_cast<uint32_t*>(out) = *reinterpret_cast<const uint32_t*>(pair);
+    }
+    return;
+  }
+  if (has0) out[0] = to_out<OutT>(v0);
+  if (has1) out[1] = to_out<OutT>(v1);
+}
+
 // kAKContiguous: a's unit stride runs along k (row-major a); otherwise along m.
 // kBNContiguous: b's unit stride runs along n (row-major b); otherwise along k.
-template <typename T, bool kAKContiguous, bool kBNContiguous, bool kVectorLoads>
+// OutT: the output (and residual) type, T or float.
+template <typename T, typename OutT, bool kAKContiguous, bool kBNContiguous, bool kVectorLoads>
 // No minimum-blocks hint: capped at 128 registers (two blocks per SM) ptxas spilled 8-28
 // bytes in 8 of the 16 sm_80/sm_90 variants; uncapped they use 125-134 and none spills
 // (most stay at 128, so two blocks per SM still fit).
@@ -111,7 +165,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t z = batch_offset + blockIdx.y;
   const T* a = static_cast<const T*>(params.a) + z * params.a_batch_stride;
   const T* b = static_cast<const T*>(params.b) + z * params.b_batch_stride;
-  T* c = static_cast<T*>(params.c) + z * params.c_batch_stride;
+  OutT* c = static_cast<OutT*>(params.c) + z * params.c_batch_stride;
 
   // Grouped ordering: consecutive blocks walk down kGroupM block rows before moving right,
   // so the B tiles they share are still in L2.
@@ -226,9 +280,14 @@ __global__ void __launch_bounds__(kThreads)
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
   // Epilogue. Accumulator element e of an m16n8 tile sits at row lane/4 (+8 for e >= 2),
-  // column 2 * (lane % 4) + (e % 2). Pairs go out as one 4-byte store when the row stride
-  // keeps them aligned.
+  // column 2 * (lane % 4) + (e % 2). Pairs go out as one store when the row strides keep
+  // them aligned. The epilogue's branches are uniform across the block.
   const bool paired_stores = (params.c_row_stride % 2) == 0;
+  const bool paired_pre = (params.pre_row_stride % 2) == 0;
+  const OutT* residual = params.residual == nullptr ? nullptr
+      : static_cast<const OutT*>(params.residual) + z * params.residual_batch_stride;
+  T* pre = params.pre == nullptr ? nullptr
+      : static_cast<T*>(params.pre) + z * params.pre_batch_stride;
 #pragma unroll
   for (int mi = 0; mi < kMmaTilesM; ++mi) {
 #pragma unroll
@@ -238,16 +297,26 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t row = block_m0 + warp_m0 + mi * 16 + lane / 4 + half * 8;
         const int64_t col = block_n0 + warp_n0 + ni * 8 + (lane % 4) * 2;
         if (row >= m) continue;
-        T* out = c + row * params.c_row_stride + col;
-        const T v0 = from_float<T>(acc[mi][ni][half * 2]);
-        const T v1 = from_float<T>(acc[mi][ni][half * 2 + 1]);
-        if (paired_stores && col + 1 < n) {
-          T pair[2] = {v0, v1};
-          *reinterpret_cast<uint32_t*>(out) = *reinterpret_cast<const uint32_t*>(pair);
-        } else {
-          if (col < n) out[0] = v0;
-          if (col + 1 < n) out[1] = v1;
+        const bool has0 = col < n, has1 = col + 1 < n;
+        float v[2] = {acc[mi][ni][half * 2] * params.alpha,
+                      acc[mi][ni][half * 2 + 1] * params.alpha};
+        if (params.bias != nullptr) {
+          if (has0) v[0] += params.bias[col];
+          if (has1) v[1] += params.bias[col + 1];
         }
+        if (pre != nullptr) {
+          store_pair<T>(pre + row * params.pre_row_stride + col, v[0], v[1], paired_pre, has0,
+                        has1);
+        }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) v[e] = activate(v[e], params.activation);
+        if (residual != nullptr) {
+          const OutT* r = residual + row * params.residual_row_stride + col;
+          if (has0) v[0] += out_to_float<OutT>(r[0]);
+          if (has1) v[1] += out_to_float<OutT>(r[1]);
+        }
+        store_pair<OutT>(c + row * params.c_row_stride + col, v[0], v[1], paired_stores, has0,
+                         has1);
       }
     }
   }
@@ -256,7 +325,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, bool kAKContiguous, bool kBNContiguous, bool kVectorLoads>
 cudaError_t launch(const MatmulParams& params, cudaStream_t stream) {
   constexpr int kSmemBytes = kStages * (kBlockM + kBlockN) * kBlockK * static_cast<int>(sizeof(T));
-  auto kernel = matmul_kernel<T, kAKContiguous, kBNContiguous, kVectorLoads>;
+  auto kernel = params.out_fp32
+      ? matmul_kernel<T, float, kAKContiguous, kBNContiguous, kVectorLoads>
+      : matmul_kernel<T, T, kAKContiguous, kBNContiguous, kVectorLoads>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in; cheap, so done per launch
   // rather than guarded by a static that would be per-process, not per-device.
   cudaError_t err =

@@ -33,8 +33,8 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
         torch.float32: ("torch", "triton"),
     },
     "gemm": {
-        torch.bfloat16: ("torch", "triton"),
-        torch.float16: ("torch", "triton"),
+        torch.bfloat16: ("torch", "cuda", "triton"),
+        torch.float16: ("torch", "cuda", "triton"),
         torch.float32: ("torch", "triton"),
     },
     "conv2d": {
@@ -66,7 +66,7 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
     "gemm": {
-        "cuda": (),  # not written yet
+        "cuda": (torch.float16, torch.bfloat16),
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },

@@ -4,8 +4,10 @@ fp32) inputs, fp32 accumulation and epilogue, output in fp16/bf16/fp32.
 Layers: ``gemm`` (validation, backend choice) -> ``tilesmith::gemm_triton`` (forward; also
 stores the pre-activation when a backward will need it) and
 ``tilesmith::activation_backward_triton`` (dz = grad * act'(pre), one elementwise pass) ->
-kernels/gemm.py. The backward computes dA = alpha dz B^T and dB = alpha A^T dz with the gemm
-op itself, dbias = sum(dz) and dresidual = grad.
+kernels/gemm.py; or ``tilesmith::gemm_cuda`` -> csrc/gemm/gemm_api.cpp, the CUDA matmul
+kernel with its epilogue switched on (its backward computes act' with torch ops). The
+backward computes dA = alpha dz B^T and dB = alpha A^T dz with the gemm op itself,
+dbias = sum(dz) and dresidual = grad.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
-from .. import backend as _backend
-from ._library import autocast_inputs, dot_precision, new_output, register_autocast
+from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output,
+                       register_autocast)
+
+LIBRARY.define("gemm_cuda(Tensor a, Tensor b, Tensor? bias, Tensor? residual, str activation, "
+               "float alpha, ScalarType out_dtype, bool save_pre) -> (Tensor, Tensor)")
+
+from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schema)
 
 ACTIVATION_NAMES = (None, "relu", "gelu", "gelu_tanh", "silu")
 # float64 is accepted for gradcheck (through the interpreter on the CPU); it is not a fast path.
@@ -95,6 +102,31 @@ def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activatio
     return dz
 
 
+@torch.library.register_fake("tilesmith::gemm_cuda")
+def _gemm_cuda_fake(a, b, bias, residual, activation, alpha, out_dtype, save_pre):
+    m, n = a.shape[0], b.shape[1]
+    return (a.new_empty((m, n), dtype=out_dtype),
+            a.new_empty((m, n) if save_pre else (0, 0)))
+
+
+def activation_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """act'(pre) in fp32 with torch ops (the cuda backend's backward)."""
+    z = pre.float()
+    if activation == "relu":
+        return (z > 0).float()
+    if activation == "gelu":
+        return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(
+            -0.5 * z * z) * 0.3989422804014327
+    if activation == "gelu_tanh":
+        t = torch.tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (
+            1.0 + 3.0 * 0.044715 * z * z)
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    return torch.ones_like(z)
+
+
 def _setup_context(ctx, inputs, output):
     a, b, bias, residual, activation, alpha, out_dtype, save_pre = inputs
     _, pre = output
@@ -105,16 +137,25 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(pre)
 
 
-def _backward(ctx, grad_out, _grad_pre):
+def _make_backward(gemm, cuda: bool):
+    def backward(ctx, grad_out, _grad_pre):
+        return _backward(ctx, grad_out, gemm, cuda)
+
+    return backward
+
+
+def _backward(ctx, grad_out, gemm, cuda):
     a, b, pre = ctx.saved_tensors
     if ctx.activation != "none":
         if pre.numel() == 0 and grad_out.numel() != 0:
             raise RuntimeError("gemm: backward through the activation needs the forward's "
                                "pre-activation; call gemm with grad mode enabled")
-        dz = torch.ops.tilesmith.activation_backward_triton(grad_out, pre, ctx.activation)
+        if cuda:
+            dz = (grad_out.float() * activation_derivative(pre, ctx.activation)).to(a.dtype)
+        else:
+            dz = torch.ops.tilesmith.activation_backward_triton(grad_out, pre, ctx.activation)
     else:
         dz = grad_out.to(a.dtype)
-    gemm = torch.ops.tilesmith.gemm_triton
     grad_a = grad_b = grad_bias = grad_residual = None
     if ctx.needs_input_grad[0]:
         grad_a = gemm(dz, b.t(), None, None, "none", ctx.alpha, a.dtype, False)[0]
@@ -127,7 +168,12 @@ def _backward(ctx, grad_out, _grad_pre):
     return grad_a, grad_b, grad_bias, grad_residual, None, None, None, None
 
 
-torch.library.register_autograd("tilesmith::gemm_triton", _backward, setup_context=_setup_context)
+torch.library.register_autograd("tilesmith::gemm_triton",
+                                _make_backward(torch.ops.tilesmith.gemm_triton, cuda=False),
+                                setup_context=_setup_context)
+torch.library.register_autograd("tilesmith::gemm_cuda",
+                                _make_backward(torch.ops.tilesmith.gemm_cuda, cuda=True),
+                                setup_context=_setup_context)
 
 
 def _torch_gemm(a, b, bias, residual, activation, alpha, out_dtype):
@@ -206,9 +252,13 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
         return _torch_gemm(a, b, bias, residual, activation, float(alpha), out_dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (a, b, bias, residual))
-    out, _ = torch.ops.tilesmith.gemm_triton(
-        a, b, bias, residual, activation or "none", float(alpha), out_dtype,
-        bool(activation is not None and needs_grad))
+    if name == "cuda" and out_dtype not in (a.dtype, torch.float32):
+        raise _backend.BackendUnavailableError(
+            f"{fn}: the cuda backend writes the input dtype or float32, not {out_dtype}")
+    op = torch.ops.tilesmith.gemm_cuda if name == "cuda" else torch.ops.tilesmith.gemm_triton
+    out, _ = op(a, b, bias, residual, activation or "none", float(alpha), out_dtype,
+                bool(activation is not None and needs_grad))
     return out
 
 register_autocast("gemm_triton")
+register_autocast("gemm_cuda")

@@ -1,0 +1,19 @@
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace tilesmith {
+
+// act(alpha * a @ b + bias) + residual for 2-D fp16/bf16 a, b (any strides); out_dtype is
+// a's dtype or float32. Returns (out, pre-activation), the latter empty unless save_pre.
+std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tensor& b,
+                                             const std::optional<at::Tensor>& bias,
+                                             const std::optional<at::Tensor>& residual,
+                                             c10::string_view activation, double alpha,
+                                             at::ScalarType out_dtype, bool save_pre);
+
+}  // namespace tilesmith
