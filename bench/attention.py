@@ -12,7 +12,6 @@ extra memory one call allocates; the quadratic math backend is shown where it fi
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 import torch
@@ -26,7 +25,8 @@ from tilesmith import testing
 TOKENS = 16384
 WIDTH = 2048
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
-TORCH_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+TORCH_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                  "sdpa_flash": SDPBackend.FLASH_ATTENTION,
                   "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
 MATH_MAX_SEQLEN = 2048  # its (B, H, S, S) scores: beyond this the point is made
 ERROR_ROWS = 128

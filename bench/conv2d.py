@@ -45,9 +45,9 @@ CIFAR = [
 def _layers(quick):
     if quick:
         keep = {"stem_7x7", "l1_3x3_64", "l3_1x1_1024_256", "l3_3x3_256"}
-        return [(l, 32) for l in RESNET50 if l[0] in keep] + [(CIFAR[1], 128)]
-    return ([(l, b) for b in (32, 128) for l in RESNET50] + [(l, 128) for l in CIFAR]
-            + [(l, 512) for l in CIFAR])
+        return [(layer, 32) for layer in RESNET50 if layer[0] in keep] + [(CIFAR[1], 128)]
+    return ([(layer, b) for b in (32, 128) for layer in RESNET50]
+            + [(layer, b) for b in (128, 512) for layer in CIFAR])
 
 
 def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
@@ -99,7 +99,9 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                     if tilesmith.backend.unavailable_reason(backend, "conv2d", x.device,
                                                             dtype) is not None:
                         continue
-                    fn = (lambda b=backend, m=mode: ours[m](b))
+                    def fn(b=backend, m=mode):
+                        return ours[m](b)
+
                     out = fn()
                     ms = harness.median_ms(fn)
                     err = (testing.rel_error(out[:1], refs["fwd"]) if mode == "fwd" else None)
@@ -114,7 +116,6 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                 flush=True)
             if checkpoint:
                 checkpoint(rows)
-            del x, w, grad
     return rows
 
 

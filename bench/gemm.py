@@ -77,7 +77,6 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                     if r.shape == shape and r.dtype == str(dtype)[6:]), flush=True)
                 if checkpoint:
                     checkpoint(rows)
-                del a, b, kwargs
     return rows
 
 
@@ -147,8 +146,9 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
             for backend in backends:
                 if tilesmith.backend.unavailable_reason(backend, "fp8", a.device, e4m3):
                     continue
-                fn = (lambda be=backend: tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sb,
-                                                                   backend=be))
+                def fn(be=backend):
+                    return tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sb, backend=be)
+
                 fn()
                 ms = harness.median_ms(fn)
                 rows.append(harness.Row(
@@ -163,7 +163,6 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
             flush=True)
         if checkpoint:
             checkpoint(rows)
-        del a, w
 
     # Float8Linear forward + backward against bf16 Linear.
     size = 4096 if quick else 8192

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
-import os
 import platform
 import subprocess
 import time
@@ -65,7 +64,8 @@ def environment() -> dict:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "commit": _run(["git", "-C", str(ROOT), "rev-parse", "HEAD"]) or None,
-        "dirty": bool(_run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])),
+        "dirty": bool(_run(["git", "-C", str(ROOT), "status", "--porcelain",
+                            "--untracked-files=no"])),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if torch.cuda.is_available():
@@ -149,7 +149,6 @@ def measured_peak_tflops(dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     ms = median_ms(lambda: torch.matmul(a, b))
-    del a, b
     return 2 * n**3 / ms / 1e9
 
 

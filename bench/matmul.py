@@ -62,7 +62,8 @@ def bench_shape(m, n, k, dtype, backends, meter, peak_tflops, kind):
             shape=shape, ms=ms, tflops=flops / ms / 1e9, baseline_ms=base_ms,
             ratio=base_ms / ms, rel_err=testing.rel_error(fn()[:ERROR_ROWS], ref),
             baseline_rel_err=base_err, pct_of_peak=100 * flops / ms / 1e9 / peak_tflops,
-            peak_mem_bytes=harness.peak_memory(fn), joules=harness.joules_per_call(fn, meter) if meter else None,
+            peak_mem_bytes=harness.peak_memory(fn),
+            joules=harness.joules_per_call(fn, meter) if meter else None,
             extra={"kind": kind}))
     return rows
 

@@ -152,8 +152,9 @@ def _sweep_cases():
         for s in testing.attention_sample_inputs("cpu", dtype):
             q, k, v = s.args
             kw64 = {key: double(val) for key, val in s.kwargs.items()}
-            yield ("attention", s.name, dtype, lambda s=s: tilesmith.ops.scaled_dot_product_attention(
-                *s.args, backend="triton", **s.kwargs),
+            yield ("attention", s.name, dtype,
+                   lambda s=s: tilesmith.ops.scaled_dot_product_attention(
+                       *s.args, backend="triton", **s.kwargs),
                 F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw64),
                 F.scaled_dot_product_attention(q, k, v, **s.kwargs))
         for s in testing.conv2d_sample_inputs("cpu", dtype):
@@ -199,7 +200,8 @@ def interpreter_main(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--ops", default="matmul,attention,gemm,fp8,conv2d", help="comma-separated op families")
+    parser.add_argument("--ops", default="matmul,attention,gemm,fp8,conv2d",
+                        help="comma-separated op families")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--pytest-log")
     parser.add_argument("--build-log")

@@ -88,7 +88,11 @@ def report(native: dict, ours: dict, *, unit: str, tolerance: float, out_dir: Pa
     final_ours = sum(ours["losses"][-tail:]) / tail
     rel = abs(final_ours - final_native) / max(abs(final_native), 1e-12)
     speed = native["step_s"] / ours["step_s"]
-    mem = lambda r: "n/a" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f} MiB"  # noqa: E731
+
+    def mem(result):
+        peak = result["peak_mem_bytes"]
+        return "n/a" if peak is None else f"{peak / 2**20:.0f} MiB"
+
     print(f"\nstep time: native {native['step_s'] * 1e3:.1f} ms, tilesmith "
           f"{ours['step_s'] * 1e3:.1f} ms ({speed:.2f}x); {unit}/s: native "
           f"{native['items_per_s']:.0f}, tilesmith {ours['items_per_s']:.0f}; peak memory: "

@@ -4,7 +4,8 @@ padding, stride and dilation folded into the load mask. Strides are arguments, s
 kernel serves NCHW and channels_last (NHWC); the reduction index runs channel-innermost,
 which makes the gathers contiguous in NHWC.
 
-    forward   out[n, k, p, q]  = sum_{c, r, s} x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] w[k, c, r, s]
+    forward   out[n, k, p, q]  = sum_{c, r, s} x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]
+                                                 * w[k, c, r, s]
               GEMM (N*P*Q) x K, reduction C/groups * R * S, epilogue bias + activation.
     dgrad     dx[n, c, h, w]   = sum_{k, r, s} dy[n, k, (h + ph - r*dh)/sh, ...] w[k, c, r, s]
               over the (r, s) for which that division is exact and in range (stride > 1).

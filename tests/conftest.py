@@ -10,8 +10,7 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import tilesmith  # noqa: E402  (after TRITON_INTERPRET)
-from tilesmith import backend  # noqa: E402
+from tilesmith import backend  # noqa: E402  (after TRITON_INTERPRET)
 
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 

@@ -35,5 +35,6 @@ def test_markdown_report_shows_targets_and_rows(tmp_path):
     report = bench_run.render_report(_rows(), {"bfloat16": 800.0}, {"gpu": "test"}, args)
     assert "| matmul fwd | triton | bfloat16 | 4096×4096×4096 | ≥ 0.9 | 0.800 ❌ |" in report
     assert "| matmul fwd | cuda | bfloat16 | 4096×4096×4096 | ≥ 0.85 | not run |" in report
-    assert "| attention bwd | triton | bfloat16 | 16×16×1024×128×False | ≥ 0.6 | not run |" in report
+    assert ("| attention bwd | triton | bfloat16 | 16×16×1024×128×False | ≥ 0.6 | not run |"
+            in report)
     assert report.count("| matmul | fwd |") == 2

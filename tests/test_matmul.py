@@ -206,7 +206,8 @@ def test_runs_on_current_stream(backend):
 # ---- bad input ------------------------------------------------------------------------------
 
 BAD_INPUTS = [
-    ("int_dtype", lambda: (torch.ones(3, 4, dtype=torch.int32), torch.ones(4, 5, dtype=torch.int32)),
+    ("int_dtype", lambda: (torch.ones(3, 4, dtype=torch.int32),
+                           torch.ones(4, 5, dtype=torch.int32)),
      TypeError, "float16, bfloat16, float32 or float64"),
     ("mixed_dtype", lambda: (torch.ones(3, 4), torch.ones(4, 5, dtype=torch.float64)),
      TypeError, "same dtype"),
