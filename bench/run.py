@@ -39,6 +39,10 @@ TARGETS = [
     for name, c, k, h, r, st in (("l1_3x3_64", 64, 64, 56, 3, 1),
                                  ("l3_1x1_1024_256", 1024, 256, 14, 1, 1))
 ] + [
+    # training steps of the examples (bf16 autocast): >= 1.0x native eager
+    ("train_cifar_resnet", "tilesmith", "bfloat16", {"steps": 40}, 1.0, "fwd+bwd"),
+    ("train_gpt_char", "tilesmith", "bfloat16", {"steps": 40}, 1.0, "fwd+bwd"),
+] + [
     # attention, bf16, d=128, 16k tokens: Triton forward >= 0.80x SDPA-cuDNN, backward >= 0.60x
     ("attention", "triton", "bfloat16", {"B": 16384 // s, "H": 16, "S": s, "D": 128,
                                          "causal": causal}, minimum, mode)
@@ -50,6 +54,7 @@ TARGETS = [
 def gpu_main(args) -> int:
     from bench import attention as attention_bench
     from bench import conv2d as conv2d_bench
+    from bench import examples as examples_bench
     from bench import gemm as gemm_bench
     from bench import harness
     from bench import matmul as matmul_bench
@@ -87,6 +92,9 @@ def gpu_main(args) -> int:
     if "conv2d" in ops:
         conv_rows = conv2d_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
         rows += conv_rows
+    if "examples" in ops:
+        rows += examples_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r),
+                                   out_dir=args.out)
     write(rows)
     print((args.out / "report.md").read_text())
     return 0
@@ -200,7 +208,7 @@ def interpreter_main(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--ops", default="matmul,attention,gemm,fp8,conv2d",
+    parser.add_argument("--ops", default="matmul,attention,gemm,fp8,conv2d,examples",
                         help="comma-separated op families")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--pytest-log")

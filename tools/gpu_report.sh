@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # make gpu-report OUT_DIR=DIR, on a GPU machine with no network: uses the python3 there
 # and its torch/triton, installs nothing. Builds the extensions in place, runs the whole
-# test suite on the GPU, runs the benchmarks, and leaves in DIR: report.md, results.json,
-# pytest.log, build.log, bench.log, matmul.png, attention.png, nvidia-smi.txt (the device
-# tool brings back 8 files). Each stage has its own time limit so that the whole fits in 10
-# minutes and a hang in one stage still leaves the others' files.
+# test suite on the GPU, runs the benchmarks and the examples, and leaves in DIR: report.md,
+# results.json, pytest.log, logs.txt (nvidia-smi, build and bench output), matmul.png,
+# attention.png, cifar_resnet.png, gpt_char.png: the 8 files the device tool brings back
+# (the examples' curves are in results.json too). Each stage has its own time limit so that the whole
+# fits in 10 minutes and a hang in one stage still leaves the others' files.
 set -uo pipefail
 OUT=${1:-bench/out}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,11 +19,12 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+RAW=$(mktemp -d)  # logs and side files, folded into logs.txt at the end
+nvidia-smi > "$RAW/nvidia-smi.txt" 2>&1
 
 start=$SECONDS
-timeout 90 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-echo "build: rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/build.log"
+timeout 90 "$PY" setup.py build_ext --inplace > "$RAW/build.log" 2>&1
+echo "build: rc=$? in $((SECONDS - start)) s" | tee -a "$RAW/build.log"
 
 # One autotune config per kernel in the test run (hundreds of dtype x layout x config
 # compilations otherwise); every config is still checked by test_every_autotune_config.
@@ -39,6 +41,10 @@ tail -3 "$OUT/pytest.log"
 # per sequence, d=128) fits the 10 minutes; `make bench` runs the full one.
 start=$SECONDS
 timeout 240 "$PY" -m bench.run --quick --out "$OUT" --pytest-log "$OUT/pytest.log" \
-  --build-log "$OUT/build.log" > "$OUT/bench.log" 2>&1
-echo "bench: rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/bench.log"
-tail -40 "$OUT/bench.log"
+  --build-log "$RAW/build.log" > "$RAW/bench.log" 2>&1
+echo "bench: rc=$? in $((SECONDS - start)) s" | tee -a "$RAW/bench.log"
+for f in "$OUT"/*.json; do [ "$(basename "$f")" = results.json ] || mv "$f" "$RAW/"; done
+for f in nvidia-smi.txt build.log bench.log; do
+  echo "===== $f"; cat "$RAW/$f"
+done > "$OUT/logs.txt"
+tail -40 "$RAW/bench.log"
