@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,26 @@ def test_kernel_files_include_no_torch_headers():
         if re.search(r"#include\s*[<\"](torch|ATen|c10)/", text):
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_pure_python_install_without_cuda(tmp_path):
+    """TILESMITH_SKIP_CUDA_BUILD=1 installs tilesmith as pure Python (Triton and torch
+    backends), and it imports and says why the cuda backend is unavailable."""
+    target = tmp_path / "site"
+    env = dict(os.environ, TILESMITH_SKIP_CUDA_BUILD="1")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(ROOT)], env=env,
+                   check=True, capture_output=True, timeout=600)
+    assert not list(target.rglob("_C*.so"))
+    # This checkout's editable install (a meta-path finder) would otherwise lend the target
+    # its own built extension: drop it, as on a machine that only has the wheel.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if 'editable' not in str(getattr(f, '__module__', '')).lower()]; "
+            "import torch, tilesmith; b = tilesmith.backend; "
+            "print(tilesmith.__file__); print(b._C is None); "
+            "print(b.unavailable_reason('cuda', 'matmul', torch.device('cpu'), torch.bfloat16))")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=str(target)),
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    where, no_extension, reason = out.strip().splitlines()
+    assert where.startswith(str(target)) and no_extension == "True"
+    assert "not built" in reason
