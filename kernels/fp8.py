@@ -4,10 +4,11 @@ Scales are dequantization multipliers, as in torch._scaled_mm: x ~ x_fp8 * scale
 scale = amax / FP8_MAX. The cast uses x * (FP8_MAX / amax): the reciprocal is computed in
 fp64 and rounded once to fp32 (a correctly rounded fp32 division, so a plain PyTorch
 reference reproduces every bit), the product is clamped to +-FP8_MAX (saturation) and cast
-with round-to-nearest-even. A zero amax is raised to AMAX_FLOOR so zero inputs stay zero.
+with round-to-nearest-even. A zero amax is raised to 1e-12 so zero inputs stay zero.
 
-Granularities (GRANULARITY): 0 one scale per tensor, 1 one per row, 2 one per 1 x BLOCK_K
-block of a row (activations), 3 one per BLOCK_M x BLOCK_K tile (weights).
+Granularities (GRANULARITY, numbered as ops/fp8.py's _GRANULARITY): 0 one scale per tensor,
+1 one per row, 2 one per 1 x BLOCK_K block of a row (activations), 3 one per
+BLOCK_M x BLOCK_K tile (weights).
 """
 
 import triton
@@ -15,9 +16,6 @@ import triton.language as tl
 
 from ._common import to_output
 from .matmul import grouped_tile
-
-AMAX_FLOOR = 1e-12
-TENSOR, ROW, BLOCK_1D, BLOCK_2D = 0, 1, 2, 3
 
 
 @triton.jit
@@ -72,7 +70,7 @@ def quantize_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k,
                     MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """q (M, K contiguous) and scale. One program per BLOCK_M rows, or per tile
-    (BLOCK_1D: BLOCK_M rows x one scale block; BLOCK_2D and TENSOR: one tile)."""
+    (granularity 2: BLOCK_M rows x one scale block; 3 and 0: one tile)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     if GRANULARITY == 1:

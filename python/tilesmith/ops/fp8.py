@@ -54,7 +54,8 @@ def _quantize_fp8_triton(x: torch.Tensor, dtype: torch.dtype, granularity: str,
                            dtype=torch.float32)
     amax = torch.zeros((), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return q, scale.fill_(1.0 / fp8_max(dtype) * 1e-12) if kind == 0 else scale
+        # Nothing to reduce: the amax floor, as the reference computes it (float64, once).
+        return q, scale.fill_(1e-12 / fp8_max(dtype)) if kind == 0 else scale
     mantissa, min_exponent = _FORMAT[dtype]
     common = dict(FP8_MAX=fp8_max(dtype), MANTISSA_BITS=mantissa, MIN_EXPONENT=min_exponent,
                   UPCAST=INTERPRETING)
