@@ -11,8 +11,6 @@ extra memory one call allocates; the quadratic math backend is shown where it fi
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -109,17 +107,7 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
-    args = parser.parse_args()
-    rows = run(args.quick)
-    env = harness.environment()
-    harness.write_results(rows, env, args.out, {})
-    (args.out / "attention.md").write_text(harness.markdown_table(rows))
-    harness.plot_ratios([r for r in rows if r.ratio is not None and r.backend != "sdpa_cudnn"],
-                        args.out / "attention.png", "attention vs SDPA cuDNN (same run)")
-    print(harness.markdown_table(rows))
+    harness.script_main(__doc__, "attention", run, plot_title="attention vs SDPA cuDNN (same run)")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ followed by an eager ReLU), dgrad, wgrad. FLOPs 2*N*K*P*Q*C*R*S/groups for each.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -120,14 +118,7 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
-    args = parser.parse_args()
-    rows = run(args.quick)
-    harness.write_results(rows, harness.environment(), args.out, {})
-    (args.out / "conv2d.md").write_text(harness.markdown_table(rows))
-    print(harness.markdown_table(rows))
+    harness.script_main(__doc__, "conv2d", run, plot_title="conv2d vs cuDNN (same run)")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
 """gemm: the fused GEMM + bias + activation against cuBLAS followed by the same epilogue as
 eager ops, and against torch.compile of that expression, same run.
 
-    python -m bench.gemm [--quick] [--out DIR]
+    python -m bench.gemm [--quick] [--out DIR]      # fused epilogues, then FP8
 
 Shapes: squares 2048..8192 and LLM projections (M tokens = 16..16384; N, K in 4096..14336),
 bf16 and fp16, bias + GELU (the MLP up-projection) and bias + residual (the down-projection).
+Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS, and Float8Linear
+forward + backward against a bf16 Linear.
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import torch
 
@@ -80,19 +80,6 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
-    args = parser.parse_args()
-    rows = run(args.quick)
-    harness.write_results(rows, harness.environment(), args.out, {})
-    (args.out / "gemm.md").write_text(harness.markdown_table(rows))
-    print(harness.markdown_table(rows))
-
-
-if __name__ == "__main__":
-    main()
 
 
 FP8_SHAPES = [(8192, 8192, 4096)] + [(m, n, k) for m in (16, 1024, 16384)
@@ -187,3 +174,11 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
     if checkpoint:
         checkpoint(rows)
     return rows
+
+
+def main():
+    harness.script_main(__doc__, "gemm", run, run_fp8)
+
+
+if __name__ == "__main__":
+    main()

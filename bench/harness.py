@@ -181,6 +181,25 @@ def markdown_table(rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def script_main(doc: str, name: str, *runs, plot_title: str | None = None) -> None:
+    """The command line of a benchmark script: --quick, --out DIR; runs each of ``runs``
+    (functions of ``quick`` returning rows), writes DIR/results.json and DIR/<name>.md, and
+    a plot of the ratios when ``plot_title`` is given."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    rows = [row for run in runs for row in run(args.quick)]
+    write_results(rows, environment(), args.out, {})
+    (args.out / f"{name}.md").write_text(markdown_table(rows))
+    if plot_title:
+        plot_ratios([r for r in rows if r.ratio is not None and r.baseline_ms != r.ms],
+                    args.out / f"{name}.png", plot_title)
+    print(markdown_table(rows))
+
+
 def plot_ratios(rows: list[Row], path: Path, title: str) -> bool:
     """One bar per (backend, dtype, shape): ratio to the baseline; 1.0 drawn as a line."""
     try:

@@ -9,8 +9,6 @@ training code runs it; the IEEE path is in the tests, not in the timings).
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import torch
 
@@ -91,15 +89,7 @@ def run(quick: bool = False, backends=("cuda", "triton"), checkpoint=None
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
-    args = parser.parse_args()
-    rows, peaks = run(args.quick)
-    harness.write_results(rows, harness.environment(), args.out, peaks)
-    (args.out / "matmul.md").write_text(harness.markdown_table(rows))
-    harness.plot_ratios(rows, args.out / "matmul.png", "matmul vs cuBLAS (same run)")
-    print(harness.markdown_table(rows))
+    harness.script_main(__doc__, "matmul", run, plot_title="matmul vs cuBLAS (same run)")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,13 @@ def kernel_backends(op: str, dtype: torch.dtype | None = None) -> list:
     return params
 
 
+def backend_dtype_params(op: str, dtypes) -> list:
+    """(backend, dtype) params for tilesmith's own backends of ``op`` over ``dtypes``."""
+    return [pytest.param(b.values[0], dt, marks=b.marks,
+                         id=f"{b.values[0]}-{str(dt).removeprefix('torch.')}")
+            for dt in dtypes for b in kernel_backends(op, dt)]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ PyTorch's scaled_dot_product_attention in float64 (GUIDE §3), outputs and every
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_GPU, kernel_backends, requires_gpu
+from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu
 
 import tilesmith
 from tilesmith import testing
@@ -22,9 +22,7 @@ def _sample(name, dtype):
 
 
 def _params(dtypes):
-    return [pytest.param(b.values[0], dt, marks=b.marks,
-                         id=f"{b.values[0]}-{str(dt).removeprefix('torch.')}")
-            for dt in dtypes for b in kernel_backends("attention", dt)]
+    return backend_dtype_params("attention", dtypes)
 
 
 def _float64(kwargs):

@@ -3,7 +3,7 @@ the gradients of input, weight and bias, through the fused activation."""
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_GPU, kernel_backends, requires_gpu
+from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu
 
 import tilesmith
 from tilesmith import testing
@@ -19,9 +19,7 @@ def _sample(name, dtype):
 
 
 def _params(dtypes):
-    return [pytest.param(b.values[0], dt, marks=b.marks,
-                         id=f"{b.values[0]}-{str(dt).removeprefix('torch.')}")
-            for dt in dtypes for b in kernel_backends("conv2d", dt)]
+    return backend_dtype_params("conv2d", dtypes)
 
 
 def _reference(x, weight, bias, kwargs):

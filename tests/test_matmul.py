@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_GPU, kernel_backends, requires_gpu
+from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu
 
 import tilesmith
 from tilesmith import testing
@@ -37,9 +37,7 @@ def _check_against_reference(out, a, b, tf32=False):
 
 
 def _params(dtypes):
-    return [pytest.param(b.values[0], dt, marks=b.marks,
-                         id=f"{b.values[0]}-{str(dt).removeprefix('torch.')}")
-            for dt in dtypes for b in kernel_backends("matmul", dt)]
+    return backend_dtype_params("matmul", dtypes)
 
 
 @pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float16, torch.float32]))
