@@ -25,6 +25,19 @@ def setup_distributed(device: str):
     return dist.get_rank(), world
 
 
+def distributed(model, device: str, world: int):
+    """``model`` wrapped in DistributedDataParallel when there are several processes."""
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+
+
+def finish(world: int) -> None:
+    if world > 1:
+        dist.destroy_process_group()
+
+
 def autocast_context(device: str, amp: str):
     if amp == "none":
         return torch.autocast(device.split(":")[0], enabled=False)

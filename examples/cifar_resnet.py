@@ -144,10 +144,7 @@ def main(argv=None):
         ours = ours.to(memory_format=torch.channels_last)
     results = {}
     for label, model in (("native", native), ("tilesmith", ours)):
-        if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda")
-                else None)
+        model = _common.distributed(model, device, world)
         results[label] = _common.train(
             model, batches(x, y, args.batch_size, device, channels_last, rank, world,
                            args.seed), F.cross_entropy, steps=args.steps, lr=args.lr,
@@ -156,8 +153,7 @@ def main(argv=None):
     same = _common.report(results["native"], results["tilesmith"], unit="images",
                           tolerance=args.tolerance, out_dir=args.out, title="cifar_resnet",
                           rank=rank)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    _common.finish(world)
     return results, same
 
 

@@ -131,10 +131,7 @@ def main(argv=None):
 
     results = {}
     for label, model in (("native", native), ("tilesmith", ours)):
-        if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda")
-                else None)
+        model = _common.distributed(model, device, world)
         stream = batches(data, args.batch_size, args.seq_len, device, rank, world, args.seed)
         patch = (tilesmith.nn.patch_sdpa(args.backend) if label == "tilesmith"
                  else contextlib.nullcontext())
@@ -146,8 +143,7 @@ def main(argv=None):
     same = _common.report(results["native"], results["tilesmith"], unit="tokens",
                           tolerance=args.tolerance, out_dir=args.out, title="gpt_char",
                           rank=rank)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    _common.finish(world)
     return results, same
 
 
