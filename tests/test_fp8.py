@@ -147,11 +147,13 @@ def test_float8_linear_matches_linear_shapes_and_grads(backend):
         grads = torch.autograd.grad(out.float().square().sum(), (x, fp8.weight, fp8.bias))
     want = ref(x)
     want_grads = torch.autograd.grad(want.float().square().sum(), (x, ref.weight, ref.bias))
+    # Measured through the interpreter over seeds 0-2: output 29.2-29.5 dB, gradients
+    # 24.7-32.7 dB (e5m2 gradients have 2 mantissa bits); the bars leave ~3-4 dB of margin.
     assert out.shape == want.shape and out.dtype == want.dtype
-    assert testing.sqnr_db(out, want) >= 25
+    assert testing.sqnr_db(out, want) >= 26
     for got, expected in zip(grads, want_grads):
         assert got.shape == expected.shape and got.dtype == expected.dtype
-        assert testing.sqnr_db(got, expected) >= 15  # e5m2 gradients: 2 mantissa bits
+        assert testing.sqnr_db(got, expected) >= 21
 
 
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
