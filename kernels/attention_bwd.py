@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import to_output
-from .attention_fwd import masked_scores, sequence_bounds
+from .attention_fwd import load_block, masked_scores, sequence_bounds
 
 
 @triton.jit
@@ -63,13 +63,10 @@ def attention_bwd_dkdv_kernel(
     k_base = k_ptr + b64 * stride_kb + h_kv * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh + k_start.to(tl.int64) * stride_vs
     # k and v are read transposed ([d, n]): the products below want them that way.
-    k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                  mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)
-    v_t = tl.load(v_base + cols[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
-                  mask=(cols[None, :] < seqlen_k) & (offs_dv[:, None] < head_dim_v), other=0.0)
-    if UPCAST:
-        k_t = k_t.to(ACC_DTYPE)
-        v_t = v_t.to(ACC_DTYPE)
+    k_t = load_block(k_base, offs_d, head_dim, stride_kd, cols, seqlen_k, stride_ks, UPCAST,
+                     ACC_DTYPE)
+    v_t = load_block(v_base, offs_dv, head_dim_v, stride_vd, cols, seqlen_k, stride_vs, UPCAST,
+                     ACC_DTYPE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
 
@@ -88,13 +85,10 @@ def attention_bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen_q
-            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-            if UPCAST:
-                q = q.to(ACC_DTYPE)
-                do = do.to(ACC_DTYPE)
+            q = load_block(q_base, rows, seqlen_q, stride_qs, offs_d, head_dim, stride_qd,
+                           UPCAST, ACC_DTYPE)
+            do = load_block(do_base, rows, seqlen_q, stride_dos, offs_dv, head_dim_v,
+                            stride_dod, UPCAST, ACC_DTYPE)
             p, valid = probabilities(
                 q, k_t, rows, cols, lse_base, seqlen_q, seqlen_k,
                 mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk, qk_scale,
@@ -156,13 +150,10 @@ def attention_bwd_dq_kernel(
     mask_base = mask_ptr + b64 * stride_mb + h * stride_mh
     dmask_base = dmask_ptr + b64 * stride_mb + h * stride_mh
 
-    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-    if UPCAST:
-        q = q.to(ACC_DTYPE)
-        do = do.to(ACC_DTYPE)
+    q = load_block(q_base, rows, seqlen_q, stride_qs, offs_d, head_dim, stride_qd, UPCAST,
+                   ACC_DTYPE)
+    do = load_block(do_base, rows, seqlen_q, stride_dos, offs_dv, head_dim_v, stride_dod,
+                    UPCAST, ACC_DTYPE)
     delta = tl.load(delta_ptr + b64 * stride_lb + h * stride_lh + q_start + rows, mask=row_ok,
                     other=0.0).to(ACC_DTYPE)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
@@ -173,14 +164,10 @@ def attention_bwd_dq_kernel(
     hi = tl.where(start_m * BLOCK_M < seqlen_q, hi, 0)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
-        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                      mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
-                      mask=(cols[None, :] < seqlen_k) & (offs_dv[:, None] < head_dim_v),
-                      other=0.0)
-        if UPCAST:
-            k_t = k_t.to(ACC_DTYPE)
-            v_t = v_t.to(ACC_DTYPE)
+        k_t = load_block(k_base, offs_d, head_dim, stride_kd, cols, seqlen_k, stride_ks, UPCAST,
+                         ACC_DTYPE)
+        v_t = load_block(v_base, offs_dv, head_dim_v, stride_vd, cols, seqlen_k, stride_vs,
+                         UPCAST, ACC_DTYPE)
         mask_offsets = rows[:, None] * stride_mq + cols[None, :] * stride_mk
         p, valid = probabilities(q, k_t, rows, cols, lse_base, seqlen_q, seqlen_k,
                                  mask_base + mask_offsets, qk_scale, MASK_KIND, CAUSAL,

@@ -36,6 +36,18 @@ def sequence_bounds(cu_seqlens_ptr, b, fixed_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def load_block(base, rows, row_limit, stride_rows, cols, col_limit, stride_cols,
+               UPCAST: tl.constexpr, DTYPE: tl.constexpr):
+    """base[rows, cols] with out-of-range entries 0; upcast to DTYPE under the interpreter.
+    A transposed block is the same call with rows and columns swapped."""
+    block = tl.load(base + rows[:, None] * stride_rows + cols[None, :] * stride_cols,
+                    mask=(rows[:, None] < row_limit) & (cols[None, :] < col_limit), other=0.0)
+    if UPCAST:
+        block = block.to(DTYPE)
+    return block
+
+
+@triton.jit
 def masked_scores(s, rows, cols, seqlen_q, seqlen_k, mask_ptrs,
                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """Scores (log2 domain) with every excluded position at -inf, and the validity mask."""
@@ -84,10 +96,8 @@ def attention_fwd_kernel(
     v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh + k_start.to(tl.int64) * stride_vs
     mask_base = mask_ptr + b64 * stride_mb + h * stride_mh
 
-    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim), other=0.0)
-    if UPCAST:
-        q = q.to(ACC_DTYPE)
+    q = load_block(q_base, rows, seqlen_q, stride_qs, offs_d, head_dim, stride_qd, UPCAST,
+                   ACC_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
@@ -101,11 +111,9 @@ def attention_fwd_kernel(
     hi = tl.where(start_m * BLOCK_M < seqlen_q, hi, 0)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                    mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)
-        if UPCAST:
-            k = k.to(ACC_DTYPE)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        k_t = load_block(k_base, offs_d, head_dim, stride_kd, cols, seqlen_k, stride_ks, UPCAST,
+                         ACC_DTYPE)
+        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         s, valid = masked_scores(s, rows, cols, seqlen_q, seqlen_k,
                                  mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk,
                                  MASK_KIND, CAUSAL)
@@ -116,10 +124,8 @@ def attention_fwd_kernel(
         p = tl.exp2(s - m_base[:, None])
         alpha = tl.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-                    mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v), other=0.0)
-        if UPCAST:
-            v = v.to(ACC_DTYPE)
+        v = load_block(v_base, cols, seqlen_k, stride_vs, offs_dv, head_dim_v, stride_vd, UPCAST,
+                       ACC_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
                                             out_dtype=ACC_DTYPE)
         m_i = m_new

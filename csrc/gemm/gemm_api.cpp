@@ -5,13 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
-#include <cstdlib>
 
-#include "../common/check.h"
-#include "../matmul/matmul.h"
+#include "../matmul/matmul_api.h"
 
 namespace tilesmith {
 
@@ -34,14 +31,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tens
                                              const std::optional<at::Tensor>& residual,
                                              c10::string_view activation, double alpha,
                                              at::ScalarType out_dtype, bool save_pre) {
-  TILESMITH_CHECK_CUDA_TENSOR(a);
-  TILESMITH_CHECK_CUDA_TENSOR(b);
-  TORCH_CHECK(a.device() == b.device(), "gemm: a and b must be on the same device, got ",
-              a.device(), " and ", b.device());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "gemm: a and b must have the same dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf,
-              "gemm (cuda backend): dtype must be float16 or bfloat16, got ", a.scalar_type());
+  check_tensor_core_operands(a, b, "gemm");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "gemm: a and b must be 2-D, got shapes ", a.sizes(),
               " and ", b.sizes());
   TORCH_CHECK(out_dtype == a.scalar_type() || out_dtype == at::kFloat,
@@ -53,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tens
   c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
   at::Tensor pre = at::empty({save_pre ? m : 0, save_pre ? n : 0}, a.options());
-  if (std::getenv("TILESMITH_POISON_OUTPUTS") != nullptr) {
+  if (poison_outputs()) {
     out.fill_(NAN);
     pre.fill_(NAN);
   }
@@ -102,12 +92,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tens
   params.activation = parse_activation(activation);
   params.out_fp32 = out_dtype == at::kFloat;
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
-  if (a.scalar_type() == at::kBFloat16) {
-    TILESMITH_CHECK_LAUNCH(run_matmul_sm80_bf16(params, stream));
-  } else {
-    TILESMITH_CHECK_LAUNCH(run_matmul_sm80_fp16(params, stream));
-  }
+  launch_matmul(params, a);
   return {out, pre};
 }
 

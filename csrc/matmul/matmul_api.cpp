@@ -16,15 +16,30 @@
 
 namespace tilesmith {
 
-at::Tensor matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
+void check_tensor_core_operands(const at::Tensor& a, const at::Tensor& b, const char* op) {
   TILESMITH_CHECK_CUDA_TENSOR(a);
   TILESMITH_CHECK_CUDA_TENSOR(b);
-  TORCH_CHECK(a.device() == b.device(), "matmul: a and b must be on the same device, got ",
+  TORCH_CHECK(a.device() == b.device(), op, ": a and b must be on the same device, got ",
               a.device(), " and ", b.device());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "matmul: a and b must have the same dtype, got ",
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": a and b must have the same dtype, got ",
               a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf,
-              "matmul (cuda backend): dtype must be float16 or bfloat16, got ", a.scalar_type());
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf, op,
+              " (cuda backend): dtype must be float16 or bfloat16, got ", a.scalar_type());
+}
+
+void launch_matmul(const MatmulParams& params, const at::Tensor& a) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  if (a.scalar_type() == at::kBFloat16) {
+    TILESMITH_CHECK_LAUNCH(run_matmul_sm80_bf16(params, stream));
+  } else {
+    TILESMITH_CHECK_LAUNCH(run_matmul_sm80_fp16(params, stream));
+  }
+}
+
+bool poison_outputs() { return std::getenv("TILESMITH_POISON_OUTPUTS") != nullptr; }
+
+at::Tensor matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
+  check_tensor_core_operands(a, b, "matmul");
   TORCH_CHECK(a.dim() == b.dim() && (a.dim() == 2 || a.dim() == 3),
               "matmul_cuda: a and b must both be 2-D or both 3-D, got shapes ", a.sizes(), " and ",
               b.sizes());
@@ -38,8 +53,7 @@ at::Tensor matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
 
   c10::cuda::CUDAGuard guard(a.device());
   at::Tensor c = batched ? at::empty({batch, m, n}, a.options()) : at::empty({m, n}, a.options());
-  // Test hook: a NaN-filled output makes any element the kernel fails to write visible.
-  if (std::getenv("TILESMITH_POISON_OUTPUTS") != nullptr) c.fill_(NAN);
+  if (poison_outputs()) c.fill_(NAN);
   if (c.numel() == 0) return c;
 
   MatmulParams params{};
@@ -59,12 +73,7 @@ at::Tensor matmul_cuda(const at::Tensor& a, const at::Tensor& b) {
   params.c_batch_stride = m * n;
   params.c_row_stride = n;
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
-  if (a.scalar_type() == at::kBFloat16) {
-    TILESMITH_CHECK_LAUNCH(run_matmul_sm80_bf16(params, stream));
-  } else {
-    TILESMITH_CHECK_LAUNCH(run_matmul_sm80_fp16(params, stream));
-  }
+  launch_matmul(params, a);
   return c;
 }
 

@@ -2,7 +2,18 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "matmul.h"
+
 namespace tilesmith {
+
+// Shared by matmul_cuda and gemm_cuda (one kernel behind both):
+// a and b are CUDA tensors on one device with one dtype, float16 or bfloat16.
+void check_tensor_core_operands(const at::Tensor& a, const at::Tensor& b, const char* op);
+// Runs the kernel for a's dtype on the current stream of a's device.
+void launch_matmul(const MatmulParams& params, const at::Tensor& a);
+// Test hook (tilesmith.testing.poison_outputs): outputs start NaN-filled, so an element
+// the kernel fails to write is visible.
+bool poison_outputs();
 
 // a: (m, k) or (batch, m, k); b: (k, n) or (batch, k, n); any strides, fp16 or bf16.
 at::Tensor matmul_cuda(const at::Tensor& a, const at::Tensor& b);
