@@ -2,6 +2,10 @@
 // cp.async (global -> shared without passing through registers), ldmatrix (shared ->
 // fragments in the layout mma.sync expects) and mma.sync m16n8k16 with fp32 accumulators.
 // No torch headers here: kernel files stay quick to compile.
+//
+// Under TILESMITH_CPU_EMULATION (tests/emulation/sm80_emulator.h, included first) the
+// instruction wrappers come from the CPU emulator instead, so the kernels' index arithmetic
+// can be tested without a GPU.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +14,7 @@
 
 namespace tilesmith {
 
+#ifndef TILESMITH_CPU_EMULATION
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -66,6 +71,7 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // TILESMITH_CPU_EMULATION
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);

@@ -322,9 +322,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename T>
+constexpr int smem_bytes() {
+  return kStages * (kBlockM + kBlockN) * kBlockK * static_cast<int>(sizeof(T));
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
 template <typename T, bool kAKContiguous, bool kBNContiguous, bool kVectorLoads>
 cudaError_t launch(const MatmulParams& params, cudaStream_t stream) {
-  constexpr int kSmemBytes = kStages * (kBlockM + kBlockN) * kBlockK * static_cast<int>(sizeof(T));
+  constexpr int kSmemBytes = smem_bytes<T>();
   auto kernel = params.out_fp32
       ? matmul_kernel<T, float, kAKContiguous, kBNContiguous, kVectorLoads>
       : matmul_kernel<T, T, kAKContiguous, kBNContiguous, kVectorLoads>;
@@ -389,6 +395,7 @@ cudaError_t run(const MatmulParams& p, cudaStream_t stream) {
   return vector_loads ? launch<T, false, false, true>(p, stream)
                       : launch<T, false, false, false>(p, stream);
 }
+#endif  // TILESMITH_CPU_EMULATION
 
 }  // namespace matmul_sm80
 }  // namespace tilesmith

@@ -1,0 +1,411 @@
+// A CPU stand-in for the sm_80 features tilesmith's CUDA kernels use, so that their index
+// arithmetic (fragment layouts, swizzles, tile edges, pipeline stages, masking, the online
+// softmax) can be tested on machines without a GPU. Test infrastructure only: nothing under
+// python/ or csrc/ depends on it beyond the `TILESMITH_CPU_EMULATION` switch that makes
+// csrc/common/mma_sm80.cuh leave its inline PTX to this file.
+//
+// How it works. The kernel source is compiled as ordinary C++ by the host compiler. Every
+// CUDA thread of a block is a ucontext fiber; blocks run one after another. Fibers switch
+// only at barriers (__syncthreads, and the warp barriers inside the collective
+// instructions), so a run is deterministic. Warp-collective instructions (ldmatrix,
+// mma.sync, shfl) exchange values through per-warp slots between two warp barriers, and
+// compute each lane's result from the PTX ISA's description of the fragment layouts.
+// cp.async copies are queued and only carried out by the cp.async.wait_group that must
+// cover them, so a kernel that reads a stage too early reads stale shared memory.
+// Addresses given to cp.async (global and shared) and to ldmatrix are bounds- and
+// alignment-checked; errors end the launch with a message instead of crashing.
+//
+// What it cannot show: speed, races between threads (fibers never interleave between
+// barriers), register pressure or spills (read the ptxas report for those), and mistakes in
+// my reading of the PTX ISA: it implements the ISA as I read it, so it checks the kernels
+// against that reading and not against the silicon. A kernel that passes here still has to
+// pass the same tests on a GPU.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#define TILESMITH_CPU_EMULATION 1
+
+// CUDA's keywords become plain C++. Only dynamic shared memory (`extern __shared__`) is
+// supported: a static __shared__ array would become one copy per fiber.
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __shared__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+
+namespace tilesmith_emu {
+
+struct CopyOp {
+  void* dst;
+  const void* src;
+  int bytes;  // read from src; the rest of the 16 are zero-filled
+};
+
+struct Barrier {
+  int size = 0;
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Fiber {
+  ucontext_t context{};
+  std::unique_ptr<char[]> stack;
+  uint3 thread_idx{};
+  bool finished = false;
+  Barrier* waiting_on = nullptr;
+  uint64_t waiting_generation = 0;
+  std::vector<CopyOp> open_group;                // cp.async issued since the last commit
+  std::deque<std::vector<CopyOp>> committed;     // oldest first
+};
+
+// What one warp's lanes deposit for a collective instruction.
+struct WarpSlots {
+  Barrier barrier;
+  const unsigned char* address[32];
+  uint32_t a[32][4];
+  uint32_t b[32][2];
+  uint64_t value[32];
+};
+
+struct Buffer {
+  const unsigned char* begin;
+  size_t bytes;
+};
+
+struct Machine {
+  dim3 grid_dim, block_dim;
+  uint3 block_idx{};
+  std::vector<Fiber> fibers;
+  std::vector<WarpSlots> warps;
+  Barrier block_barrier;
+  int current = -1;
+  ucontext_t scheduler{};
+  unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+  std::vector<Buffer> buffers;  // global memory the kernel may read with cp.async
+  std::function<void()> body;
+  std::string error;
+};
+
+inline Machine* machine = nullptr;
+
+inline Fiber& self() { return machine->fibers[machine->current]; }
+inline int thread_rank() {
+  const uint3 t = self().thread_idx;
+  return static_cast<int>(t.x + machine->block_dim.x * (t.y + machine->block_dim.y * t.z));
+}
+inline int lane_id() { return thread_rank() % 32; }
+inline WarpSlots& warp_slots() { return machine->warps[thread_rank() / 32]; }
+
+inline void yield() { swapcontext(&self().context, &machine->scheduler); }
+
+// Records the first error and abandons the launch: every fiber is marked finished and control
+// goes back to the scheduler, which returns the message to the caller.
+[[noreturn]] inline void fail(const std::string& message) {
+  if (machine->error.empty()) {
+    const uint3 t = self().thread_idx;
+    const uint3 b = machine->block_idx;
+    machine->error = message + " (block " + std::to_string(b.x) + "," + std::to_string(b.y) +
+                     "," + std::to_string(b.z) + ", thread " + std::to_string(t.x) + ")";
+  }
+  for (Fiber& f : machine->fibers) f.finished = true;
+  yield();
+  __builtin_unreachable();
+}
+
+inline void arrive_and_wait(Barrier& barrier) {
+  if (++barrier.arrived == barrier.size) {
+    barrier.arrived = 0;
+    ++barrier.generation;
+    return;
+  }
+  Fiber& fiber = self();
+  fiber.waiting_on = &barrier;
+  fiber.waiting_generation = barrier.generation;
+  yield();
+  fiber.waiting_on = nullptr;
+}
+
+inline bool in_shared(const void* ptr, size_t bytes) {
+  const auto* p = static_cast<const unsigned char*>(ptr);
+  return p >= machine->smem && p + bytes <= machine->smem + machine->smem_bytes;
+}
+
+inline bool in_global(const void* ptr, size_t bytes) {
+  const auto* p = static_cast<const unsigned char*>(ptr);
+  for (const Buffer& b : machine->buffers) {
+    if (p >= b.begin && p + bytes <= b.begin + b.bytes) return true;
+  }
+  return false;
+}
+
+inline std::string hex(const void* ptr) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%p", ptr);
+  return text;
+}
+
+// ---- cp.async ---------------------------------------------------------------------------
+
+inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  if (src_bytes < 0 || src_bytes > 16) fail("cp.async: src-size " + std::to_string(src_bytes));
+  if (!in_shared(smem, 16) || reinterpret_cast<uintptr_t>(smem) % 16 != 0) {
+    fail("cp.async: shared destination " + hex(smem) + " out of bounds or not 16-byte aligned");
+  }
+  if (src_bytes > 0 && (!in_global(gmem, src_bytes) || reinterpret_cast<uintptr_t>(gmem) % 16)) {
+    fail("cp.async: global source " + hex(gmem) + " (" + std::to_string(src_bytes) +
+         " bytes) outside every buffer or not 16-byte aligned");
+  }
+  self().open_group.push_back({smem, gmem, src_bytes});
+}
+
+inline void cp_async_commit() {
+  Fiber& fiber = self();
+  fiber.committed.push_back(std::move(fiber.open_group));
+  fiber.open_group.clear();
+}
+
+inline void cp_async_wait(int pending_groups) {
+  Fiber& fiber = self();
+  while (static_cast<int>(fiber.committed.size()) > pending_groups) {
+    for (const CopyOp& op : fiber.committed.front()) {
+      unsigned char bytes[16] = {};
+      if (op.bytes > 0) std::memcpy(bytes, op.src, op.bytes);
+      std::memcpy(op.dst, bytes, 16);
+    }
+    fiber.committed.pop_front();
+  }
+}
+
+// ---- warp collectives ---------------------------------------------------------------------
+
+inline uint16_t load_u16(const unsigned char* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// ldmatrix.m8n8.x4.b16: lane l gives the address of row l % 8 of matrix l / 8. Without
+// .trans lane l receives, of each matrix, row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1;
+// with .trans it receives column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1.
+inline void ldmatrix(uint32_t (&frag)[4], const void* smem, bool transpose) {
+  WarpSlots& w = warp_slots();
+  const int lane = lane_id();
+  if (!in_shared(smem, 16) || reinterpret_cast<uintptr_t>(smem) % 16 != 0) {
+    fail("ldmatrix: row address " + hex(smem) + " out of shared memory or not 16-byte aligned");
+  }
+  w.address[lane] = static_cast<const unsigned char*>(smem);
+  arrive_and_wait(w.barrier);
+  for (int m = 0; m < 4; ++m) {
+    uint16_t half[2];
+    for (int j = 0; j < 2; ++j) {
+      const int row = transpose ? 2 * (lane % 4) + j : lane / 4;
+      const int col = transpose ? lane / 4 : 2 * (lane % 4) + j;
+      half[j] = load_u16(w.address[m * 8 + row] + 2 * col);
+    }
+    frag[m] = static_cast<uint32_t>(half[0]) | (static_cast<uint32_t>(half[1]) << 16);
+  }
+  arrive_and_wait(w.barrier);
+}
+
+template <typename T>
+float decode(uint32_t bits16) {
+  T value;
+  const uint16_t raw = static_cast<uint16_t>(bits16);
+  std::memcpy(&value, &raw, 2);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(value);
+  } else {
+    return __half2float(value);
+  }
+}
+
+// mma.sync.m16n8k16.row.col with fp32 accumulators. With g = lane / 4 and t = lane % 4:
+// a0..a3 hold A (16x16) at (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..); b0, b1
+// hold B (16x8, k x n) at (2t..2t+1, g) and (2t+8..2t+9, g); d0..d3 are D at (g, 2t),
+// (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+template <typename T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  WarpSlots& w = warp_slots();
+  const int lane = lane_id();
+  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
+  w.b[lane][0] = b0;
+  w.b[lane][1] = b1;
+  arrive_and_wait(w.barrier);
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int j = 0; j < 2; ++j) {
+      const int shift = 16 * j;
+      A[g][2 * t + j] = decode<T>(w.a[l][0] >> shift);
+      A[g + 8][2 * t + j] = decode<T>(w.a[l][1] >> shift);
+      A[g][2 * t + 8 + j] = decode<T>(w.a[l][2] >> shift);
+      A[g + 8][2 * t + 8 + j] = decode<T>(w.a[l][3] >> shift);
+      B[2 * t + j][g] = decode<T>(w.b[l][0] >> shift);
+      B[2 * t + 8 + j][g] = decode<T>(w.b[l][1] >> shift);
+    }
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e / 2) * 8, col = 2 * t + e % 2;
+    float sum = d[e];
+    for (int k = 0; k < 16; ++k) sum = std::fma(A[row][k], B[k][col], sum);
+    d[e] = sum;
+  }
+  arrive_and_wait(w.barrier);
+}
+
+template <typename V>
+V shfl_xor(V value, int lane_mask) {
+  static_assert(sizeof(V) <= 8, "shfl moves at most 64 bits here");
+  WarpSlots& w = warp_slots();
+  const int lane = lane_id();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(V));
+  w.value[lane] = bits;
+  arrive_and_wait(w.barrier);
+  bits = w.value[(lane ^ lane_mask) & 31];
+  arrive_and_wait(w.barrier);
+  V result;
+  std::memcpy(&result, &bits, sizeof(V));
+  return result;
+}
+
+// ---- launch -------------------------------------------------------------------------------
+
+inline void fiber_entry() {
+  machine->body();
+  Fiber& fiber = self();
+  if (!fiber.open_group.empty() ||
+      std::any_of(fiber.committed.begin(), fiber.committed.end(),
+                  [](const std::vector<CopyOp>& g) { return !g.empty(); })) {
+    fail("thread exited with cp.async copies it never waited for");
+  }
+  fiber.finished = true;
+  yield();
+}
+
+// Runs `kernel` (a callable reading threadIdx/blockIdx) over the grid. `buffers` is the
+// global memory cp.async may read. Returns "" or the first error.
+inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned char* smem,
+                          std::vector<Buffer> buffers, std::function<void()> kernel) {
+  constexpr size_t kStackBytes = 256 * 1024;
+  Machine m;
+  machine = &m;
+  m.grid_dim = grid;
+  m.block_dim = block;
+  m.smem = smem;
+  m.smem_bytes = smem_bytes;
+  m.buffers = std::move(buffers);
+  m.body = std::move(kernel);
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (threads % 32 != 0) return "block size must be a multiple of 32 here";
+  m.fibers.resize(threads);
+  m.warps.resize(threads / 32);
+  for (Fiber& f : m.fibers) f.stack.reset(new char[kStackBytes]);
+  for (unsigned bz = 0; bz < grid.z && m.error.empty(); ++bz) {
+    for (unsigned by = 0; by < grid.y && m.error.empty(); ++by) {
+      for (unsigned bx = 0; bx < grid.x && m.error.empty(); ++bx) {
+        m.block_idx = {bx, by, bz};
+        // Shared memory starts as garbage on a GPU; here as a NaN-ish pattern.
+        std::memset(smem, 0xff, smem_bytes);
+        m.block_barrier = Barrier{threads, 0, 0};
+        for (WarpSlots& w : m.warps) w.barrier = Barrier{32, 0, 0};
+        for (int i = 0; i < threads; ++i) {
+          Fiber& f = m.fibers[i];
+          f.thread_idx = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+          f.finished = false;
+          f.waiting_on = nullptr;
+          f.open_group.clear();
+          f.committed.clear();
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.get();
+          f.context.uc_stack.ss_size = kStackBytes;
+          f.context.uc_link = nullptr;
+          makecontext(&f.context, fiber_entry, 0);
+        }
+        // Round robin over the runnable fibers; a pass in which none could run while some
+        // are unfinished is a deadlock (a barrier not every thread reaches).
+        for (;;) {
+          bool any_unfinished = false, ran = false;
+          for (int i = 0; i < threads; ++i) {
+            Fiber& f = m.fibers[i];
+            if (f.finished) continue;
+            any_unfinished = true;
+            if (f.waiting_on && f.waiting_on->generation == f.waiting_generation) continue;
+            m.current = i;
+            ran = true;
+            swapcontext(&m.scheduler, &f.context);
+          }
+          if (!any_unfinished) break;
+          if (!ran) {
+            m.error = "deadlock: some threads wait at a barrier others never reach";
+            break;
+          }
+        }
+      }
+    }
+  }
+  machine = nullptr;
+  return m.error;
+}
+
+}  // namespace tilesmith_emu
+
+// The CUDA built-ins the kernels read.
+#define threadIdx (::tilesmith_emu::self().thread_idx)
+#define blockIdx (::tilesmith_emu::machine->block_idx)
+#define blockDim (::tilesmith_emu::machine->block_dim)
+#define gridDim (::tilesmith_emu::machine->grid_dim)
+#define __syncthreads() ::tilesmith_emu::arrive_and_wait(::tilesmith_emu::machine->block_barrier)
+
+template <typename V>
+inline V __shfl_xor_sync(unsigned /*mask*/, V value, int lane_mask, int /*width*/ = 32) {
+  return ::tilesmith_emu::shfl_xor(value, lane_mask);
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
+// The instruction wrappers of csrc/common/mma_sm80.cuh, on the emulator.
+namespace tilesmith {
+inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  tilesmith_emu::cp_async_16(smem, gmem, src_bytes);
+}
+inline void cp_async_commit() { tilesmith_emu::cp_async_commit(); }
+template <int kPendingGroups>
+inline void cp_async_wait() {
+  tilesmith_emu::cp_async_wait(kPendingGroups);
+}
+inline void ldmatrix_x4(uint32_t (&frag)[4], const void* smem) {
+  tilesmith_emu::ldmatrix(frag, smem, false);
+}
+inline void ldmatrix_x4_trans(uint32_t (&frag)[4], const void* smem) {
+  tilesmith_emu::ldmatrix(frag, smem, true);
+}
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  tilesmith_emu::mma_16816<T>(d, a, b0, b1);
+}
+}  // namespace tilesmith

@@ -1,0 +1,265 @@
+"""tilesmith's CUDA kernels on a CPU emulator of the sm_80 instructions they use
+(tests/emulation/sm80_emulator.h), against float64 references.
+
+This checks what can go wrong in a tensor-core kernel's arithmetic of indices: fragment
+layouts, swizzles, pipeline stages, tile edges, masks, epilogues, out-of-bounds copies
+(cp.async and ldmatrix addresses are bounds-checked; outputs sit between NaN guard bands).
+It does not replace running the same kernels on a GPU (the ``cuda`` parametrisations of
+test_matmul, test_gemm, ...): the emulator implements the PTX ISA as we read it, and cannot
+see races, register spills or speed. Kernel sources are compiled with the host C++ compiler
+into build/emulation/, keyed by a hash of the sources."""
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tilesmith.testing import assert_close_to_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION = ROOT / "tests" / "emulation"
+BUILD = ROOT / "build" / "emulation"
+GUARD = 64  # NaN elements before and after every output
+
+
+def _cuda_include_dir() -> str | None:
+    """The toolkit's include directory, as nvcc itself reports it (nvcc on our machines is a
+    wrapper script, so the path cannot be guessed from where it is)."""
+    if not shutil.which("nvcc"):
+        return None
+    dry = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True)
+    match = re.search(r'INCLUDES="-I([^"]+)"', dry.stdout + dry.stderr)
+    return match.group(1).strip() if match else None
+
+
+INCLUDE = _cuda_include_dir()
+CXX = shutil.which(os.environ.get("CXX", "g++"))
+pytestmark = pytest.mark.skipif(
+    INCLUDE is None or CXX is None,
+    reason="needs a host C++ compiler and the CUDA headers (nvcc) to build the emulated kernels")
+
+
+@functools.cache
+def emulated(name: str) -> ctypes.CDLL:
+    """tests/emulation/<name>_emulated.cpp built into a shared library (cached by content)."""
+    sources = ([EMULATION / f"{name}_emulated.cpp"] + sorted(EMULATION.glob("*.h"))
+               + sorted((ROOT / "csrc").rglob("*.cuh")) + sorted((ROOT / "csrc").rglob("*.h")))
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    library = BUILD / f"{name}-{key}.so"
+    if not library.exists():
+        BUILD.mkdir(parents=True, exist_ok=True)
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        # -O1: compiles in seconds and runs fast enough; strict aliasing off because the
+        # kernels move fragments through reinterpret_cast as CUDA code does.
+        subprocess.run([CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing",
+                        "-I", INCLUDE, str(sources[0]), "-o", str(partial)], check=True)
+        partial.rename(library)
+    return ctypes.CDLL(str(library))
+
+
+def guarded_empty(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN-filled output with NaN guard bands either side: (output view, whole storage)."""
+    numel = math.prod(shape)
+    storage = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype)
+    return storage[GUARD:GUARD + numel].view(shape), storage
+
+
+def assert_guards_untouched(storage: torch.Tensor, name: str) -> None:
+    for band in (storage[:GUARD], storage[-GUARD:]):
+        assert band.isnan().all(), f"{name}: the kernel wrote outside the output"
+
+
+def extent_bytes(t: torch.Tensor) -> int:
+    """Bytes from t's first element to just past its last one."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def buffer_table(tensors):
+    tensors = [t for t in tensors if t is not None]
+    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * len(tensors))(*[extent_bytes(t) for t in tensors])
+    return ptrs, sizes, len(tensors)
+
+
+# --- matmul / gemm: csrc/matmul/matmul_sm80.cuh ------------------------------------------------
+
+class MatmulParams(ctypes.Structure):
+    """csrc/matmul/matmul.h's MatmulParams (its size is checked against the C++ one)."""
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p),
+                ("batch", ctypes.c_int64), ("m", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64),
+                ("a_batch_stride", ctypes.c_int64), ("a_row_stride", ctypes.c_int64),
+                ("a_col_stride", ctypes.c_int64),
+                ("b_batch_stride", ctypes.c_int64), ("b_row_stride", ctypes.c_int64),
+                ("b_col_stride", ctypes.c_int64),
+                ("c_batch_stride", ctypes.c_int64), ("c_row_stride", ctypes.c_int64),
+                ("alpha", ctypes.c_float), ("bias", ctypes.c_void_p),
+                ("residual", ctypes.c_void_p), ("residual_batch_stride", ctypes.c_int64),
+                ("residual_row_stride", ctypes.c_int64),
+                ("pre", ctypes.c_void_p), ("pre_batch_stride", ctypes.c_int64),
+                ("pre_row_stride", ctypes.c_int64),
+                ("activation", ctypes.c_int), ("out_fp32", ctypes.c_bool)]
+
+
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return x
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    return getattr(torch.nn.functional, activation)(x)
+
+
+def vector_loadable(t: torch.Tensor, contiguous_dim: int) -> bool:
+    """matmul_sm80.cuh's vector_loadable: 16-byte cp.async can read t's rows."""
+    other = 3 - contiguous_dim
+    return (t.stride(contiguous_dim) == 1 and t.stride(other) % 8 == 0
+            and (t.shape[0] == 1 or t.stride(0) % 8 == 0) and t.data_ptr() % 16 == 0)
+
+
+def run_matmul(a, b, *, vector_loads=None, out_fp32=False, alpha=1.0, bias=None,
+               residual=None, activation=None, want_pre=False):
+    """The emulated kernel on 3-D a (batch, m, k) and b (batch or 1, k, n): (c, pre).
+    vector_loads=None picks the load path as the launcher does."""
+    lib = emulated("matmul")
+    assert lib.matmul_params_size() == ctypes.sizeof(MatmulParams)
+    batch, m, k = a.shape
+    n = b.shape[2]
+    out_dtype = torch.float32 if out_fp32 else a.dtype
+    c, c_storage = guarded_empty((batch, m, n), out_dtype)
+    pre, pre_storage = guarded_empty((batch, m, n), a.dtype) if want_pre else (None, None)
+    p = MatmulParams(a=a.data_ptr(), b=b.data_ptr(), c=c.data_ptr(), batch=batch, m=m, n=n, k=k,
+                     a_batch_stride=a.stride(0), a_row_stride=a.stride(1),
+                     a_col_stride=a.stride(2),
+                     b_batch_stride=b.stride(0) if b.shape[0] > 1 else 0,
+                     b_row_stride=b.stride(1), b_col_stride=b.stride(2),
+                     c_batch_stride=m * n, c_row_stride=n, alpha=alpha,
+                     activation=ACTIVATIONS[activation], out_fp32=out_fp32)
+    if bias is not None:
+        p.bias = bias.data_ptr()
+    if residual is not None:
+        p.residual = residual.data_ptr()
+        p.residual_batch_stride, p.residual_row_stride = residual.stride(0), residual.stride(1)
+    if pre is not None:
+        p.pre, p.pre_batch_stride, p.pre_row_stride = pre.data_ptr(), m * n, n
+    # The kernel's template choice, as csrc/matmul/matmul_sm80.cuh's run() makes it.
+    a_k_contiguous = a.stride(2) == 1 or (a.stride(1) != 1 and a.stride(2) <= a.stride(1))
+    b_n_contiguous = b.stride(2) == 1 or (b.stride(1) != 1 and b.stride(2) <= b.stride(1))
+    loadable = (vector_loadable(a, 2 if a_k_contiguous else 1)
+                and vector_loadable(b, 2 if b_n_contiguous else 1))
+    if vector_loads is None:
+        vector_loads = loadable
+    assert loadable or not vector_loads, "test error: cp.async cannot read these operands"
+    ptrs, sizes, count = buffer_table([a, b])
+    error = ctypes.create_string_buffer(512)
+    dtype_code = {torch.bfloat16: 0, torch.float16: 1}[a.dtype]
+    status = lib.emulate_matmul(ctypes.byref(p), dtype_code, int(a_k_contiguous),
+                                int(b_n_contiguous), int(vector_loads), ptrs, sizes, count, error,
+                                len(error))
+    assert status == 0, error.value.decode()
+    assert_guards_untouched(c_storage, "c")
+    if pre is not None:
+        assert_guards_untouched(pre_storage, "pre")
+    return c, pre
+
+
+def matmul_operand(rows, cols, dtype, contiguous_dim, *, batch=1, misalign=False):
+    """A (batch, rows, cols) operand whose unit stride runs along `contiguous_dim` (1 or 2),
+    optionally one element off 16-byte alignment (so only the element-wise loads can read it)."""
+    shape = (batch, rows, cols) if contiguous_dim == 2 else (batch, cols, rows)
+    storage = torch.randn(math.prod(shape) + 1, dtype=torch.float32).to(dtype)
+    base = storage[1:] if misalign else storage[:-1]
+    t = base.view(shape)
+    return t if contiguous_dim == 2 else t.transpose(1, 2)
+
+
+def reference_and_baseline(a, b, alpha=1.0, bias=None, residual=None, activation=None,
+                           out_dtype=None):
+    """(float64 result, the same expression with fp32 accumulation rounded to out_dtype)."""
+    results = []
+    for dt in (torch.float64, torch.float32):
+        x = alpha * (a.to(dt) @ b.to(dt))
+        if bias is not None:
+            x = x + bias.to(dt)
+        pre = x
+        x = activate(x, activation)
+        if residual is not None:
+            x = x + residual.to(dt)
+        results.append((x, pre))
+    (ref, ref_pre), (base, base_pre) = results
+    return ref, ref_pre, base.to(out_dtype), base_pre.to(a.dtype)
+
+
+LAYOUTS = [(2, 2), (2, 1), (1, 2), (1, 1)]  # contiguous dim of a, of b
+
+
+@pytest.mark.parametrize("out_fp32", [False, True], ids=["out-same", "out-fp32"])
+@pytest.mark.parametrize("vector_loads", [True, False], ids=["cp.async", "scalar"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["a_rm-b_rm", "a_rm-b_cm", "a_cm-b_rm",
+                                                 "a_cm-b_cm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_matmul_kernel_every_variant(dtype, layout, vector_loads, out_fp32):
+    # Two block rows, a partial block column, two K tiles (the second partial).
+    m, n, k = 136, 72, 88
+    a = matmul_operand(m, k, dtype, layout[0])
+    b = matmul_operand(k, n, dtype, layout[1])
+    c, _ = run_matmul(a, b, vector_loads=vector_loads, out_fp32=out_fp32)
+    out_dtype = torch.float32 if out_fp32 else dtype
+    ref, _, base, _ = reference_and_baseline(a, b, out_dtype=out_dtype)
+    assert_close_to_reference(c, ref, base)
+
+
+def test_matmul_kernel_unaligned_odd_shapes_and_batch():
+    # Odd sizes, a misaligned a, b broadcast over the batch (batch stride 0): scalar loads.
+    a = matmul_operand(33, 23, torch.bfloat16, 2, batch=3, misalign=True)
+    b = matmul_operand(23, 17, torch.bfloat16, 1)
+    c, _ = run_matmul(a, b, vector_loads=False)
+    ref, _, base, _ = reference_and_baseline(a, b, out_dtype=torch.bfloat16)
+    assert_close_to_reference(c, ref, base)
+
+
+def test_matmul_kernel_grouped_block_order():
+    # 9 x 2 output tiles: the grouped ordering's last group has a single block row.
+    a = matmul_operand(1100, 16, torch.float16, 2)
+    b = matmul_operand(16, 140, torch.float16, 2)
+    c, _ = run_matmul(a, b)
+    ref, _, base, _ = reference_and_baseline(a, b, out_dtype=torch.float16)
+    assert_close_to_reference(c, ref, base)
+
+
+def test_matmul_kernel_k_zero_gives_zeros():
+    a = matmul_operand(20, 0, torch.bfloat16, 2)
+    b = matmul_operand(0, 12, torch.bfloat16, 2)
+    c, _ = run_matmul(a, b)
+    assert (c == 0).all()
+
+
+@pytest.mark.parametrize("out_fp32", [False, True], ids=["out-same", "out-fp32"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=str)
+def test_gemm_epilogue(activation, out_fp32):
+    dtype = torch.bfloat16
+    m, n, k = 72, 136, 40
+    a = matmul_operand(m, k, dtype, 2, batch=2)
+    b = matmul_operand(k, n, dtype, 1)
+    bias = torch.randn(n, dtype=torch.float32)
+    out_dtype = torch.float32 if out_fp32 else dtype
+    residual = torch.randn(2, m, n + 8, dtype=out_dtype)[:, :, :n]  # a row stride != n
+    c, pre = run_matmul(a, b, out_fp32=out_fp32, alpha=0.75, bias=bias, residual=residual,
+                        activation=activation, want_pre=True)
+    ref, ref_pre, base, base_pre = reference_and_baseline(
+        a, b, 0.75, bias, residual, activation, out_dtype)
+    assert_close_to_reference(c, ref, base)
+    assert_close_to_reference(pre, ref_pre, base_pre, name="pre-activation")
