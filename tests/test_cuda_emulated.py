@@ -263,3 +263,112 @@ def test_gemm_epilogue(activation, out_fp32):
         a, b, 0.75, bias, residual, activation, out_dtype)
     assert_close_to_reference(c, ref, base)
     assert_close_to_reference(pre, ref_pre, base_pre, name="pre-activation")
+
+
+# --- attention: csrc/attention/attention_{fwd,bwd}_sm80.cuh ------------------------------------
+
+class AttentionStrides(ctypes.Structure):
+    _fields_ = [("batch", ctypes.c_int64), ("head", ctypes.c_int64), ("seq", ctypes.c_int64)]
+
+
+class AttentionParams(ctypes.Structure):
+    """csrc/attention/attention.h's AttentionParams (size checked against the C++ one)."""
+    _fields_ = [("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+                ("q_strides", AttentionStrides), ("k_strides", AttentionStrides),
+                ("v_strides", AttentionStrides), ("out_strides", AttentionStrides),
+                ("batch", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("heads_kv", ctypes.c_int64), ("seqlen_q", ctypes.c_int64),
+                ("seqlen_k", ctypes.c_int64), ("scale_log2", ctypes.c_float),
+                ("scale", ctypes.c_float),
+                ("grad_out", ctypes.c_void_p), ("delta", ctypes.c_void_p),
+                ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
+                ("grad_out_strides", AttentionStrides), ("dq_strides", AttentionStrides),
+                ("dk_strides", AttentionStrides), ("dv_strides", AttentionStrides)]
+
+
+def strides_of(t: torch.Tensor) -> AttentionStrides:
+    assert t.stride(3) == 1
+    return AttentionStrides(t.stride(0), t.stride(1), t.stride(2))
+
+
+def attention_params(q, k, v, causal_scale):
+    p = AttentionParams(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                        q_strides=strides_of(q), k_strides=strides_of(k), v_strides=strides_of(v),
+                        batch=q.shape[0], heads=q.shape[1], heads_kv=k.shape[1],
+                        seqlen_q=q.shape[2], seqlen_k=k.shape[2],
+                        scale_log2=causal_scale * math.log2(math.e), scale=causal_scale)
+    return p
+
+
+def run_attention_fwd(q, k, v, causal, scale):
+    lib = emulated("attention")
+    assert lib.attention_params_size() == ctypes.sizeof(AttentionParams)
+    b, h, sq, d = q.shape
+    out, out_storage = guarded_empty((b, h, sq, d), q.dtype)
+    lse, lse_storage = guarded_empty((b, h, sq), torch.float32)
+    p = attention_params(q, k, v, scale)
+    p.out, p.out_strides, p.lse = out.data_ptr(), strides_of(out), lse.data_ptr()
+    ptrs, sizes, count = buffer_table([q, k, v])
+    error = ctypes.create_string_buffer(512)
+    status = lib.emulate_attention_fwd(ctypes.byref(p), {torch.bfloat16: 0, torch.float16: 1}[
+        q.dtype], d, int(causal), ptrs, sizes, count, error, len(error))
+    assert status == 0, error.value.decode()
+    assert_guards_untouched(out_storage, "out")
+    assert_guards_untouched(lse_storage, "lse")
+    return out, lse
+
+
+def attention_reference(q, k, v, causal, scale, dtype=torch.float64):
+    """(out, lse) of softmax(q k^T * scale) v with top-left causal masking, in ``dtype``."""
+    group = q.shape[1] // k.shape[1]
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]))  # fully masked rows: zeros
+    return probs @ v, lse
+
+
+def attention_inputs(b, h, h_kv, sq, sk, d, dtype, *, seq_major=False):
+    """q, k, v; with seq_major, (batch, seq, heads, dim) projections viewed as (b, h, s, d)."""
+    def make(heads, seq):
+        if seq_major:
+            return torch.randn(b, seq, heads, d).to(dtype).transpose(1, 2)
+        return torch.randn(b, heads, seq, d).to(dtype)
+    return make(h, sq), make(h_kv, sk), make(h_kv, sk)
+
+
+ATTENTION_CASES = {
+    # name: (batch, heads, kv heads, seq_q, seq_k, head dim, causal, seq-major views)
+    "d64_edges": (2, 2, 2, 70, 90, 64, False, False),
+    "d64_causal": (1, 2, 2, 130, 130, 64, True, False),
+    "d64_causal_sq_gt_sk": (1, 1, 1, 100, 40, 64, True, False),
+    "d64_causal_sq_lt_sk": (1, 1, 1, 40, 100, 64, True, False),
+    "d128_gqa_views": (1, 4, 2, 65, 129, 128, False, True),
+    "d128_causal": (1, 1, 1, 77, 77, 128, True, False),
+    "len1": (1, 1, 1, 1, 1, 64, False, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_forward_kernel(case, dtype):
+    b, h, hk, sq, sk, d, causal, seq_major = ATTENTION_CASES[case]
+    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype, seq_major=seq_major)
+    scale = d ** -0.5
+    out, lse = run_attention_fwd(q, k, v, causal, scale)
+    ref, ref_lse = attention_reference(q, k, v, causal, scale)
+    base = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=scale, enable_gqa=h != hk)
+    assert_close_to_reference(out, ref, base)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_forward_kernel_no_keys():
+    q, k, v = attention_inputs(1, 2, 2, 20, 0, 64, torch.bfloat16)
+    out, lse = run_attention_fwd(q, k, v, False, 0.125)
+    assert (out == 0).all() and (lse == float("-inf")).all()

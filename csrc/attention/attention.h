@@ -1,0 +1,47 @@
+// The plain interface between attention_api.cpp (which sees ATen) and the kernel files.
+// Tensors are (batch, heads, seq, head_dim) with a unit stride along head_dim; the other
+// strides are in elements, so transposed (B, S, H, D) layouts are read in place.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace tilesmith {
+
+struct AttentionStrides {
+  int64_t batch, head, seq;
+};
+
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;  // (batch, heads, seqlen_q), contiguous: natural log-sum-exp of each row
+  AttentionStrides q_strides, k_strides, v_strides, out_strides;
+  int64_t batch, heads, heads_kv, seqlen_q, seqlen_k;
+  float scale_log2;  // softmax scale * log2(e): the kernels exponentiate with exp2
+  float scale;
+
+  // Backward only. delta = rowsum(grad_out * out), laid out like lse.
+  const void* grad_out = nullptr;
+  const float* delta = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;  // (batch, heads_kv, seqlen_k, head_dim): summed over each kv group
+  void* dv = nullptr;
+  AttentionStrides grad_out_strides{}, dq_strides{}, dk_strides{}, dv_strides{};
+};
+
+// One file per (dtype, head dim): csrc/attention/attention_sm80_<dtype>_d<D>.cu.
+#define TILESMITH_ATTENTION_DECLARE(dtype, head_dim)                                      \
+  cudaError_t run_attention_fwd_sm80_##dtype##_d##head_dim(const AttentionParams& params, \
+                                                           bool causal, cudaStream_t stream); \
+  cudaError_t run_attention_bwd_sm80_##dtype##_d##head_dim(const AttentionParams& params, \
+                                                           bool causal, cudaStream_t stream);
+TILESMITH_ATTENTION_DECLARE(bf16, 64)
+TILESMITH_ATTENTION_DECLARE(bf16, 128)
+TILESMITH_ATTENTION_DECLARE(fp16, 64)
+TILESMITH_ATTENTION_DECLARE(fp16, 128)
+#undef TILESMITH_ATTENTION_DECLARE
+
+}  // namespace tilesmith

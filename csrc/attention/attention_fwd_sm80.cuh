@@ -1,0 +1,221 @@
+// Flash-style attention forward for sm_80 and newer (FlashAttention-2's schedule, written
+// for this project): one block computes 64 query rows of one (batch, head), 16 per warp, and
+// walks the keys 64 at a time. Q stays in registers; K and V tiles are double-buffered in
+// swizzled shared memory through cp.async, so the next tile loads while this one computes.
+// Scores S = Q K^T and the output O += P V run on mma.sync m16n8k16 with fp32 accumulators;
+// P never leaves registers: the accumulator layout of S is, pair by pair, the A-operand
+// layout of the next mma, so P is only rounded to T and repacked. Scores are kept in the
+// log2 domain (scale * log2 e) so that the online softmax's exponentials are exp2.
+#pragma once
+
+#include <cmath>
+
+#include "../common/mma_sm80.cuh"
+#include "../common/tiles_sm80.cuh"
+#include "attention.h"
+
+namespace tilesmith {
+namespace attention_sm80 {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockM = 64;  // query rows per block, 16 per warp
+constexpr int kBlockN = 64;  // keys per step
+constexpr float kLn2 = 0.69314718055994531f;
+
+template <typename T, int kHeadDim>
+constexpr int fwd_smem_bytes() {
+  // Q, then two stages of K and two of V.
+  return (kBlockM + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T));
+}
+
+// Block x of a causal launch takes query block (blocks - 1 - x): the longest rows start
+// first and the short ones fill the tail.
+__device__ __forceinline__ int64_t query_block(bool causal) {
+  const int x = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  return static_cast<int64_t>(x) * kBlockM;
+}
+
+template <typename T, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;
+  constexpr int kSteps = kHeadDim / 16;   // k-steps of S = Q K^T
+  constexpr int kKeyTiles = kBlockN / 8;  // n-tiles of S
+  constexpr int kDimTiles = kHeadDim / 8; // n-tiles of O
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  T* smem_q = reinterpret_cast<T*>(shared_bytes);
+  T* smem_k = smem_q + TileQ::kElements;
+  T* smem_v = smem_k + 2 * TileKV::kElements;
+
+  const int64_t row0 = query_block(kCausal);
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t h_kv = h / (p.heads / p.heads_kv);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
+  // Causal masking is aligned top-left (key <= query), as in PyTorch's SDPA.
+  const int64_t key_end =
+      kCausal && row0 + kBlockM < p.seqlen_k ? row0 + kBlockM : p.seqlen_k;
+  const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
+
+  auto load_kv = [&](int stage, int block) {
+    const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
+    load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k + stage * TileKV::kElements, k, n0,
+                                                    0, p.seqlen_k, kHeadDim, p.k_strides.seq, 1);
+    load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v + stage * TileKV::kElements, v, n0,
+                                                    0, p.seqlen_k, kHeadDim, p.v_strides.seq, 1);
+  };
+  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_q, q, row0, 0, p.seqlen_q, kHeadDim,
+                                                  p.q_strides.seq, 1);
+  if (key_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int lane = threadIdx.x % 32;
+  const int warp_row0 = (threadIdx.x / 32) * 16;
+  const int ld_row = lane % 8;     // ldmatrix: lane l gives row l % 8 of matrix l / 8
+  const int ld_matrix = lane / 8;
+  // This thread's two rows of every accumulator tile, and its first column in each.
+  const int64_t rows[2] = {row0 + warp_row0 + lane / 4, row0 + warp_row0 + lane / 4 + 8};
+  const int quad_col = 2 * (lane % 4);
+
+  uint32_t frag_q[kSteps][4];
+  float acc_o[kDimTiles][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; summed over the quad at the end
+
+  for (int j = 0; j < key_blocks; ++j) {
+    cp_async_wait<0>();  // K_j, V_j (and at j = 0, Q) have landed for this thread
+    __syncthreads();     // ... for every thread; and stage (j + 1) % 2 is free again
+    if (j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < kSteps; ++kk) {
+        const int row = warp_row0 + ld_row + (ld_matrix % 2) * 8;
+        const int col = kk * 16 + (ld_matrix / 2) * 8;
+        ldmatrix_x4(frag_q[kk], smem_q + TileQ::offset(row, col));
+      }
+    }
+    if (j + 1 < key_blocks) load_kv((j + 1) % 2, j + 1);
+    cp_async_commit();
+    const T* sk = smem_k + (j % 2) * TileKV::kElements;
+    const T* sv = smem_v + (j % 2) * TileKV::kElements;
+
+    // S = Q K^T. K's [key][dim] tile is B = K^T in the column-major form mma wants as is.
+    float s[kKeyTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) {
+#pragma unroll
+      for (int ni = 0; ni < kKeyTiles; ni += 2) {
+        uint32_t regs[4];
+        const int row = ni * 8 + ld_row + (ld_matrix / 2) * 8;
+        const int col = kk * 16 + (ld_matrix % 2) * 8;
+        ldmatrix_x4(regs, sk + TileKV::offset(row, col));
+        mma_16816<T>(s[ni], frag_q[kk], regs[0], regs[1]);
+        mma_16816<T>(s[ni + 1], frag_q[kk], regs[2], regs[3]);
+      }
+    }
+
+    // Online softmax, one row (half) at a time. Only blocks that reach past the last key
+    // or the diagonal need the mask; the test is uniform across the warp.
+    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+    const bool needs_mask = key0 + kBlockN > p.seqlen_k ||
+                            (kCausal && key0 + kBlockN - 1 > row0 + warp_row0);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float block_max = -INFINITY;
+#pragma unroll
+      for (int ni = 0; ni < kKeyTiles; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = s[ni][half * 2 + e] * p.scale_log2;
+          if (needs_mask) {
+            const int64_t key = key0 + ni * 8 + quad_col + e;
+            if (key >= p.seqlen_k || (kCausal && key > rows[half])) x = -INFINITY;
+          }
+          s[ni][half * 2 + e] = x;
+          block_max = fmaxf(block_max, x);
+        }
+      }
+      const float new_max = fmaxf(row_max[half], quad_max(block_max));
+      // A row that has seen only masked keys keeps max -inf: exponentiate against 0 so
+      // that -inf - (-inf) never makes a NaN.
+      const float base = new_max == -INFINITY ? 0.0f : new_max;
+      const float rescale = exp2f(row_max[half] - base);
+      row_max[half] = new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int ni = 0; ni < kKeyTiles; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float prob = exp2f(s[ni][half * 2 + e] - base);
+          s[ni][half * 2 + e] = prob;
+          sum += prob;
+        }
+      }
+      row_sum[half] = row_sum[half] * rescale + sum;
+#pragma unroll
+      for (int di = 0; di < kDimTiles; ++di) {
+        acc_o[di][half * 2] *= rescale;
+        acc_o[di][half * 2 + 1] *= rescale;
+      }
+    }
+
+    // O += P V. Key tiles 2i and 2i + 1 of S are the A fragment of k-step i; V's
+    // [key][dim] tile is B row-major, so ldmatrix transposes it.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t frag_p[4] = {
+          pack_pair<T>(s[2 * kk][0], s[2 * kk][1]), pack_pair<T>(s[2 * kk][2], s[2 * kk][3]),
+          pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+          pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int di = 0; di < kDimTiles; di += 2) {
+        uint32_t regs[4];
+        const int row = kk * 16 + ld_row + (ld_matrix % 2) * 8;
+        const int col = di * 8 + (ld_matrix / 2) * 8;
+        ldmatrix_x4_trans(regs, sv + TileKV::offset(row, col));
+        mma_16816<T>(acc_o[di], frag_p, regs[0], regs[1]);
+        mma_16816<T>(acc_o[di + 1], frag_p, regs[2], regs[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+
+  // O / l, and lse = (max + log2 l) ln 2. A row with no visible key (l = 0) gives zeros and
+  // lse = -inf, as PyTorch does.
+  T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head;
+  float* lse = p.lse + (b * p.heads + h) * p.seqlen_q;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float total = quad_sum(row_sum[half]);
+    if (rows[half] >= p.seqlen_q) continue;
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    T* out_row = out + rows[half] * p.out_strides.seq + quad_col;
+#pragma unroll
+    for (int di = 0; di < kDimTiles; ++di) {
+      *reinterpret_cast<uint32_t*>(out_row + di * 8) =
+          pack_pair<T>(acc_o[di][half * 2] * inv, acc_o[di][half * 2 + 1] * inv);
+    }
+    if (lane % 4 == 0) {
+      lse[rows[half]] = total > 0.0f ? (row_max[half] + log2f(total)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
+template <typename T, int kHeadDim, bool kCausal>
+cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
+  constexpr int kSmemBytes = fwd_smem_bytes<T, kHeadDim>();
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
+                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace attention_sm80
+}  // namespace tilesmith
