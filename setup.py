@@ -94,7 +94,7 @@ def cuda_extensions():
     generic = CUDAExtension(
         name="tilesmith._C",
         sources=["csrc/registration.cpp", "csrc/matmul/matmul_api.cpp",
-                 "csrc/gemm/gemm_api.cpp",
+                 "csrc/gemm/gemm_api.cpp", "csrc/attention/attention_api.cpp",
                  *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*/*.cu")
                          if not p.stem.endswith("_sm90a"))],
         include_dirs=[str(ROOT / "csrc")],

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "attention/attention_api.h"
 #include "gemm/gemm_api.h"
 #include "matmul/matmul_api.h"
 
@@ -16,4 +17,6 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) {
   m.impl("matmul_cuda", &tilesmith::matmul_cuda);
   m.impl("gemm_cuda", &tilesmith::gemm_cuda);
+  m.impl("attention_fwd_cuda", &tilesmith::attention_fwd_cuda);
+  m.impl("attention_bwd_cuda", &tilesmith::attention_bwd_cuda);
 }

@@ -1,6 +1,8 @@
 """tilesmith.ops.scaled_dot_product_attention / attention / varlen_attention against
 PyTorch's scaled_dot_product_attention in float64 (GUIDE §3), outputs and every gradient."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,9 @@ from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, req
 
 import tilesmith
 from tilesmith import testing
-from tilesmith.ops import attention as attention_ops
+
+# The module (tilesmith.ops.attention is also the name of the function it exports).
+attention_ops = importlib.import_module("tilesmith.ops.attention")
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -23,6 +27,15 @@ def _sample(name, dtype):
 
 def _params(dtypes):
     return backend_dtype_params("attention", dtypes)
+
+
+def _skip_if_backend_cannot(backend, args, kwargs=None, varlen=False):
+    """Skip (with the reason) a call the backend's kernels do not take, e.g. a mask on cuda."""
+    kwargs = kwargs or {}
+    why = attention_ops.kernel_limits(args[0], args[2], kwargs.get("dropout_p", 0.0),
+                                      kwargs.get("attn_mask"), varlen)[backend]
+    if why:
+        pytest.skip(why)
 
 
 def _float64(kwargs):
@@ -43,6 +56,7 @@ def _check(got, ref, base, name):
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_forward_and_gradients_match_float64(backend, dtype, name):
     sample = _sample(name, dtype)
+    _skip_if_backend_cannot(backend, sample.args, sample.kwargs)
     kwargs = dict(sample.kwargs)
     mask = kwargs.get("attn_mask")
     q, k, v = testing.grad_views(sample.args)
@@ -79,6 +93,7 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_fully_masked_row_gives_zeros_and_finite_grads(backend, kind):
     sample = _sample(f"fully_masked_row_{kind}", torch.bfloat16)
+    _skip_if_backend_cannot(backend, sample.args, sample.kwargs)
     q, k, v = testing.grad_views(sample.args)
     out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend=backend, **sample.kwargs)
     row = 4 if kind == "bool" else 7
@@ -146,6 +161,7 @@ def _varlen_reference(sample, dtype):
 @pytest.mark.parametrize("name", VARLEN_NAMES)
 def test_varlen_forward_and_gradients(backend, dtype, name):
     sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, dtype)}[name]
+    _skip_if_backend_cannot(backend, sample.args, varlen=True)
     q, k, v, cu_q, cu_k, max_q, max_k = sample.args
     q, k, v = testing.grad_views((q, k, v))
     with testing.poison_outputs():
@@ -175,13 +191,17 @@ def test_varlen_forward_and_gradients(backend, dtype, name):
                                   "gqa_kv2_causal"])
 def test_opcheck(backend, name):
     sample = _sample(name, torch.bfloat16)
+    _skip_if_backend_cannot(backend, sample.args, sample.kwargs)
     q, k, v = (t.detach().clone().requires_grad_(True) for t in sample.args)
     mask = sample.kwargs.get("attn_mask")
     if mask is not None:
         mask = attention_ops._prepare_mask(mask, q, k, "test")
     causal = sample.kwargs.get("is_causal", False)
-    torch.library.opcheck(torch.ops.tilesmith.attention_fwd_triton,
-                          (q, k, v, mask, causal, 0.125))
+    if backend == "cuda":
+        torch.library.opcheck(torch.ops.tilesmith.attention_fwd_cuda, (q, k, v, causal, 0.125))
+    else:
+        torch.library.opcheck(torch.ops.tilesmith.attention_fwd_triton,
+                              (q, k, v, mask, causal, 0.125))
 
 
 @requires_gpu
@@ -233,10 +253,19 @@ def test_dropout_on_tilesmith_kernels_raises(backend):
         tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend=backend)
 
 
-def test_cuda_backend_says_it_does_not_exist_yet():
-    q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(tilesmith.BackendUnavailableError, match="no cuda kernel for attention"):
-        tilesmith.ops.scaled_dot_product_attention(q, q, q, backend="cuda")
+def test_cuda_backend_names_what_its_kernels_do_not_take():
+    q = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    assert attention_ops.kernel_limits(q, q)["cuda"] is None
+    assert "attn_mask" in attention_ops.kernel_limits(q, q, mask=mask)["cuda"]
+    assert "64 or all 128" in attention_ops.kernel_limits(q[..., :40], q[..., :40])["cuda"]
+    assert "64 or all 128" in attention_ops.kernel_limits(q, q[..., :32])["cuda"]
+    assert "varlen" in attention_ops.kernel_limits(q, q, varlen=True)["cuda"]
+    assert attention_ops.kernel_limits(q, q, mask=mask)["triton"] is None
+    # Named explicitly, a call the kernels cannot take raises with that reason; by default
+    # it goes to a backend that can.
+    with pytest.raises(tilesmith.BackendUnavailableError, match="attn_mask|CUDA tensors"):
+        tilesmith.ops.scaled_dot_product_attention(q, q, q, attn_mask=mask, backend="cuda")
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):

@@ -1,5 +1,5 @@
 """The build: the CUDA extensions exist where they should, carry the architectures we
-promise, and their matmul kernels keep everything in registers (no local-memory spills)."""
+promise, and their kernels keep everything in registers (no local-memory spills)."""
 
 import os
 import re
@@ -86,17 +86,23 @@ def _resource_usage(so: str) -> dict[tuple[str, str], dict[str, int]]:
     return usage
 
 
+# Kernel name -> instantiations per SASS architecture. matmul: 2 input dtypes x 2 output
+# types x 2 layouts of a x 2 of b x 2 load paths; attention: 2 dtypes x 2 head dims x causal
+# or not, for each of its three kernels.
+KERNEL_INSTANCES = {"matmul_kernel": 32, "attention_fwd_kernel": 8,
+                    "attention_bwd_dkdv_kernel": 8, "attention_bwd_dq_kernel": 8}
+
+
 @needs_extension
-def test_matmul_kernels_do_not_spill():
+@pytest.mark.parametrize("kernel", list(KERNEL_INSTANCES))
+def test_cuda_kernels_do_not_spill(kernel):
     if _cuobjdump() is None:
         pytest.skip("no cuobjdump found (CUDA toolkit bin/ or triton's bundled copy)")
     usage = _resource_usage(_extension_file(backend._C))
-    matmul = {key: value for key, value in usage.items() if "matmul_kernel" in key[1]}
-    # 2 input dtypes x 2 output types x 2 layouts of a x 2 of b x 2 load paths, per SASS
-    # architecture.
-    archs = {arch for arch, _ in matmul}
-    assert len(matmul) == 32 * len(archs) and archs, sorted(matmul)
-    spilling = {f"{arch} {name}": (u["STACK"], u["LOCAL"]) for (arch, name), u in matmul.items()
+    found = {key: value for key, value in usage.items() if kernel in key[1]}
+    archs = {arch for arch, _ in found}
+    assert len(found) == KERNEL_INSTANCES[kernel] * len(archs) and archs, sorted(found)
+    spilling = {f"{arch} {name}": (u["STACK"], u["LOCAL"]) for (arch, name), u in found.items()
                 if u["STACK"] or u["LOCAL"]}
     assert not spilling, f"kernels with stack/local memory (spills): {spilling}"
 

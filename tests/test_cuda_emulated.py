@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "emulation"
 BUILD = ROOT / "build" / "emulation"
 GUARD = 64  # NaN elements before and after every output
+DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}  # the harnesses' dtype argument
 
 
 def _cuda_include_dir() -> str | None:
@@ -165,8 +166,7 @@ def run_matmul(a, b, *, vector_loads=None, out_fp32=False, alpha=1.0, bias=None,
     assert loadable or not vector_loads, "test error: cp.async cannot read these operands"
     ptrs, sizes, count = buffer_table([a, b])
     error = ctypes.create_string_buffer(512)
-    dtype_code = {torch.bfloat16: 0, torch.float16: 1}[a.dtype]
-    status = lib.emulate_matmul(ctypes.byref(p), dtype_code, int(a_k_contiguous),
+    status = lib.emulate_matmul(ctypes.byref(p), DTYPE_CODES[a.dtype], int(a_k_contiguous),
                                 int(b_n_contiguous), int(vector_loads), ptrs, sizes, count, error,
                                 len(error))
     assert status == 0, error.value.decode()
@@ -292,13 +292,12 @@ def strides_of(t: torch.Tensor) -> AttentionStrides:
     return AttentionStrides(t.stride(0), t.stride(1), t.stride(2))
 
 
-def attention_params(q, k, v, causal_scale):
-    p = AttentionParams(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
-                        q_strides=strides_of(q), k_strides=strides_of(k), v_strides=strides_of(v),
-                        batch=q.shape[0], heads=q.shape[1], heads_kv=k.shape[1],
-                        seqlen_q=q.shape[2], seqlen_k=k.shape[2],
-                        scale_log2=causal_scale * math.log2(math.e), scale=causal_scale)
-    return p
+def attention_params(q, k, v, scale):
+    return AttentionParams(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                           q_strides=strides_of(q), k_strides=strides_of(k),
+                           v_strides=strides_of(v), batch=q.shape[0], heads=q.shape[1],
+                           heads_kv=k.shape[1], seqlen_q=q.shape[2], seqlen_k=k.shape[2],
+                           scale_log2=scale * math.log2(math.e), scale=scale)
 
 
 def run_attention_fwd(q, k, v, causal, scale):
@@ -311,8 +310,8 @@ def run_attention_fwd(q, k, v, causal, scale):
     p.out, p.out_strides, p.lse = out.data_ptr(), strides_of(out), lse.data_ptr()
     ptrs, sizes, count = buffer_table([q, k, v])
     error = ctypes.create_string_buffer(512)
-    status = lib.emulate_attention_fwd(ctypes.byref(p), {torch.bfloat16: 0, torch.float16: 1}[
-        q.dtype], d, int(causal), ptrs, sizes, count, error, len(error))
+    status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], d, int(causal), 0,
+                                   ptrs, sizes, count, error, len(error))
     assert status == 0, error.value.decode()
     assert_guards_untouched(out_storage, "out")
     assert_guards_untouched(lse_storage, "lse")
@@ -372,3 +371,55 @@ def test_attention_forward_kernel_no_keys():
     q, k, v = attention_inputs(1, 2, 2, 20, 0, 64, torch.bfloat16)
     out, lse = run_attention_fwd(q, k, v, False, 0.125)
     assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale):
+    """The dK/dV and dQ kernels; delta = rowsum(dO * O) in fp32, as the op computes it."""
+    lib = emulated("attention")
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    grads = [guarded_empty(t.shape, t.dtype) for t in (q, k, v)]
+    p = attention_params(q, k, v, scale)
+    p.lse, p.delta = lse.data_ptr(), delta.data_ptr()
+    p.grad_out, p.grad_out_strides = grad_out.data_ptr(), strides_of(grad_out)
+    (dq, _), (dk, _), (dv, _) = grads
+    p.dq, p.dk, p.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    p.dq_strides, p.dk_strides, p.dv_strides = strides_of(dq), strides_of(dk), strides_of(dv)
+    ptrs, sizes, count = buffer_table([q, k, v, grad_out])
+    error = ctypes.create_string_buffer(512)
+    status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], q.shape[3],
+                                   int(causal), 1, ptrs, sizes, count, error, len(error))
+    assert status == 0, error.value.decode()
+    for (_, storage), name in zip(grads, ("dq", "dk", "dv")):
+        assert_guards_untouched(storage, name)
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_backward_kernels(case, dtype):
+    b, h, hk, sq, sk, d, causal, seq_major = ATTENTION_CASES[case]
+    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype, seq_major=seq_major)
+    scale = d ** -0.5
+    out, lse = run_attention_fwd(q, k, v, causal, scale)
+    grad_out = torch.randn(out.shape).to(dtype)
+    grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale)
+
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = attention_reference(*leaves, causal, scale)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    base_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    base = torch.nn.functional.scaled_dot_product_attention(
+        *base_leaves, is_causal=causal, scale=scale, enable_gqa=h != hk)
+    base_grads = torch.autograd.grad(base, base_leaves, grad_out)
+    for got, want, baseline, name in zip(grads, ref_grads, base_grads, ("dq", "dk", "dv")):
+        assert_close_to_reference(got, want, baseline, name=name)
+
+
+def test_attention_backward_kernels_keys_no_query_sees():
+    # Causal with seq_k > seq_q: keys past the last query get zero gradients.
+    q, k, v = attention_inputs(1, 1, 1, 10, 150, 64, torch.bfloat16)
+    out, lse = run_attention_fwd(q, k, v, True, 0.125)
+    dq, dk, dv = run_attention_bwd(torch.randn(out.shape).to(q.dtype), q, k, v, out, lse,
+                                   True, 0.125)
+    assert (dk[:, :, 10:] == 0).all() and (dv[:, :, 10:] == 0).all()
+    assert dk[:, :, :10].abs().sum() > 0

@@ -73,8 +73,6 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 
   const int lane = threadIdx.x % 32;
   const int warp_row0 = (threadIdx.x / 32) * 16;
-  const int ld_row = lane % 8;     // ldmatrix: lane l gives row l % 8 of matrix l / 8
-  const int ld_matrix = lane / 8;
   // This thread's two rows of every accumulator tile, and its first column in each.
   const int64_t rows[2] = {row0 + warp_row0 + lane / 4, row0 + warp_row0 + lane / 4 + 8};
   const int quad_col = 2 * (lane % 4);
@@ -90,9 +88,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     if (j == 0) {
 #pragma unroll
       for (int kk = 0; kk < kSteps; ++kk) {
-        const int row = warp_row0 + ld_row + (ld_matrix % 2) * 8;
-        const int col = kk * 16 + (ld_matrix / 2) * 8;
-        ldmatrix_x4(frag_q[kk], smem_q + TileQ::offset(row, col));
+        load_fragment_a<TileQ>(frag_q[kk], smem_q, warp_row0, kk * 16, lane);
       }
     }
     if (j + 1 < key_blocks) load_kv((j + 1) % 2, j + 1);
@@ -107,9 +103,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 #pragma unroll
       for (int ni = 0; ni < kKeyTiles; ni += 2) {
         uint32_t regs[4];
-        const int row = ni * 8 + ld_row + (ld_matrix / 2) * 8;
-        const int col = kk * 16 + (ld_matrix % 2) * 8;
-        ldmatrix_x4(regs, sk + TileKV::offset(row, col));
+        load_fragments_b_nk<TileKV>(regs, sk, ni * 8, kk * 16, lane);
         mma_16816<T>(s[ni], frag_q[kk], regs[0], regs[1]);
         mma_16816<T>(s[ni + 1], frag_q[kk], regs[2], regs[3]);
       }
@@ -164,16 +158,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     // [key][dim] tile is B row-major, so ldmatrix transposes it.
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t frag_p[4] = {
-          pack_pair<T>(s[2 * kk][0], s[2 * kk][1]), pack_pair<T>(s[2 * kk][2], s[2 * kk][3]),
-          pack_pair<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-          pack_pair<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t frag_p[4];
+      accumulators_to_fragment_a<T>(frag_p, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int di = 0; di < kDimTiles; di += 2) {
         uint32_t regs[4];
-        const int row = kk * 16 + ld_row + (ld_matrix % 2) * 8;
-        const int col = di * 8 + (ld_matrix / 2) * 8;
-        ldmatrix_x4_trans(regs, sv + TileKV::offset(row, col));
+        load_fragments_b_kn<TileKV>(regs, sv, kk * 16, di * 8, lane);
         mma_16816<T>(acc_o[di], frag_p, regs[0], regs[1]);
         mma_16816<T>(acc_o[di + 1], frag_p, regs[2], regs[3]);
       }

@@ -68,4 +68,48 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row0, 
   }
 }
 
+// Operand fragments of one mma.sync m16n8k16 from a swizzled tile. ldmatrix.x4 reads four
+// 8x8 matrices; lane l gives the address of row l % 8 of matrix l / 8.
+
+// A (16 rows x 16 k) at (row0, k0) of a tile stored [row][k]. Matrices: (rows 0-7, k 0-7),
+// (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+template <typename Tile, typename T>
+__device__ __forceinline__ void load_fragment_a(uint32_t (&frag)[4], const T* tile, int row0,
+                                                int k0, int lane) {
+  const int row = row0 + lane % 8 + ((lane / 8) % 2) * 8;
+  const int col = k0 + (lane / 16) * 8;
+  ldmatrix_x4(frag, tile + Tile::offset(row, col));
+}
+
+// B for two n-tiles (n0..n0+7 in regs 0-1, n0+8..n0+15 in regs 2-3) x 16 k at k0, from a
+// tile stored [n][k]: the column-major B that mma wants, no transpose.
+template <typename Tile, typename T>
+__device__ __forceinline__ void load_fragments_b_nk(uint32_t (&regs)[4], const T* tile, int n0,
+                                                    int k0, int lane) {
+  const int row = n0 + lane % 8 + (lane / 16) * 8;
+  const int col = k0 + ((lane / 8) % 2) * 8;
+  ldmatrix_x4(regs, tile + Tile::offset(row, col));
+}
+
+// The same two B n-tiles from a tile stored [k][n], transposed on the way by ldmatrix.
+template <typename Tile, typename T>
+__device__ __forceinline__ void load_fragments_b_kn(uint32_t (&regs)[4], const T* tile, int k0,
+                                                    int n0, int lane) {
+  const int row = k0 + lane % 8 + ((lane / 8) % 2) * 8;
+  const int col = n0 + (lane / 16) * 8;
+  ldmatrix_x4_trans(regs, tile + Tile::offset(row, col));
+}
+
+// Accumulator tiles 2i and 2i + 1 of a row of m16n8 fp32 tiles, rounded to T: the A fragment
+// of k-step i of the next product (how P and dS stay in registers).
+template <typename T>
+__device__ __forceinline__ void accumulators_to_fragment_a(uint32_t (&frag)[4],
+                                                           const float (&left)[4],
+                                                           const float (&right)[4]) {
+  frag[0] = pack_pair<T>(left[0], left[1]);
+  frag[1] = pack_pair<T>(left[2], left[3]);
+  frag[2] = pack_pair<T>(right[0], right[1]);
+  frag[3] = pack_pair<T>(right[2], right[3]);
+}
+
 }  // namespace tilesmith

@@ -51,8 +51,8 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
         torch.float8_e5m2: ("triton", "torch"),
     },
     "attention": {
-        torch.bfloat16: ("torch", "triton"),
-        torch.float16: ("torch", "triton"),
+        torch.bfloat16: ("torch", "cuda", "triton"),
+        torch.float16: ("torch", "cuda", "triton"),
         torch.float32: ("torch", "triton"),
     },
 }
@@ -85,7 +85,8 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
                   torch.float8_e5m2),
     },
     "attention": {
-        "cuda": (),  # not written yet
+        # Dense, unmasked, head dim 64 or 128 (ops/attention.py says which calls it takes).
+        "cuda": (torch.float16, torch.bfloat16),
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
@@ -210,21 +211,27 @@ def available_backends(op: str, device: torch.device | str | None = None,
 
 
 def pick(op: str, tensor: torch.Tensor, backend: str | None = None,
-         kernels_cannot: str | None = None) -> str:
+         kernels_cannot: str | dict[str, str | None] | None = None) -> str:
     """The backend that runs ``op`` on inputs like ``tensor`` (see the module docstring).
     ``kernels_cannot``: why tilesmith's own kernels cannot run this particular call (an
-    argument they do not implement), if so; then only "torch" can take it."""
+    argument they do not implement), if so: one reason for all of them, or a reason (or
+    None) per backend, e.g. ``{"cuda": "no attn_mask", "triton": None}``."""
+    def cannot(name: str) -> str | None:
+        if name == "torch":
+            return None
+        if isinstance(kernels_cannot, dict):
+            return kernels_cannot.get(name)
+        return kernels_cannot
+
     requested = backend or (_STACK[-1] if _STACK else None) or _ENV_BACKEND
     if requested is not None:
-        why = unavailable_reason(requested, op, tensor.device, tensor.dtype)
-        if why is None and requested != "torch":
-            why = kernels_cannot
+        why = unavailable_reason(requested, op, tensor.device, tensor.dtype) or cannot(requested)
         if why is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {why}")
         return requested
-    if tensor.device.type != "cuda" or kernels_cannot is not None:
+    if tensor.device.type != "cuda":
         return "torch"
     for name in DEFAULT_ORDER[op].get(tensor.dtype, ("torch",)):
-        if unavailable_reason(name, op, tensor.device, tensor.dtype) is None:
+        if unavailable_reason(name, op, tensor.device, tensor.dtype) is None and not cannot(name):
             return name
     return "torch"

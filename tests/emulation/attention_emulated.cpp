@@ -1,11 +1,11 @@
 // csrc/attention's kernels on the CPU emulator, for tests/test_cuda_emulated.py.
 #include "sm80_emulator.h"
 // The emulator must come first: it replaces the inline PTX of mma_sm80.cuh.
-#include "../../csrc/attention/attention_fwd_sm80.cuh"
+#include "../../csrc/attention/attention_bwd_sm80.cuh"
 
 namespace tilesmith::attention_sm80 {
 // The kernels' `extern __shared__` buffer, which block-scope extern declares in this namespace.
-alignas(128) unsigned char shared_bytes[fwd_smem_bytes<float, 128>()];
+alignas(128) unsigned char shared_bytes[dq_smem_bytes<float, 128>()];
 }  // namespace tilesmith::attention_sm80
 
 namespace {
@@ -23,32 +23,61 @@ std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer>
                                });
 }
 
+// The two backward kernels, in the order the launcher runs them.
+template <typename T, int kHeadDim, bool kCausal>
+std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
+  std::string error;
+  if (p.seqlen_k > 0) {
+    const dim3 grid(static_cast<unsigned>((p.seqlen_k + at80::kBlockN - 1) / at80::kBlockN),
+                    static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
+    error = tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::dkdv_smem_bytes<T, kHeadDim>(),
+                                  at80::shared_bytes, buffers, [&p] {
+                                    at80::attention_bwd_dkdv_kernel<T, kHeadDim, kCausal>(p);
+                                  });
+  }
+  if (error.empty() && p.seqlen_q > 0) {
+    const dim3 grid(static_cast<unsigned>((p.seqlen_q + at80::kBlockM - 1) / at80::kBlockM),
+                    static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+    error = tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::dq_smem_bytes<T, kHeadDim>(),
+                                  at80::shared_bytes, buffers, [&p] {
+                                    at80::attention_bwd_dq_kernel<T, kHeadDim, kCausal>(p);
+                                  });
+  }
+  return error;
+}
+
 template <typename T, int kHeadDim>
-std::string dispatch(const AttentionParams& p, bool causal,
+std::string dispatch(const AttentionParams& p, bool causal, bool is_backward,
                      std::vector<tilesmith_emu::Buffer> buffers) {
+  if (is_backward) {
+    return causal ? backward<T, kHeadDim, true>(p, std::move(buffers))
+                  : backward<T, kHeadDim, false>(p, std::move(buffers));
+  }
   return causal ? forward<T, kHeadDim, true>(p, std::move(buffers))
                 : forward<T, kHeadDim, false>(p, std::move(buffers));
 }
 
 }  // namespace
 
-// dtype: 0 bfloat16, 1 float16; head_dim 64 or 128. Returns 0, or 1 with the message.
-extern "C" int emulate_attention_fwd(const AttentionParams* params, int dtype, int head_dim,
-                                     int causal, const void* const* buffer_ptrs,
-                                     const int64_t* buffer_bytes, int buffers, char* error,
-                                     int error_capacity) {
+// dtype: 0 bfloat16, 1 float16; head_dim 64 or 128; backward 0 (forward) or 1 (the dK/dV
+// and dQ kernels). Returns 0, or 1 with the message.
+extern "C" int emulate_attention(const AttentionParams* params, int dtype, int head_dim,
+                                 int causal, int backward, const void* const* buffer_ptrs,
+                                 const int64_t* buffer_bytes, int buffers, char* error,
+                                 int error_capacity) {
   std::vector<tilesmith_emu::Buffer> regions;
   for (int i = 0; i < buffers; ++i) {
     regions.push_back({static_cast<const unsigned char*>(buffer_ptrs[i]),
                        static_cast<size_t>(buffer_bytes[i])});
   }
+  const AttentionParams& p = *params;
   std::string message;
   if (dtype == 0) {
-    message = head_dim == 64 ? dispatch<__nv_bfloat16, 64>(*params, causal, std::move(regions))
-                             : dispatch<__nv_bfloat16, 128>(*params, causal, std::move(regions));
+    message = head_dim == 64 ? dispatch<__nv_bfloat16, 64>(p, causal, backward, regions)
+                             : dispatch<__nv_bfloat16, 128>(p, causal, backward, regions);
   } else {
-    message = head_dim == 64 ? dispatch<__half, 64>(*params, causal, std::move(regions))
-                             : dispatch<__half, 128>(*params, causal, std::move(regions));
+    message = head_dim == 64 ? dispatch<__half, 64>(p, causal, backward, regions)
+                             : dispatch<__half, 128>(p, causal, backward, regions);
   }
   std::snprintf(error, error_capacity, "%s", message.c_str());
   return message.empty() ? 0 : 1;

@@ -4,10 +4,11 @@ flash-style kernels, plus ``attention`` (which also returns the log-sum-exp) and
 
 Layers, as for every op family:
   * public functions: validate, apply PyTorch's argument rules, pick a backend;
-  * registered ops ``tilesmith::attention_{fwd,bwd}_triton`` and
-    ``tilesmith::varlen_attention_{fwd,bwd}_triton`` (fake kernels from triton_op, autograd
-    whose backward calls the bwd op, so torch.compile traces both directions);
-  * kernels: kernels/attention_fwd.py, kernels/attention_bwd.py.
+  * registered ops ``tilesmith::attention_{fwd,bwd}_{triton,cuda}`` and
+    ``tilesmith::varlen_attention_{fwd,bwd}_triton`` (fake kernels, autograd whose backward
+    calls the bwd op, so torch.compile traces both directions);
+  * kernels: kernels/attention_fwd.py, kernels/attention_bwd.py (Triton: every feature) and
+    csrc/attention/ (CUDA: dense, no attn_mask, head dim 64 or 128, fp16/bf16).
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ import math
 import torch
 from torch.library import triton_op, wrap_triton
 
-from .. import backend as _backend
-from ._library import autocast_inputs, dot_precision, new_output, register_autocast
+from ._library import LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast
+
+LIBRARY.define("attention_fwd_cuda(Tensor q, Tensor k, Tensor v, bool causal, float scale) "
+               "-> (Tensor, Tensor)")
+LIBRARY.define("attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+               "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
+
+from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schemas)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -234,6 +241,35 @@ def _varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: tor
     return dq, dk, dv
 
 
+@torch.library.register_fake("tilesmith::attention_fwd_cuda")
+def _attention_fwd_cuda_fake(q, k, v, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("tilesmith::attention_bwd_cuda")
+def _attention_bwd_cuda_fake(grad_out, q, k, v, out, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _cuda_setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _cuda_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.tilesmith.attention_bwd_cuda(grad_out, q, k, v, out, lse,
+                                                        ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("tilesmith::attention_fwd_cuda", _cuda_backward,
+                                setup_context=_cuda_setup_context)
+
+
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, mask, causal, scale = inputs
     out, lse = output
@@ -332,14 +368,27 @@ def _prepare_mask(attn_mask, q, k, fn):
     return mask
 
 
-def _kernel_limits(q, v, dropout_p) -> str | None:
-    """Why tilesmith's kernels cannot run this call, if they cannot."""
+CUDA_HEAD_DIMS = (64, 128)
+
+
+def kernel_limits(q, v, dropout_p=0.0, mask=None, varlen=False) -> dict[str, str | None]:
+    """Why each of tilesmith's attention backends cannot run this call (None: it can)."""
     if dropout_p > 0:
-        return ("dropout_p > 0 is not implemented in tilesmith's attention kernels (the "
-                "default backend routes such calls to torch)")
+        why = ("dropout_p > 0 is not implemented in tilesmith's attention kernels (the "
+               "default backend routes such calls to torch)")
+        return {"triton": why, "cuda": why}
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
-    return None
+        why = f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
+        return {"triton": why, "cuda": why}
+    cuda = None
+    if varlen:
+        cuda = "varlen_attention has no cuda kernel yet (the triton backend has one)"
+    elif mask is not None:
+        cuda = "the cuda attention kernels take no attn_mask (the triton backend does)"
+    elif q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        cuda = (f"the cuda attention kernels need query, key and value head dims all 64 or "
+                f"all 128, got {q.shape[-1]} and {v.shape[-1]}")
+    return {"triton": None, "cuda": cuda}
 
 
 def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
@@ -359,8 +408,16 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
                          "torch.nn.functional.scaled_dot_product_attention)")
     mask = _prepare_mask(attn_mask, query, key, fn)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    name = _backend.pick("attention", query, backend, _kernel_limits(query, value, dropout_p))
+    name = _backend.pick("attention", query, backend,
+                         kernel_limits(query, value, dropout_p, mask))
     return name, mask, scale
+
+
+def _kernel_attention(name, query, key, value, mask, causal, scale):
+    """(out, lse) from tilesmith's backend ``name``."""
+    if name == "cuda":
+        return torch.ops.tilesmith.attention_fwd_cuda(query, key, value, causal, scale)
+    return torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, causal, scale)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -383,7 +440,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _torch_sdpa(query, key, value, attn_mask=attn_mask,
                                               dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale, enable_gqa=enable_gqa)
-    out, _ = torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, is_causal, scale)
+    out, _ = _kernel_attention(name, query, key, value, mask, is_causal, scale)
     return out
 
 
@@ -399,7 +456,7 @@ def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
                                  backend, fn)
     if name == "torch":
         return _torch_attention_with_lse(query, key, value, mask, causal, scale)
-    return torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, causal, scale)
+    return _kernel_attention(name, query, key, value, mask, causal, scale)
 
 
 def _autocast(query, key, value, attn_mask):
@@ -454,7 +511,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         raise ValueError(f"{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _backend.pick("attention", q, backend, _kernel_limits(q, v, 0.0))
+    name = _backend.pick("attention", q, backend, kernel_limits(q, v, varlen=True))
     if name == "torch":
         return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
     # Contents of cu_seqlens are not checked here: that would need a host sync. Offsets past
@@ -480,4 +537,5 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale):
     return torch.cat(outs, 0)
 
 register_autocast("attention_fwd_triton")
+register_autocast("attention_fwd_cuda")
 register_autocast("varlen_attention_fwd_triton")

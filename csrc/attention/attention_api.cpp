@@ -1,0 +1,167 @@
+// tilesmith::attention_fwd_cuda / attention_bwd_cuda: checks, operand layouts, outputs and the
+// AttentionParams fill. The schemas live in python/tilesmith/ops/attention.py;
+// registration.cpp binds these functions to them for CUDA tensors.
+#include "attention_api.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+
+#include "../common/check.h"
+#include "../matmul/matmul_api.h"
+#include "attention.h"
+
+namespace tilesmith {
+
+namespace {
+
+void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda(), "attention (cuda backend): ", name, " must be a CUDA tensor, got ",
+              t.device());
+  TORCH_CHECK(t.device() == q.device(), "attention: ", name, " is on ", t.device(), ", query on ",
+              q.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "attention: ", name, " has dtype ",
+              t.scalar_type(), ", query ", q.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "attention: ", name, " must be 4-D (batch, heads, seq, head_dim), got ",
+              t.sizes());
+}
+
+// The kernels read every row with 16-byte cp.async: unit stride along head_dim, the other
+// strides multiples of 8 elements, a 16-byte aligned start. Views that are not get copied.
+at::Tensor vector_readable(const at::Tensor& t) {
+  const bool ok = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                  t.stride(2) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (ok) return t;
+  return t.is_contiguous() ? t.clone() : t.contiguous();  // clone: a misaligned start
+}
+
+AttentionStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+using Runner = cudaError_t (*)(const AttentionParams&, bool, cudaStream_t);
+
+Runner pick_runner(at::ScalarType dtype, int64_t head_dim, bool backward) {
+  const bool bf16 = dtype == at::kBFloat16;
+  if (head_dim == 64) {
+    if (backward) return bf16 ? run_attention_bwd_sm80_bf16_d64 : run_attention_bwd_sm80_fp16_d64;
+    return bf16 ? run_attention_fwd_sm80_bf16_d64 : run_attention_fwd_sm80_fp16_d64;
+  }
+  if (backward) return bf16 ? run_attention_bwd_sm80_bf16_d128 : run_attention_bwd_sm80_fp16_d128;
+  return bf16 ? run_attention_fwd_sm80_bf16_d128 : run_attention_fwd_sm80_fp16_d128;
+}
+
+// Shape and dtype checks shared by the forward and the backward.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_operand(q, "query", q);
+  check_operand(k, "key", q);
+  check_operand(v, "value", q);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "attention (cuda backend): dtype must be float16 or bfloat16, got ", q.scalar_type());
+  const int64_t head_dim = q.size(3);
+  TORCH_CHECK((head_dim == 64 || head_dim == 128) && k.size(3) == head_dim &&
+                  v.size(3) == head_dim,
+              "attention (cuda backend): head dims must all be 64 or all 128, got query ",
+              q.sizes(), ", key ", k.sizes(), ", value ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "attention: batch sizes differ: ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2),
+              "attention: key and value shapes differ: ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: query heads (",
+              q.size(1), ") must be a multiple of key/value heads (", k.size(1), ")");
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535,
+              "attention (cuda backend): batch and heads must each be at most 65535, got ",
+              q.sizes());
+}
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            double scale) {
+  AttentionParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_strides = strides_of(q);
+  p.k_strides = strides_of(k);
+  p.v_strides = strides_of(v);
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.heads_kv = k.size(1);
+  p.seqlen_q = q.size(2);
+  p.seqlen_k = k.size(2);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  return p;
+}
+
+void launch(Runner runner, const AttentionParams& p, bool causal, const at::Tensor& q) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  TILESMITH_CHECK_LAUNCH(runner(p, causal, stream));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in,
+                                                      const at::Tensor& k_in,
+                                                      const at::Tensor& v_in, bool causal,
+                                                      double scale) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  check_inputs(q_in, k_in, v_in);
+  const at::Tensor q = vector_readable(q_in), k = vector_readable(k_in), v = vector_readable(v_in);
+  AttentionParams p = make_params(q, k, v, scale);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (poison_outputs()) {
+    out.fill_(NAN);
+    lse.fill_(NAN);
+  }
+  p.out = out.data_ptr();
+  p.out_strides = strides_of(out);
+  p.lse = lse.data_ptr<float>();
+  launch(pick_runner(q.scalar_type(), q.size(3), false), p, causal, q);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, bool causal,
+    double scale) {
+  c10::cuda::CUDAGuard guard(q_in.device());
+  check_inputs(q_in, k_in, v_in);
+  check_operand(grad_out_in, "grad_out", q_in);
+  check_operand(out, "out", q_in);
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out.sizes() == q_in.sizes(),
+              "attention backward: grad_out ", grad_out_in.sizes(), " and out ", out.sizes(),
+              " must have the query's shape ", q_in.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 &&
+                  lse.size(0) == q_in.size(0) && lse.size(1) == q_in.size(1) &&
+                  lse.size(2) == q_in.size(2) && lse.device() == q_in.device(),
+              "attention backward: lse must be the forward's contiguous float32 (batch, heads, "
+              "seq_q) tensor, got ", lse.scalar_type(), " ", lse.sizes());
+  const at::Tensor q = vector_readable(q_in), k = vector_readable(k_in), v = vector_readable(v_in);
+  const at::Tensor grad_out = vector_readable(grad_out_in);
+  AttentionParams p = make_params(q, k, v, scale);
+  // delta = rowsum(dO * O) in fp32: the softmax backward's per-row constant.
+  const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (poison_outputs()) {
+    dq.fill_(NAN);
+    dk.fill_(NAN);
+    dv.fill_(NAN);
+  }
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.delta = delta.data_ptr<float>();
+  p.grad_out = grad_out.data_ptr();
+  p.grad_out_strides = strides_of(grad_out);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_strides = strides_of(dq);
+  p.dk_strides = strides_of(dk);
+  p.dv_strides = strides_of(dv);
+  launch(pick_runner(q.scalar_type(), q.size(3), true), p, causal, q);
+  return {dq, dk, dv};
+}
+
+}  // namespace tilesmith

@@ -1,0 +1,370 @@
+// Flash-style attention backward for sm_80 and newer, in two kernels that never form the
+// score matrix and never use atomics (so the gradients are deterministic):
+//   * dK/dV: one block owns 64 keys of one (batch, kv head), 16 per warp, and walks every
+//     query block of every query head in the kv group: it recomputes P^T from the saved
+//     log-sum-exp, accumulates dV += P^T dO and dK += dS^T Q in registers, and writes them
+//     once (a GQA group's heads sum in registers, not in memory);
+//   * dQ: one block owns 64 query rows, walks the key blocks like the forward, and
+//     accumulates dQ += dS K.
+// with dS = P (dP - delta), dP = dO V^T, delta = rowsum(dO * O) (computed by the caller).
+// Both keep Q/dO (or K/V) resident in shared memory and double-buffer the other pair through
+// cp.async; P and dS go from accumulators to A fragments in registers, as in the forward.
+#pragma once
+
+#include "attention_fwd_sm80.cuh"
+
+namespace tilesmith {
+namespace attention_sm80 {
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// Query rows per step of the dK/dV kernel: 32 at head dim 128 keeps its four accumulator
+// sets (dK, dV, S^T, dP^T) within the register file.
+template <int kHeadDim>
+constexpr int kDkdvBlockM = kHeadDim > 64 ? 32 : 64;
+
+template <typename T, int kHeadDim>
+constexpr int dkdv_smem_bytes() {
+  // K and V, then two stages of Q and two of dO.
+  return (2 * kBlockN + 4 * kDkdvBlockM<kHeadDim>) * kHeadDim * static_cast<int>(sizeof(T));
+}
+
+template <typename T, int kHeadDim>
+constexpr int dq_smem_bytes() {
+  // Q and dO, then two stages of K and two of V.
+  return (2 * kBlockM + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T));
+}
+
+// lse * log2(e) for a row, and whether the row takes part: inside the sequence and with at
+// least one visible key (lse > -inf).
+__device__ __forceinline__ bool row_statistics(const float* lse, const float* delta,
+                                               int64_t row, int64_t rows, float& lse_log2,
+                                               float& row_delta) {
+  lse_log2 = 0.0f;
+  row_delta = 0.0f;
+  if (row >= rows) return false;
+  const float value = lse[row];
+  if (value == -INFINITY) return false;
+  lse_log2 = value * kLog2e;
+  row_delta = delta[row];
+  return true;
+}
+
+template <typename T, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  constexpr int kBlockQ = kDkdvBlockM<kHeadDim>;
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;
+  using TileQ = SwizzledTile<kBlockQ, kHeadDim>;
+  constexpr int kSteps = kHeadDim / 16;
+  constexpr int kQueryTiles = kBlockQ / 8;  // n-tiles of S^T and dP^T
+  constexpr int kDimTiles = kHeadDim / 8;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  T* smem_k = reinterpret_cast<T*>(shared_bytes);
+  T* smem_v = smem_k + TileKV::kElements;
+  T* smem_q = smem_v + TileKV::kElements;       // two stages
+  T* smem_do = smem_q + 2 * TileQ::kElements;   // two stages
+
+  const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
+  const int64_t h_kv = blockIdx.y, b = blockIdx.z;
+  const int64_t group = p.heads / p.heads_kv;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
+  // Query blocks that can see these keys: all, or with causal masking those reaching key0.
+  const int64_t q_begin = kCausal ? key0 / kBlockQ * kBlockQ : 0;
+  const int q_blocks =
+      q_begin < p.seqlen_q ? static_cast<int>((p.seqlen_q - q_begin + kBlockQ - 1) / kBlockQ) : 0;
+  const int steps = static_cast<int>(group) * q_blocks;  // (query head, query block) pairs
+
+  auto step_head = [&](int step) { return h_kv * group + step / q_blocks; };
+  auto step_row0 = [&](int step) {
+    return q_begin + static_cast<int64_t>(step % q_blocks) * kBlockQ;
+  };
+  auto load_q_do = [&](int stage, int step) {
+    const int64_t h = step_head(step), q0 = step_row0(step);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+    const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.batch +
+                    h * p.grad_out_strides.head;
+    load_tile<T, kBlockQ, kHeadDim, kThreads, true>(smem_q + stage * TileQ::kElements, q, q0, 0,
+                                                    p.seqlen_q, kHeadDim, p.q_strides.seq, 1);
+    load_tile<T, kBlockQ, kHeadDim, kThreads, true>(smem_do + stage * TileQ::kElements, dout, q0,
+                                                    0, p.seqlen_q, kHeadDim,
+                                                    p.grad_out_strides.seq, 1);
+  };
+  load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k, k, key0, 0, p.seqlen_k, kHeadDim,
+                                                  p.k_strides.seq, 1);
+  load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v, v, key0, 0, p.seqlen_k, kHeadDim,
+                                                  p.v_strides.seq, 1);
+  if (steps > 0) load_q_do(0, 0);
+  cp_async_commit();
+
+  const int lane = threadIdx.x % 32;
+  const int warp_key0 = (threadIdx.x / 32) * 16;
+  const int quad_col = 2 * (lane % 4);
+  const int64_t keys[2] = {key0 + warp_key0 + lane / 4, key0 + warp_key0 + lane / 4 + 8};
+  float acc_dk[kDimTiles][4] = {};
+  float acc_dv[kDimTiles][4] = {};
+
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (step + 1 < steps) load_q_do((step + 1) % 2, step + 1);
+    cp_async_commit();
+    const T* sq = smem_q + (step % 2) * TileQ::kElements;
+    const T* sdo = smem_do + (step % 2) * TileQ::kElements;
+    const int64_t h = step_head(step), q0 = step_row0(step);
+    const float* lse = p.lse + (b * p.heads + h) * p.seqlen_q;
+    const float* delta = p.delta + (b * p.heads + h) * p.seqlen_q;
+
+    // S^T = K Q^T (this warp's 16 keys x kBlockQ queries) and dP^T = V dO^T.
+    float pt[kQueryTiles][4] = {};
+    float dpt[kQueryTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) {
+      uint32_t frag_k[4], frag_v[4];
+      load_fragment_a<TileKV>(frag_k, smem_k, warp_key0, kk * 16, lane);
+      load_fragment_a<TileKV>(frag_v, smem_v, warp_key0, kk * 16, lane);
+#pragma unroll
+      for (int ni = 0; ni < kQueryTiles; ni += 2) {
+        uint32_t regs[4];
+        load_fragments_b_nk<TileQ>(regs, sq, ni * 8, kk * 16, lane);
+        mma_16816<T>(pt[ni], frag_k, regs[0], regs[1]);
+        mma_16816<T>(pt[ni + 1], frag_k, regs[2], regs[3]);
+        load_fragments_b_nk<TileQ>(regs, sdo, ni * 8, kk * 16, lane);
+        mma_16816<T>(dpt[ni], frag_v, regs[0], regs[1]);
+        mma_16816<T>(dpt[ni + 1], frag_v, regs[2], regs[3]);
+      }
+    }
+
+    // P^T from the saved statistics, and dS^T = P^T (dP^T - delta). Entries of queries past
+    // the end, or (causal) of keys after their query, are 0.
+#pragma unroll
+    for (int ni = 0; ni < kQueryTiles; ++ni) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t query = q0 + ni * 8 + quad_col + e;
+        float lse_log2, row_delta;
+        const bool live = row_statistics(lse, delta, query, p.seqlen_q, lse_log2, row_delta);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = half * 2 + e;
+          const bool visible = live && (!kCausal || keys[half] <= query);
+          const float prob = visible ? exp2f(pt[ni][i] * p.scale_log2 - lse_log2) : 0.0f;
+          pt[ni][i] = prob;
+          dpt[ni][i] = prob * (dpt[ni][i] - row_delta);
+        }
+      }
+    }
+
+    // dV += P^T dO and dK += dS^T Q: dO and Q tiles are [query][dim], B row-major.
+#pragma unroll
+    for (int kk = 0; kk < kBlockQ / 16; ++kk) {
+      uint32_t frag_p[4], frag_ds[4];
+      accumulators_to_fragment_a<T>(frag_p, pt[2 * kk], pt[2 * kk + 1]);
+      accumulators_to_fragment_a<T>(frag_ds, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+      for (int di = 0; di < kDimTiles; di += 2) {
+        uint32_t regs[4];
+        load_fragments_b_kn<TileQ>(regs, sdo, kk * 16, di * 8, lane);
+        mma_16816<T>(acc_dv[di], frag_p, regs[0], regs[1]);
+        mma_16816<T>(acc_dv[di + 1], frag_p, regs[2], regs[3]);
+        load_fragments_b_kn<TileQ>(regs, sq, kk * 16, di * 8, lane);
+        mma_16816<T>(acc_dk[di], frag_ds, regs[0], regs[1]);
+        mma_16816<T>(acc_dk[di + 1], frag_ds, regs[2], regs[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // dK = scale * sum dS^T Q (the scores were scale * Q K^T); keys no query sees get zeros.
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_strides.batch + h_kv * p.dk_strides.head;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_strides.batch + h_kv * p.dv_strides.head;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (keys[half] >= p.seqlen_k) continue;
+    T* dk_row = dk + keys[half] * p.dk_strides.seq + quad_col;
+    T* dv_row = dv + keys[half] * p.dv_strides.seq + quad_col;
+#pragma unroll
+    for (int di = 0; di < kDimTiles; ++di) {
+      *reinterpret_cast<uint32_t*>(dk_row + di * 8) = pack_pair<T>(
+          acc_dk[di][half * 2] * p.scale, acc_dk[di][half * 2 + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_row + di * 8) =
+          pack_pair<T>(acc_dv[di][half * 2], acc_dv[di][half * 2 + 1]);
+    }
+  }
+}
+
+template <typename T, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
+  using TileQ = SwizzledTile<kBlockM, kHeadDim>;
+  using TileKV = SwizzledTile<kBlockN, kHeadDim>;
+  constexpr int kSteps = kHeadDim / 16;
+  constexpr int kKeyTiles = kBlockN / 8;
+  constexpr int kDimTiles = kHeadDim / 8;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  T* smem_q = reinterpret_cast<T*>(shared_bytes);
+  T* smem_do = smem_q + TileQ::kElements;
+  T* smem_k = smem_do + TileQ::kElements;       // two stages
+  T* smem_v = smem_k + 2 * TileKV::kElements;   // two stages
+
+  const int64_t row0 = query_block(kCausal);
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t h_kv = h / (p.heads / p.heads_kv);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+  const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.batch +
+                  h * p.grad_out_strides.head;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
+  const int64_t key_end =
+      kCausal && row0 + kBlockM < p.seqlen_k ? row0 + kBlockM : p.seqlen_k;
+  const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
+
+  auto load_kv = [&](int stage, int block) {
+    const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
+    load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k + stage * TileKV::kElements, k, n0,
+                                                    0, p.seqlen_k, kHeadDim, p.k_strides.seq, 1);
+    load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v + stage * TileKV::kElements, v, n0,
+                                                    0, p.seqlen_k, kHeadDim, p.v_strides.seq, 1);
+  };
+  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_q, q, row0, 0, p.seqlen_q, kHeadDim,
+                                                  p.q_strides.seq, 1);
+  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_do, dout, row0, 0, p.seqlen_q, kHeadDim,
+                                                  p.grad_out_strides.seq, 1);
+  if (key_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int lane = threadIdx.x % 32;
+  const int warp_row0 = (threadIdx.x / 32) * 16;
+  const int quad_col = 2 * (lane % 4);
+  const int64_t rows[2] = {row0 + warp_row0 + lane / 4, row0 + warp_row0 + lane / 4 + 8};
+  const float* lse = p.lse + (b * p.heads + h) * p.seqlen_q;
+  const float* delta = p.delta + (b * p.heads + h) * p.seqlen_q;
+  float lse_log2[2], row_delta[2];
+  bool live[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    live[half] = row_statistics(lse, delta, rows[half], p.seqlen_q, lse_log2[half],
+                                row_delta[half]);
+  }
+  float acc_dq[kDimTiles][4] = {};
+
+  for (int j = 0; j < key_blocks; ++j) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (j + 1 < key_blocks) load_kv((j + 1) % 2, j + 1);
+    cp_async_commit();
+    const T* sk = smem_k + (j % 2) * TileKV::kElements;
+    const T* sv = smem_v + (j % 2) * TileKV::kElements;
+
+    // S = Q K^T and dP = dO V^T (this warp's 16 rows x 64 keys).
+    float s[kKeyTiles][4] = {};
+    float dp[kKeyTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) {
+      uint32_t frag_q[4], frag_do[4];
+      load_fragment_a<TileQ>(frag_q, smem_q, warp_row0, kk * 16, lane);
+      load_fragment_a<TileQ>(frag_do, smem_do, warp_row0, kk * 16, lane);
+#pragma unroll
+      for (int ni = 0; ni < kKeyTiles; ni += 2) {
+        uint32_t regs[4];
+        load_fragments_b_nk<TileKV>(regs, sk, ni * 8, kk * 16, lane);
+        mma_16816<T>(s[ni], frag_q, regs[0], regs[1]);
+        mma_16816<T>(s[ni + 1], frag_q, regs[2], regs[3]);
+        load_fragments_b_nk<TileKV>(regs, sv, ni * 8, kk * 16, lane);
+        mma_16816<T>(dp[ni], frag_do, regs[0], regs[1]);
+        mma_16816<T>(dp[ni + 1], frag_do, regs[2], regs[3]);
+      }
+    }
+
+    // dS = P (dP - delta), P recomputed from the saved statistics.
+    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+#pragma unroll
+    for (int ni = 0; ni < kKeyTiles; ++ni) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t key = key0 + ni * 8 + quad_col + e;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = half * 2 + e;
+          const bool visible =
+              live[half] && key < p.seqlen_k && (!kCausal || key <= rows[half]);
+          const float prob = visible ? exp2f(s[ni][i] * p.scale_log2 - lse_log2[half]) : 0.0f;
+          dp[ni][i] = prob * (dp[ni][i] - row_delta[half]);
+        }
+      }
+    }
+
+    // dQ += dS K: K's [key][dim] tile is B row-major.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t frag_ds[4];
+      accumulators_to_fragment_a<T>(frag_ds, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+      for (int di = 0; di < kDimTiles; di += 2) {
+        uint32_t regs[4];
+        load_fragments_b_kn<TileKV>(regs, sk, kk * 16, di * 8, lane);
+        mma_16816<T>(acc_dq[di], frag_ds, regs[0], regs[1]);
+        mma_16816<T>(acc_dq[di + 1], frag_ds, regs[2], regs[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_strides.batch + h * p.dq_strides.head;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (rows[half] >= p.seqlen_q) continue;
+    T* dq_row = dq + rows[half] * p.dq_strides.seq + quad_col;
+#pragma unroll
+    for (int di = 0; di < kDimTiles; ++di) {
+      *reinterpret_cast<uint32_t*>(dq_row + di * 8) = pack_pair<T>(
+          acc_dq[di][half * 2] * p.scale, acc_dq[di][half * 2 + 1] * p.scale);
+    }
+  }
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
+template <typename T, int kHeadDim, bool kCausal>
+cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
+  constexpr int kDkdvSmem = dkdv_smem_bytes<T, kHeadDim>();
+  constexpr int kDqSmem = dq_smem_bytes<T, kHeadDim>();
+  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kCausal>;
+  auto dq = attention_bwd_dq_kernel<T, kHeadDim, kCausal>;
+  cudaError_t err =
+      cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, kDkdvSmem);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kDqSmem);
+  if (err != cudaSuccess) return err;
+  // An empty grid is a launch error, so each kernel runs only when it has rows to write.
+  if (p.seqlen_k > 0) {
+    const dim3 grid_kv(static_cast<unsigned>((p.seqlen_k + kBlockN - 1) / kBlockN),
+                       static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
+    dkdv<<<grid_kv, kThreads, kDkdvSmem, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (p.seqlen_q > 0) {
+    const dim3 grid_q(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
+                      static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+    dq<<<grid_q, kThreads, kDqSmem, stream>>>(p);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
+template <typename T, int kHeadDim>
+cudaError_t run_fwd(const AttentionParams& p, bool causal, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+  return causal ? launch_fwd<T, kHeadDim, true>(p, stream)
+                : launch_fwd<T, kHeadDim, false>(p, stream);
+}
+
+template <typename T, int kHeadDim>
+cudaError_t run_bwd(const AttentionParams& p, bool causal, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0) return cudaSuccess;
+  return causal ? launch_bwd<T, kHeadDim, true>(p, stream)
+                : launch_bwd<T, kHeadDim, false>(p, stream);
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace attention_sm80
+}  // namespace tilesmith
