@@ -96,7 +96,8 @@ def buffer_table(tensors):
 # --- matmul / gemm: csrc/matmul/matmul_sm80.cuh ------------------------------------------------
 
 class MatmulParams(ctypes.Structure):
-    """csrc/matmul/matmul.h's MatmulParams (its size is checked against the C++ one)."""
+    """csrc/matmul/matmul.h's MatmulParams (its size is checked against the C++ one). ctypes
+    zero-fills what is not given, alpha included: pass alpha=1.0."""
     _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p),
                 ("batch", ctypes.c_int64), ("m", ctypes.c_int64), ("n", ctypes.c_int64),
                 ("k", ctypes.c_int64),
@@ -423,3 +424,130 @@ def test_attention_backward_kernels_keys_no_query_sees():
                                    True, 0.125)
     assert (dk[:, :, 10:] == 0).all() and (dv[:, :, 10:] == 0).all()
     assert dk[:, :, :10].abs().sum() > 0
+
+
+# --- conv2d: csrc/conv2d/conv2d_sm80.cuh -------------------------------------------------------
+
+class ConvParams(ctypes.Structure):
+    """csrc/conv2d/conv2d.h's ConvParams (size checked against the C++ one)."""
+    _fields_ = [("x", ctypes.c_void_p), ("weight", ctypes.c_void_p),
+                ("grad_out", ctypes.c_void_p),
+                ("batch", ctypes.c_int64), ("height", ctypes.c_int64), ("width", ctypes.c_int64),
+                ("channels", ctypes.c_int64), ("filters", ctypes.c_int64),
+                ("kernel_h", ctypes.c_int64), ("kernel_w", ctypes.c_int64),
+                ("out_h", ctypes.c_int64), ("out_w", ctypes.c_int64),
+                ("stride_h", ctypes.c_int), ("stride_w", ctypes.c_int),
+                ("pad_h", ctypes.c_int), ("pad_w", ctypes.c_int),
+                ("dilation_h", ctypes.c_int), ("dilation_w", ctypes.c_int),
+                ("split_pixels", ctypes.c_int64)]
+
+
+CONV_CASES = {
+    # name: (N, C, H, W, K, R, S, stride, padding, dilation)
+    "3x3_s1_p1": (2, 16, 9, 9, 24, 3, 3, (1, 1), (1, 1), (1, 1)),
+    "3x3_s2_p1_odd13": (1, 8, 13, 13, 16, 3, 3, (2, 2), (1, 1), (1, 1)),
+    "1x1_two_channel_and_filter_blocks": (1, 72, 5, 5, 136, 1, 1, (1, 1), (0, 0), (1, 1)),
+    "5x5_dilation2_p3": (1, 8, 11, 11, 8, 5, 5, (1, 1), (3, 3), (2, 2)),
+    "7x7_s2_p3": (1, 8, 17, 17, 16, 7, 7, (2, 2), (3, 3), (1, 1)),
+    "3x1_s12_rect": (1, 16, 7, 12, 8, 3, 1, (1, 2), (1, 0), (1, 1)),
+    "3x3_dilation21_s21": (1, 8, 10, 9, 8, 3, 3, (2, 1), (2, 1), (2, 1)),
+}
+
+
+def conv_problem(case, dtype):
+    n, c, h, w, k, r, s, stride, padding, dilation = CONV_CASES[case]
+    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, r, s) / (c * r * s) ** 0.5).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    cp = ConvParams(x=x.data_ptr(), weight=weight.data_ptr(), batch=n, height=h, width=w,
+                    channels=c, filters=k, kernel_h=r, kernel_w=s, out_h=p, out_w=q,
+                    stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
+                    dilation_h=dilation[0], dilation_w=dilation[1])
+    return x, weight, cp, dict(stride=stride, padding=padding, dilation=dilation)
+
+
+def run_conv_pass(pass_index, dtype, cp, out, tensors, splits=1):
+    lib = emulated("conv2d")
+    assert lib.conv_params_size() == ctypes.sizeof(ConvParams)
+    ptrs, sizes, count = buffer_table(tensors)
+    error = ctypes.create_string_buffer(512)
+    status = lib.emulate_conv2d(pass_index, DTYPE_CODES[dtype], ctypes.byref(cp),
+                                ctypes.byref(out), splits, ptrs, sizes, count, error,
+                                len(error))
+    assert status == 0, error.value.decode()
+
+
+def nhwc(shape_nchw, dtype):
+    """A guarded NaN-filled (N, C, H, W) output stored channels-last: (view, storage)."""
+    n, c, h, w = shape_nchw
+    flat, storage = guarded_empty((n, h, w, c), dtype)
+    return flat.permute(0, 3, 1, 2), storage
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv2d_forward_kernel(case, dtype, activation):
+    x, weight, cp, geometry = conv_problem(case, dtype)
+    n, k, p, q = x.shape[0], weight.shape[0], cp.out_h, cp.out_w
+    bias = torch.randn(k)
+    out, out_storage = nhwc((n, k, p, q), dtype)
+    pre, pre_storage = nhwc((n, k, p, q), dtype)
+    params = MatmulParams(c=out.data_ptr(), batch=1, m=n * p * q, n=k, c_row_stride=k,
+                          alpha=1.0, bias=bias.data_ptr(), activation=ACTIVATIONS[activation],
+                          pre=pre.data_ptr(), pre_row_stride=k)
+    run_conv_pass(0, dtype, cp, params, [x, weight])
+    assert_guards_untouched(out_storage, "out")
+    assert_guards_untouched(pre_storage, "pre")
+    ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), **geometry)
+    base_pre = torch.nn.functional.conv2d(x.float(), weight.float(), bias, **geometry)
+    assert_close_to_reference(pre, ref_pre, base_pre.to(dtype), name="pre-activation")
+    assert_close_to_reference(out, activate(ref_pre, activation),
+                              activate(base_pre, activation).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv2d_dgrad_kernel(case, dtype):
+    x, weight, cp, geometry = conv_problem(case, dtype)
+    n, c, h, w = x.shape
+    grad = torch.randn(n, weight.shape[0], cp.out_h, cp.out_w).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    cp.grad_out = grad.data_ptr()
+    dx, storage = nhwc((n, c, h, w), dtype)
+    params = MatmulParams(c=dx.data_ptr(), batch=1, m=n * h * w, n=c, c_row_stride=c, alpha=1.0)
+    run_conv_pass(1, dtype, cp, params, [grad, weight])
+    assert_guards_untouched(storage, "dx")
+
+    def dgrad(compute):
+        return torch.nn.grad.conv2d_input(x.shape, weight.to(compute), grad.to(compute),
+                                          **geometry)
+    assert_close_to_reference(dx, dgrad(torch.float64), dgrad(torch.float32).to(dtype))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv2d_wgrad_kernel(case, dtype, splits):
+    x, weight, cp, geometry = conv_problem(case, dtype)
+    k, c, r, s = weight.shape
+    grad = torch.randn(x.shape[0], k, cp.out_h, cp.out_w).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    cp.grad_out = grad.data_ptr()
+    pixels = x.shape[0] * cp.out_h * cp.out_w
+    cp.split_pixels = -(-pixels // splits)
+    partial, storage = guarded_empty((splits, k, r * s * c), torch.float32)
+    params = MatmulParams(c=partial.data_ptr(), batch=splits, m=k, n=c,
+                          c_batch_stride=k * r * s * c, c_row_stride=r * s * c, alpha=1.0,
+                          out_fp32=True)
+    run_conv_pass(2, dtype, cp, params, [grad, x], splits)
+    assert_guards_untouched(storage, "partial")
+    # As the op finishes it: splits summed in order, (K, R, S, C) viewed as (K, C, R, S).
+    dw = partial.sum(0).view(k, r, s, c).permute(0, 3, 1, 2).to(dtype)
+
+    def wgrad(compute):
+        return torch.nn.grad.conv2d_weight(x.to(compute), weight.shape, grad.to(compute),
+                                           **geometry)
+    assert_close_to_reference(dw, wgrad(torch.float64), wgrad(torch.float32).to(dtype))

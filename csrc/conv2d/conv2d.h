@@ -1,0 +1,42 @@
+// The plain interface between conv2d_api.cpp (which sees ATen) and the kernel files. All
+// activations are channels-last and contiguous: x (N, H, W, C), grad_out (N, P, Q, K); the
+// weight is (K, R, S, C). Where each pass writes, and its epilogue, is a MatmulParams.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "../matmul/matmul.h"
+
+namespace tilesmith {
+
+struct ConvParams {
+  const void* x = nullptr;
+  const void* weight = nullptr;
+  const void* grad_out = nullptr;
+  int64_t batch, height, width, channels;  // x: N, H, W, C
+  int64_t filters, kernel_h, kernel_w;     // weight: K, R, S (and C)
+  int64_t out_h, out_w;                    // P, Q
+  int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t split_pixels = 0;                // wgrad: output pixels per split of the reduction
+};
+
+// Each pass is an implicit GEMM on the matmul kernel's main loop (fp32 accumulation):
+//   forward  out[NPQ x K]      = gather(x)[NPQ x RSC] . weight^T, fused epilogue from `out`;
+//   dgrad    dx[NHW x C]       = gather(grad_out)[NHW x RSK] . weight[RSK x C];
+//   wgrad    partial[split][K x RSC] (fp32) = grad_out^T[K x NPQ] . gather(x)[NPQ x RSC].
+// The channel counts C and K must be multiples of 8 (16-byte rows for cp.async).
+cudaError_t run_conv2d_fwd_sm80_bf16(const ConvParams& conv, const MatmulParams& out,
+                                     cudaStream_t stream);
+cudaError_t run_conv2d_fwd_sm80_fp16(const ConvParams& conv, const MatmulParams& out,
+                                     cudaStream_t stream);
+cudaError_t run_conv2d_dgrad_sm80_bf16(const ConvParams& conv, const MatmulParams& out,
+                                       cudaStream_t stream);
+cudaError_t run_conv2d_dgrad_sm80_fp16(const ConvParams& conv, const MatmulParams& out,
+                                       cudaStream_t stream);
+cudaError_t run_conv2d_wgrad_sm80_bf16(const ConvParams& conv, const MatmulParams& out,
+                                       int splits, cudaStream_t stream);
+cudaError_t run_conv2d_wgrad_sm80_fp16(const ConvParams& conv, const MatmulParams& out,
+                                       int splits, cudaStream_t stream);
+
+}  // namespace tilesmith

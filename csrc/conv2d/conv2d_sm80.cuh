@@ -1,0 +1,253 @@
+// conv2d forward, dgrad and wgrad for sm_80 and newer as implicit GEMMs on the matmul
+// kernel's main loop (csrc/matmul/mainloop_sm80.cuh): the same 128x128x64 tiles, cp.async
+// pipeline, ldmatrix/mma.sync and fused epilogue. What differs is how a stage is filled:
+// the gathered operand's rows are pixels, and a K slice is 64 channels at one filter tap
+// (r, s), so every 16-byte chunk is 8 consecutive channels of one pixel (channels-last, C and
+// K multiples of 8). Padding, image borders and (dgrad) the taps a stride skips are chunks
+// cp.async zero-fills; no im2col buffer exists. Each thread works out the pixel of the rows
+// it copies once per block (forward, dgrad) or once per K slice (wgrad, whose rows are the
+// reduction) and steps through the taps from there.
+#pragma once
+
+#include "../matmul/mainloop_sm80.cuh"
+#include "conv2d.h"
+
+namespace tilesmith {
+namespace conv2d_sm80 {
+
+using namespace matmul_sm80;
+
+// A coordinate that stays out of range after adding any tap offset: marks padding rows.
+constexpr int kInvalid = -(1 << 30);
+
+// Rows of a [rows][64] tile one thread copies, kRowsPerPass apart, and its chunk column.
+template <int kCols>
+struct GatherLayout {
+  static constexpr int kChunksPerRow = kCols / 8;
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  __device__ __forceinline__ static int row() { return threadIdx.x / kChunksPerRow; }
+  __device__ __forceinline__ static int col() { return (threadIdx.x % kChunksPerRow) * 8; }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    conv2d_fwd_kernel(const ConvParams cp, const MatmulParams out) {
+  using TileA = matmul_sm80::TileA<true>;    // [output pixel][channel]
+  using TileB = matmul_sm80::TileB<false>;   // [filter][channel]
+  using Gather = GatherLayout<kBlockK>;
+  constexpr int kPasses = kBlockM / Gather::kRowsPerPass;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  T* smem_a = reinterpret_cast<T*>(shared_bytes);
+  T* smem_b = smem_a + kStages * TileA::kElements;
+  const T* x = static_cast<const T*>(cp.x);
+  const T* weight = static_cast<const T*>(cp.weight);
+  const int64_t channels = cp.channels;
+
+  int64_t block_m0, block_n0;
+  grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
+
+  // For each row this thread copies: its image's offset in x and the input coordinates of
+  // the receptive field's top-left corner (kInvalid past the last pixel).
+  const int row = Gather::row(), col = Gather::col();
+  int64_t image[kPasses];
+  int top[kPasses], left[kPasses];
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    const int64_t pixel = block_m0 + row + i * Gather::kRowsPerPass;
+    const int64_t per_image = cp.out_h * cp.out_w;
+    const int64_t n = pixel / per_image, rest = pixel % per_image;
+    const bool valid = pixel < out.m;
+    image[i] = valid ? n * cp.height * cp.width * channels : 0;
+    top[i] = valid ? static_cast<int>(rest / cp.out_w) * cp.stride_h - cp.pad_h : kInvalid;
+    left[i] = valid ? static_cast<int>(rest % cp.out_w) * cp.stride_w - cp.pad_w : kInvalid;
+  }
+
+  const int channel_blocks = static_cast<int>((channels + kBlockK - 1) / kBlockK);
+  const int k_tiles = static_cast<int>(cp.kernel_h * cp.kernel_w) * channel_blocks;
+  auto load_stage = [&](int stage, int k_tile) {
+    const int tap = k_tile / channel_blocks;
+    const int64_t c0 = static_cast<int64_t>(k_tile % channel_blocks) * kBlockK;
+    const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h;
+    const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w;
+    T* dst = smem_a + stage * TileA::kElements + TileA::offset(row, col);
+    const bool col_ok = c0 + col < channels;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int ih = top[i] + dy, iw = left[i] + dx;
+      const bool ok = col_ok && ih >= 0 && ih < cp.height && iw >= 0 && iw < cp.width;
+      const T* src = x + image[i] + (static_cast<int64_t>(ih) * cp.width + iw) * channels + c0 +
+                     col;
+      cp_async_16(dst + i * Gather::kRowsPerPass * kBlockK, ok ? src : x, ok ? 16 : 0);
+    }
+    // weight[k][r][s][c]: at tap (r, s) a filters x channels matrix with row stride R*S*C.
+    load_tile<T, kBlockN, kBlockK, kThreads, true>(
+        smem_b + stage * TileB::kElements, weight + tap * channels, block_n0, c0, cp.filters,
+        channels, cp.kernel_h * cp.kernel_w * channels, 1);
+  };
+
+  float acc[kMmaTilesM][kMmaTilesN][4] = {};
+  mainloop<T, true, false>(acc, smem_a, smem_b, k_tiles, load_stage);
+  epilogue<T, T>(acc, out, 0, block_m0, block_n0);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    conv2d_dgrad_kernel(const ConvParams cp, const MatmulParams out) {
+  using TileA = matmul_sm80::TileA<true>;   // [input pixel][filter]
+  using TileB = matmul_sm80::TileB<true>;   // [filter][channel]
+  using Gather = GatherLayout<kBlockK>;
+  constexpr int kPasses = kBlockM / Gather::kRowsPerPass;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  T* smem_a = reinterpret_cast<T*>(shared_bytes);
+  T* smem_b = smem_a + kStages * TileA::kElements;
+  const T* grad_out = static_cast<const T*>(cp.grad_out);
+  const T* weight = static_cast<const T*>(cp.weight);
+  const int64_t filters = cp.filters;
+
+  int64_t block_m0, block_n0;
+  grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
+
+  // For each row: its image's offset in grad_out and its padded input coordinates. Tap
+  // (r, s) reaches it from output (p, q) = ((h + pad - r dil) / stride, ...) when the
+  // divisions are exact and in range.
+  const int row = Gather::row(), col = Gather::col();
+  int64_t image[kPasses];
+  int padded_h[kPasses], padded_w[kPasses];
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    const int64_t pixel = block_m0 + row + i * Gather::kRowsPerPass;
+    const int64_t per_image = cp.height * cp.width;
+    const int64_t n = pixel / per_image, rest = pixel % per_image;
+    const bool valid = pixel < out.m;
+    image[i] = valid ? n * cp.out_h * cp.out_w * filters : 0;
+    padded_h[i] = valid ? static_cast<int>(rest / cp.width) + cp.pad_h : kInvalid;
+    padded_w[i] = valid ? static_cast<int>(rest % cp.width) + cp.pad_w : kInvalid;
+  }
+
+  const int filter_blocks = static_cast<int>((filters + kBlockK - 1) / kBlockK);
+  const int k_tiles = static_cast<int>(cp.kernel_h * cp.kernel_w) * filter_blocks;
+  auto load_stage = [&](int stage, int k_tile) {
+    const int tap = k_tile / filter_blocks;
+    const int64_t k0 = static_cast<int64_t>(k_tile % filter_blocks) * kBlockK;
+    const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h;
+    const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w;
+    T* dst = smem_a + stage * TileA::kElements + TileA::offset(row, col);
+    const bool col_ok = k0 + col < filters;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int y = padded_h[i] - dy, x = padded_w[i] - dx;
+      const int p = y / cp.stride_h, q = x / cp.stride_w;
+      const bool ok = col_ok && y >= 0 && x >= 0 && p * cp.stride_h == y &&
+                      q * cp.stride_w == x && p < cp.out_h && q < cp.out_w;
+      const T* src = grad_out + image[i] + (static_cast<int64_t>(p) * cp.out_w + q) * filters +
+                     k0 + col;
+      cp_async_16(dst + i * Gather::kRowsPerPass * kBlockK, ok ? src : grad_out, ok ? 16 : 0);
+    }
+    // weight[k][r][s][c] at tap (r, s): a filters x channels matrix, channels contiguous.
+    load_tile<T, kBlockK, kBlockN, kThreads, true>(
+        smem_b + stage * TileB::kElements, weight + tap * cp.channels, k0, block_n0, filters,
+        cp.channels, cp.kernel_h * cp.kernel_w * cp.channels, 1);
+  };
+
+  float acc[kMmaTilesM][kMmaTilesN][4] = {};
+  mainloop<T, true, true>(acc, smem_a, smem_b, k_tiles, load_stage);
+  epilogue<T, T>(acc, out, 0, block_m0, block_n0);
+}
+
+// Block (tile, tap, split): filters x channels of the weight gradient at one tap, summed
+// over one split of the output pixels, written to partial[split] in fp32.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    conv2d_wgrad_kernel(const ConvParams cp, const MatmulParams out) {
+  using TileA = matmul_sm80::TileA<false>;  // [output pixel][filter]
+  using TileB = matmul_sm80::TileB<true>;   // [output pixel][channel]
+  using Gather = GatherLayout<kBlockN>;
+  constexpr int kPasses = kBlockK / Gather::kRowsPerPass;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  T* smem_a = reinterpret_cast<T*>(shared_bytes);
+  T* smem_b = smem_a + kStages * TileA::kElements;
+  const T* x = static_cast<const T*>(cp.x);
+  const T* grad_out = static_cast<const T*>(cp.grad_out);
+  const int64_t channels = cp.channels;
+
+  int64_t block_m0, block_n0;
+  grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
+  const int tap = blockIdx.y;
+  const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h - cp.pad_h;
+  const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w - cp.pad_w;
+  const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
+  const int64_t begin = blockIdx.z * cp.split_pixels;
+  const int64_t end = begin + cp.split_pixels < pixels ? begin + cp.split_pixels : pixels;
+  const int k_tiles = end > begin ? static_cast<int>((end - begin + kBlockK - 1) / kBlockK) : 0;
+
+  const int row = Gather::row(), col = Gather::col();
+  const bool col_ok = block_n0 + col < channels;
+  auto load_stage = [&](int stage, int k_tile) {
+    const int64_t pixel0 = begin + static_cast<int64_t>(k_tile) * kBlockK;
+    // grad_out as a pixels x filters matrix; rows past this split's end read as zeros.
+    load_tile<T, kBlockK, kBlockM, kThreads, true>(smem_a + stage * TileA::kElements, grad_out,
+                                                   pixel0, block_m0, end, cp.filters,
+                                                   cp.filters, 1);
+    T* dst = smem_b + stage * TileB::kElements + TileB::offset(row, col);
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int64_t pixel = pixel0 + row + i * Gather::kRowsPerPass;
+      const int64_t per_image = cp.out_h * cp.out_w;
+      const int64_t n = pixel / per_image, rest = pixel % per_image;
+      const int ih = static_cast<int>(rest / cp.out_w) * cp.stride_h + dy;
+      const int iw = static_cast<int>(rest % cp.out_w) * cp.stride_w + dx;
+      const bool ok = col_ok && pixel < end && ih >= 0 && ih < cp.height && iw >= 0 &&
+                      iw < cp.width;
+      const T* src = x + ((n * cp.height + ih) * cp.width + iw) * channels + block_n0 + col;
+      cp_async_16(dst + i * Gather::kRowsPerPass * kBlockN, ok ? src : x, ok ? 16 : 0);
+    }
+  };
+
+  float acc[kMmaTilesM][kMmaTilesN][4] = {};
+  mainloop<T, false, true>(acc, smem_a, smem_b, k_tiles, load_stage);
+  MatmulParams at_tap = out;  // this tap's columns of the (K, R*S*C) gradient
+  at_tap.c = static_cast<float*>(out.c) + tap * channels;
+  epilogue<T, float>(acc, at_tap, blockIdx.z, block_m0, block_n0);
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, dim3 grid, const ConvParams& cp, const MatmulParams& out,
+                   int smem, cudaStream_t stream) {
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(cp, out);
+  return cudaGetLastError();
+}
+
+inline unsigned output_tiles(const MatmulParams& out) {
+  return static_cast<unsigned>(((out.m + kBlockM - 1) / kBlockM) *
+                               ((out.n + kBlockN - 1) / kBlockN));
+}
+
+template <typename T>
+cudaError_t run_fwd(const ConvParams& cp, const MatmulParams& out, cudaStream_t stream) {
+  if (out.m == 0 || out.n == 0) return cudaSuccess;
+  return launch(conv2d_fwd_kernel<T>, dim3(output_tiles(out)), cp, out, smem_bytes<T>(), stream);
+}
+
+template <typename T>
+cudaError_t run_dgrad(const ConvParams& cp, const MatmulParams& out, cudaStream_t stream) {
+  if (out.m == 0 || out.n == 0) return cudaSuccess;
+  return launch(conv2d_dgrad_kernel<T>, dim3(output_tiles(out)), cp, out, smem_bytes<T>(),
+                stream);
+}
+
+template <typename T>
+cudaError_t run_wgrad(const ConvParams& cp, const MatmulParams& out, int splits,
+                      cudaStream_t stream) {
+  if (out.m == 0 || out.n == 0) return cudaSuccess;
+  const dim3 grid(output_tiles(out), static_cast<unsigned>(cp.kernel_h * cp.kernel_w),
+                  static_cast<unsigned>(splits));
+  return launch(conv2d_wgrad_kernel<T>, grid, cp, out, smem_bytes<T>(), stream);
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace conv2d_sm80
+}  // namespace tilesmith

@@ -1,0 +1,63 @@
+// csrc/conv2d's kernels on the CPU emulator, for tests/test_cuda_emulated.py.
+#include "sm80_emulator.h"
+// The emulator must come first: it replaces the inline PTX of mma_sm80.cuh.
+#include "../../csrc/conv2d/conv2d_sm80.cuh"
+
+namespace tilesmith::conv2d_sm80 {
+// The kernels' `extern __shared__` buffer, which block-scope extern declares in this namespace.
+alignas(128) unsigned char shared_bytes[smem_bytes<float>()];
+}  // namespace tilesmith::conv2d_sm80
+
+namespace {
+
+using tilesmith::ConvParams;
+using tilesmith::MatmulParams;
+namespace cv = tilesmith::conv2d_sm80;
+
+unsigned output_tiles(const MatmulParams& out) {
+  return static_cast<unsigned>(((out.m + cv::kBlockM - 1) / cv::kBlockM) *
+                               ((out.n + cv::kBlockN - 1) / cv::kBlockN));
+}
+
+template <typename T>
+std::string run_pass(int pass, const ConvParams& cp, const MatmulParams& out, int splits,
+                     std::vector<tilesmith_emu::Buffer> buffers) {
+  const size_t smem = cv::smem_bytes<T>();
+  if (pass == 0) {
+    return tilesmith_emu::launch(dim3(output_tiles(out)), dim3(cv::kThreads), smem,
+                                 cv::shared_bytes, std::move(buffers),
+                                 [&] { cv::conv2d_fwd_kernel<T>(cp, out); });
+  }
+  if (pass == 1) {
+    return tilesmith_emu::launch(dim3(output_tiles(out)), dim3(cv::kThreads), smem,
+                                 cv::shared_bytes, std::move(buffers),
+                                 [&] { cv::conv2d_dgrad_kernel<T>(cp, out); });
+  }
+  const dim3 grid(output_tiles(out), static_cast<unsigned>(cp.kernel_h * cp.kernel_w),
+                  static_cast<unsigned>(splits));
+  return tilesmith_emu::launch(grid, dim3(cv::kThreads), smem, cv::shared_bytes,
+                               std::move(buffers), [&] { cv::conv2d_wgrad_kernel<T>(cp, out); });
+}
+
+}  // namespace
+
+// pass: 0 forward, 1 dgrad, 2 wgrad (with `splits`); dtype: 0 bfloat16, 1 float16.
+// Returns 0, or 1 with the emulator's message in `error`.
+extern "C" int emulate_conv2d(int pass, int dtype, const ConvParams* conv,
+                              const MatmulParams* out, int splits,
+                              const void* const* buffer_ptrs, const int64_t* buffer_bytes,
+                              int buffers, char* error, int error_capacity) {
+  std::vector<tilesmith_emu::Buffer> regions;
+  for (int i = 0; i < buffers; ++i) {
+    regions.push_back({static_cast<const unsigned char*>(buffer_ptrs[i]),
+                       static_cast<size_t>(buffer_bytes[i])});
+  }
+  const std::string message =
+      dtype == 0 ? run_pass<__nv_bfloat16>(pass, *conv, *out, splits, std::move(regions))
+                 : run_pass<__half>(pass, *conv, *out, splits, std::move(regions));
+  std::snprintf(error, error_capacity, "%s", message.c_str());
+  return message.empty() ? 0 : 1;
+}
+
+// For the test's check that its ctypes mirror of ConvParams has the same layout.
+extern "C" int conv_params_size() { return static_cast<int>(sizeof(ConvParams)); }
