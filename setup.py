@@ -95,6 +95,7 @@ def cuda_extensions():
         name="tilesmith._C",
         sources=["csrc/registration.cpp", "csrc/matmul/matmul_api.cpp",
                  "csrc/gemm/gemm_api.cpp", "csrc/attention/attention_api.cpp",
+                 "csrc/conv2d/conv2d_api.cpp",
                  *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*/*.cu")
                          if not p.stem.endswith("_sm90a"))],
         include_dirs=[str(ROOT / "csrc")],

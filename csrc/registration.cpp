@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "attention/attention_api.h"
+#include "conv2d/conv2d_api.h"
 #include "gemm/gemm_api.h"
 #include "matmul/matmul_api.h"
 
@@ -19,4 +20,7 @@ TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) {
   m.impl("gemm_cuda", &tilesmith::gemm_cuda);
   m.impl("attention_fwd_cuda", &tilesmith::attention_fwd_cuda);
   m.impl("attention_bwd_cuda", &tilesmith::attention_bwd_cuda);
+  m.impl("conv2d_fwd_cuda", &tilesmith::conv2d_fwd_cuda);
+  m.impl("conv2d_dgrad_cuda", &tilesmith::conv2d_dgrad_cuda);
+  m.impl("conv2d_wgrad_cuda", &tilesmith::conv2d_wgrad_cuda);
 }

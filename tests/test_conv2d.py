@@ -1,6 +1,8 @@
 """tilesmith.ops.conv2d against torch.nn.functional.conv2d in float64 (GUIDE §3): output and
 the gradients of input, weight and bias, through the fused activation."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu
@@ -8,6 +10,9 @@ from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, req
 import tilesmith
 from tilesmith import testing
 from tilesmith.ops.conv2d import _torch_conv2d
+
+# The module (tilesmith.ops.conv2d is also the name of the function it exports).
+conv2d_ops = importlib.import_module("tilesmith.ops.conv2d")
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SAMPLE_NAMES = [s.name for s in testing.conv2d_sample_inputs("cpu", torch.float32,
@@ -20,6 +25,15 @@ def _sample(name, dtype):
 
 def _params(dtypes):
     return backend_dtype_params("conv2d", dtypes)
+
+
+def _skip_if_backend_cannot(backend, sample):
+    """Skip (with the reason) a call the backend's kernels do not take, e.g. groups on cuda."""
+    x, weight, _ = sample.args
+    padding = sample.kwargs.get("padding", 0)
+    why = conv2d_ops.kernel_limits(x, weight, sample.kwargs.get("groups", 1), padding)[backend]
+    if why:
+        pytest.skip(why)
 
 
 def _reference(x, weight, bias, kwargs):
@@ -39,6 +53,7 @@ def _check(got, ref, base, name):
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_forward_and_gradients_match_float64(backend, dtype, name):
     sample = _sample(name, dtype)
+    _skip_if_backend_cannot(backend, sample)
     x, weight, bias = testing.grad_views(sample.args)
     inputs = [t for t in (x, weight, bias) if t is not None]
     with testing.poison_outputs():
@@ -100,8 +115,12 @@ def test_same_padding_even_kernel_routes_to_torch_or_says_why(backend):
 def test_opcheck_and_compile(backend):
     x, w, b = (t.detach().clone().requires_grad_(True)
                for t in _sample("gelu_channels_last", torch.bfloat16).args)
-    torch.library.opcheck(torch.ops.tilesmith.conv2d_fwd_triton,
-                          (x, w, b, [1, 1], [1, 1], [1, 1], 1, "gelu", True))
+    if backend == "cuda":
+        torch.library.opcheck(torch.ops.tilesmith.conv2d_fwd_cuda,
+                              (x, w, b, [1, 1], [1, 1], [1, 1], "gelu", True))
+    else:
+        torch.library.opcheck(torch.ops.tilesmith.conv2d_fwd_triton,
+                              (x, w, b, [1, 1], [1, 1], [1, 1], 1, "gelu", True))
 
     def f(x, w, b):
         return tilesmith.ops.conv2d(x, w, b, padding=1, activation="gelu",
@@ -111,6 +130,16 @@ def test_opcheck_and_compile(backend):
     eager = torch.autograd.grad(f(x, w, b), (x, w, b))
     for got, want in zip(grads, eager):
         torch.testing.assert_close(got, want)
+
+
+def test_cuda_backend_names_what_its_kernels_do_not_take():
+    x, w = torch.randn(1, 16, 8, 8), torch.randn(24, 16, 3, 3)
+    assert conv2d_ops.kernel_limits(x, w)["cuda"] is None
+    assert "groups=1" in conv2d_ops.kernel_limits(x, w[:, :8], groups=2)["cuda"]
+    assert "multiples of 8" in conv2d_ops.kernel_limits(x[:, :3], w[:, :3])["cuda"]
+    assert "multiples of 8" in conv2d_ops.kernel_limits(x, w[:20])["cuda"]
+    assert conv2d_ops.kernel_limits(x[:, :3], w[:, :3], groups=1)["triton"] is None
+    assert "asymmetric" in conv2d_ops.kernel_limits(x, w, 1, "same_asymmetric")["triton"]
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):

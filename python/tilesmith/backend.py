@@ -38,8 +38,8 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
         torch.float32: ("torch", "triton"),
     },
     "conv2d": {
-        torch.bfloat16: ("torch", "triton"),
-        torch.float16: ("torch", "triton"),
+        torch.bfloat16: ("torch", "cuda", "triton"),
+        torch.float16: ("torch", "cuda", "triton"),
         torch.float32: ("torch", "triton"),
     },
     "fp8": {
@@ -71,7 +71,8 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
     "conv2d": {
-        "cuda": (),  # not written yet
+        # groups 1, channel and filter counts multiples of 8 (ops/conv2d.py says which).
+        "cuda": (torch.float16, torch.bfloat16),
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },

@@ -1,11 +1,13 @@
 """conv2d: ``torch.nn.functional.conv2d`` semantics plus a fused ``activation`` after the
-bias, on implicit-GEMM Triton kernels (forward, dgrad, wgrad).
+bias, on implicit-GEMM kernels (forward, dgrad, wgrad).
 
 Layers: ``conv2d`` (validation, padding="same"/"valid", backend choice) ->
-``tilesmith::conv2d_fwd_triton`` (also stores the pre-activation when a backward will need
-it), ``tilesmith::conv2d_dgrad_triton``, ``tilesmith::conv2d_wgrad_triton`` and, through a
-fused activation, ``tilesmith::activation_backward_triton`` -> kernels/conv2d.py. Outputs
-and input gradients keep the input's memory format (NCHW or channels_last).
+``tilesmith::conv2d_fwd_{triton,cuda}`` (also stores the pre-activation when a backward will
+need it), ``tilesmith::conv2d_{dgrad,wgrad}_{triton,cuda}`` and, through a fused activation,
+its derivative -> kernels/conv2d.py (Triton: groups, any channel count, fp32) or
+csrc/conv2d/ (CUDA: groups 1, fp16/bf16, channel and filter counts multiples of 8,
+channels-last; NCHW tensors are copied). Outputs and input gradients keep the input's memory
+format (NCHW or channels_last).
 """
 
 from __future__ import annotations
@@ -14,8 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
-from .. import backend as _backend
-from ._library import autocast_inputs, dot_precision, new_output, register_autocast
+from ._library import LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast
+
+LIBRARY.define("conv2d_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, int[] stride, "
+               "int[] padding, int[] dilation, str activation, bool save_pre) "
+               "-> (Tensor, Tensor)")
+LIBRARY.define("conv2d_dgrad_cuda(Tensor grad, Tensor weight, int[] input_shape, int[] stride, "
+               "int[] padding, int[] dilation, bool channels_last) -> Tensor")
+LIBRARY.define("conv2d_wgrad_cuda(Tensor grad, Tensor x, int[] weight_shape, int[] stride, "
+               "int[] padding, int[] dilation) -> Tensor")
+
+from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schemas)
+from .gemm import activation_derivative  # noqa: E402
 
 ACTIVATION_NAMES = (None, "relu", "gelu", "silu")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -148,25 +160,63 @@ def _conv2d_wgrad_triton(grad: torch.Tensor, x: torch.Tensor, weight_shape: list
     return partial.sum(0).view(k, c_group, r, s).to(x.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, activation, save_pre = inputs
+def _out_shape(x, weight, stride, padding, dilation):
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    return (n, k, _out_size(h, padding[0], dilation[0], r, stride[0]),
+            _out_size(w, padding[1], dilation[1], s, stride[1]))
+
+
+@torch.library.register_fake("tilesmith::conv2d_fwd_cuda")
+def _conv2d_fwd_cuda_fake(x, weight, bias, stride, padding, dilation, activation, save_pre):
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    channels_last = _is_channels_last(x)
+    return (_empty_like_format(shape, x, channels_last),
+            _empty_like_format(shape if save_pre else (0, 0, 0, 0), x, channels_last))
+
+
+@torch.library.register_fake("tilesmith::conv2d_dgrad_cuda")
+def _conv2d_dgrad_cuda_fake(grad, weight, input_shape, stride, padding, dilation,
+                            channels_last):
+    return _empty_like_format(tuple(input_shape), grad, channels_last)
+
+
+@torch.library.register_fake("tilesmith::conv2d_wgrad_cuda")
+def _conv2d_wgrad_cuda_fake(grad, x, weight_shape, stride, padding, dilation):
+    return _empty_like_format(tuple(weight_shape), x, True)
+
+
+def _setup_context(ctx, inputs, output, cuda=False):
+    if cuda:  # conv2d_fwd_cuda has no groups argument: always 1
+        x, weight, bias, stride, padding, dilation, activation, save_pre = inputs
+        groups = 1
+    else:
+        x, weight, bias, stride, padding, dilation, groups, activation, save_pre = inputs
     _, pre = output
     ctx.save_for_backward(x, weight, pre)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.activation = activation
     ctx.has_bias = bias is not None
     ctx.channels_last = _is_channels_last(x)
+    ctx.cuda = cuda
     ctx.mark_non_differentiable(pre)
+
+
+def _cuda_setup_context(ctx, inputs, output):
+    _setup_context(ctx, inputs, output, cuda=True)
 
 
 def _backward(ctx, grad_out, _grad_pre):
     x, weight, pre = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    if ctx.activation != "none":
-        if pre.numel() == 0 and grad_out.numel() != 0:
-            raise RuntimeError("conv2d: backward through the activation needs the forward's "
-                               "pre-activation; call conv2d with grad mode enabled")
+    if ctx.activation != "none" and pre.numel() == 0 and grad_out.numel() != 0:
+        raise RuntimeError("conv2d: backward through the activation needs the forward's "
+                           "pre-activation; call conv2d with grad mode enabled")
+    if ctx.activation != "none" and ctx.cuda:
+        # The cuda backend stays off Triton: the derivative in (fused by PyTorch) torch ops.
+        dz = (grad_out.float() * activation_derivative(pre, ctx.activation)).to(x.dtype)
+    elif ctx.activation != "none":
         # The elementwise kernel is 2-D: view both, in one memory format, as rows of
         # channels (channels_last) or of pixels (NCHW).
         g = grad_out.contiguous(memory_format=memory_format)
@@ -183,22 +233,33 @@ def _backward(ctx, grad_out, _grad_pre):
         dz = grad_out
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.tilesmith.conv2d_dgrad_triton(dz, weight, list(x.shape), stride,
-                                                         padding, dilation, groups,
-                                                         ctx.channels_last)
+        if ctx.cuda:
+            grad_x = torch.ops.tilesmith.conv2d_dgrad_cuda(dz, weight, list(x.shape), stride,
+                                                           padding, dilation, ctx.channels_last)
+        else:
+            grad_x = torch.ops.tilesmith.conv2d_dgrad_triton(dz, weight, list(x.shape), stride,
+                                                             padding, dilation, groups,
+                                                             ctx.channels_last)
     if ctx.needs_input_grad[1]:
-        grad_w = torch.ops.tilesmith.conv2d_wgrad_triton(dz, x, list(weight.shape), stride,
-                                                         padding, dilation, groups)
-        grad_w = grad_w.contiguous(memory_format=torch.channels_last) if (
-            _is_channels_last(weight)) else grad_w
+        if ctx.cuda:
+            grad_w = torch.ops.tilesmith.conv2d_wgrad_cuda(dz, x, list(weight.shape), stride,
+                                                           padding, dilation)
+        else:
+            grad_w = torch.ops.tilesmith.conv2d_wgrad_triton(dz, x, list(weight.shape), stride,
+                                                             padding, dilation, groups)
+        grad_w = grad_w.contiguous(memory_format=torch.channels_last if _is_channels_last(
+            weight) else torch.contiguous_format)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = dz.sum((0, 2, 3), dtype=torch.float32 if dz.dtype != torch.float64
                         else torch.float64).to(weight.dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+    rest = (None,) * (5 if ctx.cuda else 6)  # stride .. save_pre
+    return grad_x, grad_w, grad_b, *rest
 
 
 torch.library.register_autograd("tilesmith::conv2d_fwd_triton", _backward,
                                 setup_context=_setup_context)
+torch.library.register_autograd("tilesmith::conv2d_fwd_cuda", _backward,
+                                setup_context=_cuda_setup_context)
 
 
 def _pair(value, name):
@@ -297,19 +358,37 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                              f"the padded input ({input.shape[2]}x{input.shape[3]} + padding "
                              f"{padding}): {shapes}")
 
-    cannot = ("padding='same' with an even kernel extent (asymmetric padding) is not "
-              "implemented in tilesmith's conv2d kernels" if padding == "same_asymmetric"
-              else None)
-    name = _backend.pick("conv2d", input, backend, cannot)
+    name = _backend.pick("conv2d", input, backend, kernel_limits(input, weight, groups, padding))
     if name == "torch":
         return _torch_conv2d(input, weight, bias, stride,
                              "same" if padding == "same_asymmetric" else padding, dilation,
                              groups, activation)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
+    save_pre = bool(activation is not None and needs_grad)
+    if name == "cuda":
+        out, _ = torch.ops.tilesmith.conv2d_fwd_cuda(input, weight, bias, stride, padding,
+                                                     dilation, activation or "none", save_pre)
+        return out
     out, _ = torch.ops.tilesmith.conv2d_fwd_triton(
-        input, weight, bias, stride, padding, dilation, groups, activation or "none",
-        bool(activation is not None and needs_grad))
+        input, weight, bias, stride, padding, dilation, groups, activation or "none", save_pre)
     return out
 
+
+def kernel_limits(input, weight, groups=1, padding=(0, 0)) -> dict[str, str | None]:
+    """Why each of tilesmith's conv2d backends cannot run this call (None: it can)."""
+    if padding == "same_asymmetric":
+        why = ("padding='same' with an even kernel extent (asymmetric padding) is not "
+               "implemented in tilesmith's conv2d kernels")
+        return {"triton": why, "cuda": why}
+    cuda = None
+    if groups != 1:
+        cuda = "the cuda conv2d kernels take groups=1 only (the triton backend takes any)"
+    elif input.shape[1] % 8 or weight.shape[0] % 8:
+        cuda = (f"the cuda conv2d kernels need input channels and filters that are multiples "
+                f"of 8, got {input.shape[1]} and {weight.shape[0]} (the triton backend takes "
+                f"any)")
+    return {"triton": None, "cuda": cuda}
+
 register_autocast("conv2d_fwd_triton")
+register_autocast("conv2d_fwd_cuda")

@@ -1,0 +1,235 @@
+// tilesmith::conv2d_{fwd,dgrad,wgrad}_cuda: checks, channels-last operands, outputs and the
+// ConvParams/MatmulParams fill. The schemas live in python/tilesmith/ops/conv2d.py;
+// registration.cpp binds these functions to them for CUDA tensors.
+#include "conv2d_api.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+
+#include "../common/check.h"
+#include "../matmul/matmul_api.h"
+#include "conv2d.h"
+
+namespace tilesmith {
+
+namespace {
+
+void check_operand(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), "conv2d (cuda backend): ", name, " must be a CUDA tensor, got ",
+              t.device());
+  TORCH_CHECK(t.device() == like.device(), "conv2d: ", name, " is on ", t.device(), ", not ",
+              like.device());
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              "conv2d (cuda backend): ", name, " must be float16 or bfloat16, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "conv2d: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "conv2d: ", name, " must be 4-D, got shape ", t.sizes());
+}
+
+// The channels-last layout the kernels read, 16-byte aligned (copies only when needed).
+at::Tensor channels_last(const at::Tensor& t) {
+  at::Tensor out = t.contiguous(at::MemoryFormat::ChannelsLast);
+  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) {
+    out = out.clone(at::MemoryFormat::ChannelsLast);
+  }
+  return out;
+}
+
+// tilesmith's rule for "the input's memory format" (python/tilesmith/ops/conv2d.py).
+bool is_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+ConvParams geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r,
+                    int64_t s, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "conv2d: stride, padding and dilation must each have 2 entries");
+  TORCH_CHECK(c % 8 == 0 && k % 8 == 0,
+              "conv2d (cuda backend): input channels and filters must be multiples of 8 (16-byte "
+              "rows), got ", c, " and ", k);
+  ConvParams cp{};
+  cp.batch = n;
+  cp.height = h;
+  cp.width = w;
+  cp.channels = c;
+  cp.filters = k;
+  cp.kernel_h = r;
+  cp.kernel_w = s;
+  cp.stride_h = static_cast<int>(stride[0]);
+  cp.stride_w = static_cast<int>(stride[1]);
+  cp.pad_h = static_cast<int>(padding[0]);
+  cp.pad_w = static_cast<int>(padding[1]);
+  cp.dilation_h = static_cast<int>(dilation[0]);
+  cp.dilation_w = static_cast<int>(dilation[1]);
+  cp.out_h = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) / stride[0] + 1;
+  cp.out_w = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(cp.out_h > 0 && cp.out_w > 0, "conv2d: empty output for input ", h, "x", w,
+              " and kernel ", r, "x", s);
+  return cp;
+}
+
+// An output matrix of rows x cols, row stride cols, with no epilogue.
+MatmulParams plain_output(void* data, int64_t rows, int64_t cols) {
+  MatmulParams out{};
+  out.c = data;
+  out.batch = 1;
+  out.m = rows;
+  out.n = cols;
+  out.c_row_stride = cols;
+  return out;
+}
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK(false, "conv2d: activation must be none, relu, gelu or silu, got ",
+              std::string(name));
+}
+
+int multiprocessors(const at::Tensor& t) {
+  int count = 0;
+  TILESMITH_CHECK_LAUNCH(
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.device().index()));
+  return count;
+}
+
+cudaStream_t stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
+                                                   const at::Tensor& weight_in,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   at::IntArrayRef stride,
+                                                   at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation,
+                                                   c10::string_view activation, bool save_pre) {
+  check_operand(x_in, "input", x_in);
+  check_operand(weight_in, "weight", x_in);
+  TORCH_CHECK(weight_in.size(1) == x_in.size(1), "conv2d (cuda backend): groups must be 1: "
+              "weight ", weight_in.sizes(), " for input ", x_in.sizes());
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t n = x_in.size(0), k = weight_in.size(0);
+  ConvParams cp = geometry(n, x_in.size(1), x_in.size(2), x_in.size(3), k, weight_in.size(2),
+                           weight_in.size(3), stride, padding, dilation);
+  const at::Tensor x = channels_last(x_in), weight = channels_last(weight_in);
+  const auto options = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({n, k, cp.out_h, cp.out_w}, options);
+  at::Tensor pre = save_pre ? at::empty({n, k, cp.out_h, cp.out_w}, options)
+                            : at::empty({0, 0, 0, 0}, x.options());
+  if (poison_outputs()) {
+    out.fill_(NAN);
+    pre.fill_(NAN);
+  }
+  at::Tensor bias_f32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == k && bias->device() == x.device(),
+                "conv2d: bias must be a (", k, ",) tensor on ", x.device(), ", got ",
+                bias->sizes(), " on ", bias->device());
+    bias_f32 = bias->to(at::kFloat).contiguous();
+  }
+  cp.x = x.data_ptr();
+  cp.weight = weight.data_ptr();
+  MatmulParams epilogue = plain_output(out.data_ptr(), n * cp.out_h * cp.out_w, k);
+  epilogue.bias = bias.has_value() ? bias_f32.data_ptr<float>() : nullptr;
+  epilogue.activation = parse_activation(activation);
+  if (save_pre) {
+    epilogue.pre = pre.data_ptr();
+    epilogue.pre_row_stride = k;
+  }
+  if (out.numel() > 0) {
+    TILESMITH_CHECK_LAUNCH(x.scalar_type() == at::kBFloat16
+                               ? run_conv2d_fwd_sm80_bf16(cp, epilogue, stream_of(x))
+                               : run_conv2d_fwd_sm80_fp16(cp, epilogue, stream_of(x)));
+  }
+  if (!is_channels_last(x_in)) return {out.contiguous(), pre.contiguous()};
+  return {out, pre};
+}
+
+at::Tensor conv2d_dgrad_cuda(const at::Tensor& grad_in, const at::Tensor& weight_in,
+                             at::IntArrayRef input_shape, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                             bool want_channels_last) {
+  check_operand(grad_in, "grad", grad_in);
+  check_operand(weight_in, "weight", grad_in);
+  TORCH_CHECK(input_shape.size() == 4 && input_shape[1] == weight_in.size(1),
+              "conv2d dgrad: input_shape ", input_shape, " does not match weight ",
+              weight_in.sizes());
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  const int64_t n = input_shape[0], c = input_shape[1], h = input_shape[2], w = input_shape[3];
+  ConvParams cp = geometry(n, c, h, w, weight_in.size(0), weight_in.size(2), weight_in.size(3),
+                           stride, padding, dilation);
+  TORCH_CHECK(grad_in.size(0) == n && grad_in.size(1) == cp.filters &&
+                  grad_in.size(2) == cp.out_h && grad_in.size(3) == cp.out_w,
+              "conv2d dgrad: grad has shape ", grad_in.sizes(), ", the forward's output was (",
+              n, ", ", cp.filters, ", ", cp.out_h, ", ", cp.out_w, ")");
+  const at::Tensor grad = channels_last(grad_in), weight = channels_last(weight_in);
+  at::Tensor dx = at::empty({n, c, h, w},
+                            grad.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (poison_outputs()) dx.fill_(NAN);
+  cp.grad_out = grad.data_ptr();
+  cp.weight = weight.data_ptr();
+  if (dx.numel() > 0) {
+    const MatmulParams out = plain_output(dx.data_ptr(), n * h * w, c);
+    TILESMITH_CHECK_LAUNCH(grad.scalar_type() == at::kBFloat16
+                               ? run_conv2d_dgrad_sm80_bf16(cp, out, stream_of(grad))
+                               : run_conv2d_dgrad_sm80_fp16(cp, out, stream_of(grad)));
+  }
+  return want_channels_last ? dx : dx.contiguous();
+}
+
+at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
+                             at::IntArrayRef weight_shape, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_operand(grad_in, "grad", grad_in);
+  check_operand(x_in, "input", grad_in);
+  TORCH_CHECK(weight_shape.size() == 4 && weight_shape[1] == x_in.size(1),
+              "conv2d wgrad: weight_shape ", weight_shape, " does not match input ",
+              x_in.sizes());
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t k = weight_shape[0], c = weight_shape[1], r = weight_shape[2],
+                s = weight_shape[3];
+  ConvParams cp = geometry(x_in.size(0), c, x_in.size(2), x_in.size(3), k, r, s, stride,
+                           padding, dilation);
+  TORCH_CHECK(grad_in.size(0) == x_in.size(0) && grad_in.size(1) == k &&
+                  grad_in.size(2) == cp.out_h && grad_in.size(3) == cp.out_w,
+              "conv2d wgrad: grad has shape ", grad_in.sizes(), ", the forward's output was (",
+              x_in.size(0), ", ", k, ", ", cp.out_h, ", ", cp.out_w, ")");
+  const at::Tensor grad = channels_last(grad_in), x = channels_last(x_in);
+  // Split the N*P*Q reduction when the weight alone gives too few blocks to fill the GPU:
+  // about two blocks per SM, each with at least 8 K slices of 64 pixels.
+  const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
+  const int64_t blocks = ((k + 127) / 128) * ((c + 127) / 128) * r * s;
+  const int64_t wanted = 2 * multiprocessors(x);
+  const int64_t most = std::max<int64_t>(1, pixels / (8 * 64));
+  int64_t splits = std::min<int64_t>(std::max<int64_t>(1, (wanted + blocks - 1) / blocks), most);
+  splits = std::min<int64_t>(splits, 65535);
+  cp.split_pixels = ((pixels + splits - 1) / splits + 63) / 64 * 64;
+  splits = pixels > 0 ? (pixels + cp.split_pixels - 1) / cp.split_pixels : 1;
+  at::Tensor partial = at::zeros({splits, k, r * s * c}, x.options().dtype(at::kFloat));
+  cp.x = x.data_ptr();
+  cp.grad_out = grad.data_ptr();
+  if (pixels > 0 && partial.numel() > 0) {
+    MatmulParams out = plain_output(partial.data_ptr(), k, c);
+    out.batch = splits;
+    out.c_batch_stride = k * r * s * c;
+    out.c_row_stride = r * s * c;
+    out.out_fp32 = true;
+    const int split_count = static_cast<int>(splits);
+    TILESMITH_CHECK_LAUNCH(x.scalar_type() == at::kBFloat16
+                               ? run_conv2d_wgrad_sm80_bf16(cp, out, split_count, stream_of(x))
+                               : run_conv2d_wgrad_sm80_fp16(cp, out, split_count, stream_of(x)));
+  }
+  // Splits summed in a fixed order (deterministic); (K, R, S, C) seen as (K, C, R, S).
+  return partial.sum(0).view({k, r, s, c}).permute({0, 3, 1, 2}).to(x.scalar_type());
+}
+
+}  // namespace tilesmith
