@@ -11,12 +11,16 @@ followed by an eager ReLU), dgrad, wgrad. FLOPs 2*N*K*P*Q*C*R*S/groups for each.
 from __future__ import annotations
 
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 
 import tilesmith
 from bench import harness
 from tilesmith import testing
+
+conv2d_ops = importlib.import_module("tilesmith.ops.conv2d")  # the module, not the function
 
 # (name, C, K, H, R, stride): H is the input height (= width)
 RESNET50 = [
@@ -79,11 +83,17 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                 "fwd": lambda be: tilesmith.ops.conv2d(x, w, bias, stride, pad, backend=be),
                 "fused": lambda be: tilesmith.ops.conv2d(x, w, bias, stride, pad,
                                                          activation="relu", backend=be),
-                "dgrad": lambda be: torch.ops.tilesmith.conv2d_dgrad_triton(
-                    grad, w, list(x.shape), *args, True),
-                "wgrad": lambda be: torch.ops.tilesmith.conv2d_wgrad_triton(
-                    grad, x, list(w.shape), *args),
+                "dgrad": lambda be: (
+                    torch.ops.tilesmith.conv2d_dgrad_cuda(grad, w, list(x.shape), *args[:3], True)
+                    if be == "cuda" else
+                    torch.ops.tilesmith.conv2d_dgrad_triton(grad, w, list(x.shape), *args, True)),
+                "wgrad": lambda be: (
+                    torch.ops.tilesmith.conv2d_wgrad_cuda(grad, x, list(w.shape), *args[:3])
+                    if be == "cuda" else
+                    torch.ops.tilesmith.conv2d_wgrad_triton(grad, x, list(w.shape), *args)),
             }
+            # Backends that cannot take this layer (e.g. cuda with 3 input channels) sit out.
+            limits = conv2d_ops.kernel_limits(x, w)
             refs = {"fwd": F.conv2d(x[:1].double(), w.double(), bias.double(), stride, pad)}
             for mode, base_fn in baselines.items():
                 base_ms = harness.median_ms(base_fn)
@@ -95,7 +105,7 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                     joules=None))
                 for backend in backends:
                     if tilesmith.backend.unavailable_reason(backend, "conv2d", x.device,
-                                                            dtype) is not None:
+                                                            dtype) is not None or limits[backend]:
                         continue
                     def fn(b=backend, m=mode):
                         return ours[m](b)
