@@ -104,7 +104,7 @@ def cuda_extensions():
     )
     hopper = CUDAExtension(
         name="tilesmith._C_sm90a",
-        sources=["csrc/registration_sm90a.cpp",
+        sources=["csrc/registration_sm90a.cpp", "csrc/fp8/fp8_api.cpp",
                  *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*/*_sm90a.cu"))],
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx,

@@ -1,10 +1,17 @@
-// tilesmith._C_sm90a: kernels that use Hopper-only instructions (wgmma, TMA, FP8 mma),
+// tilesmith._C_sm90a: kernels that use Hopper-only instructions (wgmma, FP8 operands),
 // compiled with -gencode=arch=compute_90a,code=sm_90a in an extension of their own, since
-// sm_90a code loads on no other GPU. No kernels are registered here yet; the extension
-// exists so that adding the first one is a matter of listing its files in setup.py.
+// sm_90a code loads on no other GPU. Like registration.cpp, it only binds: the schemas live in
+// python/tilesmith/ops/.
 #include <Python.h>
+#include <torch/library.h>
+
+#include "fp8/fp8_api.h"
 
 extern "C" PyObject* PyInit__C_sm90a(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_sm90a", nullptr, -1, nullptr};
   return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) {
+  m.impl("scaled_gemm_cuda", &tilesmith::scaled_gemm_cuda);
 }

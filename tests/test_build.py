@@ -95,6 +95,22 @@ KERNEL_INSTANCES = {"matmul_kernel": 32, "attention_fwd_kernel": 8,
 
 
 @needs_extension
+def test_sm90a_extension_has_wgmma_kernels_without_spills():
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump found (CUDA toolkit bin/ or triton's bundled copy)")
+    if backend._C_SM90A is None:
+        pytest.skip(f"tilesmith._C_sm90a is not built here ({backend._C_SM90A_ERROR})")
+    so = _extension_file(backend._C_SM90A)
+    usage = _resource_usage(so)
+    found = {key: value for key, value in usage.items() if "scaled_gemm_kernel" in key[1]}
+    # 2 formats of a x 2 of b x per-block scaling or not, all sm_90a.
+    assert {arch for arch, _ in found} == {"sm_90a"} and len(found) == 8, sorted(found)
+    assert not [k for k, u in found.items() if u["STACK"] or u["LOCAL"]]
+    sass = subprocess.run([_cuobjdump(), "-sass", so], capture_output=True, text=True).stdout
+    assert "QGMMA.64x128x32.F32.E4M3.E4M3" in sass and "QGMMA.64x128x32.F32.E5M2.E4M3" in sass
+
+
+@needs_extension
 @pytest.mark.parametrize("kernel", list(KERNEL_INSTANCES))
 def test_cuda_kernels_do_not_spill(kernel):
     if _cuobjdump() is None:

@@ -39,20 +39,10 @@ constexpr int smem_bytes() {
   return kStages * (kBlockM + kBlockN) * kBlockK * static_cast<int>(sizeof(T));
 }
 
-// Grouped block order: consecutive blocks walk down kGroupM block rows before moving right,
-// so the B tiles they share are still in L2. Block `block` of an m x n output gets the tile
-// whose first row and column are returned.
+// Grouped block order (common/tiles_sm80.cuh) for this kernel's tile.
 __device__ __forceinline__ void grouped_block_tile(int64_t m, int64_t n, int block,
                                                    int64_t& block_m0, int64_t& block_n0) {
-  const int tiles_m = static_cast<int>((m + kBlockM - 1) / kBlockM);
-  const int tiles_n = static_cast<int>((n + kBlockN - 1) / kBlockN);
-  const int blocks_per_group = kGroupM * tiles_n;
-  const int first_tile_m = (block / blocks_per_group) * kGroupM;
-  const int group_rows = min(tiles_m - first_tile_m, kGroupM);
-  const int tile_m = first_tile_m + (block % blocks_per_group) % group_rows;
-  const int tile_n = (block % blocks_per_group) / group_rows;
-  block_m0 = static_cast<int64_t>(tile_m) * kBlockM;
-  block_n0 = static_cast<int64_t>(tile_n) * kBlockN;
+  tilesmith::grouped_block_tile<kBlockM, kBlockN, kGroupM>(m, n, block, block_m0, block_n0);
 }
 
 // One stage's operand tiles. A: [m][k] when k-contiguous, else [k][m]; B: [k][n] when

@@ -47,8 +47,8 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
         torch.bfloat16: ("triton", "torch"),
         torch.float16: ("triton", "torch"),
         torch.float32: ("triton", "torch"),
-        torch.float8_e4m3fn: ("triton", "torch"),
-        torch.float8_e5m2: ("triton", "torch"),
+        torch.float8_e4m3fn: ("triton", "cuda", "torch"),
+        torch.float8_e5m2: ("triton", "cuda", "torch"),
     },
     "attention": {
         torch.bfloat16: ("torch", "cuda", "triton"),
@@ -77,7 +77,8 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
     "fp8": {
-        "cuda": (),  # the sm_90a wgmma kernels are not written yet
+        # scaled_gemm only (sm_90a wgmma, tilesmith._C_sm90a); keyed on the fp8 operand.
+        "cuda": (torch.float8_e4m3fn, torch.float8_e5m2),
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn,
                    torch.float8_e5m2),
         # The torch backend of fp8 is tilesmith.testing's plain-PyTorch reference (float64
@@ -174,12 +175,18 @@ def unavailable_reason(backend: str, op: str, device: torch.device,
     if backend == "torch":
         return None
     if backend == "cuda":
-        if _C is None:
-            return ("the CUDA extension tilesmith._C is not built (installed without nvcc, or "
-                    f"with TILESMITH_SKIP_CUDA_BUILD=1): {_C_ERROR}")
+        hopper = op == "fp8"  # its kernels live in tilesmith._C_sm90a
+        extension, error = (_C_SM90A, _C_SM90A_ERROR) if hopper else (_C, _C_ERROR)
+        if extension is None:
+            return (f"the CUDA extension tilesmith.{'_C_sm90a' if hopper else '_C'} is not "
+                    f"built (installed without nvcc, or with TILESMITH_SKIP_CUDA_BUILD=1): "
+                    f"{error}")
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got tensors on {device}"
         major, minor = _capability(device)
+        if hopper and (major, minor) != (9, 0):
+            return (f"the cuda fp8 kernels use sm_90a instructions (wgmma), which run on "
+                    f"compute capability 9.0 only (H100/H200); this GPU has {major}.{minor}")
         if major < 8:
             return (f"the cuda backend needs compute capability 8.0 or newer (mma.sync with "
                     f"bf16), this GPU has {major}.{minor}")

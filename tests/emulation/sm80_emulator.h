@@ -390,6 +390,13 @@ inline int max(int a, int b) { return a > b ? a : b; }
 
 // The instruction wrappers of csrc/common/mma_sm80.cuh, on the emulator.
 namespace tilesmith {
+// The shared-window address of a shared-memory pointer: here its offset in the block's
+// buffer (which the harnesses align like the GPU's shared window, to 1024 bytes).
+inline uint32_t shared_address(const void* ptr) {
+  using namespace tilesmith_emu;
+  if (!in_shared(ptr, 1)) fail("shared_address of a pointer outside shared memory");
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(ptr) - machine->smem);
+}
 inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   tilesmith_emu::cp_async_16(smem, gmem, src_bytes);
 }

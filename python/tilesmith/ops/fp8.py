@@ -1,6 +1,7 @@
 """FP8 (float8_e4m3fn, float8_e5m2): ``quantize_fp8`` (amax, scale and cast on the device)
 and ``scaled_gemm`` (fp8 x fp8 -> bf16/fp16/fp32 with per-tensor, per-row/column or
-per-block scales, fp32 accumulation). Kernels: kernels/fp8.py.
+per-block scales, fp32 accumulation). Kernels: kernels/fp8.py (Triton: both ops) and
+csrc/fp8/ (CUDA, sm_90a wgmma: scaled_gemm on an H100/H200, k a multiple of 16).
 
 Scale shapes (dequantization multipliers, x ~ x_fp8 * scale, as torch._scaled_mm):
     quantize_fp8(x (M, K), granularity=)  "tensor": ()   "row": (M, 1)
@@ -18,8 +19,12 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from .. import backend as _backend
-from ._library import new_output
+from ._library import LIBRARY, new_output
+
+LIBRARY.define("scaled_gemm_cuda(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, "
+               "Tensor? bias, ScalarType out_dtype, int scale_a_kind, int scale_b_kind) -> Tensor")
+
+from .. import backend as _backend  # noqa: E402  (loads the extensions after the schema)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_BLOCK = 128  # the block of scaled_gemm's per-block scales
@@ -155,6 +160,11 @@ def _scale_kinds(scale_a, scale_b, m, n, k):
     return kind_a, kind_b
 
 
+@torch.library.register_fake("tilesmith::scaled_gemm_cuda")
+def _scaled_gemm_cuda_fake(a, b, scale_a, scale_b, bias, out_dtype, scale_a_kind, scale_b_kind):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
 @triton_op("tilesmith::scaled_gemm_triton", mutates_args=())
 def _scaled_gemm_triton(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
                         scale_b: torch.Tensor, bias: torch.Tensor | None,
@@ -218,11 +228,16 @@ def scaled_gemm(a_fp8: torch.Tensor, b_fp8: torch.Tensor, scale_a: torch.Tensor,
     n = b_fp8.shape[1]
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
-    _scale_kinds(scale_a, scale_b, m, n, k)
-    name = _backend.pick("fp8", a_fp8, backend)
+    kind_a, kind_b = _scale_kinds(scale_a, scale_b, m, n, k)
+    cuda_cannot = (f"the cuda (wgmma) kernel needs k to be a multiple of 16, got {k} (the "
+                   f"triton backend takes any)" if k % 16 else None)
+    name = _backend.pick("fp8", a_fp8, backend, {"cuda": cuda_cannot})
     if name == "torch":
         from ..testing import scaled_gemm_reference
 
         return scaled_gemm_reference(a_fp8, b_fp8, scale_a, scale_b, bias).to(out_dtype)
+    if name == "cuda":
+        return torch.ops.tilesmith.scaled_gemm_cuda(a_fp8, b_fp8, scale_a, scale_b, bias,
+                                                    out_dtype, kind_a, kind_b)
     return torch.ops.tilesmith.scaled_gemm_triton(a_fp8, b_fp8, scale_a, scale_b, bias,
                                                   out_dtype)

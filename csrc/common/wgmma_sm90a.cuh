@@ -1,0 +1,93 @@
+// Thin wrappers over the sm_90a warpgroup instructions the FP8 GEMM is built from: wgmma
+// (asynchronous warpgroup MMA reading both operands from shared memory through matrix
+// descriptors), its fences, and the proxy fence that makes cp.async's shared-memory writes
+// visible to it. sm_90a only: these do not exist on any other GPU.
+//
+// Under TILESMITH_CPU_EMULATION (tests/emulation/sm90a_emulator.h, included first) the
+// wrappers come from the CPU emulator instead.
+#pragma once
+
+#include <cstdint>
+#include <cuda_fp8.h>
+
+#include "mma_sm80.cuh"
+
+namespace tilesmith {
+
+// A shared-memory matrix descriptor for a K-major operand tile stored in the 128-byte
+// swizzle: rows of 128 bytes, the 16-byte chunks of row r permuted by XOR with (r % 8), the
+// tile 1024-byte aligned (SwizzledBytes in fp8/scaled_gemm_sm90a.cuh). The stride between
+// 8-row groups is 1024 bytes; the leading-dimension offset is unused in this layout (1 by
+// convention). Stepping K by 32 bytes within the 128-byte row is start address + 32.
+__device__ __forceinline__ uint64_t smem_descriptor_sw128(uint32_t shared_address) {
+  uint64_t desc = (shared_address & 0x3FFFF) >> 4;  // bits 0-13: start address / 16
+  desc |= uint64_t{1} << 16;                        // bits 16-29: leading byte offset / 16
+  desc |= uint64_t{1024 >> 4} << 32;                // bits 32-45: stride byte offset / 16
+  desc |= uint64_t{1} << 62;                        // bits 62-63: 1 = 128-byte swizzle
+  return desc;
+}
+
+// d (+)= A B for a 64x128x32 block: A 64 rows x 32 K and B 128 rows (n) x 32 K, both fp8,
+// K-major, from shared memory. accumulate = 0 overwrites d. Each of the warpgroup's four
+// warps holds 16 rows of d: d[4j + e] is row 16 warp + lane/4 + 8 (e/2), column
+// 8j + 2 (lane % 4) + e % 2 (the mma.sync m16n8 accumulator layout, 16 times across).
+template <typename A, typename B>
+__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                 int accumulate);
+
+#ifndef TILESMITH_CPU_EMULATION
+// The 64 accumulator registers of an m64n128 fp32 wgmma, as operand list and asm operands.
+#define TILESMITH_WGMMA_D_REGISTERS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+  "}"
+#define TILESMITH_WGMMA_D_OPERANDS(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
+  "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
+  "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
+  "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), \
+  "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
+  "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
+  "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), \
+  "+f"(d[63])
+
+#define TILESMITH_WGMMA_FP8(a_name, b_name, AType, BType)                                   \
+  template <>                                                                              \
+  __device__ __forceinline__ void wgmma_m64n128k32<AType, BType>(                          \
+      float(&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                              \
+                 "wgmma.mma_async.sync.aligned.m64n128k32.f32." a_name "." b_name " "      \
+                 TILESMITH_WGMMA_D_REGISTERS ", %64, %65, p, 1, 1;\n}\n"                    \
+                 : TILESMITH_WGMMA_D_OPERANDS(d)                                           \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));                             \
+  }
+TILESMITH_WGMMA_FP8("e4m3", "e4m3", __nv_fp8_e4m3, __nv_fp8_e4m3)
+TILESMITH_WGMMA_FP8("e4m3", "e5m2", __nv_fp8_e4m3, __nv_fp8_e5m2)
+TILESMITH_WGMMA_FP8("e5m2", "e4m3", __nv_fp8_e5m2, __nv_fp8_e4m3)
+TILESMITH_WGMMA_FP8("e5m2", "e5m2", __nv_fp8_e5m2, __nv_fp8_e5m2)
+#undef TILESMITH_WGMMA_FP8
+
+// Orders this thread's register accesses to the accumulators before the next wgmma.
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// cp.async writes shared memory through the generic proxy, wgmma reads it through the async
+// proxy: each thread fences its landed copies before the barrier that precedes the wgmma.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace tilesmith

@@ -1,0 +1,196 @@
+// FP8 scaled GEMM for Hopper (sm_90a): out = (a * scale_a) @ (b * scale_b) + bias.
+//
+// A 128x128 output tile per block of two warpgroups (64 rows each). K advances 128 at a time
+// through a 4-stage cp.async pipeline into shared memory laid out in the 128-byte swizzle
+// that wgmma's matrix descriptors read directly; each stage is four wgmma m64n128k32, fp32
+// accumulators in registers. FP8 wgmma takes both operands K-major, so b arrives as b^T
+// (n x k, k contiguous: the column-major b torch._scaled_mm also requires).
+//
+// Scales: per tensor or per row/column, applied once in the epilogue; or per block (1x128 of
+// a, 128x128 of b), where each 128-deep K step accumulates into a fresh set of registers
+// that is then scaled and added to the total (the "promotion" DeepSeek-V3 describes: it also
+// keeps the fp32 sums short, the reason fp8 wgmma's limited accumulation precision needs it).
+//
+// Not yet: TMA, warp specialization and a persistent schedule (the producer here is every
+// thread, between the wgmma waits); a 64x256 tile. First version: correctness, then speed.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../common/tiles_sm80.cuh"
+#include "../common/wgmma_sm90a.cuh"
+#include "scaled_gemm.h"
+
+namespace tilesmith {
+namespace fp8_sm90a {
+
+constexpr int kBlockM = 128;
+constexpr int kBlockN = 128;
+constexpr int kBlockK = 128;  // fp8: 128 elements = one 128-byte swizzled row
+constexpr int kStages = 4;
+constexpr int kWarpgroups = 2;
+constexpr int kThreads = kWarpgroups * 128;
+constexpr int kTileBytes = kBlockM * kBlockK;  // one operand tile of one stage (16 KiB)
+// Four stages of A and B (128 KiB), and room to align the start to 1024 bytes (the swizzle
+// pattern is a function of the address bits 4-9).
+constexpr int kSmemBytes = 2 * kStages * kTileBytes + 1024;
+
+// Byte offset of (row, byte) in a tile of 128-byte rows in the 128-byte swizzle.
+__device__ __forceinline__ int swizzled_offset(int row, int byte) {
+  return row * 128 + ((((byte >> 4) ^ row) & 7) << 4) + (byte & 15);
+}
+
+// rows x k fp8 matrix (k contiguous, row stride a multiple of 16) -> the [128][128] stage
+// tile at (row0, k0); out-of-range chunks are zero-filled. 8 chunks per row, 32 rows per
+// pass of 256 threads.
+__device__ __forceinline__ void load_tile(uint8_t* tile, const uint8_t* matrix, int64_t row0,
+                                          int64_t rows, int64_t k0, int64_t k,
+                                          int64_t row_stride) {
+  const int chunk = threadIdx.x % 8;
+  const int row = threadIdx.x / 8;
+  const int64_t left = k - (k0 + chunk * 16);
+  const int valid = left <= 0 ? 0 : (left < 16 ? static_cast<int>(left) : 16);
+#pragma unroll
+  for (int pass = 0; pass < kBlockM / 32; ++pass) {
+    const int r = row + pass * 32;
+    const bool ok = valid > 0 && row0 + r < rows;
+    const uint8_t* src = matrix + (row0 + r) * row_stride + k0 + chunk * 16;
+    cp_async_16(tile + swizzled_offset(r, chunk * 16), ok ? src : matrix, ok ? valid : 0);
+  }
+}
+
+__device__ __forceinline__ void store_pair(void* out, int64_t index, float v0, float v1,
+                                           bool has1, OutDtype dtype) {
+  if (dtype == OutDtype::kFloat32) {
+    float* o = static_cast<float*>(out) + index;
+    o[0] = v0;
+    if (has1) o[1] = v1;
+  } else if (dtype == OutDtype::kBFloat16) {
+    __nv_bfloat16* o = static_cast<__nv_bfloat16*>(out) + index;
+    o[0] = __float2bfloat16_rn(v0);
+    if (has1) o[1] = __float2bfloat16_rn(v1);
+  } else {
+    __half* o = static_cast<__half*>(out) + index;
+    o[0] = __float2half_rn(v0);
+    if (has1) o[1] = __float2half_rn(v1);
+  }
+}
+
+template <typename A, typename B, bool kBlockScaled>
+__global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmParams p) {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  const uint32_t misalignment = shared_address(shared_bytes) & 1023;
+  uint8_t* smem_a = shared_bytes + ((1024 - misalignment) & 1023);
+  uint8_t* smem_b = smem_a + kStages * kTileBytes;
+
+  int64_t block_m0, block_n0;
+  grouped_block_tile<kBlockM, kBlockN, 8>(p.m, p.n, blockIdx.x, block_m0, block_n0);
+  const uint8_t* a = static_cast<const uint8_t*>(p.a);
+  const uint8_t* b = static_cast<const uint8_t*>(p.b);
+  auto load_stage = [&](int stage, int k_tile) {
+    const int64_t k0 = static_cast<int64_t>(k_tile) * kBlockK;
+    load_tile(smem_a + stage * kTileBytes, a, block_m0, p.m, k0, p.k, p.a_row_stride);
+    load_tile(smem_b + stage * kTileBytes, b, block_n0, p.n, k0, p.k, p.b_row_stride);
+  };
+
+  const int warpgroup = threadIdx.x / 128;
+  const int warp = (threadIdx.x / 32) % 4;
+  const int lane = threadIdx.x % 32;
+  // This thread's rows of the 64x128 warpgroup tile: lane/4 and lane/4 + 8 of its warp's 16.
+  const int64_t rows[2] = {block_m0 + warpgroup * 64 + warp * 16 + lane / 4,
+                           block_m0 + warpgroup * 64 + warp * 16 + lane / 4 + 8};
+  float acc[64] = {};
+  float partial[kBlockScaled ? 64 : 1];
+
+  const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of stage kt have landed
+    fence_proxy_async_shared();    // ... and are visible to wgmma's (async proxy) reads
+    __syncthreads();               // everyone's; and the wgmma reading slot kt - 1 is done
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(next % kStages, next);
+    cp_async_commit();
+
+    const uint32_t a_tile =
+        shared_address(smem_a + (kt % kStages) * kTileBytes + warpgroup * 64 * 128);
+    const uint32_t b_tile = shared_address(smem_b + (kt % kStages) * kTileBytes);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 32; ++kk) {
+      const uint64_t desc_a = smem_descriptor_sw128(a_tile + kk * 32);
+      const uint64_t desc_b = smem_descriptor_sw128(b_tile + kk * 32);
+      if constexpr (kBlockScaled) {
+        wgmma_m64n128k32<A, B>(partial, desc_a, desc_b, kk > 0);
+      } else {
+        wgmma_m64n128k32<A, B>(acc, desc_a, desc_b, 1);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    if constexpr (kBlockScaled) {
+      // One 128x128 scale of b covers this whole tile; a's scales are per row.
+      const float scale_b = p.scale_b[kt * p.scale_b_row_stride + block_n0 / kBlockN];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float scale = rows[half] < p.m
+            ? p.scale_a[rows[half] * p.scale_a_row_stride + kt] * scale_b : 0.0f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          acc[4 * j + 2 * half] += partial[4 * j + 2 * half] * scale;
+          acc[4 * j + 2 * half + 1] += partial[4 * j + 2 * half + 1] * scale;
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: per-tensor and per-row/column scales, then the bias, then the store.
+  const float tensor_scale_a = p.scale_a_kind == ScaleKind::kTensor ? p.scale_a[0] : 1.0f;
+  const float tensor_scale_b = p.scale_b_kind == ScaleKind::kTensor ? p.scale_b[0] : 1.0f;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = rows[half];
+    if (row >= p.m) continue;
+    float row_scale = kBlockScaled ? 1.0f : tensor_scale_a * tensor_scale_b;
+    if (!kBlockScaled && p.scale_a_kind == ScaleKind::kRow) row_scale *= p.scale_a[row];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int64_t col = block_n0 + 8 * j + 2 * (lane % 4);
+      if (col >= p.n) continue;
+      const bool has1 = col + 1 < p.n;
+      float v[2] = {acc[4 * j + 2 * half] * row_scale, acc[4 * j + 2 * half + 1] * row_scale};
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (e == 1 && !has1) continue;
+        if (!kBlockScaled && p.scale_b_kind == ScaleKind::kRow) v[e] *= p.scale_b[col + e];
+        if (p.bias != nullptr) v[e] += p.bias[col + e];
+      }
+      store_pair(p.out, row * p.n + col, v[0], v[1], has1, p.out_dtype);
+    }
+  }
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
+template <typename A, typename B>
+cudaError_t run(const ScaledGemmParams& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  auto kernel = p.scale_a_kind == ScaleKind::kBlock ? scaled_gemm_kernel<A, B, true>
+                                                    : scaled_gemm_kernel<A, B, false>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t tiles = ((p.m + kBlockM - 1) / kBlockM) * ((p.n + kBlockN - 1) / kBlockN);
+  kernel<<<static_cast<unsigned>(tiles), kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace fp8_sm90a
+}  // namespace tilesmith

@@ -1,0 +1,56 @@
+// csrc/fp8/scaled_gemm_sm90a.cuh's kernel on the CPU emulator, for tests/test_cuda_emulated.py.
+#include "sm90a_emulator.h"
+// The emulator must come first: it replaces the inline PTX of mma_sm80.cuh / wgmma_sm90a.cuh.
+#include "../../csrc/fp8/scaled_gemm_sm90a.cuh"
+
+namespace tilesmith::fp8_sm90a {
+// The kernel's `extern __shared__` buffer, aligned as the GPU's shared window is.
+alignas(1024) unsigned char shared_bytes[kSmemBytes];
+}  // namespace tilesmith::fp8_sm90a
+
+namespace {
+
+using tilesmith::ScaledGemmParams;
+namespace f8 = tilesmith::fp8_sm90a;
+
+template <typename A, typename B>
+std::string run(const ScaledGemmParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
+  const int64_t tiles = ((p.m + f8::kBlockM - 1) / f8::kBlockM) *
+                        ((p.n + f8::kBlockN - 1) / f8::kBlockN);
+  const bool blocks = p.scale_a_kind == tilesmith::ScaleKind::kBlock;
+  return tilesmith_emu::launch(dim3(static_cast<unsigned>(tiles)), dim3(f8::kThreads),
+                               f8::kSmemBytes, f8::shared_bytes, std::move(buffers), [&] {
+                                 if (blocks) {
+                                   f8::scaled_gemm_kernel<A, B, true>(p);
+                                 } else {
+                                   f8::scaled_gemm_kernel<A, B, false>(p);
+                                 }
+                               });
+}
+
+}  // namespace
+
+// a_e5m2 / b_e5m2: the operands' fp8 formats (e4m3fn otherwise). Returns 0, or 1 with the
+// emulator's message in `error`.
+extern "C" int emulate_scaled_gemm(const ScaledGemmParams* params, int a_e5m2, int b_e5m2,
+                                   const void* const* buffer_ptrs, const int64_t* buffer_bytes,
+                                   int buffers, char* error, int error_capacity) {
+  std::vector<tilesmith_emu::Buffer> regions;
+  for (int i = 0; i < buffers; ++i) {
+    regions.push_back({static_cast<const unsigned char*>(buffer_ptrs[i]),
+                       static_cast<size_t>(buffer_bytes[i])});
+  }
+  using E4 = __nv_fp8_e4m3;
+  using E5 = __nv_fp8_e5m2;
+  std::string message;
+  if (a_e5m2) {
+    message = b_e5m2 ? run<E5, E5>(*params, regions) : run<E5, E4>(*params, regions);
+  } else {
+    message = b_e5m2 ? run<E4, E5>(*params, regions) : run<E4, E4>(*params, regions);
+  }
+  std::snprintf(error, error_capacity, "%s", message.c_str());
+  return message.empty() ? 0 : 1;
+}
+
+// For the test's check that its ctypes mirror of ScaledGemmParams has the same layout.
+extern "C" int scaled_gemm_params_size() { return static_cast<int>(sizeof(ScaledGemmParams)); }

@@ -1,0 +1,73 @@
+// The sm_90a instructions of csrc/common/wgmma_sm90a.cuh on the CPU emulator of
+// sm80_emulator.h (read its header first: what it checks and what it cannot).
+//
+// wgmma is modelled as the PTX ISA describes it for K-major operands in the 128-byte
+// swizzle: the descriptor's start address and stride byte offset locate row r, byte k of the
+// operand at start + (r / 8) * stride + (r % 8) * 128 + k, and the swizzle then XORs address
+// bits 4-6 with bits 7-9. Each thread computes its own accumulators from shared memory at
+// the call; the fences and the commit/wait pair are no-ops here (the emulator runs wgmma
+// synchronously), so missing fences cannot be seen: only the data layout and the arithmetic.
+#pragma once
+
+#include <cuda_fp8.h>
+
+#include "sm80_emulator.h"
+
+namespace tilesmith_emu {
+
+inline float decode_fp8(uint8_t bits, bool e5m2) {
+  const float sign = (bits & 0x80) ? -1.0f : 1.0f;
+  if (e5m2) {  // the top byte of an IEEE half
+    const uint16_t half_bits = static_cast<uint16_t>(bits) << 8;
+    __half value;
+    std::memcpy(&value, &half_bits, 2);
+    return __half2float(value);
+  }
+  const int exponent = (bits >> 3) & 15, mantissa = bits & 7;  // e4m3fn: no inf
+  if (exponent == 15 && mantissa == 7) return NAN;
+  if (exponent == 0) return sign * std::ldexp(mantissa / 8.0f, -6);
+  return sign * std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+}
+
+// Element (row, k) of a K-major 128-byte-swizzled operand described by `desc`.
+inline uint8_t descriptor_byte(uint64_t desc, int row, int k) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  if ((desc >> 62) != 1) fail("wgmma: only the 128-byte swizzle is modelled");
+  const uint32_t logical = start + (row / 8) * stride + (row % 8) * 128 + k;
+  const uint32_t physical = logical ^ (((logical >> 7) & 7) << 4);
+  if (physical >= machine->smem_bytes) fail("wgmma: descriptor reads past shared memory");
+  return machine->smem[physical];
+}
+
+template <typename A, typename B>
+void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  constexpr bool a_e5m2 = std::is_same_v<A, __nv_fp8_e5m2>;
+  constexpr bool b_e5m2 = std::is_same_v<B, __nv_fp8_e5m2>;
+  const int rank = thread_rank();
+  const int warp = (rank / 32) % 4, lane = rank % 32;
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+    const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+    float sum = accumulate ? d[i] : 0.0f;
+    for (int k = 0; k < 32; ++k) {
+      sum = std::fma(decode_fp8(descriptor_byte(desc_a, row, k), a_e5m2),
+                     decode_fp8(descriptor_byte(desc_b, col, k), b_e5m2), sum);
+    }
+    d[i] = sum;
+  }
+}
+
+}  // namespace tilesmith_emu
+
+namespace tilesmith {
+template <typename A, typename B>
+inline void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  tilesmith_emu::wgmma_m64n128k32<A, B>(d, desc_a, desc_b, accumulate);
+}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int kPending>
+inline void wgmma_wait() {}
+inline void fence_proxy_async_shared() {}
+}  // namespace tilesmith
