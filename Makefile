@@ -3,6 +3,8 @@
 #                  a correctness sweep of the Triton kernels through the interpreter
 # make gpu-report  OUT_DIR=...: on a GPU machine with no network, its own python3/torch:
 #                  build, whole test suite on the GPU, benchmarks, report into OUT_DIR
+# make gpu-sanitize OUT_DIR=...: every CUDA kernel under compute-sanitizer (memcheck,
+#                  synccheck, racecheck), log into OUT_DIR
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -19,7 +21,7 @@ export CUDA_HOME MAX_JOBS
 # torch's extension builder needs an arch list when no GPU is visible.
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: test bench build gpu-report clean
+.PHONY: test bench build gpu-report gpu-sanitize clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +45,9 @@ bench: build
 
 gpu-report:
 	bash tools/gpu_report.sh "$(OUT_DIR)"
+
+gpu-sanitize:
+	bash tools/sanitize.sh "$(OUT_DIR)"
 
 clean:
 	rm -rf build build.log python/tilesmith/*.so *.egg-info python/*.egg-info bench/out

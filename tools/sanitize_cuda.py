@@ -1,0 +1,111 @@
+"""Every tilesmith CUDA kernel once, on small odd shapes, forward and backward, each result
+checked against PyTorch: the workload tools/sanitize.sh runs under compute-sanitizer
+(memcheck, racecheck, synccheck). Small on purpose: racecheck slows kernels a thousandfold.
+
+    python tools/sanitize_cuda.py      (exit 1 if any result is off)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import tilesmith
+from tilesmith import testing
+
+FAILURES = []
+
+
+def check(name, got, want, bar=2e-2):
+    err = testing.rel_error(got, want)
+    ok = err <= bar
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: relative error {err:.2e}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+
+    # matmul / gemm: the four layouts, odd sizes, a misaligned view (element-wise loads).
+    for ta in (False, True):
+        for tb in (False, True):
+            a = torch.randn(70, 136, device=dev, dtype=bf16)
+            b = torch.randn(136, 90, device=dev, dtype=bf16)
+            a = a.t().contiguous().t() if ta else a
+            b = b.t().contiguous().t() if tb else b
+            check(f"matmul ta={ta} tb={tb}", tilesmith.ops.matmul(a, b, backend="cuda"),
+                  a.double() @ b.double())
+    base = torch.randn(33 * 24 + 1, device=dev, dtype=torch.float16)
+    a = base[1:].view(33, 24)
+    b = torch.randn(24, 17, device=dev, dtype=torch.float16)
+    check("matmul misaligned fp16", tilesmith.ops.matmul(a, b, backend="cuda"),
+          a.double() @ b.double())
+    a = torch.randn(65, 72, device=dev, dtype=bf16, requires_grad=True)
+    b = torch.randn(72, 130, device=dev, dtype=bf16, requires_grad=True)
+    bias = torch.randn(130, device=dev, dtype=bf16, requires_grad=True)
+    out = tilesmith.ops.gemm(a, b, bias=bias, activation="gelu", backend="cuda")
+    check("gemm bias+gelu", out, F.gelu(a.double() @ b.double() + bias.double()))
+    out.float().sum().backward()
+
+    # attention: both head dims, causal with seq_q != seq_k, GQA, forward and backward.
+    for d, causal, (sq, sk), heads_kv in ((64, False, (70, 90), 2), (128, True, (100, 40), 1),
+                                          (64, True, (33, 150), 4)):
+        q = torch.randn(2, 4, sq, d, device=dev, dtype=bf16, requires_grad=True)
+        k = torch.randn(2, heads_kv, sk, d, device=dev, dtype=bf16, requires_grad=True)
+        v = torch.randn(2, heads_kv, sk, d, device=dev, dtype=bf16, requires_grad=True)
+        out = tilesmith.ops.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                         enable_gqa=True, backend="cuda")
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
+        ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+        check(f"attention d={d} causal={causal} {sq}x{sk}", out, ref)
+        for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+            check(f"attention d={d} causal={causal} {name}", got, want, bar=5e-2)
+
+    # conv2d: 3x3 stride 2, 1x1, channels-last and NCHW, forward (fused) and backward.
+    for (c, k, r, stride, pad), channels_last in (((16, 24, 3, 2, 1), True),
+                                                  ((72, 136, 1, 1, 0), False)):
+        x = torch.randn(2, c, 13, 11, device=dev, dtype=bf16)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        w = (torch.randn(k, c, r, r, device=dev, dtype=bf16) / (c * r * r) ** 0.5).requires_grad_()
+        bias = torch.randn(k, device=dev, dtype=bf16, requires_grad=True)
+        out = tilesmith.ops.conv2d(x, w, bias, stride, pad, activation="relu", backend="cuda")
+        grads = torch.autograd.grad(out.float().square().sum(), (x, w, bias))
+        leaves = [t.detach().double().requires_grad_(True) for t in (x, w, bias)]
+        ref = F.relu(F.conv2d(leaves[0], leaves[1], leaves[2], stride, pad))
+        ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+        check(f"conv2d {r}x{r} c={c} k={k}", out, ref)
+        for name, got, want in zip(("dx", "dw", "dbias"), grads, ref_grads):
+            check(f"conv2d {r}x{r} {name}", got, want, bar=5e-2)
+
+    # FP8 scaled GEMM (sm_90a only): row-wise and per-block scales.
+    if tilesmith.backend.unavailable_reason("cuda", "fp8", torch.device(dev),
+                                            torch.float8_e4m3fn) is None:
+        quant = testing.quantize_fp8_reference
+        a = torch.randn(130, 272, device=dev)
+        w = torch.randn(200, 272, device=dev)
+        for granularity in ("row", "block"):
+            if granularity == "row":
+                qa, sa = quant(a, torch.float8_e4m3fn, "row")
+                qw, sw = quant(w, torch.float8_e4m3fn, "row")
+            else:
+                qa, sa = quant(a, torch.float8_e4m3fn, "block", 1, 128)
+                qw, sw = quant(w, torch.float8_e4m3fn, "block2d", 128, 128)
+            out = tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sw.t(), out_dtype=torch.float32,
+                                            backend="cuda")
+            check(f"scaled_gemm {granularity}", out,
+                  testing.scaled_gemm_reference(qa, qw.t(), sa, sw.t()), bar=1e-5)
+    torch.cuda.synchronize()
+    print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all ok")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
