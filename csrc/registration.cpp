@@ -20,6 +20,8 @@ TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) {
   m.impl("gemm_cuda", &tilesmith::gemm_cuda);
   m.impl("attention_fwd_cuda", &tilesmith::attention_fwd_cuda);
   m.impl("attention_bwd_cuda", &tilesmith::attention_bwd_cuda);
+  m.impl("varlen_attention_fwd_cuda", &tilesmith::varlen_attention_fwd_cuda);
+  m.impl("varlen_attention_bwd_cuda", &tilesmith::varlen_attention_bwd_cuda);
   m.impl("conv2d_fwd_cuda", &tilesmith::conv2d_fwd_cuda);
   m.impl("conv2d_dgrad_cuda", &tilesmith::conv2d_dgrad_cuda);
   m.impl("conv2d_wgrad_cuda", &tilesmith::conv2d_wgrad_cuda);

@@ -29,11 +29,11 @@ def _params(dtypes):
     return backend_dtype_params("attention", dtypes)
 
 
-def _skip_if_backend_cannot(backend, args, kwargs=None, varlen=False):
+def _skip_if_backend_cannot(backend, args, kwargs=None):
     """Skip (with the reason) a call the backend's kernels do not take, e.g. a mask on cuda."""
     kwargs = kwargs or {}
     why = attention_ops.kernel_limits(args[0], args[2], kwargs.get("dropout_p", 0.0),
-                                      kwargs.get("attn_mask"), varlen)[backend]
+                                      kwargs.get("attn_mask"))[backend]
     if why:
         pytest.skip(why)
 
@@ -161,7 +161,7 @@ def _varlen_reference(sample, dtype):
 @pytest.mark.parametrize("name", VARLEN_NAMES)
 def test_varlen_forward_and_gradients(backend, dtype, name):
     sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, dtype)}[name]
-    _skip_if_backend_cannot(backend, sample.args, varlen=True)
+    _skip_if_backend_cannot(backend, sample.args)
     q, k, v, cu_q, cu_k, max_q, max_k = sample.args
     q, k, v = testing.grad_views((q, k, v))
     with testing.poison_outputs():
@@ -260,7 +260,6 @@ def test_cuda_backend_names_what_its_kernels_do_not_take():
     assert "attn_mask" in attention_ops.kernel_limits(q, q, mask=mask)["cuda"]
     assert "64 or all 128" in attention_ops.kernel_limits(q[..., :40], q[..., :40])["cuda"]
     assert "64 or all 128" in attention_ops.kernel_limits(q, q[..., :32])["cuda"]
-    assert "varlen" in attention_ops.kernel_limits(q, q, varlen=True)["cuda"]
     assert attention_ops.kernel_limits(q, q, mask=mask)["triton"] is None
     # Named explicitly, a call the kernels cannot take raises with that reason; by default
     # it goes to a backend that can.

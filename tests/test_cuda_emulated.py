@@ -12,6 +12,7 @@ into build/emulation/, keyed by a hash of the sources."""
 import ctypes
 import functools
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -278,9 +279,11 @@ class AttentionParams(ctypes.Structure):
                 ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
                 ("q_strides", AttentionStrides), ("k_strides", AttentionStrides),
                 ("v_strides", AttentionStrides), ("out_strides", AttentionStrides),
+                ("lse_batch_stride", ctypes.c_int64), ("lse_head_stride", ctypes.c_int64),
                 ("batch", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("heads_kv", ctypes.c_int64), ("seqlen_q", ctypes.c_int64),
-                ("seqlen_k", ctypes.c_int64), ("scale_log2", ctypes.c_float),
+                ("seqlen_k", ctypes.c_int64), ("cu_seqlens_q", ctypes.c_void_p),
+                ("cu_seqlens_k", ctypes.c_void_p), ("scale_log2", ctypes.c_float),
                 ("scale", ctypes.c_float),
                 ("grad_out", ctypes.c_void_p), ("delta", ctypes.c_void_p),
                 ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
@@ -294,9 +297,11 @@ def strides_of(t: torch.Tensor) -> AttentionStrides:
 
 
 def attention_params(q, k, v, scale):
+    """Dense (batch, heads, seq, dim) tensors; lse and delta (batch, heads, seq_q)."""
     return AttentionParams(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
                            q_strides=strides_of(q), k_strides=strides_of(k),
-                           v_strides=strides_of(v), batch=q.shape[0], heads=q.shape[1],
+                           v_strides=strides_of(v), lse_batch_stride=q.shape[1] * q.shape[2],
+                           lse_head_stride=q.shape[2], batch=q.shape[0], heads=q.shape[1],
                            heads_kv=k.shape[1], seqlen_q=q.shape[2], seqlen_k=k.shape[2],
                            scale_log2=scale * math.log2(math.e), scale=scale)
 
@@ -634,3 +639,82 @@ def test_scaled_gemm_wgmma_kernel(case, out_dtype):
     else:
         assert_close_to_reference(out, ref, ref.float().to(out_dtype))
     assert sqnr_db(out, ref) > 40
+
+
+def packed_strides(t):
+    """(batch, head, seq) strides of a packed (tokens, heads, dim) tensor: batch stride 0."""
+    assert t.stride(2) == 1
+    return AttentionStrides(0, t.stride(1), t.stride(0))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_kernels_on_packed_varlen_batches(causal):
+    # Sequences of 37, 0, 70 and 5 queries over 50, 20, 66 and 5 keys; GQA 4:2; d=64.
+    dtype, d, heads, heads_kv = torch.bfloat16, 64, 4, 2
+    lengths_q, lengths_k = [37, 0, 70, 5], [50, 20, 66, 5]
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lengths_q)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lengths_k)), dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), heads, d).to(dtype)
+    k = torch.randn(int(cu_k[-1]), heads_kv, d).to(dtype)
+    v = torch.randn(int(cu_k[-1]), heads_kv, d).to(dtype)
+    scale = d ** -0.5
+    lib = emulated("attention")
+    out, out_storage = guarded_empty(q.shape, dtype)
+    lse, lse_storage = guarded_empty((heads, q.shape[0]), torch.float32)
+    p = AttentionParams(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+                        lse=lse.data_ptr(), q_strides=packed_strides(q),
+                        k_strides=packed_strides(k), v_strides=packed_strides(v),
+                        out_strides=packed_strides(out), lse_batch_stride=0,
+                        lse_head_stride=q.shape[0], batch=len(lengths_q), heads=heads,
+                        heads_kv=heads_kv, seqlen_q=max(lengths_q), seqlen_k=max(lengths_k),
+                        cu_seqlens_q=cu_q.data_ptr(), cu_seqlens_k=cu_k.data_ptr(),
+                        scale_log2=scale * math.log2(math.e), scale=scale)
+    error = ctypes.create_string_buffer(512)
+
+    def launch(backward):
+        ptrs, sizes, count = buffer_table([q, k, v] + ([grad_out] if backward else []))
+        status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[dtype], d, int(causal),
+                                       int(backward), ptrs, sizes, count, error, len(error))
+        assert status == 0, error.value.decode()
+
+    launch(False)
+    assert_guards_untouched(out_storage, "out")
+    assert_guards_untouched(lse_storage, "lse")
+    grad_out = torch.randn(q.shape).to(dtype)
+    delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()  # (heads, tokens)
+    grads = [guarded_empty(t.shape, dtype) for t in (q, k, v)]
+    (dq, _), (dk, _), (dv, _) = grads
+    p.grad_out, p.grad_out_strides, p.delta = grad_out.data_ptr(), packed_strides(grad_out), \
+        delta.data_ptr()
+    p.dq, p.dk, p.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    p.dq_strides, p.dk_strides, p.dv_strides = (packed_strides(t) for t in (dq, dk, dv))
+    launch(True)
+    for (_, storage), name in zip(grads, ("dq", "dk", "dv")):
+        assert_guards_untouched(storage, name)
+
+    # Per sequence: SDPA-layout views, the float64 reference and the bf16 baseline.
+    def per_sequence(compute, tensors):
+        outs, grads_out = [], [[], [], []]
+        for i in range(len(lengths_q)):
+            sq, sk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            leaves = [t[rows].transpose(0, 1)[None].to(compute).requires_grad_(True)
+                      for t, rows in zip(tensors, (sq, sk, sk))]
+            if compute == torch.float64:
+                o, _ = attention_reference(*leaves, causal, scale)
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    *leaves, is_causal=causal, scale=scale, enable_gqa=True)
+            g = grad_out[sq].transpose(0, 1)[None].to(compute)
+            gs = torch.autograd.grad(o, leaves, g) if o.numel() and leaves[1].shape[2] else [
+                torch.zeros_like(x) for x in leaves]
+            outs.append(o[0].transpose(0, 1))
+            for acc, x in zip(grads_out, gs):
+                acc.append(x[0].transpose(0, 1))
+        return torch.cat(outs), [torch.cat(x) for x in grads_out]
+
+    ref, ref_grads = per_sequence(torch.float64, (q, k, v))
+    base, base_grads = per_sequence(dtype, (q, k, v))
+    assert_close_to_reference(out, ref, base.detach())
+    for got, want, baseline, name in zip((dq, dk, dv), ref_grads, base_grads,
+                                         ("dq", "dk", "dv")):
+        assert_close_to_reference(got, want, baseline, name=name)

@@ -67,6 +67,20 @@ def main() -> int:
         for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
             check(f"attention d={d} causal={causal} {name}", got, want, bar=5e-2)
 
+    # varlen attention: packed sequences of 37, 0 and 70 tokens, causal, GQA.
+    cu = torch.tensor([0, 37, 37, 107], device=dev, dtype=torch.int32)
+    q = torch.randn(107, 4, 64, device=dev, dtype=bf16, requires_grad=True)
+    k = torch.randn(107, 2, 64, device=dev, dtype=bf16, requires_grad=True)
+    v = torch.randn(107, 2, 64, device=dev, dtype=bf16, requires_grad=True)
+    out = tilesmith.ops.varlen_attention(q, k, v, cu, cu, 70, 70, causal=True, backend="cuda")
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = tilesmith.ops.varlen_attention(*leaves, cu, cu, 70, 70, causal=True, backend="torch")
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+    check("varlen attention", out, ref)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        check(f"varlen attention {name}", got, want, bar=5e-2)
+
     # conv2d: 3x3 stride 2, 1x1, channels-last and NCHW, forward (fused) and backward.
     for (c, k, r, stride, pad), channels_last in (((16, 24, 3, 2, 1), True),
                                                   ((72, 136, 1, 1, 0), False)):

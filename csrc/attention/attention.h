@@ -17,9 +17,17 @@ struct AttentionParams {
   const void* k;
   const void* v;
   void* out;
-  float* lse;  // (batch, heads, seqlen_q), contiguous: natural log-sum-exp of each row
+  float* lse;  // natural log-sum-exp of each query row, fp32
   AttentionStrides q_strides, k_strides, v_strides, out_strides;
-  int64_t batch, heads, heads_kv, seqlen_q, seqlen_k;
+  // Row r of sequence b, head h in lse (and delta): b * lse_batch_stride + h *
+  // lse_head_stride + first token + r. Dense: (batch, heads, seq_q); packed: (heads, tokens).
+  int64_t lse_batch_stride, lse_head_stride;
+  int64_t batch, heads, heads_kv;
+  int64_t seqlen_q, seqlen_k;  // dense: the lengths; packed: the longest (the grid's extent)
+  // Packed variable-length batches (varlen_attention): sequence b owns tokens cu_seqlens[b]
+  // to cu_seqlens[b + 1] of (tokens, heads, dim) tensors, batch strides 0. Dense: nullptr.
+  const int* cu_seqlens_q = nullptr;
+  const int* cu_seqlens_k = nullptr;
   float scale_log2;  // softmax scale * log2(e): the kernels exponentiate with exp2
   float scale;
 

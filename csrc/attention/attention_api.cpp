@@ -88,6 +88,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.heads_kv = k.size(1);
   p.seqlen_q = q.size(2);
   p.seqlen_k = k.size(2);
+  p.lse_batch_stride = q.size(1) * q.size(2);  // lse and delta: contiguous (batch, heads, seq)
+  p.lse_head_stride = q.size(2);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   return p;
@@ -98,18 +100,60 @@ void launch(Runner runner, const AttentionParams& p, bool causal, const at::Tens
   TILESMITH_CHECK_LAUNCH(runner(p, causal, stream));
 }
 
-}  // namespace
+// A packed (tokens, heads, dim) tensor seen as a batch of one (1, heads, tokens, dim): the
+// dense checks and layouts then apply as they are.
+at::Tensor as_dense(const at::Tensor& packed, const char* name) {
+  TORCH_CHECK(packed.dim() == 3, "varlen_attention: ", name,
+              " must be 3-D (tokens, heads, head_dim), got ", packed.sizes());
+  return packed.transpose(0, 1).unsqueeze(0);
+}
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in,
-                                                      const at::Tensor& k_in,
-                                                      const at::Tensor& v_in, bool causal,
-                                                      double scale) {
-  c10::cuda::CUDAGuard guard(q_in.device());
+// Packed batches: sequence b owns tokens cu_seqlens[b] .. cu_seqlens[b + 1]; the kernels
+// read the bounds on the device (no host sync), launch for the longest sequences and let
+// the blocks past a sequence's end return at once.
+struct Packing {
+  const at::Tensor& cu_seqlens_q;
+  const at::Tensor& cu_seqlens_k;
+  int64_t max_seqlen_q, max_seqlen_k;
+
+  void check(const at::Tensor& q) const {
+    for (const at::Tensor* cu : {&cu_seqlens_q, &cu_seqlens_k}) {
+      TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->is_contiguous() &&
+                      cu->device() == q.device(),
+                  "varlen_attention: cu_seqlens must be contiguous 1-D int32 tensors on ",
+                  q.device(), ", got ", cu->scalar_type(), " ", cu->sizes(), " on ",
+                  cu->device());
+    }
+    TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0) && cu_seqlens_q.size(0) >= 1 &&
+                    cu_seqlens_q.size(0) - 1 <= 65535,
+                "varlen_attention: cu_seqlens_q and cu_seqlens_k need batch + 1 entries (batch "
+                "at most 65535), got ", cu_seqlens_q.sizes(), " and ", cu_seqlens_k.sizes());
+    TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0,
+                "varlen_attention: max_seqlen_q and max_seqlen_k must be >= 0");
+  }
+
+  void apply(AttentionParams& p) const {
+    p.batch = cu_seqlens_q.size(0) - 1;
+    for (AttentionStrides* s : {&p.q_strides, &p.k_strides, &p.v_strides, &p.out_strides,
+                                &p.grad_out_strides, &p.dq_strides, &p.dk_strides,
+                                &p.dv_strides}) {
+      s->batch = 0;
+    }
+    p.seqlen_q = max_seqlen_q;
+    p.seqlen_k = max_seqlen_k;
+    p.lse_batch_stride = 0;  // lse and delta: (heads, tokens)
+    p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  }
+};
+
+// out (and lse) must be allocated by the caller in the layout it returns.
+void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+             const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+             const Packing* packing) {
   check_inputs(q_in, k_in, v_in);
   const at::Tensor q = vector_readable(q_in), k = vector_readable(k_in), v = vector_readable(v_in);
   AttentionParams p = make_params(q, k, v, scale);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (poison_outputs()) {
     out.fill_(NAN);
     lse.fill_(NAN);
@@ -117,34 +161,29 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in,
   p.out = out.data_ptr();
   p.out_strides = strides_of(out);
   p.lse = lse.data_ptr<float>();
+  if (packing != nullptr) packing->apply(p);
   launch(pick_runner(q.scalar_type(), q.size(3), false), p, causal, q);
-  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, bool causal,
-    double scale) {
-  c10::cuda::CUDAGuard guard(q_in.device());
+// (dq, dk, dv) allocated by the caller; lse and delta laid out as the forward wrote lse.
+void backward(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+              const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
+              const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
+              const at::Tensor& dv, bool causal, double scale, const Packing* packing) {
   check_inputs(q_in, k_in, v_in);
   check_operand(grad_out_in, "grad_out", q_in);
   check_operand(out, "out", q_in);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out.sizes() == q_in.sizes(),
               "attention backward: grad_out ", grad_out_in.sizes(), " and out ", out.sizes(),
               " must have the query's shape ", q_in.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 &&
-                  lse.size(0) == q_in.size(0) && lse.size(1) == q_in.size(1) &&
-                  lse.size(2) == q_in.size(2) && lse.device() == q_in.device(),
-              "attention backward: lse must be the forward's contiguous float32 (batch, heads, "
-              "seq_q) tensor, got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.numel() == q_in.size(0) * q_in.size(1) * q_in.size(2) &&
+                  lse.device() == q_in.device(),
+              "attention backward: lse must be the forward's contiguous float32 tensor, got ",
+              lse.scalar_type(), " ", lse.sizes(), " for query ", q_in.sizes());
   const at::Tensor q = vector_readable(q_in), k = vector_readable(k_in), v = vector_readable(v_in);
   const at::Tensor grad_out = vector_readable(grad_out_in);
   AttentionParams p = make_params(q, k, v, scale);
-  // delta = rowsum(dO * O) in fp32: the softmax backward's per-row constant.
-  const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
   if (poison_outputs()) {
     dq.fill_(NAN);
     dk.fill_(NAN);
@@ -160,7 +199,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq_strides = strides_of(dq);
   p.dk_strides = strides_of(dk);
   p.dv_strides = strides_of(dv);
+  if (packing != nullptr) packing->apply(p);
   launch(pick_runner(q.scalar_type(), q.size(3), true), p, causal, q);
+}
+
+// delta = rowsum(dO * O) in fp32: the softmax backward's per-row constant.
+at::Tensor row_delta(const at::Tensor& grad_out, const at::Tensor& out) {
+  return (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, bool causal,
+                                                      double scale) {
+  c10::cuda::CUDAGuard guard(q.device());
+  check_operand(q, "query", q);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  forward(q, k, v, out, lse, causal, scale, nullptr);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+  c10::cuda::CUDAGuard guard(q.device());
+  check_inputs(q, k, v);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  backward(grad_out, q, k, v, out, lse, row_delta(grad_out, out).contiguous(), dq, dk, dv,
+           causal, scale, nullptr);
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double scale) {
+  c10::cuda::CUDAGuard guard(q.device());
+  const Packing packing{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+  const at::Tensor q4 = as_dense(q, "q");
+  check_operand(q4, "q", q4);
+  packing.check(q);
+  at::Tensor out = at::empty({q.size(0), q.size(1), v.size(-1)}, q.options());
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  forward(q4, as_dense(k, "k"), as_dense(v, "v"), as_dense(out, "out"), lse, causal, scale,
+          &packing);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+    double scale) {
+  c10::cuda::CUDAGuard guard(q.device());
+  const Packing packing{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+  const at::Tensor q4 = as_dense(q, "q"), k4 = as_dense(k, "k"), v4 = as_dense(v, "v");
+  check_inputs(q4, k4, v4);
+  packing.check(q);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const at::Tensor delta = row_delta(grad_out, out).t().contiguous();  // (heads, tokens)
+  backward(as_dense(grad_out, "grad_out"), q4, k4, v4, as_dense(out, "out"), lse, delta,
+           as_dense(dq, "dq"), as_dense(dk, "dk"), as_dense(dv, "dv"), causal, scale, &packing);
   return {dq, dk, dv};
 }
 

@@ -67,12 +67,16 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
   const int64_t h_kv = blockIdx.y, b = blockIdx.z;
   const int64_t group = p.heads / p.heads_kv;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
+  // Lengths and token offsets are per sequence; lse/delta rows per query head (below).
+  const Sequence seq = sequence(p, b, h_kv * group);
+  if (key0 >= seq.seqlen_k) return;  // packed batches launch for the longest sequence
+  const int64_t seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
+  const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
   // Query blocks that can see these keys: all, or with causal masking those reaching key0.
   const int64_t q_begin = kCausal ? key0 / kBlockQ * kBlockQ : 0;
   const int q_blocks =
-      q_begin < p.seqlen_q ? static_cast<int>((p.seqlen_q - q_begin + kBlockQ - 1) / kBlockQ) : 0;
+      q_begin < seqlen_q ? static_cast<int>((seqlen_q - q_begin + kBlockQ - 1) / kBlockQ) : 0;
   const int steps = static_cast<int>(group) * q_blocks;  // (query head, query block) pairs
 
   auto step_head = [&](int step) { return h_kv * group + step / q_blocks; };
@@ -81,18 +85,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   };
   auto load_q_do = [&](int stage, int step) {
     const int64_t h = step_head(step), q0 = step_row0(step);
-    const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-    const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.batch +
-                    h * p.grad_out_strides.head;
+    const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
+    const T* dout = row_pointer<const T>(p.grad_out, p.grad_out_strides, b, h, seq.q_start);
     load_tile<T, kBlockQ, kHeadDim, kThreads, true>(smem_q + stage * TileQ::kElements, q, q0, 0,
-                                                    p.seqlen_q, kHeadDim, p.q_strides.seq, 1);
+                                                    seqlen_q, kHeadDim, p.q_strides.seq, 1);
     load_tile<T, kBlockQ, kHeadDim, kThreads, true>(smem_do + stage * TileQ::kElements, dout, q0,
-                                                    0, p.seqlen_q, kHeadDim,
+                                                    0, seqlen_q, kHeadDim,
                                                     p.grad_out_strides.seq, 1);
   };
-  load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k, k, key0, 0, p.seqlen_k, kHeadDim,
+  load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k, k, key0, 0, seqlen_k, kHeadDim,
                                                   p.k_strides.seq, 1);
-  load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v, v, key0, 0, p.seqlen_k, kHeadDim,
+  load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v, v, key0, 0, seqlen_k, kHeadDim,
                                                   p.v_strides.seq, 1);
   if (steps > 0) load_q_do(0, 0);
   cp_async_commit();
@@ -112,8 +115,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     const T* sq = smem_q + (step % 2) * TileQ::kElements;
     const T* sdo = smem_do + (step % 2) * TileQ::kElements;
     const int64_t h = step_head(step), q0 = step_row0(step);
-    const float* lse = p.lse + (b * p.heads + h) * p.seqlen_q;
-    const float* delta = p.delta + (b * p.heads + h) * p.seqlen_q;
+    const int64_t stats = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
+    const float* lse = p.lse + stats;
+    const float* delta = p.delta + stats;
 
     // S^T = K Q^T (this warp's 16 keys x kBlockQ queries) and dP^T = V dO^T.
     float pt[kQueryTiles][4] = {};
@@ -143,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
       for (int e = 0; e < 2; ++e) {
         const int64_t query = q0 + ni * 8 + quad_col + e;
         float lse_log2, row_delta;
-        const bool live = row_statistics(lse, delta, query, p.seqlen_q, lse_log2, row_delta);
+        const bool live = row_statistics(lse, delta, query, seqlen_q, lse_log2, row_delta);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int i = half * 2 + e;
@@ -176,11 +180,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   cp_async_wait<0>();
 
   // dK = scale * sum dS^T Q (the scores were scale * Q K^T); keys no query sees get zeros.
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_strides.batch + h_kv * p.dk_strides.head;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_strides.batch + h_kv * p.dv_strides.head;
+  T* dk = row_pointer<T>(p.dk, p.dk_strides, b, h_kv, seq.k_start);
+  T* dv = row_pointer<T>(p.dv, p.dv_strides, b, h_kv, seq.k_start);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    if (keys[half] >= p.seqlen_k) continue;
+    if (keys[half] >= seqlen_k) continue;
     T* dk_row = dk + keys[half] * p.dk_strides.seq + quad_col;
     T* dv_row = dv + keys[half] * p.dv_strides.seq + quad_col;
 #pragma unroll
@@ -209,25 +213,26 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   const int64_t row0 = query_block(kCausal);
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t h_kv = h / (p.heads / p.heads_kv);
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-  const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.batch +
-                  h * p.grad_out_strides.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
-  const int64_t key_end =
-      kCausal && row0 + kBlockM < p.seqlen_k ? row0 + kBlockM : p.seqlen_k;
+  const Sequence seq = sequence(p, b, h);
+  if (row0 >= seq.seqlen_q) return;  // packed batches launch for the longest sequence
+  const int64_t seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
+  const T* dout = row_pointer<const T>(p.grad_out, p.grad_out_strides, b, h, seq.q_start);
+  const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
+  const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
+  const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
   const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
 
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
     load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k + stage * TileKV::kElements, k, n0,
-                                                    0, p.seqlen_k, kHeadDim, p.k_strides.seq, 1);
+                                                    0, seqlen_k, kHeadDim, p.k_strides.seq, 1);
     load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v + stage * TileKV::kElements, v, n0,
-                                                    0, p.seqlen_k, kHeadDim, p.v_strides.seq, 1);
+                                                    0, seqlen_k, kHeadDim, p.v_strides.seq, 1);
   };
-  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_q, q, row0, 0, p.seqlen_q, kHeadDim,
+  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_q, q, row0, 0, seqlen_q, kHeadDim,
                                                   p.q_strides.seq, 1);
-  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_do, dout, row0, 0, p.seqlen_q, kHeadDim,
+  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_do, dout, row0, 0, seqlen_q, kHeadDim,
                                                   p.grad_out_strides.seq, 1);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
@@ -236,13 +241,13 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   const int warp_row0 = (threadIdx.x / 32) * 16;
   const int quad_col = 2 * (lane % 4);
   const int64_t rows[2] = {row0 + warp_row0 + lane / 4, row0 + warp_row0 + lane / 4 + 8};
-  const float* lse = p.lse + (b * p.heads + h) * p.seqlen_q;
-  const float* delta = p.delta + (b * p.heads + h) * p.seqlen_q;
+  const float* lse = p.lse + seq.stats;
+  const float* delta = p.delta + seq.stats;
   float lse_log2[2], row_delta[2];
   bool live[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    live[half] = row_statistics(lse, delta, rows[half], p.seqlen_q, lse_log2[half],
+    live[half] = row_statistics(lse, delta, rows[half], seqlen_q, lse_log2[half],
                                 row_delta[half]);
   }
   float acc_dq[kDimTiles][4] = {};
@@ -286,7 +291,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
         for (int half = 0; half < 2; ++half) {
           const int i = half * 2 + e;
           const bool visible =
-              live[half] && key < p.seqlen_k && (!kCausal || key <= rows[half]);
+              live[half] && key < seqlen_k && (!kCausal || key <= rows[half]);
           const float prob = visible ? exp2f(s[ni][i] * p.scale_log2 - lse_log2[half]) : 0.0f;
           dp[ni][i] = prob * (dp[ni][i] - row_delta[half]);
         }
@@ -309,10 +314,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   }
   cp_async_wait<0>();
 
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_strides.batch + h * p.dq_strides.head;
+  T* dq = row_pointer<T>(p.dq, p.dq_strides, b, h, seq.q_start);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    if (rows[half] >= p.seqlen_q) continue;
+    if (rows[half] >= seqlen_q) continue;
     T* dq_row = dq + rows[half] * p.dq_strides.seq + quad_col;
 #pragma unroll
     for (int di = 0; di < kDimTiles; ++di) {

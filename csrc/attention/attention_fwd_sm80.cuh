@@ -29,6 +29,31 @@ constexpr int fwd_smem_bytes() {
   return (kBlockM + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T));
 }
 
+// One (sequence, head) of a launch: where its tokens start in q/out and k/v, its lengths,
+// and where its rows start in lse/delta.
+struct Sequence {
+  int64_t q_start, k_start, seqlen_q, seqlen_k, stats;
+};
+
+__device__ __forceinline__ Sequence sequence(const AttentionParams& p, int64_t b, int64_t h) {
+  Sequence s{0, 0, p.seqlen_q, p.seqlen_k, 0};
+  if (p.cu_seqlens_q != nullptr) {
+    s.q_start = p.cu_seqlens_q[b];
+    s.k_start = p.cu_seqlens_k[b];
+    s.seqlen_q = p.cu_seqlens_q[b + 1] - s.q_start;
+    s.seqlen_k = p.cu_seqlens_k[b + 1] - s.k_start;
+  }
+  s.stats = b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
+  return s;
+}
+
+// Row `row` of (batch b, head h) of a tensor with these strides.
+template <typename T, typename Pointer>
+__device__ __forceinline__ T* row_pointer(Pointer base, const AttentionStrides& strides,
+                                          int64_t b, int64_t h, int64_t row) {
+  return static_cast<T*>(base) + b * strides.batch + h * strides.head + row * strides.seq;
+}
+
 // Block x of a causal launch takes query block (blocks - 1 - x): the longest rows start
 // first and the short ones fill the tail.
 __device__ __forceinline__ int64_t query_block(bool causal) {
@@ -51,22 +76,24 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const int64_t row0 = query_block(kCausal);
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t h_kv = h / (p.heads / p.heads_kv);
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
+  const Sequence seq = sequence(p, b, h);
+  if (row0 >= seq.seqlen_q) return;  // packed batches launch for the longest sequence
+  const int64_t seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
+  const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
+  const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
   // Causal masking is aligned top-left (key <= query), as in PyTorch's SDPA.
-  const int64_t key_end =
-      kCausal && row0 + kBlockM < p.seqlen_k ? row0 + kBlockM : p.seqlen_k;
+  const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
   const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
 
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
     load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k + stage * TileKV::kElements, k, n0,
-                                                    0, p.seqlen_k, kHeadDim, p.k_strides.seq, 1);
+                                                    0, seqlen_k, kHeadDim, p.k_strides.seq, 1);
     load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v + stage * TileKV::kElements, v, n0,
-                                                    0, p.seqlen_k, kHeadDim, p.v_strides.seq, 1);
+                                                    0, seqlen_k, kHeadDim, p.v_strides.seq, 1);
   };
-  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_q, q, row0, 0, p.seqlen_q, kHeadDim,
+  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_q, q, row0, 0, seqlen_q, kHeadDim,
                                                   p.q_strides.seq, 1);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
@@ -112,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     // Online softmax, one row (half) at a time. Only blocks that reach past the last key
     // or the diagonal need the mask; the test is uniform across the warp.
     const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
-    const bool needs_mask = key0 + kBlockN > p.seqlen_k ||
+    const bool needs_mask = key0 + kBlockN > seqlen_k ||
                             (kCausal && key0 + kBlockN - 1 > row0 + warp_row0);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -124,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
           float x = s[ni][half * 2 + e] * p.scale_log2;
           if (needs_mask) {
             const int64_t key = key0 + ni * 8 + quad_col + e;
-            if (key >= p.seqlen_k || (kCausal && key > rows[half])) x = -INFINITY;
+            if (key >= seqlen_k || (kCausal && key > rows[half])) x = -INFINITY;
           }
           s[ni][half * 2 + e] = x;
           block_max = fmaxf(block_max, x);
@@ -173,12 +200,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 
   // O / l, and lse = (max + log2 l) ln 2. A row with no visible key (l = 0) gives zeros and
   // lse = -inf, as PyTorch does.
-  T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head;
-  float* lse = p.lse + (b * p.heads + h) * p.seqlen_q;
+  T* out = row_pointer<T>(p.out, p.out_strides, b, h, seq.q_start);
+  float* lse = p.lse + seq.stats;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float total = quad_sum(row_sum[half]);
-    if (rows[half] >= p.seqlen_q) continue;
+    if (rows[half] >= seqlen_q) continue;
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     T* out_row = out + rows[half] * p.out_strides.seq + quad_col;
 #pragma unroll

@@ -5,10 +5,10 @@ flash-style kernels, plus ``attention`` (which also returns the log-sum-exp) and
 Layers, as for every op family:
   * public functions: validate, apply PyTorch's argument rules, pick a backend;
   * registered ops ``tilesmith::attention_{fwd,bwd}_{triton,cuda}`` and
-    ``tilesmith::varlen_attention_{fwd,bwd}_triton`` (fake kernels, autograd whose backward
-    calls the bwd op, so torch.compile traces both directions);
+    ``tilesmith::varlen_attention_{fwd,bwd}_{triton,cuda}`` (fake kernels, autograd whose
+    backward calls the bwd op, so torch.compile traces both directions);
   * kernels: kernels/attention_fwd.py, kernels/attention_bwd.py (Triton: every feature) and
-    csrc/attention/ (CUDA: dense, no attn_mask, head dim 64 or 128, fp16/bf16).
+    csrc/attention/ (CUDA: no attn_mask, head dim 64 or 128, fp16/bf16).
 """
 
 from __future__ import annotations
@@ -24,6 +24,13 @@ LIBRARY.define("attention_fwd_cuda(Tensor q, Tensor k, Tensor v, bool causal, fl
                "-> (Tensor, Tensor)")
 LIBRARY.define("attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
                "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
+LIBRARY.define("varlen_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+               "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
+               "float scale) -> (Tensor, Tensor)")
+LIBRARY.define("varlen_attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+               "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+               "int max_seqlen_q, int max_seqlen_k, bool causal, float scale) "
+               "-> (Tensor, Tensor, Tensor)")
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schemas)
 
@@ -270,6 +277,17 @@ torch.library.register_autograd("tilesmith::attention_fwd_cuda", _cuda_backward,
                                 setup_context=_cuda_setup_context)
 
 
+@torch.library.register_fake("tilesmith::varlen_attention_fwd_cuda")
+def _varlen_attention_fwd_cuda_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("tilesmith::varlen_attention_bwd_cuda")
+def _varlen_attention_bwd_cuda_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                    causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, mask, causal, scale = inputs
     out, lse = output
@@ -295,17 +313,24 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _varlen_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.tilesmith.varlen_attention_bwd_triton(
-        grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+def _make_varlen_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+    return backward
 
 
 torch.library.register_autograd("tilesmith::attention_fwd_triton", _fwd_backward,
                                 setup_context=_fwd_setup_context)
-torch.library.register_autograd("tilesmith::varlen_attention_fwd_triton", _varlen_backward,
-                                setup_context=_varlen_setup_context)
+torch.library.register_autograd(
+    "tilesmith::varlen_attention_fwd_triton",
+    _make_varlen_backward(torch.ops.tilesmith.varlen_attention_bwd_triton),
+    setup_context=_varlen_setup_context)
+torch.library.register_autograd(
+    "tilesmith::varlen_attention_fwd_cuda",
+    _make_varlen_backward(torch.ops.tilesmith.varlen_attention_bwd_cuda),
+    setup_context=_varlen_setup_context)
 
 
 # ---- public functions -----------------------------------------------------------------------
@@ -371,7 +396,7 @@ def _prepare_mask(attn_mask, q, k, fn):
 CUDA_HEAD_DIMS = (64, 128)
 
 
-def kernel_limits(q, v, dropout_p=0.0, mask=None, varlen=False) -> dict[str, str | None]:
+def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
     """Why each of tilesmith's attention backends cannot run this call (None: it can)."""
     if dropout_p > 0:
         why = ("dropout_p > 0 is not implemented in tilesmith's attention kernels (the "
@@ -381,9 +406,7 @@ def kernel_limits(q, v, dropout_p=0.0, mask=None, varlen=False) -> dict[str, str
         why = f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
         return {"triton": why, "cuda": why}
     cuda = None
-    if varlen:
-        cuda = "varlen_attention has no cuda kernel yet (the triton backend has one)"
-    elif mask is not None:
+    if mask is not None:
         cuda = "the cuda attention kernels take no attn_mask (the triton backend does)"
     elif q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         cuda = (f"the cuda attention kernels need query, key and value head dims all 64 or "
@@ -511,13 +534,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         raise ValueError(f"{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _backend.pick("attention", q, backend, kernel_limits(q, v, varlen=True))
+    name = _backend.pick("attention", q, backend, kernel_limits(q, v))
     if name == "torch":
         return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
     # Contents of cu_seqlens are not checked here: that would need a host sync. Offsets past
     # the tensors are the caller's contract, as in flash-attn's varlen API.
-    out, _ = torch.ops.tilesmith.varlen_attention_fwd_triton(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale)
+    op = (torch.ops.tilesmith.varlen_attention_fwd_cuda if name == "cuda"
+          else torch.ops.tilesmith.varlen_attention_fwd_triton)
+    out, _ = op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                causal, scale)
     return out
 
 
@@ -538,4 +563,5 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale):
 
 register_autocast("attention_fwd_triton")
 register_autocast("attention_fwd_cuda")
+register_autocast("varlen_attention_fwd_cuda")
 register_autocast("varlen_attention_fwd_triton")
