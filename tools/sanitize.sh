@@ -6,15 +6,7 @@
 set -uo pipefail
 OUT=${1:-bench/out}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-cd "$ROOT"
-PY=${PYTHON:-python3}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
-export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+source "$ROOT/tools/gpu_env.sh"
 # The caching allocator hides out-of-bounds accesses inside its own blocks.
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 LOG="$OUT/sanitize.log"

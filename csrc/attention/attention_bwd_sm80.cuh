@@ -87,16 +87,13 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     const int64_t h = step_head(step), q0 = step_row0(step);
     const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
     const T* dout = row_pointer<const T>(p.grad_out, p.grad_out_strides, b, h, seq.q_start);
-    load_tile<T, kBlockQ, kHeadDim, kThreads, true>(smem_q + stage * TileQ::kElements, q, q0, 0,
-                                                    seqlen_q, kHeadDim, p.q_strides.seq, 1);
-    load_tile<T, kBlockQ, kHeadDim, kThreads, true>(smem_do + stage * TileQ::kElements, dout, q0,
-                                                    0, seqlen_q, kHeadDim,
-                                                    p.grad_out_strides.seq, 1);
+    load_rows<T, kBlockQ, kHeadDim>(smem_q + stage * TileQ::kElements, q, q0, seqlen_q,
+                                    p.q_strides.seq);
+    load_rows<T, kBlockQ, kHeadDim>(smem_do + stage * TileQ::kElements, dout, q0, seqlen_q,
+                                    p.grad_out_strides.seq);
   };
-  load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k, k, key0, 0, seqlen_k, kHeadDim,
-                                                  p.k_strides.seq, 1);
-  load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v, v, key0, 0, seqlen_k, kHeadDim,
-                                                  p.v_strides.seq, 1);
+  load_rows<T, kBlockN, kHeadDim>(smem_k, k, key0, seqlen_k, p.k_strides.seq);
+  load_rows<T, kBlockN, kHeadDim>(smem_v, v, key0, seqlen_k, p.v_strides.seq);
   if (steps > 0) load_q_do(0, 0);
   cp_async_commit();
 
@@ -225,15 +222,13 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
-    load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k + stage * TileKV::kElements, k, n0,
-                                                    0, seqlen_k, kHeadDim, p.k_strides.seq, 1);
-    load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v + stage * TileKV::kElements, v, n0,
-                                                    0, seqlen_k, kHeadDim, p.v_strides.seq, 1);
+    load_rows<T, kBlockN, kHeadDim>(smem_k + stage * TileKV::kElements, k, n0, seqlen_k,
+                                    p.k_strides.seq);
+    load_rows<T, kBlockN, kHeadDim>(smem_v + stage * TileKV::kElements, v, n0, seqlen_k,
+                                    p.v_strides.seq);
   };
-  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_q, q, row0, 0, seqlen_q, kHeadDim,
-                                                  p.q_strides.seq, 1);
-  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_do, dout, row0, 0, seqlen_q, kHeadDim,
-                                                  p.grad_out_strides.seq, 1);
+  load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq);
+  load_rows<T, kBlockM, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 

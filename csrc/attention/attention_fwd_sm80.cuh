@@ -54,6 +54,15 @@ __device__ __forceinline__ T* row_pointer(Pointer base, const AttentionStrides& 
   return static_cast<T*>(base) + b * strides.batch + h * strides.head + row * strides.seq;
 }
 
+// Rows row0 .. row0 + kRows of one sequence's (seq, head_dim) matrix into a swizzled tile;
+// rows past `rows` are zero-filled. Every row is read with 16-byte cp.async.
+template <typename T, int kRows, int kHeadDim>
+__device__ __forceinline__ void load_rows(T* tile, const T* sequence, int64_t row0, int64_t rows,
+                                          int64_t seq_stride) {
+  load_tile<T, kRows, kHeadDim, kThreads, true>(tile, sequence, row0, 0, rows, kHeadDim,
+                                                seq_stride, 1);
+}
+
 // Block x of a causal launch takes query block (blocks - 1 - x): the longest rows start
 // first and the short ones fill the tail.
 __device__ __forceinline__ int64_t query_block(bool causal) {
@@ -88,13 +97,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
-    load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_k + stage * TileKV::kElements, k, n0,
-                                                    0, seqlen_k, kHeadDim, p.k_strides.seq, 1);
-    load_tile<T, kBlockN, kHeadDim, kThreads, true>(smem_v + stage * TileKV::kElements, v, n0,
-                                                    0, seqlen_k, kHeadDim, p.v_strides.seq, 1);
+    load_rows<T, kBlockN, kHeadDim>(smem_k + stage * TileKV::kElements, k, n0, seqlen_k,
+                                    p.k_strides.seq);
+    load_rows<T, kBlockN, kHeadDim>(smem_v + stage * TileKV::kElements, v, n0, seqlen_k,
+                                    p.v_strides.seq);
   };
-  load_tile<T, kBlockM, kHeadDim, kThreads, true>(smem_q, q, row0, 0, seqlen_q, kHeadDim,
-                                                  p.q_strides.seq, 1);
+  load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 

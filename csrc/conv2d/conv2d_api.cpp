@@ -83,15 +83,6 @@ MatmulParams plain_output(void* data, int64_t rows, int64_t cols) {
   return out;
 }
 
-Activation parse_activation(c10::string_view name) {
-  if (name == "none") return Activation::kNone;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "silu") return Activation::kSilu;
-  TORCH_CHECK(false, "conv2d: activation must be none, relu, gelu or silu, got ",
-              std::string(name));
-}
-
 int multiprocessors(const at::Tensor& t) {
   int count = 0;
   TILESMITH_CHECK_LAUNCH(
@@ -140,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
   cp.weight = weight.data_ptr();
   MatmulParams epilogue = plain_output(out.data_ptr(), n * cp.out_h * cp.out_w, k);
   epilogue.bias = bias.has_value() ? bias_f32.data_ptr<float>() : nullptr;
-  epilogue.activation = parse_activation(activation);
+  epilogue.activation = parse_activation(activation, "conv2d");
   if (save_pre) {
     epilogue.pre = pre.data_ptr();
     epilogue.pre_row_stride = k;

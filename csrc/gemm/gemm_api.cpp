@@ -12,20 +12,6 @@
 
 namespace tilesmith {
 
-namespace {
-
-Activation parse_activation(c10::string_view name) {
-  if (name == "none") return Activation::kNone;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "silu") return Activation::kSilu;
-  TORCH_CHECK(false, "gemm: activation must be none, relu, gelu, gelu_tanh or silu, got ",
-              std::string(name));
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tensor& b,
                                              const std::optional<at::Tensor>& bias,
                                              const std::optional<at::Tensor>& residual,
@@ -89,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tens
     params.pre = pre.data_ptr();
     params.pre_row_stride = n;
   }
-  params.activation = parse_activation(activation);
+  params.activation = parse_activation(activation, "gemm");
   params.out_fp32 = out_dtype == at::kFloat;
 
   launch_matmul(params, a);

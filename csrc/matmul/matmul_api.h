@@ -1,6 +1,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include "matmul.h"
 
@@ -11,6 +12,9 @@ namespace tilesmith {
 void check_tensor_core_operands(const at::Tensor& a, const at::Tensor& b, const char* op);
 // Runs the kernel for a's dtype on the current stream of a's device.
 void launch_matmul(const MatmulParams& params, const at::Tensor& a);
+// The epilogue activation named in an op's schema ("none", "relu", "gelu", "gelu_tanh",
+// "silu"); `op` names the op in the error for any other name.
+Activation parse_activation(c10::string_view name, const char* op);
 // Test hook (tilesmith.testing.poison_outputs): outputs start NaN-filled, so an element
 // the kernel fails to write is visible.
 bool poison_outputs();

@@ -65,11 +65,7 @@ extern "C" int emulate_attention(const AttentionParams* params, int dtype, int h
                                  int causal, int backward, const void* const* buffer_ptrs,
                                  const int64_t* buffer_bytes, int buffers, char* error,
                                  int error_capacity) {
-  std::vector<tilesmith_emu::Buffer> regions;
-  for (int i = 0; i < buffers; ++i) {
-    regions.push_back({static_cast<const unsigned char*>(buffer_ptrs[i]),
-                       static_cast<size_t>(buffer_bytes[i])});
-  }
+  auto regions = tilesmith_emu::buffers_from(buffer_ptrs, buffer_bytes, buffers);
   const AttentionParams& p = *params;
   std::string message;
   if (dtype == 0) {

@@ -47,11 +47,7 @@ extern "C" int emulate_conv2d(int pass, int dtype, const ConvParams* conv,
                               const MatmulParams* out, int splits,
                               const void* const* buffer_ptrs, const int64_t* buffer_bytes,
                               int buffers, char* error, int error_capacity) {
-  std::vector<tilesmith_emu::Buffer> regions;
-  for (int i = 0; i < buffers; ++i) {
-    regions.push_back({static_cast<const unsigned char*>(buffer_ptrs[i]),
-                       static_cast<size_t>(buffer_bytes[i])});
-  }
+  auto regions = tilesmith_emu::buffers_from(buffer_ptrs, buffer_bytes, buffers);
   const std::string message =
       dtype == 0 ? run_pass<__nv_bfloat16>(pass, *conv, *out, splits, std::move(regions))
                  : run_pass<__half>(pass, *conv, *out, splits, std::move(regions));

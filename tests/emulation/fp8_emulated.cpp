@@ -35,11 +35,7 @@ std::string run(const ScaledGemmParams& p, std::vector<tilesmith_emu::Buffer> bu
 extern "C" int emulate_scaled_gemm(const ScaledGemmParams* params, int a_e5m2, int b_e5m2,
                                    const void* const* buffer_ptrs, const int64_t* buffer_bytes,
                                    int buffers, char* error, int error_capacity) {
-  std::vector<tilesmith_emu::Buffer> regions;
-  for (int i = 0; i < buffers; ++i) {
-    regions.push_back({static_cast<const unsigned char*>(buffer_ptrs[i]),
-                       static_cast<size_t>(buffer_bytes[i])});
-  }
+  auto regions = tilesmith_emu::buffers_from(buffer_ptrs, buffer_bytes, buffers);
   using E4 = __nv_fp8_e4m3;
   using E5 = __nv_fp8_e5m2;
   std::string message;

@@ -52,11 +52,7 @@ extern "C" int emulate_matmul(const MatmulParams* params, int dtype, int a_k_con
                               int b_n_contiguous, int vector_loads, const void* const* buffer_ptrs,
                               const int64_t* buffer_bytes, int buffers, char* error,
                               int error_capacity) {
-  std::vector<tilesmith_emu::Buffer> regions;
-  for (int i = 0; i < buffers; ++i) {
-    regions.push_back({static_cast<const unsigned char*>(buffer_ptrs[i]),
-                       static_cast<size_t>(buffer_bytes[i])});
-  }
+  auto regions = tilesmith_emu::buffers_from(buffer_ptrs, buffer_bytes, buffers);
   const std::string message =
       dtype == 0 ? dispatch<__nv_bfloat16>(*params, a_k_contiguous, b_n_contiguous, vector_loads,
                                            std::move(regions))

@@ -295,6 +295,17 @@ V shfl_xor(V value, int lane_mask) {
 
 // ---- launch -------------------------------------------------------------------------------
 
+// The harnesses' (pointer, bytes) arrays from Python as the global memory cp.async may read.
+inline std::vector<Buffer> buffers_from(const void* const* pointers, const int64_t* bytes,
+                                        int count) {
+  std::vector<Buffer> buffers;
+  for (int i = 0; i < count; ++i) {
+    buffers.push_back({static_cast<const unsigned char*>(pointers[i]),
+                       static_cast<size_t>(bytes[i])});
+  }
+  return buffers;
+}
+
 inline void fiber_entry() {
   machine->body();
   Fiber& fiber = self();
