@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # make gpu-report OUT_DIR=DIR, on a GPU machine with no network: uses the python3 there
-# and its torch/triton, installs nothing. Builds the extensions in place, runs the whole
-# test suite on the GPU, runs the benchmarks and the examples, and leaves in DIR: report.md,
-# results.json, pytest.log, logs.txt (nvidia-smi, build, CUDA smoke run, bench output),
-# attention.png, cifar_resnet.png, gpt_char.png: the 8 files the device tool brings back
-# (the examples' curves are in results.json too). Each stage has its own time limit so that the whole
-# fits in 10 minutes and a hang in one stage still leaves the others' files.
+# and its torch/triton, installs nothing. Builds the extensions in place, runs every CUDA
+# kernel once, the whole test suite on the GPU, the benchmarks and the examples, and leaves
+# in DIR: report.md, results.json, pytest.log, logs.txt (nvidia-smi, build, CUDA smoke run,
+# bench output), matmul.png, attention.png, cifar_resnet.png, gpt_char.png: the 8 files the
+# device tool brings back (the examples' curves are in results.json too). Each stage has its
+# own time limit so that the whole fits in 10 minutes and a hang in one stage still leaves
+# the others' files.
 set -uo pipefail
 OUT=${1:-bench/out}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
