@@ -198,7 +198,8 @@ def test_opcheck(backend, name):
         mask = attention_ops._prepare_mask(mask, q, k, "test")
     causal = sample.kwargs.get("is_causal", False)
     if backend == "cuda":
-        torch.library.opcheck(torch.ops.tilesmith.attention_fwd_cuda, (q, k, v, causal, 0.125))
+        torch.library.opcheck(torch.ops.tilesmith.attention_fwd_cuda,
+                              (q, k, v, mask, causal, 0.125))
     else:
         torch.library.opcheck(torch.ops.tilesmith.attention_fwd_triton,
                               (q, k, v, mask, causal, 0.125))
@@ -257,14 +258,16 @@ def test_cuda_backend_names_what_its_kernels_do_not_take():
     q = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16)
     mask = torch.ones(4, 4, dtype=torch.bool)
     assert attention_ops.kernel_limits(q, q)["cuda"] is None
-    assert "attn_mask" in attention_ops.kernel_limits(q, q, mask=mask)["cuda"]
+    assert attention_ops.kernel_limits(q, q, mask=mask)["cuda"] is None
     assert "64 or all 128" in attention_ops.kernel_limits(q[..., :40], q[..., :40])["cuda"]
     assert "64 or all 128" in attention_ops.kernel_limits(q, q[..., :32])["cuda"]
-    assert attention_ops.kernel_limits(q, q, mask=mask)["triton"] is None
+    assert "dropout" in attention_ops.kernel_limits(q, q, 0.1)["cuda"]
+    assert attention_ops.kernel_limits(q[..., :40], q[..., :40])["triton"] is None
     # Named explicitly, a call the kernels cannot take raises with that reason; by default
     # it goes to a backend that can.
-    with pytest.raises(tilesmith.BackendUnavailableError, match="attn_mask|CUDA tensors"):
-        tilesmith.ops.scaled_dot_product_attention(q, q, q, attn_mask=mask, backend="cuda")
+    with pytest.raises(tilesmith.BackendUnavailableError, match="64 or all 128|CUDA tensors"):
+        tilesmith.ops.scaled_dot_product_attention(q[..., :40], q[..., :40], q[..., :40],
+                                                   backend="cuda")
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):

@@ -273,6 +273,11 @@ class AttentionStrides(ctypes.Structure):
     _fields_ = [("batch", ctypes.c_int64), ("head", ctypes.c_int64), ("seq", ctypes.c_int64)]
 
 
+class MaskStrides(ctypes.Structure):
+    _fields_ = [("batch", ctypes.c_int64), ("head", ctypes.c_int64), ("row", ctypes.c_int64),
+                ("key", ctypes.c_int64)]
+
+
 class AttentionParams(ctypes.Structure):
     """csrc/attention/attention.h's AttentionParams (size checked against the C++ one)."""
     _fields_ = [("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
@@ -285,6 +290,9 @@ class AttentionParams(ctypes.Structure):
                 ("seqlen_k", ctypes.c_int64), ("cu_seqlens_q", ctypes.c_void_p),
                 ("cu_seqlens_k", ctypes.c_void_p), ("scale_log2", ctypes.c_float),
                 ("scale", ctypes.c_float),
+                ("mask", ctypes.c_void_p), ("mask_kind", ctypes.c_int),
+                ("mask_strides", MaskStrides), ("dmask", ctypes.c_void_p),
+                ("dmask_strides", MaskStrides),
                 ("grad_out", ctypes.c_void_p), ("delta", ctypes.c_void_p),
                 ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
                 ("grad_out_strides", AttentionStrides), ("dq_strides", AttentionStrides),
@@ -306,7 +314,19 @@ def attention_params(q, k, v, scale):
                            scale_log2=scale * math.log2(math.e), scale=scale)
 
 
-def run_attention_fwd(q, k, v, causal, scale):
+def broadcast_strides(t):
+    """MaskStrides of a 4-D mask view: 0 along the dimensions it broadcasts (size 1)."""
+    return MaskStrides(*(0 if t.shape[i] == 1 else t.stride(i) for i in range(4)))
+
+
+def set_mask(p, mask):
+    if mask is not None:
+        p.mask = mask.data_ptr()
+        p.mask_kind = 1 if mask.dtype == torch.bool else 2
+        p.mask_strides = broadcast_strides(mask)
+
+
+def run_attention_fwd(q, k, v, causal, scale, mask=None):
     lib = emulated("attention")
     assert lib.attention_params_size() == ctypes.sizeof(AttentionParams)
     b, h, sq, d = q.shape
@@ -314,6 +334,7 @@ def run_attention_fwd(q, k, v, causal, scale):
     lse, lse_storage = guarded_empty((b, h, sq), torch.float32)
     p = attention_params(q, k, v, scale)
     p.out, p.out_strides, p.lse = out.data_ptr(), strides_of(out), lse.data_ptr()
+    set_mask(p, mask)
     ptrs, sizes, count = buffer_table([q, k, v])
     error = ctypes.create_string_buffer(512)
     status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], d, int(causal), 0,
@@ -324,8 +345,9 @@ def run_attention_fwd(q, k, v, causal, scale):
     return out, lse
 
 
-def attention_reference(q, k, v, causal, scale, dtype=torch.float64):
-    """(out, lse) of softmax(q k^T * scale) v with top-left causal masking, in ``dtype``."""
+def attention_reference(q, k, v, causal, scale, dtype=torch.float64, mask=None):
+    """(out, lse) of softmax(q k^T * scale [+ mask]) v with top-left causal masking, in
+    ``dtype``; a bool mask keeps its True positions."""
     group = q.shape[1] // k.shape[1]
     q, k, v = (t.to(dtype) for t in (q, k, v))
     k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
@@ -333,9 +355,16 @@ def attention_reference(q, k, v, causal, scale, dtype=torch.float64):
     if causal:
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]))  # fully masked rows: zeros
-    return probs @ v, lse
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.to(dtype))
+    # A row with no visible key gives zeros and lse -inf (as PyTorch's SDPA), computed without
+    # a NaN anywhere so that autograd's gradients stay finite too.
+    visible = torch.isfinite(scores).any(-1, keepdim=True)
+    scores = torch.where(visible, scores, 0.0)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse) * visible
+    return probs @ v, torch.where(visible, lse, float("-inf"))[..., 0]
 
 
 def attention_inputs(b, h, h_kv, sq, sk, d, dtype, *, seq_major=False):
@@ -379,8 +408,9 @@ def test_attention_forward_kernel_no_keys():
     assert (out == 0).all() and (lse == float("-inf")).all()
 
 
-def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale):
-    """The dK/dV and dQ kernels; delta = rowsum(dO * O) in fp32, as the op computes it."""
+def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask=None, dmask=None):
+    """The dK/dV and dQ kernels; delta = rowsum(dO * O) in fp32, as the op computes it.
+    dmask: a zero fp32 tensor of the mask's shape to accumulate the additive mask's grad."""
     lib = emulated("attention")
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     grads = [guarded_empty(t.shape, t.dtype) for t in (q, k, v)]
@@ -390,6 +420,9 @@ def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale):
     (dq, _), (dk, _), (dv, _) = grads
     p.dq, p.dk, p.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
     p.dq_strides, p.dk_strides, p.dv_strides = strides_of(dq), strides_of(dk), strides_of(dv)
+    set_mask(p, mask)
+    if dmask is not None:
+        p.dmask, p.dmask_strides = dmask.data_ptr(), broadcast_strides(dmask)
     ptrs, sizes, count = buffer_table([q, k, v, grad_out])
     error = ctypes.create_string_buffer(512)
     status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], q.shape[3],
@@ -718,3 +751,53 @@ def test_attention_kernels_on_packed_varlen_batches(causal):
     for got, want, baseline, name in zip((dq, dk, dv), ref_grads, base_grads,
                                          ("dq", "dk", "dv")):
         assert_close_to_reference(got, want, baseline, name=name)
+
+
+MASK_CASES = {
+    # name: (batch, heads, seq_q, seq_k, head dim, mask shape, bool?, a fully masked row?)
+    "bool_b1qk_masked_row": (2, 2, 70, 90, 64, (2, 1, 70, 90), True, True),
+    "additive_1hqk": (1, 2, 65, 80, 64, (1, 2, 65, 80), False, False),
+    "additive_qk_neg_inf_row": (2, 2, 33, 70, 128, (1, 1, 33, 70), False, True),
+    "bool_bh1k": (2, 2, 40, 100, 128, (2, 2, 1, 100), True, False),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_attention_kernels_with_masks(case):
+    b, h, sq, sk, d, shape, boolean, masked_row = MASK_CASES[case]
+    dtype = torch.bfloat16
+    q, k, v = attention_inputs(b, h, h, sq, sk, d, dtype)
+    if boolean:
+        mask = torch.rand(shape) > 0.3
+        if masked_row:
+            mask[:, :, 4] = False
+    else:
+        mask = torch.randn(shape).to(dtype)
+        if masked_row:
+            mask[:, :, 7] = float("-inf")
+    scale = d ** -0.5
+    out, lse = run_attention_fwd(q, k, v, False, scale, mask)
+    grad_out = torch.randn(out.shape).to(dtype)
+    dmask = None if boolean else torch.zeros(shape, dtype=torch.float32)
+    grads = run_attention_bwd(grad_out, q, k, v, out, lse, False, scale, mask, dmask)
+
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    if not boolean:
+        leaves.append(mask.double().requires_grad_(True))
+    ref, ref_lse = attention_reference(*leaves[:3], False, scale,
+                                       mask=leaves[3] if not boolean else mask)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    base_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    base_mask = mask if boolean else mask.clone().requires_grad_(True)
+    base = torch.nn.functional.scaled_dot_product_attention(*base_leaves, attn_mask=base_mask,
+                                                            scale=scale)
+    base_grads = torch.autograd.grad(base, base_leaves + ([] if boolean else [base_mask]),
+                                     grad_out)
+    assert_close_to_reference(out, ref, base)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+    assert torch.isneginf(lse[~finite]).all()
+    got = list(grads) + ([] if boolean else [dmask.to(dtype)])
+    for g, want, baseline, name in zip(got, ref_grads, base_grads, ("dq", "dk", "dv", "dmask")):
+        assert torch.isfinite(g).all() and torch.isfinite(baseline).all(), name
+        assert_close_to_reference(g, want, baseline, name=name)

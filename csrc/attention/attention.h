@@ -12,6 +12,13 @@ struct AttentionStrides {
   int64_t batch, head, seq;
 };
 
+// Strides of a (batch, heads, seq_q, seq_k) mask; 0 where it broadcasts.
+struct MaskStrides {
+  int64_t batch, head, row, key;
+};
+
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+
 struct AttentionParams {
   const void* q;
   const void* k;
@@ -30,6 +37,16 @@ struct AttentionParams {
   const int* cu_seqlens_k = nullptr;
   float scale_log2;  // softmax scale * log2(e): the kernels exponentiate with exp2
   float scale;
+
+  // Optional mask (dense batches only): bool (1 byte, nonzero keeps the score) or additive
+  // (q's dtype, added to the scaled scores), broadcast through zero strides.
+  const void* mask = nullptr;
+  MaskKind mask_kind = MaskKind::kNone;
+  MaskStrides mask_strides{};
+  // Backward: the additive mask's gradient, fp32 in the mask's own (broadcast) shape,
+  // accumulated with atomics (zero strides where it broadcasts); nullptr when not wanted.
+  float* dmask = nullptr;
+  MaskStrides dmask_strides{};
 
   // Backward only. delta = rowsum(grad_out * out), laid out like lse.
   const void* grad_out = nullptr;

@@ -147,10 +147,37 @@ struct Packing {
   }
 };
 
+// Strides of a 4-D view, 0 along the dimensions of size 1 (which broadcast).
+MaskStrides broadcast_strides(const at::Tensor& t) {
+  auto stride = [&](int i) { return t.size(i) == 1 ? int64_t{0} : t.stride(i); };
+  return {stride(0), stride(1), stride(2), stride(3)};
+}
+
+// A (batch, heads, seq_q, seq_k) mask whose dimensions are 1 or full (ops/attention.py's
+// _prepare_mask makes that view): bool, or additive in q's dtype.
+void set_mask(AttentionParams& p, const std::optional<at::Tensor>& mask, const at::Tensor& q,
+              const at::Tensor& k) {
+  if (!mask.has_value()) return;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.dim() == 4 && m.device() == q.device() &&
+                  (m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type()),
+              "attention: attn_mask must be a 4-D bool or ", q.scalar_type(), " tensor on ",
+              q.device(), ", got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
+  const int64_t full[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(m.size(i) == 1 || m.size(i) == full[i], "attention: attn_mask ", m.sizes(),
+                " does not broadcast to (batch, heads, seq_q, seq_k) = (", full[0], ", ",
+                full[1], ", ", full[2], ", ", full[3], ")");
+  }
+  p.mask = m.data_ptr();
+  p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+  p.mask_strides = broadcast_strides(m);
+}
+
 // out (and lse) must be allocated by the caller in the layout it returns.
 void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-             const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
-             const Packing* packing) {
+             const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
+             bool causal, double scale, const Packing* packing) {
   check_inputs(q_in, k_in, v_in);
   const at::Tensor q = vector_readable(q_in), k = vector_readable(k_in), v = vector_readable(v_in);
   AttentionParams p = make_params(q, k, v, scale);
@@ -161,15 +188,17 @@ void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v
   p.out = out.data_ptr();
   p.out_strides = strides_of(out);
   p.lse = lse.data_ptr<float>();
+  set_mask(p, mask, q, k);
   if (packing != nullptr) packing->apply(p);
   launch(pick_runner(q.scalar_type(), q.size(3), false), p, causal, q);
 }
 
 // (dq, dk, dv) allocated by the caller; lse and delta laid out as the forward wrote lse.
 void backward(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-              const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
-              const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
-              const at::Tensor& dv, bool causal, double scale, const Packing* packing) {
+              const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
+              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& delta,
+              const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+              const at::Tensor* dmask, bool causal, double scale, const Packing* packing) {
   check_inputs(q_in, k_in, v_in);
   check_operand(grad_out_in, "grad_out", q_in);
   check_operand(out, "out", q_in);
@@ -199,6 +228,11 @@ void backward(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::T
   p.dq_strides = strides_of(dq);
   p.dk_strides = strides_of(dk);
   p.dv_strides = strides_of(dv);
+  set_mask(p, mask, q, k);
+  if (dmask != nullptr) {
+    p.dmask = dmask->data_ptr<float>();
+    p.dmask_strides = broadcast_strides(*dmask);
+  }
   if (packing != nullptr) packing->apply(p);
   launch(pick_runner(q.scalar_type(), q.size(3), true), p, causal, q);
 }
@@ -211,27 +245,35 @@ at::Tensor row_delta(const at::Tensor& grad_out, const at::Tensor& out) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, bool causal,
-                                                      double scale) {
+                                                      const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& mask,
+                                                      bool causal, double scale) {
   c10::cuda::CUDAGuard guard(q.device());
   check_operand(q, "query", q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  forward(q, k, v, out, lse, causal, scale, nullptr);
+  forward(q, k, v, mask, out, lse, causal, scale, nullptr);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, double scale, bool mask_grad) {
   c10::cuda::CUDAGuard guard(q.device());
   check_inputs(q, k, v);
+  TORCH_CHECK(!mask_grad || (mask.has_value() && mask->is_floating_point()),
+              "attention backward: mask_grad needs an additive (floating-point) mask");
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  backward(grad_out, q, k, v, out, lse, row_delta(grad_out, out).contiguous(), dq, dk, dv,
-           causal, scale, nullptr);
-  return {dq, dk, dv};
+  // The additive mask's gradient: fp32 in the mask's own shape, summed over what it
+  // broadcasts by atomic adds (so zeros first).
+  at::Tensor dmask = mask_grad ? at::zeros(mask->sizes(), q.options().dtype(at::kFloat))
+                               : at::empty({0}, q.options().dtype(at::kFloat));
+  backward(grad_out, q, k, v, mask, out, lse, row_delta(grad_out, out).contiguous(), dq, dk, dv,
+           mask_grad ? &dmask : nullptr, causal, scale, nullptr);
+  return {dq, dk, dv, dmask};
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
@@ -245,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
   packing.check(q);
   at::Tensor out = at::empty({q.size(0), q.size(1), v.size(-1)}, q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
-  forward(q4, as_dense(k, "k"), as_dense(v, "v"), as_dense(out, "out"), lse, causal, scale,
-          &packing);
+  forward(q4, as_dense(k, "k"), as_dense(v, "v"), std::nullopt, as_dense(out, "out"), lse,
+          causal, scale, &packing);
   return {out, lse};
 }
 
@@ -264,8 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const at::Tensor delta = row_delta(grad_out, out).t().contiguous();  // (heads, tokens)
-  backward(as_dense(grad_out, "grad_out"), q4, k4, v4, as_dense(out, "out"), lse, delta,
-           as_dense(dq, "dq"), as_dense(dk, "dk"), as_dense(dv, "dv"), causal, scale, &packing);
+  backward(as_dense(grad_out, "grad_out"), q4, k4, v4, std::nullopt, as_dense(out, "out"), lse,
+           delta, as_dense(dq, "dq"), as_dense(dk, "dk"), as_dense(dv, "dv"), nullptr, causal,
+           scale, &packing);
   return {dq, dk, dv};
 }
 

@@ -2,21 +2,27 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace tilesmith {
 
 // Dense attention on (batch, heads, seq, head_dim) fp16/bf16 CUDA tensors, head_dim 64 or
 // 128 (the same for q, k and v); k and v may have fewer heads (grouped-query attention).
-// Causal masking is aligned top-left. Returns (out, lse), lse float32 (batch, heads, seq_q).
+// Causal masking is aligned top-left. mask: a (batch, heads, seq_q, seq_k) view whose
+// dimensions are 1 or full, bool (True keeps) or additive in q's dtype. Returns (out, lse),
+// lse float32 (batch, heads, seq_q), -inf for a row that sees no key (its output is 0).
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, bool causal,
-                                                      double scale);
+                                                      const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& mask,
+                                                      bool causal, double scale);
 
-// (dq, dk, dv) from the forward's inputs, output and lse.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+// (dq, dk, dv, dmask) from the forward's inputs, output and lse; dmask (fp32, the mask's
+// shape) only with mask_grad, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale);
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, double scale, bool mask_grad);
 
 // The same on packed (tokens, heads, head_dim) tensors, sequence b owning tokens
 // cu_seqlens[b] .. cu_seqlens[b + 1] (int32, on the device; max_seqlen_* at least the longest).

@@ -16,8 +16,6 @@
 namespace tilesmith {
 namespace attention_sm80 {
 
-constexpr float kLog2e = 1.44269504088896341f;
-
 // Query rows per step of the dK/dV kernel: 32 at head dim 128 keeps its four accumulator
 // sets (dK, dV, S^T, dP^T) within the register file.
 template <int kHeadDim>
@@ -148,8 +146,13 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int i = half * 2 + e;
-          const bool visible = live && (!kCausal || keys[half] <= query);
-          const float prob = visible ? exp2f(pt[ni][i] * p.scale_log2 - lse_log2) : 0.0f;
+          const bool visible =
+              live && keys[half] < seqlen_k && (!kCausal || keys[half] <= query);
+          float score = pt[ni][i] * p.scale_log2;
+          if (visible && p.mask_kind != MaskKind::kNone) {
+            score += mask_log2<T>(p, b, h, query, keys[half]);
+          }
+          const float prob = visible ? exp2f(score - lse_log2) : 0.0f;
           pt[ni][i] = prob;
           dpt[ni][i] = prob * (dpt[ni][i] - row_delta);
         }
@@ -287,8 +290,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
           const int i = half * 2 + e;
           const bool visible =
               live[half] && key < seqlen_k && (!kCausal || key <= rows[half]);
-          const float prob = visible ? exp2f(s[ni][i] * p.scale_log2 - lse_log2[half]) : 0.0f;
+          float score = s[ni][i] * p.scale_log2;
+          if (visible && p.mask_kind != MaskKind::kNone) {
+            score += mask_log2<T>(p, b, h, rows[half], key);
+          }
+          const float prob = visible ? exp2f(score - lse_log2[half]) : 0.0f;
           dp[ni][i] = prob * (dp[ni][i] - row_delta[half]);
+          // dS is the gradient of the (natural-log) score, to which the mask was added: the
+          // additive mask's gradient, summed over the dimensions it broadcasts.
+          if (p.dmask != nullptr && visible) {
+            atomicAdd(p.dmask + b * p.dmask_strides.batch + h * p.dmask_strides.head +
+                          rows[half] * p.dmask_strides.row + key * p.dmask_strides.key,
+                      dp[ni][i]);
+          }
         }
       }
     }

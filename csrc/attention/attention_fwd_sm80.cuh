@@ -54,6 +54,21 @@ __device__ __forceinline__ T* row_pointer(Pointer base, const AttentionStrides& 
   return static_cast<T*>(base) + b * strides.batch + h * strides.head + row * strides.seq;
 }
 
+constexpr float kLog2e = 1.44269504088896341f;
+
+// What the mask does to the score of (row, key), both in range, in the log2 domain: 0 keeps
+// it, -inf drops it, an additive mask adds its value * log2(e).
+template <typename T>
+__device__ __forceinline__ float mask_log2(const AttentionParams& p, int64_t b, int64_t h,
+                                           int64_t row, int64_t key) {
+  const int64_t at = b * p.mask_strides.batch + h * p.mask_strides.head +
+                     row * p.mask_strides.row + key * p.mask_strides.key;
+  if (p.mask_kind == MaskKind::kBool) {
+    return static_cast<const uint8_t*>(p.mask)[at] != 0 ? 0.0f : -INFINITY;
+  }
+  return to_float<T>(static_cast<const T*>(p.mask)[at]) * kLog2e;
+}
+
 // Rows row0 .. row0 + kRows of one sequence's (seq, head_dim) matrix into a swizzled tile;
 // rows past `rows` are zero-filled. Every row is read with 16-byte cp.async.
 template <typename T, int kRows, int kHeadDim>
@@ -144,10 +159,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       }
     }
 
-    // Online softmax, one row (half) at a time. Only blocks that reach past the last key
-    // or the diagonal need the mask; the test is uniform across the warp.
+    // Online softmax, one row (half) at a time. Without a mask tensor only blocks that reach
+    // past the last key or the diagonal need masking; the test is uniform across the warp.
     const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
-    const bool needs_mask = key0 + kBlockN > seqlen_k ||
+    const bool needs_mask = key0 + kBlockN > seqlen_k || p.mask_kind != MaskKind::kNone ||
                             (kCausal && key0 + kBlockN - 1 > row0 + warp_row0);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -159,7 +174,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
           float x = s[ni][half * 2 + e] * p.scale_log2;
           if (needs_mask) {
             const int64_t key = key0 + ni * 8 + quad_col + e;
-            if (key >= seqlen_k || (kCausal && key > rows[half])) x = -INFINITY;
+            if (key >= seqlen_k || rows[half] >= seqlen_q || (kCausal && key > rows[half])) {
+              x = -INFINITY;
+            } else if (p.mask_kind != MaskKind::kNone) {
+              x += mask_log2<T>(p, b, h, rows[half], key);
+            }
           }
           s[ni][half * 2 + e] = x;
           block_max = fmaxf(block_max, x);

@@ -396,6 +396,12 @@ template <typename V>
 inline V __shfl_xor_sync(unsigned /*mask*/, V value, int lane_mask, int /*width*/ = 32) {
   return ::tilesmith_emu::shfl_xor(value, lane_mask);
 }
+// Fibers never interleave between barriers: an atomic add is a plain one here.
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 

@@ -8,7 +8,7 @@ Layers, as for every op family:
     ``tilesmith::varlen_attention_{fwd,bwd}_{triton,cuda}`` (fake kernels, autograd whose
     backward calls the bwd op, so torch.compile traces both directions);
   * kernels: kernels/attention_fwd.py, kernels/attention_bwd.py (Triton: every feature) and
-    csrc/attention/ (CUDA: no attn_mask, head dim 64 or 128, fp16/bf16).
+    csrc/attention/ (CUDA: head dim 64 or 128, fp16/bf16).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from torch.library import triton_op, wrap_triton
 
 from ._library import LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast
 
-LIBRARY.define("attention_fwd_cuda(Tensor q, Tensor k, Tensor v, bool causal, float scale) "
-               "-> (Tensor, Tensor)")
-LIBRARY.define("attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-               "Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
+LIBRARY.define("attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, "
+               "float scale) -> (Tensor, Tensor)")
+LIBRARY.define("attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, "
+               "Tensor out, Tensor lse, bool causal, float scale, bool mask_grad) "
+               "-> (Tensor, Tensor, Tensor, Tensor)")
 LIBRARY.define("varlen_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
                "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
                "float scale) -> (Tensor, Tensor)")
@@ -249,32 +250,14 @@ def _varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: tor
 
 
 @torch.library.register_fake("tilesmith::attention_fwd_cuda")
-def _attention_fwd_cuda_fake(q, k, v, causal, scale):
+def _attention_fwd_cuda_fake(q, k, v, mask, causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("tilesmith::attention_bwd_cuda")
-def _attention_bwd_cuda_fake(grad_out, q, k, v, out, lse, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _cuda_setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _cuda_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.tilesmith.attention_bwd_cuda(grad_out, q, k, v, out, lse,
-                                                        ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-torch.library.register_autograd("tilesmith::attention_fwd_cuda", _cuda_backward,
-                                setup_context=_cuda_setup_context)
+def _attention_bwd_cuda_fake(grad_out, q, k, v, mask, out, lse, causal, scale, mask_grad):
+    dmask = q.new_empty(mask.shape if mask_grad else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 @torch.library.register_fake("tilesmith::varlen_attention_fwd_cuda")
@@ -296,13 +279,15 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _fwd_backward(ctx, grad_out, _grad_lse):
-    # The log-sum-exp is returned for inspection; it carries no gradient (documented).
-    q, k, v, mask, out, lse = ctx.saved_tensors
-    mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = torch.ops.tilesmith.attention_bwd_triton(
-        grad_out, q, k, v, mask, out, lse, ctx.causal, ctx.scale, mask_grad)
-    return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None
+def _make_fwd_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        # The log-sum-exp is returned for inspection; it carries no gradient (documented).
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
+        dq, dk, dv, dmask = bwd_op(grad_out, q, k, v, mask, out, lse, ctx.causal, ctx.scale,
+                                   mask_grad)
+        return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None
+    return backward
 
 
 def _varlen_setup_context(ctx, inputs, output):
@@ -321,7 +306,11 @@ def _make_varlen_backward(bwd_op):
     return backward
 
 
-torch.library.register_autograd("tilesmith::attention_fwd_triton", _fwd_backward,
+torch.library.register_autograd("tilesmith::attention_fwd_triton",
+                                _make_fwd_backward(torch.ops.tilesmith.attention_bwd_triton),
+                                setup_context=_fwd_setup_context)
+torch.library.register_autograd("tilesmith::attention_fwd_cuda",
+                                _make_fwd_backward(torch.ops.tilesmith.attention_bwd_cuda),
                                 setup_context=_fwd_setup_context)
 torch.library.register_autograd(
     "tilesmith::varlen_attention_fwd_triton",
@@ -406,9 +395,7 @@ def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
         why = f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
         return {"triton": why, "cuda": why}
     cuda = None
-    if mask is not None:
-        cuda = "the cuda attention kernels take no attn_mask (the triton backend does)"
-    elif q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+    if q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         cuda = (f"the cuda attention kernels need query, key and value head dims all 64 or "
                 f"all 128, got {q.shape[-1]} and {v.shape[-1]}")
     return {"triton": None, "cuda": cuda}
@@ -439,7 +426,7 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 def _kernel_attention(name, query, key, value, mask, causal, scale):
     """(out, lse) from tilesmith's backend ``name``."""
     if name == "cuda":
-        return torch.ops.tilesmith.attention_fwd_cuda(query, key, value, causal, scale)
+        return torch.ops.tilesmith.attention_fwd_cuda(query, key, value, mask, causal, scale)
     return torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, causal, scale)
 
 
