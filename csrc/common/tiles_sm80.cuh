@@ -1,6 +1,7 @@
-// Shared-memory tiles for the sm_80 tensor-core kernels: the swizzled layout ldmatrix reads
-// without bank conflicts, and the global -> shared copy that fills it (cp.async, or
-// element-wise loads for views cp.async cannot read). Shared by matmul/gemm and attention.
+// Shared-memory tiles for the tensor-core kernels: the swizzled layout ldmatrix reads
+// without bank conflicts, the global -> shared copy that fills it (cp.async, or element-wise
+// loads for views cp.async cannot read), the mma.sync operand fragments read from it, and the
+// grouped block order. Shared by matmul/gemm, conv2d, attention and the FP8 GEMM.
 #pragma once
 
 #include <cstdint>
