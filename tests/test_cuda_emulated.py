@@ -472,6 +472,7 @@ class ConvParams(ctypes.Structure):
                 ("grad_out", ctypes.c_void_p),
                 ("batch", ctypes.c_int64), ("height", ctypes.c_int64), ("width", ctypes.c_int64),
                 ("channels", ctypes.c_int64), ("filters", ctypes.c_int64),
+                ("groups", ctypes.c_int64),
                 ("kernel_h", ctypes.c_int64), ("kernel_w", ctypes.c_int64),
                 ("out_h", ctypes.c_int64), ("out_w", ctypes.c_int64),
                 ("stride_h", ctypes.c_int), ("stride_w", ctypes.c_int),
@@ -481,7 +482,7 @@ class ConvParams(ctypes.Structure):
 
 
 CONV_CASES = {
-    # name: (N, C, H, W, K, R, S, stride, padding, dilation)
+    # name: (N, C, H, W, K, R, S, stride, padding, dilation[, groups])
     "3x3_s1_p1": (2, 16, 9, 9, 24, 3, 3, (1, 1), (1, 1), (1, 1)),
     "3x3_s2_p1_odd13": (1, 8, 13, 13, 16, 3, 3, (2, 2), (1, 1), (1, 1)),
     "1x1_two_channel_and_filter_blocks": (1, 72, 5, 5, 136, 1, 1, (1, 1), (0, 0), (1, 1)),
@@ -489,21 +490,27 @@ CONV_CASES = {
     "7x7_s2_p3": (1, 8, 17, 17, 16, 7, 7, (2, 2), (3, 3), (1, 1)),
     "3x1_s12_rect": (1, 16, 7, 12, 8, 3, 1, (1, 2), (1, 0), (1, 1)),
     "3x3_dilation21_s21": (1, 8, 10, 9, 8, 3, 3, (2, 1), (2, 1), (2, 1)),
+    "3x3_groups2": (2, 16, 9, 9, 32, 3, 3, (1, 1), (1, 1), (1, 1), 2),
+    "1x1_s2_groups3": (1, 24, 11, 11, 48, 1, 1, (2, 2), (0, 0), (1, 1), 3),
 }
 
 
 def conv_problem(case, dtype):
-    n, c, h, w, k, r, s, stride, padding, dilation = CONV_CASES[case]
+    n, c, h, w, k, r, s, stride, padding, dilation, *rest = CONV_CASES[case]
+    groups = rest[0] if rest else 1
+    cg = c // groups
     x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
-    weight = (torch.randn(k, c, r, s) / (c * r * s) ** 0.5).to(dtype).contiguous(
+    weight = (torch.randn(k, cg, r, s) / (cg * r * s) ** 0.5).to(dtype).contiguous(
         memory_format=torch.channels_last)
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     cp = ConvParams(x=x.data_ptr(), weight=weight.data_ptr(), batch=n, height=h, width=w,
-                    channels=c, filters=k, kernel_h=r, kernel_w=s, out_h=p, out_w=q,
-                    stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
-                    dilation_h=dilation[0], dilation_w=dilation[1])
-    return x, weight, cp, dict(stride=stride, padding=padding, dilation=dilation)
+                    channels=cg, filters=k // groups, groups=groups, kernel_h=r, kernel_w=s,
+                    out_h=p, out_w=q, stride_h=stride[0], stride_w=stride[1],
+                    pad_h=padding[0], pad_w=padding[1], dilation_h=dilation[0],
+                    dilation_w=dilation[1])
+    return x, weight, cp, dict(stride=stride, padding=padding, dilation=dilation,
+                               groups=groups)
 
 
 def run_conv_pass(pass_index, dtype, cp, out, tensors, splits=1):
@@ -533,7 +540,7 @@ def test_conv2d_forward_kernel(case, dtype, activation):
     bias = torch.randn(k)
     out, out_storage = nhwc((n, k, p, q), dtype)
     pre, pre_storage = nhwc((n, k, p, q), dtype)
-    params = MatmulParams(c=out.data_ptr(), batch=1, m=n * p * q, n=k, c_row_stride=k,
+    params = MatmulParams(c=out.data_ptr(), batch=1, m=n * p * q, n=cp.filters, c_row_stride=k,
                           alpha=1.0, bias=bias.data_ptr(), activation=ACTIVATIONS[activation],
                           pre=pre.data_ptr(), pre_row_stride=k)
     run_conv_pass(0, dtype, cp, params, [x, weight])
@@ -555,7 +562,8 @@ def test_conv2d_dgrad_kernel(case, dtype):
         memory_format=torch.channels_last)
     cp.grad_out = grad.data_ptr()
     dx, storage = nhwc((n, c, h, w), dtype)
-    params = MatmulParams(c=dx.data_ptr(), batch=1, m=n * h * w, n=c, c_row_stride=c, alpha=1.0)
+    params = MatmulParams(c=dx.data_ptr(), batch=1, m=n * h * w, n=cp.channels, c_row_stride=c,
+                          alpha=1.0)
     run_conv_pass(1, dtype, cp, params, [grad, weight])
     assert_guards_untouched(storage, "dx")
 
@@ -577,7 +585,7 @@ def test_conv2d_wgrad_kernel(case, dtype, splits):
     pixels = x.shape[0] * cp.out_h * cp.out_w
     cp.split_pixels = -(-pixels // splits)
     partial, storage = guarded_empty((splits, k, r * s * c), torch.float32)
-    params = MatmulParams(c=partial.data_ptr(), batch=splits, m=k, n=c,
+    params = MatmulParams(c=partial.data_ptr(), batch=splits, m=cp.filters, n=c,
                           c_batch_stride=k * r * s * c, c_row_stride=r * s * c, alpha=1.0,
                           out_fp32=True)
     run_conv_pass(2, dtype, cp, params, [grad, x], splits)

@@ -136,9 +136,12 @@ def test_registered_cuda_ops_reject_bad_input():
     with pytest.raises(RuntimeError, match="multiples of 8"):
         ops.conv2d_fwd_cuda(x, torch.randn(8, 12, 3, 3, device="cuda", dtype=torch.bfloat16),
                             None, [1, 1], [1, 1], [1, 1], "none", False)
-    with pytest.raises(RuntimeError, match="groups must be 1"):
-        ops.conv2d_fwd_cuda(x[:, :8], torch.randn(8, 4, 3, 3, device="cuda",
+    with pytest.raises(RuntimeError, match="multiples of 8"):  # depthwise
+        ops.conv2d_fwd_cuda(x[:, :8], torch.randn(8, 1, 3, 3, device="cuda",
                                                   dtype=torch.bfloat16),
+                            None, [1, 1], [1, 1], [1, 1], "none", False)
+    with pytest.raises(RuntimeError, match="do not split into groups"):
+        ops.conv2d_fwd_cuda(x, torch.randn(8, 5, 3, 3, device="cuda", dtype=torch.bfloat16),
                             None, [1, 1], [1, 1], [1, 1], "none", False)
     if backend._C_SM90A is not None:
         a = torch.randn(16, 40, device="cuda").to(torch.float8_e4m3fn)

@@ -96,18 +96,22 @@ def main() -> int:
         check(f"varlen attention {name}", got, want, bar=5e-2)
 
     # conv2d: 3x3 stride 2, 1x1, channels-last and NCHW, forward (fused) and backward.
-    for (c, k, r, stride, pad), channels_last in (((16, 24, 3, 2, 1), True),
-                                                  ((72, 136, 1, 1, 0), False)):
+    for (c, k, r, stride, pad, groups), channels_last in (((16, 24, 3, 2, 1, 1), True),
+                                                          ((72, 136, 1, 1, 0, 1), False),
+                                                          ((32, 48, 3, 1, 1, 2), True)):
         x = torch.randn(2, c, 13, 11, device=dev, dtype=bf16)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
-        w = (torch.randn(k, c, r, r, device=dev, dtype=bf16) / (c * r * r) ** 0.5).requires_grad_()
+        fan_in = c // groups * r * r
+        w = (torch.randn(k, c // groups, r, r, device=dev, dtype=bf16) / fan_in ** 0.5)
+        w.requires_grad_(True)
         bias = torch.randn(k, device=dev, dtype=bf16, requires_grad=True)
-        out = tilesmith.ops.conv2d(x, w, bias, stride, pad, activation="relu", backend="cuda")
+        out = tilesmith.ops.conv2d(x, w, bias, stride, pad, groups=groups, activation="relu",
+                                   backend="cuda")
         grads = torch.autograd.grad(out.float().square().sum(), (x, w, bias))
         leaves = [t.detach().double().requires_grad_(True) for t in (x, w, bias)]
-        ref = F.relu(F.conv2d(leaves[0], leaves[1], leaves[2], stride, pad))
+        ref = F.relu(F.conv2d(leaves[0], leaves[1], leaves[2], stride, pad, groups=groups))
         ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
         check(f"conv2d {r}x{r} c={c} k={k}", out, ref)
         for name, got, want in zip(("dx", "dw", "dbias"), grads, ref_grads):

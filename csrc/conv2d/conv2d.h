@@ -14,18 +14,22 @@ struct ConvParams {
   const void* x = nullptr;
   const void* weight = nullptr;
   const void* grad_out = nullptr;
-  int64_t batch, height, width, channels;  // x: N, H, W, C
-  int64_t filters, kernel_h, kernel_w;     // weight: K, R, S (and C)
-  int64_t out_h, out_w;                    // P, Q
+  int64_t batch, height, width;           // x: N, H, W (and groups * channels)
+  int64_t channels, filters;              // per group: C / groups, K / groups
+  int64_t groups = 1;
+  int64_t kernel_h, kernel_w;             // weight: (K, R, S, C / groups)
+  int64_t out_h, out_w;                   // P, Q
   int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
-  int64_t split_pixels = 0;                // wgrad: output pixels per split of the reduction
+  int64_t split_pixels = 0;               // wgrad: output pixels per split of the reduction
 };
 
-// Each pass is an implicit GEMM on the matmul kernel's main loop (fp32 accumulation):
+// Each pass is an implicit GEMM on the matmul kernel's main loop (fp32 accumulation), one
+// per group (grid y), with C and K the group's channel and filter counts:
 //   forward  out[NPQ x K]      = gather(x)[NPQ x RSC] . weight^T, fused epilogue from `out`;
 //   dgrad    dx[NHW x C]       = gather(grad_out)[NHW x RSK] . weight[RSK x C];
 //   wgrad    partial[split][K x RSC] (fp32) = grad_out^T[K x NPQ] . gather(x)[NPQ x RSC].
-// The channel counts C and K must be multiples of 8 (16-byte rows for cp.async).
+// `out` describes group 0's columns (its row stride is the whole width); the kernels offset
+// the pointers to their group. C and K per group must be multiples of 8 (16-byte rows).
 cudaError_t run_conv2d_fwd_sm80_bf16(const ConvParams& conv, const MatmulParams& out,
                                      cudaStream_t stream);
 cudaError_t run_conv2d_fwd_sm80_fp16(const ConvParams& conv, const MatmulParams& out,

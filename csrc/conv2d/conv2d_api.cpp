@@ -43,20 +43,27 @@ bool is_channels_last(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
-ConvParams geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r,
-                    int64_t s, at::IntArrayRef stride, at::IntArrayRef padding,
+// c and k: all input channels and filters; c_group: the weight's second dimension (c over
+// the groups).
+ConvParams geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t c_group,
+                    int64_t r, int64_t s, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "conv2d: stride, padding and dilation must each have 2 entries");
-  TORCH_CHECK(c % 8 == 0 && k % 8 == 0,
-              "conv2d (cuda backend): input channels and filters must be multiples of 8 (16-byte "
-              "rows), got ", c, " and ", k);
+  TORCH_CHECK(c_group > 0 && c % c_group == 0 && k % (c / c_group) == 0,
+              "conv2d: ", c, " input channels and ", k, " filters do not split into groups of ",
+              c_group, " input channels");
+  const int64_t groups = c / c_group;
+  TORCH_CHECK(c_group % 8 == 0 && (k / groups) % 8 == 0,
+              "conv2d (cuda backend): input channels and filters per group must be multiples of "
+              "8 (16-byte rows), got ", c_group, " and ", k / groups, " (groups ", groups, ")");
   ConvParams cp{};
   cp.batch = n;
   cp.height = h;
   cp.width = w;
-  cp.channels = c;
-  cp.filters = k;
+  cp.channels = c_group;
+  cp.filters = k / groups;
+  cp.groups = groups;
   cp.kernel_h = r;
   cp.kernel_w = s;
   cp.stride_h = static_cast<int>(stride[0]);
@@ -105,12 +112,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
                                                    c10::string_view activation, bool save_pre) {
   check_operand(x_in, "input", x_in);
   check_operand(weight_in, "weight", x_in);
-  TORCH_CHECK(weight_in.size(1) == x_in.size(1), "conv2d (cuda backend): groups must be 1: "
-              "weight ", weight_in.sizes(), " for input ", x_in.sizes());
   c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t n = x_in.size(0), k = weight_in.size(0);
-  ConvParams cp = geometry(n, x_in.size(1), x_in.size(2), x_in.size(3), k, weight_in.size(2),
-                           weight_in.size(3), stride, padding, dilation);
+  ConvParams cp = geometry(n, x_in.size(1), x_in.size(2), x_in.size(3), k, weight_in.size(1),
+                           weight_in.size(2), weight_in.size(3), stride, padding, dilation);
   const at::Tensor x = channels_last(x_in), weight = channels_last(weight_in);
   const auto options = x.options().memory_format(at::MemoryFormat::ChannelsLast);
   at::Tensor out = at::empty({n, k, cp.out_h, cp.out_w}, options);
@@ -130,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
   cp.x = x.data_ptr();
   cp.weight = weight.data_ptr();
   MatmulParams epilogue = plain_output(out.data_ptr(), n * cp.out_h * cp.out_w, k);
+  epilogue.n = cp.filters;  // one group's columns; the kernel offsets to its group
   epilogue.bias = bias.has_value() ? bias_f32.data_ptr<float>() : nullptr;
   epilogue.activation = parse_activation(activation, "conv2d");
   if (save_pre) {
@@ -151,17 +157,17 @@ at::Tensor conv2d_dgrad_cuda(const at::Tensor& grad_in, const at::Tensor& weight
                              bool want_channels_last) {
   check_operand(grad_in, "grad", grad_in);
   check_operand(weight_in, "weight", grad_in);
-  TORCH_CHECK(input_shape.size() == 4 && input_shape[1] == weight_in.size(1),
-              "conv2d dgrad: input_shape ", input_shape, " does not match weight ",
-              weight_in.sizes());
+  TORCH_CHECK(input_shape.size() == 4, "conv2d dgrad: input_shape must have 4 entries, got ",
+              input_shape);
   c10::cuda::CUDAGuard guard(grad_in.device());
   const int64_t n = input_shape[0], c = input_shape[1], h = input_shape[2], w = input_shape[3];
-  ConvParams cp = geometry(n, c, h, w, weight_in.size(0), weight_in.size(2), weight_in.size(3),
-                           stride, padding, dilation);
-  TORCH_CHECK(grad_in.size(0) == n && grad_in.size(1) == cp.filters &&
+  const int64_t k = weight_in.size(0);
+  ConvParams cp = geometry(n, c, h, w, k, weight_in.size(1), weight_in.size(2),
+                           weight_in.size(3), stride, padding, dilation);
+  TORCH_CHECK(grad_in.size(0) == n && grad_in.size(1) == k &&
                   grad_in.size(2) == cp.out_h && grad_in.size(3) == cp.out_w,
               "conv2d dgrad: grad has shape ", grad_in.sizes(), ", the forward's output was (",
-              n, ", ", cp.filters, ", ", cp.out_h, ", ", cp.out_w, ")");
+              n, ", ", k, ", ", cp.out_h, ", ", cp.out_w, ")");
   const at::Tensor grad = channels_last(grad_in), weight = channels_last(weight_in);
   at::Tensor dx = at::empty({n, c, h, w},
                             grad.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -169,7 +175,8 @@ at::Tensor conv2d_dgrad_cuda(const at::Tensor& grad_in, const at::Tensor& weight
   cp.grad_out = grad.data_ptr();
   cp.weight = weight.data_ptr();
   if (dx.numel() > 0) {
-    const MatmulParams out = plain_output(dx.data_ptr(), n * h * w, c);
+    MatmulParams out = plain_output(dx.data_ptr(), n * h * w, c);
+    out.n = cp.channels;  // one group's channels
     TILESMITH_CHECK_LAUNCH(grad.scalar_type() == at::kBFloat16
                                ? run_conv2d_dgrad_sm80_bf16(cp, out, stream_of(grad))
                                : run_conv2d_dgrad_sm80_fp16(cp, out, stream_of(grad)));
@@ -182,14 +189,14 @@ at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_operand(grad_in, "grad", grad_in);
   check_operand(x_in, "input", grad_in);
-  TORCH_CHECK(weight_shape.size() == 4 && weight_shape[1] == x_in.size(1),
-              "conv2d wgrad: weight_shape ", weight_shape, " does not match input ",
-              x_in.sizes());
+  TORCH_CHECK(weight_shape.size() == 4, "conv2d wgrad: weight_shape must have 4 entries, got ",
+              weight_shape);
   c10::cuda::CUDAGuard guard(x_in.device());
+  // c: the weight's input channels (per group).
   const int64_t k = weight_shape[0], c = weight_shape[1], r = weight_shape[2],
                 s = weight_shape[3];
-  ConvParams cp = geometry(x_in.size(0), c, x_in.size(2), x_in.size(3), k, r, s, stride,
-                           padding, dilation);
+  ConvParams cp = geometry(x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), k, c, r, s,
+                           stride, padding, dilation);
   TORCH_CHECK(grad_in.size(0) == x_in.size(0) && grad_in.size(1) == k &&
                   grad_in.size(2) == cp.out_h && grad_in.size(3) == cp.out_w,
               "conv2d wgrad: grad has shape ", grad_in.sizes(), ", the forward's output was (",
@@ -198,7 +205,7 @@ at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
   // Split the N*P*Q reduction when the weight alone gives too few blocks to fill the GPU:
   // about two blocks per SM, each with at least 8 K slices of 64 pixels.
   const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
-  const int64_t blocks = ((k + 127) / 128) * ((c + 127) / 128) * r * s;
+  const int64_t blocks = ((cp.filters + 127) / 128) * ((c + 127) / 128) * r * s * cp.groups;
   const int64_t wanted = 2 * multiprocessors(x);
   const int64_t most = std::max<int64_t>(1, pixels / (8 * 64));
   int64_t splits = std::min<int64_t>(std::max<int64_t>(1, (wanted + blocks - 1) / blocks), most);
@@ -209,7 +216,7 @@ at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
   cp.x = x.data_ptr();
   cp.grad_out = grad.data_ptr();
   if (pixels > 0 && partial.numel() > 0) {
-    MatmulParams out = plain_output(partial.data_ptr(), k, c);
+    MatmulParams out = plain_output(partial.data_ptr(), cp.filters, c);  // one group's rows
     out.batch = splits;
     out.c_batch_stride = k * r * s * c;
     out.c_row_stride = r * s * c;

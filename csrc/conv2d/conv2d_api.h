@@ -8,8 +8,8 @@
 
 namespace tilesmith {
 
-// conv2d (groups 1) on fp16/bf16 CUDA tensors whose channel and filter counts are multiples
-// of 8. Inputs in either memory format (NCHW ones are copied to channels-last, the layout the
+// conv2d on fp16/bf16 CUDA tensors whose channel and filter counts per group are multiples
+// of 8 (the groups are read off the weight's shape). Inputs in either memory format (NCHW ones are copied to channels-last, the layout the
 // kernels read); outputs in the input's memory format. Returns (out, pre-activation), the
 // latter empty unless save_pre.
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,

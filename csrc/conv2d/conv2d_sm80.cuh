@@ -39,9 +39,11 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* smem_a = reinterpret_cast<T*>(shared_bytes);
   T* smem_b = smem_a + kStages * TileA::kElements;
-  const T* x = static_cast<const T*>(cp.x);
-  const T* weight = static_cast<const T*>(cp.weight);
-  const int64_t channels = cp.channels;
+  const int64_t group = blockIdx.y, channels = cp.channels;
+  const int64_t pixel_stride = channels * cp.groups;  // x's elements per pixel
+  const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
+  const T* x = static_cast<const T*>(cp.x) + group * channels;
+  const T* weight = static_cast<const T*>(cp.weight) + group * cp.filters * taps * channels;
 
   int64_t block_m0, block_n0;
   grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
@@ -57,13 +59,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t per_image = cp.out_h * cp.out_w;
     const int64_t n = pixel / per_image, rest = pixel % per_image;
     const bool valid = pixel < out.m;
-    image[i] = valid ? n * cp.height * cp.width * channels : 0;
+    image[i] = valid ? n * cp.height * cp.width * pixel_stride : 0;
     top[i] = valid ? static_cast<int>(rest / cp.out_w) * cp.stride_h - cp.pad_h : kInvalid;
     left[i] = valid ? static_cast<int>(rest % cp.out_w) * cp.stride_w - cp.pad_w : kInvalid;
   }
 
   const int channel_blocks = static_cast<int>((channels + kBlockK - 1) / kBlockK);
-  const int k_tiles = static_cast<int>(cp.kernel_h * cp.kernel_w) * channel_blocks;
+  const int k_tiles = taps * channel_blocks;
   auto load_stage = [&](int stage, int k_tile) {
     const int tap = k_tile / channel_blocks;
     const int64_t c0 = static_cast<int64_t>(k_tile % channel_blocks) * kBlockK;
@@ -75,19 +77,24 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kPasses; ++i) {
       const int ih = top[i] + dy, iw = left[i] + dx;
       const bool ok = col_ok && ih >= 0 && ih < cp.height && iw >= 0 && iw < cp.width;
-      const T* src = x + image[i] + (static_cast<int64_t>(ih) * cp.width + iw) * channels + c0 +
-                     col;
+      const T* src =
+          x + image[i] + (static_cast<int64_t>(ih) * cp.width + iw) * pixel_stride + c0 + col;
       cp_async_16(dst + i * Gather::kRowsPerPass * kBlockK, ok ? src : x, ok ? 16 : 0);
     }
     // weight[k][r][s][c]: at tap (r, s) a filters x channels matrix with row stride R*S*C.
     load_tile<T, kBlockN, kBlockK, kThreads, true>(
         smem_b + stage * TileB::kElements, weight + tap * channels, block_n0, c0, cp.filters,
-        channels, cp.kernel_h * cp.kernel_w * channels, 1);
+        channels, taps * channels, 1);
   };
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
   mainloop<T, true, false>(acc, smem_a, smem_b, k_tiles, load_stage);
-  epilogue<T, T>(acc, out, 0, block_m0, block_n0);
+  MatmulParams in_group = out;  // this group's columns of the output, bias and pre
+  const int64_t first = group * cp.filters;
+  in_group.c = static_cast<T*>(out.c) + first;
+  if (out.bias != nullptr) in_group.bias = out.bias + first;
+  if (out.pre != nullptr) in_group.pre = static_cast<T*>(out.pre) + first;
+  epilogue<T, T>(acc, in_group, 0, block_m0, block_n0);
 }
 
 template <typename T>
@@ -100,9 +107,11 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* smem_a = reinterpret_cast<T*>(shared_bytes);
   T* smem_b = smem_a + kStages * TileA::kElements;
-  const T* grad_out = static_cast<const T*>(cp.grad_out);
-  const T* weight = static_cast<const T*>(cp.weight);
-  const int64_t filters = cp.filters;
+  const int64_t group = blockIdx.y, filters = cp.filters;
+  const int64_t pixel_stride = filters * cp.groups;  // grad_out's elements per pixel
+  const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
+  const T* grad_out = static_cast<const T*>(cp.grad_out) + group * filters;
+  const T* weight = static_cast<const T*>(cp.weight) + group * filters * taps * cp.channels;
 
   int64_t block_m0, block_n0;
   grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
@@ -119,13 +128,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t per_image = cp.height * cp.width;
     const int64_t n = pixel / per_image, rest = pixel % per_image;
     const bool valid = pixel < out.m;
-    image[i] = valid ? n * cp.out_h * cp.out_w * filters : 0;
+    image[i] = valid ? n * cp.out_h * cp.out_w * pixel_stride : 0;
     padded_h[i] = valid ? static_cast<int>(rest / cp.width) + cp.pad_h : kInvalid;
     padded_w[i] = valid ? static_cast<int>(rest % cp.width) + cp.pad_w : kInvalid;
   }
 
   const int filter_blocks = static_cast<int>((filters + kBlockK - 1) / kBlockK);
-  const int k_tiles = static_cast<int>(cp.kernel_h * cp.kernel_w) * filter_blocks;
+  const int k_tiles = taps * filter_blocks;
   auto load_stage = [&](int stage, int k_tile) {
     const int tap = k_tile / filter_blocks;
     const int64_t k0 = static_cast<int64_t>(k_tile % filter_blocks) * kBlockK;
@@ -139,23 +148,25 @@ __global__ void __launch_bounds__(kThreads)
       const int p = y / cp.stride_h, q = x / cp.stride_w;
       const bool ok = col_ok && y >= 0 && x >= 0 && p * cp.stride_h == y &&
                       q * cp.stride_w == x && p < cp.out_h && q < cp.out_w;
-      const T* src = grad_out + image[i] + (static_cast<int64_t>(p) * cp.out_w + q) * filters +
-                     k0 + col;
+      const T* src = grad_out + image[i] +
+                     (static_cast<int64_t>(p) * cp.out_w + q) * pixel_stride + k0 + col;
       cp_async_16(dst + i * Gather::kRowsPerPass * kBlockK, ok ? src : grad_out, ok ? 16 : 0);
     }
     // weight[k][r][s][c] at tap (r, s): a filters x channels matrix, channels contiguous.
     load_tile<T, kBlockK, kBlockN, kThreads, true>(
         smem_b + stage * TileB::kElements, weight + tap * cp.channels, k0, block_n0, filters,
-        cp.channels, cp.kernel_h * cp.kernel_w * cp.channels, 1);
+        cp.channels, taps * cp.channels, 1);
   };
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
   mainloop<T, true, true>(acc, smem_a, smem_b, k_tiles, load_stage);
-  epilogue<T, T>(acc, out, 0, block_m0, block_n0);
+  MatmulParams in_group = out;  // this group's channels of dx
+  in_group.c = static_cast<T*>(out.c) + group * cp.channels;
+  epilogue<T, T>(acc, in_group, 0, block_m0, block_n0);
 }
 
-// Block (tile, tap, split): filters x channels of the weight gradient at one tap, summed
-// over one split of the output pixels, written to partial[split] in fp32.
+// Block (tile, group * taps + tap, split): filters x channels of one group's weight gradient
+// at one tap, summed over one split of the output pixels, written to partial[split] in fp32.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     conv2d_wgrad_kernel(const ConvParams cp, const MatmulParams out) {
@@ -166,13 +177,16 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* smem_a = reinterpret_cast<T*>(shared_bytes);
   T* smem_b = smem_a + kStages * TileA::kElements;
-  const T* x = static_cast<const T*>(cp.x);
-  const T* grad_out = static_cast<const T*>(cp.grad_out);
-  const int64_t channels = cp.channels;
+  const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
+  const int64_t group = blockIdx.y / taps, channels = cp.channels;
+  const int64_t x_pixel_stride = channels * cp.groups;
+  const int64_t grad_pixel_stride = cp.filters * cp.groups;
+  const T* x = static_cast<const T*>(cp.x) + group * channels;
+  const T* grad_out = static_cast<const T*>(cp.grad_out) + group * cp.filters;
 
   int64_t block_m0, block_n0;
   grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
-  const int tap = blockIdx.y;
+  const int tap = blockIdx.y % taps;
   const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h - cp.pad_h;
   const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w - cp.pad_w;
   const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
@@ -187,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
     // grad_out as a pixels x filters matrix; rows past this split's end read as zeros.
     load_tile<T, kBlockK, kBlockM, kThreads, true>(smem_a + stage * TileA::kElements, grad_out,
                                                    pixel0, block_m0, end, cp.filters,
-                                                   cp.filters, 1);
+                                                   grad_pixel_stride, 1);
     T* dst = smem_b + stage * TileB::kElements + TileB::offset(row, col);
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
@@ -198,15 +212,16 @@ __global__ void __launch_bounds__(kThreads)
       const int iw = static_cast<int>(rest % cp.out_w) * cp.stride_w + dx;
       const bool ok = col_ok && pixel < end && ih >= 0 && ih < cp.height && iw >= 0 &&
                       iw < cp.width;
-      const T* src = x + ((n * cp.height + ih) * cp.width + iw) * channels + block_n0 + col;
+      const T* src =
+          x + ((n * cp.height + ih) * cp.width + iw) * x_pixel_stride + block_n0 + col;
       cp_async_16(dst + i * Gather::kRowsPerPass * kBlockN, ok ? src : x, ok ? 16 : 0);
     }
   };
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
   mainloop<T, false, true>(acc, smem_a, smem_b, k_tiles, load_stage);
-  MatmulParams at_tap = out;  // this tap's columns of the (K, R*S*C) gradient
-  at_tap.c = static_cast<float*>(out.c) + tap * channels;
+  MatmulParams at_tap = out;  // this group's rows, this tap's columns of (K, R*S*C)
+  at_tap.c = static_cast<float*>(out.c) + group * cp.filters * out.c_row_stride + tap * channels;
   epilogue<T, float>(acc, at_tap, blockIdx.z, block_m0, block_n0);
 }
 
@@ -229,21 +244,23 @@ inline unsigned output_tiles(const MatmulParams& out) {
 template <typename T>
 cudaError_t run_fwd(const ConvParams& cp, const MatmulParams& out, cudaStream_t stream) {
   if (out.m == 0 || out.n == 0) return cudaSuccess;
-  return launch(conv2d_fwd_kernel<T>, dim3(output_tiles(out)), cp, out, smem_bytes<T>(), stream);
+  const dim3 grid(output_tiles(out), static_cast<unsigned>(cp.groups));
+  return launch(conv2d_fwd_kernel<T>, grid, cp, out, smem_bytes<T>(), stream);
 }
 
 template <typename T>
 cudaError_t run_dgrad(const ConvParams& cp, const MatmulParams& out, cudaStream_t stream) {
   if (out.m == 0 || out.n == 0) return cudaSuccess;
-  return launch(conv2d_dgrad_kernel<T>, dim3(output_tiles(out)), cp, out, smem_bytes<T>(),
-                stream);
+  const dim3 grid(output_tiles(out), static_cast<unsigned>(cp.groups));
+  return launch(conv2d_dgrad_kernel<T>, grid, cp, out, smem_bytes<T>(), stream);
 }
 
 template <typename T>
 cudaError_t run_wgrad(const ConvParams& cp, const MatmulParams& out, int splits,
                       cudaStream_t stream) {
   if (out.m == 0 || out.n == 0) return cudaSuccess;
-  const dim3 grid(output_tiles(out), static_cast<unsigned>(cp.kernel_h * cp.kernel_w),
+  const dim3 grid(output_tiles(out),
+                  static_cast<unsigned>(cp.groups * cp.kernel_h * cp.kernel_w),
                   static_cast<unsigned>(splits));
   return launch(conv2d_wgrad_kernel<T>, grid, cp, out, smem_bytes<T>(), stream);
 }

@@ -375,6 +375,8 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         case("c16_k24_k5_dilation2", 1, 16, 13, 11, 24, 5, dilation=2, padding=3),
         case("c8_batch1_odd33_channels_last", 1, 8, 33, 33, 16, 3, padding=1,
              channels_last=True),
+        case("groups2_c16_k32_stride2", 1, 16, 13, 13, 32, 3, groups=2, stride=2, padding=1,
+             channels_last=True),
     ]
     base = r(2, 6, 15, 17)
     samples.append(SampleInput("noncontiguous_slice", (base[:, 1:5, 1:14, 2:15], r(5, 4, 3, 3),

@@ -23,17 +23,18 @@ template <typename T>
 std::string run_pass(int pass, const ConvParams& cp, const MatmulParams& out, int splits,
                      std::vector<tilesmith_emu::Buffer> buffers) {
   const size_t smem = cv::smem_bytes<T>();
+  const dim3 per_group(output_tiles(out), static_cast<unsigned>(cp.groups));
   if (pass == 0) {
-    return tilesmith_emu::launch(dim3(output_tiles(out)), dim3(cv::kThreads), smem,
-                                 cv::shared_bytes, std::move(buffers),
-                                 [&] { cv::conv2d_fwd_kernel<T>(cp, out); });
+    return tilesmith_emu::launch(per_group, dim3(cv::kThreads), smem, cv::shared_bytes,
+                                 std::move(buffers), [&] { cv::conv2d_fwd_kernel<T>(cp, out); });
   }
   if (pass == 1) {
-    return tilesmith_emu::launch(dim3(output_tiles(out)), dim3(cv::kThreads), smem,
-                                 cv::shared_bytes, std::move(buffers),
+    return tilesmith_emu::launch(per_group, dim3(cv::kThreads), smem, cv::shared_bytes,
+                                 std::move(buffers),
                                  [&] { cv::conv2d_dgrad_kernel<T>(cp, out); });
   }
-  const dim3 grid(output_tiles(out), static_cast<unsigned>(cp.kernel_h * cp.kernel_w),
+  const dim3 grid(output_tiles(out),
+                  static_cast<unsigned>(cp.groups * cp.kernel_h * cp.kernel_w),
                   static_cast<unsigned>(splits));
   return tilesmith_emu::launch(grid, dim3(cv::kThreads), smem, cv::shared_bytes,
                                std::move(buffers), [&] { cv::conv2d_wgrad_kernel<T>(cp, out); });

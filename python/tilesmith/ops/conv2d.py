@@ -5,7 +5,7 @@ Layers: ``conv2d`` (validation, padding="same"/"valid", backend choice) ->
 ``tilesmith::conv2d_fwd_{triton,cuda}`` (also stores the pre-activation when a backward will
 need it), ``tilesmith::conv2d_{dgrad,wgrad}_{triton,cuda}`` and, through a fused activation,
 its derivative -> kernels/conv2d.py (Triton: groups, any channel count, fp32) or
-csrc/conv2d/ (CUDA: groups 1, fp16/bf16, channel and filter counts multiples of 8,
+csrc/conv2d/ (CUDA: fp16/bf16, channel and filter counts per group multiples of 8,
 channels-last; NCHW tensors are copied). Outputs and input gradients keep the input's memory
 format (NCHW or channels_last).
 """
@@ -187,9 +187,9 @@ def _conv2d_wgrad_cuda_fake(grad, x, weight_shape, stride, padding, dilation):
 
 
 def _setup_context(ctx, inputs, output, cuda=False):
-    if cuda:  # conv2d_fwd_cuda has no groups argument: always 1
+    if cuda:  # conv2d_fwd_cuda reads the groups off the weight's shape
         x, weight, bias, stride, padding, dilation, activation, save_pre = inputs
-        groups = 1
+        groups = x.shape[1] // weight.shape[1]
     else:
         x, weight, bias, stride, padding, dilation, groups, activation, save_pre = inputs
     _, pre = output
@@ -382,12 +382,11 @@ def kernel_limits(input, weight, groups=1, padding=(0, 0)) -> dict[str, str | No
                "implemented in tilesmith's conv2d kernels")
         return {"triton": why, "cuda": why}
     cuda = None
-    if groups != 1:
-        cuda = "the cuda conv2d kernels take groups=1 only (the triton backend takes any)"
-    elif input.shape[1] % 8 or weight.shape[0] % 8:
-        cuda = (f"the cuda conv2d kernels need input channels and filters that are multiples "
-                f"of 8, got {input.shape[1]} and {weight.shape[0]} (the triton backend takes "
-                f"any)")
+    channels, filters = input.shape[1] // groups, weight.shape[0] // groups
+    if channels % 8 or filters % 8:
+        cuda = (f"the cuda conv2d kernels need input channels and filters per group that are "
+                f"multiples of 8, got {channels} and {filters} with groups={groups} (depthwise "
+                f"and small channel counts run on the triton backend)")
     return {"triton": None, "cuda": cuda}
 
 register_autocast("conv2d_fwd_triton")
