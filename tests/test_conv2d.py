@@ -136,7 +136,10 @@ def test_cuda_backend_names_what_its_kernels_do_not_take():
     x, w = torch.randn(1, 16, 8, 8), torch.randn(24, 16, 3, 3)
     assert conv2d_ops.kernel_limits(x, w)["cuda"] is None
     assert conv2d_ops.kernel_limits(x, w[:16, :8], groups=2)["cuda"] is None
-    assert "multiples of 8" in conv2d_ops.kernel_limits(x, w[:16, :1], groups=16)["cuda"]
+    assert conv2d_ops.kernel_limits(x, w[:16, :1], groups=16)["cuda"] is None  # depthwise
+    assert "multiple of 8" in conv2d_ops.kernel_limits(x[:, :12], w[:12, :1], groups=12)["cuda"]
+    multiplier2 = torch.randn(32, 1, 3, 3)  # two filters per channel: not depthwise here
+    assert "multiples of 8" in conv2d_ops.kernel_limits(x, multiplier2, groups=16)["cuda"]
     assert "multiples of 8" in conv2d_ops.kernel_limits(x[:, :3], w[:, :3])["cuda"]
     assert "multiples of 8" in conv2d_ops.kernel_limits(x, w[:20])["cuda"]
     assert conv2d_ops.kernel_limits(x[:, :3], w[:, :3], groups=1)["triton"] is None

@@ -809,3 +809,102 @@ def test_attention_kernels_with_masks(case):
     for g, want, baseline, name in zip(got, ref_grads, base_grads, ("dq", "dk", "dv", "dmask")):
         assert torch.isfinite(g).all() and torch.isfinite(baseline).all(), name
         assert_close_to_reference(g, want, baseline, name=name)
+
+
+# --- depthwise conv2d: csrc/conv2d/depthwise.cuh --------------------------------------------
+
+class DepthwiseParams(ctypes.Structure):
+    """csrc/conv2d/depthwise.h's DepthwiseParams (size checked against the C++ one)."""
+    _fields_ = [("x", ctypes.c_void_p), ("weight", ctypes.c_void_p),
+                ("grad_out", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("pre", ctypes.c_void_p), ("weight_grad", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("activation", ctypes.c_int),
+                ("batch", ctypes.c_int64), ("height", ctypes.c_int64), ("width", ctypes.c_int64),
+                ("channels", ctypes.c_int64), ("kernel_h", ctypes.c_int64),
+                ("kernel_w", ctypes.c_int64), ("out_h", ctypes.c_int64),
+                ("out_w", ctypes.c_int64),
+                ("stride_h", ctypes.c_int), ("stride_w", ctypes.c_int),
+                ("pad_h", ctypes.c_int), ("pad_w", ctypes.c_int),
+                ("dilation_h", ctypes.c_int), ("dilation_w", ctypes.c_int),
+                ("split_pixels", ctypes.c_int64)]
+
+
+DEPTHWISE_CASES = {
+    # name: (N, C, H, W, R, S, stride, padding, dilation)
+    "3x3_s1": (2, 16, 9, 9, 3, 3, (1, 1), (1, 1), (1, 1)),
+    "3x3_s2_odd13": (1, 24, 13, 13, 3, 3, (2, 2), (1, 1), (1, 1)),
+    "7x7_dilation2": (1, 8, 17, 15, 7, 7, (1, 1), (6, 6), (2, 2)),
+    "5x3_s21": (1, 8, 10, 9, 5, 3, (2, 1), (2, 1), (1, 1)),
+}
+
+
+def depthwise_problem(case, dtype):
+    n, c, h, w, r, s, stride, padding, dilation = DEPTHWISE_CASES[case]
+    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c, 1, r, s) / (r * s) ** 0.5).to(dtype)
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    weight_rsc = weight[:, 0].permute(1, 2, 0).contiguous()  # (R, S, C), as the op passes it
+    params = DepthwiseParams(x=x.data_ptr(), weight=weight_rsc.data_ptr(), batch=n, height=h,
+                             width=w, channels=c, kernel_h=r, kernel_w=s, out_h=p, out_w=q,
+                             stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
+                             pad_w=padding[1], dilation_h=dilation[0], dilation_w=dilation[1])
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=c)
+    return x, weight, weight_rsc, params, geometry
+
+
+def run_depthwise(pass_index, dtype, params, splits=1):
+    lib = emulated("conv2d")
+    assert lib.depthwise_params_size() == ctypes.sizeof(DepthwiseParams)
+    error = ctypes.create_string_buffer(512)
+    status = lib.emulate_depthwise(pass_index, DTYPE_CODES[dtype], ctypes.byref(params), splits,
+                                   error, len(error))
+    assert status == 0, error.value.decode()
+
+
+@pytest.mark.parametrize("activation", [None, "silu"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
+def test_depthwise_kernels(case, dtype, activation):
+    x, weight, weight_rsc, params, geometry = depthwise_problem(case, dtype)
+    n, c = x.shape[:2]
+    p, q = params.out_h, params.out_w
+    bias = torch.randn(c)
+    out, out_storage = nhwc((n, c, p, q), dtype)
+    pre, pre_storage = nhwc((n, c, p, q), dtype)
+    params.out, params.pre, params.bias = out.data_ptr(), pre.data_ptr(), bias.data_ptr()
+    params.activation = ACTIVATIONS[activation]
+    run_depthwise(0, dtype, params)
+    for storage, name in ((out_storage, "out"), (pre_storage, "pre")):
+        assert_guards_untouched(storage, name)
+    ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), **geometry)
+    base_pre = torch.nn.functional.conv2d(x.float(), weight.float(), bias, **geometry)
+    assert_close_to_reference(pre, ref_pre, base_pre.to(dtype), name="pre-activation")
+    assert_close_to_reference(out, activate(ref_pre, activation),
+                              activate(base_pre, activation).to(dtype))
+
+    grad = torch.randn(n, c, p, q).to(dtype).contiguous(memory_format=torch.channels_last)
+    dx, dx_storage = nhwc(tuple(x.shape), dtype)
+    params.grad_out, params.out = grad.data_ptr(), dx.data_ptr()
+    run_depthwise(1, dtype, params)
+    assert_guards_untouched(dx_storage, "dx")
+
+    def dgrad(compute):
+        return torch.nn.grad.conv2d_input(x.shape, weight.to(compute), grad.to(compute),
+                                          **geometry)
+    assert_close_to_reference(dx, dgrad(torch.float64), dgrad(torch.float32).to(dtype),
+                              name="dx")
+
+    splits = 3
+    params.split_pixels = -(-(n * p * q) // splits)
+    partial, partial_storage = guarded_empty((splits, *weight_rsc.shape), torch.float32)
+    params.weight_grad = partial.data_ptr()
+    run_depthwise(2, dtype, params, splits)
+    assert_guards_untouched(partial_storage, "partial")
+    dw = partial.sum(0).permute(2, 0, 1)[:, None].to(dtype)  # (C, 1, R, S), as the op returns
+
+    def wgrad(compute):
+        return torch.nn.grad.conv2d_weight(x.to(compute), weight.shape, grad.to(compute),
+                                           **geometry)
+    assert_close_to_reference(dw, wgrad(torch.float64), wgrad(torch.float32).to(dtype),
+                              name="dw")

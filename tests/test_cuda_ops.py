@@ -136,9 +136,8 @@ def test_registered_cuda_ops_reject_bad_input():
     with pytest.raises(RuntimeError, match="multiples of 8"):
         ops.conv2d_fwd_cuda(x, torch.randn(8, 12, 3, 3, device="cuda", dtype=torch.bfloat16),
                             None, [1, 1], [1, 1], [1, 1], "none", False)
-    with pytest.raises(RuntimeError, match="multiples of 8"):  # depthwise
-        ops.conv2d_fwd_cuda(x[:, :8], torch.randn(8, 1, 3, 3, device="cuda",
-                                                  dtype=torch.bfloat16),
+    with pytest.raises(RuntimeError, match="depthwise channels must be a multiple of 8"):
+        ops.conv2d_fwd_cuda(x, torch.randn(12, 1, 3, 3, device="cuda", dtype=torch.bfloat16),
                             None, [1, 1], [1, 1], [1, 1], "none", False)
     with pytest.raises(RuntimeError, match="do not split into groups"):
         ops.conv2d_fwd_cuda(x, torch.randn(8, 5, 3, 3, device="cuda", dtype=torch.bfloat16),

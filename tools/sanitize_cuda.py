@@ -98,7 +98,8 @@ def main() -> int:
     # conv2d: 3x3 stride 2, 1x1, channels-last and NCHW, forward (fused) and backward.
     for (c, k, r, stride, pad, groups), channels_last in (((16, 24, 3, 2, 1, 1), True),
                                                           ((72, 136, 1, 1, 0, 1), False),
-                                                          ((32, 48, 3, 1, 1, 2), True)):
+                                                          ((32, 48, 3, 1, 1, 2), True),
+                                                          ((24, 24, 5, 2, 2, 24), False)):
         x = torch.randn(2, c, 13, 11, device=dev, dtype=bf16)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -11,6 +11,7 @@
 #include "../common/check.h"
 #include "../matmul/matmul_api.h"
 #include "conv2d.h"
+#include "depthwise.h"
 
 namespace tilesmith {
 
@@ -79,6 +80,44 @@ ConvParams geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64
   return cp;
 }
 
+// Depthwise (groups = channels = filters, one filter per channel): the direct kernels of
+// depthwise.cuh take it; the implicit GEMM would leave 15/16 of each tile idle.
+bool is_depthwise(int64_t channels, int64_t filters, int64_t weight_channels) {
+  return weight_channels == 1 && filters == channels && channels > 1;
+}
+
+DepthwiseParams depthwise_geometry(int64_t n, int64_t c, int64_t h, int64_t w, int64_t r,
+                                   int64_t s, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "conv2d: stride, padding and dilation must each have 2 entries");
+  TORCH_CHECK(c % 8 == 0, "conv2d (cuda backend): depthwise channels must be a multiple of 8 "
+              "(16-byte vectors), got ", c);
+  DepthwiseParams p{};
+  p.batch = n;
+  p.height = h;
+  p.width = w;
+  p.channels = c;
+  p.kernel_h = r;
+  p.kernel_w = s;
+  p.stride_h = static_cast<int>(stride[0]);
+  p.stride_w = static_cast<int>(stride[1]);
+  p.pad_h = static_cast<int>(padding[0]);
+  p.pad_w = static_cast<int>(padding[1]);
+  p.dilation_h = static_cast<int>(dilation[0]);
+  p.dilation_w = static_cast<int>(dilation[1]);
+  p.out_h = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) / stride[0] + 1;
+  p.out_w = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(p.out_h > 0 && p.out_w > 0, "conv2d: empty output for input ", h, "x", w,
+              " and kernel ", r, "x", s);
+  return p;
+}
+
+// A (C, 1, R, S) depthwise weight as the kernels read it: (R, S, C), C contiguous.
+at::Tensor depthwise_weight(const at::Tensor& weight) {
+  return weight.select(1, 0).permute({1, 2, 0}).contiguous();
+}
+
 // An output matrix of rows x cols, row stride cols, with no epilogue.
 MatmulParams plain_output(void* data, int64_t rows, int64_t cols) {
   MatmulParams out{};
@@ -101,6 +140,98 @@ cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t k, const at::Tensor& x) {
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == k &&
+                                    bias->device() == x.device()),
+              "conv2d: bias must be a (", k, ",) tensor on ", x.device());
+  return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor> depthwise_fwd(const at::Tensor& x_in, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation,
+                                                 c10::string_view activation, bool save_pre) {
+  const int64_t n = x_in.size(0), c = x_in.size(1);
+  DepthwiseParams p = depthwise_geometry(n, c, x_in.size(2), x_in.size(3), weight.size(2),
+                                         weight.size(3), stride, padding, dilation);
+  const at::Tensor x = channels_last(x_in), w = depthwise_weight(weight);
+  const auto options = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({n, c, p.out_h, p.out_w}, options);
+  at::Tensor pre = save_pre ? at::empty({n, c, p.out_h, p.out_w}, options)
+                            : at::empty({0, 0, 0, 0}, x.options());
+  if (poison_outputs()) {
+    out.fill_(NAN);
+    pre.fill_(NAN);
+  }
+  const at::Tensor bias_f32 = checked_bias(bias, c, x);
+  p.x = x.data_ptr();
+  p.weight = w.data_ptr();
+  p.out = out.data_ptr();
+  p.pre = save_pre ? pre.data_ptr() : nullptr;
+  p.bias = bias.has_value() ? bias_f32.data_ptr<float>() : nullptr;
+  p.activation = parse_activation(activation, "conv2d");
+  TILESMITH_CHECK_LAUNCH(x.scalar_type() == at::kBFloat16
+                             ? run_depthwise_fwd_bf16(p, stream_of(x))
+                             : run_depthwise_fwd_fp16(p, stream_of(x)));
+  if (!is_channels_last(x_in)) return {out.contiguous(), pre.contiguous()};
+  return {out, pre};
+}
+
+at::Tensor depthwise_dgrad(const at::Tensor& grad_in, const at::Tensor& weight,
+                           at::IntArrayRef input_shape, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation,
+                           bool want_channels_last) {
+  const int64_t n = input_shape[0], c = input_shape[1], h = input_shape[2], w = input_shape[3];
+  DepthwiseParams p = depthwise_geometry(n, c, h, w, weight.size(2), weight.size(3), stride,
+                                         padding, dilation);
+  TORCH_CHECK(grad_in.size(0) == n && grad_in.size(1) == c && grad_in.size(2) == p.out_h &&
+                  grad_in.size(3) == p.out_w,
+              "conv2d dgrad: grad has shape ", grad_in.sizes(), ", the forward's output was (",
+              n, ", ", c, ", ", p.out_h, ", ", p.out_w, ")");
+  const at::Tensor grad = channels_last(grad_in), wt = depthwise_weight(weight);
+  at::Tensor dx = at::empty({n, c, h, w},
+                            grad.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (poison_outputs()) dx.fill_(NAN);
+  p.grad_out = grad.data_ptr();
+  p.weight = wt.data_ptr();
+  p.out = dx.data_ptr();
+  TILESMITH_CHECK_LAUNCH(grad.scalar_type() == at::kBFloat16
+                             ? run_depthwise_dgrad_bf16(p, stream_of(grad))
+                             : run_depthwise_dgrad_fp16(p, stream_of(grad)));
+  return want_channels_last ? dx : dx.contiguous();
+}
+
+at::Tensor depthwise_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
+                           at::IntArrayRef weight_shape, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t c = x_in.size(1), r = weight_shape[2], s = weight_shape[3];
+  DepthwiseParams p = depthwise_geometry(x_in.size(0), c, x_in.size(2), x_in.size(3), r, s,
+                                         stride, padding, dilation);
+  TORCH_CHECK(grad_in.size(0) == x_in.size(0) && grad_in.size(1) == c &&
+                  grad_in.size(2) == p.out_h && grad_in.size(3) == p.out_w,
+              "conv2d wgrad: grad has shape ", grad_in.sizes(), ", the forward's output was (",
+              x_in.size(0), ", ", c, ", ", p.out_h, ", ", p.out_w, ")");
+  const at::Tensor grad = channels_last(grad_in), x = channels_last(x_in);
+  // Each thread reduces its split of the output pixels: ~1024 pixels per split keeps a few
+  // thousand threads busy on a large layer without long serial loops.
+  const int64_t pixels = p.batch * p.out_h * p.out_w;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(65535, (pixels + 1023) / 1024));
+  p.split_pixels = (pixels + splits - 1) / splits;
+  at::Tensor partial = at::zeros({splits, r, s, c}, x.options().dtype(at::kFloat));
+  p.x = x.data_ptr();
+  p.grad_out = grad.data_ptr();
+  p.weight_grad = partial.data_ptr<float>();
+  if (pixels > 0) {
+    const int split_count = static_cast<int>(splits);
+    TILESMITH_CHECK_LAUNCH(x.scalar_type() == at::kBFloat16
+                               ? run_depthwise_wgrad_bf16(p, split_count, stream_of(x))
+                               : run_depthwise_wgrad_fp16(p, split_count, stream_of(x)));
+  }
+  // Splits summed in a fixed order (deterministic); (R, S, C) seen as (C, 1, R, S).
+  return partial.sum(0).permute({2, 0, 1}).unsqueeze(1).to(x.scalar_type());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
@@ -114,6 +245,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
   check_operand(weight_in, "weight", x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t n = x_in.size(0), k = weight_in.size(0);
+  if (is_depthwise(x_in.size(1), k, weight_in.size(1))) {
+    return depthwise_fwd(x_in, weight_in, bias, stride, padding, dilation, activation, save_pre);
+  }
   ConvParams cp = geometry(n, x_in.size(1), x_in.size(2), x_in.size(3), k, weight_in.size(1),
                            weight_in.size(2), weight_in.size(3), stride, padding, dilation);
   const at::Tensor x = channels_last(x_in), weight = channels_last(weight_in);
@@ -125,13 +259,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
     out.fill_(NAN);
     pre.fill_(NAN);
   }
-  at::Tensor bias_f32;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == k && bias->device() == x.device(),
-                "conv2d: bias must be a (", k, ",) tensor on ", x.device(), ", got ",
-                bias->sizes(), " on ", bias->device());
-    bias_f32 = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f32 = checked_bias(bias, k, x);
   cp.x = x.data_ptr();
   cp.weight = weight.data_ptr();
   MatmulParams epilogue = plain_output(out.data_ptr(), n * cp.out_h * cp.out_w, k);
@@ -162,6 +290,10 @@ at::Tensor conv2d_dgrad_cuda(const at::Tensor& grad_in, const at::Tensor& weight
   c10::cuda::CUDAGuard guard(grad_in.device());
   const int64_t n = input_shape[0], c = input_shape[1], h = input_shape[2], w = input_shape[3];
   const int64_t k = weight_in.size(0);
+  if (is_depthwise(c, k, weight_in.size(1))) {
+    return depthwise_dgrad(grad_in, weight_in, input_shape, stride, padding, dilation,
+                           want_channels_last);
+  }
   ConvParams cp = geometry(n, c, h, w, k, weight_in.size(1), weight_in.size(2),
                            weight_in.size(3), stride, padding, dilation);
   TORCH_CHECK(grad_in.size(0) == n && grad_in.size(1) == k &&
@@ -195,6 +327,9 @@ at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
   // c: the weight's input channels (per group).
   const int64_t k = weight_shape[0], c = weight_shape[1], r = weight_shape[2],
                 s = weight_shape[3];
+  if (is_depthwise(x_in.size(1), k, c)) {
+    return depthwise_wgrad(grad_in, x_in, weight_shape, stride, padding, dilation);
+  }
   ConvParams cp = geometry(x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), k, c, r, s,
                            stride, padding, dilation);
   TORCH_CHECK(grad_in.size(0) == x_in.size(0) && grad_in.size(1) == k &&

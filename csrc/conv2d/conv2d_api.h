@@ -9,9 +9,10 @@
 namespace tilesmith {
 
 // conv2d on fp16/bf16 CUDA tensors whose channel and filter counts per group are multiples
-// of 8 (the groups are read off the weight's shape). Inputs in either memory format (NCHW ones are copied to channels-last, the layout the
-// kernels read); outputs in the input's memory format. Returns (out, pre-activation), the
-// latter empty unless save_pre.
+// of 8 (the groups are read off the weight's shape), or depthwise (one filter per channel,
+// channels a multiple of 8: direct kernels). Inputs in either memory format (NCHW ones are
+// copied to channels-last, the layout the kernels read); outputs in the input's memory
+// format. Returns (out, pre-activation), the latter empty unless save_pre.
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias,
                                                    at::IntArrayRef stride,

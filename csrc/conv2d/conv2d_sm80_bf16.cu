@@ -1,5 +1,7 @@
-// One dtype per file: forward, dgrad and wgrad compile in parallel with the other dtype's.
+// One dtype per file: forward, dgrad and wgrad (implicit GEMM and depthwise) compile in
+// parallel with the other dtype's.
 #include "conv2d_sm80.cuh"
+#include "depthwise.cuh"
 
 namespace tilesmith {
 cudaError_t run_conv2d_fwd_sm80_bf16(const ConvParams& conv, const MatmulParams& out,
@@ -13,5 +15,14 @@ cudaError_t run_conv2d_dgrad_sm80_bf16(const ConvParams& conv, const MatmulParam
 cudaError_t run_conv2d_wgrad_sm80_bf16(const ConvParams& conv, const MatmulParams& out,
                                        int splits, cudaStream_t stream) {
   return conv2d_sm80::run_wgrad<__nv_bfloat16>(conv, out, splits, stream);
+}
+cudaError_t run_depthwise_fwd_bf16(const DepthwiseParams& p, cudaStream_t stream) {
+  return depthwise::run_fwd<__nv_bfloat16>(p, stream);
+}
+cudaError_t run_depthwise_dgrad_bf16(const DepthwiseParams& p, cudaStream_t stream) {
+  return depthwise::run_dgrad<__nv_bfloat16>(p, stream);
+}
+cudaError_t run_depthwise_wgrad_bf16(const DepthwiseParams& p, int splits, cudaStream_t stream) {
+  return depthwise::run_wgrad<__nv_bfloat16>(p, splits, stream);
 }
 }  // namespace tilesmith

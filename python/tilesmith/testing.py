@@ -377,6 +377,8 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
              channels_last=True),
         case("groups2_c16_k32_stride2", 1, 16, 13, 13, 32, 3, groups=2, stride=2, padding=1,
              channels_last=True),
+        case("depthwise_c16_k5_stride2_silu", 2, 16, 13, 11, 16, 5, groups=16, stride=2,
+             padding=2, activation="silu", channels_last=True),
     ]
     base = r(2, 6, 15, 17)
     samples.append(SampleInput("noncontiguous_slice", (base[:, 1:5, 1:14, 2:15], r(5, 4, 3, 3),

@@ -2,6 +2,7 @@
 #include "sm80_emulator.h"
 // The emulator must come first: it replaces the inline PTX of mma_sm80.cuh.
 #include "../../csrc/conv2d/conv2d_sm80.cuh"
+#include "../../csrc/conv2d/depthwise.cuh"
 
 namespace tilesmith::conv2d_sm80 {
 // The kernels' `extern __shared__` buffer, which block-scope extern declares in this namespace.
@@ -40,7 +41,40 @@ std::string run_pass(int pass, const ConvParams& cp, const MatmulParams& out, in
                                std::move(buffers), [&] { cv::conv2d_wgrad_kernel<T>(cp, out); });
 }
 
+// The depthwise kernels: one thread per (pixel, 8 channels) or (tap, 8 channels).
+template <typename T>
+std::string run_depthwise(int pass, const tilesmith::DepthwiseParams& p, int splits,
+                          std::vector<tilesmith_emu::Buffer> buffers) {
+  namespace dw = tilesmith::depthwise;
+  const int64_t chunks = p.channels / dw::kVector;
+  const int64_t threads = pass == 0   ? p.batch * p.out_h * p.out_w * chunks
+                          : pass == 1 ? p.batch * p.height * p.width * chunks
+                                      : p.kernel_h * p.kernel_w * chunks;
+  const dim3 grid(static_cast<unsigned>((threads + dw::kThreads - 1) / dw::kThreads),
+                  pass == 2 ? static_cast<unsigned>(splits) : 1u);
+  return tilesmith_emu::launch(grid, dim3(dw::kThreads), 0, cv::shared_bytes, std::move(buffers),
+                               [&] {
+                                 if (pass == 0) dw::depthwise_fwd_kernel<T>(p);
+                                 if (pass == 1) dw::depthwise_dgrad_kernel<T>(p);
+                                 if (pass == 2) dw::depthwise_wgrad_kernel<T>(p);
+                               });
+}
+
 }  // namespace
+
+// pass: 0 forward, 1 dgrad, 2 wgrad (with `splits`); dtype: 0 bfloat16, 1 float16.
+extern "C" int emulate_depthwise(int pass, int dtype, const tilesmith::DepthwiseParams* params,
+                                 int splits, char* error, int error_capacity) {
+  const std::string message =
+      dtype == 0 ? run_depthwise<__nv_bfloat16>(pass, *params, splits, {})
+                 : run_depthwise<__half>(pass, *params, splits, {});
+  std::snprintf(error, error_capacity, "%s", message.c_str());
+  return message.empty() ? 0 : 1;
+}
+
+extern "C" int depthwise_params_size() {
+  return static_cast<int>(sizeof(tilesmith::DepthwiseParams));
+}
 
 // pass: 0 forward, 1 dgrad, 2 wgrad (with `splits`); dtype: 0 bfloat16, 1 float16.
 // Returns 0, or 1 with the emulator's message in `error`.

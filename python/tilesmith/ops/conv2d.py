@@ -5,9 +5,9 @@ Layers: ``conv2d`` (validation, padding="same"/"valid", backend choice) ->
 ``tilesmith::conv2d_fwd_{triton,cuda}`` (also stores the pre-activation when a backward will
 need it), ``tilesmith::conv2d_{dgrad,wgrad}_{triton,cuda}`` and, through a fused activation,
 its derivative -> kernels/conv2d.py (Triton: groups, any channel count, fp32) or
-csrc/conv2d/ (CUDA: fp16/bf16, channel and filter counts per group multiples of 8,
-channels-last; NCHW tensors are copied). Outputs and input gradients keep the input's memory
-format (NCHW or channels_last).
+csrc/conv2d/ (CUDA: fp16/bf16, channel and filter counts per group multiples of 8, or
+depthwise with a multiple of 8 channels; channels-last, NCHW tensors are copied). Outputs
+and input gradients keep the input's memory format (NCHW or channels_last).
 """
 
 from __future__ import annotations
@@ -383,10 +383,14 @@ def kernel_limits(input, weight, groups=1, padding=(0, 0)) -> dict[str, str | No
         return {"triton": why, "cuda": why}
     cuda = None
     channels, filters = input.shape[1] // groups, weight.shape[0] // groups
-    if channels % 8 or filters % 8:
+    depthwise = channels == 1 and filters == 1 and groups > 1
+    if depthwise and groups % 8:
+        cuda = (f"the cuda depthwise conv2d kernel needs a multiple of 8 channels, got "
+                f"{groups} (the triton backend takes any)")
+    elif not depthwise and (channels % 8 or filters % 8):
         cuda = (f"the cuda conv2d kernels need input channels and filters per group that are "
-                f"multiples of 8, got {channels} and {filters} with groups={groups} (depthwise "
-                f"and small channel counts run on the triton backend)")
+                f"multiples of 8 (or a depthwise conv), got {channels} and {filters} with "
+                f"groups={groups} (the triton backend takes any)")
     return {"triton": None, "cuda": cuda}
 
 register_autocast("conv2d_fwd_triton")
