@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import os
 
 import torch
@@ -62,6 +63,12 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, baseline: to
         return _assert_near_zero(out, name)
     err = rel_error(out, ref)
     base = rel_error(baseline, ref)
+    if not math.isfinite(base):
+        # PyTorch's own result has a NaN or inf where the reference is finite (older versions
+        # do for fully masked attention rows): its error there would allow anything, so the
+        # bound comes from its finite entries only.
+        finite = torch.isfinite(baseline)
+        base = rel_error(baseline[finite], ref[finite]) if finite.any() else 0.0
     allowed = max(factor * base, ulp(out.dtype))
     assert err <= allowed, (f"{name}: relative error {err:.3e} exceeds {allowed:.3e} "
                             f"({factor}x PyTorch's {base:.3e}, dtype {out.dtype})")
