@@ -35,6 +35,9 @@ def distributed(model, device: str, world: int):
 
 def finish(world: int) -> None:
     if world > 1:
+        # Every rank past its last collective before any tears the group down (a rank
+        # exiting first can abort the others' gloo threads).
+        dist.barrier()
         dist.destroy_process_group()
 
 
