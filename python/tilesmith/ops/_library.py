@@ -18,6 +18,17 @@ def new_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton``, except for a kernel the Triton interpreter made
+    (TRITON_INTERPRET=1), which is returned as is and launched eagerly: torch 2.14 does the
+    same itself, torch 2.11 raises for a plain ``@triton.jit`` kernel there."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Triton ``input_precision`` for dots on ``dtype`` inputs. fp32 follows
     torch.set_float32_matmul_precision, as torch.matmul does: "highest" (PyTorch's default)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._library import LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast
+from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast,
+                       wrap_triton)
 
 LIBRARY.define("attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, "
                "float scale) -> (Tensor, Tensor)")

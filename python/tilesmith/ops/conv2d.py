@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._library import LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast
+from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast,
+                       wrap_triton)
 
 LIBRARY.define("conv2d_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, int[] stride, "
                "int[] padding, int[] dilation, str activation, bool save_pre) "

@@ -17,9 +17,9 @@ Scale shapes (dequantization multipliers, x ~ x_fp8 * scale, as torch._scaled_mm
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._library import LIBRARY, new_output
+from ._library import LIBRARY, new_output, wrap_triton
 
 LIBRARY.define("scaled_gemm_cuda(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, "
                "Tensor? bias, ScalarType out_dtype, int scale_a_kind, int scale_b_kind) -> Tensor")

@@ -16,10 +16,10 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output,
-                       register_autocast)
+                       register_autocast, wrap_triton)
 
 LIBRARY.define("gemm_cuda(Tensor a, Tensor b, Tensor? bias, Tensor? residual, str activation, "
                "float alpha, ScalarType out_dtype, bool save_pre) -> (Tensor, Tensor)")

@@ -14,9 +14,10 @@ Three layers:
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._library import LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast
+from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast,
+                       wrap_triton)
 
 LIBRARY.define("matmul_cuda(Tensor a, Tensor b) -> Tensor")
 
