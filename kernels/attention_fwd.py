@@ -5,7 +5,8 @@ One program computes BLOCK_M query rows of one (batch, head). Scores live in the
 domain (qk_scale = scale * log2(e)) so the exponentials are exp2. Optional pieces are
 compile-time switches: a boolean or additive mask (strides of 0 broadcast it), causal
 masking aligned top-left as in torch.nn.functional.scaled_dot_product_attention, grouped
-key/value heads, and packed variable-length batches (cu_seqlens).
+key/value heads, packed variable-length batches (cu_seqlens), and dropout of the
+probabilities (dropout_keep: Philox, so the backward regenerates the same mask).
 """
 
 import os
@@ -65,8 +66,28 @@ def masked_scores(s, rows, cols, seqlen_q, seqlen_k, mask_ptrs,
 
 
 @triton.jit
+def dropout_keep(seed, stream, rows, start_n, threshold,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which probabilities of a BLOCK_M x BLOCK_N tile (query rows ``rows``, keys from
+    ``start_n``, a multiple of 4) survive dropout in ``stream`` (batch * heads + query head).
+    One Philox call, counter (key // 4, row, stream, 0), gives the uniform 32-bit words of
+    four neighbouring keys, so the mask is a function of (seed, stream, row, key) alone:
+    the backward's kernels, whose tiles differ, regenerate exactly the forward's mask.
+    A word is kept when it is >= threshold = dropout_p * 2**32."""
+    zero = tl.zeros([BLOCK_M, BLOCK_N // 4], dtype=tl.uint32)
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = zero + groups.to(tl.uint32)[None, :]
+    c1 = zero + rows.to(tl.uint32)[:, None]
+    c2 = zero + stream.to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero)
+    # Key 4g + i takes word i of group g.
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    return words.to(tl.int64) >= threshold
+
+
+@triton.jit
 def attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seed_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -74,7 +95,8 @@ def attention_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    dropout_threshold, dropout_scale,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -102,6 +124,8 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
 
     # Key blocks this query block can see; none when the block lies past its sequence
     # (packed batches launch for the longest sequence).
@@ -126,6 +150,11 @@ def attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_block(v_base, cols, seqlen_k, stride_vs, offs_dv, head_dim_v, stride_vd, UPCAST,
                        ACC_DTYPE)
+        # Dropout removes probabilities from the product with v only: the normaliser l
+        # sums them all, and the 1 / (1 - dropout_p) rescaling is applied once at the end.
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
                                             out_dtype=ACC_DTYPE)
         m_i = m_new
@@ -133,6 +162,8 @@ def attention_fwd_kernel(
     # A fully masked row (l = 0) gives zeros and lse = -inf, as PyTorch does.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:
+        out = out * dropout_scale
     # (m + log2 l) * ln 2: back to the natural log. (A literal: kernels cannot read module
     # globals that are not tl.constexpr, which the interpreter does not enforce.)
     lse = tl.where(empty, float("-inf"),
@@ -143,3 +174,18 @@ def attention_fwd_kernel(
              mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v))
     lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
     tl.store(lse_base + rows, lse.to(lse_ptr.dtype.element_ty), mask=rows < seqlen_q)
+
+
+@triton.jit
+def dropout_mask_kernel(seed_ptr, keep_ptr, seqlen_q, seqlen_k, threshold,
+                        stride_stream, stride_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep mask the attention kernels use, written out (for tests and debugging):
+    keep[stream, row, key] for one BLOCK_M x BLOCK_N tile per program."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_n = tl.program_id(1) * BLOCK_N
+    stream = tl.program_id(2)
+    keep = dropout_keep(tl.load(seed_ptr), stream, rows, start_n, threshold, BLOCK_M, BLOCK_N)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    tl.store(keep_ptr + stream.to(tl.int64) * stride_stream + rows[:, None] * stride_row
+             + cols[None, :], keep.to(tl.uint8),
+             mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))

@@ -202,7 +202,10 @@ def test_opcheck(backend, name):
                               (q, k, v, mask, causal, 0.125))
     else:
         torch.library.opcheck(torch.ops.tilesmith.attention_fwd_triton,
-                              (q, k, v, mask, causal, 0.125))
+                              (q, k, v, mask, causal, 0.125, 0.0, None))
+        seed = attention_ops.draw_dropout_seed(q.device)
+        torch.library.opcheck(torch.ops.tilesmith.attention_fwd_triton,
+                              (q, k, v, mask, causal, 0.125, 0.25, seed))
 
 
 @requires_gpu
@@ -219,6 +222,14 @@ def test_torch_compile_fullgraph(backend):
     eager = torch.autograd.grad(f(q, k, v), (q, k, v))
     for got, want in zip(grads, eager):
         torch.testing.assert_close(got, want)
+    if attention_ops.kernel_limits(q, v, 0.1)[backend] is None:
+        # With dropout the compiled graph draws its seed with its own generator, so only
+        # "it compiles whole and trains" can be compared.
+        dropped = torch.compile(lambda q, k, v: tilesmith.ops.scaled_dot_product_attention(
+            q, k, v, dropout_p=0.1, is_causal=True, enable_gqa=True, backend=backend),
+            fullgraph=True)(q, k, v)
+        for grad in torch.autograd.grad(dropped.float().square().sum(), (q, k, v)):
+            assert torch.isfinite(grad).all()
 
 
 @requires_gpu
@@ -247,11 +258,135 @@ def test_dropout_runs_on_torch_and_is_applied():
     assert not torch.allclose(plain, dropped)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_dropout_on_tilesmith_kernels_raises(backend):
+def test_dropout_on_cuda_kernels_raises():
     q, k, v = _sample("basic_b2h3s17", torch.bfloat16).args
     with pytest.raises(tilesmith.BackendUnavailableError, match="dropout|no cuda kernel|CUDA"):
-        tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend=backend)
+        tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend="cuda")
+
+
+def _dropout_reference(q, k, v, mask, causal, scale, keep, dropout_p):
+    """SDPA with dropout, as PyTorch's math backend computes it, in q's dtype, with the
+    given keep mask instead of a random one."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask)
+    p = torch.softmax(scores, dim=-1)
+    return (p * keep / (1 - dropout_p)).to(q.dtype) @ v
+
+
+DROPOUT_CASES = {
+    "plain_sq37_sk45": dict(q=(2, 3, 37, 32), k=(2, 3, 45, 32), v=(2, 3, 45, 24)),
+    "causal_gqa": dict(q=(1, 4, 33, 64), k=(1, 2, 33, 64), v=(1, 2, 33, 64), causal=True),
+    "float_mask_grad": dict(q=(2, 2, 20, 16), k=(2, 2, 29, 16), v=(2, 2, 29, 16),
+                            mask=(1, 2, 20, 29)),
+    "bool_mask": dict(q=(1, 2, 17, 16), k=(1, 2, 50, 16), v=(1, 2, 50, 16), mask=(17, 50)),
+}
+
+
+@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+def test_dropout_matches_float64_with_the_kernels_mask(backend, dtype, case):
+    """Output and every gradient against float64 attention that drops exactly the
+    probabilities the kernels drop (dropout_keep_mask regenerates them from the seed)."""
+    spec = DROPOUT_CASES[case]
+    q, k, v = (torch.randn(spec[n], device=DEVICE).to(dtype) for n in "qkv")
+    _skip_if_backend_cannot(backend, (q, k, v), {"dropout_p": 0.3})
+    inputs = [q.requires_grad_(), k.requires_grad_(), v.requires_grad_()]
+    mask = None
+    if case == "float_mask_grad":
+        mask = torch.randn(spec["mask"], device=DEVICE).to(dtype).requires_grad_()
+        inputs.append(mask)
+    elif case == "bool_mask":
+        mask = torch.rand(spec["mask"], device=DEVICE) > 0.3
+        mask[:, 0] = True  # no fully masked row: the reference's softmax would be NaN there
+    causal, dropout_p, scale = spec.get("causal", False), 0.3, q.shape[-1] ** -0.5
+
+    torch.manual_seed(7)
+    with testing.poison_outputs():
+        out = tilesmith.ops.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=True,
+            backend=backend)
+        grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    torch.manual_seed(7)
+    seed = attention_ops.draw_dropout_seed(q.device)
+    keep = tilesmith.ops.attention_dropout_mask(seed, *q.shape[:3], k.shape[2], dropout_p)
+
+    def reference(compute_dtype):
+        xs = [t.detach().to(compute_dtype).requires_grad_() for t in inputs]
+        m = xs[3] if len(xs) == 4 else mask
+        o = _dropout_reference(*xs[:3], m, causal, scale, keep, dropout_p)
+        return o, torch.autograd.grad(o, xs, grad_out.to(compute_dtype))
+
+    ref, ref_grads = reference(torch.float64)
+    base, base_grads = reference(dtype)
+    _check(out, ref, base, "out")
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv", "dmask"]):
+        assert torch.isfinite(got).all(), f"{what} has NaN/inf"
+        _check(got, want, baseline, what)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))
+def test_dropout_gradcheck_float64(backend):
+    """gradcheck through the registered op with a fixed seed (the public function draws a
+    new seed per call, so repeated evaluations would see different masks)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+               for shape in ((1, 2, 6, 4), (1, 2, 9, 4), (1, 2, 9, 3)))
+    seed = torch.tensor([12345], dtype=torch.int64, device=DEVICE)
+
+    def f(q, k, v):
+        return torch.ops.tilesmith.attention_fwd_triton(q, k, v, None, True, 0.5, 0.4, seed)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_dropout_mask_keeps_one_minus_p_and_varies_everywhere(dropout_p):
+    seed = attention_ops.draw_dropout_seed(DEVICE)
+    keep = tilesmith.ops.attention_dropout_mask(seed, 2, 4, 64, 96, dropout_p)
+    # 49152 draws: the kept fraction's standard deviation is at most 0.0023.
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.012
+    # Every (batch, head) stream, row and group of four keys draws its own numbers.
+    flat = keep.reshape(8, 64, 96)
+    assert all(not torch.equal(flat[0], flat[i]) for i in range(1, 8))
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    assert not torch.equal(keep[0, 0, :, 0:4], keep[0, 0, :, 4:8])
+    again = tilesmith.ops.attention_dropout_mask(seed.clone(), 2, 4, 64, 96, dropout_p)
+    assert torch.equal(keep, again)
+    other = tilesmith.ops.attention_dropout_mask(seed + 1, 2, 4, 64, 96, dropout_p)
+    assert not torch.equal(keep, other)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+def test_dropout_follows_torch_manual_seed(backend):
+    q, k, v = _sample("basic_b2h3s17", torch.bfloat16).args
+    _skip_if_backend_cannot(backend, (q, k, v), {"dropout_p": 0.2})
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.2,
+                                                          backend=backend)
+    first = run(0)
+    assert torch.equal(first, run(0))
+    assert not torch.equal(first, run(1))
+    plain = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend=backend)
+    assert not torch.equal(first, plain)
+
+
+def test_dropout_op_checks_its_seed():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="dropout_p > 0 needs seed"):
+        torch.ops.tilesmith.attention_fwd_triton(q, q, q, None, False, 1.0, 0.5, None)
+    with pytest.raises(ValueError, match="dropout_p > 0 needs seed.*int32"):
+        torch.ops.tilesmith.attention_fwd_triton(q, q, q, None, False, 1.0, 0.5,
+                                                 torch.zeros(1, dtype=torch.int32))
 
 
 def test_cuda_backend_names_what_its_kernels_do_not_take():
@@ -262,7 +397,9 @@ def test_cuda_backend_names_what_its_kernels_do_not_take():
     assert "64 or all 128" in attention_ops.kernel_limits(q[..., :40], q[..., :40])["cuda"]
     assert "64 or all 128" in attention_ops.kernel_limits(q, q[..., :32])["cuda"]
     assert "dropout" in attention_ops.kernel_limits(q, q, 0.1)["cuda"]
+    assert attention_ops.kernel_limits(q, q, 0.1)["triton"] is None
     assert attention_ops.kernel_limits(q[..., :40], q[..., :40])["triton"] is None
+    assert tilesmith.ops.attention_kernel_limits is attention_ops.kernel_limits
     # Named explicitly, a call the kernels cannot take raises with that reason; by default
     # it goes to a backend that can.
     with pytest.raises(tilesmith.BackendUnavailableError, match="64 or all 128|CUDA tensors"):

@@ -144,6 +144,7 @@ def test_cuda_backend_names_what_its_kernels_do_not_take():
     assert "multiples of 8" in conv2d_ops.kernel_limits(x, w[:20])["cuda"]
     assert conv2d_ops.kernel_limits(x[:, :3], w[:, :3], groups=1)["triton"] is None
     assert "asymmetric" in conv2d_ops.kernel_limits(x, w, 1, "same_asymmetric")["triton"]
+    assert tilesmith.ops.conv2d_kernel_limits is conv2d_ops.kernel_limits
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):

@@ -98,7 +98,9 @@ def record_launches():
         kv = torch.randn(2, 2, 64, head_dim, dtype=bf16, requires_grad=True)
         for kwargs in ({}, {"is_causal": True},
                        {"attn_mask": torch.randn(1, 4, 64, 64, dtype=bf16, requires_grad=True)},
-                       {"attn_mask": torch.rand(2, 1, 64, 64) > 0.5}):
+                       {"attn_mask": torch.rand(2, 1, 64, 64) > 0.5},
+                       {"dropout_p": 0.6,
+                        "attn_mask": torch.randn(1, 4, 64, 64, dtype=bf16, requires_grad=True)}):
             out = tilesmith.ops.scaled_dot_product_attention(q, kv, kv, enable_gqa=True,
                                                              backend="triton", **kwargs)
             mask = kwargs.get("attn_mask")

@@ -115,14 +115,50 @@ def _mask_pointer(mask, fallback):
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def _common_constexprs(q, mask, causal, varlen):
+def _common_constexprs(q, mask, causal, varlen, dropout_p):
     from tilesmith.kernels.attention_fwd import INTERPRETING
 
-    return dict(MASK_KIND=_mask_kind(mask), CAUSAL=causal, VARLEN=varlen, UPCAST=INTERPRETING,
+    return dict(MASK_KIND=_mask_kind(mask), CAUSAL=causal, VARLEN=varlen,
+                DROPOUT=dropout_p > 0, UPCAST=INTERPRETING,
                 INPUT_PRECISION=dot_precision(q.dtype), ACC_DTYPE=_acc_dtype(q.dtype))
 
 
-def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale, varlen):
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    """(threshold, rescale) for the kernels: a Philox word w keeps its probability when
+    w >= threshold = dropout_p * 2**32, and the kept ones are scaled by 1 / (1 - dropout_p)."""
+    if dropout_p <= 0:
+        return 0, 1.0
+    return min(round(dropout_p * 2**32), 2**32 - 1), 1.0 / (1.0 - dropout_p)
+
+
+def draw_dropout_seed(device) -> torch.Tensor:
+    """The Philox seed of one dropout call, drawn from torch's generator on ``device`` (so
+    ``torch.manual_seed`` makes runs repeatable) as a 1-element int64 tensor that stays on
+    the device: no host sync, and CUDA-graph replays draw a new one."""
+    return torch.randint(2**62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
+                      seqlen_k: int, dropout_p: float) -> torch.Tensor:
+    """The (batch, heads, seqlen_q, seqlen_k) boolean mask of the probabilities that the
+    Triton attention kernels keep for this ``seed`` (see draw_dropout_seed) and
+    ``dropout_p``: for tests and debugging (it is as large as the score matrix)."""
+    import triton
+
+    from tilesmith.kernels.attention_fwd import dropout_mask_kernel
+
+    keep = torch.zeros((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8,
+                       device=seed.device)
+    if keep.numel():
+        block = 16 if seed.device.type == "cpu" else 64
+        grid = (triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * heads)
+        dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, _dropout_args(dropout_p)[0],
+                                  keep.stride(1), keep.stride(2), BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
+
+
+def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale, varlen,
+             dropout_p=0.0, seed=None):
     """Shared by the dense and packed forward ops: allocate, launch, return (out, lse)."""
     import triton
 
@@ -149,15 +185,16 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
     blocks = _blocks(head_dim, head_dim_v, max(seqlen_q, seqlen_k), backward=False)
     grid = (triton.cdiv(seqlen_q, blocks["BLOCK_M"]), batch * heads)
     wrap_triton(attention_fwd_kernel)[grid](
-        q, k, v, _mask_pointer(mask, q), out, lse, cu_q, cu_k,
+        q, k, v, _mask_pointer(mask, q), out, lse, cu_q, cu_k, q if seed is None else seed,
         *[s for group in strides for s in group], *lse_strides,
         heads, heads // heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E,
-        **_common_constexprs(q, mask, causal, varlen), **blocks)
+        *_dropout_args(dropout_p), **_common_constexprs(q, mask, causal, varlen, dropout_p),
+        **blocks)
     return out, lse
 
 
 def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, seqlen_k,
-              causal, scale, mask_grad, varlen):
+              causal, scale, mask_grad, varlen, dropout_p=0.0, seed=None):
     """Shared by the dense and packed backward ops: (dq, dk, dv, dmask)."""
     import triton
 
@@ -190,20 +227,23 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
         return dq, dk, dv, dmask
     assert delta.stride(-1) == 1 and delta.shape == lse.shape
     mask_strides = _mask_strides(mask)
-    common = _common_constexprs(q, mask, causal, varlen)
+    common = _common_constexprs(q, mask, causal, varlen, dropout_p)
     blocks = _blocks(head_dim, head_dim_v, max(seqlen_q, seqlen_k), backward=True)
-    sizes = (seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E, scale)
+    sizes = (seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E, scale,
+             *_dropout_args(dropout_p))
+    seed_ptr = q if seed is None else seed
     qkv_strides = [s for t in (q, k, v) for s in layout(t)]
     mask_ptr = _mask_pointer(mask, q)
 
     grid_kv = (triton.cdiv(seqlen_k, blocks["BLOCK_N"]), batch * heads_kv)
     wrap_triton(attention_bwd_dkdv_kernel)[grid_kv](
-        q, k, v, mask_ptr, grad_out, lse, delta, dk, dv, cu_q, cu_k,
+        q, k, v, mask_ptr, grad_out, lse, delta, dk, dv, cu_q, cu_k, seed_ptr,
         *qkv_strides, *mask_strides, *layout(grad_out), *lse_strides, *layout(dk), *layout(dv),
         heads_kv, heads // heads_kv, *sizes, **common, **blocks)
     grid_q = (triton.cdiv(seqlen_q, blocks["BLOCK_M"]), batch * heads)
     wrap_triton(attention_bwd_dq_kernel)[grid_q](
         q, k, v, mask_ptr, grad_out, lse, delta, dq, dmask if mask_grad else q, cu_q, cu_k,
+        seed_ptr,
         *qkv_strides, *mask_strides, *layout(grad_out), *lse_strides, *layout(dq),
         heads, heads // heads_kv, *sizes, MASK_GRAD=mask_grad, **common, **blocks)
     return dq, dk, dv, dmask
@@ -211,21 +251,37 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
 
 # ---- registered ops -----------------------------------------------------------------------
 
+# The Triton pair also takes dropout: dropout_p and the Philox seed (a 1-element int64
+# tensor, draw_dropout_seed; None when dropout_p is 0).
 @triton_op("tilesmith::attention_fwd_triton", mutates_args=())
 def _attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: torch.Tensor | None, causal: bool, scale: float
+                          mask: torch.Tensor | None, causal: bool, scale: float,
+                          dropout_p: float, seed: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_dropout_seed(dropout_p, seed, q)
     return _forward(q, k, v, mask, q, q, q.shape[0], q.shape[2], k.shape[2], causal, scale,
-                    varlen=False)
+                    varlen=False, dropout_p=dropout_p, seed=seed)
 
 
 @triton_op("tilesmith::attention_bwd_triton", mutates_args=())
 def _attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor,
-                          lse: torch.Tensor, causal: bool, scale: float, mask_grad: bool
+                          lse: torch.Tensor, causal: bool, scale: float, mask_grad: bool,
+                          dropout_p: float, seed: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_dropout_seed(dropout_p, seed, q)
     return _backward(grad_out, q, k, v, mask, out, lse, q, q, q.shape[0], q.shape[2], k.shape[2],
-                     causal, scale, mask_grad, varlen=False)
+                     causal, scale, mask_grad, varlen=False, dropout_p=dropout_p, seed=seed)
+
+
+def _check_dropout_seed(dropout_p, seed, q):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1
+                          or seed.device != q.device):
+        what = None if seed is None else f"{seed.dtype} {tuple(seed.shape)} on {seed.device}"
+        raise ValueError(f"dropout_p > 0 needs seed: a 1-element int64 tensor on {q.device}, "
+                         f"got {what}")
 
 
 @triton_op("tilesmith::varlen_attention_fwd_triton", mutates_args=())
@@ -273,21 +329,25 @@ def _varlen_attention_bwd_cuda_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale = inputs
+    q, k, v, mask, causal, scale = inputs[:6]
+    # The Triton op's two extra inputs, (dropout_p, seed), go to its backward op as they came.
+    dropout = inputs[6:]
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, mask, out, lse, *dropout[1:])
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout[:1]
     ctx.mark_non_differentiable(lse)
 
 
 def _make_fwd_backward(bwd_op):
     def backward(ctx, grad_out, _grad_lse):
         # The log-sum-exp is returned for inspection; it carries no gradient (documented).
-        q, k, v, mask, out, lse = ctx.saved_tensors
+        q, k, v, mask, out, lse, *seed = ctx.saved_tensors
+        dropout = (*ctx.dropout_p, *seed)
         mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
         dq, dk, dv, dmask = bwd_op(grad_out, q, k, v, mask, out, lse, ctx.causal, ctx.scale,
-                                   mask_grad)
-        return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None
+                                   mask_grad, *dropout)
+        return (dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None,
+                *[None] * len(dropout))
     return backward
 
 
@@ -388,15 +448,14 @@ CUDA_HEAD_DIMS = (64, 128)
 
 def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
     """Why each of tilesmith's attention backends cannot run this call (None: it can)."""
-    if dropout_p > 0:
-        why = ("dropout_p > 0 is not implemented in tilesmith's attention kernels (the "
-               "default backend routes such calls to torch)")
-        return {"triton": why, "cuda": why}
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
         return {"triton": why, "cuda": why}
     cuda = None
-    if q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+    if dropout_p > 0:
+        cuda = ("dropout_p > 0 is not implemented in the cuda attention kernels (the triton "
+                "ones have it; the default backend picks one that can)")
+    elif q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         cuda = (f"the cuda attention kernels need query, key and value head dims all 64 or "
                 f"all 128, got {q.shape[-1]} and {v.shape[-1]}")
     return {"triton": None, "cuda": cuda}
@@ -424,11 +483,13 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     return name, mask, scale
 
 
-def _kernel_attention(name, query, key, value, mask, causal, scale):
+def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.0):
     """(out, lse) from tilesmith's backend ``name``."""
     if name == "cuda":
         return torch.ops.tilesmith.attention_fwd_cuda(query, key, value, mask, causal, scale)
-    return torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, causal, scale)
+    seed = draw_dropout_seed(query.device) if dropout_p > 0 else None
+    return torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, causal, scale,
+                                                    float(dropout_p), seed)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -439,9 +500,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (batch, heads, seq, head_dim) layout; ``is_causal`` aligned top-left when seq_q != seq_k
     (as PyTorch); a boolean ``attn_mask`` keeps the True positions, a float one is added to
     the scores and receives a gradient when it requires one; ``enable_gqa`` for grouped- and
-    multi-query attention; a fully masked query row gives zeros. ``dropout_p > 0`` runs on
-    the torch backend (tilesmith's kernels have no dropout yet; naming another backend for
-    it raises)."""
+    multi-query attention; a fully masked query row gives zeros. ``dropout_p > 0`` drops
+    probabilities in the Triton kernels (Philox, seeded from torch's generator; the backward
+    regenerates the same mask); the cuda kernels have no dropout, so such calls go to another
+    backend by default and raise when cuda is named."""
     fn = "scaled_dot_product_attention"
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
@@ -451,7 +513,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _torch_sdpa(query, key, value, attn_mask=attn_mask,
                                               dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale, enable_gqa=enable_gqa)
-    out, _ = _kernel_attention(name, query, key, value, mask, is_causal, scale)
+    out, _ = _kernel_attention(name, query, key, value, mask, is_causal, scale, dropout_p)
     return out
 
 
