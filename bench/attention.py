@@ -6,7 +6,9 @@ and forward+backward, bf16.
     python -m bench.attention [--quick] [--out DIR]
 
 FLOPs: forward 4·B·H·S²·D (halved when causal), backward 2.5x forward. Peak memory is the
-extra memory one call allocates; the quadratic math backend is shown where it fits.
+extra memory one call allocates; the quadratic math backend is shown where it fits. Training
+with dropout: tilesmith's Triton kernels against SDPA's flash backend (the one of PyTorch's
+fused backends that takes dropout), forward+backward, dropout_p = 0.1.
 """
 
 from __future__ import annotations
@@ -103,7 +105,49 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
                 if checkpoint:
                     checkpoint(rows)
                 del q, k, v
+    for seqlen in ([4096] if quick else [1024, 4096, 16384]):
+        _dropout_row(rows, seqlen, head_dim=128, dtype=dtype)
+        if checkpoint:
+            checkpoint(rows)
     return rows
+
+
+def _dropout_row(rows, seqlen, head_dim, dtype, dropout_p=0.1):
+    batch, heads = TOKENS // seqlen, WIDTH // head_dim
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def step(backend):
+        if backend == "sdpa_flash":
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                             backend=backend)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    timings = {}
+    for name in ("sdpa_flash", "triton"):
+        try:
+            step(name)
+        except (RuntimeError, tilesmith.BackendUnavailableError) as exc:
+            print(f"  dropout {name}: {str(exc).splitlines()[0][:100]}")
+            continue
+        timings[name] = (harness.median_ms(lambda: step(name)),
+                         harness.peak_memory(lambda: step(name)))
+    base_ms = timings.get("sdpa_flash", (None,))[0]
+    flops = 3.5 * 4 * batch * heads * seqlen * seqlen * head_dim
+    for name, (ms, mem) in timings.items():
+        rows.append(harness.Row(
+            op="attention", mode="fwd+bwd", backend=name,
+            baseline="sdpa_flash" if base_ms else "none", dtype="bfloat16",
+            shape={"B": batch, "H": heads, "S": seqlen, "D": head_dim, "causal": False,
+                   "dropout_p": dropout_p}, ms=ms, tflops=flops / ms / 1e9, baseline_ms=base_ms,
+            ratio=base_ms / ms if base_ms else None, rel_err=None, peak_mem_bytes=mem,
+            joules=None))
+    print(f"attention dropout={dropout_p} D={head_dim} S={seqlen}: " + ", ".join(
+        f"{n} {t[0]:.2f} ms" for n, t in timings.items()), flush=True)
 
 
 def main():

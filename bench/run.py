@@ -90,7 +90,8 @@ def gpu_main(args) -> int:
                                              checkpoint=lambda r: write(rows + r))
         rows += attention_rows
         harness.plot_ratios([r for r in attention_rows if r.ratio is not None
-                             and r.backend != "sdpa_cudnn"], args.out / "attention.png",
+                             and r.baseline == "sdpa_cudnn" and r.backend != "sdpa_cudnn"],
+                            args.out / "attention.png",
                             f"attention vs SDPA cuDNN, {env['gpu']} (same run)")
     if "gemm" in ops:
         gemm_rows = gemm_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
