@@ -18,7 +18,26 @@ import triton
 import triton.language as tl
 
 from ._common import to_output
-from .attention_fwd import dropout_keep, load_block, masked_scores, sequence_bounds
+from .attention_fwd import dropout_keep, load_block, masked_scores, sequence_bounds, tile_config
+
+# The backward kernels' autotune spaces, as FWD_CONFIGS: the dK/dV kernel keeps BLOCK_N keys
+# and walks BLOCK_M query rows, the dQ kernel the other way round.
+DKDV_CONFIGS = {
+    64: [tile_config(64, 64, 4, 2), tile_config(32, 64, 4, 3), tile_config(32, 128, 4, 3),
+         tile_config(64, 128, 8, 2), tile_config(64, 64, 4, 3)],
+    128: [tile_config(64, 64, 8, 2), tile_config(32, 64, 4, 3), tile_config(32, 128, 8, 3),
+          tile_config(64, 128, 8, 2), tile_config(64, 64, 4, 2)],
+    256: [tile_config(32, 32, 4, 2), tile_config(16, 64, 4, 2), tile_config(32, 64, 4, 2),
+          tile_config(64, 32, 8, 2)],
+}
+DQ_CONFIGS = {
+    64: [tile_config(64, 64, 4, 2), tile_config(128, 32, 4, 3), tile_config(128, 64, 8, 2),
+         tile_config(64, 32, 4, 3)],
+    128: [tile_config(64, 64, 8, 2), tile_config(128, 32, 8, 3), tile_config(128, 64, 8, 2),
+          tile_config(64, 32, 4, 3), tile_config(64, 64, 4, 2)],
+    256: [tile_config(32, 32, 4, 2), tile_config(64, 32, 4, 2), tile_config(32, 64, 4, 2),
+          tile_config(64, 16, 4, 2)],
+}
 
 
 @triton.jit
@@ -47,7 +66,7 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     num_kv_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale, scale,
-    dropout_threshold, dropout_scale,
+    dropout_threshold, dropout_scale, tune_seqlen,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -136,7 +155,7 @@ def attention_bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale, scale,
-    dropout_threshold, dropout_scale,
+    dropout_threshold, dropout_scale, tune_seqlen,
     MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
     VARLEN: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,

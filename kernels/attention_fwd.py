@@ -24,6 +24,24 @@ MASK_BOOL = 1
 MASK_ADD = 2
 
 
+def tile_config(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                         num_stages=stages)
+
+
+# The forward's autotune space on a GPU, by the widest head dim's block (64, 128, 256): the
+# first entry of each list is the one TILESMITH_TRITON_AUTOTUNE=first keeps. Every entry is
+# checked on its own by test_every_tile_config_is_correct.
+FWD_CONFIGS = {
+    64: [tile_config(128, 64, 4, 3), tile_config(64, 64, 4, 3), tile_config(128, 128, 8, 3),
+         tile_config(128, 32, 4, 4), tile_config(128, 64, 4, 4)],
+    128: [tile_config(128, 64, 8, 3), tile_config(128, 64, 4, 3), tile_config(64, 64, 4, 3),
+          tile_config(128, 128, 8, 3), tile_config(128, 32, 4, 4)],
+    256: [tile_config(64, 32, 4, 2), tile_config(64, 64, 4, 2), tile_config(64, 64, 8, 2),
+          tile_config(128, 32, 8, 2), tile_config(32, 32, 4, 2)],
+}
+
+
 @triton.jit
 def sequence_bounds(cu_seqlens_ptr, b, fixed_len, VARLEN: tl.constexpr):
     """(first token, length) of sequence b: packed batches read them from cu_seqlens."""
@@ -95,11 +113,13 @@ def attention_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale,
-    dropout_threshold, dropout_scale,
+    dropout_threshold, dropout_scale, tune_seqlen,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    # tune_seqlen is read by the autotuner only (its key): the longer sequence length rounded
+    # up to a power of two, so that a new length does not mean a new tuning run.
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_heads

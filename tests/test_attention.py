@@ -284,28 +284,26 @@ DROPOUT_CASES = {
     "plain_sq37_sk45": dict(q=(2, 3, 37, 32), k=(2, 3, 45, 32), v=(2, 3, 45, 24)),
     "causal_gqa": dict(q=(1, 4, 33, 64), k=(1, 2, 33, 64), v=(1, 2, 33, 64), causal=True),
     "float_mask_grad": dict(q=(2, 2, 20, 16), k=(2, 2, 29, 16), v=(2, 2, 29, 16),
-                            mask=(1, 2, 20, 29)),
-    "bool_mask": dict(q=(1, 2, 17, 16), k=(1, 2, 50, 16), v=(1, 2, 50, 16), mask=(17, 50)),
+                            float_mask=(1, 2, 20, 29)),
+    "bool_mask": dict(q=(1, 2, 17, 16), k=(1, 2, 50, 16), v=(1, 2, 50, 16), bool_mask=(17, 50)),
 }
 
 
-@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))
-@pytest.mark.parametrize("case", list(DROPOUT_CASES))
-def test_dropout_matches_float64_with_the_kernels_mask(backend, dtype, case):
-    """Output and every gradient against float64 attention that drops exactly the
-    probabilities the kernels drop (dropout_keep_mask regenerates them from the seed)."""
-    spec = DROPOUT_CASES[case]
+def _check_against_float64(backend, dtype, spec, dropout_p):
+    """Output and every gradient (q, k, v and a float mask's) of one call against float64
+    attention that drops exactly the probabilities the kernels drop (attention_dropout_mask
+    regenerates them from the call's seed), by the 2x rule."""
     q, k, v = (torch.randn(spec[n], device=DEVICE).to(dtype) for n in "qkv")
-    _skip_if_backend_cannot(backend, (q, k, v), {"dropout_p": 0.3})
+    _skip_if_backend_cannot(backend, (q, k, v), {"dropout_p": dropout_p})
     inputs = [q.requires_grad_(), k.requires_grad_(), v.requires_grad_()]
     mask = None
-    if case == "float_mask_grad":
-        mask = torch.randn(spec["mask"], device=DEVICE).to(dtype).requires_grad_()
+    if "float_mask" in spec:
+        mask = torch.randn(spec["float_mask"], device=DEVICE).to(dtype).requires_grad_()
         inputs.append(mask)
-    elif case == "bool_mask":
-        mask = torch.rand(spec["mask"], device=DEVICE) > 0.3
-        mask[:, 0] = True  # no fully masked row: the reference's softmax would be NaN there
-    causal, dropout_p, scale = spec.get("causal", False), 0.3, q.shape[-1] ** -0.5
+    elif "bool_mask" in spec:
+        mask = torch.rand(spec["bool_mask"], device=DEVICE) > 0.3
+        mask[..., 0] = True  # no fully masked row: the reference's softmax would be NaN there
+    causal, scale = spec.get("causal", False), q.shape[-1] ** -0.5
 
     torch.manual_seed(7)
     with testing.poison_outputs():
@@ -330,6 +328,41 @@ def test_dropout_matches_float64_with_the_kernels_mask(backend, dtype, case):
     for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv", "dmask"]):
         assert torch.isfinite(got).all(), f"{what} has NaN/inf"
         _check(got, want, baseline, what)
+
+
+@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+def test_dropout_matches_float64_with_the_kernels_mask(backend, dtype, case):
+    _check_against_float64(backend, dtype, DROPOUT_CASES[case], dropout_p=0.3)
+
+
+def _tile_config_params():
+    from tilesmith.kernels import attention_bwd, attention_fwd
+
+    spaces = {"fwd": attention_fwd.FWD_CONFIGS, "dkdv": attention_bwd.DKDV_CONFIGS,
+              "dq": attention_bwd.DQ_CONFIGS}
+    return [pytest.param(kind, widest, i, id=f"{kind}-d{widest}-{i}")
+            for kind, space in spaces.items() for widest, configs in space.items()
+            for i in range(len(configs))]
+
+
+@pytest.mark.parametrize("kind,widest,index", _tile_config_params())
+def test_every_tile_config_is_correct(kind, widest, index):
+    """Each entry of the Triton attention kernels' autotune spaces, forced on its own (not
+    only those autotuning picks), on sequences longer than its tiles and not multiples of
+    them: causal GQA with dropout, then a float mask with its gradient and a head dim of v
+    that differs. Under the interpreter this is also where BLOCK_M != BLOCK_N is tested."""
+    from tilesmith.kernels import attention_bwd, attention_fwd
+
+    config = {"fwd": attention_fwd.FWD_CONFIGS, "dkdv": attention_bwd.DKDV_CONFIGS,
+              "dq": attention_bwd.DQ_CONFIGS}[kind][widest][index]
+    d = widest
+    causal_gqa = dict(q=(1, 2, 137, d), k=(1, 1, 137, d), v=(1, 1, 137, d), causal=True)
+    masked = dict(q=(1, 1, 139, d), k=(1, 1, 131, d), v=(1, 1, 131, d // 2),
+                  float_mask=(1, 1, 139, 131))
+    with attention_ops.tile_config(**{kind: config}):
+        _check_against_float64("triton", torch.bfloat16, causal_gqa, dropout_p=0.2)
+        _check_against_float64("triton", torch.bfloat16, masked, dropout_p=0.0)
 
 
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))

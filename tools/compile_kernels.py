@@ -139,11 +139,12 @@ def compile_jobs(launches):
     for kernel, args, kwargs in launches:
         configs = [None]
         if isinstance(kernel, triton.runtime.autotuner.Autotuner):
-            # Every config of the autotune space once (for the first launch of the kernel);
-            # the first config for the kernel's other argument types.
-            configs = (kernel.configs if kernel.fn.__name__ not in all_configs_done
+            # Every config of an autotune space once (for the first launch of that autotuner:
+            # attention has one per head-dim class); the first config for its other
+            # argument types.
+            configs = (kernel.configs if id(kernel) not in all_configs_done
                        else kernel.configs[:1])
-            all_configs_done.add(kernel.fn.__name__)
+            all_configs_done.add(id(kernel))
             kernel = kernel.fn
         fn = kernel
         names = fn.arg_names

@@ -13,7 +13,10 @@ Layers, as for every op family:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
 
 import torch
 from torch.library import triton_op
@@ -45,27 +48,72 @@ _torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 # ---- launch helpers -----------------------------------------------------------------------
 
-def _blocks(head_dim: int, head_dim_v: int, longest: int, backward: bool) -> dict:
-    """Tile sizes by head dimension (first choices, to be tuned from bench/results)."""
-    from tilesmith.kernels.attention_fwd import INTERPRETING
+# Tiles forced by tile_config() (tests): kind ("fwd", "dkdv", "dq") -> triton.Config.
+_FORCED_TILES: dict = {}
+
+
+@contextlib.contextmanager
+def tile_config(**configs):
+    """Within the block, launch the Triton attention kernels with these tiles instead of
+    autotuning: ``tile_config(fwd=cfg, dkdv=cfg, dq=cfg)`` with triton.Config entries of
+    kernels/attention_*.py's *_CONFIGS (how every config is tested on its own)."""
+    previous = dict(_FORCED_TILES)
+    _FORCED_TILES.update(configs)
+    try:
+        yield
+    finally:
+        _FORCED_TILES.clear()
+        _FORCED_TILES.update(previous)
+
+
+@functools.cache
+def _tuned_kernel(kind: str, widest: int):
+    """``kind``'s kernel autotuned over its configs for head dims up to ``widest``. The key
+    holds what changes the best tile: sizes (the sequence length by power of two), the GQA
+    group and the compile-time switches (a missing name, e.g. MASK_GRAD outside dq, is
+    skipped)."""
+    import triton
+
+    from tilesmith.kernels import attention_bwd, attention_fwd
+
+    kernel, configs = {
+        "fwd": (attention_fwd.attention_fwd_kernel, attention_fwd.FWD_CONFIGS),
+        "dkdv": (attention_bwd.attention_bwd_dkdv_kernel, attention_bwd.DKDV_CONFIGS),
+        "dq": (attention_bwd.attention_bwd_dq_kernel, attention_bwd.DQ_CONFIGS),
+    }[kind]
+    configs = configs[widest]
+    if os.environ.get("TILESMITH_TRITON_AUTOTUNE", "full") == "first":
+        configs = configs[:1]
+    key = ["tune_seqlen", "group_size", "head_dim", "head_dim_v", "MASK_KIND", "CAUSAL",
+           "VARLEN", "DROPOUT", "MASK_GRAD"]
+    # Tuning runs the dQ kernel several times: its atomically summed mask gradient restarts
+    # from zero before each run.
+    reset = ["dmask_ptr"] if kind == "dq" else None
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(kernel)
+
+
+def _kernel_and_tiles(kind: str, head_dim: int, head_dim_v: int, longest: int):
+    """The kernel to launch for ``kind`` and the launch kwargs that fix its tiles: those
+    forced by tile_config, the interpreter's small ones, or (on a GPU) only the head-dim
+    blocks, the autotuned kernel choosing BLOCK_M/BLOCK_N, warps and stages."""
+    from tilesmith.kernels import attention_bwd, attention_fwd
 
     block_d = max(16, triton_next_power_of_2(head_dim))
     block_dv = max(16, triton_next_power_of_2(head_dim_v))
-    if INTERPRETING:
+    dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
+    plain = {"fwd": attention_fwd.attention_fwd_kernel,
+             "dkdv": attention_bwd.attention_bwd_dkdv_kernel,
+             "dq": attention_bwd.attention_bwd_dq_kernel}[kind]
+    forced = _FORCED_TILES.get(kind)
+    if forced is not None:
+        return plain, dict(dims, **forced.kwargs, num_warps=forced.num_warps,
+                           num_stages=forced.num_stages)
+    if attention_fwd.INTERPRETING:
         # The interpreter's cost is per block operation: 16-row tiles test the edges of short
         # sequences, 64-row tiles keep a 1023-token test at seconds instead of a minute.
         block = 16 if longest <= 128 else 64
-        return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                    num_warps=4, num_stages=1)
-    widest = max(block_d, block_dv)
-    if backward:
-        m, n, warps = (64, 64, 4) if widest <= 64 else (64, 64, 8) if widest <= 128 else (32, 32, 4)
-        return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps,
-                    num_stages=2)
-    m, n, warps, stages = ((128, 64, 4, 3) if widest <= 64 else (128, 64, 8, 3) if widest <= 128
-                           else (64, 32, 4, 2))
-    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=warps,
-                num_stages=stages)
+        return plain, dict(dims, BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
+    return _tuned_kernel(kind, max(64, block_d, block_dv)), dims
 
 
 def triton_next_power_of_2(n: int) -> int:
@@ -162,7 +210,7 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
     """Shared by the dense and packed forward ops: allocate, launch, return (out, lse)."""
     import triton
 
-    from tilesmith.kernels.attention_fwd import LOG2E, attention_fwd_kernel
+    from tilesmith.kernels.attention_fwd import LOG2E
 
     if varlen:
         total_q, heads, head_dim = q.shape
@@ -182,14 +230,18 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
         lse_strides = (lse.stride(0), lse.stride(1))
     if out.numel() == 0:
         return out, lse
-    blocks = _blocks(head_dim, head_dim_v, max(seqlen_q, seqlen_k), backward=False)
-    grid = (triton.cdiv(seqlen_q, blocks["BLOCK_M"]), batch * heads)
-    wrap_triton(attention_fwd_kernel)[grid](
+    longest = max(seqlen_q, seqlen_k)
+    kernel, tiles = _kernel_and_tiles("fwd", head_dim, head_dim_v, longest)
+
+    def grid(meta):
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+
+    wrap_triton(kernel)[grid](
         q, k, v, _mask_pointer(mask, q), out, lse, cu_q, cu_k, q if seed is None else seed,
         *[s for group in strides for s in group], *lse_strides,
         heads, heads // heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E,
-        *_dropout_args(dropout_p), **_common_constexprs(q, mask, causal, varlen, dropout_p),
-        **blocks)
+        *_dropout_args(dropout_p), triton_next_power_of_2(longest),
+        **_common_constexprs(q, mask, causal, varlen, dropout_p), **tiles)
     return out, lse
 
 
@@ -198,7 +250,6 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
     """Shared by the dense and packed backward ops: (dq, dk, dv, dmask)."""
     import triton
 
-    from tilesmith.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
     from tilesmith.kernels.attention_fwd import LOG2E
 
     dq = new_output(q.shape, like=q)
@@ -228,24 +279,32 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
     assert delta.stride(-1) == 1 and delta.shape == lse.shape
     mask_strides = _mask_strides(mask)
     common = _common_constexprs(q, mask, causal, varlen, dropout_p)
-    blocks = _blocks(head_dim, head_dim_v, max(seqlen_q, seqlen_k), backward=True)
+    longest = max(seqlen_q, seqlen_k)
     sizes = (seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E, scale,
-             *_dropout_args(dropout_p))
+             *_dropout_args(dropout_p), triton_next_power_of_2(longest))
     seed_ptr = q if seed is None else seed
     qkv_strides = [s for t in (q, k, v) for s in layout(t)]
     mask_ptr = _mask_pointer(mask, q)
 
-    grid_kv = (triton.cdiv(seqlen_k, blocks["BLOCK_N"]), batch * heads_kv)
-    wrap_triton(attention_bwd_dkdv_kernel)[grid_kv](
+    def grid_kv(meta):
+        return (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)
+
+    def grid_q(meta):
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+
+    kernel, tiles = _kernel_and_tiles("dkdv", head_dim, head_dim_v, longest)
+    wrap_triton(kernel)[grid_kv](
         q, k, v, mask_ptr, grad_out, lse, delta, dk, dv, cu_q, cu_k, seed_ptr,
         *qkv_strides, *mask_strides, *layout(grad_out), *lse_strides, *layout(dk), *layout(dv),
-        heads_kv, heads // heads_kv, *sizes, **common, **blocks)
-    grid_q = (triton.cdiv(seqlen_q, blocks["BLOCK_M"]), batch * heads)
-    wrap_triton(attention_bwd_dq_kernel)[grid_q](
-        q, k, v, mask_ptr, grad_out, lse, delta, dq, dmask if mask_grad else q, cu_q, cu_k,
-        seed_ptr,
+        heads_kv, heads // heads_kv, *sizes, **common, **tiles)
+    # Without a mask gradient the kernel gets a 1-element stand-in (never written; autotuning
+    # zeroes it before each trial, which it must not do to a real input).
+    dmask_arg = dmask if mask_grad else torch.zeros(1, dtype=torch.float32, device=q.device)
+    kernel, tiles = _kernel_and_tiles("dq", head_dim, head_dim_v, longest)
+    wrap_triton(kernel)[grid_q](
+        q, k, v, mask_ptr, grad_out, lse, delta, dq, dmask_arg, cu_q, cu_k, seed_ptr,
         *qkv_strides, *mask_strides, *layout(grad_out), *lse_strides, *layout(dq),
-        heads, heads // heads_kv, *sizes, MASK_GRAD=mask_grad, **common, **blocks)
+        heads, heads // heads_kv, *sizes, MASK_GRAD=mask_grad, **common, **tiles)
     return dq, dk, dv, dmask
 
 
