@@ -336,6 +336,54 @@ def test_dropout_matches_float64_with_the_kernels_mask(backend, dtype, case):
     _check_against_float64(backend, dtype, DROPOUT_CASES[case], dropout_p=0.3)
 
 
+@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))
+@pytest.mark.parametrize("name", ["causal_gqa", "with_empty_sequence"])
+def test_varlen_dropout_matches_float64_with_the_kernels_mask(backend, dtype, name):
+    """Packed sequences with dropout: sequence i drops what batch entry i of
+    attention_dropout_mask keeps out, over its own positions."""
+    sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, dtype)}[name]
+    q, k, v, cu_q, cu_k, max_q, max_k = sample.args
+    dropout_p, causal = 0.25, sample.kwargs.get("causal", False)
+    _skip_if_backend_cannot(backend, (q, k, v), {"dropout_p": dropout_p})
+    q, k, v = testing.grad_views((q, k, v))
+    torch.manual_seed(11)
+    with testing.poison_outputs():
+        out = tilesmith.ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k,
+                                             dropout_p=dropout_p, causal=causal,
+                                             backend=backend)
+        grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    torch.manual_seed(11)
+    seed = attention_ops.draw_dropout_seed(q.device)
+    keep = tilesmith.ops.attention_dropout_mask(seed, cu_q.numel() - 1, q.shape[1], max_q, max_k,
+                                                dropout_p)
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+
+    def reference(compute_dtype):
+        xs = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+        outs = []
+        for i in range(len(starts_q) - 1):
+            qi, ki, vi = (x[lo:hi].transpose(0, 1)[None] for x, lo, hi in (
+                (xs[0], starts_q[i], starts_q[i + 1]), (xs[1], starts_k[i], starts_k[i + 1]),
+                (xs[2], starts_k[i], starts_k[i + 1])))
+            if ki.shape[2] == 0:  # no keys: zeros, as the kernels give (softmax would be NaN)
+                outs.append(qi.new_zeros(qi.shape[2], qi.shape[1], vi.shape[3]))
+                continue
+            keep_i = keep[i:i + 1, :, :qi.shape[2], :ki.shape[2]]
+            oi = _dropout_reference(qi, ki, vi, None, causal, q.shape[-1] ** -0.5, keep_i,
+                                    dropout_p)
+            outs.append(oi[0].transpose(0, 1))
+        o = torch.cat(outs, 0)
+        return o, torch.autograd.grad(o, xs, grad_out.to(compute_dtype), allow_unused=True,
+                                      materialize_grads=True)
+
+    ref, ref_grads = reference(torch.float64)
+    base, base_grads = reference(dtype)
+    _check(out, ref, base, "out")
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv"]):
+        _check(got, want, baseline, what)
+
+
 def _tile_config_params():
     from tilesmith.kernels import attention_bwd, attention_fwd
 

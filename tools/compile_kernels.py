@@ -109,8 +109,9 @@ def record_launches():
     cu = torch.tensor([0, 30, 64], dtype=torch.int32)
     q = torch.randn(64, 4, 128, dtype=bf16, requires_grad=True)
     k = torch.randn(64, 2, 128, dtype=bf16, requires_grad=True)
-    grad(tilesmith.ops.varlen_attention(q, k, k, cu, cu, 34, 34, causal=True,
-                                        backend="triton"), q, k)
+    for dropout_p in (0.0, 0.1):
+        grad(tilesmith.ops.varlen_attention(q, k, k, cu, cu, 34, 34, causal=True,
+                                            dropout_p=dropout_p, backend="triton"), q, k)
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(2, 16, 8, 8, dtype=dtype).contiguous(
             memory_format=torch.channels_last).requires_grad_()

@@ -347,9 +347,12 @@ def _check_dropout_seed(dropout_p, seed, q):
 def _varlen_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                 scale: float, dropout_p: float, seed: torch.Tensor | None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_dropout_seed(dropout_p, seed, q)
     return _forward(q, k, v, None, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1,
-                    max_seqlen_q, max_seqlen_k, causal, scale, varlen=True)
+                    max_seqlen_q, max_seqlen_k, causal, scale, varlen=True,
+                    dropout_p=dropout_p, seed=seed)
 
 
 @triton_op("tilesmith::varlen_attention_bwd_triton", mutates_args=())
@@ -357,11 +360,12 @@ def _varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: tor
                                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                  cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                                 scale: float
+                                 scale: float, dropout_p: float, seed: torch.Tensor | None
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_dropout_seed(dropout_p, seed, q)
     dq, dk, dv, _ = _backward(grad_out, q, k, v, None, out, lse, cu_seqlens_q, cu_seqlens_k,
                               cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, causal,
-                              scale, False, varlen=True)
+                              scale, False, varlen=True, dropout_p=dropout_p, seed=seed)
     return dq, dk, dv
 
 
@@ -411,18 +415,19 @@ def _make_fwd_backward(bwd_op):
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs[:9]
+    dropout = inputs[9:]  # the Triton op's (dropout_p, seed), as in _fwd_setup_context
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, *dropout[1:])
+    ctx.args = (max_q, max_k, causal, scale, *dropout[:1])
     ctx.mark_non_differentiable(lse)
 
 
 def _make_varlen_backward(bwd_op):
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, cu_q, cu_k, *seed = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, *seed)
+        return dq, dk, dv, *[None] * (len(ctx.args) + len(seed) + 2)
     return backward
 
 
@@ -617,12 +622,14 @@ def _torch_attention_with_lse(q, k, v, mask, causal, scale):
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                     causal=False, scale=None, backend=None) -> torch.Tensor:
+                     dropout_p=0.0, causal=False, scale=None, backend=None) -> torch.Tensor:
     """Attention over packed variable-length sequences: q is (total_q, heads, head_dim), k
     and v (total_k, kv_heads, head_dim[_v]); sequence i owns tokens cu_seqlens[i] to
     cu_seqlens[i + 1] (int32, batch + 1 entries, starting at 0). ``causal`` is aligned
     top-left within each sequence, as in scaled_dot_product_attention. kv_heads may divide
-    heads (grouped-query attention)."""
+    heads (grouped-query attention). ``dropout_p`` as in scaled_dot_product_attention (the
+    Triton kernels; sequence i's mask is that of batch entry i of attention_dropout_mask,
+    over its own positions)."""
     fn = "varlen_attention"
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = autocast_inputs(q, k, v)
@@ -642,20 +649,25 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                          f"{tuple(cu_seqlens_k.shape)} must both have batch + 1 entries")
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         raise ValueError(f"{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = _backend.pick("attention", q, backend, kernel_limits(q, v))
+    name = _backend.pick("attention", q, backend, kernel_limits(q, v, dropout_p))
     if name == "torch":
-        return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+        return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p)
     # Contents of cu_seqlens are not checked here: that would need a host sync. Offsets past
     # the tensors are the caller's contract, as in flash-attn's varlen API.
-    op = (torch.ops.tilesmith.varlen_attention_fwd_cuda if name == "cuda"
-          else torch.ops.tilesmith.varlen_attention_fwd_triton)
-    out, _ = op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                causal, scale)
+    sizes = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale)
+    if name == "cuda":
+        out, _ = torch.ops.tilesmith.varlen_attention_fwd_cuda(q, k, v, *sizes)
+    else:
+        seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
+        out, _ = torch.ops.tilesmith.varlen_attention_fwd_triton(q, k, v, *sizes,
+                                                                 float(dropout_p), seed)
     return out
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale):
+def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0):
     """Reference and fallback: one SDPA call per sequence (reads cu_seqlens on the host)."""
     group = q.shape[1] // k.shape[1]
     outs = []
@@ -664,7 +676,8 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale):
         qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
         ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
         vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
-        oi = _torch_sdpa(qi, ki, vi, is_causal=causal, scale=scale, enable_gqa=group > 1)
+        oi = _torch_sdpa(qi, ki, vi, dropout_p=dropout_p, is_causal=causal, scale=scale,
+                         enable_gqa=group > 1)
         outs.append(oi[0].transpose(0, 1))
     if not outs:
         return q.new_empty((0, q.shape[1], v.shape[2]))
