@@ -445,6 +445,42 @@ def test_dropout_mask_keeps_one_minus_p_and_varies_everywhere(dropout_p):
     assert not torch.equal(keep, other)
 
 
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) written from the paper's definition."""
+    mask32 = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p2 >> 32) ^ c1 ^ k0, p2 & mask32, (p0 >> 32) ^ c3 ^ k1, p0 & mask32)
+        k0, k1 = (k0 + 0x9E3779B9) & mask32, (k1 + 0xBB67AE85) & mask32
+    return c0, c1, c2, c3
+
+
+def test_dropout_mask_is_philox4x32_10():
+    """The documented mask: Philox4x32-10 keyed by the seed (low, high words), counter
+    (key // 4, row, batch * heads + head, 0), word key % 4, kept when >= p * 2**32."""
+    # Known-answer vectors of Random123's kat_vectors for philox4x32_10.
+    assert _philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C,
+                                                     0x9B00DBD8)
+    assert _philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+                          (0xA4093822, 0x299F31D0)) == (0xD16CFE09, 0x94FDCCEB, 0x5001E420,
+                                                        0x24126EA1)
+    seed_value, dropout_p = 0x0123456789ABCDEF, 0.4
+    batch, heads, seqlen_q, seqlen_k = 2, 2, 5, 11
+    keep = tilesmith.ops.attention_dropout_mask(
+        torch.tensor([seed_value], dtype=torch.int64, device=DEVICE), batch, heads, seqlen_q,
+        seqlen_k, dropout_p).cpu()
+    key = (seed_value & 0xFFFFFFFF, seed_value >> 32)
+    threshold = round(dropout_p * 2**32)
+    for b in range(batch):
+        for h in range(heads):
+            for row in range(seqlen_q):
+                for col in range(seqlen_k):
+                    word = _philox4x32_10((col // 4, row, b * heads + h, 0), key)[col % 4]
+                    assert keep[b, h, row, col].item() == (word >= threshold), (b, h, row, col)
+
+
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
 def test_dropout_follows_torch_manual_seed(backend):
     q, k, v = _sample("basic_b2h3s17", torch.bfloat16).args
