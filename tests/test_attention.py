@@ -385,12 +385,9 @@ def test_varlen_dropout_matches_float64_with_the_kernels_mask(backend, dtype, na
 
 
 def _tile_config_params():
-    from tilesmith.kernels import attention_bwd, attention_fwd
-
-    spaces = {"fwd": attention_fwd.FWD_CONFIGS, "dkdv": attention_bwd.DKDV_CONFIGS,
-              "dq": attention_bwd.DQ_CONFIGS}
     return [pytest.param(kind, widest, i, id=f"{kind}-d{widest}-{i}")
-            for kind, space in spaces.items() for widest, configs in space.items()
+            for kind in ("fwd", "dkdv", "dq")
+            for widest, configs in attention_ops._kernel_space(kind)[1].items()
             for i in range(len(configs))]
 
 
@@ -400,10 +397,7 @@ def test_every_tile_config_is_correct(kind, widest, index):
     only those autotuning picks), on sequences longer than its tiles and not multiples of
     them: causal GQA with dropout, then a float mask with its gradient and a head dim of v
     that differs. Under the interpreter this is also where BLOCK_M != BLOCK_N is tested."""
-    from tilesmith.kernels import attention_bwd, attention_fwd
-
-    config = {"fwd": attention_fwd.FWD_CONFIGS, "dkdv": attention_bwd.DKDV_CONFIGS,
-              "dq": attention_bwd.DQ_CONFIGS}[kind][widest][index]
+    config = attention_ops._kernel_space(kind)[1][widest][index]
     d = widest
     causal_gqa = dict(q=(1, 2, 137, d), k=(1, 1, 137, d), v=(1, 1, 137, d), causal=True)
     masked = dict(q=(1, 1, 139, d), k=(1, 1, 131, d), v=(1, 1, 131, d // 2),

@@ -66,6 +66,17 @@ def tile_config(**configs):
         _FORCED_TILES.update(previous)
 
 
+def _kernel_space(kind: str):
+    """(Triton kernel, its autotune configs by head-dim class) for "fwd", "dkdv" or "dq"."""
+    from tilesmith.kernels import attention_bwd, attention_fwd
+
+    return {
+        "fwd": (attention_fwd.attention_fwd_kernel, attention_fwd.FWD_CONFIGS),
+        "dkdv": (attention_bwd.attention_bwd_dkdv_kernel, attention_bwd.DKDV_CONFIGS),
+        "dq": (attention_bwd.attention_bwd_dq_kernel, attention_bwd.DQ_CONFIGS),
+    }[kind]
+
+
 @functools.cache
 def _tuned_kernel(kind: str, widest: int):
     """``kind``'s kernel autotuned over its configs for head dims up to ``widest``. The key
@@ -74,13 +85,7 @@ def _tuned_kernel(kind: str, widest: int):
     skipped)."""
     import triton
 
-    from tilesmith.kernels import attention_bwd, attention_fwd
-
-    kernel, configs = {
-        "fwd": (attention_fwd.attention_fwd_kernel, attention_fwd.FWD_CONFIGS),
-        "dkdv": (attention_bwd.attention_bwd_dkdv_kernel, attention_bwd.DKDV_CONFIGS),
-        "dq": (attention_bwd.attention_bwd_dq_kernel, attention_bwd.DQ_CONFIGS),
-    }[kind]
+    kernel, configs = _kernel_space(kind)
     configs = configs[widest]
     if os.environ.get("TILESMITH_TRITON_AUTOTUNE", "full") == "first":
         configs = configs[:1]
@@ -96,19 +101,17 @@ def _kernel_and_tiles(kind: str, head_dim: int, head_dim_v: int, longest: int):
     """The kernel to launch for ``kind`` and the launch kwargs that fix its tiles: those
     forced by tile_config, the interpreter's small ones, or (on a GPU) only the head-dim
     blocks, the autotuned kernel choosing BLOCK_M/BLOCK_N, warps and stages."""
-    from tilesmith.kernels import attention_bwd, attention_fwd
+    from tilesmith.kernels.attention_fwd import INTERPRETING
 
     block_d = max(16, triton_next_power_of_2(head_dim))
     block_dv = max(16, triton_next_power_of_2(head_dim_v))
     dims = dict(BLOCK_D=block_d, BLOCK_DV=block_dv)
-    plain = {"fwd": attention_fwd.attention_fwd_kernel,
-             "dkdv": attention_bwd.attention_bwd_dkdv_kernel,
-             "dq": attention_bwd.attention_bwd_dq_kernel}[kind]
+    plain = _kernel_space(kind)[0]
     forced = _FORCED_TILES.get(kind)
     if forced is not None:
         return plain, dict(dims, **forced.kwargs, num_warps=forced.num_warps,
                            num_stages=forced.num_stages)
-    if attention_fwd.INTERPRETING:
+    if INTERPRETING:
         # The interpreter's cost is per block operation: 16-row tiles test the edges of short
         # sequences, 64-row tiles keep a 1023-token test at seconds instead of a minute.
         block = 16 if longest <= 128 else 64
