@@ -7,8 +7,8 @@ and forward+backward, bf16.
 
 FLOPs: forward 4·B·H·S²·D (halved when causal), backward 2.5x forward. Peak memory is the
 extra memory one call allocates; the quadratic math backend is shown where it fits. Training
-with dropout: tilesmith's Triton kernels against SDPA's flash backend (the one of PyTorch's
-fused backends that takes dropout), forward+backward, dropout_p = 0.1.
+with dropout: tilesmith's cuda and Triton kernels against SDPA's flash backend (the one of
+PyTorch's fused backends that takes dropout), forward+backward, dropout_p = 0.1.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _dropout_row(rows, seqlen, head_dim, dtype, dropout_p=0.1):
         return torch.autograd.grad(out, (q, k, v), grad)
 
     timings = {}
-    for name in ("sdpa_flash", "triton"):
+    for name in ("sdpa_flash", "cuda", "triton"):
         try:
             step(name)
         except (RuntimeError, tilesmith.BackendUnavailableError) as exc:

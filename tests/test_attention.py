@@ -197,15 +197,10 @@ def test_opcheck(backend, name):
     if mask is not None:
         mask = attention_ops._prepare_mask(mask, q, k, "test")
     causal = sample.kwargs.get("is_causal", False)
-    if backend == "cuda":
-        torch.library.opcheck(torch.ops.tilesmith.attention_fwd_cuda,
-                              (q, k, v, mask, causal, 0.125))
-    else:
-        torch.library.opcheck(torch.ops.tilesmith.attention_fwd_triton,
-                              (q, k, v, mask, causal, 0.125, 0.0, None))
-        seed = attention_ops.draw_dropout_seed(q.device)
-        torch.library.opcheck(torch.ops.tilesmith.attention_fwd_triton,
-                              (q, k, v, mask, causal, 0.125, 0.25, seed))
+    op = getattr(torch.ops.tilesmith, f"attention_fwd_{backend}")
+    torch.library.opcheck(op, (q, k, v, mask, causal, 0.125, 0.0, None))
+    seed = attention_ops.draw_dropout_seed(q.device)
+    torch.library.opcheck(op, (q, k, v, mask, causal, 0.125, 0.25, seed))
 
 
 @requires_gpu
@@ -256,12 +251,6 @@ def test_dropout_runs_on_torch_and_is_applied():
     torch.manual_seed(0)
     dropped = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
     assert not torch.allclose(plain, dropped)
-
-
-def test_dropout_on_cuda_kernels_raises():
-    q, k, v = _sample("basic_b2h3s17", torch.bfloat16).args
-    with pytest.raises(tilesmith.BackendUnavailableError, match="dropout|no cuda kernel|CUDA"):
-        tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend="cuda")
 
 
 def _dropout_reference(q, k, v, mask, causal, scale, keep, dropout_p):
@@ -491,24 +480,25 @@ def test_dropout_follows_torch_manual_seed(backend):
     assert not torch.equal(first, plain)
 
 
-def test_dropout_op_checks_its_seed():
-    q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(ValueError, match="dropout_p > 0 needs seed"):
-        torch.ops.tilesmith.attention_fwd_triton(q, q, q, None, False, 1.0, 0.5, None)
-    with pytest.raises(ValueError, match="dropout_p > 0 needs seed.*int32"):
-        torch.ops.tilesmith.attention_fwd_triton(q, q, q, None, False, 1.0, 0.5,
-                                                 torch.zeros(1, dtype=torch.int32))
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+def test_dropout_op_checks_its_seed(backend):
+    q = torch.randn(1, 1, 4, 64, device=DEVICE).to(torch.bfloat16)
+    op = getattr(torch.ops.tilesmith, f"attention_fwd_{backend}")
+    error = ValueError if backend == "triton" else RuntimeError  # the C++ checks' type
+    with pytest.raises(error, match="dropout_p > 0 needs seed.*None"):
+        op(q, q, q, None, False, 1.0, 0.5, None)
+    with pytest.raises(error, match="dropout_p > 0 needs seed.*(int32|Int)"):
+        op(q, q, q, None, False, 1.0, 0.5, torch.zeros(1, dtype=torch.int32, device=DEVICE))
 
 
-def test_cuda_backend_names_what_its_kernels_do_not_take():
+def test_backends_name_what_their_kernels_do_not_take():
     q = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16)
     mask = torch.ones(4, 4, dtype=torch.bool)
     assert attention_ops.kernel_limits(q, q)["cuda"] is None
     assert attention_ops.kernel_limits(q, q, mask=mask)["cuda"] is None
     assert "64 or all 128" in attention_ops.kernel_limits(q[..., :40], q[..., :40])["cuda"]
     assert "64 or all 128" in attention_ops.kernel_limits(q, q[..., :32])["cuda"]
-    assert "dropout" in attention_ops.kernel_limits(q, q, 0.1)["cuda"]
-    assert attention_ops.kernel_limits(q, q, 0.1)["triton"] is None
+    assert attention_ops.kernel_limits(q, q, 0.1) == {"triton": None, "cuda": None}
     assert attention_ops.kernel_limits(q[..., :40], q[..., :40])["triton"] is None
     assert tilesmith.ops.attention_kernel_limits is attention_ops.kernel_limits
     # Named explicitly, a call the kernels cannot take raises with that reason; by default

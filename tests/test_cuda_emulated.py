@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tilesmith
+from tilesmith import testing
 from tilesmith.testing import assert_close_to_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,7 +294,8 @@ class AttentionParams(ctypes.Structure):
                 ("scale", ctypes.c_float),
                 ("mask", ctypes.c_void_p), ("mask_kind", ctypes.c_int),
                 ("mask_strides", MaskStrides), ("dmask", ctypes.c_void_p),
-                ("dmask_strides", MaskStrides),
+                ("dmask_strides", MaskStrides), ("dropout_seed", ctypes.c_void_p),
+                ("dropout_threshold", ctypes.c_uint32), ("dropout_scale", ctypes.c_float),
                 ("grad_out", ctypes.c_void_p), ("delta", ctypes.c_void_p),
                 ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
                 ("grad_out_strides", AttentionStrides), ("dq_strides", AttentionStrides),
@@ -326,7 +329,16 @@ def set_mask(p, mask):
         p.mask_strides = broadcast_strides(mask)
 
 
-def run_attention_fwd(q, k, v, causal, scale, mask=None):
+def set_dropout(p, dropout):
+    """dropout: None, or (seed, dropout_p) with seed a 1-element int64 tensor."""
+    if dropout is not None:
+        seed, dropout_p = dropout
+        p.dropout_seed = seed.data_ptr()
+        p.dropout_threshold = min(round(dropout_p * 2**32), 2**32 - 1)
+        p.dropout_scale = 1.0 / (1.0 - dropout_p)
+
+
+def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None):
     lib = emulated("attention")
     assert lib.attention_params_size() == ctypes.sizeof(AttentionParams)
     b, h, sq, d = q.shape
@@ -335,6 +347,7 @@ def run_attention_fwd(q, k, v, causal, scale, mask=None):
     p = attention_params(q, k, v, scale)
     p.out, p.out_strides, p.lse = out.data_ptr(), strides_of(out), lse.data_ptr()
     set_mask(p, mask)
+    set_dropout(p, dropout)
     ptrs, sizes, count = buffer_table([q, k, v])
     error = ctypes.create_string_buffer(512)
     status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], d, int(causal), 0,
@@ -345,16 +358,18 @@ def run_attention_fwd(q, k, v, causal, scale, mask=None):
     return out, lse
 
 
-def attention_reference(q, k, v, causal, scale, dtype=torch.float64, mask=None):
+def attention_reference(q, k, v, causal, scale, dtype=torch.float64, mask=None, keep=None,
+                        dropout_p=0.0):
     """(out, lse) of softmax(q k^T * scale [+ mask]) v with top-left causal masking, in
-    ``dtype``; a bool mask keeps its True positions."""
+    ``dtype``; a bool mask keeps its True positions; with ``keep`` (dropout), the
+    probabilities it drops are zeroed and the rest scaled by 1 / (1 - dropout_p)."""
     group = q.shape[1] // k.shape[1]
     q, k, v = (t.to(dtype) for t in (q, k, v))
     k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
     scores = (q @ k.transpose(-1, -2)) * scale
     if causal:
-        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        below = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~below, float("-inf"))
     if mask is not None:
         scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                   else scores + mask.to(dtype))
@@ -364,6 +379,8 @@ def attention_reference(q, k, v, causal, scale, dtype=torch.float64, mask=None):
     scores = torch.where(visible, scores, 0.0)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores - lse) * visible
+    if keep is not None:
+        probs = probs * keep / (1 - dropout_p)
     return probs @ v, torch.where(visible, lse, float("-inf"))[..., 0]
 
 
@@ -408,7 +425,8 @@ def test_attention_forward_kernel_no_keys():
     assert (out == 0).all() and (lse == float("-inf")).all()
 
 
-def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask=None, dmask=None):
+def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask=None, dmask=None,
+                      dropout=None):
     """The dK/dV and dQ kernels; delta = rowsum(dO * O) in fp32, as the op computes it.
     dmask: a zero fp32 tensor of the mask's shape to accumulate the additive mask's grad."""
     lib = emulated("attention")
@@ -421,6 +439,7 @@ def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask=None, dma
     p.dq, p.dk, p.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
     p.dq_strides, p.dk_strides, p.dv_strides = strides_of(dq), strides_of(dk), strides_of(dv)
     set_mask(p, mask)
+    set_dropout(p, dropout)
     if dmask is not None:
         p.dmask, p.dmask_strides = dmask.data_ptr(), broadcast_strides(dmask)
     ptrs, sizes, count = buffer_table([q, k, v, grad_out])
@@ -688,9 +707,12 @@ def packed_strides(t):
     return AttentionStrides(0, t.stride(1), t.stride(0))
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["", "dropout"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_attention_kernels_on_packed_varlen_batches(causal):
-    # Sequences of 37, 0, 70 and 5 queries over 50, 20, 66 and 5 keys; GQA 4:2; d=64.
+def test_attention_kernels_on_packed_varlen_batches(causal, dropout_p):
+    # Sequences of 37, 0, 70 and 5 queries over 50, 20, 66 and 5 keys; GQA 4:2; d=64. With
+    # dropout, sequence i drops what batch entry i of the dense mask drops, over its own
+    # (sequence-local) positions.
     dtype, d, heads, heads_kv = torch.bfloat16, 64, 4, 2
     lengths_q, lengths_k = [37, 0, 70, 5], [50, 20, 66, 5]
     cu_q = torch.tensor([0] + list(itertools.accumulate(lengths_q)), dtype=torch.int32)
@@ -710,6 +732,14 @@ def test_attention_kernels_on_packed_varlen_batches(causal):
                         heads_kv=heads_kv, seqlen_q=max(lengths_q), seqlen_k=max(lengths_k),
                         cu_seqlens_q=cu_q.data_ptr(), cu_seqlens_k=cu_k.data_ptr(),
                         scale_log2=scale * math.log2(math.e), scale=scale)
+    seed_value = 0x2545F4914F6CDD1D
+    seed = torch.tensor([seed_value], dtype=torch.int64)
+    keep = None
+    if dropout_p:
+        set_dropout(p, (seed, dropout_p))
+        keep = testing.attention_dropout_keep_reference(seed_value, len(lengths_q), heads,
+                                                        max(lengths_q), max(lengths_k),
+                                                        dropout_p)
     error = ctypes.create_string_buffer(512)
 
     def launch(backward):
@@ -740,7 +770,11 @@ def test_attention_kernels_on_packed_varlen_batches(causal):
             sq, sk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
             leaves = [t[rows].transpose(0, 1)[None].to(compute).requires_grad_(True)
                       for t, rows in zip(tensors, (sq, sk, sk))]
-            if compute == torch.float64:
+            if keep is not None:  # both precisions: SDPA cannot take a given dropout mask
+                o, _ = attention_reference(*leaves, causal, scale, compute,
+                                           keep=keep[i:i + 1, :, :lengths_q[i], :lengths_k[i]],
+                                           dropout_p=dropout_p)
+            elif compute == torch.float64:
                 o, _ = attention_reference(*leaves, causal, scale)
             else:
                 o = torch.nn.functional.scaled_dot_product_attention(
@@ -809,6 +843,59 @@ def test_attention_kernels_with_masks(case):
     for g, want, baseline, name in zip(got, ref_grads, base_grads, ("dq", "dk", "dv", "dmask")):
         assert torch.isfinite(g).all() and torch.isfinite(baseline).all(), name
         assert_close_to_reference(g, want, baseline, name=name)
+
+
+DROPOUT_CASES = {
+    # name: (batch, heads, kv heads, seq_q, seq_k, head dim, causal, float mask shape or None)
+    "d64_gqa_causal": (2, 4, 2, 70, 90, 64, True, None),
+    "d128_edges": (1, 2, 1, 65, 129, 128, False, None),
+    "d64_float_mask": (1, 2, 2, 40, 72, 64, False, (1, 2, 40, 72)),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+def test_attention_kernels_with_dropout(case):
+    """Forward and backward with dropout_p = 0.3 against float64 attention that drops what
+    the documented Philox mask drops (tilesmith.testing's reference implementation: the
+    same bits as the Triton kernels' ops.attention_dropout_mask), by the 2x rule."""
+    b, h, hk, sq, sk, d, causal, mask_shape = DROPOUT_CASES[case]
+    dtype, dropout_p, seed_value = torch.bfloat16, 0.3, 0x0123456789ABCDEF
+    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype)
+    mask = None if mask_shape is None else torch.randn(mask_shape).to(dtype)
+    seed = torch.tensor([seed_value], dtype=torch.int64)
+    keep = testing.attention_dropout_keep_reference(seed_value, b, h, sq, sk, dropout_p)
+    scale = d ** -0.5
+    out, lse = run_attention_fwd(q, k, v, causal, scale, mask, (seed, dropout_p))
+    grad_out = torch.randn(out.shape).to(dtype)
+    dmask = None if mask is None else torch.zeros(mask_shape, dtype=torch.float32)
+    grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask, dmask,
+                              (seed, dropout_p))
+
+    def reference(compute_dtype):
+        leaves = [t.to(compute_dtype).requires_grad_(True)
+                  for t in (q, k, v) + (() if mask is None else (mask,))]
+        o, lse = attention_reference(*leaves[:3], causal, scale, compute_dtype,
+                                     mask=leaves[3] if mask is not None else None, keep=keep,
+                                     dropout_p=dropout_p)
+        return o, lse, torch.autograd.grad(o, leaves, grad_out.to(compute_dtype))
+
+    ref, ref_lse, ref_grads = reference(torch.float64)
+    base, _, base_grads = reference(dtype)
+    assert_close_to_reference(out, ref, base)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)  # dropout-free
+    got = list(grads) + ([] if mask is None else [dmask.to(dtype)])
+    for g, want, baseline, name in zip(got, ref_grads, base_grads, ("dq", "dk", "dv", "dmask")):
+        assert torch.isfinite(g).all(), name
+        assert_close_to_reference(g, want, baseline, name=name)
+
+
+def test_attention_dropout_mask_reference_is_the_triton_kernels_mask():
+    """The mask the emulated test above checks the CUDA kernels against is the Triton
+    kernels' (which test_attention checks against Philox's known-answer vectors)."""
+    pytest.importorskip("triton")
+    seed_value, shape = 0x0123456789ABCDEF, (2, 3, 37, 45)
+    keep = tilesmith.ops.attention_dropout_mask(torch.tensor([seed_value]), *shape, 0.3)
+    assert torch.equal(keep, testing.attention_dropout_keep_reference(seed_value, *shape, 0.3))
 
 
 # --- depthwise conv2d: csrc/conv2d/depthwise.cuh --------------------------------------------

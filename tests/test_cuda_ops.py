@@ -32,6 +32,19 @@ def _attention_step():
     return step
 
 
+def _dropout_step():
+    q, k, v = (torch.randn(2, 4, 100, 128, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    # The op with a fixed seed tensor: graph replays must repeat the eager step's mask.
+    seed = torch.tensor([0x5EED], device="cuda")
+
+    def step():
+        out, _ = torch.ops.tilesmith.attention_fwd_cuda(q, k, v, None, True, 128 ** -0.5, 0.1,
+                                                        seed)
+        return torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    return step
+
+
 def _varlen_step():
     cu = torch.tensor([0, 37, 100], device="cuda", dtype=torch.int32)
     q, k, v = (torch.randn(100, 4, 128, device="cuda", dtype=torch.float16,
@@ -67,6 +80,7 @@ def _scaled_gemm_step():
 
 
 STEPS = {"attention": ("attention", torch.bfloat16, _attention_step),
+         "attention_dropout": ("attention", torch.bfloat16, _dropout_step),
          "varlen_attention": ("attention", torch.float16, _varlen_step),
          "conv2d": ("conv2d", torch.bfloat16, _conv2d_step),
          "scaled_gemm": ("fp8", torch.float8_e4m3fn, _scaled_gemm_step)}
@@ -119,19 +133,19 @@ def test_registered_cuda_ops_reject_bad_input():
     ops = torch.ops.tilesmith
     q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="all 64 or all 128"):
-        ops.attention_fwd_cuda(q[..., :40], q[..., :40], q[..., :40], None, False, 0.1)
+        ops.attention_fwd_cuda(q[..., :40], q[..., :40], q[..., :40], None, False, 0.1, 0.0, None)
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
         ops.attention_fwd_cuda(q, q[:, :1].expand(1, 3, 8, 64), q[:, :1].expand(1, 3, 8, 64),
-                               None, False, 0.1)
+                               None, False, 0.1, 0.0, None)
     with pytest.raises(RuntimeError, match="does not broadcast"):
         ops.attention_fwd_cuda(q, q, q, torch.ones(1, 1, 3, 8, device="cuda", dtype=torch.bool),
-                               False, 0.1)
+                               False, 0.1, 0.0, None)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        ops.attention_fwd_cuda(q.float(), q.float(), q.float(), None, False, 0.1)
+        ops.attention_fwd_cuda(q.float(), q.float(), q.float(), None, False, 0.1, 0.0, None)
     cu = torch.tensor([0, 8], device="cuda", dtype=torch.int64)
     with pytest.raises(RuntimeError, match="int32"):
         ops.varlen_attention_fwd_cuda(q[0].transpose(0, 1), q[0].transpose(0, 1),
-                                      q[0].transpose(0, 1), cu, cu, 8, 8, False, 0.1)
+                                      q[0].transpose(0, 1), cu, cu, 8, 8, False, 0.1, 0.0, None)
     x = torch.randn(1, 12, 8, 8, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="multiples of 8"):
         ops.conv2d_fwd_cuda(x, torch.randn(8, 12, 3, 3, device="cuda", dtype=torch.bfloat16),

@@ -48,6 +48,14 @@ struct AttentionParams {
   float* dmask = nullptr;
   MaskStrides dmask_strides{};
 
+  // Dropout of the probabilities (dropout_sm80.cuh): Philox keyed by *dropout_seed, an int64
+  // on the device (drawn per call from torch's generator without a host sync); a
+  // probability is kept when its 32-bit word is >= dropout_threshold, and the kept ones are
+  // scaled by dropout_scale = 1 / (1 - dropout_p). nullptr: no dropout.
+  const int64_t* dropout_seed = nullptr;
+  uint32_t dropout_threshold = 0;
+  float dropout_scale = 1.0f;
+
   // Backward only. delta = rowsum(grad_out * out), laid out like lse.
   const void* grad_out = nullptr;
   const float* delta = nullptr;

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "../common/check.h"
@@ -174,10 +175,34 @@ void set_mask(AttentionParams& p, const std::optional<at::Tensor>& mask, const a
   p.mask_strides = broadcast_strides(m);
 }
 
+// The call's dropout (dropout_sm80.cuh): seed is ops/attention.py's draw_dropout_seed, a
+// 1-element int64 tensor on the device that the kernels read themselves.
+struct Dropout {
+  double p;
+  const std::optional<at::Tensor>& seed;
+
+  void apply(AttentionParams& params, const at::Tensor& q) const {
+    TORCH_CHECK(p >= 0.0 && p < 1.0, "attention: dropout_p must be in [0, 1), got ", p);
+    if (p == 0.0) return;
+    TORCH_CHECK(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() == 1 &&
+                    seed->device() == q.device(),
+                "attention: dropout_p > 0 needs seed: a 1-element int64 tensor on ", q.device(),
+                ", got ",
+                seed.has_value()
+                    ? c10::str(seed->scalar_type(), " ", seed->sizes(), " on ", seed->device())
+                    : std::string("None"));
+    params.dropout_seed = seed->data_ptr<int64_t>();
+    // round(p * 2^32), half to even as Python's round (ops/attention.py's _dropout_args).
+    params.dropout_threshold =
+        static_cast<uint32_t>(std::min(std::nearbyint(p * 4294967296.0), 4294967295.0));
+    params.dropout_scale = static_cast<float>(1.0 / (1.0 - p));
+  }
+};
+
 // out (and lse) must be allocated by the caller in the layout it returns.
 void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
              const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
-             bool causal, double scale, const Packing* packing) {
+             bool causal, double scale, const Dropout& dropout, const Packing* packing) {
   check_inputs(q_in, k_in, v_in);
   const at::Tensor q = vector_readable(q_in), k = vector_readable(k_in), v = vector_readable(v_in);
   AttentionParams p = make_params(q, k, v, scale);
@@ -189,6 +214,7 @@ void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v
   p.out_strides = strides_of(out);
   p.lse = lse.data_ptr<float>();
   set_mask(p, mask, q, k);
+  dropout.apply(p, q);
   if (packing != nullptr) packing->apply(p);
   launch(pick_runner(q.scalar_type(), q.size(3), false), p, causal, q);
 }
@@ -198,7 +224,8 @@ void backward(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::T
               const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
               const at::Tensor& out, const at::Tensor& lse, const at::Tensor& delta,
               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-              const at::Tensor* dmask, bool causal, double scale, const Packing* packing) {
+              const at::Tensor* dmask, bool causal, double scale, const Dropout& dropout,
+              const Packing* packing) {
   check_inputs(q_in, k_in, v_in);
   check_operand(grad_out_in, "grad_out", q_in);
   check_operand(out, "out", q_in);
@@ -233,6 +260,7 @@ void backward(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::T
     p.dmask = dmask->data_ptr<float>();
     p.dmask_strides = broadcast_strides(*dmask);
   }
+  dropout.apply(p, q);
   if (packing != nullptr) packing->apply(p);
   launch(pick_runner(q.scalar_type(), q.size(3), true), p, causal, q);
 }
@@ -247,19 +275,21 @@ at::Tensor row_delta(const at::Tensor& grad_out, const at::Tensor& out) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
                                                       const std::optional<at::Tensor>& mask,
-                                                      bool causal, double scale) {
+                                                      bool causal, double scale, double dropout_p,
+                                                      const std::optional<at::Tensor>& seed) {
   c10::cuda::CUDAGuard guard(q.device());
   check_operand(q, "query", q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  forward(q, k, v, mask, out, lse, causal, scale, nullptr);
+  forward(q, k, v, mask, out, lse, causal, scale, Dropout{dropout_p, seed}, nullptr);
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
-    bool causal, double scale, bool mask_grad) {
+    bool causal, double scale, bool mask_grad, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   c10::cuda::CUDAGuard guard(q.device());
   check_inputs(q, k, v);
   TORCH_CHECK(!mask_grad || (mask.has_value() && mask->is_floating_point()),
@@ -272,14 +302,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dmask = mask_grad ? at::zeros(mask->sizes(), q.options().dtype(at::kFloat))
                                : at::empty({0}, q.options().dtype(at::kFloat));
   backward(grad_out, q, k, v, mask, out, lse, row_delta(grad_out, out).contiguous(), dq, dk, dv,
-           mask_grad ? &dmask : nullptr, causal, scale, nullptr);
+           mask_grad ? &dmask : nullptr, causal, scale, Dropout{dropout_p, seed}, nullptr);
   return {dq, dk, dv, dmask};
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, bool causal, double scale) {
+    int64_t max_seqlen_k, bool causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   c10::cuda::CUDAGuard guard(q.device());
   const Packing packing{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   const at::Tensor q4 = as_dense(q, "q");
@@ -288,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
   at::Tensor out = at::empty({q.size(0), q.size(1), v.size(-1)}, q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   forward(q4, as_dense(k, "k"), as_dense(v, "v"), std::nullopt, as_dense(out, "out"), lse,
-          causal, scale, &packing);
+          causal, scale, Dropout{dropout_p, seed}, &packing);
   return {out, lse};
 }
 
@@ -296,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   c10::cuda::CUDAGuard guard(q.device());
   const Packing packing{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   const at::Tensor q4 = as_dense(q, "q"), k4 = as_dense(k, "k"), v4 = as_dense(v, "v");
@@ -308,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   const at::Tensor delta = row_delta(grad_out, out).t().contiguous();  // (heads, tokens)
   backward(as_dense(grad_out, "grad_out"), q4, k4, v4, std::nullopt, as_dense(out, "out"), lse,
            delta, as_dense(dq, "dq"), as_dense(dk, "dk"), as_dense(dv, "dv"), nullptr, causal,
-           scale, &packing);
+           scale, Dropout{dropout_p, seed}, &packing);
   return {dq, dk, dv};
 }
 

@@ -12,17 +12,21 @@ namespace tilesmith {
 // Causal masking is aligned top-left. mask: a (batch, heads, seq_q, seq_k) view whose
 // dimensions are 1 or full, bool (True keeps) or additive in q's dtype. Returns (out, lse),
 // lse float32 (batch, heads, seq_q), -inf for a row that sees no key (its output is 0).
+// dropout_p > 0 drops probabilities with the Philox mask of `seed` (a 1-element int64 CUDA
+// tensor; the same seed in the backward regenerates the mask), as the Triton kernels do.
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
                                                       const std::optional<at::Tensor>& mask,
-                                                      bool causal, double scale);
+                                                      bool causal, double scale, double dropout_p,
+                                                      const std::optional<at::Tensor>& seed);
 
 // (dq, dk, dv, dmask) from the forward's inputs, output and lse; dmask (fp32, the mask's
 // shape) only with mask_grad, else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
-    bool causal, double scale, bool mask_grad);
+    bool causal, double scale, bool mask_grad, double dropout_p,
+    const std::optional<at::Tensor>& seed);
 
 // The same on packed (tokens, heads, head_dim) tensors, sequence b owning tokens
 // cu_seqlens[b] .. cu_seqlens[b + 1] (int32, on the device; max_seqlen_* at least the longest).
@@ -30,12 +34,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, bool causal, double scale);
+    int64_t max_seqlen_k, bool causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale);
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed);
 
 }  // namespace tilesmith

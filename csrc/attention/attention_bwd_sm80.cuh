@@ -48,7 +48,7 @@ __device__ __forceinline__ bool row_statistics(const float* lse, const float* de
   return true;
 }
 
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
   constexpr int kBlockQ = kDkdvBlockM<kHeadDim>;
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
@@ -101,6 +101,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   const int64_t keys[2] = {key0 + warp_key0 + lane / 4, key0 + warp_key0 + lane / 4 + 8};
   float acc_dk[kDimTiles][4] = {};
   float acc_dv[kDimTiles][4] = {};
+  DropoutMask dropout{};
+  if constexpr (kDropout) dropout = DropoutMask::of(p);
 
   for (int step = 0; step < steps; ++step) {
     cp_async_wait<0>();
@@ -113,6 +115,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     const int64_t stats = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
     const float* lse = p.lse + stats;
     const float* delta = p.delta + stats;
+
+    // The dropout mask of this step's entries, bit 4 * ni + (half * 2 + e) for [ni][half *
+    // 2 + e], drawn before the accumulators below are live (fewer registers at once).
+    uint32_t kept = 0;
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int ni = 0; ni < kQueryTiles; ++ni) {
+        kept |= dropout.keep_bits_keys(keys, q0 + ni * 8 + quad_col, b * p.heads + h, lane)
+                << (4 * ni);
+      }
+    }
 
     // S^T = K Q^T (this warp's 16 keys x kBlockQ queries) and dP^T = V dO^T.
     float pt[kQueryTiles][4] = {};
@@ -135,7 +148,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     }
 
     // P^T from the saved statistics, and dS^T = P^T (dP^T - delta). Entries of queries past
-    // the end, or (causal) of keys after their query, are 0.
+    // the end, or (causal) of keys after their query, are 0. With dropout (keep z, r =
+    // 1 / (1 - dropout_p), bit 4 * ni + i of kept), dV takes z r P^T and dS^T =
+    // P^T (z r dP^T - delta).
 #pragma unroll
     for (int ni = 0; ni < kQueryTiles; ++ni) {
 #pragma unroll
@@ -153,8 +168,14 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
             score += mask_log2<T>(p, b, h, query, keys[half]);
           }
           const float prob = visible ? exp2f(score - lse_log2) : 0.0f;
-          pt[ni][i] = prob;
-          dpt[ni][i] = prob * (dpt[ni][i] - row_delta);
+          if constexpr (kDropout) {
+            const bool keep = (kept >> (4 * ni + i)) & 1;
+            pt[ni][i] = keep ? prob * p.dropout_scale : 0.0f;
+            dpt[ni][i] = prob * ((keep ? dpt[ni][i] * p.dropout_scale : 0.0f) - row_delta);
+          } else {
+            pt[ni][i] = prob;
+            dpt[ni][i] = prob * (dpt[ni][i] - row_delta);
+          }
         }
       }
     }
@@ -197,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   }
 }
 
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
@@ -249,6 +270,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
                                 row_delta[half]);
   }
   float acc_dq[kDimTiles][4] = {};
+  DropoutMask dropout{};
+  if constexpr (kDropout) dropout = DropoutMask::of(p);
 
   for (int j = 0; j < key_blocks; ++j) {
     cp_async_wait<0>();
@@ -257,6 +280,18 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
     cp_async_commit();
     const T* sk = smem_k + (j % 2) * TileKV::kElements;
     const T* sv = smem_v + (j % 2) * TileKV::kElements;
+
+    // The dropout mask of this block, bit 4 * ni + (half * 2 + e) for [ni][half * 2 + e],
+    // drawn before the accumulators below are live (fewer registers at once).
+    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+    uint32_t kept = 0;
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int ni = 0; ni < kKeyTiles; ++ni) {
+        kept |= dropout.keep_bits_rows(rows, key0 + ni * 8 + quad_col, b * p.heads + h, lane)
+                << (4 * ni);
+      }
+    }
 
     // S = Q K^T and dP = dO V^T (this warp's 16 rows x 64 keys).
     float s[kKeyTiles][4] = {};
@@ -278,8 +313,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
       }
     }
 
-    // dS = P (dP - delta), P recomputed from the saved statistics.
-    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+    // dS = P (dP - delta), P recomputed from the saved statistics; with dropout
+    // dS = P (z r dP - delta).
 #pragma unroll
     for (int ni = 0; ni < kKeyTiles; ++ni) {
 #pragma unroll
@@ -295,7 +330,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
             score += mask_log2<T>(p, b, h, rows[half], key);
           }
           const float prob = visible ? exp2f(score - lse_log2[half]) : 0.0f;
-          dp[ni][i] = prob * (dp[ni][i] - row_delta[half]);
+          float dprob = dp[ni][i];
+          if constexpr (kDropout) {
+            dprob = (kept >> (4 * ni + i)) & 1 ? dprob * p.dropout_scale : 0.0f;
+          }
+          dp[ni][i] = prob * (dprob - row_delta[half]);
           // dS is the gradient of the (natural-log) score, to which the mask was added: the
           // additive mask's gradient, summed over the dimensions it broadcasts.
           if (p.dmask != nullptr && visible) {
@@ -337,12 +376,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
   constexpr int kDkdvSmem = dkdv_smem_bytes<T, kHeadDim>();
   constexpr int kDqSmem = dq_smem_bytes<T, kHeadDim>();
-  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kCausal>;
-  auto dq = attention_bwd_dq_kernel<T, kHeadDim, kCausal>;
+  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout>;
+  auto dq = attention_bwd_dq_kernel<T, kHeadDim, kCausal, kDropout>;
   cudaError_t err =
       cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, kDkdvSmem);
   if (err != cudaSuccess) return err;
@@ -368,15 +407,23 @@ cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
 template <typename T, int kHeadDim>
 cudaError_t run_fwd(const AttentionParams& p, bool causal, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
-  return causal ? launch_fwd<T, kHeadDim, true>(p, stream)
-                : launch_fwd<T, kHeadDim, false>(p, stream);
+  if (p.dropout_seed != nullptr) {
+    return causal ? launch_fwd<T, kHeadDim, true, true>(p, stream)
+                  : launch_fwd<T, kHeadDim, false, true>(p, stream);
+  }
+  return causal ? launch_fwd<T, kHeadDim, true, false>(p, stream)
+                : launch_fwd<T, kHeadDim, false, false>(p, stream);
 }
 
 template <typename T, int kHeadDim>
 cudaError_t run_bwd(const AttentionParams& p, bool causal, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0) return cudaSuccess;
-  return causal ? launch_bwd<T, kHeadDim, true>(p, stream)
-                : launch_bwd<T, kHeadDim, false>(p, stream);
+  if (p.dropout_seed != nullptr) {
+    return causal ? launch_bwd<T, kHeadDim, true, true>(p, stream)
+                  : launch_bwd<T, kHeadDim, false, true>(p, stream);
+  }
+  return causal ? launch_bwd<T, kHeadDim, true, false>(p, stream)
+                : launch_bwd<T, kHeadDim, false, false>(p, stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

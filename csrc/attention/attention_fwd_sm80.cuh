@@ -13,6 +13,7 @@
 #include "../common/mma_sm80.cuh"
 #include "../common/tiles_sm80.cuh"
 #include "attention.h"
+#include "dropout_sm80.cuh"
 
 namespace tilesmith {
 namespace attention_sm80 {
@@ -85,7 +86,7 @@ __device__ __forceinline__ int64_t query_block(bool causal) {
   return static_cast<int64_t>(x) * kBlockM;
 }
 
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
@@ -131,6 +132,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   float acc_o[kDimTiles][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; summed over the quad at the end
+  DropoutMask dropout{};
+  if constexpr (kDropout) dropout = DropoutMask::of(p);
 
   for (int j = 0; j < key_blocks; ++j) {
     cp_async_wait<0>();  // K_j, V_j (and at j = 0, Q) have landed for this thread
@@ -145,6 +148,19 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     cp_async_commit();
     const T* sk = smem_k + (j % 2) * TileKV::kElements;
     const T* sv = smem_v + (j % 2) * TileKV::kElements;
+
+    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+    // Dropout: bit 4 * ni + (half * 2 + e) of `kept` for entry [ni][half * 2 + e], drawn
+    // before S is live (fewer registers at once). Dropped probabilities still count in the
+    // normaliser; they only leave the product with V.
+    uint32_t kept = 0;
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int ni = 0; ni < kKeyTiles; ++ni) {
+        kept |= dropout.keep_bits_rows(rows, key0 + ni * 8 + quad_col, b * p.heads + h, lane)
+                << (4 * ni);
+      }
+    }
 
     // S = Q K^T. K's [key][dim] tile is B = K^T in the column-major form mma wants as is.
     float s[kKeyTiles][4] = {};
@@ -161,7 +177,6 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 
     // Online softmax, one row (half) at a time. Without a mask tensor only blocks that reach
     // past the last key or the diagonal need masking; the test is uniform across the warp.
-    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
     const bool needs_mask = key0 + kBlockN > seqlen_k || p.mask_kind != MaskKind::kNone ||
                             (kCausal && key0 + kBlockN - 1 > row0 + warp_row0);
 #pragma unroll
@@ -196,8 +211,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float prob = exp2f(s[ni][half * 2 + e] - base);
-          s[ni][half * 2 + e] = prob;
           sum += prob;
+          const bool dropped = kDropout && !((kept >> (4 * ni + half * 2 + e)) & 1);
+          s[ni][half * 2 + e] = dropped ? 0.0f : prob;
         }
       }
       row_sum[half] = row_sum[half] * rescale + sum;
@@ -225,15 +241,15 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
-  // O / l, and lse = (max + log2 l) ln 2. A row with no visible key (l = 0) gives zeros and
-  // lse = -inf, as PyTorch does.
+  // O / l (times 1 / (1 - dropout_p) with dropout), and lse = (max + log2 l) ln 2. A row
+  // with no visible key (l = 0) gives zeros and lse = -inf, as PyTorch does.
   T* out = row_pointer<T>(p.out, p.out_strides, b, h, seq.q_start);
   float* lse = p.lse + seq.stats;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float total = quad_sum(row_sum[half]);
     if (rows[half] >= seqlen_q) continue;
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    const float inv = total > 0.0f ? (kDropout ? p.dropout_scale : 1.0f) / total : 0.0f;
     T* out_row = out + rows[half] * p.out_strides.seq + quad_col;
 #pragma unroll
     for (int di = 0; di < kDimTiles; ++di) {
@@ -247,10 +263,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
   constexpr int kSmemBytes = fwd_smem_bytes<T, kHeadDim>();
-  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal>;
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal, kDropout>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;

@@ -451,3 +451,37 @@ def scaled_gemm_reference(a, b, scale_a, scale_b, bias=None):
     b64 = dequantize_fp8(b, scale_b, (128, 128)) if blocked else dequantize_fp8(b, scale_b)
     out = a64 @ b64
     return out + bias.double() if bias is not None else out
+
+
+_WORD = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) in plain PyTorch: ``counter`` four int64 tensors
+    (or ints) of 32-bit values, ``key`` two ints; returns the four output words as int64
+    tensors. (int64 products wrap modulo 2**64, which keeps both 32-bit halves exact.)"""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
+    k0, k1 = key
+    for _ in range(10):
+        a_c0, b_c2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (((b_c2 >> 32) & _WORD) ^ c1 ^ k0, b_c2 & _WORD,
+                          ((a_c0 >> 32) & _WORD) ^ c3 ^ k1, a_c0 & _WORD)
+        k0, k1 = (k0 + 0x9E3779B9) & _WORD, (k1 + 0xBB67AE85) & _WORD
+    return c0, c1, c2, c3
+
+
+def attention_dropout_keep_reference(seed: int, batch: int, heads: int, seqlen_q: int,
+                                     seqlen_k: int, dropout_p: float) -> torch.Tensor:
+    """The attention kernels' documented dropout mask, (batch, heads, seqlen_q, seqlen_k)
+    bool on the CPU, from its definition: probability (row, key) of stream b * heads + h
+    is kept when word key % 4 of Philox4x32-10 keyed (seed low, seed high) at counter
+    (key // 4, row, stream, 0) is >= round(dropout_p * 2**32)."""
+    stream = torch.arange(batch * heads).view(batch, heads, 1, 1)
+    row = torch.arange(seqlen_q).view(1, 1, seqlen_q, 1)
+    key = torch.arange(seqlen_k).view(1, 1, 1, seqlen_k)
+    shape = (batch, heads, seqlen_q, seqlen_k)
+    words = philox4x32_10((key.div(4, rounding_mode="floor").expand(shape), row.expand(shape),
+                           stream.expand(shape), torch.zeros(shape, dtype=torch.int64)),
+                          (seed & _WORD, (seed >> 32) & _WORD))
+    word = torch.stack(words, -1).gather(-1, (key % 4).expand(shape)[..., None])[..., 0]
+    return word >= min(round(dropout_p * 2**32), 2**32 - 1)

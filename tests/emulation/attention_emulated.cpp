@@ -13,18 +13,18 @@ namespace {
 using tilesmith::AttentionParams;
 namespace at80 = tilesmith::attention_sm80;
 
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   const dim3 grid(static_cast<unsigned>((p.seqlen_q + at80::kBlockM - 1) / at80::kBlockM),
                   static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
   return tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::fwd_smem_bytes<T, kHeadDim>(),
                                at80::shared_bytes, std::move(buffers), [&p] {
-                                 at80::attention_fwd_kernel<T, kHeadDim, kCausal>(p);
+                                 at80::attention_fwd_kernel<T, kHeadDim, kCausal, kDropout>(p);
                                });
 }
 
 // The two backward kernels, in the order the launcher runs them.
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   std::string error;
   if (p.seqlen_k > 0) {
@@ -32,7 +32,7 @@ std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer
                     static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
     error = tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::dkdv_smem_bytes<T, kHeadDim>(),
                                   at80::shared_bytes, buffers, [&p] {
-                                    at80::attention_bwd_dkdv_kernel<T, kHeadDim, kCausal>(p);
+                                    at80::attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout>(p);
                                   });
   }
   if (error.empty() && p.seqlen_q > 0) {
@@ -40,21 +40,30 @@ std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer
                     static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
     error = tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::dq_smem_bytes<T, kHeadDim>(),
                                   at80::shared_bytes, buffers, [&p] {
-                                    at80::attention_bwd_dq_kernel<T, kHeadDim, kCausal>(p);
+                                    at80::attention_bwd_dq_kernel<T, kHeadDim, kCausal, kDropout>(p);
                                   });
   }
   return error;
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDropout>
 std::string dispatch(const AttentionParams& p, bool causal, bool is_backward,
                      std::vector<tilesmith_emu::Buffer> buffers) {
   if (is_backward) {
-    return causal ? backward<T, kHeadDim, true>(p, std::move(buffers))
-                  : backward<T, kHeadDim, false>(p, std::move(buffers));
+    return causal ? backward<T, kHeadDim, true, kDropout>(p, std::move(buffers))
+                  : backward<T, kHeadDim, false, kDropout>(p, std::move(buffers));
   }
-  return causal ? forward<T, kHeadDim, true>(p, std::move(buffers))
-                : forward<T, kHeadDim, false>(p, std::move(buffers));
+  return causal ? forward<T, kHeadDim, true, kDropout>(p, std::move(buffers))
+                : forward<T, kHeadDim, false, kDropout>(p, std::move(buffers));
+}
+
+// As run_fwd / run_bwd choose: the dropout instantiation when there is a seed.
+template <typename T, int kHeadDim>
+std::string dispatch(const AttentionParams& p, bool causal, bool is_backward,
+                     std::vector<tilesmith_emu::Buffer> buffers) {
+  return p.dropout_seed != nullptr
+             ? dispatch<T, kHeadDim, true>(p, causal, is_backward, std::move(buffers))
+             : dispatch<T, kHeadDim, false>(p, causal, is_backward, std::move(buffers));
 }
 
 }  // namespace

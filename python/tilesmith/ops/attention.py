@@ -24,18 +24,20 @@ from torch.library import triton_op
 from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast,
                        wrap_triton)
 
+# Both backends' ops end in (dropout_p, seed): seed is the Philox seed of the call, a
+# 1-element int64 tensor on q's device (draw_dropout_seed), None when dropout_p is 0.
 LIBRARY.define("attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, "
-               "float scale) -> (Tensor, Tensor)")
+               "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
 LIBRARY.define("attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, "
-               "Tensor out, Tensor lse, bool causal, float scale, bool mask_grad) "
-               "-> (Tensor, Tensor, Tensor, Tensor)")
+               "Tensor out, Tensor lse, bool causal, float scale, bool mask_grad, "
+               "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)")
 LIBRARY.define("varlen_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
                "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
-               "float scale) -> (Tensor, Tensor)")
+               "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
 LIBRARY.define("varlen_attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
                "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-               "int max_seqlen_q, int max_seqlen_k, bool causal, float scale) "
-               "-> (Tensor, Tensor, Tensor)")
+               "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
+               "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)")
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schemas)
 
@@ -192,8 +194,9 @@ def draw_dropout_seed(device) -> torch.Tensor:
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
                       seqlen_k: int, dropout_p: float) -> torch.Tensor:
     """The (batch, heads, seqlen_q, seqlen_k) boolean mask of the probabilities that the
-    Triton attention kernels keep for this ``seed`` (see draw_dropout_seed) and
-    ``dropout_p``: for tests and debugging (it is as large as the score matrix)."""
+    attention kernels (Triton and cuda) keep for this ``seed`` (see draw_dropout_seed) and
+    ``dropout_p``: for tests and debugging (it is as large as the score matrix). Written by
+    a Triton kernel."""
     import triton
 
     from tilesmith.kernels.attention_fwd import dropout_mask_kernel
@@ -313,8 +316,6 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
 
 # ---- registered ops -----------------------------------------------------------------------
 
-# The Triton pair also takes dropout: dropout_p and the Philox seed (a 1-element int64
-# tensor, draw_dropout_seed; None when dropout_p is 0).
 @triton_op("tilesmith::attention_fwd_triton", mutates_args=())
 def _attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor | None, causal: bool, scale: float,
@@ -373,64 +374,62 @@ def _varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: tor
 
 
 @torch.library.register_fake("tilesmith::attention_fwd_cuda")
-def _attention_fwd_cuda_fake(q, k, v, mask, causal, scale):
+def _attention_fwd_cuda_fake(q, k, v, mask, causal, scale, dropout_p, seed):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("tilesmith::attention_bwd_cuda")
-def _attention_bwd_cuda_fake(grad_out, q, k, v, mask, out, lse, causal, scale, mask_grad):
+def _attention_bwd_cuda_fake(grad_out, q, k, v, mask, out, lse, causal, scale, mask_grad,
+                             dropout_p, seed):
     dmask = q.new_empty(mask.shape if mask_grad else (0,), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 @torch.library.register_fake("tilesmith::varlen_attention_fwd_cuda")
-def _varlen_attention_fwd_cuda_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def _varlen_attention_fwd_cuda_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
+                                    seed):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("tilesmith::varlen_attention_bwd_cuda")
 def _varlen_attention_bwd_cuda_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-                                    causal, scale):
+                                    causal, scale, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale = inputs[:6]
-    # The Triton op's two extra inputs, (dropout_p, seed), go to its backward op as they came.
-    dropout = inputs[6:]
+    q, k, v, mask, causal, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, *dropout[1:])
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout[:1]
+    # The seed goes to the backward as it came: its kernels regenerate the forward's mask.
+    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
     ctx.mark_non_differentiable(lse)
 
 
 def _make_fwd_backward(bwd_op):
     def backward(ctx, grad_out, _grad_lse):
         # The log-sum-exp is returned for inspection; it carries no gradient (documented).
-        q, k, v, mask, out, lse, *seed = ctx.saved_tensors
-        dropout = (*ctx.dropout_p, *seed)
+        q, k, v, mask, out, lse, seed = ctx.saved_tensors
         mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
         dq, dk, dv, dmask = bwd_op(grad_out, q, k, v, mask, out, lse, ctx.causal, ctx.scale,
-                                   mask_grad, *dropout)
-        return (dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None,
-                *[None] * len(dropout))
+                                   mask_grad, ctx.dropout_p, seed)
+        return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None, None, None
     return backward
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs[:9]
-    dropout = inputs[9:]  # the Triton op's (dropout_p, seed), as in _fwd_setup_context
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, *dropout[1:])
-    ctx.args = (max_q, max_k, causal, scale, *dropout[:1])
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.args = (max_q, max_k, causal, scale, dropout_p)
     ctx.mark_non_differentiable(lse)
 
 
 def _make_varlen_backward(bwd_op):
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, cu_q, cu_k, *seed = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, *seed)
-        return dq, dk, dv, *[None] * (len(ctx.args) + len(seed) + 2)
+        q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, seed)
+        return dq, dk, dv, *[None] * 8
     return backward
 
 
@@ -514,15 +513,14 @@ CUDA_HEAD_DIMS = (64, 128)
 
 
 def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
-    """Why each of tilesmith's attention backends cannot run this call (None: it can)."""
+    """Why each of tilesmith's attention backends cannot run this call (None: it can).
+    Only the head dims limit them today: both take every mask and every dropout_p (the
+    arguments are part of the call's description all the same)."""
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
         return {"triton": why, "cuda": why}
     cuda = None
-    if dropout_p > 0:
-        cuda = ("dropout_p > 0 is not implemented in the cuda attention kernels (the triton "
-                "ones have it; the default backend picks one that can)")
-    elif q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+    if q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
         cuda = (f"the cuda attention kernels need query, key and value head dims all 64 or "
                 f"all 128, got {q.shape[-1]} and {v.shape[-1]}")
     return {"triton": None, "cuda": cuda}
@@ -552,11 +550,10 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.0):
     """(out, lse) from tilesmith's backend ``name``."""
-    if name == "cuda":
-        return torch.ops.tilesmith.attention_fwd_cuda(query, key, value, mask, causal, scale)
+    op = (torch.ops.tilesmith.attention_fwd_cuda if name == "cuda"
+          else torch.ops.tilesmith.attention_fwd_triton)
     seed = draw_dropout_seed(query.device) if dropout_p > 0 else None
-    return torch.ops.tilesmith.attention_fwd_triton(query, key, value, mask, causal, scale,
-                                                    float(dropout_p), seed)
+    return op(query, key, value, mask, causal, scale, float(dropout_p), seed)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -568,9 +565,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (as PyTorch); a boolean ``attn_mask`` keeps the True positions, a float one is added to
     the scores and receives a gradient when it requires one; ``enable_gqa`` for grouped- and
     multi-query attention; a fully masked query row gives zeros. ``dropout_p > 0`` drops
-    probabilities in the Triton kernels (Philox, seeded from torch's generator; the backward
-    regenerates the same mask); the cuda kernels have no dropout, so such calls go to another
-    backend by default and raise when cuda is named."""
+    probabilities inside the kernels, cuda and Triton alike (Philox, seeded from torch's
+    generator; the backward regenerates the same mask, attention_dropout_mask writes it
+    out); the torch backend calls PyTorch's SDPA with dropout_p, PyTorch's own mask."""
     fn = "scaled_dot_product_attention"
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
@@ -630,9 +627,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     and v (total_k, kv_heads, head_dim[_v]); sequence i owns tokens cu_seqlens[i] to
     cu_seqlens[i + 1] (int32, batch + 1 entries, starting at 0). ``causal`` is aligned
     top-left within each sequence, as in scaled_dot_product_attention. kv_heads may divide
-    heads (grouped-query attention). ``dropout_p`` as in scaled_dot_product_attention (the
-    Triton kernels; sequence i's mask is that of batch entry i of attention_dropout_mask,
-    over its own positions)."""
+    heads (grouped-query attention). ``dropout_p`` as in scaled_dot_product_attention
+    (sequence i's mask is that of batch entry i of attention_dropout_mask, over its own
+    positions)."""
     fn = "varlen_attention"
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = autocast_inputs(q, k, v)
@@ -660,13 +657,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p)
     # Contents of cu_seqlens are not checked here: that would need a host sync. Offsets past
     # the tensors are the caller's contract, as in flash-attn's varlen API.
-    sizes = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale)
-    if name == "cuda":
-        out, _ = torch.ops.tilesmith.varlen_attention_fwd_cuda(q, k, v, *sizes)
-    else:
-        seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
-        out, _ = torch.ops.tilesmith.varlen_attention_fwd_triton(q, k, v, *sizes,
-                                                                 float(dropout_p), seed)
+    op = (torch.ops.tilesmith.varlen_attention_fwd_cuda if name == "cuda"
+          else torch.ops.tilesmith.varlen_attention_fwd_triton)
+    seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
+    out, _ = op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                causal, scale, float(dropout_p), seed)
     return out
 
 
