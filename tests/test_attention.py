@@ -496,15 +496,18 @@ def test_backends_name_what_their_kernels_do_not_take():
     mask = torch.ones(4, 4, dtype=torch.bool)
     assert attention_ops.kernel_limits(q, q)["cuda"] is None
     assert attention_ops.kernel_limits(q, q, mask=mask)["cuda"] is None
-    assert "64 or all 128" in attention_ops.kernel_limits(q[..., :40], q[..., :40])["cuda"]
-    assert "64 or all 128" in attention_ops.kernel_limits(q, q[..., :32])["cuda"]
+    assert attention_ops.kernel_limits(q[..., :40], q[..., :40])["cuda"] is None
+    assert attention_ops.kernel_limits(q[..., :8], q[..., :8])["cuda"] is None
+    for qd, vd in ((36, 36), (64, 32), (136, 136)):
+        assert "multiple of 8 and at most 128" in attention_ops.kernel_limits(
+            torch.randn(1, 1, 1, qd), torch.randn(1, 1, 1, vd))["cuda"], (qd, vd)
     assert attention_ops.kernel_limits(q, q, 0.1) == {"triton": None, "cuda": None}
-    assert attention_ops.kernel_limits(q[..., :40], q[..., :40])["triton"] is None
+    assert attention_ops.kernel_limits(q[..., :36], q[..., :36])["triton"] is None
     assert tilesmith.ops.attention_kernel_limits is attention_ops.kernel_limits
     # Named explicitly, a call the kernels cannot take raises with that reason; by default
     # it goes to a backend that can.
-    with pytest.raises(tilesmith.BackendUnavailableError, match="64 or all 128|CUDA tensors"):
-        tilesmith.ops.scaled_dot_product_attention(q[..., :40], q[..., :40], q[..., :40],
+    with pytest.raises(tilesmith.BackendUnavailableError, match="multiple of 8|CUDA tensors"):
+        tilesmith.ops.scaled_dot_product_attention(q[..., :36], q[..., :36], q[..., :36],
                                                    backend="cuda")
 
 

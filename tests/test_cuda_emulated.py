@@ -289,7 +289,8 @@ class AttentionParams(ctypes.Structure):
                 ("lse_batch_stride", ctypes.c_int64), ("lse_head_stride", ctypes.c_int64),
                 ("batch", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("heads_kv", ctypes.c_int64), ("seqlen_q", ctypes.c_int64),
-                ("seqlen_k", ctypes.c_int64), ("cu_seqlens_q", ctypes.c_void_p),
+                ("seqlen_k", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                ("cu_seqlens_q", ctypes.c_void_p),
                 ("cu_seqlens_k", ctypes.c_void_p), ("scale_log2", ctypes.c_float),
                 ("scale", ctypes.c_float),
                 ("mask", ctypes.c_void_p), ("mask_kind", ctypes.c_int),
@@ -314,7 +315,7 @@ def attention_params(q, k, v, scale):
                            v_strides=strides_of(v), lse_batch_stride=q.shape[1] * q.shape[2],
                            lse_head_stride=q.shape[2], batch=q.shape[0], heads=q.shape[1],
                            heads_kv=k.shape[1], seqlen_q=q.shape[2], seqlen_k=k.shape[2],
-                           scale_log2=scale * math.log2(math.e), scale=scale)
+                           head_dim=q.shape[3], scale_log2=scale * math.log2(math.e), scale=scale)
 
 
 def broadcast_strides(t):
@@ -350,7 +351,7 @@ def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None):
     set_dropout(p, dropout)
     ptrs, sizes, count = buffer_table([q, k, v])
     error = ctypes.create_string_buffer(512)
-    status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], d, int(causal), 0,
+    status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 0,
                                    ptrs, sizes, count, error, len(error))
     assert status == 0, error.value.decode()
     assert_guards_untouched(out_storage, "out")
@@ -402,6 +403,11 @@ ATTENTION_CASES = {
     "d128_gqa_views": (1, 4, 2, 65, 129, 128, False, True),
     "d128_causal": (1, 1, 1, 77, 77, 128, True, False),
     "len1": (1, 1, 1, 1, 1, 64, False, False),
+    # Head dims below a kernel's run zero-padded in it (64 or 128 wide).
+    "d40_in_d64_gqa_causal": (2, 2, 1, 70, 90, 40, True, False),
+    "d8_in_d64": (1, 1, 1, 33, 20, 8, False, False),
+    "d80_in_d128_views": (1, 2, 2, 65, 100, 80, False, True),
+    "d96_in_d128_causal": (1, 1, 1, 50, 50, 96, True, False),
 }
 
 
@@ -444,8 +450,8 @@ def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask=None, dma
         p.dmask, p.dmask_strides = dmask.data_ptr(), broadcast_strides(dmask)
     ptrs, sizes, count = buffer_table([q, k, v, grad_out])
     error = ctypes.create_string_buffer(512)
-    status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], q.shape[3],
-                                   int(causal), 1, ptrs, sizes, count, error, len(error))
+    status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 1, ptrs,
+                                   sizes, count, error, len(error))
     assert status == 0, error.value.decode()
     for (_, storage), name in zip(grads, ("dq", "dk", "dv")):
         assert_guards_untouched(storage, name)
@@ -730,6 +736,7 @@ def test_attention_kernels_on_packed_varlen_batches(causal, dropout_p):
                         out_strides=packed_strides(out), lse_batch_stride=0,
                         lse_head_stride=q.shape[0], batch=len(lengths_q), heads=heads,
                         heads_kv=heads_kv, seqlen_q=max(lengths_q), seqlen_k=max(lengths_k),
+                        head_dim=d,
                         cu_seqlens_q=cu_q.data_ptr(), cu_seqlens_k=cu_k.data_ptr(),
                         scale_log2=scale * math.log2(math.e), scale=scale)
     seed_value = 0x2545F4914F6CDD1D
@@ -744,7 +751,7 @@ def test_attention_kernels_on_packed_varlen_batches(causal, dropout_p):
 
     def launch(backward):
         ptrs, sizes, count = buffer_table([q, k, v] + ([grad_out] if backward else []))
-        status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[dtype], d, int(causal),
+        status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[dtype], int(causal),
                                        int(backward), ptrs, sizes, count, error, len(error))
         assert status == 0, error.value.decode()
 

@@ -132,8 +132,10 @@ def test_registered_cuda_ops_reject_bad_input():
     _needs("attention", torch.bfloat16)
     ops = torch.ops.tilesmith
     q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="all 64 or all 128"):
-        ops.attention_fwd_cuda(q[..., :40], q[..., :40], q[..., :40], None, False, 0.1, 0.0, None)
+    with pytest.raises(RuntimeError, match="multiple of 8 and at most 128"):
+        ops.attention_fwd_cuda(q[..., :36], q[..., :36], q[..., :36], None, False, 0.1, 0.0, None)
+    with pytest.raises(RuntimeError, match="needs seed"):
+        ops.attention_fwd_cuda(q, q, q, None, False, 0.1, 0.1, None)
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
         ops.attention_fwd_cuda(q, q[:, :1].expand(1, 3, 8, 64), q[:, :1].expand(1, 3, 8, 64),
                                None, False, 0.1, 0.0, None)

@@ -31,6 +31,9 @@ struct AttentionParams {
   int64_t lse_batch_stride, lse_head_stride;
   int64_t batch, heads, heads_kv;
   int64_t seqlen_q, seqlen_k;  // dense: the lengths; packed: the longest (the grid's extent)
+  // Of q, k and v alike: a multiple of 8 up to the kernel's head dim (64 or 128); the
+  // kernels zero-fill the columns in between.
+  int64_t head_dim;
   // Packed variable-length batches (varlen_attention): sequence b owns tokens cu_seqlens[b]
   // to cu_seqlens[b + 1] of (tokens, heads, dim) tensors, batch strides 0. Dense: nullptr.
   const int* cu_seqlens_q = nullptr;

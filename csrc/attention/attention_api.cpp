@@ -42,9 +42,10 @@ AttentionStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride
 
 using Runner = cudaError_t (*)(const AttentionParams&, bool, cudaStream_t);
 
+// The kernels of the narrowest head dim (64 or 128) that holds `head_dim`.
 Runner pick_runner(at::ScalarType dtype, int64_t head_dim, bool backward) {
   const bool bf16 = dtype == at::kBFloat16;
-  if (head_dim == 64) {
+  if (head_dim <= 64) {
     if (backward) return bf16 ? run_attention_bwd_sm80_bf16_d64 : run_attention_bwd_sm80_fp16_d64;
     return bf16 ? run_attention_fwd_sm80_bf16_d64 : run_attention_fwd_sm80_fp16_d64;
   }
@@ -60,10 +61,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "attention (cuda backend): dtype must be float16 or bfloat16, got ", q.scalar_type());
   const int64_t head_dim = q.size(3);
-  TORCH_CHECK((head_dim == 64 || head_dim == 128) && k.size(3) == head_dim &&
+  TORCH_CHECK(head_dim > 0 && head_dim <= 128 && head_dim % 8 == 0 && k.size(3) == head_dim &&
                   v.size(3) == head_dim,
-              "attention (cuda backend): head dims must all be 64 or all 128, got query ",
-              q.sizes(), ", key ", k.sizes(), ", value ", v.sizes());
+              "attention (cuda backend): query, key and value head dims must be equal, a "
+              "multiple of 8 and at most 128, got query ", q.sizes(), ", key ", k.sizes(),
+              ", value ", v.sizes());
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "attention: batch sizes differ: ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2),
@@ -89,6 +91,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.heads_kv = k.size(1);
   p.seqlen_q = q.size(2);
   p.seqlen_k = k.size(2);
+  p.head_dim = q.size(3);
   p.lse_batch_stride = q.size(1) * q.size(2);  // lse and delta: contiguous (batch, heads, seq)
   p.lse_head_stride = q.size(2);
   p.scale = static_cast<float>(scale);

@@ -7,8 +7,9 @@
 
 namespace tilesmith {
 
-// Dense attention on (batch, heads, seq, head_dim) fp16/bf16 CUDA tensors, head_dim 64 or
-// 128 (the same for q, k and v); k and v may have fewer heads (grouped-query attention).
+// Dense attention on (batch, heads, seq, head_dim) fp16/bf16 CUDA tensors, head_dim a
+// multiple of 8 up to 128, the same for q, k and v (run by the head-dim-64 kernels up to 64,
+// else by the 128 ones); k and v may have fewer heads (grouped-query attention).
 // Causal masking is aligned top-left. mask: a (batch, heads, seq_q, seq_k) view whose
 // dimensions are 1 or full, bool (True keeps) or additive in q's dtype. Returns (out, lse),
 // lse float32 (batch, heads, seq_q), -inf for a row that sees no key (its output is 0).

@@ -86,12 +86,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
     const T* dout = row_pointer<const T>(p.grad_out, p.grad_out_strides, b, h, seq.q_start);
     load_rows<T, kBlockQ, kHeadDim>(smem_q + stage * TileQ::kElements, q, q0, seqlen_q,
-                                    p.q_strides.seq);
+                                    p.q_strides.seq, p.head_dim);
     load_rows<T, kBlockQ, kHeadDim>(smem_do + stage * TileQ::kElements, dout, q0, seqlen_q,
-                                    p.grad_out_strides.seq);
+                                    p.grad_out_strides.seq, p.head_dim);
   };
-  load_rows<T, kBlockN, kHeadDim>(smem_k, k, key0, seqlen_k, p.k_strides.seq);
-  load_rows<T, kBlockN, kHeadDim>(smem_v, v, key0, seqlen_k, p.v_strides.seq);
+  load_rows<T, kBlockN, kHeadDim>(smem_k, k, key0, seqlen_k, p.k_strides.seq, p.head_dim);
+  load_rows<T, kBlockN, kHeadDim>(smem_v, v, key0, seqlen_k, p.v_strides.seq, p.head_dim);
   if (steps > 0) load_q_do(0, 0);
   cp_async_commit();
 
@@ -210,6 +210,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     T* dv_row = dv + keys[half] * p.dv_strides.seq + quad_col;
 #pragma unroll
     for (int di = 0; di < kDimTiles; ++di) {
+      if (di * 8 >= p.head_dim) break;  // padding columns
       *reinterpret_cast<uint32_t*>(dk_row + di * 8) = pack_pair<T>(
           acc_dk[di][half * 2] * p.scale, acc_dk[di][half * 2 + 1] * p.scale);
       *reinterpret_cast<uint32_t*>(dv_row + di * 8) =
@@ -247,12 +248,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
     load_rows<T, kBlockN, kHeadDim>(smem_k + stage * TileKV::kElements, k, n0, seqlen_k,
-                                    p.k_strides.seq);
+                                    p.k_strides.seq, p.head_dim);
     load_rows<T, kBlockN, kHeadDim>(smem_v + stage * TileKV::kElements, v, n0, seqlen_k,
-                                    p.v_strides.seq);
+                                    p.v_strides.seq, p.head_dim);
   };
-  load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq);
-  load_rows<T, kBlockM, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq);
+  load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
+  load_rows<T, kBlockM, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq, p.head_dim);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -369,6 +370,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
     T* dq_row = dq + rows[half] * p.dq_strides.seq + quad_col;
 #pragma unroll
     for (int di = 0; di < kDimTiles; ++di) {
+      if (di * 8 >= p.head_dim) break;  // padding columns
       *reinterpret_cast<uint32_t*>(dq_row + di * 8) = pack_pair<T>(
           acc_dq[di][half * 2] * p.scale, acc_dq[di][half * 2 + 1] * p.scale);
     }

@@ -70,12 +70,15 @@ __device__ __forceinline__ float mask_log2(const AttentionParams& p, int64_t b, 
   return to_float<T>(static_cast<const T*>(p.mask)[at]) * kLog2e;
 }
 
-// Rows row0 .. row0 + kRows of one sequence's (seq, head_dim) matrix into a swizzled tile;
-// rows past `rows` are zero-filled. Every row is read with 16-byte cp.async.
+// Rows row0 .. row0 + kRows of one sequence's (seq, head_dim) matrix into a swizzled tile
+// kHeadDim wide; rows past `rows` and columns past `head_dim` (a multiple of 8) are
+// zero-filled, so a narrower head dim runs in the next wider kernel: the zero columns add
+// nothing to Q K^T and give zero columns of O, dQ, dK and dV, which are not stored. Every
+// row is read with 16-byte cp.async.
 template <typename T, int kRows, int kHeadDim>
 __device__ __forceinline__ void load_rows(T* tile, const T* sequence, int64_t row0, int64_t rows,
-                                          int64_t seq_stride) {
-  load_tile<T, kRows, kHeadDim, kThreads, true>(tile, sequence, row0, 0, rows, kHeadDim,
+                                          int64_t seq_stride, int64_t head_dim) {
+  load_tile<T, kRows, kHeadDim, kThreads, true>(tile, sequence, row0, 0, rows, head_dim,
                                                 seq_stride, 1);
 }
 
@@ -114,11 +117,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
     load_rows<T, kBlockN, kHeadDim>(smem_k + stage * TileKV::kElements, k, n0, seqlen_k,
-                                    p.k_strides.seq);
+                                    p.k_strides.seq, p.head_dim);
     load_rows<T, kBlockN, kHeadDim>(smem_v + stage * TileKV::kElements, v, n0, seqlen_k,
-                                    p.v_strides.seq);
+                                    p.v_strides.seq, p.head_dim);
   };
-  load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq);
+  load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -253,6 +256,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     T* out_row = out + rows[half] * p.out_strides.seq + quad_col;
 #pragma unroll
     for (int di = 0; di < kDimTiles; ++di) {
+      if (di * 8 >= p.head_dim) break;  // padding columns
       *reinterpret_cast<uint32_t*>(out_row + di * 8) =
           pack_pair<T>(acc_o[di][half * 2] * inv, acc_o[di][half * 2 + 1] * inv);
     }

@@ -87,7 +87,7 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
                   torch.float8_e5m2),
     },
     "attention": {
-        # Dense, unmasked, head dim 64 or 128 (ops/attention.py says which calls it takes).
+        # ops/attention.py's kernel_limits says which calls the cuda kernels take.
         "cuda": (torch.float16, torch.bfloat16),
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),

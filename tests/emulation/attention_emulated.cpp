@@ -68,21 +68,23 @@ std::string dispatch(const AttentionParams& p, bool causal, bool is_backward,
 
 }  // namespace
 
-// dtype: 0 bfloat16, 1 float16; head_dim 64 or 128; backward 0 (forward) or 1 (the dK/dV
-// and dQ kernels). Returns 0, or 1 with the message.
-extern "C" int emulate_attention(const AttentionParams* params, int dtype, int head_dim,
-                                 int causal, int backward, const void* const* buffer_ptrs,
+// dtype: 0 bfloat16, 1 float16; backward 0 (forward) or 1 (the dK/dV and dQ kernels). The
+// kernels' head dim is chosen from params->head_dim as attention_api.cpp chooses it.
+// Returns 0, or 1 with the message.
+extern "C" int emulate_attention(const AttentionParams* params, int dtype, int causal,
+                                 int backward, const void* const* buffer_ptrs,
                                  const int64_t* buffer_bytes, int buffers, char* error,
                                  int error_capacity) {
   auto regions = tilesmith_emu::buffers_from(buffer_ptrs, buffer_bytes, buffers);
   const AttentionParams& p = *params;
   std::string message;
+  const bool narrow = p.head_dim <= 64;
   if (dtype == 0) {
-    message = head_dim == 64 ? dispatch<__nv_bfloat16, 64>(p, causal, backward, regions)
-                             : dispatch<__nv_bfloat16, 128>(p, causal, backward, regions);
+    message = narrow ? dispatch<__nv_bfloat16, 64>(p, causal, backward, regions)
+                     : dispatch<__nv_bfloat16, 128>(p, causal, backward, regions);
   } else {
-    message = head_dim == 64 ? dispatch<__half, 64>(p, causal, backward, regions)
-                             : dispatch<__half, 128>(p, causal, backward, regions);
+    message = narrow ? dispatch<__half, 64>(p, causal, backward, regions)
+                     : dispatch<__half, 128>(p, causal, backward, regions);
   }
   std::snprintf(error, error_capacity, "%s", message.c_str());
   return message.empty() ? 0 : 1;

@@ -8,7 +8,7 @@ Layers, as for every op family:
     ``tilesmith::varlen_attention_{fwd,bwd}_{triton,cuda}`` (fake kernels, autograd whose
     backward calls the bwd op, so torch.compile traces both directions);
   * kernels: kernels/attention_fwd.py, kernels/attention_bwd.py (Triton: every feature) and
-    csrc/attention/ (CUDA: head dim 64 or 128, fp16/bf16).
+    csrc/attention/ (CUDA: head dims multiples of 8 up to 128, fp16/bf16).
 """
 
 from __future__ import annotations
@@ -509,7 +509,9 @@ def _prepare_mask(attn_mask, q, k, fn):
     return mask
 
 
-CUDA_HEAD_DIMS = (64, 128)
+# The cuda kernels' widest head dim; narrower ones (multiples of 8) run zero-padded in the
+# head-dim-64 or -128 kernels.
+CUDA_MAX_HEAD_DIM = 128
 
 
 def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
@@ -520,9 +522,10 @@ def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
         why = f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
         return {"triton": why, "cuda": why}
     cuda = None
-    if q.shape[-1] not in CUDA_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        cuda = (f"the cuda attention kernels need query, key and value head dims all 64 or "
-                f"all 128, got {q.shape[-1]} and {v.shape[-1]}")
+    d = q.shape[-1]
+    if d % 8 or not 0 < d <= CUDA_MAX_HEAD_DIM or v.shape[-1] != d:
+        cuda = (f"the cuda attention kernels need query, key and value head dims equal, a "
+                f"multiple of 8 and at most {CUDA_MAX_HEAD_DIM}, got {d} and {v.shape[-1]}")
     return {"triton": None, "cuda": cuda}
 
 
