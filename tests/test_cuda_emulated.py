@@ -6,8 +6,14 @@ layouts, swizzles, pipeline stages, tile edges, masks, epilogues, out-of-bounds 
 (cp.async and ldmatrix addresses are bounds-checked; outputs sit between NaN guard bands).
 It does not replace running the same kernels on a GPU (the ``cuda`` parametrisations of
 test_matmul, test_gemm, ...): the emulator implements the PTX ISA as we read it, and cannot
-see races, register spills or speed. Kernel sources are compiled with the host C++ compiler
-into build/emulation/, keyed by a hash of the sources."""
+see register spills or speed, nor races other than those of the pipelines' stages (below).
+Kernel sources are compiled with the host C++ compiler into build/emulation/, keyed by a
+hash of the sources.
+
+Every test runs twice: with cp.async copies landing at the wait that covers them (a stage
+read before its copies were waited for is stale) and landing at issue (a stage refilled
+while another thread, or an in-flight wgmma, may still read it is overwritten too soon):
+the two extremes of when the hardware may carry a copy out."""
 
 import ctypes
 import functools
@@ -50,6 +56,12 @@ CXX = shutil.which(os.environ.get("CXX", "g++"))
 pytestmark = pytest.mark.skipif(
     INCLUDE is None or CXX is None,
     reason="needs a host C++ compiler and the CUDA headers (nvcc) to build the emulated kernels")
+
+
+@pytest.fixture(autouse=True, params=["late", "early"], ids=["copies_late", "copies_early"])
+def copy_timing(request, monkeypatch):
+    monkeypatch.setenv("TILESMITH_EMULATOR_COPIES", request.param)  # read at each launch
+    return request.param
 
 
 @functools.cache
@@ -646,6 +658,9 @@ FP8_CASES = {
     "row_e5m2_e4m3_strided_a": (70, 136, 256, torch.float8_e5m2, torch.float8_e4m3fn, "row", 32),
     "row_e4m3_e5m2": (64, 128, 48, torch.float8_e4m3fn, torch.float8_e5m2, "row", 0),
     "block_e4m3_k_tail": (129, 257, 272, torch.float8_e4m3fn, torch.float8_e4m3fn, "block", 0),
+    # More K tiles than pipeline stages: every stage is refilled, several times.
+    "row_e4m3_long_k": (100, 130, 1040, torch.float8_e4m3fn, torch.float8_e4m3fn, "row", 0),
+    "block_e5m2_long_k": (64, 128, 1104, torch.float8_e5m2, torch.float8_e4m3fn, "block", 16),
 }
 
 

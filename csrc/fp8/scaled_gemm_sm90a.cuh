@@ -1,10 +1,15 @@
 // FP8 scaled GEMM for Hopper (sm_90a): out = (a * scale_a) @ (b * scale_b) + bias.
 //
 // A 128x128 output tile per block of two warpgroups (64 rows each). K advances 128 at a time
-// through a 4-stage cp.async pipeline into shared memory laid out in the 128-byte swizzle
+// through a 5-stage cp.async pipeline into shared memory laid out in the 128-byte swizzle
 // that wgmma's matrix descriptors read directly; each stage is four wgmma m64n128k32, fp32
 // accumulators in registers. FP8 wgmma takes both operands K-major, so b arrives as b^T
 // (n x k, k contiguous: the column-major b torch._scaled_mm also requires).
+//
+// The wgmma of one K step stays in flight while the next step's copies are waited for and
+// issued: loads run kPrefetch = kStages - 2 steps ahead, so the stage being refilled held
+// step kt - 2, whose wgmma every warpgroup had retired (wgmma_wait<1> at the end of step
+// kt - 1) before the barrier of step kt.
 //
 // Scales: per tensor or per row/column, applied once in the epilogue; or per block (1x128 of
 // a, 128x128 of b), where each 128-deep K step accumulates into a fresh set of registers
@@ -12,7 +17,7 @@
 // keeps the fp32 sums short, the reason fp8 wgmma's limited accumulation precision needs it).
 //
 // Not yet: TMA, warp specialization and a persistent schedule (the producer here is every
-// thread, between the wgmma waits); a 64x256 tile. First version: correctness, then speed.
+// thread, between the wgmma waits); a 64x256 tile.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,11 +33,12 @@ namespace fp8_sm90a {
 constexpr int kBlockM = 128;
 constexpr int kBlockN = 128;
 constexpr int kBlockK = 128;  // fp8: 128 elements = one 128-byte swizzled row
-constexpr int kStages = 4;
+constexpr int kStages = 5;
+constexpr int kPrefetch = kStages - 2;  // K steps loaded ahead (see the header)
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = kWarpgroups * 128;
 constexpr int kTileBytes = kBlockM * kBlockK;  // one operand tile of one stage (16 KiB)
-// Four stages of A and B (128 KiB), and room to align the start to 1024 bytes (the swizzle
+// Five stages of A and B (160 KiB), and room to align the start to 1024 bytes (the swizzle
 // pattern is a function of the address bits 4-9).
 constexpr int kSmemBytes = 2 * kStages * kTileBytes + 1024;
 
@@ -105,15 +111,15 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
 
   const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kPrefetch; ++s) {
     if (s < k_tiles) load_stage(s, s);
     cp_async_commit();
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of stage kt have landed
-    fence_proxy_async_shared();    // ... and are visible to wgmma's (async proxy) reads
-    __syncthreads();               // everyone's; and the wgmma reading slot kt - 1 is done
-    const int next = kt + kStages - 1;
+    cp_async_wait<kPrefetch - 1>();  // this thread's copies of step kt have landed
+    fence_proxy_async_shared();      // ... and are visible to wgmma's (async proxy) reads
+    __syncthreads();  // everyone's; and no wgmma still reads step kt - 2's stage
+    const int next = kt + kPrefetch;
     if (next < k_tiles) load_stage(next % kStages, next);
     cp_async_commit();
 
@@ -132,9 +138,9 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
       }
     }
     wgmma_commit();
-    wgmma_wait<0>();
 
     if constexpr (kBlockScaled) {
+      wgmma_wait<0>();  // the partial sums are read right away
       // One 128x128 scale of b covers this whole tile; a's scales are per row.
       const float scale_b = p.scale_b[kt * p.scale_b_row_stride + block_n0 / kBlockN];
 #pragma unroll
@@ -147,8 +153,11 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
           acc[4 * j + 2 * half + 1] += partial[4 * j + 2 * half + 1] * scale;
         }
       }
+    } else {
+      wgmma_wait<1>();  // step kt - 1 retired; step kt runs on while the loop goes round
     }
   }
+  wgmma_wait<0>();
   cp_async_wait<0>();
 
   // Epilogue: per-tensor and per-row/column scales, then the bias, then the store.

@@ -11,7 +11,10 @@
 // mma.sync, shfl) exchange values through per-warp slots between two warp barriers, and
 // compute each lane's result from the PTX ISA's description of the fragment layouts.
 // cp.async copies are queued and only carried out by the cp.async.wait_group that must
-// cover them, so a kernel that reads a stage too early reads stale shared memory.
+// cover them, so a kernel that reads a stage too early reads stale shared memory. With
+// TILESMITH_EMULATOR_COPIES=early in the environment they land at issue instead, the other
+// extreme the hardware allows: then a kernel that refills a stage while some thread (or an
+// asynchronous wgmma) may still read it reads the new data too soon.
 // Addresses given to cp.async (global and shared) and to ldmatrix are bounds- and
 // alignment-checked; errors end the launch with a message instead of crashing.
 //
@@ -30,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -78,6 +82,10 @@ struct Fiber {
   uint64_t waiting_generation = 0;
   std::vector<CopyOp> open_group;                // cp.async issued since the last commit
   std::deque<std::vector<CopyOp>> committed;     // oldest first
+  // Asynchronous operations of sm90a_emulator.h (wgmma): queued at issue, run when a wait
+  // retires their group, so that they read shared memory as late as the hardware may.
+  std::vector<std::function<void()>> async_open;
+  std::deque<std::vector<std::function<void()>>> async_committed;
 };
 
 // What one warp's lanes deposit for a collective instruction.
@@ -105,6 +113,7 @@ struct Machine {
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
   std::vector<Buffer> buffers;  // global memory the kernel may read with cp.async
+  bool copies_land_at_issue = false;  // TILESMITH_EMULATOR_COPIES=early (see the header)
   std::function<void()> body;
   std::string error;
 };
@@ -169,6 +178,12 @@ inline std::string hex(const void* ptr) {
 
 // ---- cp.async ---------------------------------------------------------------------------
 
+inline void land(const CopyOp& op) {
+  unsigned char bytes[16] = {};
+  if (op.bytes > 0) std::memcpy(bytes, op.src, op.bytes);
+  std::memcpy(op.dst, bytes, 16);
+}
+
 inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   if (src_bytes < 0 || src_bytes > 16) fail("cp.async: src-size " + std::to_string(src_bytes));
   if (!in_shared(smem, 16) || reinterpret_cast<uintptr_t>(smem) % 16 != 0) {
@@ -178,6 +193,7 @@ inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
     fail("cp.async: global source " + hex(gmem) + " (" + std::to_string(src_bytes) +
          " bytes) outside every buffer or not 16-byte aligned");
   }
+  if (machine->copies_land_at_issue) land(CopyOp{smem, gmem, src_bytes});
   self().open_group.push_back({smem, gmem, src_bytes});
 }
 
@@ -190,10 +206,8 @@ inline void cp_async_commit() {
 inline void cp_async_wait(int pending_groups) {
   Fiber& fiber = self();
   while (static_cast<int>(fiber.committed.size()) > pending_groups) {
-    for (const CopyOp& op : fiber.committed.front()) {
-      unsigned char bytes[16] = {};
-      if (op.bytes > 0) std::memcpy(bytes, op.src, op.bytes);
-      std::memcpy(op.dst, bytes, 16);
+    if (!machine->copies_land_at_issue) {
+      for (const CopyOp& op : fiber.committed.front()) land(op);
     }
     fiber.committed.pop_front();
   }
@@ -314,6 +328,9 @@ inline void fiber_entry() {
                   [](const std::vector<CopyOp>& g) { return !g.empty(); })) {
     fail("thread exited with cp.async copies it never waited for");
   }
+  if (!fiber.async_open.empty() || !fiber.async_committed.empty()) {
+    fail("thread exited with wgmma operations it never waited for");
+  }
   fiber.finished = true;
   yield();
 }
@@ -330,6 +347,8 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
   m.smem = smem;
   m.smem_bytes = smem_bytes;
   m.buffers = std::move(buffers);
+  const char* copies = std::getenv("TILESMITH_EMULATOR_COPIES");
+  m.copies_land_at_issue = copies != nullptr && std::string(copies) == "early";
   m.body = std::move(kernel);
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads % 32 != 0) return "block size must be a multiple of 32 here";
@@ -351,6 +370,8 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
           f.waiting_on = nullptr;
           f.open_group.clear();
           f.committed.clear();
+          f.async_open.clear();
+          f.async_committed.clear();
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = f.stack.get();
           f.context.uc_stack.ss_size = kStackBytes;

@@ -4,9 +4,12 @@
 // wgmma is modelled as the PTX ISA describes it for K-major operands in the 128-byte
 // swizzle: the descriptor's start address and stride byte offset locate row r, byte k of the
 // operand at start + (r / 8) * stride + (r % 8) * 128 + k, and the swizzle then XORs address
-// bits 4-6 with bits 7-9. Each thread computes its own accumulators from shared memory at
-// the call; the fences and the commit/wait pair are no-ops here (the emulator runs wgmma
-// synchronously), so missing fences cannot be seen: only the data layout and the arithmetic.
+// bits 4-6 with bits 7-9. Each thread computes its own accumulators from shared memory.
+// wgmma is asynchronous as on the GPU, at its latest: an issued wgmma joins the thread's
+// open group, wgmma_commit closes the group, and wgmma_wait<N> runs the oldest committed
+// groups until N remain, only then reading shared memory and the accumulators. So a kernel
+// that refills a stage while a wgmma may still read it, or reads accumulators before the
+// wait, computes wrong values here. The fences are no-ops: missing fences cannot be seen.
 #pragma once
 
 #include <cuda_fp8.h>
@@ -41,7 +44,7 @@ inline uint8_t descriptor_byte(uint64_t desc, int row, int k) {
 }
 
 template <typename A, typename B>
-void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+void run_wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   constexpr bool a_e5m2 = std::is_same_v<A, __nv_fp8_e5m2>;
   constexpr bool b_e5m2 = std::is_same_v<B, __nv_fp8_e5m2>;
   const int rank = thread_rank();
@@ -58,16 +61,34 @@ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accu
   }
 }
 
+inline void wgmma_commit() {
+  Fiber& fiber = self();
+  fiber.async_committed.push_back(std::move(fiber.async_open));
+  fiber.async_open.clear();
+}
+
+inline void wgmma_wait(int pending_groups) {
+  Fiber& fiber = self();
+  while (static_cast<int>(fiber.async_committed.size()) > pending_groups) {
+    for (const std::function<void()>& op : fiber.async_committed.front()) op();
+    fiber.async_committed.pop_front();
+  }
+}
+
 }  // namespace tilesmith_emu
 
 namespace tilesmith {
 template <typename A, typename B>
 inline void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  tilesmith_emu::wgmma_m64n128k32<A, B>(d, desc_a, desc_b, accumulate);
+  tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
+    tilesmith_emu::run_wgmma_m64n128k32<A, B>(d, desc_a, desc_b, accumulate);
+  });
 }
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+inline void wgmma_commit() { tilesmith_emu::wgmma_commit(); }
 template <int kPending>
-inline void wgmma_wait() {}
+inline void wgmma_wait() {
+  tilesmith_emu::wgmma_wait(kPending);
+}
 inline void fence_proxy_async_shared() {}
 }  // namespace tilesmith
