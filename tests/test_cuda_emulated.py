@@ -228,8 +228,9 @@ LAYOUTS = [(2, 2), (2, 1), (1, 2), (1, 1)]  # contiguous dim of a, of b
                                                  "a_cm-b_cm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_matmul_kernel_every_variant(dtype, layout, vector_loads, out_fp32):
-    # Two block rows, a partial block column, two K tiles (the second partial).
-    m, n, k = 136, 72, 88
+    # Two block rows, a partial block column, four K tiles (more than the three stages, so
+    # stages are refilled; the last tile partial).
+    m, n, k = 136, 72, 216
     a = matmul_operand(m, k, dtype, layout[0])
     b = matmul_operand(k, n, dtype, layout[1])
     c, _ = run_matmul(a, b, vector_loads=vector_loads, out_fp32=out_fp32)
