@@ -106,11 +106,13 @@ def test_sm90a_extension_has_wgmma_kernels_without_spills():
     so = _extension_file(backend._C_SM90A)
     usage = _resource_usage(so)
     found = {key: value for key, value in usage.items() if "scaled_gemm_kernel" in key[1]}
-    # 2 formats of a x 2 of b x per-block scaling or not, all sm_90a.
-    assert {arch for arch, _ in found} == {"sm_90a"} and len(found) == 8, sorted(found)
+    # 2 formats of a x 2 of b x (128-wide tiles with or without per-block scaling, 256-wide
+    # tiles), all sm_90a.
+    assert {arch for arch, _ in found} == {"sm_90a"} and len(found) == 12, sorted(found)
     assert not [k for k, u in found.items() if u["STACK"] or u["LOCAL"]]
     sass = subprocess.run([_cuobjdump(), "-sass", so], capture_output=True, text=True).stdout
     assert "QGMMA.64x128x32.F32.E4M3.E4M3" in sass and "QGMMA.64x128x32.F32.E5M2.E4M3" in sass
+    assert "QGMMA.64x256x32.F32.E4M3.E4M3" in sass and "QGMMA.64x256x32.F32.E5M2.E5M2" in sass
 
 
 @needs_extension

@@ -661,6 +661,10 @@ FP8_CASES = {
     "block_e4m3_k_tail": (129, 257, 272, torch.float8_e4m3fn, torch.float8_e4m3fn, "block", 0),
     # More K tiles than pipeline stages: every stage is refilled, several times.
     "row_e4m3_long_k": (100, 130, 1040, torch.float8_e4m3fn, torch.float8_e4m3fn, "row", 0),
+    # n >= 256: 256-wide tiles, one full and one partial; a long K refills their 4 stages.
+    "tensor_n256_tiles_long_k": (70, 400, 784, torch.float8_e4m3fn, torch.float8_e5m2,
+                                 "tensor", 16),
+    "row_n256_exact": (130, 256, 160, torch.float8_e5m2, torch.float8_e4m3fn, "row", 0),
     "block_e5m2_long_k": (64, 128, 1104, torch.float8_e5m2, torch.float8_e4m3fn, "block", 16),
 }
 

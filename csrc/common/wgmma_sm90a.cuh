@@ -27,24 +27,30 @@ __device__ __forceinline__ uint64_t smem_descriptor_sw128(uint32_t shared_addres
   return desc;
 }
 
-// d (+)= A B for a 64x128x32 block: A 64 rows x 32 K and B 128 rows (n) x 32 K, both fp8,
-// K-major, from shared memory. accumulate = 0 overwrites d. Each of the warpgroup's four
-// warps holds 16 rows of d: d[4j + e] is row 16 warp + lane/4 + 8 (e/2), column
-// 8j + 2 (lane % 4) + e % 2 (the mma.sync m16n8 accumulator layout, 16 times across).
+// d (+)= A B for a 64xNx32 block (N = 128 or 256): A 64 rows x 32 K and B N rows x 32 K,
+// both fp8, K-major, from shared memory. accumulate = 0 overwrites d. Each of the
+// warpgroup's four warps holds 16 rows of d: d[4j + e] is row 16 warp + lane/4 + 8 (e/2),
+// column 8j + 2 (lane % 4) + e % 2 (the mma.sync m16n8 accumulator layout, N/8 times across).
 template <typename A, typename B>
 __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                  int accumulate);
+template <typename A, typename B>
+__device__ __forceinline__ void wgmma_m64n256k32(float (&d)[128], uint64_t desc_a,
+                                                 uint64_t desc_b, int accumulate);
 
 #ifndef TILESMITH_CPU_EMULATION
-// The 64 accumulator registers of an m64n128 fp32 wgmma, as operand list and asm operands.
-#define TILESMITH_WGMMA_D_REGISTERS \
+// The accumulator registers of m64n128 (64 per thread) and m64n256 (128) fp32 wgmma, as
+// the instruction's register list and the asm operands.
+#define TILESMITH_WGMMA_D64_REGISTERS \
   "{" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, " \
+  "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, " \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, " \
+  "%60, %61, %62, %63" \
   "}"
-#define TILESMITH_WGMMA_D_OPERANDS(d) \
+#define TILESMITH_WGMMA_D64_OPERANDS(d) \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
   "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
   "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
@@ -55,21 +61,66 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a
   "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), \
   "+f"(d[63])
+#define TILESMITH_WGMMA_D128_REGISTERS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, " \
+  "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, " \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, " \
+  "%60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, " \
+  "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, " \
+  "%84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, " \
+  "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, " \
+  "%120, %121, %122, %123, %124, %125, %126, %127" \
+  "}"
+#define TILESMITH_WGMMA_D128_OPERANDS(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
+  "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
+  "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
+  "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), \
+  "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
+  "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
+  "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), \
+  "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), \
+  "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), \
+  "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), \
+  "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), \
+  "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), \
+  "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), \
+  "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), \
+  "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), \
+  "+f"(d[126]), "+f"(d[127])
 
-#define TILESMITH_WGMMA_FP8(a_name, b_name, AType, BType)                                   \
+// One specialisation per (n, a format, b format); the descriptors and the accumulate flag
+// follow the accumulators in the operand numbering.
+#define TILESMITH_WGMMA_FP8(n, regs, a_name, b_name, AType, BType, desc_a_op, desc_b_op, flag_op) \
   template <>                                                                              \
-  __device__ __forceinline__ void wgmma_m64n128k32<AType, BType>(                          \
-      float(&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                              \
-                 "wgmma.mma_async.sync.aligned.m64n128k32.f32." a_name "." b_name " "      \
-                 TILESMITH_WGMMA_D_REGISTERS ", %64, %65, p, 1, 1;\n}\n"                    \
-                 : TILESMITH_WGMMA_D_OPERANDS(d)                                           \
+  __device__ __forceinline__ void wgmma_m64n##n##k32<AType, BType>(                        \
+      float(&d)[n / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {                \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " flag_op ", 0;\n"                     \
+                 "wgmma.mma_async.sync.aligned.m64n" #n "k32.f32." a_name "." b_name " "   \
+                 TILESMITH_WGMMA_D##regs##_REGISTERS ", " desc_a_op ", " desc_b_op          \
+                 ", p, 1, 1;\n}\n"                                                        \
+                 : TILESMITH_WGMMA_D##regs##_OPERANDS(d)                                   \
                  : "l"(desc_a), "l"(desc_b), "r"(accumulate));                             \
   }
-TILESMITH_WGMMA_FP8("e4m3", "e4m3", __nv_fp8_e4m3, __nv_fp8_e4m3)
-TILESMITH_WGMMA_FP8("e4m3", "e5m2", __nv_fp8_e4m3, __nv_fp8_e5m2)
-TILESMITH_WGMMA_FP8("e5m2", "e4m3", __nv_fp8_e5m2, __nv_fp8_e4m3)
-TILESMITH_WGMMA_FP8("e5m2", "e5m2", __nv_fp8_e5m2, __nv_fp8_e5m2)
+#define TILESMITH_WGMMA_FP8_PAIRS(n, regs, desc_a_op, desc_b_op, flag_op)                   \
+  TILESMITH_WGMMA_FP8(n, regs, "e4m3", "e4m3", __nv_fp8_e4m3, __nv_fp8_e4m3, desc_a_op,     \
+                      desc_b_op, flag_op)                                                  \
+  TILESMITH_WGMMA_FP8(n, regs, "e4m3", "e5m2", __nv_fp8_e4m3, __nv_fp8_e5m2, desc_a_op,     \
+                      desc_b_op, flag_op)                                                  \
+  TILESMITH_WGMMA_FP8(n, regs, "e5m2", "e4m3", __nv_fp8_e5m2, __nv_fp8_e4m3, desc_a_op,     \
+                      desc_b_op, flag_op)                                                  \
+  TILESMITH_WGMMA_FP8(n, regs, "e5m2", "e5m2", __nv_fp8_e5m2, __nv_fp8_e5m2, desc_a_op,     \
+                      desc_b_op, flag_op)
+TILESMITH_WGMMA_FP8_PAIRS(128, 64, "%64", "%65", "%66")
+TILESMITH_WGMMA_FP8_PAIRS(256, 128, "%128", "%129", "%130")
+#undef TILESMITH_WGMMA_FP8_PAIRS
 #undef TILESMITH_WGMMA_FP8
 
 // Orders this thread's register accesses to the accumulators before the next wgmma.
@@ -89,5 +140,17 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 #endif  // TILESMITH_CPU_EMULATION
+
+// m64nNk32 for a kernel templated on its tile width N.
+template <int kN, typename A, typename B>
+__device__ __forceinline__ void wgmma_m64nk32(float (&d)[kN / 2], uint64_t desc_a,
+                                              uint64_t desc_b, int accumulate) {
+  static_assert(kN == 128 || kN == 256, "wgmma tile widths wrapped here: 128 and 256");
+  if constexpr (kN == 128) {
+    wgmma_m64n128k32<A, B>(d, desc_a, desc_b, accumulate);
+  } else {
+    wgmma_m64n256k32<A, B>(d, desc_a, desc_b, accumulate);
+  }
+}
 
 }  // namespace tilesmith

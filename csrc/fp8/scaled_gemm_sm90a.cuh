@@ -1,10 +1,12 @@
 // FP8 scaled GEMM for Hopper (sm_90a): out = (a * scale_a) @ (b * scale_b) + bias.
 //
-// A 128x128 output tile per block of two warpgroups (64 rows each). K advances 128 at a time
-// through a 5-stage cp.async pipeline into shared memory laid out in the 128-byte swizzle
-// that wgmma's matrix descriptors read directly; each stage is four wgmma m64n128k32, fp32
-// accumulators in registers. FP8 wgmma takes both operands K-major, so b arrives as b^T
-// (n x k, k contiguous: the column-major b torch._scaled_mm also requires).
+// A 128 x kBlockN output tile per block of two warpgroups (64 rows each), kBlockN = 256
+// where n fills it (each tile of a is then reused over twice the columns: half the operand
+// traffic per flop of the 128-wide tile), else 128. K advances 128 at a time through a
+// cp.async pipeline into shared memory laid out in the 128-byte swizzle that wgmma's matrix
+// descriptors read directly; each stage is four wgmma m64n{kBlockN}k32, fp32 accumulators
+// in registers. FP8 wgmma takes both operands K-major, so b arrives as b^T (n x k, k
+// contiguous: the column-major b torch._scaled_mm also requires).
 //
 // The wgmma of one K step stays in flight while the next step's copies are waited for and
 // issued: loads run kPrefetch = kStages - 2 steps ahead, so the stage being refilled held
@@ -17,7 +19,7 @@
 // keeps the fp32 sums short, the reason fp8 wgmma's limited accumulation precision needs it).
 //
 // Not yet: TMA, warp specialization and a persistent schedule (the producer here is every
-// thread, between the wgmma waits); a 64x256 tile.
+// thread, between the wgmma waits).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,25 +33,38 @@ namespace tilesmith {
 namespace fp8_sm90a {
 
 constexpr int kBlockM = 128;
-constexpr int kBlockN = 128;
 constexpr int kBlockK = 128;  // fp8: 128 elements = one 128-byte swizzled row
-constexpr int kStages = 5;
-constexpr int kPrefetch = kStages - 2;  // K steps loaded ahead (see the header)
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = kWarpgroups * 128;
-constexpr int kTileBytes = kBlockM * kBlockK;  // one operand tile of one stage (16 KiB)
-// Five stages of A and B (160 KiB), and room to align the start to 1024 bytes (the swizzle
-// pattern is a function of the address bits 4-9).
-constexpr int kSmemBytes = 2 * kStages * kTileBytes + 1024;
+constexpr int kTileBytesA = kBlockM * kBlockK;  // a's tile of one stage (16 KiB)
+
+// Per tile width: as many stages as fit 227 KiB of shared memory with the 1024 bytes that
+// align the start (the swizzle pattern is a function of the address bits 4-9). 128 wide:
+// 5 stages of 32 KiB; 256 wide: 4 of 48 KiB.
+template <int kBlockN>
+struct Tiling {
+  static_assert(kBlockN == 128 || kBlockN == 256, "tile widths: 128 and 256");
+  static constexpr int kTileBytesB = kBlockN * kBlockK;
+  static constexpr int kStages = kBlockN == 128 ? 5 : 4;
+  static constexpr int kPrefetch = kStages - 2;  // K steps loaded ahead (see the header)
+  static constexpr int kSmemBytes = kStages * (kTileBytesA + kTileBytesB) + 1024;
+};
+
+// The tile width of a call: 256 where n fills it, except with per-block scales (one 128x128
+// scale of b per tile, and a second accumulator set that 256 columns would not fit).
+inline int tile_width(const ScaledGemmParams& p) {
+  return p.scale_a_kind != ScaleKind::kBlock && p.n >= 256 ? 256 : 128;
+}
 
 // Byte offset of (row, byte) in a tile of 128-byte rows in the 128-byte swizzle.
 __device__ __forceinline__ int swizzled_offset(int row, int byte) {
   return row * 128 + ((((byte >> 4) ^ row) & 7) << 4) + (byte & 15);
 }
 
-// rows x k fp8 matrix (k contiguous, row stride a multiple of 16) -> the [128][128] stage
+// rows x k fp8 matrix (k contiguous, row stride a multiple of 16) -> the [kRows][128] stage
 // tile at (row0, k0); out-of-range chunks are zero-filled. 8 chunks per row, 32 rows per
 // pass of 256 threads.
+template <int kRows>
 __device__ __forceinline__ void load_tile(uint8_t* tile, const uint8_t* matrix, int64_t row0,
                                           int64_t rows, int64_t k0, int64_t k,
                                           int64_t row_stride) {
@@ -58,7 +73,7 @@ __device__ __forceinline__ void load_tile(uint8_t* tile, const uint8_t* matrix, 
   const int64_t left = k - (k0 + chunk * 16);
   const int valid = left <= 0 ? 0 : (left < 16 ? static_cast<int>(left) : 16);
 #pragma unroll
-  for (int pass = 0; pass < kBlockM / 32; ++pass) {
+  for (int pass = 0; pass < kRows / 32; ++pass) {
     const int r = row + pass * 32;
     const bool ok = valid > 0 && row0 + r < rows;
     const uint8_t* src = matrix + (row0 + r) * row_stride + k0 + chunk * 16;
@@ -83,12 +98,16 @@ __device__ __forceinline__ void store_pair(void* out, int64_t index, float v0, f
   }
 }
 
-template <typename A, typename B, bool kBlockScaled>
+template <typename A, typename B, int kBlockN, bool kBlockScaled>
 __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmParams p) {
+  static_assert(!kBlockScaled || kBlockN == 128, "per-block scales: 128-wide tiles");
+  using Tiles = Tiling<kBlockN>;
+  constexpr int kStages = Tiles::kStages, kPrefetch = Tiles::kPrefetch;
+  constexpr int kAcc = kBlockN / 2;  // accumulators per thread
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   const uint32_t misalignment = shared_address(shared_bytes) & 1023;
   uint8_t* smem_a = shared_bytes + ((1024 - misalignment) & 1023);
-  uint8_t* smem_b = smem_a + kStages * kTileBytes;
+  uint8_t* smem_b = smem_a + kStages * kTileBytesA;
 
   int64_t block_m0, block_n0;
   grouped_block_tile<kBlockM, kBlockN, 8>(p.m, p.n, blockIdx.x, block_m0, block_n0);
@@ -96,18 +115,19 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
   const uint8_t* b = static_cast<const uint8_t*>(p.b);
   auto load_stage = [&](int stage, int k_tile) {
     const int64_t k0 = static_cast<int64_t>(k_tile) * kBlockK;
-    load_tile(smem_a + stage * kTileBytes, a, block_m0, p.m, k0, p.k, p.a_row_stride);
-    load_tile(smem_b + stage * kTileBytes, b, block_n0, p.n, k0, p.k, p.b_row_stride);
+    load_tile<kBlockM>(smem_a + stage * kTileBytesA, a, block_m0, p.m, k0, p.k, p.a_row_stride);
+    load_tile<kBlockN>(smem_b + stage * Tiles::kTileBytesB, b, block_n0, p.n, k0, p.k,
+                       p.b_row_stride);
   };
 
   const int warpgroup = threadIdx.x / 128;
   const int warp = (threadIdx.x / 32) % 4;
   const int lane = threadIdx.x % 32;
-  // This thread's rows of the 64x128 warpgroup tile: lane/4 and lane/4 + 8 of its warp's 16.
+  // This thread's rows of the 64-row warpgroup tile: lane/4 and lane/4 + 8 of its warp's 16.
   const int64_t rows[2] = {block_m0 + warpgroup * 64 + warp * 16 + lane / 4,
                            block_m0 + warpgroup * 64 + warp * 16 + lane / 4 + 8};
-  float acc[64] = {};
-  float partial[kBlockScaled ? 64 : 1];
+  float acc[kAcc] = {};
+  float partial[kBlockScaled ? kAcc : 1];
 
   const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
 #pragma unroll
@@ -124,17 +144,17 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
     cp_async_commit();
 
     const uint32_t a_tile =
-        shared_address(smem_a + (kt % kStages) * kTileBytes + warpgroup * 64 * 128);
-    const uint32_t b_tile = shared_address(smem_b + (kt % kStages) * kTileBytes);
+        shared_address(smem_a + (kt % kStages) * kTileBytesA + warpgroup * 64 * 128);
+    const uint32_t b_tile = shared_address(smem_b + (kt % kStages) * Tiles::kTileBytesB);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockK / 32; ++kk) {
       const uint64_t desc_a = smem_descriptor_sw128(a_tile + kk * 32);
       const uint64_t desc_b = smem_descriptor_sw128(b_tile + kk * 32);
       if constexpr (kBlockScaled) {
-        wgmma_m64n128k32<A, B>(partial, desc_a, desc_b, kk > 0);
+        wgmma_m64nk32<kBlockN, A, B>(partial, desc_a, desc_b, kk > 0);
       } else {
-        wgmma_m64n128k32<A, B>(acc, desc_a, desc_b, 1);
+        wgmma_m64nk32<kBlockN, A, B>(acc, desc_a, desc_b, 1);
       }
     }
     wgmma_commit();
@@ -148,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
         const float scale = rows[half] < p.m
             ? p.scale_a[rows[half] * p.scale_a_row_stride + kt] * scale_b : 0.0f;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < kBlockN / 8; ++j) {
           acc[4 * j + 2 * half] += partial[4 * j + 2 * half] * scale;
           acc[4 * j + 2 * half + 1] += partial[4 * j + 2 * half + 1] * scale;
         }
@@ -170,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
     float row_scale = kBlockScaled ? 1.0f : tensor_scale_a * tensor_scale_b;
     if (!kBlockScaled && p.scale_a_kind == ScaleKind::kRow) row_scale *= p.scale_a[row];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kBlockN / 8; ++j) {
       const int64_t col = block_n0 + 8 * j + 2 * (lane % 4);
       if (col >= p.n) continue;
       const bool has1 = col + 1 < p.n;
@@ -187,17 +207,24 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
-template <typename A, typename B>
-cudaError_t run(const ScaledGemmParams& p, cudaStream_t stream) {
-  if (p.m == 0 || p.n == 0) return cudaSuccess;
-  auto kernel = p.scale_a_kind == ScaleKind::kBlock ? scaled_gemm_kernel<A, B, true>
-                                                    : scaled_gemm_kernel<A, B, false>;
+template <typename A, typename B, int kBlockN, bool kBlockScaled>
+cudaError_t launch(const ScaledGemmParams& p, cudaStream_t stream) {
+  constexpr int kSmemBytes = Tiling<kBlockN>::kSmemBytes;
+  auto kernel = scaled_gemm_kernel<A, B, kBlockN, kBlockScaled>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t tiles = ((p.m + kBlockM - 1) / kBlockM) * ((p.n + kBlockN - 1) / kBlockN);
   kernel<<<static_cast<unsigned>(tiles), kThreads, kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename A, typename B>
+cudaError_t run(const ScaledGemmParams& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  if (p.scale_a_kind == ScaleKind::kBlock) return launch<A, B, 128, true>(p, stream);
+  return tile_width(p) == 256 ? launch<A, B, 256, false>(p, stream)
+                              : launch<A, B, 128, false>(p, stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -5,7 +5,7 @@
 
 namespace tilesmith::fp8_sm90a {
 // The kernel's `extern __shared__` buffer, aligned as the GPU's shared window is.
-alignas(1024) unsigned char shared_bytes[kSmemBytes];
+alignas(1024) unsigned char shared_bytes[Tiling<256>::kSmemBytes];  // the larger of the two
 }  // namespace tilesmith::fp8_sm90a
 
 namespace {
@@ -13,19 +13,25 @@ namespace {
 using tilesmith::ScaledGemmParams;
 namespace f8 = tilesmith::fp8_sm90a;
 
+template <typename A, typename B, int kBlockN, bool kBlockScaled>
+std::string launch(const ScaledGemmParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
+  const int64_t tiles = ((p.m + f8::kBlockM - 1) / f8::kBlockM) *
+                        ((p.n + kBlockN - 1) / kBlockN);
+  return tilesmith_emu::launch(dim3(static_cast<unsigned>(tiles)), dim3(f8::kThreads),
+                               f8::Tiling<kBlockN>::kSmemBytes, f8::shared_bytes,
+                               std::move(buffers), [&] {
+                                 f8::scaled_gemm_kernel<A, B, kBlockN, kBlockScaled>(p);
+                               });
+}
+
+// The kernel the launcher in scaled_gemm_sm90a.cuh picks.
 template <typename A, typename B>
 std::string run(const ScaledGemmParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
-  const int64_t tiles = ((p.m + f8::kBlockM - 1) / f8::kBlockM) *
-                        ((p.n + f8::kBlockN - 1) / f8::kBlockN);
-  const bool blocks = p.scale_a_kind == tilesmith::ScaleKind::kBlock;
-  return tilesmith_emu::launch(dim3(static_cast<unsigned>(tiles)), dim3(f8::kThreads),
-                               f8::kSmemBytes, f8::shared_bytes, std::move(buffers), [&] {
-                                 if (blocks) {
-                                   f8::scaled_gemm_kernel<A, B, true>(p);
-                                 } else {
-                                   f8::scaled_gemm_kernel<A, B, false>(p);
-                                 }
-                               });
+  if (p.scale_a_kind == tilesmith::ScaleKind::kBlock) {
+    return launch<A, B, 128, true>(p, std::move(buffers));
+  }
+  return f8::tile_width(p) == 256 ? launch<A, B, 256, false>(p, std::move(buffers))
+                                  : launch<A, B, 128, false>(p, std::move(buffers));
 }
 
 }  // namespace

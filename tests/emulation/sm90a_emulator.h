@@ -43,13 +43,13 @@ inline uint8_t descriptor_byte(uint64_t desc, int row, int k) {
   return machine->smem[physical];
 }
 
-template <typename A, typename B>
-void run_wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+template <int kN, typename A, typename B>
+void run_wgmma_m64nk32(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   constexpr bool a_e5m2 = std::is_same_v<A, __nv_fp8_e5m2>;
   constexpr bool b_e5m2 = std::is_same_v<B, __nv_fp8_e5m2>;
   const int rank = thread_rank();
   const int warp = (rank / 32) % 4, lane = rank % 32;
-  for (int i = 0; i < 64; ++i) {
+  for (int i = 0; i < kN / 2; ++i) {
     const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
     const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
     float sum = accumulate ? d[i] : 0.0f;
@@ -81,7 +81,13 @@ namespace tilesmith {
 template <typename A, typename B>
 inline void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
-    tilesmith_emu::run_wgmma_m64n128k32<A, B>(d, desc_a, desc_b, accumulate);
+    tilesmith_emu::run_wgmma_m64nk32<128, A, B>(d, desc_a, desc_b, accumulate);
+  });
+}
+template <typename A, typename B>
+inline void wgmma_m64n256k32(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
+    tilesmith_emu::run_wgmma_m64nk32<256, A, B>(d, desc_a, desc_b, accumulate);
   });
 }
 inline void wgmma_fence() {}
