@@ -120,11 +120,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     // 2 + e], drawn before the accumulators below are live (fewer registers at once).
     uint32_t kept = 0;
     if constexpr (kDropout) {
-#pragma unroll
-      for (int ni = 0; ni < kQueryTiles; ++ni) {
-        kept |= dropout.keep_bits_keys(keys, q0 + ni * 8 + quad_col, b * p.heads + h, lane)
-                << (4 * ni);
-      }
+      kept = dropout.tile_bits_keys<kQueryTiles>(keys, q0 + quad_col, b * p.heads + h, lane);
     }
 
     // S^T = K Q^T (this warp's 16 keys x kBlockQ queries) and dP^T = V dO^T.
@@ -287,11 +283,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
     const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
     uint32_t kept = 0;
     if constexpr (kDropout) {
-#pragma unroll
-      for (int ni = 0; ni < kKeyTiles; ++ni) {
-        kept |= dropout.keep_bits_rows(rows, key0 + ni * 8 + quad_col, b * p.heads + h, lane)
-                << (4 * ni);
-      }
+      kept = dropout.tile_bits_rows<kKeyTiles>(rows, key0 + quad_col, b * p.heads + h, lane);
     }
 
     // S = Q K^T and dP = dO V^T (this warp's 16 rows x 64 keys).

@@ -158,11 +158,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     // normaliser; they only leave the product with V.
     uint32_t kept = 0;
     if constexpr (kDropout) {
-#pragma unroll
-      for (int ni = 0; ni < kKeyTiles; ++ni) {
-        kept |= dropout.keep_bits_rows(rows, key0 + ni * 8 + quad_col, b * p.heads + h, lane)
-                << (4 * ni);
-      }
+      kept = dropout.tile_bits_rows<kKeyTiles>(rows, key0 + quad_col, b * p.heads + h, lane);
     }
 
     // S = Q K^T. K's [key][dim] tile is B = K^T in the column-major form mma wants as is.

@@ -99,6 +99,33 @@ struct DropoutMask {
     }
     return bits;
   }
+
+  // The bits of kTiles 8-wide tiles side by side (keys, or queries, first + 8 ni), bit
+  // 4 ni + (half * 2 + e) for accumulator entry [ni][half * 2 + e]: one word per block step.
+  template <int kTiles>
+  __device__ __forceinline__ uint32_t tile_bits_rows(const int64_t (&rows)[2], int64_t first_key,
+                                                     int64_t stream, int lane) const {
+    static_assert(kTiles <= 8, "4 bits per tile in one 32-bit word");
+    uint32_t bits = 0;
+#pragma unroll
+    for (int ni = 0; ni < kTiles; ++ni) {
+      bits |= keep_bits_rows(rows, first_key + ni * 8, stream, lane) << (4 * ni);
+    }
+    return bits;
+  }
+
+  template <int kTiles>
+  __device__ __forceinline__ uint32_t tile_bits_keys(const int64_t (&keys)[2],
+                                                     int64_t first_query, int64_t stream,
+                                                     int lane) const {
+    static_assert(kTiles <= 8, "4 bits per tile in one 32-bit word");
+    uint32_t bits = 0;
+#pragma unroll
+    for (int ni = 0; ni < kTiles; ++ni) {
+      bits |= keep_bits_keys(keys, first_query + ni * 8, stream, lane) << (4 * ni);
+    }
+    return bits;
+  }
 };
 
 }  // namespace attention_sm80
