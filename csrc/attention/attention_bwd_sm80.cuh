@@ -249,7 +249,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
                                     p.v_strides.seq, p.head_dim);
   };
   load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
-  load_rows<T, kBlockM, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq, p.head_dim);
+  load_rows<T, kBlockM, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq,
+                                  p.head_dim);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 

@@ -56,8 +56,9 @@ struct DropoutMask {
   }
 
   __device__ __forceinline__ Philox4 words(int64_t key, int64_t row, int64_t stream) const {
-    return philox4x32_10(static_cast<uint32_t>(static_cast<uint64_t>(key) >> 2), static_cast<uint32_t>(row),
-                         static_cast<uint32_t>(stream), 0u, key_low, key_high);
+    const uint32_t group = static_cast<uint32_t>(static_cast<uint64_t>(key) >> 2);  // key / 4
+    return philox4x32_10(group, static_cast<uint32_t>(row), static_cast<uint32_t>(stream), 0u,
+                         key_low, key_high);
   }
 
   __device__ __forceinline__ uint32_t kept(uint32_t word) const { return word >= threshold; }

@@ -32,7 +32,8 @@ std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer
                     static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
     error = tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::dkdv_smem_bytes<T, kHeadDim>(),
                                   at80::shared_bytes, buffers, [&p] {
-                                    at80::attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout>(p);
+                                    at80::attention_bwd_dkdv_kernel<T, kHeadDim, kCausal,
+                                                                    kDropout>(p);
                                   });
   }
   if (error.empty() && p.seqlen_q > 0) {
@@ -40,7 +41,8 @@ std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer
                     static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
     error = tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::dq_smem_bytes<T, kHeadDim>(),
                                   at80::shared_bytes, buffers, [&p] {
-                                    at80::attention_bwd_dq_kernel<T, kHeadDim, kCausal, kDropout>(p);
+                                    at80::attention_bwd_dq_kernel<T, kHeadDim, kCausal,
+                                                                  kDropout>(p);
                                   });
   }
   return error;
