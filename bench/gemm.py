@@ -5,8 +5,9 @@ eager ops, and against torch.compile of that expression, same run.
 
 Shapes: squares 2048..8192 and LLM projections (M tokens = 16..16384; N, K in 4096..14336),
 bf16 and fp16, bias + GELU (the MLP up-projection) and bias + residual (the down-projection).
-Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS, and Float8Linear
-forward + backward against a bf16 Linear.
+Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS, Float8Linear
+forward + backward (on each backend of ours) against a bf16 Linear, and quantize_fp8 against
+the same arithmetic in eager PyTorch.
 """
 
 from __future__ import annotations
@@ -161,16 +162,52 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
     def step(module):
         return lambda: torch.autograd.grad(module(x), (x, module.weight, module.bias), grad)
 
+    def on_backend(fn, name):
+        def run_on():
+            with tilesmith.use_backend(name):
+                return fn()
+        return run_on
+
     base_ms = harness.median_ms(step(linear))
     flops = 3 * 2 * size ** 3
-    for name, module in (("torch_bf16", linear), ("float8_linear", fp8_linear)):
-        ms = base_ms if module is linear else harness.median_ms(step(module))
+    candidates = [("torch_bf16", step(linear))] + [
+        (f"float8_linear_{name}", on_backend(step(fp8_linear), name)) for name in backends
+        if not tilesmith.backend.unavailable_reason(name, "fp8", x.device, torch.bfloat16)]
+    for name, fn in candidates:
+        ms = base_ms if name == "torch_bf16" else harness.median_ms(fn)
         rows.append(harness.Row(op="float8_linear", mode="fwd+bwd", backend=name,
                                 baseline="linear_bf16", dtype="bfloat16",
                                 shape={"M": size, "N": size, "K": size}, ms=ms,
                                 tflops=flops / ms / 1e9, baseline_ms=base_ms,
                                 ratio=base_ms / ms, rel_err=None, peak_mem_bytes=None,
                                 joules=None))
+
+    # quantize_fp8 (memory-bound: GB/s of x read once and q written) against the same
+    # arithmetic in eager PyTorch (what a model without a fused kernel runs).
+    fmax = torch.finfo(e4m3).max
+    for granularity in ("tensor", "row"):
+
+        def eager(g=granularity):
+            xd = x.detach()
+            amax = xd.abs().amax(1, keepdim=True) if g == "row" else xd.abs().amax()
+            inverse = fmax / amax.float().clamp_min(1e-12)
+            return (xd.float() * inverse).clamp(-fmax, fmax).to(e4m3), 1 / inverse
+
+        eager_ms = harness.median_ms(eager)
+        moved = x.numel() * (x.element_size() + 1)
+        for name in backends:
+            if tilesmith.backend.unavailable_reason(name, "fp8", x.device, torch.bfloat16):
+                continue
+
+            def fn(be=name, g=granularity):
+                return tilesmith.ops.quantize_fp8(x.detach(), granularity=g, backend=be)
+            ms = harness.median_ms(fn)
+            rows.append(harness.Row(op="quantize_fp8", mode="fwd", backend=name,
+                                    baseline="torch_eager", dtype=f"bf16->e4m3_{granularity}",
+                                    shape={"M": size, "K": size}, ms=ms, tflops=None,
+                                    baseline_ms=eager_ms, ratio=eager_ms / ms, rel_err=None,
+                                    note=f"{moved / ms / 1e6:.0f} GB/s (eager "
+                                         f"{moved / eager_ms / 1e6:.0f})"))
     if checkpoint:
         checkpoint(rows)
     return rows

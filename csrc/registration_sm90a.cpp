@@ -13,5 +13,6 @@ extern "C" PyObject* PyInit__C_sm90a(void) {
 }
 
 TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) {
+  m.impl("quantize_fp8_cuda", &tilesmith::quantize_fp8_cuda);
   m.impl("scaled_gemm_cuda", &tilesmith::scaled_gemm_cuda);
 }

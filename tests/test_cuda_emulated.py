@@ -727,6 +727,102 @@ def test_scaled_gemm_wgmma_kernel(case, out_dtype):
     assert sqnr_db(out, ref) > 40
 
 
+# --- FP8 quantization: csrc/fp8/quantize_sm90a.cuh --------------------------------------------
+
+class QuantizeParams(ctypes.Structure):
+    """csrc/fp8/quantize.h's QuantizeParams (size checked against the C++ one)."""
+    _fields_ = [("x", ctypes.c_void_p), ("m", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("x_row_stride", ctypes.c_int64), ("x_col_stride", ctypes.c_int64),
+                ("q", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("scale_row_stride", ctypes.c_int64), ("amax", ctypes.c_void_p),
+                ("granularity", ctypes.c_int), ("block_m", ctypes.c_int),
+                ("block_k", ctypes.c_int), ("input", ctypes.c_int), ("e5m2", ctypes.c_bool)]
+
+
+QUANTIZE_INPUTS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+QUANTIZE_GRANULARITIES = {"tensor": 0, "row": 1, "block": 2, "block2d": 3}
+QUANTIZE_CASES = {
+    # name: (m, k, input dtype, fp8 format, granularity, (block_m, block_k), layout,
+    #        16-byte loads expected)
+    "row_bf16_rows_of_16_bytes": (19, 264, torch.bfloat16, torch.float8_e4m3fn, "row", (1, 1),
+                                  "contiguous", True),
+    "row_fp16_one_long_row": (1, 4096, torch.float16, torch.float8_e5m2, "row", (1, 1),
+                              "contiguous", True),
+    "row_fp32_odd_k": (10, 37, torch.float32, torch.float8_e5m2, "row", (1, 1), "contiguous",
+                       False),
+    # Two column groups per row (2048 wide for bf16): the atomic max spans blocks.
+    "tensor_bf16_two_column_groups": (33, 2200, torch.bfloat16, torch.float8_e4m3fn, "tensor",
+                                      (1, 1), "contiguous", True),
+    "tensor_fp16_transposed": (40, 300, torch.float16, torch.float8_e5m2, "tensor", (1, 1),
+                               "transposed", False),
+    "block_bf16_1x128_k_tail": (9, 392, torch.bfloat16, torch.float8_e4m3fn, "block", (1, 128),
+                                "contiguous", True),
+    "block_fp32_1x16_padded_rows": (5, 100, torch.float32, torch.float8_e5m2, "block", (1, 16),
+                                    "padded", True),
+    "block_bf16_1x64_transposed": (21, 130, torch.bfloat16, torch.float8_e4m3fn, "block",
+                                   (1, 64), "transposed", False),
+    "block2d_bf16_128x128_tails": (130, 264, torch.bfloat16, torch.float8_e4m3fn, "block2d",
+                                   (128, 128), "contiguous", True),
+    "block2d_fp16_16x64_odd": (37, 150, torch.float16, torch.float8_e5m2, "block2d", (16, 64),
+                               "padded", False),
+}
+
+
+def quantize_input(m, k, dtype, layout):
+    """x (m, k) with a zero row, a row of tiny values and one large value, laid out as asked,
+    inside NaN-filled storage: a read outside x would turn an amax (and a scale) into NaN."""
+    x = torch.randn(m, k) * 5
+    x[-1, -1] = 1e4  # in the last column group
+    if m > 2:
+        x[0] = 0
+        x[1] *= 1e-30
+    if layout == "transposed":  # column-major: element loads, strided
+        storage = torch.full((k + 3, m + 5), float("nan"), dtype=dtype)
+        view = storage[1:k + 1, 2:m + 2].t()
+    elif layout == "padded":  # row stride > k, the padding NaN
+        storage = torch.full((m + 2, k + 4), float("nan"), dtype=dtype)
+        view = storage[1:m + 1, :k]
+    else:
+        storage = torch.full((m * k + 2 * GUARD,), float("nan"), dtype=dtype)
+        view = storage[GUARD:GUARD + m * k].view(m, k)
+    view.copy_(x.to(dtype))
+    return view
+
+
+@pytest.mark.parametrize("case", list(QUANTIZE_CASES))
+def test_quantize_fp8_kernels(case):
+    """Bit for bit the reference's fp8 values and scales, through both load widths."""
+    m, k, dtype, fp8, granularity, (block_m, block_k), layout, vectorized = QUANTIZE_CASES[case]
+    lib = emulated("quantize")
+    assert lib.quantize_params_size() == ctypes.sizeof(QuantizeParams)
+    x = quantize_input(m, k, dtype, layout)
+    ref_q, ref_scale = testing.quantize_fp8_reference(x, fp8, granularity, block_m, block_k)
+    # q: 0x7f (NaN in both formats) everywhere the kernel must not write, and before it does.
+    q_storage = torch.full((m * k + 2 * GUARD,), 0x7F, dtype=torch.uint8)
+    q = q_storage[GUARD:GUARD + m * k].view(m, k)
+    scale, scale_storage = guarded_empty(ref_scale.shape, torch.float32)
+    amax = torch.zeros(1)
+    p = QuantizeParams(x=x.data_ptr(), m=m, k=k, x_row_stride=x.stride(0),
+                       x_col_stride=x.stride(1), q=q.data_ptr(), scale=scale.data_ptr(),
+                       scale_row_stride=ref_scale.shape[-1] if granularity.startswith("block")
+                       else 1, amax=amax.data_ptr(),
+                       granularity=QUANTIZE_GRANULARITIES[granularity], block_m=block_m,
+                       block_k=block_k, input=QUANTIZE_INPUTS[dtype],
+                       e5m2=fp8 == torch.float8_e5m2)
+    used_vector_loads = ctypes.c_int()
+    error = ctypes.create_string_buffer(512)
+    status = lib.emulate_quantize_fp8(ctypes.byref(p), ctypes.byref(used_vector_loads), error,
+                                      len(error))
+    assert status == 0, error.value.decode()
+    assert bool(used_vector_loads.value) == vectorized
+    for band in (q_storage[:GUARD], q_storage[-GUARD:]):
+        assert (band == 0x7F).all(), "q: the kernel wrote outside the output"
+    assert_guards_untouched(scale_storage, "scale")
+    assert torch.equal(scale, ref_scale), (scale, ref_scale)
+    assert torch.equal(q, ref_q.view(torch.uint8)), "fp8 bits differ"
+    assert ref_q.float().abs().max() == torch.finfo(fp8).max  # the large value saturated
+
+
 def packed_strides(t):
     """(batch, head, seq) strides of a packed (tokens, heads, dim) tensor: batch stride 0."""
     assert t.stride(2) == 1

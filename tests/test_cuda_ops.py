@@ -79,11 +79,27 @@ def _scaled_gemm_step():
     return step
 
 
+def _float8_linear_step():
+    # 264 input and 200 output features: neither product's k is a multiple of 16 (the
+    # zero-padding copy), and the backward quantizes transposed views.
+    layer = tilesmith.nn.Float8Linear(264, 200, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(130, 264, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        with tilesmith.use_backend("cuda"):
+            out = layer(x)
+            grads = torch.autograd.grad(out.float().square().sum(), (x, layer.weight))
+        q, _ = tilesmith.ops.quantize_fp8(x.detach(), backend="cuda")  # per-tensor: 2 kernels
+        return (*grads, q.view(torch.uint8))
+    return step
+
+
 STEPS = {"attention": ("attention", torch.bfloat16, _attention_step),
          "attention_dropout": ("attention", torch.bfloat16, _dropout_step),
          "varlen_attention": ("attention", torch.float16, _varlen_step),
          "conv2d": ("conv2d", torch.bfloat16, _conv2d_step),
-         "scaled_gemm": ("fp8", torch.float8_e4m3fn, _scaled_gemm_step)}
+         "scaled_gemm": ("fp8", torch.float8_e4m3fn, _scaled_gemm_step),
+         "float8_linear": ("fp8", torch.bfloat16, _float8_linear_step)}
 
 
 @pytest.mark.parametrize("name", list(STEPS))
@@ -159,7 +175,17 @@ def test_registered_cuda_ops_reject_bad_input():
         ops.conv2d_fwd_cuda(x, torch.randn(8, 5, 3, 3, device="cuda", dtype=torch.bfloat16),
                             None, [1, 1], [1, 1], [1, 1], "none", False)
     if backend._C_SM90A is not None:
-        a = torch.randn(16, 40, device="cuda").to(torch.float8_e4m3fn)
+        a = torch.randn(16, 48, device="cuda").to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda")
-        with pytest.raises(RuntimeError, match="multiple of 16|compute capability"):
-            ops.scaled_gemm_cuda(a, a.t(), one, one, None, torch.bfloat16, 0, 0)
+        with pytest.raises(RuntimeError, match="inner dimension|must be \\(m, k\\)"):
+            ops.scaled_gemm_cuda(a, a, one, one, None, torch.bfloat16, 0, 0)
+        with pytest.raises(RuntimeError, match="scale shapes|compute capability"):
+            ops.scaled_gemm_cuda(a, a.t(), torch.ones(3, device="cuda"), one, None,
+                                 torch.bfloat16, 1, 0)
+        x = torch.randn(16, 48, device="cuda")
+        with pytest.raises(RuntimeError, match="must be 2-D"):
+            ops.quantize_fp8_cuda(x[None], torch.float8_e4m3fn, 1, 1, 1)
+        with pytest.raises(RuntimeError, match="powers of two"):
+            ops.quantize_fp8_cuda(x, torch.float8_e4m3fn, 2, 1, 100)
+        with pytest.raises(RuntimeError, match="bfloat16, float16 or float32"):
+            ops.quantize_fp8_cuda(x.double(), torch.float8_e4m3fn, 1, 1, 1)

@@ -26,6 +26,13 @@ def check(name, got, want, bar=2e-2):
         FAILURES.append(name)
 
 
+def check_exact(name, same):
+    print(f"{'ok  ' if same else 'FAIL'} {name}: {'bit-exact' if same else 'bits differ'}",
+          flush=True)
+    if not same:
+        FAILURES.append(name)
+
+
 def main() -> int:
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16
@@ -154,6 +161,26 @@ def main() -> int:
                                             backend="cuda")
             check(f"scaled_gemm {granularity}", out,
                   testing.scaled_gemm_reference(qa, qw.t(), sa, sw.t()), bar=1e-5)
+        # quantize_fp8, bit-exact, on rows of 16-byte loads, an odd k (element loads) and a
+        # transposed view; scaled_gemm on a k the op pads.
+        x = torch.randn(67, 200, device=dev, dtype=torch.bfloat16)
+        for view in (x, x[:, :195], x.t()):
+            for granularity, block in (("tensor", 128), ("row", 128), ("block", 64),
+                                       ("block", (32, 64))):
+                q, s = tilesmith.ops.quantize_fp8(view, granularity=granularity,
+                                                  block_size=block, backend="cuda")
+                ref_q, ref_s = quant(view, torch.float8_e4m3fn,
+                                     "block2d" if isinstance(block, tuple) else granularity,
+                                     *(block if isinstance(block, tuple) else (1, block)))
+                check_exact(f"quantize_fp8 {granularity} {tuple(view.shape)}",
+                            torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+                            and torch.equal(s, ref_s))
+        qa, sa = quant(a[:, :270], torch.float8_e4m3fn, "row")
+        qw, sw = quant(w[:, :270], torch.float8_e4m3fn, "row")
+        out = tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sw.t(), out_dtype=torch.float32,
+                                        backend="cuda")
+        check("scaled_gemm row k=270 (padded)", out,
+              testing.scaled_gemm_reference(qa, qw.t(), sa, sw.t()), bar=1e-5)
     torch.cuda.synchronize()
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all ok")
     return 1 if FAILURES else 0

@@ -1,4 +1,5 @@
-// tilesmith::scaled_gemm_cuda: checks, operand layouts, output and the ScaledGemmParams fill.
+// tilesmith::quantize_fp8_cuda and scaled_gemm_cuda: checks, operand layouts, outputs and the
+// params fill.
 // Compiled into tilesmith._C_sm90a with the sm_90a kernels; the schema lives in
 // python/tilesmith/ops/fp8.py, registration_sm90a.cpp binds this function to it.
 #include "fp8_api.h"
@@ -8,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../common/check.h"
+#include "quantize.h"
 #include "scaled_gemm.h"
 
 namespace tilesmith {
@@ -16,14 +18,107 @@ namespace {
 
 bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
 
-// k contiguous, rows 16-byte aligned: the layout cp.async and the swizzled tiles need.
-at::Tensor k_major(const at::Tensor& t) {
-  const bool ok = t.stride(1) == 1 && t.stride(0) % 16 == 0 &&
+// t (rows, k) with k contiguous, 16-byte aligned rows and k_padded columns: the layout
+// cp.async and the swizzled tiles need. Anything else is copied, zero-padded to k_padded
+// columns (zeros add nothing to the products).
+at::Tensor k_major(const at::Tensor& t, int64_t k_padded) {
+  const bool ok = t.size(1) == k_padded && t.stride(1) == 1 && t.stride(0) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous().clone();
+  if (ok) return t;
+  at::Tensor padded = at::zeros({t.size(0), k_padded}, t.options());
+  padded.narrow(1, 0, t.size(1)).copy_(t);
+  return padded;
+}
+
+// This extension holds sm_90a code only: on another GPU say so instead of failing to launch.
+void check_sm90(const at::Device& device, const char* op) {
+  int major = 0, minor = 0;
+  TILESMITH_CHECK_LAUNCH(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  TILESMITH_CHECK_LAUNCH(
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index()));
+  TORCH_CHECK(major == 9 && minor == 0, op, " (cuda backend): tilesmith._C_sm90a is built for "
+              "sm_90a and runs on compute capability 9.0 only, this GPU has ", major, ".", minor);
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x_in,
+                                                     at::ScalarType dtype, int64_t granularity,
+                                                     int64_t block_m, int64_t block_k) {
+  TILESMITH_CHECK_CUDA_TENSOR(x_in);
+  TORCH_CHECK(x_in.dim() == 2, "quantize_fp8: x must be 2-D, got ", x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf ||
+                  x_in.scalar_type() == at::kFloat,
+              "quantize_fp8: x must be bfloat16, float16 or float32, got ", x_in.scalar_type());
+  TORCH_CHECK(is_fp8(dtype), "quantize_fp8: dtype must be float8_e4m3fn or float8_e5m2, got ",
+              dtype);
+  TORCH_CHECK(granularity >= 0 && granularity <= 3, "quantize_fp8: bad granularity ",
+              granularity);
+  const auto power_of_two = [](int64_t b) {
+    return b >= 16 && b <= (1 << 30) && (b & (b - 1)) == 0;
+  };
+  const auto kind = static_cast<Granularity>(granularity);
+  TORCH_CHECK((kind != Granularity::kBlock && kind != Granularity::kBlock2d) ||
+                  (power_of_two(block_k) &&
+                   (kind == Granularity::kBlock || power_of_two(block_m))),
+              "quantize_fp8: block sizes must be powers of two >= 16, got ", block_m, " x ",
+              block_k);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  check_sm90(x_in.device(), "quantize_fp8");
+  // A transposed (column-major) x, as Float8Linear's backward passes, is made row-major
+  // first: the kernels walk rows, and a warp reading a column of x would touch 32 cache
+  // lines per step. (A kernel that transposes through shared memory would save the copy.)
+  const at::Tensor x = x_in.stride(1) != 1 && x_in.stride(0) == 1 ? x_in.contiguous() : x_in;
+
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t blocks_k = kind == Granularity::kBlock || kind == Granularity::kBlock2d
+                               ? (k + block_k - 1) / block_k
+                               : 1;
+  // Column groups go to gridDim.y (at most 65535); per-tensor groups are >= 256 wide.
+  TORCH_CHECK(blocks_k <= 65535 && k / 256 < 65535, "quantize_fp8 (cuda backend): x ",
+              x.sizes(), " has too many column blocks (", blocks_k, ") of ", block_k);
+  const at::Tensor q = at::empty({m, k}, x.options().dtype(dtype));
+  const auto scale_options = x.options().dtype(at::kFloat);
+  at::Tensor scale;
+  switch (kind) {
+    case Granularity::kTensor: scale = at::empty({}, scale_options); break;
+    case Granularity::kRow: scale = at::empty({m, 1}, scale_options); break;
+    case Granularity::kBlock: scale = at::empty({m, blocks_k}, scale_options); break;
+    case Granularity::kBlock2d:
+      scale = at::empty({(m + block_m - 1) / block_m, blocks_k}, scale_options);
+      break;
+  }
+  const bool e5m2 = dtype == at::kFloat8_e5m2;
+  if (q.numel() == 0) {  // no values: every group's amax is the 1e-12 floor
+    const double fp8_max = e5m2 ? 57344.0 : 448.0;
+    scale.fill_(static_cast<float>(static_cast<double>(1e-12f) / fp8_max));
+    return {q, scale};
+  }
+  const at::Tensor amax =
+      kind == Granularity::kTensor ? at::zeros({}, scale_options) : at::Tensor();
+
+  QuantizeParams p{};
+  p.x = x.data_ptr();
+  p.m = m;
+  p.k = k;
+  p.x_row_stride = x.stride(0);
+  p.x_col_stride = x.stride(1);
+  p.q = q.data_ptr();
+  p.scale = scale.data_ptr<float>();
+  p.scale_row_stride = blocks_k;
+  p.amax = amax.defined() ? amax.data_ptr<float>() : nullptr;
+  p.granularity = kind;
+  p.block_m = static_cast<int>(block_m);
+  p.block_k = static_cast<int>(block_k);
+  p.input = x.scalar_type() == at::kBFloat16 ? QuantizeInput::kBFloat16
+            : x.scalar_type() == at::kHalf   ? QuantizeInput::kFloat16
+                                             : QuantizeInput::kFloat32;
+  p.e5m2 = e5m2;
+  TILESMITH_CHECK_LAUNCH(run_quantize_fp8_sm90a(
+      p, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  return {q, scale};
+}
 
 at::Tensor scaled_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
                             const at::Tensor& scale_a_in, const at::Tensor& scale_b_in,
@@ -43,22 +138,17 @@ at::Tensor scaled_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kFloat,
               "scaled_gemm: out_dtype must be bfloat16, float16 or float32, got ", out_dtype);
   const int64_t m = a_in.size(0), k = a_in.size(1), n = b_in.size(1);
-  TORCH_CHECK(k % 16 == 0, "scaled_gemm (cuda backend): k must be a multiple of 16 (16-byte "
-              "fp8 rows), got a ", a_in.sizes());
   TORCH_CHECK(scale_a_kind >= 0 && scale_a_kind <= 2 && scale_b_kind >= 0 && scale_b_kind <= 2 &&
                   (scale_a_kind == 2) == (scale_b_kind == 2),
               "scaled_gemm: bad scale kinds ", scale_a_kind, ", ", scale_b_kind);
   c10::cuda::CUDAGuard guard(a_in.device());
-  int major = 0, minor = 0;
+  check_sm90(a_in.device(), "scaled_gemm");
   const int device = a_in.device().index();
-  TILESMITH_CHECK_LAUNCH(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  TILESMITH_CHECK_LAUNCH(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(major == 9 && minor == 0, "scaled_gemm (cuda backend): the wgmma kernels are built "
-              "for sm_90a and run on compute capability 9.0 only, this GPU has ", major, ".",
-              minor);
 
-  const at::Tensor a = k_major(a_in);
-  const at::Tensor b_t = k_major(b_in.t());  // (n, k)
+  // 16-byte rows for cp.async: k is padded to a multiple of 16 (a copy) where it is not one.
+  const int64_t k_padded = (k + 15) / 16 * 16;
+  const at::Tensor a = k_major(a_in, k_padded);
+  const at::Tensor b_t = k_major(b_in.t(), k_padded);  // (n, k)
   const at::Tensor scale_a = scale_a_in.to(at::kFloat).contiguous();
   const at::Tensor scale_b = scale_b_in.to(at::kFloat).contiguous();
   const int64_t blocks_k = (k + 127) / 128, blocks_n = (n + 127) / 128;
@@ -90,7 +180,7 @@ at::Tensor scaled_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   p.bias = bias.has_value() ? bias_f32.data_ptr<float>() : nullptr;
   p.m = m;
   p.n = n;
-  p.k = k;
+  p.k = k_padded;  // the same 128-deep scale blocks: 128 is a multiple of 16
   p.a_row_stride = a.stride(0);
   p.b_row_stride = b_t.stride(0);
   p.scale_a_kind = static_cast<ScaleKind>(scale_a_kind);

@@ -44,9 +44,9 @@ DEFAULT_ORDER: dict[str, dict[torch.dtype, tuple[str, ...]]] = {
     },
     "fp8": {
         # Keyed on the input dtype: the activation being quantized, or the fp8 operand.
-        torch.bfloat16: ("triton", "torch"),
-        torch.float16: ("triton", "torch"),
-        torch.float32: ("triton", "torch"),
+        torch.bfloat16: ("triton", "cuda", "torch"),
+        torch.float16: ("triton", "cuda", "torch"),
+        torch.float32: ("triton", "cuda", "torch"),
         torch.float8_e4m3fn: ("triton", "cuda", "torch"),
         torch.float8_e5m2: ("triton", "cuda", "torch"),
     },
@@ -77,8 +77,10 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
     "fp8": {
-        # scaled_gemm only (sm_90a wgmma, tilesmith._C_sm90a); keyed on the fp8 operand.
-        "cuda": (torch.float8_e4m3fn, torch.float8_e5m2),
+        # tilesmith._C_sm90a (H100/H200): quantize_fp8 from these, scaled_gemm (wgmma) on
+        # the fp8 operands.
+        "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn,
+                 torch.float8_e5m2),
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn,
                    torch.float8_e5m2),
         # The torch backend of fp8 is tilesmith.testing's plain-PyTorch reference (float64
@@ -185,8 +187,9 @@ def unavailable_reason(backend: str, op: str, device: torch.device,
             return f"the cuda backend needs CUDA tensors, got tensors on {device}"
         major, minor = _capability(device)
         if hopper and (major, minor) != (9, 0):
-            return (f"the cuda fp8 kernels use sm_90a instructions (wgmma), which run on "
-                    f"compute capability 9.0 only (H100/H200); this GPU has {major}.{minor}")
+            return (f"the cuda fp8 kernels are built for sm_90a (wgmma) in tilesmith._C_sm90a, "
+                    f"which runs on compute capability 9.0 only (H100/H200); this GPU has "
+                    f"{major}.{minor}")
         if major < 8:
             return (f"the cuda backend needs compute capability 8.0 or newer (mma.sync with "
                     f"bf16), this GPU has {major}.{minor}")

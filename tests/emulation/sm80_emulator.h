@@ -417,12 +417,19 @@ template <typename V>
 inline V __shfl_xor_sync(unsigned /*mask*/, V value, int lane_mask, int /*width*/ = 32) {
   return ::tilesmith_emu::shfl_xor(value, lane_mask);
 }
-// Fibers never interleave between barriers: an atomic add is a plain one here.
+// Fibers never interleave between barriers: atomics are plain read-modify-writes here.
 inline float atomicAdd(float* address, float value) {
   const float old = *address;
   *address = old + value;
   return old;
 }
+inline unsigned int atomicMax(unsigned int* address, unsigned int value) {
+  const unsigned int old = *address;
+  *address = old > value ? old : value;
+  return old;
+}
+// Host float division is IEEE's, correctly rounded to nearest.
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 

@@ -1,7 +1,7 @@
 """FP8 (float8_e4m3fn, float8_e5m2): ``quantize_fp8`` (amax, scale and cast on the device)
 and ``scaled_gemm`` (fp8 x fp8 -> bf16/fp16/fp32 with per-tensor, per-row/column or
 per-block scales, fp32 accumulation). Kernels: kernels/fp8.py (Triton: both ops) and
-csrc/fp8/ (CUDA, sm_90a wgmma: scaled_gemm on an H100/H200, k a multiple of 16).
+csrc/fp8/ (CUDA, in tilesmith._C_sm90a: both ops on an H100/H200, scaled_gemm with wgmma).
 
 Scale shapes (dequantization multipliers, x ~ x_fp8 * scale, as torch._scaled_mm):
     quantize_fp8(x (M, K), granularity=)  "tensor": ()   "row": (M, 1)
@@ -21,6 +21,8 @@ from torch.library import triton_op
 
 from ._library import LIBRARY, new_output, wrap_triton
 
+LIBRARY.define("quantize_fp8_cuda(Tensor x, ScalarType dtype, int granularity, int block_m, "
+               "int block_k) -> (Tensor, Tensor)")
 LIBRARY.define("scaled_gemm_cuda(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, "
                "Tensor? bias, ScalarType out_dtype, int scale_a_kind, int scale_b_kind) -> Tensor")
 
@@ -37,6 +39,24 @@ def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+def _scale_shape(m: int, k: int, kind: int, block_m: int, block_k: int) -> tuple[int, ...]:
+    return [(), (m, 1), (m, -(-k // block_k)), (-(-m // block_m), -(-k // block_k))][kind]
+
+
+def _floor_scale(dtype: torch.dtype) -> float:
+    """The scale of a group with no values: the amax floor 1e-12 (as float32, the kernels'
+    and the reference's) over FP8_MAX, divided in float64 and rounded to float32."""
+    return float(torch.tensor(1e-12, dtype=torch.float32).double() / fp8_max(dtype))
+
+
+@torch.library.register_fake("tilesmith::quantize_fp8_cuda")
+def _quantize_fp8_cuda_fake(x, dtype, granularity, block_m, block_k):
+    m, k = x.shape
+    return (x.new_empty((m, k), dtype=dtype),
+            x.new_empty(_scale_shape(m, k, granularity, block_m, block_k),
+                        dtype=torch.float32))
+
+
 @triton_op("tilesmith::quantize_fp8_triton", mutates_args=())
 def _quantize_fp8_triton(x: torch.Tensor, dtype: torch.dtype, granularity: str,
                          block_m: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,19 +68,10 @@ def _quantize_fp8_triton(x: torch.Tensor, dtype: torch.dtype, granularity: str,
     m, k = x.shape
     q = new_output((m, k), like=x, dtype=dtype)
     kind = _GRANULARITY[granularity]
-    if kind == 0:
-        scale = new_output((), like=x, dtype=torch.float32)
-    elif kind == 1:
-        scale = new_output((m, 1), like=x, dtype=torch.float32)
-    elif kind == 2:
-        scale = new_output((m, triton.cdiv(k, block_k)), like=x, dtype=torch.float32)
-    else:
-        scale = new_output((triton.cdiv(m, block_m), triton.cdiv(k, block_k)), like=x,
-                           dtype=torch.float32)
+    scale = new_output(_scale_shape(m, k, kind, block_m, block_k), like=x, dtype=torch.float32)
     amax = torch.zeros((), dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
-        # Nothing to reduce: the amax floor, as the reference computes it (float64, once).
-        return q, scale.fill_(1e-12 / fp8_max(dtype)) if kind == 0 else scale
+    if x.numel() == 0:  # nothing to reduce: every group's amax is the floor
+        return q, scale.fill_(_floor_scale(dtype))
     mantissa, min_exponent = _FORMAT[dtype]
     common = dict(FP8_MAX=fp8_max(dtype), MANTISSA_BITS=mantissa, MIN_EXPONENT=min_exponent,
                   UPCAST=INTERPRETING)
@@ -115,6 +126,9 @@ def quantize_fp8(x: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn,
         from ..testing import quantize_fp8_reference
 
         return quantize_fp8_reference(x, dtype, granularity, block_m, block_k)
+    if name == "cuda":
+        return torch.ops.tilesmith.quantize_fp8_cuda(x, dtype, _GRANULARITY[granularity],
+                                                     block_m, block_k)
     return torch.ops.tilesmith.quantize_fp8_triton(x, dtype, granularity, block_m, block_k)
 
 
@@ -229,9 +243,7 @@ def scaled_gemm(a_fp8: torch.Tensor, b_fp8: torch.Tensor, scale_a: torch.Tensor,
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
     kind_a, kind_b = _scale_kinds(scale_a, scale_b, m, n, k)
-    cuda_cannot = (f"the cuda (wgmma) kernel needs k to be a multiple of 16, got {k} (the "
-                   f"triton backend takes any)" if k % 16 else None)
-    name = _backend.pick("fp8", a_fp8, backend, {"cuda": cuda_cannot})
+    name = _backend.pick("fp8", a_fp8, backend)
     if name == "torch":
         from ..testing import scaled_gemm_reference
 

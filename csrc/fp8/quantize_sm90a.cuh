@@ -1,0 +1,259 @@
+// FP8 quantization (ops/fp8.py's quantize_fp8): amax per group, scale = amax / FP8_MAX, and
+// q = x * (FP8_MAX / amax) saturated and rounded to nearest even. The arithmetic is that of
+// kernels/fp8.py and tilesmith.testing.quantize_fp8_reference, bit for bit: amax floored at
+// 1e-12, the reciprocal divided in fp64 and rounded once to fp32, the product in fp32, and
+// the conversion's satfinite doing the clamp to +-FP8_MAX.
+//
+// A block of 8 warps owns one group of rows. Each warp walks whole row segments, lane i
+// taking kVec consecutive elements of every 32 * kVec wide step (16-byte loads where the
+// rows allow), so the amax of a row or of a 1 x block_k piece is one warp reduction, and a
+// block_m x block_k tile's one more across the warps through shared memory. The cast pass
+// then reads the segment again (from L1/L2: a row of 16K bf16 is 32 KiB). Per-tensor
+// scaling takes two kernels: tile amaxes folded into a device float by an atomic max, then
+// the cast pass reading it, so nothing waits for the host.
+//
+// Nothing here needs sm_90a; it lives in tilesmith._C_sm90a beside the scaled GEMM it
+// feeds, so the cuda fp8 backend is one extension. On sm_89 and newer the conversion is the
+// hardware cvt.rn.satfinite.{e4m3,e5m2}x2.f32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "quantize.h"
+
+namespace tilesmith {
+namespace fp8_quantize {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+// Blocks per SM the kernels are compiled for (at most 64 registers a thread). Without a
+// minimum, ptxas kept 32 registers and spilled around the division's slow-path call.
+constexpr int kMinBlocks = 4;
+// Per-tensor scaling: a warp covers this many 32 * kVec wide steps of its row per block.
+constexpr int kTensorSteps = 8;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// The larger of a and b, NaN if either is, as torch.amax (fmaxf would drop the NaN).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// The maximum over the block of each warp's `warp_amax` (all threads get it).
+__device__ __forceinline__ float block_max(float warp_amax, float* shared) {
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = warp_amax;
+  __syncthreads();
+  float amax = shared[0];
+  for (int w = 1; w < kWarps; ++w) amax = nan_max(amax, shared[w]);
+  return amax;
+}
+
+// The rows and columns a block covers: blockIdx.x counts groups of rows (8, one per warp,
+// or block_m for 2-D tiles), blockIdx.y groups of columns (the whole row, one block_k
+// piece, or for per-tensor scaling kTensorSteps steps).
+struct Group {
+  int64_t row0, row_end, col0, col_end;
+};
+
+template <int kVec>
+__host__ __device__ inline int64_t group_width(const QuantizeParams& p) {
+  switch (p.granularity) {
+    case Granularity::kTensor: return 32 * kVec * kTensorSteps;
+    case Granularity::kRow: return p.k;
+    default: return p.block_k;
+  }
+}
+
+__host__ __device__ inline int64_t group_rows(const QuantizeParams& p) {
+  return p.granularity == Granularity::kBlock2d ? p.block_m : kWarps;
+}
+
+template <int kVec>
+__device__ __forceinline__ Group group_of(const QuantizeParams& p) {
+  const int64_t rows = group_rows(p), width = group_width<kVec>(p);
+  Group g;
+  g.row0 = static_cast<int64_t>(blockIdx.x) * rows;
+  g.row_end = g.row0 + rows < p.m ? g.row0 + rows : p.m;
+  g.col0 = static_cast<int64_t>(blockIdx.y) * width;
+  g.col_end = g.col0 + width < p.k ? g.col0 + width : p.k;
+  return g;
+}
+
+// x[row, col .. col + kVec) as floats. kVec > 1 only where the launcher found the rows
+// contiguous and 16-byte aligned with k a multiple of kVec.
+template <typename T, int kVec>
+__device__ __forceinline__ void load(const QuantizeParams& p, int64_t row, int64_t col,
+                                     float (&v)[kVec]) {
+  const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
+  if constexpr (kVec == 1) {
+    v[0] = to_float(x[col * p.x_col_stride]);
+  } else {
+    static_assert(kVec * sizeof(T) == 16, "one 16-byte load per step");
+    alignas(16) T raw[kVec];
+    *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(x + col);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) v[i] = to_float(raw[i]);
+  }
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ float segment_amax(const QuantizeParams& p, int64_t row,
+                                              const Group& g) {
+  float amax = 0.f;
+  for (int64_t col = g.col0 + (threadIdx.x % 32) * kVec; col < g.col_end; col += 32 * kVec) {
+    float v[kVec];
+    load<T, kVec>(p, row, col, v);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) amax = nan_max(amax, fabsf(v[i]));
+  }
+  return amax;
+}
+
+template <bool kE5m2>
+__device__ __forceinline__ uint16_t to_fp8x2(float lo, float hi) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE,
+                                  kE5m2 ? __NV_E5M2 : __NV_E4M3);
+}
+
+template <typename T, bool kE5m2, int kVec>
+__device__ __forceinline__ void cast_segment(const QuantizeParams& p, int64_t row,
+                                             const Group& g, float inverse) {
+  uint8_t* q = static_cast<uint8_t*>(p.q) + row * p.k;
+  for (int64_t col = g.col0 + (threadIdx.x % 32) * kVec; col < g.col_end; col += 32 * kVec) {
+    float v[kVec];
+    load<T, kVec>(p, row, col, v);
+    if constexpr (kVec == 1) {
+      q[col] = static_cast<uint8_t>(
+          __nv_cvt_float_to_fp8(v[0] * inverse, __NV_SATFINITE, kE5m2 ? __NV_E5M2 : __NV_E4M3));
+    } else {
+      uint32_t words[kVec / 4];  // four fp8 values each, the first in the low byte
+#pragma unroll
+      for (int i = 0; i < kVec; i += 4) {
+        words[i / 4] = to_fp8x2<kE5m2>(v[i] * inverse, v[i + 1] * inverse) |
+                       static_cast<uint32_t>(to_fp8x2<kE5m2>(v[i + 2] * inverse,
+                                                             v[i + 3] * inverse))
+                           << 16;
+      }
+      if constexpr (kVec == 8) {
+        *reinterpret_cast<uint2*>(q + col) = make_uint2(words[0], words[1]);
+      } else {
+        *reinterpret_cast<uint32_t*>(q + col) = words[0];
+      }
+    }
+  }
+}
+
+// Per-tensor stage 1: the block's amax, folded into *p.amax (zeroed by the caller). Floats
+// >= 0 order as their bit patterns, and a NaN's (sign cleared by fabsf) are above +inf's,
+// so an unsigned atomic max is the float max and keeps a NaN as torch.amax does.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) tensor_amax_kernel(const QuantizeParams p) {
+  extern __shared__ float quantize_warp_amax[];  // kWarps floats
+  const Group g = group_of<kVec>(p);
+  const int64_t row = g.row0 + threadIdx.x / 32;
+  const float amax = block_max(warp_max(row < g.row_end ? segment_amax<T, kVec>(p, row, g)
+                                                        : 0.f),
+                               quantize_warp_amax);
+  if (threadIdx.x == 0) {
+    uint32_t bits;
+    std::memcpy(&bits, &amax, sizeof bits);
+    atomicMax(reinterpret_cast<unsigned int*>(p.amax), bits);
+  }
+}
+
+template <typename T, bool kE5m2, int kVec>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) quantize_kernel(const QuantizeParams p) {
+  extern __shared__ float quantize_warp_amax[];  // kWarps floats
+  const Group g = group_of<kVec>(p);
+  const int warp = threadIdx.x / 32;
+  float amax;
+  if (p.granularity == Granularity::kTensor) {
+    amax = *p.amax;
+  } else {
+    amax = 0.f;
+    for (int64_t row = g.row0 + warp; row < g.row_end; row += kWarps) {
+      amax = nan_max(amax, segment_amax<T, kVec>(p, row, g));
+    }
+    amax = warp_max(amax);
+    if (p.granularity == Granularity::kBlock2d) amax = block_max(amax, quantize_warp_amax);
+  }
+  // The reference divides in fp64 and rounds to fp32; a correctly rounded fp32 division
+  // gives the same bits (a 53-bit quotient is wide enough that rounding it again to 24 bits
+  // never differs from rounding once), without fp64's division routine.
+  constexpr float kFp8Max = kE5m2 ? 57344.f : 448.f;
+  const float floored = nan_max(amax, 1e-12f);
+  const float inverse = __fdiv_rn(kFp8Max, floored);
+  const float scale = __fdiv_rn(floored, kFp8Max);
+
+  const bool first_lane = threadIdx.x % 32 == 0;
+  const int64_t row = g.row0 + warp;  // a warp's (only) row, for row and 1-D block scales
+  switch (p.granularity) {
+    case Granularity::kTensor:
+      if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) p.scale[0] = scale;
+      break;
+    case Granularity::kRow:
+      if (first_lane && row < g.row_end) p.scale[row] = scale;
+      break;
+    case Granularity::kBlock:
+      if (first_lane && row < g.row_end) p.scale[row * p.scale_row_stride + blockIdx.y] = scale;
+      break;
+    case Granularity::kBlock2d:
+      if (threadIdx.x == 0) p.scale[blockIdx.x * p.scale_row_stride + blockIdx.y] = scale;
+      break;
+  }
+  for (int64_t r = g.row0 + warp; r < g.row_end; r += kWarps) {
+    cast_segment<T, kE5m2, kVec>(p, r, g, inverse);
+  }
+}
+
+// The launch grid; the caller (fp8_api.cpp) keeps gridDim.y within 65535.
+template <int kVec>
+inline dim3 grid_of(const QuantizeParams& p) {
+  const int64_t rows = group_rows(p), width = group_width<kVec>(p);
+  return dim3(static_cast<unsigned>((p.m + rows - 1) / rows),
+              static_cast<unsigned>((p.k + width - 1) / width));
+}
+
+// Whether x's rows allow 16-byte loads of kVec elements.
+template <typename T>
+inline bool rows_vectorizable(const QuantizeParams& p) {
+  constexpr int kVec = 16 / sizeof(T);
+  return p.x_col_stride == 1 && p.k % kVec == 0 && (p.m == 1 || p.x_row_stride % kVec == 0) &&
+         reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
+template <typename T, bool kE5m2, int kVec>
+cudaError_t launch(const QuantizeParams& p, cudaStream_t stream) {
+  const dim3 grid = grid_of<kVec>(p);
+  constexpr size_t kSmemBytes = kWarps * sizeof(float);
+  if (p.granularity == Granularity::kTensor) {
+    tensor_amax_kernel<T, kVec><<<grid, kThreads, kSmemBytes, stream>>>(p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  quantize_kernel<T, kE5m2, kVec><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kE5m2>
+cudaError_t run(const QuantizeParams& p, cudaStream_t stream) {
+  return rows_vectorizable<T>(p) ? launch<T, kE5m2, 16 / sizeof(T)>(p, stream)
+                                 : launch<T, kE5m2, 1>(p, stream);
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace fp8_quantize
+}  // namespace tilesmith
