@@ -6,8 +6,8 @@ eager ops, and against torch.compile of that expression, same run.
 Shapes: squares 2048..8192 and LLM projections (M tokens = 16..16384; N, K in 4096..14336),
 bf16 and fp16, bias + GELU (the MLP up-projection) and bias + residual (the down-projection).
 Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS, Float8Linear
-forward + backward (on each backend of ours) against a bf16 Linear, and quantize_fp8 against
-the same arithmetic in eager PyTorch.
+forward + backward (each backend of ours, row-wise and tensor-wise) against a bf16 Linear,
+and quantize_fp8 against the same arithmetic in eager PyTorch.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
     size = 4096 if quick else 8192
     x = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     linear = torch.nn.Linear(size, size, device="cuda", dtype=torch.bfloat16)
-    fp8_linear = tilesmith.nn.Float8Linear.from_linear(linear)
+    fp8_linears = {scaling: tilesmith.nn.Float8Linear.from_linear(linear, scaling=scaling)
+                   for scaling in ("row", "tensor")}
     grad = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
 
     def step(module):
@@ -171,7 +172,8 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
     base_ms = harness.median_ms(step(linear))
     flops = 3 * 2 * size ** 3
     candidates = [("torch_bf16", step(linear))] + [
-        (f"float8_linear_{name}", on_backend(step(fp8_linear), name)) for name in backends
+        (f"float8_linear_{name}_{scaling}", on_backend(step(module), name))
+        for name in backends for scaling, module in fp8_linears.items()
         if not tilesmith.backend.unavailable_reason(name, "fp8", x.device, torch.bfloat16)]
     for name, fn in candidates:
         ms = base_ms if name == "torch_bf16" else harness.median_ms(fn)

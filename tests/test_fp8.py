@@ -1,6 +1,8 @@
 """FP8: quantize_fp8 bit-exact against the plain-PyTorch reference, scaled_gemm against the
 dequantized float64 product (SQNR >= 28 dB, torchao's bar), Float8Linear training."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,11 @@ def test_scaled_gemm_bad_input():
         tilesmith.ops.scaled_gemm(qa, qb, sa, sb.double())
 
 
+def test_float8_linear_bad_scaling():
+    with pytest.raises(ValueError, match="scaling must be 'row' or 'tensor'"):
+        tilesmith.nn.Float8Linear(4, 4, scaling="block")
+
+
 def test_quantize_bad_input():
     x = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="2-D"):
@@ -136,10 +143,12 @@ def test_quantize_bad_input():
 # ---- Float8Linear -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
-def test_float8_linear_matches_linear_shapes_and_grads(backend):
+@pytest.mark.parametrize("scaling", ["row", "tensor"])
+def test_float8_linear_matches_linear_shapes_and_grads(backend, scaling):
     torch.manual_seed(0)
     ref = torch.nn.Linear(48, 24, dtype=torch.bfloat16, device=DEVICE)
-    fp8 = tilesmith.nn.Float8Linear.from_linear(ref)
+    fp8 = tilesmith.nn.Float8Linear.from_linear(ref, scaling=scaling)
+    assert fp8.scaling == scaling and f"scaling={scaling}" in repr(fp8)
     assert fp8.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, 5, 48, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     with tilesmith.use_backend(backend):
@@ -157,7 +166,8 @@ def test_float8_linear_matches_linear_shapes_and_grads(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
-def test_float8_linear_trains_within_one_percent_of_bf16(backend):
+@pytest.mark.parametrize("scaling", ["row", "tensor"])
+def test_float8_linear_trains_within_one_percent_of_bf16(backend, scaling):
     """A 2-layer MLP classifier, 30 Adam steps at batch 256 from the same initialisation:
     the final loss of the FP8 model is within 1% of the bf16 model's."""
     g = torch.Generator().manual_seed(5)
@@ -183,7 +193,7 @@ def test_float8_linear_trains_within_one_percent_of_bf16(backend):
 
     bf16_loss = train(torch.nn.Linear)
     with tilesmith.use_backend(backend):
-        fp8_loss = train(tilesmith.nn.Float8Linear)
+        fp8_loss = train(functools.partial(tilesmith.nn.Float8Linear, scaling=scaling))
     assert abs(fp8_loss - bf16_loss) / bf16_loss < 0.01, (fp8_loss, bf16_loss)
 
 

@@ -176,8 +176,16 @@ def test_convert_keeps_parameters_and_reports_skips():
     assert list(net.parameters()) == params  # the very same Parameter objects
     assert report.converted == ["0"] and report.skipped[0][0] == "1"
     assert type(net[0]) is tilesmith.nn.Linear and type(net[1]) is torch.nn.MultiheadAttention
-    fp8 = tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), fp8=True)
-    assert type(fp8[0]) is tilesmith.nn.Float8Linear
+    for fp8, scaling in ((True, "row"), ("tensor", "tensor")):
+        linear = torch.nn.Linear(16, 8)
+        want = linear(torch.ones(3, 16))
+        converted = tilesmith.nn.convert(torch.nn.Sequential(linear), fp8=fp8)
+        assert type(converted[0]) is tilesmith.nn.Float8Linear
+        assert converted[0].scaling == scaling
+        # Runs (a switched class must carry every attribute its forward reads).
+        assert testing.sqnr_db(converted(torch.ones(3, 16)), want) > 20
+    with pytest.raises(ValueError, match="fp8 must be"):
+        tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), fp8="block")
     with pytest.raises(ValueError, match="include may name"):
         tilesmith.nn.convert(net, include=("lstm",))
 

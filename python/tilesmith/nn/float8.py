@@ -1,10 +1,17 @@
 """Float8Linear: a drop-in for torch.nn.Linear that computes its three products in FP8.
 
-Forward: x and W quantized to e4m3 with dynamic row-wise scales (per token, per output
-feature), y = scaled_gemm(x, W^T) + bias. Backward: the incoming gradient quantized to
-e5m2 (wider range, what gradients need), per row; each product re-quantizes its operands
-along its own reduction dimension (W per input feature for dX, x per input feature and the
-gradient per output feature for dW), so every scale is constant along the dimension summed.
+scaling="row" (the default): forward, x and W quantized to e4m3 with dynamic row-wise
+scales (per token, per output feature), y = scaled_gemm(x, W^T) + bias. Backward: the
+incoming gradient quantized to e5m2 (wider range, what gradients need), per row; each
+product re-quantizes its operands along its own reduction dimension (W per input feature
+for dX, x per input feature and the gradient per output feature for dW), so every scale is
+constant along the dimension summed.
+
+scaling="tensor": one dynamic scale per tensor (torchao's default recipe). A scalar scale
+holds along every dimension, so the backward reuses the forward's fp8 x and W (saved
+instead of the bf16 ones: half the activation memory) and quantizes only the gradient;
+one outlier, though, coarsens the whole tensor's grid.
+
 Master weights, bias and the returned gradients stay in the parameters' dtype.
 """
 
@@ -49,10 +56,53 @@ class _Float8LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class _Float8LinearTensorwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias):
+        e4m3 = torch.float8_e4m3fn
+        x_q, x_s = quantize_fp8(x2d, dtype=e4m3, granularity="tensor")
+        w_q, w_s = quantize_fp8(weight, dtype=e4m3, granularity="tensor")  # (N, K)
+        out = scaled_gemm(x_q, w_q.t(), x_s, w_s, bias=bias, out_dtype=x2d.dtype)
+        ctx.save_for_backward(x_q, x_s, w_q, w_s)
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (x2d.dtype, weight.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_q, x_s, w_q, w_s = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        g_q, g_s = quantize_fp8(grad_out.contiguous(), dtype=torch.float8_e5m2,
+                                granularity="tensor")
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = scaled_gemm(g_q, w_q, g_s, w_s, out_dtype=x_dtype)          # (M, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = scaled_gemm(g_q.t(), x_q, g_s, x_s, out_dtype=w_dtype)      # (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0, dtype=torch.float32).to(w_dtype)
+        return grad_x, grad_w, grad_b
+
+
+_FUNCTIONS = {"row": _Float8LinearFunction, "tensor": _Float8LinearTensorwise}
+
+
 class Float8Linear(torch.nn.Linear):
     """``torch.nn.Linear`` (same constructor, parameters and state_dict keys) whose forward
-    and backward products run in FP8 with dynamic scaling. Inputs of any leading shape;
-    parameters in bf16/fp16/fp32. ``from_linear`` converts an existing layer."""
+    and backward products run in FP8 with dynamic scaling, ``scaling="row"`` (default) or
+    ``"tensor"`` (module docstring). Inputs of any leading shape; parameters in
+    bf16/fp16/fp32. ``from_linear`` converts an existing layer."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, scaling: str = "row"):
+        if scaling not in _FUNCTIONS:
+            raise ValueError(f"Float8Linear: scaling must be 'row' or 'tensor', got "
+                             f"{scaling!r}")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.scaling = scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scaling={self.scaling}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -61,13 +111,13 @@ class Float8Linear(torch.nn.Linear):
         x2d = x.reshape(-1, self.in_features)
         if x2d.dtype != self.weight.dtype:
             x2d = x2d.to(self.weight.dtype)
-        out = _Float8LinearFunction.apply(x2d, self.weight, self.bias)
+        out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "Float8Linear":
+    def from_linear(cls, linear: torch.nn.Linear, *, scaling: str = "row") -> "Float8Linear":
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  device=linear.weight.device, dtype=linear.weight.dtype)
+                  device=linear.weight.device, dtype=linear.weight.dtype, scaling=scaling)
         with torch.no_grad():
             new.weight.copy_(linear.weight)
             if linear.bias is not None:
