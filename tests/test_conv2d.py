@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu
 
 import tilesmith
@@ -30,8 +31,7 @@ def _params(dtypes):
 def _skip_if_backend_cannot(backend, sample):
     """Skip (with the reason) a call the backend's kernels do not take, e.g. groups on cuda."""
     x, weight, _ = sample.args
-    padding = sample.kwargs.get("padding", 0)
-    why = conv2d_ops.kernel_limits(x, weight, sample.kwargs.get("groups", 1), padding)[backend]
+    why = conv2d_ops.kernel_limits(x, weight, sample.kwargs.get("groups", 1))[backend]
     if why:
         pytest.skip(why)
 
@@ -100,14 +100,20 @@ def test_gradcheck_float64(backend, case):
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.bfloat16))
-def test_same_padding_even_kernel_routes_to_torch_or_says_why(backend):
-    x = torch.randn(1, 2, 6, 6, device=DEVICE, dtype=torch.bfloat16)
-    w = torch.randn(2, 2, 2, 2, device=DEVICE, dtype=torch.bfloat16)
-    with pytest.raises(tilesmith.BackendUnavailableError, match="asymmetric padding"):
-        tilesmith.ops.conv2d(x, w, padding="same", backend=backend)
-    out = tilesmith.ops.conv2d(x, w, padding="same")  # default backend: torch
-    assert out.shape == (1, 2, 6, 6)
+@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))
+def test_same_padding_even_kernel_gradcheck(backend):
+    """The asymmetric "same" (one more row and column after): the kernels run the
+    symmetric padding of the larger side and the op drops the first output row/column."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(3, 2, 2, 3, dtype=torch.float64, generator=g).to(DEVICE).requires_grad_()
+
+    def f(x, w):
+        return tilesmith.ops.conv2d(x, w, padding="same", activation="silu", backend=backend)
+
+    assert f(x, w).shape == (1, 3, 5, 4)
+    torch.testing.assert_close(f(x, w), F.silu(F.conv2d(x, w, padding="same")))
+    assert torch.autograd.gradcheck(f, (x, w))
 
 
 @requires_gpu
@@ -143,7 +149,6 @@ def test_cuda_backend_names_what_its_kernels_do_not_take():
     assert "multiples of 8" in conv2d_ops.kernel_limits(x[:, :3], w[:, :3])["cuda"]
     assert "multiples of 8" in conv2d_ops.kernel_limits(x, w[:20])["cuda"]
     assert conv2d_ops.kernel_limits(x[:, :3], w[:, :3], groups=1)["triton"] is None
-    assert "asymmetric" in conv2d_ops.kernel_limits(x, w, 1, "same_asymmetric")["triton"]
     assert tilesmith.ops.conv2d_kernel_limits is conv2d_ops.kernel_limits
 
 

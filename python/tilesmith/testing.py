@@ -365,6 +365,11 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         case("k3_same", 2, 5, 13, 7, 4, 3, padding="same"),
         case("k3_dilation2", 1, 4, 13, 13, 4, 3, dilation=2, padding=2),
         case("k3_same_dilation2", 1, 4, 7, 13, 5, 3, dilation=2, padding="same"),
+        # Even kernel extents: "same" pads one more after than before.
+        case("k2_same_even", 2, 4, 7, 9, 6, 2, padding="same"),
+        case("k2_same_dilation3", 1, 3, 9, 8, 4, 2, dilation=3, padding="same"),
+        case("k4x3_same_gelu_channels_last", 1, 8, 11, 9, 16, 4, kw=3, padding="same",
+             activation="gelu", channels_last=True),
         case("groups2", 2, 8, 13, 13, 6, 3, groups=2, padding=1),
         case("depthwise", 2, 8, 13, 13, 8, 3, groups=8, padding=1),
         case("depthwise_stride2", 1, 6, 13, 13, 6, 3, groups=6, stride=2, padding=1),

@@ -334,6 +334,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if min(stride) < 1 or min(dilation) < 1:
         raise ValueError(f"{fn}: stride and dilation must be >= 1, got {stride}, {dilation}")
     r, s = weight.shape[2], weight.shape[3]
+    crop = [0, 0]  # leading output rows / columns to drop (asymmetric "same", below)
     if padding == "valid":
         padding = [0, 0]
     elif padding == "same":
@@ -341,47 +342,46 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             raise ValueError(f"{fn}: padding='same' is not supported for strided convolutions "
                              f"(stride {stride}), as in PyTorch")
         total = [dilation[0] * (r - 1), dilation[1] * (s - 1)]
-        if total[0] % 2 or total[1] % 2:
-            # PyTorch pads one more on the bottom/right here; we would need asymmetric
-            # padding in the kernel. Route such calls to torch.
-            padding = "same_asymmetric"
-        else:
-            padding = [total[0] // 2, total[1] // 2]
+        # An odd total (even kernel extent): PyTorch pads total // 2 before and one more
+        # after. The kernels pad symmetrically, so they pad the larger side on both and the
+        # first output row (column) is dropped: output i then starts at input
+        # i - total // 2, as PyTorch's does.
+        padding = [-(-t // 2) for t in total]
+        crop = [t % 2 for t in total]
     else:
         padding = _pair(padding, "padding")
         if min(padding) < 0:
             raise ValueError(f"{fn}: padding must be >= 0, got {padding}")
-    if padding != "same_asymmetric":
-        p = _out_size(input.shape[2], padding[0], dilation[0], r, stride[0])
-        q = _out_size(input.shape[3], padding[1], dilation[1], s, stride[1])
-        if p < 1 or q < 1:
-            raise ValueError(f"{fn}: the kernel ({r}x{s}, dilation {dilation}) is larger than "
-                             f"the padded input ({input.shape[2]}x{input.shape[3]} + padding "
-                             f"{padding}): {shapes}")
+    p = _out_size(input.shape[2], padding[0], dilation[0], r, stride[0])
+    q = _out_size(input.shape[3], padding[1], dilation[1], s, stride[1])
+    if p < 1 or q < 1:
+        raise ValueError(f"{fn}: the kernel ({r}x{s}, dilation {dilation}) is larger than "
+                         f"the padded input ({input.shape[2]}x{input.shape[3]} + padding "
+                         f"{padding}): {shapes}")
 
-    name = _backend.pick("conv2d", input, backend, kernel_limits(input, weight, groups, padding))
+    name = _backend.pick("conv2d", input, backend, kernel_limits(input, weight, groups))
     if name == "torch":
-        return _torch_conv2d(input, weight, bias, stride,
-                             "same" if padding == "same_asymmetric" else padding, dilation,
-                             groups, activation)
+        return _torch_conv2d(input, weight, bias, stride, "same" if any(crop) else padding,
+                             dilation, groups, activation)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
     save_pre = bool(activation is not None and needs_grad)
     if name == "cuda":
         out, _ = torch.ops.tilesmith.conv2d_fwd_cuda(input, weight, bias, stride, padding,
                                                      dilation, activation or "none", save_pre)
-        return out
-    out, _ = torch.ops.tilesmith.conv2d_fwd_triton(
-        input, weight, bias, stride, padding, dilation, groups, activation or "none", save_pre)
+    else:
+        out, _ = torch.ops.tilesmith.conv2d_fwd_triton(
+            input, weight, bias, stride, padding, dilation, groups, activation or "none",
+            save_pre)
+    if any(crop):  # a copy, in the input's memory format (autograd pads the gradient back)
+        memory_format = (torch.channels_last if _is_channels_last(input)
+                         else torch.contiguous_format)
+        out = out[:, :, crop[0]:, crop[1]:].contiguous(memory_format=memory_format)
     return out
 
 
-def kernel_limits(input, weight, groups=1, padding=(0, 0)) -> dict[str, str | None]:
+def kernel_limits(input, weight, groups=1) -> dict[str, str | None]:
     """Why each of tilesmith's conv2d backends cannot run this call (None: it can)."""
-    if padding == "same_asymmetric":
-        why = ("padding='same' with an even kernel extent (asymmetric padding) is not "
-               "implemented in tilesmith's conv2d kernels")
-        return {"triton": why, "cuda": why}
     cuda = None
     channels, filters = input.shape[1] // groups, weight.shape[0] // groups
     depthwise = channels == 1 and filters == 1 and groups > 1
