@@ -5,6 +5,8 @@ eager ops, and against torch.compile of that expression, same run.
 
 Shapes: squares 2048..8192 and LLM projections (M tokens = 16..16384; N, K in 4096..14336),
 bf16 and fp16, bias + GELU (the MLP up-projection) and bias + residual (the down-projection).
+Then the up-projection's training step (forward + backward) against eager autograd, and the
+backward's fused elementwise pass (gelu' and the bias gradient) against aten's.
 Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS, Float8Linear
 forward + backward (each backend of ours, row-wise and tensor-wise) against a bf16 Linear,
 and quantize_fp8 against the same arithmetic in eager PyTorch.
@@ -18,7 +20,7 @@ import torch
 import tilesmith
 from bench import harness
 from tilesmith import testing
-from tilesmith.ops.gemm import _torch_gemm
+from tilesmith.ops.gemm import _torch_gemm, activation_backward
 
 SQUARES = [2048, 4096, 8192]
 LLM = [(m, n, k) for m in (16, 512, 4096, 16384) for (n, k) in ((14336, 4096), (4096, 14336))]
@@ -78,9 +80,65 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                     if r.shape == shape and r.dtype == str(dtype)[6:]), flush=True)
                 if checkpoint:
                     checkpoint(rows)
+    for (m, n, k) in TRAINING_SHAPES[:1] if quick else TRAINING_SHAPES:
+        rows += _training_rows(m, n, k, torch.bfloat16, backends)
+        if checkpoint:
+            checkpoint(rows)
     return rows
 
 
+TRAINING_SHAPES = [(8192, 8192, 8192), (16384, 14336, 4096)]
+
+
+def _training_rows(m, n, k, dtype, backends):
+    """The MLP up-projection's training step (gemm + bias + GELU, forward and backward)
+    against eager autograd (cuBLAS, then PyTorch's own GELU and bias backward), and the
+    backward's elementwise pass alone (dz = grad * gelu'(pre) and the bias gradient) against
+    aten's gelu_backward + sum, in GB/s of grad and pre read and dz written."""
+    a = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(k, n, device="cuda", dtype=dtype, requires_grad=True)
+    bias = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(m, n, device="cuda", dtype=dtype)
+    ours = [name for name in backends
+            if tilesmith.backend.unavailable_reason(name, "gemm", a.device, dtype) is None]
+
+    def step(forward):
+        return lambda: torch.autograd.grad(forward(), (a, b, bias), grad)
+
+    contenders = {"torch": step(lambda: _torch_gemm(a, b, bias, None, "gelu", 1.0, dtype))}
+    for name in ours:
+        contenders[name] = step(lambda name=name: tilesmith.ops.gemm(
+            a, b, bias=bias, activation="gelu", backend=name))
+    base_ms = harness.median_ms(contenders["torch"])
+    shape = {"M": m, "N": n, "K": k, "epilogue": "bias_gelu"}
+    rows = []
+    for name, fn in contenders.items():
+        ms = base_ms if name == "torch" else harness.median_ms(fn)
+        rows.append(harness.Row(op="gemm", mode="fwd+bwd", backend=name,
+                                baseline="cublas+eager", dtype=str(dtype)[6:], shape=shape,
+                                ms=ms, tflops=3 * 2 * m * n * k / ms / 1e9, baseline_ms=base_ms,
+                                ratio=base_ms / ms, rel_err=None))
+
+    pre = torch.randn(m, n, device="cuda", dtype=dtype)
+
+    def eager():
+        dz = torch.ops.aten.gelu_backward(grad, pre)
+        return dz, dz.sum(0, dtype=torch.float32)
+
+    eager_ms = harness.median_ms(eager)
+    moved = 3 * pre.numel() * pre.element_size()
+    for name in ours:
+        ms = harness.median_ms(lambda name=name: activation_backward(
+            grad, pre, "gelu", True, cuda=name == "cuda"))
+        rows.append(harness.Row(op="activation_backward", mode="bwd", backend=name,
+                                baseline="torch_eager", dtype=str(dtype)[6:],
+                                shape={"M": m, "N": n, "activation": "gelu"}, ms=ms,
+                                tflops=None, baseline_ms=eager_ms, ratio=eager_ms / ms,
+                                rel_err=None, note=f"{moved / ms / 1e6:.0f} GB/s (eager "
+                                                   f"{moved / eager_ms / 1e6:.0f})"))
+    print(f"gemm training step {m}x{n}x{k} bias_gelu: " + ", ".join(
+        f"{r.op}/{r.backend} {r.ratio:.2f}x" for r in rows), flush=True)
+    return rows
 
 
 FP8_SHAPES = [(8192, 8192, 4096)] + [(m, n, k) for m in (16, 1024, 16384)

@@ -18,6 +18,7 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) {
   m.impl("matmul_cuda", &tilesmith::matmul_cuda);
   m.impl("gemm_cuda", &tilesmith::gemm_cuda);
+  m.impl("activation_backward_cuda", &tilesmith::activation_backward_cuda);
   m.impl("attention_fwd_cuda", &tilesmith::attention_fwd_cuda);
   m.impl("attention_bwd_cuda", &tilesmith::attention_bwd_cuda);
   m.impl("varlen_attention_fwd_cuda", &tilesmith::varlen_attention_fwd_cuda);

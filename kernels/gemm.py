@@ -104,18 +104,24 @@ def gemm_kernel(
 
 
 @triton.jit
-def activation_backward_kernel(grad_ptr, pre_ptr, dz_ptr, M, N, stride_gm, stride_gn,
-                               stride_pm, stride_pn, ACTIVATION: tl.constexpr,
-                               UPCAST: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dz = grad * act'(pre), written contiguous (M, N) in dz's dtype."""
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def activation_backward_kernel(grad_ptr, pre_ptr, dz_ptr, partials_ptr, M, N, stride_gm,
+                               stride_gn, stride_pm, stride_pn, ACTIVATION: tl.constexpr,
+                               BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
+                               COMPUTE_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+    """dz = grad * act'(pre), written contiguous (M, N) in dz's dtype; with BIAS_GRAD, this
+    block's column sums of dz (before rounding) as row program_id(0) of partials (., N)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     grad = tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                    mask=in_bounds, other=0.0).to(COMPUTE_DTYPE)
     pre = tl.load(pre_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                   mask=in_bounds, other=0.0).to(COMPUTE_DTYPE)
-    dz = grad * activation_derivative(pre, ACTIVATION)
+    dz = grad * activation_derivative(pre, ACTIVATION)  # 0 outside: grad is loaded as 0
     tl.store(dz_ptr + offs_m[:, None] * N + offs_n[None, :], to_output(dz, dz_ptr, UPCAST),
              mask=in_bounds)
+    if BIAS_GRAD:
+        tl.store(partials_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(dz, axis=0),
+                 mask=offs_n < N)

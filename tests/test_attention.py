@@ -151,6 +151,23 @@ def test_gradcheck_float64(backend, case):
     assert torch.autograd.gradcheck(f, tuple(inputs))
 
 
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))
+@pytest.mark.parametrize("mask_shape", [(2, 3, 5, 40), (1, 40)], ids=["full", "keys_only"])
+def test_float64_gradients_are_float64_accurate(backend, mask_shape):
+    """float64 inputs get float64 arithmetic throughout, the mask gradient's accumulation
+    included (gradcheck's tolerance would pass fp32 accumulation)."""
+    q = torch.randn(2, 3, 5, 64, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(2, 1, 40, 64, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    mask = torch.randn(mask_shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                     backend=backend)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    grad = torch.randn_like(ref)
+    for got, want, name in zip(torch.autograd.grad(out, (q, mask), grad),
+                               torch.autograd.grad(ref, (q, mask), grad), ("dq", "dmask")):
+        assert testing.rel_error(got, want) < 1e-12, name
+
+
 def _varlen_reference(sample, dtype):
     q, k, v, cu_q, cu_k, _, _ = sample.args
     return tilesmith.ops.varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k,

@@ -1118,3 +1118,89 @@ def test_depthwise_kernels(case, dtype, activation):
                                            **geometry)
     assert_close_to_reference(dw, wgrad(torch.float64), wgrad(torch.float32).to(dtype),
                               name="dw")
+
+
+# --- activation backward: csrc/gemm/activation_backward.cuh ------------------------------------
+
+class ActivationBackwardParams(ctypes.Structure):
+    """csrc/gemm/activation_backward.h's ActivationBackwardParams (size checked)."""
+    _fields_ = [("grad", ctypes.c_void_p), ("pre", ctypes.c_void_p), ("dz", ctypes.c_void_p),
+                ("bias_partials", ctypes.c_void_p), ("m", ctypes.c_int64), ("n", ctypes.c_int64),
+                ("grad_row_stride", ctypes.c_int64), ("grad_col_stride", ctypes.c_int64),
+                ("pre_row_stride", ctypes.c_int64), ("pre_col_stride", ctypes.c_int64),
+                ("activation", ctypes.c_int), ("pre_bf16", ctypes.c_bool),
+                ("grad_fp32", ctypes.c_bool)]
+
+
+ACTIVATION_CODES = {"relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}  # csrc/matmul/matmul.h
+ROWS_PER_BLOCK = 128  # kActivationBackwardRows
+ACTIVATION_BACKWARD_CASES = {
+    # name: (m, n, pre dtype, grad dtype, activation, layout, bias, columns per thread)
+    # Three row blocks (the last of 44 rows), two column strips (the second 8 wide).
+    "bf16_gelu_row_and_column_tails": (300, 264, torch.bfloat16, torch.bfloat16, "gelu",
+                                       "contiguous", True, 8),
+    "fp16_silu_fp32_grad": (130, 72, torch.float16, torch.float32, "silu", "contiguous", True, 8),
+    "bf16_relu_odd_n": (50, 37, torch.bfloat16, torch.bfloat16, "relu", "contiguous", True, 1),
+    "fp16_gelu_tanh_transposed": (129, 40, torch.float16, torch.float16, "gelu_tanh",
+                                  "transposed", True, 1),
+    "bf16_gelu_padded_rows_fp32_grad": (17, 24, torch.bfloat16, torch.float32, "gelu", "padded",
+                                        True, 8),
+    # 16-byte aligned rows, but n not a multiple of 8: a vector would cross the row's end.
+    "bf16_relu_padded_rows_n_20": (33, 20, torch.bfloat16, torch.bfloat16, "relu", "padded", True,
+                                   1),
+    "fp16_relu_no_bias": (140, 16, torch.float16, torch.float16, "relu", "contiguous", False, 8),
+}
+
+
+def strided_in_nan_storage(x, layout):
+    """x laid out as asked inside NaN-filled storage (padding NaN too): a read outside x
+    makes a NaN in the output."""
+    m, n = x.shape
+    if layout == "transposed":
+        storage = torch.full((n + 3, m + 5), float("nan"), dtype=x.dtype)
+        view = storage[1:n + 1, 2:m + 2].t()
+    elif layout == "padded":  # rows a multiple of 8 elements apart, with NaN after each
+        storage = torch.full((m + 2, -(-n // 8) * 8 + 8), float("nan"), dtype=x.dtype)
+        view = storage[1:m + 1, :n]
+    else:
+        storage = torch.full((m * n + 2 * GUARD,), float("nan"), dtype=x.dtype)
+        view = storage[GUARD:GUARD + m * n].view(m, n)
+    return view.copy_(x)
+
+
+@pytest.mark.parametrize("case", list(ACTIVATION_BACKWARD_CASES))
+def test_activation_backward_kernels(case):
+    """dz within one rounding of the float64 product (computed in fp32 from the same inputs),
+    and each block's bias partial sums those of its own rows."""
+    m, n, dtype, grad_dtype, activation, layout, bias, width = ACTIVATION_BACKWARD_CASES[case]
+    lib = emulated("activation_backward")
+    assert lib.activation_backward_params_size() == ctypes.sizeof(ActivationBackwardParams)
+    pre = strided_in_nan_storage((torch.randn(m, n) * 2).to(dtype), layout)
+    grad = strided_in_nan_storage(torch.randn(m, n).to(grad_dtype), layout)
+    ref, torch_fp32 = (testing.activation_grad_reference(activation, pre, grad, dtype)
+                       for dtype in (torch.float64, torch.float32))
+    dz, dz_storage = guarded_empty((m, n), dtype)
+    row_blocks = -(-m // ROWS_PER_BLOCK)
+    partials, partials_storage = guarded_empty((row_blocks, n), torch.float32)
+    p = ActivationBackwardParams(
+        grad=grad.data_ptr(), pre=pre.data_ptr(), dz=dz.data_ptr(),
+        bias_partials=partials.data_ptr() if bias else None, m=m, n=n,
+        grad_row_stride=grad.stride(0), grad_col_stride=grad.stride(1),
+        pre_row_stride=pre.stride(0), pre_col_stride=pre.stride(1),
+        activation=ACTIVATION_CODES[activation], pre_bf16=dtype == torch.bfloat16,
+        grad_fp32=grad_dtype == torch.float32)
+    vector_width = ctypes.c_int()
+    error = ctypes.create_string_buffer(512)
+    status = lib.emulate_activation_backward(ctypes.byref(p), ctypes.byref(vector_width), error,
+                                             len(error))
+    assert status == 0, error.value.decode()
+    assert vector_width.value == width
+    assert_guards_untouched(dz_storage, "dz")
+    assert_guards_untouched(partials_storage, "bias partials")
+    testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
+    if not bias:
+        assert partials.isnan().all(), "bias partials written without a bias gradient"
+        return
+    for r in range(row_blocks):
+        rows = ref[r * ROWS_PER_BLOCK:(r + 1) * ROWS_PER_BLOCK]
+        testing.assert_fp32_close(partials[r], rows.sum(0), name=f"bias partials {r}")

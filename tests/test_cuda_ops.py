@@ -57,6 +57,17 @@ def _varlen_step():
     return step
 
 
+def _gemm_step():
+    a = torch.randn(100, 72, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(72, 136, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(136, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        out = tilesmith.ops.gemm(a, b, bias=bias, activation="gelu", backend="cuda")
+        return torch.autograd.grad(out.float().square().sum(), (a, b, bias))
+    return step
+
+
 def _conv2d_step():
     x = torch.randn(2, 16, 13, 13, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last).requires_grad_(True)
@@ -97,6 +108,7 @@ def _float8_linear_step():
 STEPS = {"attention": ("attention", torch.bfloat16, _attention_step),
          "attention_dropout": ("attention", torch.bfloat16, _dropout_step),
          "varlen_attention": ("attention", torch.float16, _varlen_step),
+         "gemm": ("gemm", torch.bfloat16, _gemm_step),
          "conv2d": ("conv2d", torch.bfloat16, _conv2d_step),
          "scaled_gemm": ("fp8", torch.float8_e4m3fn, _scaled_gemm_step),
          "float8_linear": ("fp8", torch.bfloat16, _float8_linear_step)}
@@ -174,6 +186,15 @@ def test_registered_cuda_ops_reject_bad_input():
     with pytest.raises(RuntimeError, match="do not split into groups"):
         ops.conv2d_fwd_cuda(x, torch.randn(8, 5, 3, 3, device="cuda", dtype=torch.bfloat16),
                             None, [1, 1], [1, 1], [1, 1], "none", False)
+    pre = torch.randn(16, 24, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="2-D of one shape"):
+        ops.activation_backward_cuda(pre[:, :8], pre, "gelu", True)
+    with pytest.raises(RuntimeError, match="pre must be float16 or bfloat16"):
+        ops.activation_backward_cuda(pre.float(), pre.float(), "gelu", True)
+    with pytest.raises(RuntimeError, match="grad must be float32 or pre's dtype"):
+        ops.activation_backward_cuda(pre.half(), pre, "gelu", True)
+    with pytest.raises(RuntimeError, match="activation must be none, relu"):
+        ops.activation_backward_cuda(pre, pre, "tanh", True)
     if backend._C_SM90A is not None:
         a = torch.randn(16, 48, device="cuda").to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda")

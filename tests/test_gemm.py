@@ -108,6 +108,30 @@ def test_no_pre_activation_saved_without_grad(backend):
     assert pre.numel() == 0 and out.shape == (a.shape[0], b.shape[1])
 
 
+@pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("m,n,grad_dtype,transposed", [
+    (300, 264, torch.bfloat16, False),  # row and column tails of both backends' blocks
+    (129, 37, torch.float32, True),     # an fp32 gradient, column-major, odd width
+], ids=["bf16_grad", "fp32_grad_transposed"])
+def test_activation_backward_op(backend, activation, m, n, grad_dtype, transposed):
+    """The backward's elementwise pass on its own: dz within one rounding of the float64
+    product, and the bias gradient (fused column sums) against float64."""
+    pre = (torch.randn(m, n, device=DEVICE) * 2).to(torch.bfloat16)
+    grad = torch.randn(n, m, device=DEVICE).t() if transposed else torch.randn(m, n, device=DEVICE)
+    grad = grad.to(grad_dtype)
+    op = getattr(torch.ops.tilesmith, f"activation_backward_{backend}")
+    with testing.poison_outputs():
+        dz, bias_grad = op(grad, pre, activation, True)
+        dz_alone, no_bias = op(grad, pre, activation, False)
+    ref, torch_fp32 = (testing.activation_grad_reference(activation, pre, grad, dtype)
+                       for dtype in (torch.float64, torch.float32))
+    assert dz.dtype == pre.dtype and dz.shape == (m, n) and bias_grad.dtype == torch.float32
+    testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
+    testing.assert_fp32_close(bias_grad, ref.sum(0), name="bias gradient")
+    assert torch.equal(dz_alone, dz) and no_bias.numel() == 0
+
+
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
 def test_opcheck_and_compile(backend):
@@ -116,6 +140,9 @@ def test_opcheck_and_compile(backend):
     kw = sample.kwargs
     torch.library.opcheck(getattr(torch.ops.tilesmith, f"gemm_{backend}"),
                           (a, b, kw["bias"], kw["residual"], "gelu", 0.5, torch.bfloat16, True))
+    pre = torch.randn(70, 136, device=DEVICE, dtype=torch.bfloat16)
+    torch.library.opcheck(getattr(torch.ops.tilesmith, f"activation_backward_{backend}"),
+                          (torch.randn_like(pre), pre, "gelu", True))
 
     def f(a, b):
         return tilesmith.ops.gemm(a, b, backend=backend, **kw).float().square().sum()

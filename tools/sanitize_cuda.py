@@ -51,12 +51,20 @@ def main() -> int:
     b = torch.randn(24, 17, device=dev, dtype=torch.float16)
     check("matmul misaligned fp16", tilesmith.ops.matmul(a, b, backend="cuda"),
           a.double() @ b.double())
-    a = torch.randn(65, 72, device=dev, dtype=bf16, requires_grad=True)
-    b = torch.randn(72, 130, device=dev, dtype=bf16, requires_grad=True)
-    bias = torch.randn(130, device=dev, dtype=bf16, requires_grad=True)
-    out = tilesmith.ops.gemm(a, b, bias=bias, activation="gelu", backend="cuda")
-    check("gemm bias+gelu", out, F.gelu(a.double() @ b.double() + bias.double()))
-    out.float().sum().backward()
+    # gemm through bias + gelu, forward and backward: the activation backward's 16-byte
+    # (n = 136) and element-wise (n = 130) paths, with the bias gradient it reduces.
+    for n in (130, 136):
+        a = torch.randn(65, 72, device=dev, dtype=bf16, requires_grad=True)
+        b = torch.randn(72, n, device=dev, dtype=bf16, requires_grad=True)
+        bias = torch.randn(n, device=dev, dtype=bf16, requires_grad=True)
+        out = tilesmith.ops.gemm(a, b, bias=bias, activation="gelu", backend="cuda")
+        grads = torch.autograd.grad(out.float().square().sum(), (a, b, bias))
+        leaves = [t.detach().double().requires_grad_(True) for t in (a, b, bias)]
+        ref = F.gelu(leaves[0] @ leaves[1] + leaves[2])
+        check(f"gemm bias+gelu n={n}", out, ref)
+        ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+        for name, got, want in zip(("a", "b", "bias"), grads, ref_grads):
+            check(f"gemm bias+gelu n={n} grad_{name}", got, want)
 
     # attention: both head dims, causal with seq_q != seq_k, GQA, forward and backward.
     for d, causal, (sq, sk), heads_kv in ((64, False, (70, 90), 2), (128, True, (100, 40), 1),

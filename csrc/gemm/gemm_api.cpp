@@ -1,14 +1,20 @@
-// tilesmith::gemm_cuda: the matmul kernel (csrc/matmul/) with its fused epilogue switched on.
-// The schema lives in python/tilesmith/ops/gemm.py; registration.cpp binds this function.
+// tilesmith::gemm_cuda: the matmul kernel (csrc/matmul/) with its fused epilogue switched on;
+// tilesmith::activation_backward_cuda: the elementwise part of its backward (and conv2d's).
+// The schemas live in python/tilesmith/ops/gemm.py; registration.cpp binds these functions.
 #include "gemm_api.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
 
+#include "../common/check.h"
 #include "../matmul/matmul_api.h"
+#include "activation_backward.h"
 
 namespace tilesmith {
 
@@ -80,6 +86,52 @@ std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tens
 
   launch_matmul(params, a);
   return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor> activation_backward_cuda(const at::Tensor& grad,
+                                                            const at::Tensor& pre,
+                                                            c10::string_view activation,
+                                                            bool bias_grad) {
+  TILESMITH_CHECK_CUDA_TENSOR(grad);
+  TILESMITH_CHECK_CUDA_TENSOR(pre);
+  TORCH_CHECK(grad.device() == pre.device(), "activation_backward: grad and pre must be on the ",
+              "same device, got ", grad.device(), " and ", pre.device());
+  TORCH_CHECK(pre.dim() == 2 && grad.sizes() == pre.sizes(), "activation_backward: grad and ",
+              "pre must be 2-D of one shape, got ", grad.sizes(), " and ", pre.sizes());
+  TORCH_CHECK(pre.scalar_type() == at::kBFloat16 || pre.scalar_type() == at::kHalf,
+              "activation_backward (cuda backend): pre must be float16 or bfloat16, got ",
+              pre.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == pre.scalar_type() || grad.scalar_type() == at::kFloat,
+              "activation_backward (cuda backend): grad must be float32 or pre's dtype (",
+              pre.scalar_type(), "), got ", grad.scalar_type());
+  const int64_t m = pre.size(0), n = pre.size(1);
+
+  c10::cuda::CUDAGuard guard(pre.device());
+  at::Tensor dz = at::empty({m, n}, pre.options());
+  if (poison_outputs()) dz.fill_(NAN);
+  const auto fp32 = pre.options().dtype(at::kFloat);
+  if (dz.numel() == 0) return {dz, bias_grad ? at::zeros({n}, fp32) : at::empty({0}, fp32)};
+  // One row of fp32 partial sums per block of rows, reduced below in a fixed order.
+  const int64_t row_blocks = (m + kActivationBackwardRows - 1) / kActivationBackwardRows;
+  at::Tensor partials = bias_grad ? at::empty({row_blocks, n}, fp32) : at::empty({0}, fp32);
+
+  ActivationBackwardParams params{};
+  params.grad = grad.data_ptr();
+  params.pre = pre.data_ptr();
+  params.dz = dz.data_ptr();
+  params.bias_partials = bias_grad ? partials.data_ptr<float>() : nullptr;
+  params.m = m;
+  params.n = n;
+  params.grad_row_stride = grad.stride(0);
+  params.grad_col_stride = grad.stride(1);
+  params.pre_row_stride = pre.stride(0);
+  params.pre_col_stride = pre.stride(1);
+  params.activation = parse_activation(activation, "activation_backward");
+  params.pre_bf16 = pre.scalar_type() == at::kBFloat16;
+  params.grad_fp32 = grad.scalar_type() == at::kFloat;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pre.device().index()).stream();
+  TILESMITH_CHECK_LAUNCH(run_activation_backward(params, stream));
+  return {dz, bias_grad ? at::sum(partials, 0) : partials};
 }
 
 }  // namespace tilesmith

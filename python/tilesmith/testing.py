@@ -74,6 +74,34 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, baseline: to
                             f"({factor}x PyTorch's {base:.3e}, dtype {out.dtype})")
 
 
+def activation_grad_reference(activation: str, pre: torch.Tensor, grad: torch.Tensor,
+                              dtype: torch.dtype) -> torch.Tensor:
+    """grad * act'(pre) ("relu", "gelu", "gelu_tanh", "silu") by autograd through PyTorch's
+    own activation, computed in ``dtype``."""
+    functions = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
+                 "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+                 "silu": torch.nn.functional.silu}
+    z = pre.detach().to(dtype).requires_grad_()
+    return torch.autograd.grad(functions[activation](z), z, grad.to(dtype))[0]
+
+
+def assert_pointwise_close(out: torch.Tensor, ref: torch.Tensor, fp32_baseline: torch.Tensor,
+                           *, name: str = "output") -> None:
+    """The rule for elementwise kernels that compute in fp32 and round once to ``out``'s
+    dtype, checked element by element (a norm would hide a few wrong elements): each within
+    one rounding (eps relative) of the float64 ``ref``, plus twice the largest absolute
+    error of ``fp32_baseline`` (PyTorch's own evaluation in fp32, for the conditioning of
+    the formula: 1 + erf or 1 - tanh^2 cancel at large |x|)."""
+    ref64 = ref.detach().double()
+    err = (out.detach().double().to(ref64.device) - ref64).abs()
+    slack = 2 * float((fp32_baseline.detach().double().to(ref64.device) - ref64).abs().max())
+    allowed = torch.finfo(out.dtype).eps * ref64.abs() + slack
+    bad = ~(err <= allowed)
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {out.numel()} elements off, e.g. "
+                           f"{out.flatten()[bad.flatten()][:3].tolist()} for "
+                           f"{ref64.flatten()[bad.flatten()][:3].tolist()}")
+
+
 def assert_fp32_close(out: torch.Tensor, ref: torch.Tensor, *, tf32: bool = False,
                       name: str = "output") -> None:
     if _exactly_zero(ref):

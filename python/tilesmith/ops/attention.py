@@ -261,9 +261,10 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
     dq = new_output(q.shape, like=q)
     dk = new_output(k.shape, like=k)
     dv = new_output(v.shape, like=v)
-    # The additive mask's gradient accumulates (atomically) in fp32, in the mask's own
-    # (broadcast) shape: a (1, H, S, S) bias gets a (1, H, S, S) gradient, summed over batch.
-    dmask = (torch.zeros(mask.shape, dtype=torch.float32, device=q.device) if mask_grad
+    # The additive mask's gradient accumulates (atomically) in fp32 (fp64 for fp64 inputs),
+    # in the mask's own (broadcast) shape: a (1, H, S, S) bias gets a (1, H, S, S) gradient,
+    # summed over batch.
+    dmask = (torch.zeros(mask.shape, dtype=_lse_dtype(q.dtype), device=q.device) if mask_grad
              else q.new_empty(0))
     if varlen:
         heads, head_dim = q.shape[1], q.shape[2]

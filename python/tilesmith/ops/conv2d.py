@@ -28,7 +28,7 @@ LIBRARY.define("conv2d_wgrad_cuda(Tensor grad, Tensor x, int[] weight_shape, int
                "int[] padding, int[] dilation) -> Tensor")
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schemas)
-from .gemm import activation_derivative  # noqa: E402
+from .gemm import activation_backward  # noqa: E402
 
 ACTIVATION_NAMES = (None, "relu", "gelu", "silu")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -210,26 +210,30 @@ def _cuda_setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_pre):
     x, weight, pre = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
-    memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
     if ctx.activation != "none" and pre.numel() == 0 and grad_out.numel() != 0:
         raise RuntimeError("conv2d: backward through the activation needs the forward's "
                            "pre-activation; call conv2d with grad mode enabled")
-    if ctx.activation != "none" and ctx.cuda:
-        # The cuda backend stays off Triton: the derivative in (fused by PyTorch) torch ops.
-        dz = (grad_out.float() * activation_derivative(pre, ctx.activation)).to(x.dtype)
-    elif ctx.activation != "none":
-        # The elementwise kernel is 2-D: view both, in one memory format, as rows of
-        # channels (channels_last) or of pixels (NCHW).
+    dz_channel_sums = None  # the bias gradient, where the activation backward reduces it
+    if ctx.activation != "none":
+        # The elementwise kernels are 2-D: rows of channels (NHWC order), or for the Triton
+        # backend on NCHW, rows of pixels (the bias gradient then left to torch). The cuda
+        # backend computes in channels-last whatever the input's format, so it always takes
+        # rows of channels and its dgrad and wgrad then read dz without copying it.
+        by_channel = ctx.channels_last or ctx.cuda
+        memory_format = torch.channels_last if by_channel else torch.contiguous_format
         g = grad_out.contiguous(memory_format=memory_format)
         pre = pre.contiguous(memory_format=memory_format)
-        rows = (lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])) if ctx.channels_last \
-            else (lambda t: t.reshape(-1, t.shape[-1]))
-        dz2 = torch.ops.tilesmith.activation_backward_triton(rows(g), rows(pre), ctx.activation)
-        if ctx.channels_last:
-            n, k, p, q = g.shape
-            dz = dz2.view(n, p, q, k).permute(0, 3, 1, 2)
+        n, k, p, q = g.shape
+        if by_channel:
+            rows = lambda t: t.permute(0, 2, 3, 1).reshape(n * p * q, k)  # noqa: E731
         else:
-            dz = dz2.view(g.shape)
+            rows = lambda t: t.reshape(n * k * p, q)  # noqa: E731
+        reduce_bias = by_channel and ctx.has_bias and ctx.needs_input_grad[2]
+        dz2, sums = activation_backward(rows(g), rows(pre), ctx.activation, reduce_bias,
+                                        ctx.cuda)
+        dz = dz2.view(n, p, q, k).permute(0, 3, 1, 2) if by_channel else dz2.view(g.shape)
+        if reduce_bias:
+            dz_channel_sums = sums
     else:
         dz = grad_out
     grad_x = grad_w = grad_b = None
@@ -251,8 +255,10 @@ def _backward(ctx, grad_out, _grad_pre):
         grad_w = grad_w.contiguous(memory_format=torch.channels_last if _is_channels_last(
             weight) else torch.contiguous_format)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = dz.sum((0, 2, 3), dtype=torch.float32 if dz.dtype != torch.float64
-                        else torch.float64).to(weight.dtype)
+        if dz_channel_sums is None:
+            dz_channel_sums = dz.sum((0, 2, 3), dtype=torch.float32 if dz.dtype !=
+                                     torch.float64 else torch.float64)
+        grad_b = dz_channel_sums.to(weight.dtype)
     rest = (None,) * (5 if ctx.cuda else 6)  # stride .. save_pre
     return grad_x, grad_w, grad_b, *rest
 

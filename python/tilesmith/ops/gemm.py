@@ -3,11 +3,12 @@ fp32) inputs, fp32 accumulation and epilogue, output in fp16/bf16/fp32.
 
 Layers: ``gemm`` (validation, backend choice) -> ``tilesmith::gemm_triton`` (forward; also
 stores the pre-activation when a backward will need it) and
-``tilesmith::activation_backward_triton`` (dz = grad * act'(pre), one elementwise pass) ->
-kernels/gemm.py; or ``tilesmith::gemm_cuda`` -> csrc/gemm/gemm_api.cpp, the CUDA matmul
-kernel with its epilogue switched on (its backward computes act' with torch ops). The
-backward computes dA = alpha dz B^T and dB = alpha A^T dz with the gemm op itself,
-dbias = sum(dz) and dresidual = grad.
+``tilesmith::activation_backward_triton`` -> kernels/gemm.py; or ``tilesmith::gemm_cuda``
+(the CUDA matmul kernel with its epilogue switched on) and
+``tilesmith::activation_backward_cuda`` -> csrc/gemm/. The activation backward is one
+elementwise pass: dz = grad * act'(pre), with dbias = sum(dz) over rows reduced in the same
+pass. Then dA = alpha dz B^T and dB = alpha A^T dz with the gemm op itself, and
+dresidual = grad.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output,
 
 LIBRARY.define("gemm_cuda(Tensor a, Tensor b, Tensor? bias, Tensor? residual, str activation, "
                "float alpha, ScalarType out_dtype, bool save_pre) -> (Tensor, Tensor)")
+LIBRARY.define("activation_backward_cuda(Tensor grad, Tensor pre, str activation, bool bias_grad)"
+               " -> (Tensor, Tensor)")
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schema)
 
@@ -81,8 +84,10 @@ def _gemm_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
 
 
 @triton_op("tilesmith::activation_backward_triton", mutates_args=())
-def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activation: str
-                                ) -> torch.Tensor:
+def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activation: str,
+                                bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, bias gradient): dz = grad * act'(pre) in pre's dtype, and with ``bias_grad`` dz
+    summed over rows (fp32, fp64 for fp64 inputs) from per-block partial sums; else empty."""
     import triton
 
     from tilesmith.kernels.gemm import ACTIVATIONS, activation_backward_kernel
@@ -90,16 +95,18 @@ def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activatio
 
     m, n = pre.shape
     dz = new_output((m, n), like=pre)
+    sum_dtype = torch.float64 if pre.dtype == torch.float64 else torch.float32
     if dz.numel() == 0:
-        return dz
+        return dz, pre.new_zeros((n,) if bias_grad else (0,), dtype=sum_dtype)
     block_m, block_n = (32, 32) if INTERPRETING else (64, 128)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    partials = pre.new_empty((grid[0], n) if bias_grad else (0,), dtype=sum_dtype)
     wrap_triton(activation_backward_kernel)[grid](
-        grad, pre, dz, m, n, grad.stride(0), grad.stride(1), pre.stride(0), pre.stride(1),
-        ACTIVATION=ACTIVATIONS[activation], UPCAST=INTERPRETING,
-        COMPUTE_DTYPE=_compute_dtype(pre.dtype), BLOCK_M=block_m,
+        grad, pre, dz, partials, m, n, grad.stride(0), grad.stride(1), pre.stride(0),
+        pre.stride(1), ACTIVATION=ACTIVATIONS[activation], BIAS_GRAD=bias_grad,
+        UPCAST=INTERPRETING, COMPUTE_DTYPE=_compute_dtype(pre.dtype), BLOCK_M=block_m,
         BLOCK_N=block_n)
-    return dz
+    return dz, partials.sum(0) if bias_grad else partials
 
 
 @torch.library.register_fake("tilesmith::gemm_cuda")
@@ -109,22 +116,19 @@ def _gemm_cuda_fake(a, b, bias, residual, activation, alpha, out_dtype, save_pre
             a.new_empty((m, n) if save_pre else (0, 0)))
 
 
-def activation_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
-    """act'(pre) in fp32 with torch ops (the cuda backend's backward)."""
-    z = pre.float()
-    if activation == "relu":
-        return (z > 0).float()
-    if activation == "gelu":
-        return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(
-            -0.5 * z * z) * 0.3989422804014327
-    if activation == "gelu_tanh":
-        t = torch.tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (
-            1.0 + 3.0 * 0.044715 * z * z)
-    if activation == "silu":
-        s = torch.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
-    return torch.ones_like(z)
+@torch.library.register_fake("tilesmith::activation_backward_cuda")
+def _activation_backward_cuda_fake(grad, pre, activation, bias_grad):
+    n = pre.shape[1]
+    return pre.new_empty(pre.shape), pre.new_empty((n,) if bias_grad else (0,),
+                                                   dtype=torch.float32)
+
+
+def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str,
+                        bias_grad: bool, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, bias gradient or empty) for 2-D grad and pre, by the backend that ran forward."""
+    if cuda:
+        return torch.ops.tilesmith.activation_backward_cuda(grad, pre, activation, bias_grad)
+    return torch.ops.tilesmith.activation_backward_triton(grad, pre, activation, bias_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -150,19 +154,21 @@ def _backward(ctx, grad_out, gemm, cuda):
         if pre.numel() == 0 and grad_out.numel() != 0:
             raise RuntimeError("gemm: backward through the activation needs the forward's "
                                "pre-activation; call gemm with grad mode enabled")
-        if cuda:
-            dz = (grad_out.float() * activation_derivative(pre, ctx.activation)).to(a.dtype)
-        else:
-            dz = torch.ops.tilesmith.activation_backward_triton(grad_out, pre, ctx.activation)
+        dz, dz_column_sums = activation_backward(grad_out, pre, ctx.activation,
+                                                 ctx.needs_input_grad[2], cuda)
     else:
         dz = grad_out.to(a.dtype)
+        dz_column_sums = None
     grad_a = grad_b = grad_bias = grad_residual = None
     if ctx.needs_input_grad[0]:
         grad_a = gemm(dz, b.t(), None, None, "none", ctx.alpha, a.dtype, False)[0]
     if ctx.needs_input_grad[1]:
         grad_b = gemm(a.t(), dz, None, None, "none", ctx.alpha, b.dtype, False)[0]
     if ctx.needs_input_grad[2]:
-        grad_bias = dz.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        if dz_column_sums is None:
+            dz_column_sums = grad_out.sum(0, dtype=torch.float64 if grad_out.dtype ==
+                                          torch.float64 else torch.float32)
+        grad_bias = dz_column_sums.to(ctx.bias_dtype)
     if ctx.needs_input_grad[3]:
         grad_residual = grad_out.to(ctx.residual_dtype)
     return grad_a, grad_b, grad_bias, grad_residual, None, None, None, None
