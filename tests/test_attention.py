@@ -515,8 +515,13 @@ def test_backends_name_what_their_kernels_do_not_take():
     assert attention_ops.kernel_limits(q, q, mask=mask)["cuda"] is None
     assert attention_ops.kernel_limits(q[..., :40], q[..., :40])["cuda"] is None
     assert attention_ops.kernel_limits(q[..., :8], q[..., :8])["cuda"] is None
-    for qd, vd in ((36, 36), (64, 32), (136, 136)):
-        assert "multiple of 8 and at most 128" in attention_ops.kernel_limits(
+    # Head dims above 128 run in the head-dim-256 kernels (on the CPU: no shared-memory
+    # limit to check).
+    for d in (136, 256):
+        assert attention_ops.kernel_limits(torch.randn(1, 1, 1, d),
+                                           torch.randn(1, 1, 1, d))["cuda"] is None, d
+    for qd, vd in ((36, 36), (64, 32), (136, 128)):
+        assert "multiple of 8 and at most 256" in attention_ops.kernel_limits(
             torch.randn(1, 1, 1, qd), torch.randn(1, 1, 1, vd))["cuda"], (qd, vd)
     assert attention_ops.kernel_limits(q, q, 0.1) == {"triton": None, "cuda": None}
     assert attention_ops.kernel_limits(q[..., :36], q[..., :36])["triton"] is None

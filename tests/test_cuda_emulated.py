@@ -421,6 +421,11 @@ ATTENTION_CASES = {
     "d8_in_d64": (1, 1, 1, 33, 20, 8, False, False),
     "d80_in_d128_views": (1, 2, 2, 65, 100, 80, False, True),
     "d96_in_d128_causal": (1, 1, 1, 50, 50, 96, True, False),
+    # Head dim 256: 32 keys per forward step with Q read from shared memory, 16 per dQ step,
+    # and dK and dV in separate launches; 256-wide rows take 4 swizzle rows per copy pass.
+    "d256_edges": (2, 1, 1, 65, 129, 256, False, False),
+    "d256_gqa_views_causal": (1, 4, 2, 70, 100, 256, True, True),
+    "d160_in_d256_causal_sq_gt_sk": (1, 2, 1, 50, 40, 160, True, False),
 }
 
 
@@ -436,6 +441,11 @@ def test_attention_forward_kernel(case, dtype):
         q, k, v, is_causal=causal, scale=scale, enable_gqa=h != hk)
     assert_close_to_reference(out, ref, base)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_d256_shared_memory_matches_the_python_routing():
+    from tilesmith.ops.attention import CUDA_D256_SMEM_BYTES
+    assert emulated("attention").attention_d256_smem_bytes() == CUDA_D256_SMEM_BYTES
 
 
 def test_attention_forward_kernel_no_keys():
@@ -924,6 +934,7 @@ MASK_CASES = {
     "additive_1hqk": (1, 2, 65, 80, 64, (1, 2, 65, 80), False, False),
     "additive_qk_neg_inf_row": (2, 2, 33, 70, 128, (1, 1, 33, 70), False, True),
     "bool_bh1k": (2, 2, 40, 100, 128, (2, 2, 1, 100), True, False),
+    "additive_d256_neg_inf_row": (1, 2, 40, 70, 256, (1, 2, 40, 70), False, True),
 }
 
 
@@ -973,6 +984,7 @@ DROPOUT_CASES = {
     "d64_gqa_causal": (2, 4, 2, 70, 90, 64, True, None),
     "d128_edges": (1, 2, 1, 65, 129, 128, False, None),
     "d64_float_mask": (1, 2, 2, 40, 72, 64, False, (1, 2, 40, 72)),
+    "d256_gqa_causal": (1, 2, 1, 70, 90, 256, True, None),
 }
 
 

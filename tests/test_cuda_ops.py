@@ -160,7 +160,7 @@ def test_registered_cuda_ops_reject_bad_input():
     _needs("attention", torch.bfloat16)
     ops = torch.ops.tilesmith
     q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="multiple of 8 and at most 128"):
+    with pytest.raises(RuntimeError, match="multiple of 8 and at most 256"):
         ops.attention_fwd_cuda(q[..., :36], q[..., :36], q[..., :36], None, False, 0.1, 0.0, None)
     with pytest.raises(RuntimeError, match="needs seed"):
         ops.attention_fwd_cuda(q, q, q, None, False, 0.1, 0.1, None)

@@ -66,9 +66,10 @@ def main() -> int:
         for name, got, want in zip(("a", "b", "bias"), grads, ref_grads):
             check(f"gemm bias+gelu n={n} grad_{name}", got, want)
 
-    # attention: both head dims, causal with seq_q != seq_k, GQA, forward and backward.
+    # attention: every kernel head dim, causal with seq_q != seq_k, GQA, forward and backward.
     for d, causal, (sq, sk), heads_kv in ((64, False, (70, 90), 2), (128, True, (100, 40), 1),
-                                          (64, True, (33, 150), 4)):
+                                          (64, True, (33, 150), 4), (256, True, (70, 100), 2),
+                                          (160, False, (65, 129), 1)):
         q = torch.randn(2, 4, sq, d, device=dev, dtype=bf16, requires_grad=True)
         k = torch.randn(2, heads_kv, sk, d, device=dev, dtype=bf16, requires_grad=True)
         v = torch.randn(2, heads_kv, sk, d, device=dev, dtype=bf16, requires_grad=True)

@@ -31,7 +31,7 @@ struct AttentionParams {
   int64_t lse_batch_stride, lse_head_stride;
   int64_t batch, heads, heads_kv;
   int64_t seqlen_q, seqlen_k;  // dense: the lengths; packed: the longest (the grid's extent)
-  // Of q, k and v alike: a multiple of 8 up to the kernel's head dim (64 or 128); the
+  // Of q, k and v alike: a multiple of 8 up to the kernel's head dim (64, 128 or 256); the
   // kernels zero-fill the columns in between.
   int64_t head_dim;
   // Packed variable-length batches (varlen_attention): sequence b owns tokens cu_seqlens[b]
@@ -78,6 +78,12 @@ TILESMITH_ATTENTION_DECLARE(bf16, 64)
 TILESMITH_ATTENTION_DECLARE(bf16, 128)
 TILESMITH_ATTENTION_DECLARE(fp16, 64)
 TILESMITH_ATTENTION_DECLARE(fp16, 128)
+TILESMITH_ATTENTION_DECLARE(bf16, 256)
+TILESMITH_ATTENTION_DECLARE(fp16, 256)
 #undef TILESMITH_ATTENTION_DECLARE
+
+// The most dynamic shared memory one block of the kernels for head dim 256 asks for (the
+// same for both dtypes): more than some GPUs (sm_86, sm_89: 99 KiB) allow.
+int attention_sm80_d256_smem_bytes();
 
 }  // namespace tilesmith

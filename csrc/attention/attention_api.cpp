@@ -42,15 +42,21 @@ AttentionStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride
 
 using Runner = cudaError_t (*)(const AttentionParams&, bool, cudaStream_t);
 
-// The kernels of the narrowest head dim (64 or 128) that holds `head_dim`.
+// The kernels of the narrowest head dim (64, 128 or 256) that holds `head_dim`.
 Runner pick_runner(at::ScalarType dtype, int64_t head_dim, bool backward) {
   const bool bf16 = dtype == at::kBFloat16;
   if (head_dim <= 64) {
     if (backward) return bf16 ? run_attention_bwd_sm80_bf16_d64 : run_attention_bwd_sm80_fp16_d64;
     return bf16 ? run_attention_fwd_sm80_bf16_d64 : run_attention_fwd_sm80_fp16_d64;
   }
-  if (backward) return bf16 ? run_attention_bwd_sm80_bf16_d128 : run_attention_bwd_sm80_fp16_d128;
-  return bf16 ? run_attention_fwd_sm80_bf16_d128 : run_attention_fwd_sm80_fp16_d128;
+  if (head_dim <= 128) {
+    if (backward) {
+      return bf16 ? run_attention_bwd_sm80_bf16_d128 : run_attention_bwd_sm80_fp16_d128;
+    }
+    return bf16 ? run_attention_fwd_sm80_bf16_d128 : run_attention_fwd_sm80_fp16_d128;
+  }
+  if (backward) return bf16 ? run_attention_bwd_sm80_bf16_d256 : run_attention_bwd_sm80_fp16_d256;
+  return bf16 ? run_attention_fwd_sm80_bf16_d256 : run_attention_fwd_sm80_fp16_d256;
 }
 
 // Shape and dtype checks shared by the forward and the backward.
@@ -61,11 +67,26 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "attention (cuda backend): dtype must be float16 or bfloat16, got ", q.scalar_type());
   const int64_t head_dim = q.size(3);
-  TORCH_CHECK(head_dim > 0 && head_dim <= 128 && head_dim % 8 == 0 && k.size(3) == head_dim &&
+  TORCH_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0 && k.size(3) == head_dim &&
                   v.size(3) == head_dim,
               "attention (cuda backend): query, key and value head dims must be equal, a "
-              "multiple of 8 and at most 128, got query ", q.sizes(), ", key ", k.sizes(),
+              "multiple of 8 and at most 256, got query ", q.sizes(), ", key ", k.sizes(),
               ", value ", v.sizes());
+  if (head_dim > 128) {
+    const int needed = attention_sm80_d256_smem_bytes();
+    int allowed = 0, major = 0, minor = 0;
+    const int device = q.device().index();
+    TILESMITH_CHECK_LAUNCH(
+        cudaDeviceGetAttribute(&allowed, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TILESMITH_CHECK_LAUNCH(
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    TILESMITH_CHECK_LAUNCH(
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    TORCH_CHECK(needed <= allowed, "attention (cuda backend): head dims above 128 need ",
+                needed / 1024, " KiB of shared memory per block; this GPU (compute capability ",
+                major, ".", minor, ") allows ", allowed / 1024,
+                " KiB. The triton backend runs them.");
+  }
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "attention: batch sizes differ: ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2),

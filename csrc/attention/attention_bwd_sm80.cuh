@@ -9,6 +9,9 @@
 // with dS = P (dP - delta), dP = dO V^T, delta = rowsum(dO * O) (computed by the caller).
 // Both keep Q/dO (or K/V) resident in shared memory and double-buffer the other pair through
 // cp.async; P and dS go from accumulators to A fragments in registers, as in the forward.
+// At head dim 256 one warp's dK and dV accumulators would need 256 registers a thread, so
+// the dK/dV kernel runs twice, once per gradient: the dV launch recomputes only P^T, the dK
+// launch P^T and dP^T (five matrix products per step where one launch does four).
 #pragma once
 
 #include "attention_fwd_sm80.cuh"
@@ -27,11 +30,20 @@ constexpr int dkdv_smem_bytes() {
   return (2 * kBlockN + 4 * kDkdvBlockM<kHeadDim>) * kHeadDim * static_cast<int>(sizeof(T));
 }
 
+// Keys per step of the dQ kernel: at head dim 256, 16 (dQ's accumulators take 128
+// registers a thread, and S and dP over 32 keys left the dropout variant 5 registers short).
+template <int kHeadDim>
+constexpr int kDqStepKeys = kHeadDim > 128 ? 16 : kBlockN;
+
 template <typename T, int kHeadDim>
 constexpr int dq_smem_bytes() {
   // Q and dO, then two stages of K and two of V.
-  return (2 * kBlockM + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T));
+  return (2 * kBlockM + 4 * kDqStepKeys<kHeadDim>) * kHeadDim * static_cast<int>(sizeof(T));
 }
+
+// Whether one dK/dV launch accumulates both gradients (else one launch each).
+template <int kHeadDim>
+constexpr bool kDkdvTogether = kHeadDim <= 128;
 
 // lse * log2(e) for a row, and whether the row takes part: inside the sequence and with at
 // least one visible key (lse > -inf).
@@ -48,8 +60,10 @@ __device__ __forceinline__ bool row_statistics(const float* lse, const float* de
   return true;
 }
 
-template <typename T, int kHeadDim, bool kCausal, bool kDropout>
+// kDk, kDv: which gradients this launch computes and writes.
+template <typename T, int kHeadDim, bool kCausal, bool kDropout, bool kDk, bool kDv>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  static_assert(kDk || kDv, "a launch computes at least one gradient");
   constexpr int kBlockQ = kDkdvBlockM<kHeadDim>;
   using TileKV = SwizzledTile<kBlockN, kHeadDim>;
   using TileQ = SwizzledTile<kBlockQ, kHeadDim>;
@@ -99,8 +113,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   const int warp_key0 = (threadIdx.x / 32) * 16;
   const int quad_col = 2 * (lane % 4);
   const int64_t keys[2] = {key0 + warp_key0 + lane / 4, key0 + warp_key0 + lane / 4 + 8};
-  float acc_dk[kDimTiles][4] = {};
-  float acc_dv[kDimTiles][4] = {};
+  float acc_dk[kDk ? kDimTiles : 1][4] = {};
+  float acc_dv[kDv ? kDimTiles : 1][4] = {};
   DropoutMask dropout{};
   if constexpr (kDropout) dropout = DropoutMask::of(p);
 
@@ -123,23 +137,25 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
       kept = dropout.tile_bits_keys<kQueryTiles>(keys, q0 + quad_col, b * p.heads + h, lane);
     }
 
-    // S^T = K Q^T (this warp's 16 keys x kBlockQ queries) and dP^T = V dO^T.
+    // S^T = K Q^T (this warp's 16 keys x kBlockQ queries) and, for dK, dP^T = V dO^T.
     float pt[kQueryTiles][4] = {};
-    float dpt[kQueryTiles][4] = {};
+    float dpt[kDk ? kQueryTiles : 1][4] = {};
 #pragma unroll
     for (int kk = 0; kk < kSteps; ++kk) {
       uint32_t frag_k[4], frag_v[4];
       load_fragment_a<TileKV>(frag_k, smem_k, warp_key0, kk * 16, lane);
-      load_fragment_a<TileKV>(frag_v, smem_v, warp_key0, kk * 16, lane);
+      if constexpr (kDk) load_fragment_a<TileKV>(frag_v, smem_v, warp_key0, kk * 16, lane);
 #pragma unroll
       for (int ni = 0; ni < kQueryTiles; ni += 2) {
         uint32_t regs[4];
         load_fragments_b_nk<TileQ>(regs, sq, ni * 8, kk * 16, lane);
         mma_16816<T>(pt[ni], frag_k, regs[0], regs[1]);
         mma_16816<T>(pt[ni + 1], frag_k, regs[2], regs[3]);
-        load_fragments_b_nk<TileQ>(regs, sdo, ni * 8, kk * 16, lane);
-        mma_16816<T>(dpt[ni], frag_v, regs[0], regs[1]);
-        mma_16816<T>(dpt[ni + 1], frag_v, regs[2], regs[3]);
+        if constexpr (kDk) {
+          load_fragments_b_nk<TileQ>(regs, sdo, ni * 8, kk * 16, lane);
+          mma_16816<T>(dpt[ni], frag_v, regs[0], regs[1]);
+          mma_16816<T>(dpt[ni + 1], frag_v, regs[2], regs[3]);
+        }
       }
     }
 
@@ -167,10 +183,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
           if constexpr (kDropout) {
             const bool keep = (kept >> (4 * ni + i)) & 1;
             pt[ni][i] = keep ? prob * p.dropout_scale : 0.0f;
-            dpt[ni][i] = prob * ((keep ? dpt[ni][i] * p.dropout_scale : 0.0f) - row_delta);
+            if constexpr (kDk) {
+              dpt[ni][i] = prob * ((keep ? dpt[ni][i] * p.dropout_scale : 0.0f) - row_delta);
+            }
           } else {
             pt[ni][i] = prob;
-            dpt[ni][i] = prob * (dpt[ni][i] - row_delta);
+            if constexpr (kDk) dpt[ni][i] = prob * (dpt[ni][i] - row_delta);
           }
         }
       }
@@ -180,17 +198,21 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 #pragma unroll
     for (int kk = 0; kk < kBlockQ / 16; ++kk) {
       uint32_t frag_p[4], frag_ds[4];
-      accumulators_to_fragment_a<T>(frag_p, pt[2 * kk], pt[2 * kk + 1]);
-      accumulators_to_fragment_a<T>(frag_ds, dpt[2 * kk], dpt[2 * kk + 1]);
+      if constexpr (kDv) accumulators_to_fragment_a<T>(frag_p, pt[2 * kk], pt[2 * kk + 1]);
+      if constexpr (kDk) accumulators_to_fragment_a<T>(frag_ds, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
       for (int di = 0; di < kDimTiles; di += 2) {
         uint32_t regs[4];
-        load_fragments_b_kn<TileQ>(regs, sdo, kk * 16, di * 8, lane);
-        mma_16816<T>(acc_dv[di], frag_p, regs[0], regs[1]);
-        mma_16816<T>(acc_dv[di + 1], frag_p, regs[2], regs[3]);
-        load_fragments_b_kn<TileQ>(regs, sq, kk * 16, di * 8, lane);
-        mma_16816<T>(acc_dk[di], frag_ds, regs[0], regs[1]);
-        mma_16816<T>(acc_dk[di + 1], frag_ds, regs[2], regs[3]);
+        if constexpr (kDv) {
+          load_fragments_b_kn<TileQ>(regs, sdo, kk * 16, di * 8, lane);
+          mma_16816<T>(acc_dv[di], frag_p, regs[0], regs[1]);
+          mma_16816<T>(acc_dv[di + 1], frag_p, regs[2], regs[3]);
+        }
+        if constexpr (kDk) {
+          load_fragments_b_kn<TileQ>(regs, sq, kk * 16, di * 8, lane);
+          mma_16816<T>(acc_dk[di], frag_ds, regs[0], regs[1]);
+          mma_16816<T>(acc_dk[di + 1], frag_ds, regs[2], regs[3]);
+        }
       }
     }
   }
@@ -207,20 +229,25 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
 #pragma unroll
     for (int di = 0; di < kDimTiles; ++di) {
       if (di * 8 >= p.head_dim) break;  // padding columns
-      *reinterpret_cast<uint32_t*>(dk_row + di * 8) = pack_pair<T>(
-          acc_dk[di][half * 2] * p.scale, acc_dk[di][half * 2 + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_row + di * 8) =
-          pack_pair<T>(acc_dv[di][half * 2], acc_dv[di][half * 2 + 1]);
+      if constexpr (kDk) {
+        *reinterpret_cast<uint32_t*>(dk_row + di * 8) = pack_pair<T>(
+            acc_dk[di][half * 2] * p.scale, acc_dk[di][half * 2 + 1] * p.scale);
+      }
+      if constexpr (kDv) {
+        *reinterpret_cast<uint32_t*>(dv_row + di * 8) =
+            pack_pair<T>(acc_dv[di][half * 2], acc_dv[di][half * 2 + 1]);
+      }
     }
   }
 }
 
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
+  constexpr int kStepN = kDqStepKeys<kHeadDim>;
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;
-  using TileKV = SwizzledTile<kBlockN, kHeadDim>;
+  using TileKV = SwizzledTile<kStepN, kHeadDim>;
   constexpr int kSteps = kHeadDim / 16;
-  constexpr int kKeyTiles = kBlockN / 8;
+  constexpr int kKeyTiles = kStepN / 8;
   constexpr int kDimTiles = kHeadDim / 8;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* smem_q = reinterpret_cast<T*>(shared_bytes);
@@ -239,14 +266,14 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
   const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
   const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
-  const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
+  const int key_blocks = static_cast<int>((key_end + kStepN - 1) / kStepN);
 
   auto load_kv = [&](int stage, int block) {
-    const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
-    load_rows<T, kBlockN, kHeadDim>(smem_k + stage * TileKV::kElements, k, n0, seqlen_k,
-                                    p.k_strides.seq, p.head_dim);
-    load_rows<T, kBlockN, kHeadDim>(smem_v + stage * TileKV::kElements, v, n0, seqlen_k,
-                                    p.v_strides.seq, p.head_dim);
+    const int64_t n0 = static_cast<int64_t>(block) * kStepN;
+    load_rows<T, kStepN, kHeadDim>(smem_k + stage * TileKV::kElements, k, n0, seqlen_k,
+                                   p.k_strides.seq, p.head_dim);
+    load_rows<T, kStepN, kHeadDim>(smem_v + stage * TileKV::kElements, v, n0, seqlen_k,
+                                   p.v_strides.seq, p.head_dim);
   };
   load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
   load_rows<T, kBlockM, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq,
@@ -281,13 +308,13 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 
     // The dropout mask of this block, bit 4 * ni + (half * 2 + e) for [ni][half * 2 + e],
     // drawn before the accumulators below are live (fewer registers at once).
-    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+    const int64_t key0 = static_cast<int64_t>(j) * kStepN;
     uint32_t kept = 0;
     if constexpr (kDropout) {
       kept = dropout.tile_bits_rows<kKeyTiles>(rows, key0 + quad_col, b * p.heads + h, lane);
     }
 
-    // S = Q K^T and dP = dO V^T (this warp's 16 rows x 64 keys).
+    // S = Q K^T and dP = dO V^T (this warp's 16 rows x kStepN keys).
     float s[kKeyTiles][4] = {};
     float dp[kKeyTiles][4] = {};
 #pragma unroll
@@ -342,7 +369,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 
     // dQ += dS K: K's [key][dim] tile is B row-major.
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    for (int kk = 0; kk < kStepN / 16; ++kk) {
       uint32_t frag_ds[4];
       accumulators_to_fragment_a<T>(frag_ds, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
@@ -370,30 +397,44 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
   }
 }
 
+// The dK/dV kernel's grid: one block per kBlockN keys of each (batch, kv head).
+inline dim3 dkdv_grid(const AttentionParams& p) {
+  return dim3(static_cast<unsigned>((p.seqlen_k + kBlockN - 1) / kBlockN),
+              static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
+}
+
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
+template <typename T, int kHeadDim, bool kCausal, bool kDropout, bool kDk, bool kDv>
+cudaError_t launch_dkdv(const AttentionParams& p, cudaStream_t stream) {
+  constexpr int kSmemBytes = dkdv_smem_bytes<T, kHeadDim>();
+  auto kernel = attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout, kDk, kDv>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<dkdv_grid(p), kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int kDkdvSmem = dkdv_smem_bytes<T, kHeadDim>();
-  constexpr int kDqSmem = dq_smem_bytes<T, kHeadDim>();
-  auto dkdv = attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout>;
-  auto dq = attention_bwd_dq_kernel<T, kHeadDim, kCausal, kDropout>;
-  cudaError_t err =
-      cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, kDkdvSmem);
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kDqSmem);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
   // An empty grid is a launch error, so each kernel runs only when it has rows to write.
   if (p.seqlen_k > 0) {
-    const dim3 grid_kv(static_cast<unsigned>((p.seqlen_k + kBlockN - 1) / kBlockN),
-                       static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
-    dkdv<<<grid_kv, kThreads, kDkdvSmem, stream>>>(p);
-    err = cudaGetLastError();
+    if constexpr (kDkdvTogether<kHeadDim>) {
+      err = launch_dkdv<T, kHeadDim, kCausal, kDropout, true, true>(p, stream);
+    } else {
+      err = launch_dkdv<T, kHeadDim, kCausal, kDropout, false, true>(p, stream);  // dV
+      if (err != cudaSuccess) return err;
+      err = launch_dkdv<T, kHeadDim, kCausal, kDropout, true, false>(p, stream);  // dK
+    }
     if (err != cudaSuccess) return err;
   }
   if (p.seqlen_q > 0) {
-    const dim3 grid_q(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
-                      static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-    dq<<<grid_q, kThreads, kDqSmem, stream>>>(p);
+    constexpr int kDqSmem = dq_smem_bytes<T, kHeadDim>();
+    auto dq = attention_bwd_dq_kernel<T, kHeadDim, kCausal, kDropout>;
+    err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kDqSmem);
+    if (err != cudaSuccess) return err;
+    dq<<<query_grid(p), kThreads, kDqSmem, stream>>>(p);
     err = cudaGetLastError();
   }
   return err;

@@ -1,7 +1,8 @@
 // Flash-style attention forward for sm_80 and newer (FlashAttention-2's schedule, written
 // for this project): one block computes 64 query rows of one (batch, head), 16 per warp, and
-// walks the keys 64 at a time. Q stays in registers; K and V tiles are double-buffered in
-// swizzled shared memory through cp.async, so the next tile loads while this one computes.
+// walks the keys 64 at a time (32 at head dim 256). Q stays in registers (in shared memory at
+// head dim 256); K and V tiles are double-buffered in swizzled shared memory through
+// cp.async, so the next tile loads while this one computes.
 // Scores S = Q K^T and the output O += P V run on mma.sync m16n8k16 with fp32 accumulators;
 // P never leaves registers: the accumulator layout of S is, pair by pair, the A-operand
 // layout of the next mma, so P is only rounded to T and repacked. Scores are kept in the
@@ -21,13 +22,21 @@ namespace attention_sm80 {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockM = 64;  // query rows per block, 16 per warp
-constexpr int kBlockN = 64;  // keys per step
+constexpr int kBlockN = 64;  // keys per step (head dims up to 128), and per dK/dV block
+
+// Head dim 256: O's accumulators alone take 128 registers a thread, so the forward steps
+// through the keys 32 at a time (half the score registers) and reads Q's fragments from
+// shared memory at each step instead of holding 64 registers of them.
+template <int kHeadDim>
+constexpr int kFwdStepKeys = kHeadDim > 128 ? 32 : kBlockN;
+template <int kHeadDim>
+constexpr bool kQInRegisters = kHeadDim <= 128;
 constexpr float kLn2 = 0.69314718055994531f;
 
 template <typename T, int kHeadDim>
 constexpr int fwd_smem_bytes() {
   // Q, then two stages of K and two of V.
-  return (kBlockM + 4 * kBlockN) * kHeadDim * static_cast<int>(sizeof(T));
+  return (kBlockM + 4 * kFwdStepKeys<kHeadDim>) * kHeadDim * static_cast<int>(sizeof(T));
 }
 
 // One (sequence, head) of a launch: where its tokens start in q/out and k/v, its lengths,
@@ -91,10 +100,11 @@ __device__ __forceinline__ int64_t query_block(bool causal) {
 
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
+  constexpr int kStepN = kFwdStepKeys<kHeadDim>;
   using TileQ = SwizzledTile<kBlockM, kHeadDim>;
-  using TileKV = SwizzledTile<kBlockN, kHeadDim>;
-  constexpr int kSteps = kHeadDim / 16;   // k-steps of S = Q K^T
-  constexpr int kKeyTiles = kBlockN / 8;  // n-tiles of S
+  using TileKV = SwizzledTile<kStepN, kHeadDim>;
+  constexpr int kSteps = kHeadDim / 16;  // k-steps of S = Q K^T
+  constexpr int kKeyTiles = kStepN / 8;  // n-tiles of S
   constexpr int kDimTiles = kHeadDim / 8; // n-tiles of O
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* smem_q = reinterpret_cast<T*>(shared_bytes);
@@ -112,14 +122,14 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
   // Causal masking is aligned top-left (key <= query), as in PyTorch's SDPA.
   const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
-  const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
+  const int key_blocks = static_cast<int>((key_end + kStepN - 1) / kStepN);
 
   auto load_kv = [&](int stage, int block) {
-    const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
-    load_rows<T, kBlockN, kHeadDim>(smem_k + stage * TileKV::kElements, k, n0, seqlen_k,
-                                    p.k_strides.seq, p.head_dim);
-    load_rows<T, kBlockN, kHeadDim>(smem_v + stage * TileKV::kElements, v, n0, seqlen_k,
-                                    p.v_strides.seq, p.head_dim);
+    const int64_t n0 = static_cast<int64_t>(block) * kStepN;
+    load_rows<T, kStepN, kHeadDim>(smem_k + stage * TileKV::kElements, k, n0, seqlen_k,
+                                   p.k_strides.seq, p.head_dim);
+    load_rows<T, kStepN, kHeadDim>(smem_v + stage * TileKV::kElements, v, n0, seqlen_k,
+                                   p.v_strides.seq, p.head_dim);
   };
   load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
   if (key_blocks > 0) load_kv(0, 0);
@@ -131,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const int64_t rows[2] = {row0 + warp_row0 + lane / 4, row0 + warp_row0 + lane / 4 + 8};
   const int quad_col = 2 * (lane % 4);
 
-  uint32_t frag_q[kSteps][4];
+  uint32_t frag_q[kQInRegisters<kHeadDim> ? kSteps : 1][4];  // Q, or one k-step of it
   float acc_o[kDimTiles][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; summed over the quad at the end
@@ -141,10 +151,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   for (int j = 0; j < key_blocks; ++j) {
     cp_async_wait<0>();  // K_j, V_j (and at j = 0, Q) have landed for this thread
     __syncthreads();     // ... for every thread; and stage (j + 1) % 2 is free again
-    if (j == 0) {
+    if constexpr (kQInRegisters<kHeadDim>) {
+      if (j == 0) {
 #pragma unroll
-      for (int kk = 0; kk < kSteps; ++kk) {
-        load_fragment_a<TileQ>(frag_q[kk], smem_q, warp_row0, kk * 16, lane);
+        for (int kk = 0; kk < kSteps; ++kk) {
+          load_fragment_a<TileQ>(frag_q[kk], smem_q, warp_row0, kk * 16, lane);
+        }
       }
     }
     if (j + 1 < key_blocks) load_kv((j + 1) % 2, j + 1);
@@ -152,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     const T* sk = smem_k + (j % 2) * TileKV::kElements;
     const T* sv = smem_v + (j % 2) * TileKV::kElements;
 
-    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+    const int64_t key0 = static_cast<int64_t>(j) * kStepN;
     // Dropout: bit 4 * ni + (half * 2 + e) of `kept` for entry [ni][half * 2 + e], drawn
     // before S is live (fewer registers at once). Dropped probabilities still count in the
     // normaliser; they only leave the product with V.
@@ -165,19 +177,23 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     float s[kKeyTiles][4] = {};
 #pragma unroll
     for (int kk = 0; kk < kSteps; ++kk) {
+      const int q_step = kQInRegisters<kHeadDim> ? kk : 0;
+      if constexpr (!kQInRegisters<kHeadDim>) {
+        load_fragment_a<TileQ>(frag_q[0], smem_q, warp_row0, kk * 16, lane);
+      }
 #pragma unroll
       for (int ni = 0; ni < kKeyTiles; ni += 2) {
         uint32_t regs[4];
         load_fragments_b_nk<TileKV>(regs, sk, ni * 8, kk * 16, lane);
-        mma_16816<T>(s[ni], frag_q[kk], regs[0], regs[1]);
-        mma_16816<T>(s[ni + 1], frag_q[kk], regs[2], regs[3]);
+        mma_16816<T>(s[ni], frag_q[q_step], regs[0], regs[1]);
+        mma_16816<T>(s[ni + 1], frag_q[q_step], regs[2], regs[3]);
       }
     }
 
     // Online softmax, one row (half) at a time. Without a mask tensor only blocks that reach
     // past the last key or the diagonal need masking; the test is uniform across the warp.
-    const bool needs_mask = key0 + kBlockN > seqlen_k || p.mask_kind != MaskKind::kNone ||
-                            (kCausal && key0 + kBlockN - 1 > row0 + warp_row0);
+    const bool needs_mask = key0 + kStepN > seqlen_k || p.mask_kind != MaskKind::kNone ||
+                            (kCausal && key0 + kStepN - 1 > row0 + warp_row0);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float block_max = -INFINITY;
@@ -226,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     // O += P V. Key tiles 2i and 2i + 1 of S are the A fragment of k-step i; V's
     // [key][dim] tile is B row-major, so ldmatrix transposes it.
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    for (int kk = 0; kk < kStepN / 16; ++kk) {
       uint32_t frag_p[4];
       accumulators_to_fragment_a<T>(frag_p, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
@@ -262,6 +278,13 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   }
 }
 
+// The grid of the forward and dQ kernels: one block per kBlockM query rows of each (batch,
+// head).
+inline dim3 query_grid(const AttentionParams& p) {
+  return dim3(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
+              static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
+}
+
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
@@ -270,9 +293,7 @@ cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
-                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  kernel<<<query_grid(p), kThreads, kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 #endif  // TILESMITH_CPU_EMULATION

@@ -33,7 +33,9 @@ struct SwizzledTile {
 // strides; elements outside it are zero-filled. Each thread copies one 8-element chunk
 // column, kRowsPerPass rows apart: its column bounds and swizzle are computed once, and the
 // loop only steps a pointer (the first version recomputed the 64-bit address per chunk and
-// needed 175 registers instead of 128 in the matmul kernel).
+// needed 175 registers instead of 128 in the matmul kernel). Rows wider than the block has
+// threads for 8 rows per pass (256 columns, 128 threads: 4 rows) change swizzle between
+// passes, so there the shared-memory offset is recomputed each pass.
 template <typename T, int kRows, int kCols, int kThreads, bool kVectorLoads>
 __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row0, int64_t col0,
                                           int64_t rows, int64_t cols, int64_t row_stride,
@@ -42,17 +44,18 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row0, 
   constexpr int kRowsPerPass = kThreads / Tile::kChunksPerRow;
   static_assert(kThreads % Tile::kChunksPerRow == 0, "whole rows per pass");
   static_assert(kRows % kRowsPerPass == 0, "every thread copies the same number of chunks");
-  static_assert(kRowsPerPass % 8 == 0, "the swizzle pattern must repeat between passes");
+  static_assert(kRowsPerPass % 8 == 0 || 8 % kRowsPerPass == 0, "whole swizzle periods");
   const int row = threadIdx.x / Tile::kChunksPerRow;
   const int col = (threadIdx.x % Tile::kChunksPerRow) * 8;
   const int64_t gcol = col0 + col;
   const int64_t left = cols - gcol;
   const int valid_cols = left <= 0 ? 0 : (left < 8 ? static_cast<int>(left) : 8);
-  T* dst = smem + Tile::offset(row, col);
+  T* dst = smem + Tile::offset(row, col);  // pass 0
   const T* src = gmem + (row0 + row) * row_stride + gcol * col_stride;
   int64_t rows_left = rows - row0 - row;
 #pragma unroll(kVectorLoads ? kRows / kRowsPerPass : 1)
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    if constexpr (kRowsPerPass % 8 != 0) dst = smem + Tile::offset(row + pass * kRowsPerPass, col);
     const int valid = rows_left > 0 ? valid_cols : 0;
     if constexpr (kVectorLoads) {
       // With nothing to read the source address is the (valid) base pointer.

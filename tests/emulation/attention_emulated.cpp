@@ -5,7 +5,8 @@
 
 namespace tilesmith::attention_sm80 {
 // The kernels' `extern __shared__` buffer, which block-scope extern declares in this namespace.
-alignas(128) unsigned char shared_bytes[dq_smem_bytes<float, 128>()];
+// Sized for the largest kernel (float stands in for 16-bit types: twice that).
+alignas(128) unsigned char shared_bytes[dq_smem_bytes<float, 256>()];
 }  // namespace tilesmith::attention_sm80
 
 namespace {
@@ -15,32 +16,39 @@ namespace at80 = tilesmith::attention_sm80;
 
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + at80::kBlockM - 1) / at80::kBlockM),
-                  static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-  return tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::fwd_smem_bytes<T, kHeadDim>(),
+  return tilesmith_emu::launch(at80::query_grid(p), dim3(at80::kThreads),
+                               at80::fwd_smem_bytes<T, kHeadDim>(),
                                at80::shared_bytes, std::move(buffers), [&p] {
                                  at80::attention_fwd_kernel<T, kHeadDim, kCausal, kDropout>(p);
                                });
 }
 
-// The two backward kernels, in the order the launcher runs them.
+template <typename T, int kHeadDim, bool kCausal, bool kDropout, bool kDk, bool kDv>
+std::string dkdv(const AttentionParams& p, const std::vector<tilesmith_emu::Buffer>& buffers) {
+  return tilesmith_emu::launch(at80::dkdv_grid(p), dim3(at80::kThreads),
+                               at80::dkdv_smem_bytes<T, kHeadDim>(), at80::shared_bytes, buffers,
+                               [&p] {
+                                 at80::attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout,
+                                                                 kDk, kDv>(p);
+                               });
+}
+
+// The backward kernels, in the order launch_bwd runs them.
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   std::string error;
   if (p.seqlen_k > 0) {
-    const dim3 grid(static_cast<unsigned>((p.seqlen_k + at80::kBlockN - 1) / at80::kBlockN),
-                    static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
-    error = tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::dkdv_smem_bytes<T, kHeadDim>(),
-                                  at80::shared_bytes, buffers, [&p] {
-                                    at80::attention_bwd_dkdv_kernel<T, kHeadDim, kCausal,
-                                                                    kDropout>(p);
-                                  });
+    if constexpr (at80::kDkdvTogether<kHeadDim>) {
+      error = dkdv<T, kHeadDim, kCausal, kDropout, true, true>(p, buffers);
+    } else {
+      error = dkdv<T, kHeadDim, kCausal, kDropout, false, true>(p, buffers);
+      if (error.empty()) error = dkdv<T, kHeadDim, kCausal, kDropout, true, false>(p, buffers);
+    }
   }
   if (error.empty() && p.seqlen_q > 0) {
-    const dim3 grid(static_cast<unsigned>((p.seqlen_q + at80::kBlockM - 1) / at80::kBlockM),
-                    static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
-    error = tilesmith_emu::launch(grid, dim3(at80::kThreads), at80::dq_smem_bytes<T, kHeadDim>(),
-                                  at80::shared_bytes, buffers, [&p] {
+    error = tilesmith_emu::launch(at80::query_grid(p), dim3(at80::kThreads),
+                                  at80::dq_smem_bytes<T, kHeadDim>(), at80::shared_bytes, buffers,
+                                  [&p] {
                                     at80::attention_bwd_dq_kernel<T, kHeadDim, kCausal,
                                                                   kDropout>(p);
                                   });
@@ -80,13 +88,14 @@ extern "C" int emulate_attention(const AttentionParams* params, int dtype, int c
   auto regions = tilesmith_emu::buffers_from(buffer_ptrs, buffer_bytes, buffers);
   const AttentionParams& p = *params;
   std::string message;
-  const bool narrow = p.head_dim <= 64;
   if (dtype == 0) {
-    message = narrow ? dispatch<__nv_bfloat16, 64>(p, causal, backward, regions)
-                     : dispatch<__nv_bfloat16, 128>(p, causal, backward, regions);
+    message = p.head_dim <= 64    ? dispatch<__nv_bfloat16, 64>(p, causal, backward, regions)
+              : p.head_dim <= 128 ? dispatch<__nv_bfloat16, 128>(p, causal, backward, regions)
+                                  : dispatch<__nv_bfloat16, 256>(p, causal, backward, regions);
   } else {
-    message = narrow ? dispatch<__half, 64>(p, causal, backward, regions)
-                     : dispatch<__half, 128>(p, causal, backward, regions);
+    message = p.head_dim <= 64    ? dispatch<__half, 64>(p, causal, backward, regions)
+              : p.head_dim <= 128 ? dispatch<__half, 128>(p, causal, backward, regions)
+                                  : dispatch<__half, 256>(p, causal, backward, regions);
   }
   std::snprintf(error, error_capacity, "%s", message.c_str());
   return message.empty() ? 0 : 1;
@@ -94,3 +103,10 @@ extern "C" int emulate_attention(const AttentionParams* params, int dtype, int c
 
 // For the test's check that its ctypes mirror of AttentionParams has the same layout.
 extern "C" int attention_params_size() { return static_cast<int>(sizeof(AttentionParams)); }
+
+// The shared memory the head-dim-256 kernels ask for, for the test that compares it with
+// ops/attention.py's CUDA_D256_SMEM_BYTES (which routes GPUs with less to Triton).
+extern "C" int attention_d256_smem_bytes() {
+  return std::max({at80::fwd_smem_bytes<__half, 256>(), at80::dkdv_smem_bytes<__half, 256>(),
+                   at80::dq_smem_bytes<__half, 256>()});
+}

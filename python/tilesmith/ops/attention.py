@@ -8,7 +8,7 @@ Layers, as for every op family:
     ``tilesmith::varlen_attention_{fwd,bwd}_{triton,cuda}`` (fake kernels, autograd whose
     backward calls the bwd op, so torch.compile traces both directions);
   * kernels: kernels/attention_fwd.py, kernels/attention_bwd.py (Triton: every feature) and
-    csrc/attention/ (CUDA: head dims multiples of 8 up to 128, fp16/bf16).
+    csrc/attention/ (CUDA: head dims multiples of 8 up to 256, fp16/bf16).
 """
 
 from __future__ import annotations
@@ -511,8 +511,25 @@ def _prepare_mask(attn_mask, q, k, fn):
 
 
 # The cuda kernels' widest head dim; narrower ones (multiples of 8) run zero-padded in the
-# head-dim-64 or -128 kernels.
-CUDA_MAX_HEAD_DIM = 128
+# head-dim-64, -128 or -256 kernels.
+CUDA_MAX_HEAD_DIM = 256
+# Dynamic shared memory a block of the head-dim-256 kernels asks for (the dK/dV and dQ
+# kernels: csrc/attention/attention_bwd_sm80.cuh's dkdv_smem_bytes / dq_smem_bytes; checked
+# against the C++ by test_cuda_emulated). GPUs that allow less (sm_86, sm_89: 99 KiB) run
+# head dims above 128 on Triton.
+CUDA_D256_SMEM_BYTES = 128 * 1024
+
+
+def _cuda_shared_memory_short(device: torch.device) -> str | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    allowed = getattr(props, "shared_memory_per_block_optin", None)
+    if allowed is None or allowed >= CUDA_D256_SMEM_BYTES:
+        return None
+    return (f"the cuda attention kernels for head dims above 128 need "
+            f"{CUDA_D256_SMEM_BYTES // 1024} KiB of shared memory per block; {props.name} "
+            f"allows {allowed // 1024} KiB")
 
 
 def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
@@ -527,6 +544,8 @@ def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
     if d % 8 or not 0 < d <= CUDA_MAX_HEAD_DIM or v.shape[-1] != d:
         cuda = (f"the cuda attention kernels need query, key and value head dims equal, a "
                 f"multiple of 8 and at most {CUDA_MAX_HEAD_DIM}, got {d} and {v.shape[-1]}")
+    elif d > 128:
+        cuda = _cuda_shared_memory_short(q.device)
     return {"triton": None, "cuda": cuda}
 
 
