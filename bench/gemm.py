@@ -8,7 +8,7 @@ bf16 and fp16, bias + GELU (the MLP up-projection) and bias + residual (the down
 Then the up-projection's training step (forward + backward) against eager autograd, and the
 backward's fused elementwise pass (gelu' and the bias gradient) against aten's.
 Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS, Float8Linear
-forward + backward (each backend of ours, row-wise and tensor-wise) against a bf16 Linear,
+forward + backward (each backend of ours; row-, tensor- and block-wise) against a bf16 Linear,
 and quantize_fp8 against the same arithmetic in eager PyTorch.
 """
 
@@ -215,7 +215,7 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
     x = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     linear = torch.nn.Linear(size, size, device="cuda", dtype=torch.bfloat16)
     fp8_linears = {scaling: tilesmith.nn.Float8Linear.from_linear(linear, scaling=scaling)
-                   for scaling in ("row", "tensor")}
+                   for scaling in ("row", "tensor", "block")}
     grad = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
 
     def step(module):

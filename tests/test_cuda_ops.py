@@ -90,10 +90,11 @@ def _scaled_gemm_step():
     return step
 
 
-def _float8_linear_step():
+def _float8_linear_step(scaling="row"):
     # 264 input and 200 output features: neither product's k is a multiple of 16 (the
     # zero-padding copy), and the backward quantizes transposed views.
-    layer = tilesmith.nn.Float8Linear(264, 200, dtype=torch.bfloat16, device="cuda")
+    layer = tilesmith.nn.Float8Linear(264, 200, dtype=torch.bfloat16, device="cuda",
+                                      scaling=scaling)
     x = torch.randn(130, 264, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def step():
@@ -111,7 +112,9 @@ STEPS = {"attention": ("attention", torch.bfloat16, _attention_step),
          "gemm": ("gemm", torch.bfloat16, _gemm_step),
          "conv2d": ("conv2d", torch.bfloat16, _conv2d_step),
          "scaled_gemm": ("fp8", torch.float8_e4m3fn, _scaled_gemm_step),
-         "float8_linear": ("fp8", torch.bfloat16, _float8_linear_step)}
+         "float8_linear": ("fp8", torch.bfloat16, _float8_linear_step),
+         "float8_linear_block": ("fp8", torch.bfloat16,
+                                 lambda: _float8_linear_step(scaling="block"))}
 
 
 @pytest.mark.parametrize("name", list(STEPS))

@@ -176,7 +176,7 @@ def test_convert_keeps_parameters_and_reports_skips():
     assert list(net.parameters()) == params  # the very same Parameter objects
     assert report.converted == ["0"] and report.skipped[0][0] == "1"
     assert type(net[0]) is tilesmith.nn.Linear and type(net[1]) is torch.nn.MultiheadAttention
-    for fp8, scaling in ((True, "row"), ("tensor", "tensor")):
+    for fp8, scaling in ((True, "row"), ("tensor", "tensor"), ("block", "block")):
         linear = torch.nn.Linear(16, 8)
         want = linear(torch.ones(3, 16))
         converted = tilesmith.nn.convert(torch.nn.Sequential(linear), fp8=fp8)
@@ -185,7 +185,7 @@ def test_convert_keeps_parameters_and_reports_skips():
         # Runs (a switched class must carry every attribute its forward reads).
         assert testing.sqnr_db(converted(torch.ones(3, 16)), want) > 20
     with pytest.raises(ValueError, match="fp8 must be"):
-        tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), fp8="block")
+        tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), fp8="column")
     with pytest.raises(ValueError, match="include may name"):
         tilesmith.nn.convert(net, include=("lstm",))
 

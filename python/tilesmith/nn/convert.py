@@ -36,8 +36,8 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     """Make ``model``'s nn.Linear, nn.Conv2d and nn.MultiheadAttention modules tilesmith's,
     in place: each module's class is switched to tilesmith's subclass, so its parameters
     (the same Parameter objects an optimizer may hold), buffers, device, dtype, hooks and
-    state_dict keys are untouched. ``fp8=True`` (or ``"row"``, or ``"tensor"``: the scaling)
-    makes Linear layers Float8Linear.
+    state_dict keys are untouched. ``fp8=True`` (or ``"row"``, ``"tensor"`` or ``"block"``:
+    the scaling) makes Linear layers Float8Linear.
     Modules that cannot be converted are left as they are and reported (a warning, and the
     returned report when ``return_report``). Returns the model (and the report)."""
     unknown = set(include) - {"linear", "conv2d", "attention"}
@@ -45,8 +45,9 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
         raise ValueError(f"convert: include may name 'linear', 'conv2d', 'attention', got "
                          f"{sorted(unknown)}")
     fp8_scaling = "row" if fp8 is True else fp8
-    if fp8_scaling not in (False, "row", "tensor"):
-        raise ValueError(f"convert: fp8 must be True, False, 'row' or 'tensor', got {fp8!r}")
+    if fp8_scaling not in (False, "row", "tensor", "block"):
+        raise ValueError(f"convert: fp8 must be True, False, 'row', 'tensor' or 'block', got "
+                         f"{fp8!r}")
     report = ConversionReport()
     targets = []
     if "linear" in include:

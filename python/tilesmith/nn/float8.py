@@ -12,6 +12,13 @@ holds along every dimension, so the backward reuses the forward's fp8 x and W (s
 instead of the bf16 ones: half the activation memory) and quantizes only the gradient;
 one outlier, though, coarsens the whole tensor's grid.
 
+scaling="block" (DeepSeek-V3's recipe): activations and gradients per 1 x 128 block along
+each product's reduction dimension, weights per 128 x 128 block. A square block holds
+along both of W's dimensions, so the backward's dX reuses the forward's fp8 W (saved
+instead of the bf16 one); dW re-quantizes x in 128 x 128 blocks (its reduction runs over
+tokens) and the gradient transposed in 1 x 128 blocks. An outlier coarsens 128 values, not
+a row or a tensor.
+
 Master weights, bias and the returned gradients stay in the parameters' dtype.
 """
 
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.fp8 import quantize_fp8, scaled_gemm
+from ..ops.fp8 import SCALE_BLOCK, quantize_fp8, scaled_gemm
 
 
 def _rowwise(t, dtype):
@@ -84,20 +91,57 @@ class _Float8LinearTensorwise(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-_FUNCTIONS = {"row": _Float8LinearFunction, "tensor": _Float8LinearTensorwise}
+def _blocks(t, dtype, square=False):
+    """t quantized per 1 x 128 block along its rows, or per 128 x 128 block."""
+    size = (SCALE_BLOCK, SCALE_BLOCK) if square else SCALE_BLOCK
+    return quantize_fp8(t, dtype=dtype, granularity="block", block_size=size)
+
+
+class _Float8LinearBlockwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias):
+        e4m3 = torch.float8_e4m3fn
+        x_q, x_s = _blocks(x2d, e4m3)                  # (M, K), scales (M, K/128)
+        w_q, w_s = _blocks(weight, e4m3, square=True)  # (N, K), scales (N/128, K/128)
+        out = scaled_gemm(x_q, w_q.t(), x_s, w_s.t(), bias=bias, out_dtype=x2d.dtype)
+        ctx.save_for_backward(x2d, w_q, w_s)
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, w_q, w_s = ctx.saved_tensors
+        e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+        grad_out = grad_out.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            g_q, g_s = _blocks(grad_out, e5m2)                         # (M, N), (M, N/128)
+            grad_x = scaled_gemm(g_q, w_q, g_s, w_s, out_dtype=x2d.dtype)  # W as (N, K)
+        if ctx.needs_input_grad[1]:
+            gt_q, gt_s = _blocks(grad_out.t(), e5m2)                   # (N, M), (N, M/128)
+            xb_q, xb_s = _blocks(x2d, e4m3, square=True)               # (M/128, K/128)
+            grad_w = scaled_gemm(gt_q, xb_q, gt_s, xb_s, out_dtype=ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0, dtype=torch.float32).to(ctx.weight_dtype)
+        return grad_x, grad_w, grad_b
+
+
+_FUNCTIONS = {"row": _Float8LinearFunction, "tensor": _Float8LinearTensorwise,
+              "block": _Float8LinearBlockwise}
 
 
 class Float8Linear(torch.nn.Linear):
     """``torch.nn.Linear`` (same constructor, parameters and state_dict keys) whose forward
-    and backward products run in FP8 with dynamic scaling, ``scaling="row"`` (default) or
-    ``"tensor"`` (module docstring). Inputs of any leading shape; parameters in
+    and backward products run in FP8 with dynamic scaling, ``scaling="row"`` (default),
+    ``"tensor"`` or ``"block"`` (module docstring). Inputs of any leading shape; parameters in
     bf16/fp16/fp32. ``from_linear`` converts an existing layer."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype=None, *, scaling: str = "row"):
         if scaling not in _FUNCTIONS:
-            raise ValueError(f"Float8Linear: scaling must be 'row' or 'tensor', got "
-                             f"{scaling!r}")
+            raise ValueError(f"Float8Linear: scaling must be 'row', 'tensor' or 'block', "
+                             f"got {scaling!r}")
         super().__init__(in_features, out_features, bias, device, dtype)
         self.scaling = scaling
 
