@@ -95,6 +95,11 @@ template <>
 __device__ __forceinline__ float to_float<__half>(__half x) {
   return __half2float(x);
 }
+// For kernels that read fp32 or 16-bit values through one template parameter.
+template <>
+__device__ __forceinline__ float to_float<float>(float x) {
+  return x;
+}
 
 // Two floats rounded to T and packed into one 32-bit register, `lo` in the low half: the
 // layout of an mma operand fragment register.

@@ -15,7 +15,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../common/mma_sm80.cuh"
 #include "activation_backward.h"
@@ -50,22 +49,13 @@ __device__ __forceinline__ float derivative(float z, Activation activation) {
   }
 }
 
-template <typename X>
-__device__ __forceinline__ float as_float(X v) {
-  if constexpr (std::is_same_v<X, float>) {
-    return v;
-  } else {
-    return to_float<X>(v);
-  }
-}
-
 // Columns [col, col + kVec) of one row as floats. kVec > 1 only where the launcher found
 // unit column strides, 16-byte aligned rows and n a multiple of kVec.
 template <typename X, int kVec>
 __device__ __forceinline__ void load(const X* row, int64_t col, int64_t col_stride,
                                      float (&v)[kVec]) {
   if constexpr (kVec == 1) {
-    v[0] = as_float(row[col * col_stride]);
+    v[0] = to_float<X>(row[col * col_stride]);
   } else {
     constexpr int kWords = kVec * static_cast<int>(sizeof(X)) / 16;  // 1, or 2 for fp32
     static_assert(kWords * 16 == kVec * static_cast<int>(sizeof(X)), "whole 16-byte words");
@@ -75,7 +65,7 @@ __device__ __forceinline__ void load(const X* row, int64_t col, int64_t col_stri
       reinterpret_cast<uint4*>(raw)[w] = reinterpret_cast<const uint4*>(row + col)[w];
     }
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) v[i] = as_float(raw[i]);
+    for (int i = 0; i < kVec; ++i) v[i] = to_float<X>(raw[i]);
   }
 }
 

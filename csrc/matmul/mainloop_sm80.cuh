@@ -162,15 +162,6 @@ __device__ __forceinline__ OutT to_out(float v) {
   }
 }
 
-template <typename OutT>
-__device__ __forceinline__ float out_to_float(OutT v) {
-  if constexpr (std::is_same_v<OutT, float>) {
-    return v;
-  } else {
-    return to_float<OutT>(v);
-  }
-}
-
 // Two neighbouring columns (col, col + 1) of one row: one 4- or 8-byte store when both are
 // in range and aligned, else element by element.
 template <typename OutT>
@@ -234,8 +225,8 @@ __device__ __forceinline__ void epilogue(const float (&acc)[kMmaTilesM][kMmaTile
         for (int e = 0; e < 2; ++e) v[e] = activate(v[e], params.activation);
         if (residual != nullptr) {
           const OutT* r = residual + row * params.residual_row_stride + col;
-          if (has0) v[0] += out_to_float<OutT>(r[0]);
-          if (has1) v[1] += out_to_float<OutT>(r[1]);
+          if (has0) v[0] += to_float<OutT>(r[0]);
+          if (has1) v[1] += to_float<OutT>(r[1]);
         }
         store_pair<OutT>(c + row * params.c_row_stride + col, v[0], v[1], paired_stores, has0,
                          has1);
