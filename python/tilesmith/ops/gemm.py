@@ -101,9 +101,11 @@ def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activatio
     block_m, block_n = (32, 32) if INTERPRETING else (64, 128)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     partials = pre.new_empty((grid[0], n) if bias_grad else (0,), dtype=sum_dtype)
+    # Without a bias gradient the kernel never touches partials: dz stands in for the
+    # empty tensor (whose null data pointer a GPU launch need not accept).
     wrap_triton(activation_backward_kernel)[grid](
-        grad, pre, dz, partials, m, n, grad.stride(0), grad.stride(1), pre.stride(0),
-        pre.stride(1), ACTIVATION=ACTIVATIONS[activation], BIAS_GRAD=bias_grad,
+        grad, pre, dz, partials if bias_grad else dz, m, n, grad.stride(0), grad.stride(1),
+        pre.stride(0), pre.stride(1), ACTIVATION=ACTIVATIONS[activation], BIAS_GRAD=bias_grad,
         UPCAST=INTERPRETING, COMPUTE_DTYPE=_compute_dtype(pre.dtype), BLOCK_M=block_m,
         BLOCK_N=block_n)
     return dz, partials.sum(0) if bias_grad else partials
