@@ -520,6 +520,14 @@ def test_backends_name_what_their_kernels_do_not_take():
     for d in (136, 256):
         assert attention_ops.kernel_limits(torch.randn(1, 1, 1, d),
                                            torch.randn(1, 1, 1, d))["cuda"] is None, d
+    # ... where the GPU allows the 128 KiB of shared memory those kernels' blocks ask for.
+    for allowed, routed in ((227 * 1024, False), (99 * 1024, True)):
+        props = type("Props", (), {"name": "GPU", "shared_memory_per_block_optin": allowed})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            patch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+            why = attention_ops._cuda_shared_memory_short(torch.device("cuda", 0))
+        assert (why is not None) == routed and (not routed or "99 KiB" in why), why
     for qd, vd in ((36, 36), (64, 32), (136, 128)):
         assert "multiple of 8 and at most 256" in attention_ops.kernel_limits(
             torch.randn(1, 1, 1, qd), torch.randn(1, 1, 1, vd))["cuda"], (qd, vd)

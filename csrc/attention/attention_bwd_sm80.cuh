@@ -403,40 +403,44 @@ inline dim3 dkdv_grid(const AttentionParams& p) {
               static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
 }
 
-#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
-template <typename T, int kHeadDim, bool kCausal, bool kDropout, bool kDk, bool kDv>
-cudaError_t launch_dkdv(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int kSmemBytes = dkdv_smem_bytes<T, kHeadDim>();
-  auto kernel = attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout, kDk, kDv>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<dkdv_grid(p), kThreads, kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+// The backward's kernels in the order they run, each handed to launch(kernel, grid,
+// dynamic shared bytes), which returns whether it launched. launch_bwd below and the CPU
+// emulator (tests/emulation/attention_emulated.cpp) both run this one plan.
+template <typename T, int kHeadDim, bool kCausal, bool kDropout, typename Launch>
+bool backward_plan(const AttentionParams& p, Launch&& launch) {
+  // An empty grid is a launch error, so each kernel runs only when it has rows to write.
+  if (p.seqlen_k > 0) {
+    constexpr int kSmem = dkdv_smem_bytes<T, kHeadDim>();
+    if constexpr (kDkdvTogether<kHeadDim>) {
+      if (!launch(attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout, true, true>,
+                  dkdv_grid(p), kSmem)) {
+        return false;
+      }
+    } else {
+      if (!launch(attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout, false, true>,
+                  dkdv_grid(p), kSmem) ||  // dV
+          !launch(attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout, true, false>,
+                  dkdv_grid(p), kSmem)) {  // dK
+        return false;
+      }
+    }
+  }
+  if (p.seqlen_q == 0) return true;
+  return launch(attention_bwd_dq_kernel<T, kHeadDim, kCausal, kDropout>, query_grid(p),
+                dq_smem_bytes<T, kHeadDim>());
 }
 
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  // An empty grid is a launch error, so each kernel runs only when it has rows to write.
-  if (p.seqlen_k > 0) {
-    if constexpr (kDkdvTogether<kHeadDim>) {
-      err = launch_dkdv<T, kHeadDim, kCausal, kDropout, true, true>(p, stream);
-    } else {
-      err = launch_dkdv<T, kHeadDim, kCausal, kDropout, false, true>(p, stream);  // dV
-      if (err != cudaSuccess) return err;
-      err = launch_dkdv<T, kHeadDim, kCausal, kDropout, true, false>(p, stream);  // dK
-    }
-    if (err != cudaSuccess) return err;
-  }
-  if (p.seqlen_q > 0) {
-    constexpr int kDqSmem = dq_smem_bytes<T, kHeadDim>();
-    auto dq = attention_bwd_dq_kernel<T, kHeadDim, kCausal, kDropout>;
-    err = cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, kDqSmem);
-    if (err != cudaSuccess) return err;
-    dq<<<query_grid(p), kThreads, kDqSmem, stream>>>(p);
+  backward_plan<T, kHeadDim, kCausal, kDropout>(p, [&](auto kernel, dim3 grid, int smem) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return false;
+    kernel<<<grid, kThreads, smem, stream>>>(p);
     err = cudaGetLastError();
-  }
+    return err == cudaSuccess;
+  });
   return err;
 }
 

@@ -23,36 +23,16 @@ std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer>
                                });
 }
 
-template <typename T, int kHeadDim, bool kCausal, bool kDropout, bool kDk, bool kDv>
-std::string dkdv(const AttentionParams& p, const std::vector<tilesmith_emu::Buffer>& buffers) {
-  return tilesmith_emu::launch(at80::dkdv_grid(p), dim3(at80::kThreads),
-                               at80::dkdv_smem_bytes<T, kHeadDim>(), at80::shared_bytes, buffers,
-                               [&p] {
-                                 at80::attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kDropout,
-                                                                 kDk, kDv>(p);
-                               });
-}
-
-// The backward kernels, in the order launch_bwd runs them.
+// The backward kernels as launch_bwd runs them (attention_bwd_sm80.cuh's backward_plan).
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   std::string error;
-  if (p.seqlen_k > 0) {
-    if constexpr (at80::kDkdvTogether<kHeadDim>) {
-      error = dkdv<T, kHeadDim, kCausal, kDropout, true, true>(p, buffers);
-    } else {
-      error = dkdv<T, kHeadDim, kCausal, kDropout, false, true>(p, buffers);
-      if (error.empty()) error = dkdv<T, kHeadDim, kCausal, kDropout, true, false>(p, buffers);
-    }
-  }
-  if (error.empty() && p.seqlen_q > 0) {
-    error = tilesmith_emu::launch(at80::query_grid(p), dim3(at80::kThreads),
-                                  at80::dq_smem_bytes<T, kHeadDim>(), at80::shared_bytes, buffers,
-                                  [&p] {
-                                    at80::attention_bwd_dq_kernel<T, kHeadDim, kCausal,
-                                                                  kDropout>(p);
-                                  });
-  }
+  at80::backward_plan<T, kHeadDim, kCausal, kDropout>(
+      p, [&](auto kernel, dim3 grid, int smem_bytes) {
+        error = tilesmith_emu::launch(grid, dim3(at80::kThreads), smem_bytes, at80::shared_bytes,
+                                      buffers, [&] { kernel(p); });
+        return error.empty();
+      });
   return error;
 }
 
