@@ -11,7 +11,8 @@ which makes the gathers contiguous in NHWC.
               over the (r, s) for which that division is exact and in range (stride > 1).
     wgrad     dw[k, c, r, s]   = sum_{n, p, q} dy[n, k, p, q] x[n, c, p*sh - ph + r*dh, ...]
               reduction N*P*Q split over SPLITS programs writing fp32 partial sums.
-Groups are the second grid dimension (depthwise: groups = C = K).
+Groups are the second grid dimension. Depthwise convolutions (groups = C = K) take the
+direct kernels at the end of this file instead.
 """
 
 import triton
@@ -180,3 +181,129 @@ def conv2d_wgrad_kernel(
     rows = (split * (K_GROUP * tl.num_programs(1)) + g * K_GROUP + offs_k).to(tl.int64)
     tl.store(partial_ptr + rows[:, None] * CRS + offs_crs[None, :], acc,
              mask=k_ok[:, None] & crs_ok[None, :])
+
+
+# ---- depthwise (groups = C = K): direct kernels --------------------------------------------
+# One filter per channel leaves no reduction over channels for tl.dot to use: as implicit
+# GEMM each group is a GEMM one column wide, and a 16-wide tile would idle 15 lanes of 16.
+# These kernels instead give each program a tile of pixels x channels (contiguous in
+# channels_last) and accumulate the R * S taps elementwise, in fp32.
+
+@triton.jit
+def depthwise_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr,
+    N, C, H, W, P, Q, R, S,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swc, swr, sws, son, soc, sop, soq,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """out[n, c, p, q] = act(sum_{r, s} x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] w[c, r, s]
+    + bias[c]) for BLOCK_M output pixels x BLOCK_C channels."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = offs_m < N * P * Q
+    col_ok = offs_c < C
+    n = offs_m // (P * Q)
+    p = (offs_m % (P * Q)) // Q
+    q = offs_m % Q
+    x_pixels = x_ptr + n * sxn
+    x_channels = offs_c.to(tl.int64) * sxc
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+    for r in range(0, R):
+        ih = p * stride_h - pad_h + r * dil_h
+        for s in range(0, S):
+            iw = q * stride_w - pad_w + s * dil_w
+            ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xt = tl.load((x_pixels + ih * sxh + iw * sxw)[:, None] + x_channels[None, :],
+                         mask=ok[:, None] & col_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_c * swc + r * swr + s * sws, mask=col_ok, other=0.0)
+            acc += xt.to(ACC_DTYPE) * wt.to(ACC_DTYPE)[None, :]
+
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_c, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
+    offsets = (n * son + p * sop + q * soq)[:, None] + offs_c[None, :].to(tl.int64) * soc
+    ok = row_ok[:, None] & col_ok[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + offsets, to_output(acc, pre_ptr, UPCAST), mask=ok)
+    tl.store(out_ptr + offsets, to_output(activation(acc, ACTIVATION), out_ptr, UPCAST), mask=ok)
+
+
+@triton.jit
+def depthwise_dgrad_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    N, C, H, W, P, Q, R, S,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    syn, syc, syp, syq, swc, swr, sws, sxn, sxc, sxh, sxw,
+    UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dx[n, c, h, w] = sum_{r, s} dy[n, c, (h + ph - r*dh) / sh, (w + pw - s*dw) / sw] w[c, r, s]
+    over the taps whose division is exact and lands inside dy."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = offs_m < N * H * W
+    col_ok = offs_c < C
+    n = offs_m // (H * W)
+    h = (offs_m % (H * W)) // W
+    w = offs_m % W
+    dy_pixels = dy_ptr + n * syn
+    dy_channels = offs_c.to(tl.int64) * syc
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+    for r in range(0, R):
+        ph = h + pad_h - r * dil_h  # p * stride_h when tap r of output row p reads row h
+        p = ph // stride_h
+        p_ok = (ph >= 0) & (ph % stride_h == 0) & (p < P)
+        for s in range(0, S):
+            qw = w + pad_w - s * dil_w
+            q = qw // stride_w
+            ok = row_ok & p_ok & (qw >= 0) & (qw % stride_w == 0) & (q < Q)
+            dyt = tl.load((dy_pixels + p * syp + q * syq)[:, None] + dy_channels[None, :],
+                          mask=ok[:, None] & col_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_c * swc + r * swr + s * sws, mask=col_ok, other=0.0)
+            acc += dyt.to(ACC_DTYPE) * wt.to(ACC_DTYPE)[None, :]
+    offsets = (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :].to(tl.int64) * sxc
+    tl.store(dx_ptr + offsets, to_output(acc, dx_ptr, UPCAST),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def depthwise_wgrad_kernel(
+    dy_ptr, x_ptr, partial_ptr,
+    N, C, H, W, P, Q, R, S, CHUNK,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    syn, syc, syp, syq, sxn, sxc, sxh, sxw,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """partial[split, r*S + s, c] = sum over output pixels [split*CHUNK, (split+1)*CHUNK) of
+    dy[n, c, p, q] x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]: one tap per program (grid
+    axis 2), summed over the splits afterwards in a fixed order."""
+    split = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tap = tl.program_id(2)
+    r = tap // S
+    s = tap % S
+    col_ok = offs_c < C
+    dy_channels = offs_c.to(tl.int64) * syc
+    x_channels = offs_c.to(tl.int64) * sxc
+    total = N * P * Q
+    start = split.to(tl.int64) * CHUNK
+    end = tl.minimum(start + CHUNK, total)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < end
+        n = offs_m // (P * Q)
+        p = (offs_m % (P * Q)) // Q
+        q = offs_m % Q
+        ih = p * stride_h - pad_h + r * dil_h
+        iw = q * stride_w - pad_w + s * dil_w
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        dyt = tl.load((dy_ptr + n * syn + p * syp + q * syq)[:, None] + dy_channels[None, :],
+                      mask=ok[:, None] & col_ok[None, :], other=0.0)
+        xt = tl.load((x_ptr + n * sxn + ih * sxh + iw * sxw)[:, None] + x_channels[None, :],
+                     mask=ok[:, None] & col_ok[None, :], other=0.0)
+        acc += dyt.to(ACC_DTYPE) * xt.to(ACC_DTYPE)
+    row = (split * R * S + tap).to(tl.int64)
+    tl.store(partial_ptr + row * C + offs_c, tl.sum(acc, axis=0), mask=col_ok)

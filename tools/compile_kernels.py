@@ -91,6 +91,8 @@ def record_launches():
             grad(tilesmith.ops.gemm(a, b, bias=bias, activation=act,
                                     residual=torch.randn(64, 48, dtype=dtype), alpha=0.5,
                                     backend="triton"), a, b, bias)
+        # The activation backward without a bias gradient (its other specialisation).
+        grad(tilesmith.ops.gemm(a, b, activation="gelu", backend="triton"), a, b)
     a = torch.randn(4, 64, 32, dtype=bf16)
     tilesmith.ops.matmul(a, a.transpose(1, 2), backend="triton")
     for head_dim in (64, 128, 256):
@@ -119,6 +121,9 @@ def record_launches():
         bias = torch.randn(32, dtype=dtype, requires_grad=True)
         grad(tilesmith.ops.conv2d(x, w, bias, padding=1, activation="relu", backend="triton"),
              x, w, bias)
+        depthwise = torch.randn(16, 1, 3, 3, dtype=dtype, requires_grad=True)
+        grad(tilesmith.ops.conv2d(x, depthwise, bias[:16], stride=2, padding=1, groups=16,
+                                  activation="silu", backend="triton"), x, depthwise)
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         x = torch.randn(256, 256, dtype=bf16)
         for gran, size in (("tensor", 128), ("row", 128), ("block", 128), ("block", (128, 128))):

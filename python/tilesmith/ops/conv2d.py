@@ -71,6 +71,27 @@ def _out_size(size, pad, dil, kernel, stride):
     return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
 
 
+def _is_depthwise(groups, channels, filters):
+    """One filter per channel: the direct Triton kernels (kernels/conv2d.py) take it."""
+    return groups == channels == filters and groups > 1
+
+
+def _depthwise_blocks(channels):
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    if INTERPRETING:
+        return dict(BLOCK_M=16, BLOCK_C=16)
+    # First choices (pixels x channels, 4096 elements a program), to be tuned on a GPU.
+    block_c = min(64, max(16, 1 << (channels - 1).bit_length()))
+    return dict(BLOCK_M=4096 // block_c, BLOCK_C=block_c, num_warps=4)
+
+
+def _acc_dtype(x):
+    import triton.language as tl
+
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
 @triton_op("tilesmith::conv2d_fwd_triton", mutates_args=())
 def _conv2d_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        stride: list[int], padding: list[int], dilation: list[int], groups: int,
@@ -88,6 +109,20 @@ def _conv2d_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     out = _empty_like_format((n, k, p, q), x, channels_last)
     pre = _empty_like_format((n, k, p, q) if save_pre else (0, 0, 0, 0), x, channels_last)
     if out.numel() == 0:
+        return out, pre
+    if _is_depthwise(groups, c, k):
+        from tilesmith.kernels.conv2d import depthwise_fwd_kernel
+        from tilesmith.kernels.matmul import INTERPRETING
+
+        blocks = _depthwise_blocks(c)
+        grid = (triton.cdiv(n * p * q, blocks["BLOCK_M"]), triton.cdiv(c, blocks["BLOCK_C"]))
+        wrap_triton(depthwise_fwd_kernel)[grid](
+            x, weight, bias if bias is not None else out, out, pre if save_pre else out,
+            n, c, h, w, p, q, r, s, *stride, *padding, *dilation, *_strides4(x),
+            weight.stride(0), weight.stride(2), weight.stride(3), *_strides4(out),
+            ACTIVATION=ACTIVATIONS[None if activation == "none" else activation],
+            HAS_BIAS=bias is not None, STORE_PRE=save_pre, UPCAST=INTERPRETING,
+            ACC_DTYPE=_acc_dtype(x), **blocks)
         return out, pre
     blocks = _blocks(n * p * q, k // groups)
     grid = (triton.cdiv(n * p * q, blocks["BLOCK_M"]) * triton.cdiv(k // groups,
@@ -117,6 +152,17 @@ def _conv2d_dgrad_triton(grad: torch.Tensor, weight: torch.Tensor, input_shape: 
         return dx
     if grad.numel() == 0:
         return dx.zero_()
+    if _is_depthwise(groups, c, k):
+        from tilesmith.kernels.conv2d import depthwise_dgrad_kernel
+        from tilesmith.kernels.matmul import INTERPRETING
+
+        blocks = _depthwise_blocks(c)
+        grid = (triton.cdiv(n * h * w, blocks["BLOCK_M"]), triton.cdiv(c, blocks["BLOCK_C"]))
+        wrap_triton(depthwise_dgrad_kernel)[grid](
+            grad, weight, dx, n, c, h, w, p, q, r, s, *stride, *padding, *dilation,
+            *_strides4(grad), weight.stride(0), weight.stride(2), weight.stride(3),
+            *_strides4(dx), UPCAST=INTERPRETING, ACC_DTYPE=_acc_dtype(weight), **blocks)
+        return dx
     blocks = _blocks(n * h * w, c_group)
     grid = (triton.cdiv(n * h * w, blocks["BLOCK_M"]) * triton.cdiv(c_group, blocks["BLOCK_N"]),
             groups)
@@ -137,9 +183,11 @@ def _conv2d_wgrad_triton(grad: torch.Tensor, x: torch.Tensor, weight_shape: list
     from tilesmith.kernels.matmul import INTERPRETING
 
     k, c_group, r, s = weight_shape
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     p, q = grad.shape[2], grad.shape[3]
     total = n * p * q
+    if _is_depthwise(groups, c, k):
+        return _depthwise_wgrad(grad, x, weight_shape, stride, padding, dilation)
     blocks = _blocks(k // groups, c_group * r * s)
     blocks.update(BLOCK_M=16 if INTERPRETING else 64)
     tiles = triton.cdiv(k // groups, blocks["BLOCK_M"]) * triton.cdiv(c_group * r * s,
@@ -159,6 +207,35 @@ def _conv2d_wgrad_triton(grad: torch.Tensor, x: torch.Tensor, weight_shape: list
             *padding, *dilation, *_strides4(grad), *_strides4(x), **_constexprs(x), **blocks)
     # Splits are summed in a fixed order: the weight gradient is deterministic.
     return partial.sum(0).view(k, c_group, r, s).to(x.dtype)
+
+
+def _depthwise_wgrad(grad, x, weight_shape, stride, padding, dilation):
+    """(C, 1, R, S): one program per (pixel chunk, channel block, tap), fp32 partial sums per
+    chunk added in a fixed order (deterministic)."""
+    import triton
+
+    from tilesmith.kernels.conv2d import depthwise_wgrad_kernel
+    from tilesmith.kernels.matmul import INTERPRETING
+
+    c, _, r, s = weight_shape
+    n, _, h, w = x.shape
+    p, q = grad.shape[2], grad.shape[3]
+    total = n * p * q
+    blocks = _depthwise_blocks(c)
+    programs = triton.cdiv(c, blocks["BLOCK_C"]) * r * s
+    # Split the pixels when channels x taps alone give too few programs (~4 per SM on an
+    # H100), each split at least 4 tiles of pixels.
+    target_programs = 4 if INTERPRETING else 528
+    splits = max(1, min(target_programs // programs, total // (4 * blocks["BLOCK_M"]) or 1))
+    chunk = triton.cdiv(triton.cdiv(total, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
+    splits = triton.cdiv(total, chunk) if total else 1
+    partial = torch.zeros((splits, r * s, c), dtype=torch.float64 if x.dtype == torch.float64
+                          else torch.float32, device=x.device)
+    if total:
+        wrap_triton(depthwise_wgrad_kernel)[(splits, triton.cdiv(c, blocks["BLOCK_C"]), r * s)](
+            grad, x, partial, n, c, h, w, p, q, r, s, chunk, *stride, *padding, *dilation,
+            *_strides4(grad), *_strides4(x), ACC_DTYPE=_acc_dtype(x), **blocks)
+    return partial.sum(0).t().reshape(c, 1, r, s).to(x.dtype)
 
 
 def _out_shape(x, weight, stride, padding, dilation):
