@@ -70,9 +70,19 @@ def conv2d_fwd_kernel(
         acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     channel = g * K_GROUP + offs_k
+    offsets = (n * son + p * sop + q * soq)[:, None] + channel[None, :].to(tl.int64) * sok
+    forward_epilogue(acc, bias_ptr, out_ptr, pre_ptr, channel, offsets, row_ok, col_ok,
+                     ACTIVATION, HAS_BIAS, STORE_PRE, UPCAST, ACC_DTYPE)
+
+
+@triton.jit
+def forward_epilogue(acc, bias_ptr, out_ptr, pre_ptr, channel, offsets, row_ok, col_ok,
+                     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+                     UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Both forward kernels' end: + bias[channel], the pre-activation copy the backward
+    needs, the activation, the store of the (pixels x channels) tile at `offsets`."""
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + channel, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
-    offsets = (n * son + p * sop + q * soq)[:, None] + channel[None, :].to(tl.int64) * sok
     ok = row_ok[:, None] & col_ok[None, :]
     if STORE_PRE:
         tl.store(pre_ptr + offsets, to_output(acc, pre_ptr, UPCAST), mask=ok)
@@ -221,13 +231,9 @@ def depthwise_fwd_kernel(
             wt = tl.load(w_ptr + offs_c * swc + r * swr + s * sws, mask=col_ok, other=0.0)
             acc += xt.to(ACC_DTYPE) * wt.to(ACC_DTYPE)[None, :]
 
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + offs_c, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
     offsets = (n * son + p * sop + q * soq)[:, None] + offs_c[None, :].to(tl.int64) * soc
-    ok = row_ok[:, None] & col_ok[None, :]
-    if STORE_PRE:
-        tl.store(pre_ptr + offsets, to_output(acc, pre_ptr, UPCAST), mask=ok)
-    tl.store(out_ptr + offsets, to_output(activation(acc, ACTIVATION), out_ptr, UPCAST), mask=ok)
+    forward_epilogue(acc, bias_ptr, out_ptr, pre_ptr, offs_c, offsets, row_ok, col_ok,
+                     ACTIVATION, HAS_BIAS, STORE_PRE, UPCAST, ACC_DTYPE)
 
 
 @triton.jit
