@@ -5,13 +5,45 @@
 #include <torch/library.h>
 
 #include "attention/attention_api.h"
+#include "common/hopper_kernels.h"
 #include "conv2d/conv2d_api.h"
 #include "gemm/gemm_api.h"
 #include "matmul/matmul_api.h"
 
-// An empty module: importing tilesmith._C runs the static registrations below.
+namespace tilesmith {
+namespace {
+const HopperKernels* installed_hopper_kernels = nullptr;
+}  // namespace
+const HopperKernels* hopper_kernels() { return installed_hopper_kernels; }
+void set_hopper_kernels(const HopperKernels* kernels) { installed_hopper_kernels = kernels; }
+}  // namespace tilesmith
+
+namespace {
+
+// _set_hopper_kernels(capsule or None): tilesmith._C_sm90a's `hopper_kernels`, or None for
+// the sm_80 kernels everywhere.
+PyObject* set_hopper_kernels(PyObject*, PyObject* kernels) {
+  if (kernels == Py_None) {
+    tilesmith::set_hopper_kernels(nullptr);
+    Py_RETURN_NONE;
+  }
+  void* table = PyCapsule_GetPointer(kernels, "tilesmith.hopper_kernels");
+  if (table == nullptr) return nullptr;  // not that capsule: the error is set
+  tilesmith::set_hopper_kernels(static_cast<const tilesmith::HopperKernels*>(table));
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"_set_hopper_kernels", set_hopper_kernels, METH_O,
+     "Run matmul/gemm and conv2d forward on sm_90 through tilesmith._C_sm90a's wgmma kernels "
+     "(its hopper_kernels capsule), or not (None)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Importing tilesmith._C runs the static registrations below.
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }
 

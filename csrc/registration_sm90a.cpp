@@ -5,11 +5,28 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/hopper_kernels.h"
 #include "fp8/fp8_api.h"
 
+namespace {
+const tilesmith::HopperKernels kHopperKernels = {&tilesmith::run_matmul_sm90a,
+                                                 &tilesmith::run_conv2d_fwd_sm90a};
+}  // namespace
+
+// The module carries `hopper_kernels`, a capsule of the table above that backend.py hands
+// to tilesmith._C (whose ops run them; see common/hopper_kernels.h).
 extern "C" PyObject* PyInit__C_sm90a(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_sm90a", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  PyObject* capsule = PyCapsule_New(const_cast<tilesmith::HopperKernels*>(&kHopperKernels),
+                                    "tilesmith.hopper_kernels", nullptr);
+  if (capsule == nullptr || PyModule_AddObject(m, "hopper_kernels", capsule) != 0) {
+    Py_XDECREF(capsule);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 TORCH_LIBRARY_IMPL(tilesmith, CUDA, m) {

@@ -15,6 +15,19 @@ from tilesmith import backend  # noqa: E402  (after TRITON_INTERPRET)
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
+# The cuda backend's matmul/gemm run on wgmma (tilesmith._C_sm90a) on compute capability 9.0.
+HOPPER_KERNELS = (HAS_GPU and torch.cuda.get_device_capability() == (9, 0)
+                 and backend._C is not None and backend._C_SM90A is not None)
+requires_hopper_kernels = pytest.mark.skipif(
+    not HOPPER_KERNELS, reason="needs an sm_90 GPU (H100/H200) and tilesmith._C and _C_sm90a built")
+
+
+def cuda_kernel_names(fn) -> str:
+    """The names of the CUDA kernels ``fn()`` launches, space-separated (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(event.key for event in profile.key_averages())
 
 
 def kernel_backends(op: str, dtype: torch.dtype | None = None) -> list:

@@ -121,6 +121,20 @@ def test_sm90a_extension_has_wgmma_kernels_without_spills():
     assert len(quantize) == 3 * 2 * 2 + 3 * 2, sorted(quantize)
     assert not [k for k, u in quantize.items() if u["STACK"] or u["LOCAL"]]
     assert "F2FP.SATFINITE.E4M3.F32.PACK" in sass and "F2FP.SATFINITE.E5M2.F32.PACK" in sass
+    # The Hopper matmul: 2 dtypes x 2 output types x 2 tile widths x 2 layouts of a x 2 of
+    # b; the transposed layouts read through wgmma's transpose bits (.tnspA / .tnspB).
+    matmul = {key: value for key, value in usage.items()
+              if "matmul_sm90a" in key[1] and "matmul_kernel" in key[1]}
+    assert len(matmul) == 32, sorted(matmul)
+    assert not [k for k, u in matmul.items() if u["STACK"] or u["LOCAL"]]
+    for shape in ("64x128x16.F32.BF16", "64x256x16.F32.BF16", "64x128x16.F32 ",
+                  "64x256x16.F32 "):  # the fp16 form names no input type
+        assert f"HGMMA.{shape}" in sass, shape
+    assert ".tnspA" in sass and ".tnspB" in sass
+    # The Hopper conv2d forward: 2 dtypes x 2 tile widths.
+    conv = {key: value for key, value in usage.items()
+            if "conv2d_sm90a" in key[1] and "conv2d_fwd_kernel" in key[1]}
+    assert len(conv) == 4 and not [k for k, u in conv.items() if u["STACK"] or u["LOCAL"]], conv
 
 
 @needs_extension

@@ -6,7 +6,8 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu
+from conftest import (DEVICE, HAS_GPU, backend_dtype_params, cuda_kernel_names, kernel_backends,
+                      requires_gpu, requires_hopper_kernels)
 
 import tilesmith
 from tilesmith import testing
@@ -79,6 +80,27 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
     for got, want, baseline, what in zip(grads, ref_grads, base_grads,
                                          ["grad_input", "grad_weight", "grad_bias"]):
         _check(got, want, baseline, what)
+
+
+@requires_hopper_kernels
+def test_hopper_forward_runs_on_wgmma():
+    x = torch.randn(2, 16, 9, 9, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(32, 16, 3, 3, device="cuda", dtype=torch.bfloat16)
+    run = lambda: tilesmith.ops.conv2d(x, w, padding=1, backend="cuda")  # noqa: E731
+    names = cuda_kernel_names(run)
+    assert "conv2d_sm90a" in names and "conv2d_sm80" not in names, names
+    with tilesmith.backend.hopper_kernels(False):
+        names = cuda_kernel_names(run)
+    assert "conv2d_sm80" in names and "conv2d_sm90a" not in names, names
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_sm80_kernels_on_hopper(dtype, name):
+    """On an H100 the cuda forward runs on wgmma: the same samples on the sm_80 kernels."""
+    with tilesmith.backend.hopper_kernels(False):
+        test_forward_and_gradients_match_float64("cuda", dtype, name)
 
 
 @pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))

@@ -148,9 +148,11 @@ def vector_loadable(t: torch.Tensor, contiguous_dim: int) -> bool:
 
 
 def run_matmul(a, b, *, vector_loads=None, out_fp32=False, alpha=1.0, bias=None,
-               residual=None, activation=None, want_pre=False):
+               residual=None, activation=None, want_pre=False, hopper=False):
     """The emulated kernel on 3-D a (batch, m, k) and b (batch or 1, k, n): (c, pre).
-    vector_loads=None picks the load path as the launcher does."""
+    hopper: matmul_sm90a.cuh's wgmma kernels, else matmul_sm80.cuh's (where vector_loads=None
+    picks the load path as the launcher does). Returns None for c when the wgmma kernels do
+    not take the operands."""
     lib = emulated("matmul")
     assert lib.matmul_params_size() == ctypes.sizeof(MatmulParams)
     batch, m, k = a.shape
@@ -172,6 +174,23 @@ def run_matmul(a, b, *, vector_loads=None, out_fp32=False, alpha=1.0, bias=None,
         p.residual_batch_stride, p.residual_row_stride = residual.stride(0), residual.stride(1)
     if pre is not None:
         p.pre, p.pre_batch_stride, p.pre_row_stride = pre.data_ptr(), m * n, n
+    ptrs, sizes, count = buffer_table([a, b])
+    error = ctypes.create_string_buffer(512)
+    if hopper:
+        status = emulated("matmul_sm90a").emulate_matmul_sm90a(
+            ctypes.byref(p), DTYPE_CODES[a.dtype], ptrs, sizes, count, error, len(error))
+        if status == 2:
+            return None, None
+    else:
+        status = run_matmul_sm80(lib, p, a, b, vector_loads, ptrs, sizes, count, error)
+    assert status == 0, error.value.decode()
+    assert_guards_untouched(c_storage, "c")
+    if pre is not None:
+        assert_guards_untouched(pre_storage, "pre")
+    return c, pre
+
+
+def run_matmul_sm80(lib, p, a, b, vector_loads, ptrs, sizes, count, error):
     # The kernel's template choice, as csrc/matmul/matmul_sm80.cuh's run() makes it.
     a_k_contiguous = a.stride(2) == 1 or (a.stride(1) != 1 and a.stride(2) <= a.stride(1))
     b_n_contiguous = b.stride(2) == 1 or (b.stride(1) != 1 and b.stride(2) <= b.stride(1))
@@ -180,25 +199,26 @@ def run_matmul(a, b, *, vector_loads=None, out_fp32=False, alpha=1.0, bias=None,
     if vector_loads is None:
         vector_loads = loadable
     assert loadable or not vector_loads, "test error: cp.async cannot read these operands"
-    ptrs, sizes, count = buffer_table([a, b])
-    error = ctypes.create_string_buffer(512)
-    status = lib.emulate_matmul(ctypes.byref(p), DTYPE_CODES[a.dtype], int(a_k_contiguous),
-                                int(b_n_contiguous), int(vector_loads), ptrs, sizes, count, error,
-                                len(error))
-    assert status == 0, error.value.decode()
-    assert_guards_untouched(c_storage, "c")
-    if pre is not None:
-        assert_guards_untouched(pre_storage, "pre")
-    return c, pre
+    return lib.emulate_matmul(ctypes.byref(p), DTYPE_CODES[a.dtype], int(a_k_contiguous),
+                              int(b_n_contiguous), int(vector_loads), ptrs, sizes, count, error,
+                              len(error))
 
 
-def matmul_operand(rows, cols, dtype, contiguous_dim, *, batch=1, misalign=False):
+def matmul_operand(rows, cols, dtype, contiguous_dim, *, batch=1, misalign=False, pad=False):
     """A (batch, rows, cols) operand whose unit stride runs along `contiguous_dim` (1 or 2),
-    optionally one element off 16-byte alignment (so only the element-wise loads can read it)."""
+    optionally one element off 16-byte alignment (so only the element-wise loads can read it),
+    or with its rows padded to a multiple of 8 elements (NaN padding: a kernel that reads
+    past the row's end makes NaNs)."""
     shape = (batch, rows, cols) if contiguous_dim == 2 else (batch, cols, rows)
-    storage = torch.randn(math.prod(shape) + 1, dtype=torch.float32).to(dtype)
-    base = storage[1:] if misalign else storage[:-1]
-    t = base.view(shape)
+    if pad:
+        padded = (*shape[:2], -(-shape[2] // 8) * 8)
+        storage = torch.full(padded, float("nan"), dtype=dtype)
+        storage[..., :shape[2]] = torch.randn(shape).to(dtype)
+        t = storage[..., :shape[2]]
+    else:
+        storage = torch.randn(math.prod(shape) + 1, dtype=torch.float32).to(dtype)
+        base = storage[1:] if misalign else storage[:-1]
+        t = base.view(shape)
     return t if contiguous_dim == 2 else t.transpose(1, 2)
 
 
@@ -280,6 +300,76 @@ def test_gemm_epilogue(activation, out_fp32):
         a, b, 0.75, bias, residual, activation, out_dtype)
     assert_close_to_reference(c, ref, base)
     assert_close_to_reference(pre, ref_pre, base_pre, name="pre-activation")
+
+
+# --- matmul / gemm on wgmma: csrc/matmul/matmul_sm90a.cuh ---------------------------------------
+
+@pytest.mark.parametrize("out_fp32", [False, True], ids=["out-same", "out-fp32"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["a_rm-b_rm", "a_rm-b_cm", "a_cm-b_rm",
+                                                 "a_cm-b_cm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_hopper_matmul_kernel_every_layout(dtype, layout, out_fp32):
+    # Two block rows (the second 8 rows deep), a partial 128-wide block column, seven K tiles
+    # (more than the five stages, so stages are refilled) of which the last holds 60 of 64
+    # and ends inside a 16-byte piece: rows padded to 8 elements with NaN.
+    m, n, k = 136, 72, 444
+    lib = emulated("matmul_sm90a")
+    assert lib.matmul_sm90a_tile_width(ctypes.c_int64(n)) == 128
+    a = matmul_operand(m, k, dtype, layout[0], pad=True)
+    b = matmul_operand(k, n, dtype, layout[1], pad=True)
+    c, _ = run_matmul(a, b, out_fp32=out_fp32, hopper=True)
+    out_dtype = torch.float32 if out_fp32 else dtype
+    ref, _, base, _ = reference_and_baseline(a, b, out_dtype=out_dtype)
+    assert_close_to_reference(c, ref, base)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["a_rm-b_rm", "a_rm-b_cm", "a_cm-b_rm",
+                                                 "a_cm-b_cm"])
+def test_hopper_matmul_kernel_256_wide_tiles(layout):
+    # n = 264: one full 256-wide block column (four 64-wide column blocks of b in the N-major
+    # layout) and one of 8 columns; five K tiles through four stages.
+    m, n, k = 72, 264, 320
+    assert emulated("matmul_sm90a").matmul_sm90a_tile_width(ctypes.c_int64(n)) == 256
+    a = matmul_operand(m, k, torch.bfloat16, layout[0])
+    b = matmul_operand(k, n, torch.bfloat16, layout[1])
+    c, _ = run_matmul(a, b, hopper=True)
+    ref, _, base, _ = reference_and_baseline(a, b, out_dtype=torch.bfloat16)
+    assert_close_to_reference(c, ref, base)
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=str)
+def test_hopper_gemm_epilogue_and_batch(activation):
+    # A batch of 2 with b broadcast over it (batch stride 0), the whole fused epilogue.
+    dtype = torch.float16
+    m, n, k = 72, 136, 40
+    a = matmul_operand(m, k, dtype, 2, batch=2)
+    b = matmul_operand(k, n, dtype, 2)
+    bias = torch.randn(n, dtype=torch.float32)
+    residual = torch.randn(2, m, n + 8, dtype=dtype)[:, :, :n]  # a row stride != n
+    c, pre = run_matmul(a, b, alpha=0.75, bias=bias, residual=residual, activation=activation,
+                        want_pre=True, hopper=True)
+    ref, ref_pre, base, base_pre = reference_and_baseline(
+        a, b, 0.75, bias, residual, activation, dtype)
+    assert_close_to_reference(c, ref, base)
+    assert_close_to_reference(pre, ref_pre, base_pre, name="pre-activation")
+
+
+def test_hopper_matmul_leaves_what_cp_async_cannot_read_to_the_sm80_kernel():
+    aligned = matmul_operand(24, 16, torch.bfloat16, 2)
+    b = matmul_operand(16, 24, torch.bfloat16, 2)
+    assert run_matmul(aligned, b, hopper=True)[0] is not None
+    misaligned = matmul_operand(24, 16, torch.bfloat16, 2, misalign=True)
+    assert run_matmul(misaligned, b, hopper=True)[0] is None
+    odd_rows = matmul_operand(24, 17, torch.bfloat16, 2)  # row stride 17
+    assert run_matmul(odd_rows, matmul_operand(17, 24, torch.bfloat16, 2), hopper=True)[0] is None
+
+
+def test_hopper_matmul_k_zero_gives_the_epilogue_of_zeros():
+    a = torch.zeros(1, 20, 8, dtype=torch.bfloat16)[..., :0]  # row stride 8: loadable
+    b = torch.zeros(1, 8, 16, dtype=torch.bfloat16)[:, :0]
+    bias = torch.randn(16, dtype=torch.float32)
+    c, _ = run_matmul(a, b, bias=bias, hopper=True)
+    assert torch.equal(c[0], bias.to(torch.bfloat16).expand(20, 16))
 
 
 # --- attention: csrc/attention/attention_{fwd,bwd}_sm80.cuh ------------------------------------
@@ -540,6 +630,8 @@ CONV_CASES = {
     "3x3_dilation21_s21": (1, 8, 10, 9, 8, 3, 3, (2, 1), (2, 1), (2, 1)),
     "3x3_groups2": (2, 16, 9, 9, 32, 3, 3, (1, 1), (1, 1), (1, 1), 2),
     "1x1_s2_groups3": (1, 24, 11, 11, 48, 1, 1, (2, 2), (0, 0), (1, 1), 3),
+    # 264 filters: the wgmma forward's 256-wide tiles (and a second, 8-wide tile column).
+    "3x3_264_filters": (1, 8, 5, 5, 264, 3, 3, (1, 1), (1, 1), (1, 1)),
 }
 
 
@@ -561,14 +653,21 @@ def conv_problem(case, dtype):
                                groups=groups)
 
 
-def run_conv_pass(pass_index, dtype, cp, out, tensors, splits=1):
+def run_conv_pass(pass_index, dtype, cp, out, tensors, splits=1, hopper=False):
+    """Pass 0 forward, 1 dgrad, 2 wgrad; hopper: the forward of conv2d_sm90a.cuh (wgmma)."""
     lib = emulated("conv2d")
     assert lib.conv_params_size() == ctypes.sizeof(ConvParams)
     ptrs, sizes, count = buffer_table(tensors)
     error = ctypes.create_string_buffer(512)
-    status = lib.emulate_conv2d(pass_index, DTYPE_CODES[dtype], ctypes.byref(cp),
-                                ctypes.byref(out), splits, ptrs, sizes, count, error,
-                                len(error))
+    if hopper:
+        assert pass_index == 0
+        status = emulated("conv2d_sm90a").emulate_conv2d_fwd_sm90a(
+            DTYPE_CODES[dtype], ctypes.byref(cp), ctypes.byref(out), ptrs, sizes, count, error,
+            len(error))
+    else:
+        status = lib.emulate_conv2d(pass_index, DTYPE_CODES[dtype], ctypes.byref(cp),
+                                    ctypes.byref(out), splits, ptrs, sizes, count, error,
+                                    len(error))
     assert status == 0, error.value.decode()
 
 
@@ -579,10 +678,11 @@ def nhwc(shape_nchw, dtype):
     return flat.permute(0, 3, 1, 2), storage
 
 
+@pytest.mark.parametrize("kernel", ["sm80", "sm90a"])
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv2d_forward_kernel(case, dtype, activation):
+def test_conv2d_forward_kernel(case, dtype, activation, kernel):
     x, weight, cp, geometry = conv_problem(case, dtype)
     n, k, p, q = x.shape[0], weight.shape[0], cp.out_h, cp.out_w
     bias = torch.randn(k)
@@ -591,7 +691,7 @@ def test_conv2d_forward_kernel(case, dtype, activation):
     params = MatmulParams(c=out.data_ptr(), batch=1, m=n * p * q, n=cp.filters, c_row_stride=k,
                           alpha=1.0, bias=bias.data_ptr(), activation=ACTIVATIONS[activation],
                           pre=pre.data_ptr(), pre_row_stride=k)
-    run_conv_pass(0, dtype, cp, params, [x, weight])
+    run_conv_pass(0, dtype, cp, params, [x, weight], hopper=kernel == "sm90a")
     assert_guards_untouched(out_storage, "out")
     assert_guards_untouched(pre_storage, "pre")
     ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), **geometry)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_GPU, kernel_backends, requires_gpu
+from conftest import DEVICE, HAS_GPU, kernel_backends, requires_gpu, requires_hopper_kernels
 
 import tilesmith
 from tilesmith import testing
@@ -78,6 +78,17 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
                                          ["grad_a", "grad_b"] + [f"grad_{k}" for k in extra]):
         assert got.dtype == baseline.dtype, what
         _check(got, want, baseline, what, dtype)
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", [s.name for s in testing.gemm_sample_inputs("cpu", torch.bfloat16,
+                                                                            large=HAS_GPU)])
+def test_sm80_kernels_on_hopper(dtype, name):
+    """On an H100 the cuda backend takes wgmma where it can: the sm_80 kernels on the same
+    samples."""
+    with tilesmith.backend.hopper_kernels(False):
+        test_forward_and_gradients_match_float64("cuda", dtype, name)
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.float64))

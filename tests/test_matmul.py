@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu
+from conftest import (DEVICE, HAS_GPU, backend_dtype_params, cuda_kernel_names, kernel_backends,
+                      requires_gpu, requires_hopper_kernels)
 
 import tilesmith
 from tilesmith import testing
@@ -199,6 +200,34 @@ def test_runs_on_current_stream(backend):
     stream.synchronize()
     ref = torch.matmul(a.float(), b.float()).sum()
     assert torch.allclose(checksum, ref, rtol=1e-2)
+
+
+@requires_hopper_kernels
+def test_hopper_kernels_take_what_cp_async_can_read():
+    a = torch.randn(256, 192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(192, 320, device="cuda", dtype=torch.bfloat16)
+    run = lambda x, y: lambda: tilesmith.ops.matmul(x, y, backend="cuda")  # noqa: E731
+    assert "matmul_sm90a" in cuda_kernel_names(run(a, b))
+    column_major = run(a.t().contiguous().t(), b.t().contiguous().t())
+    assert "matmul_sm90a" in cuda_kernel_names(column_major)
+    odd_rows = torch.randn(256, 193, device="cuda", dtype=torch.bfloat16)[:, :192]
+    names = cuda_kernel_names(run(odd_rows, b))
+    assert "matmul_sm80" in names and "matmul_sm90a" not in names
+    with tilesmith.backend.hopper_kernels(False):
+        names = cuda_kernel_names(run(a, b))
+    assert "matmul_sm80" in names and "matmul_sm90a" not in names
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_sm80_kernels_on_hopper(dtype, name):
+    """On an H100 the cuda backend takes wgmma where it can: the sm_80 kernels on the same
+    samples, forward and (where the sample has them) gradients."""
+    with tilesmith.backend.hopper_kernels(False):
+        test_forward_matches_float64("cuda", dtype, name)
+        if name in GRAD_SAMPLES:
+            test_gradients_match_float64("cuda", dtype, name)
 
 
 # ---- bad input ------------------------------------------------------------------------------

@@ -37,15 +37,21 @@ def main() -> int:
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16
 
-    # matmul / gemm: the four layouts, odd sizes, a misaligned view (element-wise loads).
-    for ta in (False, True):
-        for tb in (False, True):
-            a = torch.randn(70, 136, device=dev, dtype=bf16)
-            b = torch.randn(136, 90, device=dev, dtype=bf16)
-            a = a.t().contiguous().t() if ta else a
-            b = b.t().contiguous().t() if tb else b
-            check(f"matmul ta={ta} tb={tb}", tilesmith.ops.matmul(a, b, backend="cuda"),
-                  a.double() @ b.double())
+    # matmul / gemm: the four layouts, odd sizes, a misaligned view (element-wise loads); on
+    # an H100 once on the wgmma kernels (rows of 8-element multiples: 128- and 256-wide
+    # tiles) and once on the sm_80 ones.
+    for hopper in (True, False):
+        for ta in (False, True):
+            for tb in (False, True):
+                for n in (88, 264):
+                    a = torch.randn(70, 136, device=dev, dtype=bf16)
+                    b = torch.randn(136, n, device=dev, dtype=bf16)
+                    a = a.t().contiguous().t() if ta else a
+                    b = b.t().contiguous().t() if tb else b
+                    with tilesmith.backend.hopper_kernels(hopper):
+                        out = tilesmith.ops.matmul(a, b, backend="cuda")
+                    check(f"matmul hopper={hopper} ta={ta} tb={tb} n={n}", out,
+                          a.double() @ b.double())
     base = torch.randn(33 * 24 + 1, device=dev, dtype=torch.float16)
     a = base[1:].view(33, 24)
     b = torch.randn(24, 17, device=dev, dtype=torch.float16)
@@ -152,6 +158,16 @@ def main() -> int:
         check(f"conv2d {r}x{r} c={c} k={k}", out, ref)
         for name, got, want in zip(("dx", "dw", "dbias"), grads, ref_grads):
             check(f"conv2d {r}x{r} {name}", got, want, bar=5e-2)
+
+    # The forward with 264 filters (on an H100: wgmma's 256-wide tiles), on each kernel set.
+    x = torch.randn(2, 16, 9, 9, device=dev, dtype=bf16).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(264, 16, 3, 3, device=dev, dtype=bf16) / 12
+    for hopper in (True, False):
+        with tilesmith.backend.hopper_kernels(hopper):
+            out = tilesmith.ops.conv2d(x, w, padding=1, backend="cuda")
+        check(f"conv2d 3x3 k=264 hopper={hopper}", out,
+              F.conv2d(x.double(), w.double(), padding=1))
 
     # FP8 scaled GEMM (sm_90a only): row-wise and per-block scales.
     if tilesmith.backend.unavailable_reason("cuda", "fp8", torch.device(dev),

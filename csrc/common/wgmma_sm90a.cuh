@@ -1,29 +1,38 @@
-// Thin wrappers over the sm_90a warpgroup instructions the FP8 GEMM is built from: wgmma
-// (asynchronous warpgroup MMA reading both operands from shared memory through matrix
-// descriptors), its fences, and the proxy fence that makes cp.async's shared-memory writes
-// visible to it. sm_90a only: these do not exist on any other GPU.
+// Thin wrappers over the sm_90a warpgroup instructions the FP8 GEMM and the Hopper matmul
+// (matmul/matmul_sm90a.cuh) are built from: wgmma (asynchronous warpgroup MMA reading both
+// operands from shared memory through matrix descriptors), its fences, and the proxy fence
+// that makes cp.async's shared-memory writes visible to it. sm_90a only: these do not exist
+// on any other GPU.
 //
 // Under TILESMITH_CPU_EMULATION (tests/emulation/sm90a_emulator.h, included first) the
 // wrappers come from the CPU emulator instead.
 #pragma once
 
 #include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <type_traits>
 
 #include "mma_sm80.cuh"
 
 namespace tilesmith {
 
-// A shared-memory matrix descriptor for a K-major operand tile stored in the 128-byte
-// swizzle: rows of 128 bytes, the 16-byte chunks of row r permuted by XOR with (r % 8), the
-// tile 1024-byte aligned (SwizzledBytes in fp8/scaled_gemm_sm90a.cuh). The stride between
-// 8-row groups is 1024 bytes; the leading-dimension offset is unused in this layout (1 by
-// convention). Stepping K by 32 bytes within the 128-byte row is start address + 32.
-__device__ __forceinline__ uint64_t smem_descriptor_sw128(uint32_t shared_address) {
-  uint64_t desc = (shared_address & 0x3FFFF) >> 4;  // bits 0-13: start address / 16
-  desc |= uint64_t{1} << 16;                        // bits 16-29: leading byte offset / 16
-  desc |= uint64_t{1024 >> 4} << 32;                // bits 32-45: stride byte offset / 16
-  desc |= uint64_t{1} << 62;                        // bits 62-63: 1 = 128-byte swizzle
+// A shared-memory matrix descriptor for an operand tile stored in the 128-byte swizzle:
+// rows of 128 bytes, the 16-byte chunks of row r permuted by XOR with (r % 8), the pattern
+// 1024-byte aligned (the tiles' bases are). The stride byte offset (between groups of 8
+// rows) is 1024 bytes. For a K-major operand (rows along M or N, 128 bytes of K each) the
+// leading byte offset is unused (16 bytes, i.e. 1, by convention) and K advances within the
+// row by adding to the start address. For an MN-major operand (rows along K, 128 bytes of
+// M or N each: 64 16-bit elements) it is the distance between such 64-wide column blocks,
+// and K advances by whole rows (PTX ISA, "Matrix Descriptor Format" and the canonical
+// layouts: MN-major 128B swizzle is ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO))).
+__device__ __forceinline__ uint64_t smem_descriptor_sw128(uint32_t shared_address,
+                                                          uint32_t leading_byte_offset = 16) {
+  uint64_t desc = (shared_address & 0x3FFFF) >> 4;                // bits 0-13: start / 16
+  desc |= uint64_t{(leading_byte_offset & 0x3FFFF) >> 4} << 16;  // bits 16-29: LBO / 16
+  desc |= uint64_t{1024 >> 4} << 32;                              // bits 32-45: SBO / 16
+  desc |= uint64_t{1} << 62;  // bits 62-63: 1 = the 128-byte swizzle
   return desc;
 }
 
@@ -37,6 +46,13 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a
 template <typename A, typename B>
 __device__ __forceinline__ void wgmma_m64n256k32(float (&d)[128], uint64_t desc_a,
                                                  uint64_t desc_b, int accumulate);
+
+// d (+)= A B for a 64xNx16 block of 16-bit operands (T: __nv_bfloat16 or __half; N = 128 or
+// 256) from shared memory; kMnMajorA / kMnMajorB: A stored M-major / B N-major (the
+// instruction's transpose immediates), else K-major. Accumulators as wgmma_m64n128k32's.
+template <int kN, typename T, int kMnMajorA, int kMnMajorB>
+__device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a,
+                                              uint64_t desc_b, int accumulate);
 
 #ifndef TILESMITH_CPU_EMULATION
 // The accumulator registers of m64n128 (64 per thread) and m64n256 (128) fp32 wgmma, as
@@ -110,6 +126,33 @@ TILESMITH_WGMMA_FP8_PAIRS(128, 64, "%64", "%65", "%66")
 TILESMITH_WGMMA_FP8_PAIRS(256, 128, "%128", "%129", "%130")
 #undef TILESMITH_WGMMA_FP8_PAIRS
 #undef TILESMITH_WGMMA_FP8
+
+// The 16-bit form: the transpose immediates follow the accumulate flag.
+#define TILESMITH_WGMMA_K16(n, regs, type_name, desc_a_op, desc_b_op, flag_op, tnsp_a_op,    \
+                            tnsp_b_op)                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " flag_op ", 0;\n"                         \
+               "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." type_name "." type_name " " \
+               TILESMITH_WGMMA_D##regs##_REGISTERS ", " desc_a_op ", " desc_b_op ", p, 1, 1, " \
+               tnsp_a_op ", " tnsp_b_op ";\n}\n"                                           \
+               : TILESMITH_WGMMA_D##regs##_OPERANDS(d)                                     \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kMnMajorA), "n"(kMnMajorB))
+template <int kN, typename T, int kMnMajorA, int kMnMajorB>
+__device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a,
+                                              uint64_t desc_b, int accumulate) {
+  static_assert(kN == 128 || kN == 256, "wgmma tile widths wrapped here: 128 and 256");
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "16-bit wgmma: bf16 or fp16 operands");
+  if constexpr (kN == 128 && kBf16) {
+    TILESMITH_WGMMA_K16(128, 64, "bf16", "%64", "%65", "%66", "%67", "%68");
+  } else if constexpr (kN == 128) {
+    TILESMITH_WGMMA_K16(128, 64, "f16", "%64", "%65", "%66", "%67", "%68");
+  } else if constexpr (kBf16) {
+    TILESMITH_WGMMA_K16(256, 128, "bf16", "%128", "%129", "%130", "%131", "%132");
+  } else {
+    TILESMITH_WGMMA_K16(256, 128, "f16", "%128", "%129", "%130", "%131", "%132");
+  }
+}
+#undef TILESMITH_WGMMA_K16
 
 // Orders this thread's register accesses to the accumulators before the next wgmma.
 __device__ __forceinline__ void wgmma_fence() {

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "../common/check.h"
+#include "../common/hopper_kernels.h"
 #include "../matmul/matmul_api.h"
 #include "conv2d.h"
 #include "depthwise.h"
@@ -271,9 +272,14 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
     epilogue.pre_row_stride = k;
   }
   if (out.numel() > 0) {
-    TILESMITH_CHECK_LAUNCH(x.scalar_type() == at::kBFloat16
-                               ? run_conv2d_fwd_sm80_bf16(cp, epilogue, stream_of(x))
-                               : run_conv2d_fwd_sm80_fp16(cp, epilogue, stream_of(x)));
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    const HopperKernels* hopper = hopper_kernels();
+    cudaError_t error = cudaSuccess;
+    if (hopper == nullptr || !hopper->conv2d_fwd(cp, epilogue, bf16, stream_of(x), &error)) {
+      error = bf16 ? run_conv2d_fwd_sm80_bf16(cp, epilogue, stream_of(x))
+                   : run_conv2d_fwd_sm80_fp16(cp, epilogue, stream_of(x));
+    }
+    TILESMITH_CHECK_LAUNCH(error);
   }
   if (!is_channels_last(x_in)) return {out.contiguous(), pre.contiguous()};
   return {out, pre};

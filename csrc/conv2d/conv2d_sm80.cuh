@@ -11,14 +11,12 @@
 
 #include "../matmul/mainloop_sm80.cuh"
 #include "conv2d.h"
+#include "forward.cuh"
 
 namespace tilesmith {
 namespace conv2d_sm80 {
 
 using namespace matmul_sm80;
-
-// A coordinate that stays out of range after adding any tap offset: marks padding rows.
-constexpr int kInvalid = -(1 << 30);
 
 // Rows of a [rows][64] tile one thread copies, kRowsPerPass apart, and its chunk column.
 template <int kCols>
@@ -34,53 +32,23 @@ __global__ void __launch_bounds__(kThreads)
     conv2d_fwd_kernel(const ConvParams cp, const MatmulParams out) {
   using TileA = matmul_sm80::TileA<true>;    // [output pixel][channel]
   using TileB = matmul_sm80::TileB<false>;   // [filter][channel]
-  using Gather = GatherLayout<kBlockK>;
-  constexpr int kPasses = kBlockM / Gather::kRowsPerPass;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* smem_a = reinterpret_cast<T*>(shared_bytes);
   T* smem_b = smem_a + kStages * TileA::kElements;
   const int64_t group = blockIdx.y, channels = cp.channels;
-  const int64_t pixel_stride = channels * cp.groups;  // x's elements per pixel
   const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
-  const T* x = static_cast<const T*>(cp.x) + group * channels;
   const T* weight = static_cast<const T*>(cp.weight) + group * cp.filters * taps * channels;
 
   int64_t block_m0, block_n0;
   grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
-
-  // For each row this thread copies: its image's offset in x and the input coordinates of
-  // the receptive field's top-left corner (kInvalid past the last pixel).
-  const int row = Gather::row(), col = Gather::col();
-  int64_t image[kPasses];
-  int top[kPasses], left[kPasses];
-#pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
-    const int64_t pixel = block_m0 + row + i * Gather::kRowsPerPass;
-    const int64_t per_image = cp.out_h * cp.out_w;
-    const int64_t n = pixel / per_image, rest = pixel % per_image;
-    const bool valid = pixel < out.m;
-    image[i] = valid ? n * cp.height * cp.width * pixel_stride : 0;
-    top[i] = valid ? static_cast<int>(rest / cp.out_w) * cp.stride_h - cp.pad_h : kInvalid;
-    left[i] = valid ? static_cast<int>(rest % cp.out_w) * cp.stride_w - cp.pad_w : kInvalid;
-  }
+  const ForwardGather<T, kThreads, kBlockM> gather(cp, group, out.m, block_m0);
 
   const int channel_blocks = static_cast<int>((channels + kBlockK - 1) / kBlockK);
   const int k_tiles = taps * channel_blocks;
   auto load_stage = [&](int stage, int k_tile) {
     const int tap = k_tile / channel_blocks;
     const int64_t c0 = static_cast<int64_t>(k_tile % channel_blocks) * kBlockK;
-    const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h;
-    const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w;
-    T* dst = smem_a + stage * TileA::kElements + TileA::offset(row, col);
-    const bool col_ok = c0 + col < channels;
-#pragma unroll
-    for (int i = 0; i < kPasses; ++i) {
-      const int ih = top[i] + dy, iw = left[i] + dx;
-      const bool ok = col_ok && ih >= 0 && ih < cp.height && iw >= 0 && iw < cp.width;
-      const T* src =
-          x + image[i] + (static_cast<int64_t>(ih) * cp.width + iw) * pixel_stride + c0 + col;
-      cp_async_16(dst + i * Gather::kRowsPerPass * kBlockK, ok ? src : x, ok ? 16 : 0);
-    }
+    gather.load(smem_a + stage * TileA::kElements, tap, c0);
     // weight[k][r][s][c]: at tap (r, s) a filters x channels matrix with row stride R*S*C.
     load_tile<T, kBlockN, kBlockK, kThreads, true>(
         smem_b + stage * TileB::kElements, weight + tap * channels, block_n0, c0, cp.filters,
@@ -89,12 +57,7 @@ __global__ void __launch_bounds__(kThreads)
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
   mainloop<T, true, false>(acc, smem_a, smem_b, k_tiles, load_stage);
-  MatmulParams in_group = out;  // this group's columns of the output, bias and pre
-  const int64_t first = group * cp.filters;
-  in_group.c = static_cast<T*>(out.c) + first;
-  if (out.bias != nullptr) in_group.bias = out.bias + first;
-  if (out.pre != nullptr) in_group.pre = static_cast<T*>(out.pre) + first;
-  epilogue<T, T>(acc, in_group, 0, block_m0, block_n0);
+  epilogue<T, T>(acc, group_output<T>(out, group, cp.filters), 0, block_m0, block_n0);
 }
 
 template <typename T>
@@ -129,8 +92,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = pixel / per_image, rest = pixel % per_image;
     const bool valid = pixel < out.m;
     image[i] = valid ? n * cp.out_h * cp.out_w * pixel_stride : 0;
-    padded_h[i] = valid ? static_cast<int>(rest / cp.width) + cp.pad_h : kInvalid;
-    padded_w[i] = valid ? static_cast<int>(rest % cp.width) + cp.pad_w : kInvalid;
+    padded_h[i] = valid ? static_cast<int>(rest / cp.width) + cp.pad_h : kInvalidPixel;
+    padded_w[i] = valid ? static_cast<int>(rest % cp.width) + cp.pad_w : kInvalidPixel;
   }
 
   const int filter_blocks = static_cast<int>((filters + kBlockK - 1) / kBlockK);

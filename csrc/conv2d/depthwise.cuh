@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) depthwise_fwd_kernel(const Depthwise
   const int64_t at = pixel * p.channels + c0;
   if (p.pre != nullptr) store8<T>(static_cast<T*>(p.pre) + at, acc);
 #pragma unroll
-  for (int j = 0; j < kVector; ++j) acc[j] = matmul_sm80::activate(acc[j], p.activation);
+  for (int j = 0; j < kVector; ++j) acc[j] = activate(acc[j], p.activation);
   store8<T>(static_cast<T*>(p.out) + at, acc);
 }
 

@@ -9,9 +9,7 @@
 // contiguous: the column-major b torch._scaled_mm also requires).
 //
 // The wgmma of one K step stays in flight while the next step's copies are waited for and
-// issued: loads run kPrefetch = kStages - 2 steps ahead, so the stage being refilled held
-// step kt - 2, whose wgmma every warpgroup had retired (wgmma_wait<1> at the end of step
-// kt - 1) before the barrier of step kt.
+// issued (common/tiles_sm90a.cuh's run_wgmma_pipeline, which the Hopper matmul runs too).
 //
 // Scales: per tensor or per row/column, applied once in the epilogue; or per block (1x128 of
 // a, 128x128 of b), where each 128-deep K step accumulates into a fresh set of registers
@@ -26,6 +24,7 @@
 #include <cuda_fp16.h>
 
 #include "../common/tiles_sm80.cuh"
+#include "../common/tiles_sm90a.cuh"
 #include "../common/wgmma_sm90a.cuh"
 #include "scaled_gemm.h"
 
@@ -46,7 +45,6 @@ struct Tiling {
   static_assert(kBlockN == 128 || kBlockN == 256, "tile widths: 128 and 256");
   static constexpr int kTileBytesB = kBlockN * kBlockK;
   static constexpr int kStages = kBlockN == 128 ? 5 : 4;
-  static constexpr int kPrefetch = kStages - 2;  // K steps loaded ahead (see the header)
   static constexpr int kSmemBytes = kStages * (kTileBytesA + kTileBytesB) + 1024;
 };
 
@@ -54,31 +52,6 @@ struct Tiling {
 // scale of b per tile, and a second accumulator set that 256 columns would not fit).
 inline int tile_width(const ScaledGemmParams& p) {
   return p.scale_a_kind != ScaleKind::kBlock && p.n >= 256 ? 256 : 128;
-}
-
-// Byte offset of (row, byte) in a tile of 128-byte rows in the 128-byte swizzle.
-__device__ __forceinline__ int swizzled_offset(int row, int byte) {
-  return row * 128 + ((((byte >> 4) ^ row) & 7) << 4) + (byte & 15);
-}
-
-// rows x k fp8 matrix (k contiguous, row stride a multiple of 16) -> the [kRows][128] stage
-// tile at (row0, k0); out-of-range chunks are zero-filled. 8 chunks per row, 32 rows per
-// pass of 256 threads.
-template <int kRows>
-__device__ __forceinline__ void load_tile(uint8_t* tile, const uint8_t* matrix, int64_t row0,
-                                          int64_t rows, int64_t k0, int64_t k,
-                                          int64_t row_stride) {
-  const int chunk = threadIdx.x % 8;
-  const int row = threadIdx.x / 8;
-  const int64_t left = k - (k0 + chunk * 16);
-  const int valid = left <= 0 ? 0 : (left < 16 ? static_cast<int>(left) : 16);
-#pragma unroll
-  for (int pass = 0; pass < kRows / 32; ++pass) {
-    const int r = row + pass * 32;
-    const bool ok = valid > 0 && row0 + r < rows;
-    const uint8_t* src = matrix + (row0 + r) * row_stride + k0 + chunk * 16;
-    cp_async_16(tile + swizzled_offset(r, chunk * 16), ok ? src : matrix, ok ? valid : 0);
-  }
 }
 
 __device__ __forceinline__ void store_pair(void* out, int64_t index, float v0, float v1,
@@ -102,11 +75,10 @@ template <typename A, typename B, int kBlockN, bool kBlockScaled>
 __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmParams p) {
   static_assert(!kBlockScaled || kBlockN == 128, "per-block scales: 128-wide tiles");
   using Tiles = Tiling<kBlockN>;
-  constexpr int kStages = Tiles::kStages, kPrefetch = Tiles::kPrefetch;
+  constexpr int kStages = Tiles::kStages;
   constexpr int kAcc = kBlockN / 2;  // accumulators per thread
   extern __shared__ __align__(128) unsigned char shared_bytes[];
-  const uint32_t misalignment = shared_address(shared_bytes) & 1023;
-  uint8_t* smem_a = shared_bytes + ((1024 - misalignment) & 1023);
+  uint8_t* smem_a = aligned_shared(shared_bytes);
   uint8_t* smem_b = smem_a + kStages * kTileBytesA;
 
   int64_t block_m0, block_n0;
@@ -115,9 +87,10 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
   const uint8_t* b = static_cast<const uint8_t*>(p.b);
   auto load_stage = [&](int stage, int k_tile) {
     const int64_t k0 = static_cast<int64_t>(k_tile) * kBlockK;
-    load_tile<kBlockM>(smem_a + stage * kTileBytesA, a, block_m0, p.m, k0, p.k, p.a_row_stride);
-    load_tile<kBlockN>(smem_b + stage * Tiles::kTileBytesB, b, block_n0, p.n, k0, p.k,
-                       p.b_row_stride);
+    load_swizzled_tile<uint8_t, kThreads, kBlockM, 1>(smem_a + stage * kTileBytesA, a, block_m0,
+                                                      p.m, k0, p.k, p.a_row_stride);
+    load_swizzled_tile<uint8_t, kThreads, kBlockN, 1>(smem_b + stage * Tiles::kTileBytesB, b,
+                                                      block_n0, p.n, k0, p.k, p.b_row_stride);
   };
 
   const int warpgroup = threadIdx.x / 128;
@@ -130,22 +103,10 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
   float partial[kBlockScaled ? kAcc : 1];
 
   const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
-#pragma unroll
-  for (int s = 0; s < kPrefetch; ++s) {
-    if (s < k_tiles) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kPrefetch - 1>();  // this thread's copies of step kt have landed
-    fence_proxy_async_shared();      // ... and are visible to wgmma's (async proxy) reads
-    __syncthreads();  // everyone's; and no wgmma still reads step kt - 2's stage
-    const int next = kt + kPrefetch;
-    if (next < k_tiles) load_stage(next % kStages, next);
-    cp_async_commit();
-
+  run_wgmma_pipeline<kStages>(k_tiles, load_stage, [&](int stage, int kt) {
     const uint32_t a_tile =
-        shared_address(smem_a + (kt % kStages) * kTileBytesA + warpgroup * 64 * 128);
-    const uint32_t b_tile = shared_address(smem_b + (kt % kStages) * Tiles::kTileBytesB);
+        shared_address(smem_a + stage * kTileBytesA + warpgroup * 64 * kSwizzleRowBytes);
+    const uint32_t b_tile = shared_address(smem_b + stage * Tiles::kTileBytesB);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockK / 32; ++kk) {
@@ -176,9 +137,7 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
     } else {
       wgmma_wait<1>();  // step kt - 1 retired; step kt runs on while the loop goes round
     }
-  }
-  wgmma_wait<0>();
-  cp_async_wait<0>();
+  });
 
   // Epilogue: per-tensor and per-row/column scales, then the bias, then the store.
   const float tensor_scale_a = p.scale_a_kind == ScaleKind::kTensor ? p.scale_a[0] : 1.0f;

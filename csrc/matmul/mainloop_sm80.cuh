@@ -1,7 +1,7 @@
 // The matmul kernel's tensor-core main loop and epilogue, shared with conv2d's implicit
 // GEMMs (csrc/conv2d/): a cp.async multi-stage pipeline into swizzled shared memory,
 // ldmatrix into registers, mma.sync m16n8k16 with fp32 accumulators, and the fused
-// epilogue (alpha, bias, activation, residual, optional pre-activation copy).
+// epilogue (epilogue.cuh: alpha, bias, activation, residual, optional pre-activation copy).
 //
 // Each operand tile keeps its global layout in shared memory (the "contiguous dimension" is
 // a template parameter) and ldmatrix's .trans form turns it around on the way into
@@ -13,6 +13,7 @@
 
 #include "../common/mma_sm80.cuh"
 #include "../common/tiles_sm80.cuh"
+#include "epilogue.cuh"
 #include "matmul.h"
 
 namespace tilesmith {
@@ -138,50 +139,8 @@ __device__ __forceinline__ void mainloop(float (&acc)[kMmaTilesM][kMmaTilesN][4]
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 }
 
-__device__ __forceinline__ float activate(float v, Activation activation) {
-  switch (activation) {
-    case Activation::kRelu:
-      return fmaxf(v, 0.0f);
-    case Activation::kGelu:
-      return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case Activation::kGeluTanh:
-      return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    case Activation::kSilu:
-      return v / (1.0f + expf(-v));
-    default:
-      return v;
-  }
-}
-
-template <typename OutT>
-__device__ __forceinline__ OutT to_out(float v) {
-  if constexpr (std::is_same_v<OutT, float>) {
-    return v;
-  } else {
-    return from_float<OutT>(v);
-  }
-}
-
-// Two neighbouring columns (col, col + 1) of one row: one 4- or 8-byte store when both are
-// in range and aligned, else element by element.
-template <typename OutT>
-__device__ __forceinline__ void store_pair(OutT* out, float v0, float v1, bool paired,
-                                           bool has0, bool has1) {
-  if (paired && has1) {
-    OutT pair[2] = {to_out<OutT>(v0), to_out<OutT>(v1)};
-    if constexpr (sizeof(OutT) == 4) {
-      *reinterpret_cast<float2*>(out) = *reinterpret_cast<const float2*>(pair);
-    } else {
-      *reinterpret_cast<uint32_t*>(out) = *reinterpret_cast<const uint32_t*>(pair);
-    }
-    return;
-  }
-  if (has0) out[0] = to_out<OutT>(v0);
-  if (has1) out[1] = to_out<OutT>(v1);
-}
-
-// Writes the block tile at (block_m0, block_n0) of batch z: c = act(alpha * acc + bias) +
-// residual, and pre = alpha * acc + bias when params.pre is set. OutT: T or float.
+// Writes the block tile at (block_m0, block_n0) of batch z through the fused epilogue
+// (epilogue.cuh). OutT: T or float.
 template <typename T, typename OutT>
 __device__ __forceinline__ void epilogue(const float (&acc)[kMmaTilesM][kMmaTilesN][4],
                                          const MatmulParams& params, int64_t z,
@@ -190,46 +149,18 @@ __device__ __forceinline__ void epilogue(const float (&acc)[kMmaTilesM][kMmaTile
   const int warp = threadIdx.x / 32;
   const int warp_m0 = (warp / kWarpsN) * kWarpTileM;
   const int warp_n0 = (warp % kWarpsN) * kWarpTileN;
-  const int64_t m = params.m, n = params.n;
-  OutT* c = static_cast<OutT*>(params.c) + z * params.c_batch_stride;
+  const EpilogueWriter<T, OutT> out(params, z);
   // Accumulator element e of an m16n8 tile sits at row lane/4 (+8 for e >= 2),
-  // column 2 * (lane % 4) + (e % 2). Pairs go out as one store when the row strides keep
-  // them aligned. The epilogue's branches are uniform across the block.
-  const bool paired_stores = (params.c_row_stride % 2) == 0;
-  const bool paired_pre = (params.pre_row_stride % 2) == 0;
-  const OutT* residual = params.residual == nullptr ? nullptr
-      : static_cast<const OutT*>(params.residual) + z * params.residual_batch_stride;
-  T* pre = params.pre == nullptr ? nullptr
-      : static_cast<T*>(params.pre) + z * params.pre_batch_stride;
+  // column 2 * (lane % 4) + (e % 2).
 #pragma unroll
   for (int mi = 0; mi < kMmaTilesM; ++mi) {
 #pragma unroll
     for (int ni = 0; ni < kMmaTilesN; ++ni) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t row = block_m0 + warp_m0 + mi * 16 + lane / 4 + half * 8;
-        const int64_t col = block_n0 + warp_n0 + ni * 8 + (lane % 4) * 2;
-        if (row >= m) continue;
-        const bool has0 = col < n, has1 = col + 1 < n;
-        float v[2] = {acc[mi][ni][half * 2] * params.alpha,
-                      acc[mi][ni][half * 2 + 1] * params.alpha};
-        if (params.bias != nullptr) {
-          if (has0) v[0] += params.bias[col];
-          if (has1) v[1] += params.bias[col + 1];
-        }
-        if (pre != nullptr) {
-          store_pair<T>(pre + row * params.pre_row_stride + col, v[0], v[1], paired_pre, has0,
-                        has1);
-        }
-#pragma unroll
-        for (int e = 0; e < 2; ++e) v[e] = activate(v[e], params.activation);
-        if (residual != nullptr) {
-          const OutT* r = residual + row * params.residual_row_stride + col;
-          if (has0) v[0] += to_float<OutT>(r[0]);
-          if (has1) v[1] += to_float<OutT>(r[1]);
-        }
-        store_pair<OutT>(c + row * params.c_row_stride + col, v[0], v[1], paired_stores, has0,
-                         has1);
+        out.write(block_m0 + warp_m0 + mi * 16 + lane / 4 + half * 8,
+                  block_n0 + warp_n0 + ni * 8 + (lane % 4) * 2, acc[mi][ni][half * 2],
+                  acc[mi][ni][half * 2 + 1]);
       }
     }
   }

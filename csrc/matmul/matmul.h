@@ -37,4 +37,8 @@ struct MatmulParams {
 cudaError_t run_matmul_sm80_bf16(const MatmulParams& params, cudaStream_t stream);
 cudaError_t run_matmul_sm80_fp16(const MatmulParams& params, cudaStream_t stream);
 
+// The wgmma kernels of matmul_sm90a.cuh, in tilesmith._C_sm90a (see common/hopper_kernels.h).
+cudaError_t run_matmul_sm90a_bf16(const MatmulParams& params, cudaStream_t stream);
+cudaError_t run_matmul_sm90a_fp16(const MatmulParams& params, cudaStream_t stream);
+
 }  // namespace tilesmith

@@ -12,6 +12,7 @@
 #include <cstdlib>
 
 #include "../common/check.h"
+#include "../common/hopper_kernels.h"
 #include "matmul.h"
 
 namespace tilesmith {
@@ -29,11 +30,13 @@ void check_tensor_core_operands(const at::Tensor& a, const at::Tensor& b, const 
 
 void launch_matmul(const MatmulParams& params, const at::Tensor& a) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
-  if (a.scalar_type() == at::kBFloat16) {
-    TILESMITH_CHECK_LAUNCH(run_matmul_sm80_bf16(params, stream));
-  } else {
-    TILESMITH_CHECK_LAUNCH(run_matmul_sm80_fp16(params, stream));
+  const bool bf16 = a.scalar_type() == at::kBFloat16;
+  const HopperKernels* hopper = hopper_kernels();
+  cudaError_t error = cudaSuccess;
+  if (hopper == nullptr || !hopper->matmul(params, bf16, stream, &error)) {
+    error = bf16 ? run_matmul_sm80_bf16(params, stream) : run_matmul_sm80_fp16(params, stream);
   }
+  TILESMITH_CHECK_LAUNCH(error);
 }
 
 Activation parse_activation(c10::string_view name, const char* op) {

@@ -10,7 +10,8 @@ namespace tilesmith {
 // Shared by matmul_cuda and gemm_cuda (one kernel behind both):
 // a and b are CUDA tensors on one device with one dtype, float16 or bfloat16.
 void check_tensor_core_operands(const at::Tensor& a, const at::Tensor& b, const char* op);
-// Runs the kernel for a's dtype on the current stream of a's device.
+// Runs the kernel for a's dtype on the current stream of a's device: the Hopper kernels
+// where they take the call (common/hopper_kernels.h), else the sm_80 ones.
 void launch_matmul(const MatmulParams& params, const at::Tensor& a);
 // The epilogue activation named in an op's schema ("none", "relu", "gelu", "gelu_tanh",
 // "silu"); `op` names the op in the error for any other name.

@@ -8,6 +8,7 @@
 // with element-wise loads (kVectorLoads = false): slower, but any view is correct.
 #pragma once
 
+#include "launch.cuh"
 #include "mainloop_sm80.cuh"
 
 namespace tilesmith {
@@ -70,22 +71,8 @@ cudaError_t launch(const MatmulParams& params, cudaStream_t stream) {
   auto kernel = params.out_fp32
       ? matmul_kernel<T, float, kAKContiguous, kBNContiguous, kVectorLoads>
       : matmul_kernel<T, T, kAKContiguous, kBNContiguous, kVectorLoads>;
-  // Above 48 KiB of dynamic shared memory a kernel must opt in; cheap, so done per launch
-  // rather than guarded by a static that would be per-process, not per-device.
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
   const int64_t tiles = ((params.m + kBlockM - 1) / kBlockM) * ((params.n + kBlockN - 1) / kBlockN);
-  // grid.y is capped at 65535: larger batches go in several launches.
-  constexpr int64_t kMaxGridY = 65535;
-  for (int64_t z0 = 0; z0 < params.batch; z0 += kMaxGridY) {
-    const int64_t batches = params.batch - z0 < kMaxGridY ? params.batch - z0 : kMaxGridY;
-    dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(batches));
-    kernel<<<grid, kThreads, kSmemBytes, stream>>>(params, z0);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return launch_over_batch(kernel, params, tiles, kThreads, kSmemBytes, stream);
 }
 
 // 16-byte cp.async needs a unit stride in the loaded dimension, 16-byte aligned rows and

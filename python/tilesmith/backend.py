@@ -112,6 +112,29 @@ _C, _C_ERROR = _load_extension("_C")
 _C_SM90A, _C_SM90A_ERROR = _load_extension("_C_sm90a")
 
 
+def _install_hopper_kernels(enabled: bool) -> None:
+    if _C is not None:
+        _C._set_hopper_kernels(_C_SM90A.hopper_kernels if enabled and _C_SM90A is not None
+                               else None)
+
+
+@contextlib.contextmanager
+def hopper_kernels(enabled: bool):
+    """The cuda backend's matmul, gemm and conv2d forward kernels in this block. On an
+    H100/H200 they run on wgmma (tilesmith._C_sm90a, the default) wherever those kernels
+    take the call (matmul: both operands readable 16 bytes at a time), and on the sm_80
+    mma.sync kernels otherwise; ``hopper_kernels(False)`` runs the sm_80 kernels for every
+    call (for tests and benchmarks of those). Process-wide, not thread-safe."""
+    _install_hopper_kernels(enabled)
+    try:
+        yield
+    finally:
+        _install_hopper_kernels(True)
+
+
+_install_hopper_kernels(True)
+
+
 def _triton_status() -> str | None:
     """None when Triton can be imported, else the reason."""
     try:

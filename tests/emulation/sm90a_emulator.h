@@ -1,10 +1,9 @@
 // The sm_90a instructions of csrc/common/wgmma_sm90a.cuh on the CPU emulator of
 // sm80_emulator.h (read its header first: what it checks and what it cannot).
 //
-// wgmma is modelled as the PTX ISA describes it for K-major operands in the 128-byte
-// swizzle: the descriptor's start address and stride byte offset locate row r, byte k of the
-// operand at start + (r / 8) * stride + (r % 8) * 128 + k, and the swizzle then XORs address
-// bits 4-6 with bits 7-9. Each thread computes its own accumulators from shared memory.
+// wgmma is modelled as the PTX ISA describes it for operands in the 128-byte swizzle: K-major
+// fp8 and 16-bit operands, and MN-major 16-bit ones (descriptor_element below). Each thread
+// computes its own accumulators from shared memory, one fp32 fma per product.
 // wgmma is asynchronous as on the GPU, at its latest: an issued wgmma joins the thread's
 // open group, wgmma_commit closes the group, and wgmma_wait<N> runs the oldest committed
 // groups until N remain, only then reading shared memory and the accumulators. So a kernel
@@ -32,33 +31,76 @@ inline float decode_fp8(uint8_t bits, bool e5m2) {
   return sign * std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
 }
 
-// Element (row, k) of a K-major 128-byte-swizzled operand described by `desc`.
-inline uint8_t descriptor_byte(uint64_t desc, int row, int k) {
+// The shared-memory address of element (row, k) of an operand described by `desc`, in the
+// 128-byte swizzle: K-major, row r at start + (r / 8) * stride + (r % 8) * 128 holds K
+// along its bytes; MN-major (16-bit elements only here), rows of 64 elements of M or N, K
+// row k of the column block r / 64 at start + (r / 64) * leading + (k / 8) * stride +
+// (k % 8) * 128. The swizzle then XORs address bits 4-6 with bits 7-9.
+inline const unsigned char* descriptor_element(uint64_t desc, int row, int k, int element_bytes,
+                                               bool mn_major) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t leading = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
   const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
   if ((desc >> 62) != 1) fail("wgmma: only the 128-byte swizzle is modelled");
-  const uint32_t logical = start + (row / 8) * stride + (row % 8) * 128 + k;
+  const int per_row = 128 / element_bytes;
+  const uint32_t logical = mn_major
+      ? start + (row / per_row) * leading + (k / 8) * stride + (k % 8) * 128 +
+            (row % per_row) * element_bytes
+      : start + (row / 8) * stride + (row % 8) * 128 + k * element_bytes;
   const uint32_t physical = logical ^ (((logical >> 7) & 7) << 4);
-  if (physical >= machine->smem_bytes) fail("wgmma: descriptor reads past shared memory");
-  return machine->smem[physical];
+  if (physical + element_bytes > machine->smem_bytes) {
+    fail("wgmma: descriptor reads past shared memory");
+  }
+  return machine->smem + physical;
 }
 
-template <int kN, typename A, typename B>
-void run_wgmma_m64nk32(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  constexpr bool a_e5m2 = std::is_same_v<A, __nv_fp8_e5m2>;
-  constexpr bool b_e5m2 = std::is_same_v<B, __nv_fp8_e5m2>;
+inline uint8_t descriptor_byte(uint64_t desc, int row, int k) {
+  return *descriptor_element(desc, row, k, 1, false);
+}
+
+template <typename T>
+float descriptor_float(uint64_t desc, int row, int k, bool mn_major) {
+  T value;
+  std::memcpy(&value, descriptor_element(desc, row, k, 2, mn_major), 2);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(value);
+  } else {
+    return __half2float(value);
+  }
+}
+
+// d (+)= A B for this thread's accumulators of an m64nNkK wgmma: element i is row
+// 16 warp + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2, and
+// a(row, k) / b(col, k) read the operands' elements, summed k = 0, 1, ... by fp32 fma.
+template <int kN, int kK, typename ElementA, typename ElementB>
+void run_wgmma(float (&d)[kN / 2], int accumulate, ElementA&& a, ElementB&& b) {
   const int rank = thread_rank();
   const int warp = (rank / 32) % 4, lane = rank % 32;
   for (int i = 0; i < kN / 2; ++i) {
     const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
     const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
     float sum = accumulate ? d[i] : 0.0f;
-    for (int k = 0; k < 32; ++k) {
-      sum = std::fma(decode_fp8(descriptor_byte(desc_a, row, k), a_e5m2),
-                     decode_fp8(descriptor_byte(desc_b, col, k), b_e5m2), sum);
-    }
+    for (int k = 0; k < kK; ++k) sum = std::fma(a(row, k), b(col, k), sum);
     d[i] = sum;
   }
+}
+
+template <int kN, typename A, typename B>
+void run_wgmma_m64nk32(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  constexpr bool a_e5m2 = std::is_same_v<A, __nv_fp8_e5m2>;
+  constexpr bool b_e5m2 = std::is_same_v<B, __nv_fp8_e5m2>;
+  run_wgmma<kN, 32>(
+      d, accumulate,
+      [&](int row, int k) { return decode_fp8(descriptor_byte(desc_a, row, k), a_e5m2); },
+      [&](int col, int k) { return decode_fp8(descriptor_byte(desc_b, col, k), b_e5m2); });
+}
+
+template <int kN, typename T, int kMnMajorA, int kMnMajorB>
+void run_wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  run_wgmma<kN, 16>(
+      d, accumulate,
+      [&](int row, int k) { return descriptor_float<T>(desc_a, row, k, kMnMajorA); },
+      [&](int col, int k) { return descriptor_float<T>(desc_b, col, k, kMnMajorB); });
 }
 
 inline void wgmma_commit() {
@@ -88,6 +130,12 @@ template <typename A, typename B>
 inline void wgmma_m64n256k32(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
     tilesmith_emu::run_wgmma_m64nk32<256, A, B>(d, desc_a, desc_b, accumulate);
+  });
+}
+template <int kN, typename T, int kMnMajorA, int kMnMajorB>
+inline void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
+    tilesmith_emu::run_wgmma_m64nk16<kN, T, kMnMajorA, kMnMajorB>(d, desc_a, desc_b, accumulate);
   });
 }
 inline void wgmma_fence() {}

@@ -1,0 +1,36 @@
+// The kernels of tilesmith._C_sm90a (compiled for sm_90a only) that tilesmith._C's ops run on
+// a GPU of compute capability 9.0: the wgmma matmul/gemm and conv2d forward. The two
+// extensions are separate shared libraries, so _C reaches them through this table of
+// function pointers: tilesmith._C_sm90a exports it as the capsule `hopper_kernels`, and
+// backend.py hands that to tilesmith._C._set_hopper_kernels (None: the sm_80 kernels
+// everywhere). Each entry launches and returns true, storing the launch's error code in
+// *error, where its kernels take the call on the current device; otherwise it returns false
+// having launched nothing, and the caller runs its sm_80 kernel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../conv2d/conv2d.h"
+#include "../matmul/matmul.h"
+
+namespace tilesmith {
+
+struct HopperKernels {
+  bool (*matmul)(const MatmulParams& params, bool bf16, cudaStream_t stream,
+                 cudaError_t* error);
+  bool (*conv2d_fwd)(const ConvParams& conv, const MatmulParams& out, bool bf16,
+                     cudaStream_t stream, cudaError_t* error);
+};
+
+// In tilesmith._C (registration.cpp): the table in use, or nullptr.
+const HopperKernels* hopper_kernels();
+void set_hopper_kernels(const HopperKernels* kernels);
+
+// In tilesmith._C_sm90a: the entries, and whether the current device runs sm_90a code.
+bool run_matmul_sm90a(const MatmulParams& params, bool bf16, cudaStream_t stream,
+                      cudaError_t* error);
+bool run_conv2d_fwd_sm90a(const ConvParams& conv, const MatmulParams& out, bool bf16,
+                          cudaStream_t stream, cudaError_t* error);
+bool current_device_is_sm90();
+
+}  // namespace tilesmith

@@ -1,0 +1,26 @@
+// tilesmith._C_sm90a's entry for the Hopper matmul kernels (common/hopper_kernels.h): whether
+// they take the call here, and which dtype's kernels run it.
+#include "../common/hopper_kernels.h"
+#include "matmul_sm90a.cuh"
+
+namespace tilesmith {
+
+bool current_device_is_sm90() {
+  // sm_90a code runs on compute capability 9.0 only (it is compiled for nothing else).
+  int device = 0, major = 0, minor = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+             cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
+             cudaSuccess &&
+         major == 9 && minor == 0;
+}
+
+bool run_matmul_sm90a(const MatmulParams& params, bool bf16, cudaStream_t stream,
+                      cudaError_t* error) {
+  if (!current_device_is_sm90() || !matmul_sm90a::takes(params)) return false;
+  *error = bf16 ? run_matmul_sm90a_bf16(params, stream) : run_matmul_sm90a_fp16(params, stream);
+  return true;
+}
+
+}  // namespace tilesmith
