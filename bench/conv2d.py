@@ -103,21 +103,23 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                     dtype=str(dtype)[6:], shape=shape, ms=base_ms, tflops=flops / base_ms / 1e9,
                     baseline_ms=base_ms, ratio=1.0, rel_err=None, peak_mem_bytes=None,
                     joules=None))
-                for backend in backends:
-                    if tilesmith.backend.unavailable_reason(backend, "conv2d", x.device,
-                                                            dtype) is not None or limits[backend]:
+                for label, backend, hopper in harness.contenders("conv2d", backends, x.device,
+                                                                 dtype):
+                    if limits[backend]:
                         continue
                     def fn(b=backend, m=mode):
                         return ours[m](b)
 
-                    out = fn()
-                    ms = harness.median_ms(fn)
+                    with tilesmith.backend.hopper_kernels(hopper):  # set outside the timing
+                        out = fn()
+                        ms = harness.median_ms(fn)
+                        peak_mem = harness.peak_memory(fn)
                     err = (testing.rel_error(out[:1], refs["fwd"]) if mode == "fwd" else None)
                     rows.append(harness.Row(
-                        op="conv2d", mode=mode, backend=backend, baseline=base_label,
+                        op="conv2d", mode=mode, backend=label, baseline=base_label,
                         dtype=str(dtype)[6:], shape=shape, ms=ms, tflops=flops / ms / 1e9,
                         baseline_ms=base_ms, ratio=base_ms / ms, rel_err=err,
-                        peak_mem_bytes=harness.peak_memory(fn), joules=None))
+                        peak_mem_bytes=peak_mem, joules=None))
             print(f"conv2d {name} N={batch} {str(dtype)[6:]}: " + ", ".join(
                 f"{r.mode} {r.ratio:.2f}x" for r in rows
                 if r.shape == shape and r.backend != "torch" and r.dtype == str(dtype)[6:]),

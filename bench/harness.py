@@ -132,6 +132,23 @@ def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return float(result[0] if isinstance(result, (list, tuple)) else result)
 
 
+def contenders(op: str, backends, device, dtype):
+    """(label, backend, hopper) for each of our backends that runs `op` here; on an H100 the
+    cuda backend twice: "cuda" (wgmma, what users get) and "cuda-sm80" (the mma.sync
+    kernels), run under ``tilesmith.backend.hopper_kernels(hopper)``."""
+    import tilesmith
+
+    hopper_kernels_run = (torch.cuda.get_device_capability(device) == (9, 0)
+                          and tilesmith.backend._C is not None
+                          and tilesmith.backend._C_SM90A is not None)
+    for name in backends:
+        if tilesmith.backend.unavailable_reason(name, op, device, dtype):
+            continue
+        yield name, name, True
+        if name == "cuda" and hopper_kernels_run:
+            yield "cuda-sm80", "cuda", False
+
+
 def peak_memory(fn) -> int:
     """Peak bytes allocated during one call, above what was allocated before it."""
     torch.cuda.synchronize()

@@ -29,23 +29,6 @@ def shapes(quick: bool):
     return [("square", s) for s in squares] + [("llm", s) for s in llm]
 
 
-def hopper_kernels_run(device) -> bool:
-    """The cuda backend's matmul runs on wgmma here (an sm_90 GPU, tilesmith._C_sm90a)."""
-    return (torch.cuda.get_device_capability(device) == (9, 0)
-            and tilesmith.backend._C is not None and tilesmith.backend._C_SM90A is not None)
-
-
-def contenders(backends, device, dtype):
-    """(label, backend, hopper) for each of our backends that runs here; on an H100 the cuda
-    backend twice: "cuda" (wgmma, what users get) and "cuda-sm80" (the mma.sync kernels)."""
-    for name in backends:
-        if tilesmith.backend.unavailable_reason(name, "matmul", device, dtype):
-            continue
-        yield name, name, True
-        if name == "cuda" and hopper_kernels_run(device):
-            yield "cuda-sm80", "cuda", False
-
-
 def bench_shape(m, n, k, dtype, backends, meter, peak_tflops, kind):
     # Energy takes a >= 1 s loop per row: measured on the headline shapes only.
     if not (kind == "square" and m >= 4096):
@@ -65,7 +48,7 @@ def bench_shape(m, n, k, dtype, backends, meter, peak_tflops, kind):
         pct_of_peak=100 * flops / base_ms / 1e9 / peak_tflops,
         peak_mem_bytes=harness.peak_memory(base_fn),
         joules=harness.joules_per_call(base_fn, meter) if meter else None, extra={"kind": kind})]
-    for label, name, hopper in contenders(backends, a.device, dtype):
+    for label, name, hopper in harness.contenders("matmul", backends, a.device, dtype):
         fn = lambda name=name: tilesmith.ops.matmul(a, b, backend=name)  # noqa: E731
         with tilesmith.backend.hopper_kernels(hopper):  # the switch is set outside the timing
             fn()  # autotune / first launch outside the timing

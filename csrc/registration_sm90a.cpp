@@ -9,8 +9,9 @@
 #include "fp8/fp8_api.h"
 
 namespace {
-const tilesmith::HopperKernels kHopperKernels = {&tilesmith::run_matmul_sm90a,
-                                                 &tilesmith::run_conv2d_fwd_sm90a};
+const tilesmith::HopperKernels kHopperKernels = {
+    &tilesmith::run_matmul_sm90a, &tilesmith::run_conv2d_fwd_sm90a,
+    &tilesmith::run_conv2d_dgrad_sm90a, &tilesmith::run_conv2d_wgrad_sm90a};
 }  // namespace
 
 // The module carries `hopper_kernels`, a capsule of the table above that backend.py hands

@@ -131,10 +131,12 @@ def test_sm90a_extension_has_wgmma_kernels_without_spills():
                   "64x256x16.F32 "):  # the fp16 form names no input type
         assert f"HGMMA.{shape}" in sass, shape
     assert ".tnspA" in sass and ".tnspB" in sass
-    # The Hopper conv2d forward: 2 dtypes x 2 tile widths.
-    conv = {key: value for key, value in usage.items()
-            if "conv2d_sm90a" in key[1] and "conv2d_fwd_kernel" in key[1]}
-    assert len(conv) == 4 and not [k for k, u in conv.items() if u["STACK"] or u["LOCAL"]], conv
+    # The Hopper conv2d: forward, dgrad and wgrad x 2 dtypes x 2 tile widths.
+    for kernel in ("conv2d_fwd_kernel", "conv2d_dgrad_kernel", "conv2d_wgrad_kernel"):
+        conv = {key: value for key, value in usage.items()
+                if "conv2d_sm90a" in key[1] and kernel in key[1]}
+        assert len(conv) == 4, (kernel, sorted(conv))
+        assert not [k for k, u in conv.items() if u["STACK"] or u["LOCAL"]], conv
 
 
 @needs_extension

@@ -83,22 +83,28 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
 
 
 @requires_hopper_kernels
-def test_hopper_forward_runs_on_wgmma():
-    x = torch.randn(2, 16, 9, 9, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(32, 16, 3, 3, device="cuda", dtype=torch.bfloat16)
-    run = lambda: tilesmith.ops.conv2d(x, w, padding=1, backend="cuda")  # noqa: E731
+def test_hopper_forward_and_backward_run_on_wgmma():
+    x = torch.randn(2, 16, 9, 9, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(32, 16, 3, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def run():
+        tilesmith.ops.conv2d(x, w, padding=1, backend="cuda").sum().backward()
+
+    passes = ("conv2d_fwd_kernel", "conv2d_dgrad_kernel", "conv2d_wgrad_kernel")
     names = cuda_kernel_names(run)
-    assert "conv2d_sm90a" in names and "conv2d_sm80" not in names, names
+    assert all(f"conv2d_sm90a::{p}" in names for p in passes), names
+    assert "conv2d_sm80" not in names, names
     with tilesmith.backend.hopper_kernels(False):
         names = cuda_kernel_names(run)
-    assert "conv2d_sm80" in names and "conv2d_sm90a" not in names, names
+    assert all(f"conv2d_sm80::{p}" in names for p in passes), names
+    assert "conv2d_sm90a" not in names, names
 
 
 @requires_hopper_kernels
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_sm80_kernels_on_hopper(dtype, name):
-    """On an H100 the cuda forward runs on wgmma: the same samples on the sm_80 kernels."""
+    """On an H100 the cuda conv2d runs on wgmma: the same samples on the sm_80 kernels."""
     with tilesmith.backend.hopper_kernels(False):
         test_forward_and_gradients_match_float64("cuda", dtype, name)
 

@@ -602,7 +602,7 @@ def test_attention_backward_kernels_keys_no_query_sees():
     assert dk[:, :, :10].abs().sum() > 0
 
 
-# --- conv2d: csrc/conv2d/conv2d_sm80.cuh -------------------------------------------------------
+# --- conv2d: csrc/conv2d/conv2d_sm80.cuh (mma.sync) and conv2d_sm90a.cuh (wgmma) ----------------
 
 class ConvParams(ctypes.Structure):
     """csrc/conv2d/conv2d.h's ConvParams (size checked against the C++ one)."""
@@ -630,8 +630,10 @@ CONV_CASES = {
     "3x3_dilation21_s21": (1, 8, 10, 9, 8, 3, 3, (2, 1), (2, 1), (2, 1)),
     "3x3_groups2": (2, 16, 9, 9, 32, 3, 3, (1, 1), (1, 1), (1, 1), 2),
     "1x1_s2_groups3": (1, 24, 11, 11, 48, 1, 1, (2, 2), (0, 0), (1, 1), 3),
-    # 264 filters: the wgmma forward's 256-wide tiles (and a second, 8-wide tile column).
+    # 264 filters: the wgmma forward's 256-wide tiles (and a second, 8-wide tile column);
+    # 264 channels: the same for the wgmma dgrad and wgrad.
     "3x3_264_filters": (1, 8, 5, 5, 264, 3, 3, (1, 1), (1, 1), (1, 1)),
+    "3x3_s2_264_channels": (1, 264, 6, 5, 16, 3, 3, (2, 2), (1, 1), (1, 1)),
 }
 
 
@@ -653,21 +655,16 @@ def conv_problem(case, dtype):
                                groups=groups)
 
 
-def run_conv_pass(pass_index, dtype, cp, out, tensors, splits=1, hopper=False):
-    """Pass 0 forward, 1 dgrad, 2 wgrad; hopper: the forward of conv2d_sm90a.cuh (wgmma)."""
-    lib = emulated("conv2d")
-    assert lib.conv_params_size() == ctypes.sizeof(ConvParams)
+def run_conv_pass(pass_index, dtype, cp, out, tensors, splits=1, kernel="sm80"):
+    """Pass 0 forward, 1 dgrad, 2 wgrad, of conv2d_sm80.cuh (kernel="sm80", mma.sync) or
+    conv2d_sm90a.cuh ("sm90a", wgmma)."""
+    assert emulated("conv2d").conv_params_size() == ctypes.sizeof(ConvParams)
+    entry = (emulated("conv2d").emulate_conv2d if kernel == "sm80"
+             else emulated("conv2d_sm90a").emulate_conv2d_sm90a)
     ptrs, sizes, count = buffer_table(tensors)
     error = ctypes.create_string_buffer(512)
-    if hopper:
-        assert pass_index == 0
-        status = emulated("conv2d_sm90a").emulate_conv2d_fwd_sm90a(
-            DTYPE_CODES[dtype], ctypes.byref(cp), ctypes.byref(out), ptrs, sizes, count, error,
-            len(error))
-    else:
-        status = lib.emulate_conv2d(pass_index, DTYPE_CODES[dtype], ctypes.byref(cp),
-                                    ctypes.byref(out), splits, ptrs, sizes, count, error,
-                                    len(error))
+    status = entry(pass_index, DTYPE_CODES[dtype], ctypes.byref(cp), ctypes.byref(out), splits,
+                   ptrs, sizes, count, error, len(error))
     assert status == 0, error.value.decode()
 
 
@@ -691,7 +688,7 @@ def test_conv2d_forward_kernel(case, dtype, activation, kernel):
     params = MatmulParams(c=out.data_ptr(), batch=1, m=n * p * q, n=cp.filters, c_row_stride=k,
                           alpha=1.0, bias=bias.data_ptr(), activation=ACTIVATIONS[activation],
                           pre=pre.data_ptr(), pre_row_stride=k)
-    run_conv_pass(0, dtype, cp, params, [x, weight], hopper=kernel == "sm90a")
+    run_conv_pass(0, dtype, cp, params, [x, weight], kernel=kernel)
     assert_guards_untouched(out_storage, "out")
     assert_guards_untouched(pre_storage, "pre")
     ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), **geometry)
@@ -701,9 +698,10 @@ def test_conv2d_forward_kernel(case, dtype, activation, kernel):
                               activate(base_pre, activation).to(dtype))
 
 
+@pytest.mark.parametrize("kernel", ["sm80", "sm90a"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv2d_dgrad_kernel(case, dtype):
+def test_conv2d_dgrad_kernel(case, dtype, kernel):
     x, weight, cp, geometry = conv_problem(case, dtype)
     n, c, h, w = x.shape
     grad = torch.randn(n, weight.shape[0], cp.out_h, cp.out_w).to(dtype).contiguous(
@@ -712,7 +710,7 @@ def test_conv2d_dgrad_kernel(case, dtype):
     dx, storage = nhwc((n, c, h, w), dtype)
     params = MatmulParams(c=dx.data_ptr(), batch=1, m=n * h * w, n=cp.channels, c_row_stride=c,
                           alpha=1.0)
-    run_conv_pass(1, dtype, cp, params, [grad, weight])
+    run_conv_pass(1, dtype, cp, params, [grad, weight], kernel=kernel)
     assert_guards_untouched(storage, "dx")
 
     def dgrad(compute):
@@ -721,10 +719,11 @@ def test_conv2d_dgrad_kernel(case, dtype):
     assert_close_to_reference(dx, dgrad(torch.float64), dgrad(torch.float32).to(dtype))
 
 
+@pytest.mark.parametrize("kernel", ["sm80", "sm90a"])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv2d_wgrad_kernel(case, dtype, splits):
+def test_conv2d_wgrad_kernel(case, dtype, splits, kernel):
     x, weight, cp, geometry = conv_problem(case, dtype)
     k, c, r, s = weight.shape
     grad = torch.randn(x.shape[0], k, cp.out_h, cp.out_w).to(dtype).contiguous(
@@ -736,7 +735,7 @@ def test_conv2d_wgrad_kernel(case, dtype, splits):
     params = MatmulParams(c=partial.data_ptr(), batch=splits, m=cp.filters, n=c,
                           c_batch_stride=k * r * s * c, c_row_stride=r * s * c, alpha=1.0,
                           out_fp32=True)
-    run_conv_pass(2, dtype, cp, params, [grad, x], splits)
+    run_conv_pass(2, dtype, cp, params, [grad, x], splits, kernel=kernel)
     assert_guards_untouched(storage, "partial")
     # As the op finishes it: splits summed in order, (K, R, S, C) viewed as (K, C, R, S).
     dw = partial.sum(0).view(k, r, s, c).permute(0, 3, 1, 2).to(dtype)

@@ -1,5 +1,6 @@
 // The kernels of tilesmith._C_sm90a (compiled for sm_90a only) that tilesmith._C's ops run on
-// a GPU of compute capability 9.0: the wgmma matmul/gemm and conv2d forward. The two
+// a GPU of compute capability 9.0: the wgmma matmul/gemm and conv2d (forward, dgrad and
+// wgrad). The two
 // extensions are separate shared libraries, so _C reaches them through this table of
 // function pointers: tilesmith._C_sm90a exports it as the capsule `hopper_kernels`, and
 // backend.py hands that to tilesmith._C._set_hopper_kernels (None: the sm_80 kernels
@@ -20,6 +21,10 @@ struct HopperKernels {
                  cudaError_t* error);
   bool (*conv2d_fwd)(const ConvParams& conv, const MatmulParams& out, bool bf16,
                      cudaStream_t stream, cudaError_t* error);
+  bool (*conv2d_dgrad)(const ConvParams& conv, const MatmulParams& out, bool bf16,
+                       cudaStream_t stream, cudaError_t* error);
+  bool (*conv2d_wgrad)(const ConvParams& conv, const MatmulParams& out, int splits, bool bf16,
+                       cudaStream_t stream, cudaError_t* error);
 };
 
 // In tilesmith._C (registration.cpp): the table in use, or nullptr.
@@ -31,6 +36,10 @@ bool run_matmul_sm90a(const MatmulParams& params, bool bf16, cudaStream_t stream
                       cudaError_t* error);
 bool run_conv2d_fwd_sm90a(const ConvParams& conv, const MatmulParams& out, bool bf16,
                           cudaStream_t stream, cudaError_t* error);
+bool run_conv2d_dgrad_sm90a(const ConvParams& conv, const MatmulParams& out, bool bf16,
+                            cudaStream_t stream, cudaError_t* error);
+bool run_conv2d_wgrad_sm90a(const ConvParams& conv, const MatmulParams& out, int splits,
+                            bool bf16, cudaStream_t stream, cudaError_t* error);
 bool current_device_is_sm90();
 
 }  // namespace tilesmith

@@ -43,11 +43,19 @@ cudaError_t run_conv2d_wgrad_sm80_bf16(const ConvParams& conv, const MatmulParam
 cudaError_t run_conv2d_wgrad_sm80_fp16(const ConvParams& conv, const MatmulParams& out,
                                        int splits, cudaStream_t stream);
 
-// The forward on wgmma (conv2d_sm90a.cuh), in tilesmith._C_sm90a (see
-// common/hopper_kernels.h): the same calls as the sm_80 forward.
+// The same passes on wgmma (conv2d_sm90a.cuh), in tilesmith._C_sm90a (see
+// common/hopper_kernels.h): the same calls as the sm_80 kernels.
 cudaError_t run_conv2d_fwd_sm90a_bf16(const ConvParams& conv, const MatmulParams& out,
                                       cudaStream_t stream);
 cudaError_t run_conv2d_fwd_sm90a_fp16(const ConvParams& conv, const MatmulParams& out,
                                       cudaStream_t stream);
+cudaError_t run_conv2d_dgrad_sm90a_bf16(const ConvParams& conv, const MatmulParams& out,
+                                        cudaStream_t stream);
+cudaError_t run_conv2d_dgrad_sm90a_fp16(const ConvParams& conv, const MatmulParams& out,
+                                        cudaStream_t stream);
+cudaError_t run_conv2d_wgrad_sm90a_bf16(const ConvParams& conv, const MatmulParams& out,
+                                        int splits, cudaStream_t stream);
+cudaError_t run_conv2d_wgrad_sm90a_fp16(const ConvParams& conv, const MatmulParams& out,
+                                        int splits, cudaStream_t stream);
 
 }  // namespace tilesmith

@@ -315,9 +315,14 @@ at::Tensor conv2d_dgrad_cuda(const at::Tensor& grad_in, const at::Tensor& weight
   if (dx.numel() > 0) {
     MatmulParams out = plain_output(dx.data_ptr(), n * h * w, c);
     out.n = cp.channels;  // one group's channels
-    TILESMITH_CHECK_LAUNCH(grad.scalar_type() == at::kBFloat16
-                               ? run_conv2d_dgrad_sm80_bf16(cp, out, stream_of(grad))
-                               : run_conv2d_dgrad_sm80_fp16(cp, out, stream_of(grad)));
+    const bool bf16 = grad.scalar_type() == at::kBFloat16;
+    const HopperKernels* hopper = hopper_kernels();
+    cudaError_t error = cudaSuccess;
+    if (hopper == nullptr || !hopper->conv2d_dgrad(cp, out, bf16, stream_of(grad), &error)) {
+      error = bf16 ? run_conv2d_dgrad_sm80_bf16(cp, out, stream_of(grad))
+                   : run_conv2d_dgrad_sm80_fp16(cp, out, stream_of(grad));
+    }
+    TILESMITH_CHECK_LAUNCH(error);
   }
   return want_channels_last ? dx : dx.contiguous();
 }
@@ -363,9 +368,15 @@ at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
     out.c_row_stride = r * s * c;
     out.out_fp32 = true;
     const int split_count = static_cast<int>(splits);
-    TILESMITH_CHECK_LAUNCH(x.scalar_type() == at::kBFloat16
-                               ? run_conv2d_wgrad_sm80_bf16(cp, out, split_count, stream_of(x))
-                               : run_conv2d_wgrad_sm80_fp16(cp, out, split_count, stream_of(x)));
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    const HopperKernels* hopper = hopper_kernels();
+    cudaError_t error = cudaSuccess;
+    if (hopper == nullptr ||
+        !hopper->conv2d_wgrad(cp, out, split_count, bf16, stream_of(x), &error)) {
+      error = bf16 ? run_conv2d_wgrad_sm80_bf16(cp, out, split_count, stream_of(x))
+                   : run_conv2d_wgrad_sm80_fp16(cp, out, split_count, stream_of(x));
+    }
+    TILESMITH_CHECK_LAUNCH(error);
   }
   // Splits summed in a fixed order (deterministic); (K, R, S, C) seen as (K, C, R, S).
   return partial.sum(0).view({k, r, s, c}).permute({0, 3, 1, 2}).to(x.scalar_type());

@@ -11,7 +11,7 @@
 
 #include "../matmul/mainloop_sm80.cuh"
 #include "conv2d.h"
-#include "forward.cuh"
+#include "gather.cuh"
 
 namespace tilesmith {
 namespace conv2d_sm80 {
@@ -65,56 +65,23 @@ __global__ void __launch_bounds__(kThreads)
     conv2d_dgrad_kernel(const ConvParams cp, const MatmulParams out) {
   using TileA = matmul_sm80::TileA<true>;   // [input pixel][filter]
   using TileB = matmul_sm80::TileB<true>;   // [filter][channel]
-  using Gather = GatherLayout<kBlockK>;
-  constexpr int kPasses = kBlockM / Gather::kRowsPerPass;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* smem_a = reinterpret_cast<T*>(shared_bytes);
   T* smem_b = smem_a + kStages * TileA::kElements;
   const int64_t group = blockIdx.y, filters = cp.filters;
-  const int64_t pixel_stride = filters * cp.groups;  // grad_out's elements per pixel
   const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
-  const T* grad_out = static_cast<const T*>(cp.grad_out) + group * filters;
   const T* weight = static_cast<const T*>(cp.weight) + group * filters * taps * cp.channels;
 
   int64_t block_m0, block_n0;
   grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
-
-  // For each row: its image's offset in grad_out and its padded input coordinates. Tap
-  // (r, s) reaches it from output (p, q) = ((h + pad - r dil) / stride, ...) when the
-  // divisions are exact and in range.
-  const int row = Gather::row(), col = Gather::col();
-  int64_t image[kPasses];
-  int padded_h[kPasses], padded_w[kPasses];
-#pragma unroll
-  for (int i = 0; i < kPasses; ++i) {
-    const int64_t pixel = block_m0 + row + i * Gather::kRowsPerPass;
-    const int64_t per_image = cp.height * cp.width;
-    const int64_t n = pixel / per_image, rest = pixel % per_image;
-    const bool valid = pixel < out.m;
-    image[i] = valid ? n * cp.out_h * cp.out_w * pixel_stride : 0;
-    padded_h[i] = valid ? static_cast<int>(rest / cp.width) + cp.pad_h : kInvalidPixel;
-    padded_w[i] = valid ? static_cast<int>(rest % cp.width) + cp.pad_w : kInvalidPixel;
-  }
+  const DgradGather<T, kThreads, kBlockM> gather(cp, group, out.m, block_m0);
 
   const int filter_blocks = static_cast<int>((filters + kBlockK - 1) / kBlockK);
   const int k_tiles = taps * filter_blocks;
   auto load_stage = [&](int stage, int k_tile) {
     const int tap = k_tile / filter_blocks;
     const int64_t k0 = static_cast<int64_t>(k_tile % filter_blocks) * kBlockK;
-    const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h;
-    const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w;
-    T* dst = smem_a + stage * TileA::kElements + TileA::offset(row, col);
-    const bool col_ok = k0 + col < filters;
-#pragma unroll
-    for (int i = 0; i < kPasses; ++i) {
-      const int y = padded_h[i] - dy, x = padded_w[i] - dx;
-      const int p = y / cp.stride_h, q = x / cp.stride_w;
-      const bool ok = col_ok && y >= 0 && x >= 0 && p * cp.stride_h == y &&
-                      q * cp.stride_w == x && p < cp.out_h && q < cp.out_w;
-      const T* src = grad_out + image[i] +
-                     (static_cast<int64_t>(p) * cp.out_w + q) * pixel_stride + k0 + col;
-      cp_async_16(dst + i * Gather::kRowsPerPass * kBlockK, ok ? src : grad_out, ok ? 16 : 0);
-    }
+    gather.load(smem_a + stage * TileA::kElements, tap, k0);
     // weight[k][r][s][c] at tap (r, s): a filters x channels matrix, channels contiguous.
     load_tile<T, kBlockK, kBlockN, kThreads, true>(
         smem_b + stage * TileB::kElements, weight + tap * cp.channels, k0, block_n0, filters,
@@ -123,9 +90,7 @@ __global__ void __launch_bounds__(kThreads)
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
   mainloop<T, true, true>(acc, smem_a, smem_b, k_tiles, load_stage);
-  MatmulParams in_group = out;  // this group's channels of dx
-  in_group.c = static_cast<T*>(out.c) + group * cp.channels;
-  epilogue<T, T>(acc, in_group, 0, block_m0, block_n0);
+  epilogue<T, T>(acc, group_output<T>(out, group, cp.channels), 0, block_m0, block_n0);
 }
 
 // Block (tile, group * taps + tap, split): filters x channels of one group's weight gradient
@@ -169,14 +134,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int64_t pixel = pixel0 + row + i * Gather::kRowsPerPass;
-      const int64_t per_image = cp.out_h * cp.out_w;
-      const int64_t n = pixel / per_image, rest = pixel % per_image;
-      const int ih = static_cast<int>(rest / cp.out_w) * cp.stride_h + dy;
-      const int iw = static_cast<int>(rest % cp.out_w) * cp.stride_w + dx;
-      const bool ok = col_ok && pixel < end && ih >= 0 && ih < cp.height && iw >= 0 &&
-                      iw < cp.width;
-      const T* src =
-          x + ((n * cp.height + ih) * cp.width + iw) * x_pixel_stride + block_n0 + col;
+      const int64_t input = pixel < end ? wgrad_input_pixel(cp, pixel, dy, dx) : -1;
+      const bool ok = col_ok && input >= 0;
+      const T* src = x + input * x_pixel_stride + block_n0 + col;
       cp_async_16(dst + i * Gather::kRowsPerPass * kBlockN, ok ? src : x, ok ? 16 : 0);
     }
   };

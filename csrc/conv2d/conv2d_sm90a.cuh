@@ -1,14 +1,25 @@
-// conv2d forward for Hopper (sm_90a) as an implicit GEMM on the wgmma main loop of
-// csrc/matmul/matmul_sm90a.cuh: out[NPQ x K] = gather(x)[NPQ x RSC] . weight^T, one GEMM per
-// group (grid y), the fused epilogue of matmul/epilogue.cuh. Both operands are K-major
-// (channels contiguous): the gathered pixels x channels tile (conv2d/forward.cuh, the same
-// gather as the sm_80 forward) and the filters x channels slice of the weight at the tap.
-// Tiles 128 x 128 or 128 x 256 (filters per group >= 256), as the matmul picks them.
+// conv2d forward, dgrad and wgrad for Hopper (sm_90a) as implicit GEMMs on the wgmma main
+// loop of csrc/matmul/matmul_sm90a.cuh, one GEMM per group, with C and K the group's channel
+// and filter counts (conv2d.h):
+//   forward  out[NPQ x K] = gather(x)[NPQ x RSC] . weight^T: both operands K-major
+//            (channels contiguous): ForwardGather's pixels x channels tile, and the
+//            filters x channels slice of the weight at the tap. The fused epilogue of
+//            matmul/epilogue.cuh.
+//   dgrad    dx[NHW x C] = gather(grad_out)[NHW x RSK] . weight[RSK x C]: DgradGather's
+//            pixels x filters tile (K-major), and the weight at the tap as filters x
+//            channels, channels contiguous: N-major.
+//   wgrad    partial[split][K x RSC] = grad_out^T[K x NPQ] . gather(x)[NPQ x RSC], fp32: the
+//            reduction runs over output pixels, so both operands are MN-major: grad_out's
+//            pixel rows of filters, and the input pixels each output pixel reads at the
+//            tap, rows of channels.
+// The gathers are gather.cuh's, shared with the sm_80 kernels (conv2d_sm80.cuh), whose
+// grids, splits and outputs these kernels keep. Tiles 128 x 128, or 128 x 256 where the
+// GEMM's n (filters for the forward, channels for dgrad and wgrad) fills them.
 #pragma once
 
 #include "../matmul/matmul_sm90a.cuh"
 #include "conv2d.h"
-#include "forward.cuh"
+#include "gather.cuh"
 
 namespace tilesmith {
 namespace conv2d_sm90a {
@@ -47,29 +58,142 @@ __global__ void __launch_bounds__(kThreads)
                       block_m0, block_n0);
 }
 
-// The tile width of a call: 256 where a group's filters fill it.
+template <typename T, int kBlockN>
+__global__ void __launch_bounds__(kThreads)
+    conv2d_dgrad_kernel(const ConvParams cp, const MatmulParams out) {
+  using Tiles = Tiling<kBlockN>;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_a = aligned_shared(shared_bytes);
+  uint8_t* smem_b = smem_a + Tiles::kStages * kTileBytesA;
+  const int64_t group = blockIdx.y, filters = cp.filters, channels = cp.channels;
+  const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
+  const T* weight = static_cast<const T*>(cp.weight) + group * filters * taps * channels;
+
+  int64_t block_m0, block_n0;
+  grouped_block_tile<kBlockM, kBlockN, kGroupM>(out.m, out.n, blockIdx.x, block_m0, block_n0);
+  const DgradGather<T, kThreads, kBlockM> gather(cp, group, out.m, block_m0);
+
+  const int filter_blocks = static_cast<int>((filters + kBlockK - 1) / kBlockK);
+  auto load_stage = [&](int stage, int k_tile) {
+    const int tap = k_tile / filter_blocks;
+    const int64_t k0 = static_cast<int64_t>(k_tile % filter_blocks) * kBlockK;
+    gather.load(reinterpret_cast<T*>(smem_a + stage * kTileBytesA), tap, k0);
+    // weight[k][r][s][c] at tap (r, s): 64 filter rows x kBlockN / 64 blocks of 64 channels.
+    load_swizzled_tile<T, kThreads, kBlockK, kBlockN / 64>(smem_b + stage * Tiles::kTileBytesB,
+                                                            weight + tap * channels, k0, filters,
+                                                            block_n0, channels, taps * channels);
+  };
+
+  float acc[kBlockN / 2] = {};
+  mainloop<T, kBlockN, false, true>(acc, smem_a, smem_b, taps * filter_blocks, load_stage);
+  store_tile<kBlockN>(acc, EpilogueWriter<T, T>(group_output<T>(out, group, channels), 0),
+                      block_m0, block_n0);
+}
+
+// Block (tile, group * taps + tap, split): filters x channels of one group's weight gradient
+// at one tap, summed over one split of the output pixels, written to partial[split] in fp32.
+template <typename T, int kBlockN>
+__global__ void __launch_bounds__(kThreads)
+    conv2d_wgrad_kernel(const ConvParams cp, const MatmulParams out) {
+  using Tiles = Tiling<kBlockN>;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_a = aligned_shared(shared_bytes);
+  uint8_t* smem_b = smem_a + Tiles::kStages * kTileBytesA;
+  const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
+  const int64_t group = blockIdx.y / taps, channels = cp.channels;
+  const int tap = blockIdx.y % taps;
+  const int64_t x_pixel_stride = channels * cp.groups;
+  const T* x = static_cast<const T*>(cp.x) + group * channels;
+  const T* grad_out = static_cast<const T*>(cp.grad_out) + group * cp.filters;
+
+  int64_t block_m0, block_n0;
+  grouped_block_tile<kBlockM, kBlockN, kGroupM>(out.m, out.n, blockIdx.x, block_m0, block_n0);
+  const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h - cp.pad_h;
+  const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w - cp.pad_w;
+  const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
+  const int64_t begin = blockIdx.z * cp.split_pixels;
+  const int64_t end = begin + cp.split_pixels < pixels ? begin + cp.split_pixels : pixels;
+  const int k_tiles = end > begin ? static_cast<int>((end - begin + kBlockK - 1) / kBlockK) : 0;
+
+  // This thread's 16-byte piece of the B rows (8 channels) and the rows it copies.
+  constexpr int kPiecesPerRow = kBlockN / 8;
+  constexpr int kRowsPerPass = kThreads / kPiecesPerRow;
+  const int piece = threadIdx.x % kPiecesPerRow, first_row = threadIdx.x / kPiecesPerRow;
+  const bool col_ok = block_n0 + piece * 8 < channels;
+  const T* x_cols = x + block_n0 + piece * 8;
+  const int block_bytes = (piece / 8) * kBlockK * kSwizzleRowBytes;
+
+  auto load_stage = [&](int stage, int k_tile) {
+    const int64_t pixel0 = begin + static_cast<int64_t>(k_tile) * kBlockK;
+    // A = grad_out^T: 64 pixel rows x two 64-wide blocks of filters; rows past this split's
+    // end read as zeros.
+    load_swizzled_tile<T, kThreads, kBlockK, kBlockM / 64>(smem_a + stage * kTileBytesA,
+                                                            grad_out, pixel0, end, block_m0,
+                                                            cp.filters, cp.filters * cp.groups);
+    // B: 64 pixel rows x kBlockN / 64 blocks of 64 channels of the input each reads.
+    uint8_t* block = smem_b + stage * Tiles::kTileBytesB + block_bytes;
+#pragma unroll
+    for (int pass = 0; pass < kBlockK / kRowsPerPass; ++pass) {
+      const int row = first_row + pass * kRowsPerPass;
+      const int64_t pixel = pixel0 + row;
+      const int64_t input = pixel < end ? wgrad_input_pixel(cp, pixel, dy, dx) : -1;
+      const bool ok = col_ok && input >= 0;
+      cp_async_16(block + swizzled_offset(row, (piece % 8) * 16),
+                  ok ? x_cols + input * x_pixel_stride : x, ok ? 16 : 0);
+    }
+  };
+
+  float acc[kBlockN / 2] = {};
+  mainloop<T, kBlockN, true, true>(acc, smem_a, smem_b, k_tiles, load_stage);
+  MatmulParams at_tap = out;  // this group's rows, this tap's columns of (K, R*S*C)
+  at_tap.c = static_cast<float*>(out.c) + group * cp.filters * out.c_row_stride + tap * channels;
+  store_tile<kBlockN>(acc, EpilogueWriter<T, float>(at_tap, blockIdx.z), block_m0, block_n0);
+}
+
+// The passes, numbered as the launchers and the emulator take them.
+enum Pass { kForward = 0, kDgrad = 1, kWgrad = 2 };
+
+// The tile width of a call: 256 where the GEMM's n (a group's filters or channels) fills it.
 inline int tile_width(const MatmulParams& out) { return out.n >= 256 ? 256 : 128; }
 
-#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
-template <typename T, int kBlockN>
-cudaError_t launch(const ConvParams& cp, const MatmulParams& out, cudaStream_t stream) {
+template <int kPass, typename T, int kBlockN>
+constexpr auto kernel_of() {
+  if constexpr (kPass == kForward) return conv2d_fwd_kernel<T, kBlockN>;
+  else if constexpr (kPass == kDgrad) return conv2d_dgrad_kernel<T, kBlockN>;
+  else return conv2d_wgrad_kernel<T, kBlockN>;
+}
+
+// The grid of a pass: output tiles x groups (wgrad: x taps) x splits of the reduction.
+template <int kBlockN>
+dim3 grid_of(int pass, const ConvParams& cp, const MatmulParams& out, int splits) {
+  const int64_t tiles = ((out.m + kBlockM - 1) / kBlockM) * ((out.n + kBlockN - 1) / kBlockN);
+  const int64_t per_group = pass == kWgrad ? cp.kernel_h * cp.kernel_w : 1;
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(cp.groups * per_group),
+              pass == kWgrad ? static_cast<unsigned>(splits) : 1u);
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
+template <int kPass, typename T, int kBlockN>
+cudaError_t launch(const ConvParams& cp, const MatmulParams& out, int splits,
+                   cudaStream_t stream) {
   constexpr int kSmemBytes = Tiling<kBlockN>::kSmemBytes;
-  auto kernel = conv2d_fwd_kernel<T, kBlockN>;
+  constexpr auto kernel = kernel_of<kPass, T, kBlockN>();
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t tiles = ((out.m + kBlockM - 1) / kBlockM) * ((out.n + kBlockN - 1) / kBlockN);
-  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(cp.groups));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(cp, out);
+  if (((out.m + kBlockM - 1) / kBlockM) * ((out.n + kBlockN - 1) / kBlockN) > 0x7fffffff) {
+    return cudaErrorInvalidConfiguration;
+  }
+  kernel<<<grid_of<kBlockN>(kPass, cp, out, splits), kThreads, kSmemBytes, stream>>>(cp, out);
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t run_fwd(const ConvParams& cp, const MatmulParams& out, cudaStream_t stream) {
+// Pass kPass of the call (splits: wgrad's split count; the others take 1).
+template <int kPass, typename T>
+cudaError_t run(const ConvParams& cp, const MatmulParams& out, int splits, cudaStream_t stream) {
   if (out.m == 0 || out.n == 0) return cudaSuccess;
-  return tile_width(out) == 256 ? launch<T, 256>(cp, out, stream)
-                                : launch<T, 128>(cp, out, stream);
+  return tile_width(out) == 256 ? launch<kPass, T, 256>(cp, out, splits, stream)
+                                : launch<kPass, T, 128>(cp, out, splits, stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -1,10 +1,10 @@
-// One dtype per file: the forward's two tile widths compile in parallel with the other
-// dtype's.
+// One pass and dtype per file: the Hopper conv2d's six pairs of tile widths compile in
+// parallel.
 #include "conv2d_sm90a.cuh"
 
 namespace tilesmith {
 cudaError_t run_conv2d_fwd_sm90a_fp16(const ConvParams& conv, const MatmulParams& out,
                                       cudaStream_t stream) {
-  return conv2d_sm90a::run_fwd<__half>(conv, out, stream);
+  return conv2d_sm90a::run<conv2d_sm90a::kForward, __half>(conv, out, 1, stream);
 }
 }  // namespace tilesmith

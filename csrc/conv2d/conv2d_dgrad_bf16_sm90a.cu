@@ -1,0 +1,10 @@
+// One pass and dtype per file: the Hopper conv2d's six pairs of tile widths compile in
+// parallel.
+#include "conv2d_sm90a.cuh"
+
+namespace tilesmith {
+cudaError_t run_conv2d_dgrad_sm90a_bf16(const ConvParams& conv, const MatmulParams& out,
+                                        cudaStream_t stream) {
+  return conv2d_sm90a::run<conv2d_sm90a::kDgrad, __nv_bfloat16>(conv, out, 1, stream);
+}
+}  // namespace tilesmith

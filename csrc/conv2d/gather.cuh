@@ -1,0 +1,168 @@
+// What the sm_80 (mma.sync) and sm_90a (wgmma) convolutions share: the gathered operands,
+// copied straight from the channels-last activations with cp.async (no im2col buffer), and
+// the group's part of the output. Every 16-byte chunk is 8 consecutive channels of one
+// pixel; padding, image borders and (dgrad) the taps a stride skips are chunks cp.async
+// zero-fills.
+//
+// ForwardGather and DgradGather fill a stage tile of kRows pixels x 64 channels at one
+// filter tap, stored row by row, 128 bytes a row, the chunks of row r permuted by XOR with
+// (r % 8): SwizzledTile<kRows, 64>, which is also the K-major layout of wgmma's 128-byte
+// swizzle. Each thread works out the pixels of the rows it copies once per block and steps
+// through the taps from there.
+#pragma once
+
+#include "../common/mma_sm80.cuh"
+#include "conv2d.h"
+
+namespace tilesmith {
+
+// A coordinate that stays out of range after adding any tap offset: marks padding rows.
+constexpr int kInvalidPixel = -(1 << 30);
+
+// The rows of a kRows x 64 stage tile one thread of kThreads copies (kRowsPerPass apart,
+// from `row`) and its chunk column `col`.
+template <int kThreads, int kRows>
+struct GatherRows {
+  static constexpr int kChunksPerRow = 8;  // 64 channels
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kPasses = kRows / kRowsPerPass;
+  static_assert(kRowsPerPass % 8 == 0, "every pass starts a whole swizzle period down");
+
+  int row = threadIdx.x / kChunksPerRow, col = (threadIdx.x % kChunksPerRow) * 8;
+
+  // Where this thread's chunk of pass i lands in the swizzled tile.
+  template <typename T>
+  __device__ __forceinline__ T* chunk(T* tile, int i) const {
+    return tile + (row + i * kRowsPerPass) * 64 + (((col >> 3) ^ (row & 7)) << 3);
+  }
+};
+
+// The forward's A operand: output pixels x input channels at one tap.
+template <typename T, int kThreads, int kRows>
+struct ForwardGather : GatherRows<kThreads, kRows> {
+  using Rows = GatherRows<kThreads, kRows>;
+  using Rows::col, Rows::row, Rows::kPasses, Rows::kRowsPerPass;
+
+  const ConvParams& cp;
+  const T* x;             // this group's first channel
+  int64_t pixel_stride;   // x's elements per pixel (all groups' channels)
+  // For each row this thread copies: its image's offset in x and the input coordinates of
+  // the receptive field's top-left corner (kInvalidPixel past the last pixel).
+  int64_t image[kPasses];
+  int top[kPasses], left[kPasses];
+
+  __device__ __forceinline__ ForwardGather(const ConvParams& params, int64_t group,
+                                           int64_t pixels, int64_t pixel0)
+      : cp(params),
+        x(static_cast<const T*>(params.x) + group * params.channels),
+        pixel_stride(params.channels * params.groups) {
+    const int64_t per_image = cp.out_h * cp.out_w;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int64_t pixel = pixel0 + row + i * kRowsPerPass;
+      const int64_t n = pixel / per_image, rest = pixel % per_image;
+      const bool valid = pixel < pixels;
+      image[i] = valid ? n * cp.height * cp.width * pixel_stride : 0;
+      top[i] = valid ? static_cast<int>(rest / cp.out_w) * cp.stride_h - cp.pad_h
+                     : kInvalidPixel;
+      left[i] = valid ? static_cast<int>(rest % cp.out_w) * cp.stride_w - cp.pad_w
+                      : kInvalidPixel;
+    }
+  }
+
+  // The stage tile at `tile` of channels [c0, c0 + 64) at filter tap `tap` (r * S + s).
+  __device__ __forceinline__ void load(T* tile, int tap, int64_t c0) const {
+    const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h;
+    const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w;
+    const bool col_ok = c0 + col < cp.channels;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int ih = top[i] + dy, iw = left[i] + dx;
+      const bool ok = col_ok && ih >= 0 && ih < cp.height && iw >= 0 && iw < cp.width;
+      const T* src =
+          x + image[i] + (static_cast<int64_t>(ih) * cp.width + iw) * pixel_stride + c0 + col;
+      cp_async_16(this->chunk(tile, i), ok ? src : x, ok ? 16 : 0);
+    }
+  }
+};
+
+// dgrad's A operand: input pixels x output channels (filters) of grad_out at one tap. Tap
+// (r, s) reaches input pixel (h, w) from output pixel (p, q) = ((h + pad - r dil) / stride,
+// ...) when both divisions are exact and in range; other taps are zeros.
+template <typename T, int kThreads, int kRows>
+struct DgradGather : GatherRows<kThreads, kRows> {
+  using Rows = GatherRows<kThreads, kRows>;
+  using Rows::col, Rows::row, Rows::kPasses, Rows::kRowsPerPass;
+
+  const ConvParams& cp;
+  const T* grad_out;      // this group's first filter
+  int64_t pixel_stride;   // grad_out's elements per pixel (all groups' filters)
+  // For each row this thread copies: its image's offset in grad_out and its padded input
+  // coordinates (kInvalidPixel past the last pixel).
+  int64_t image[kPasses];
+  int padded_h[kPasses], padded_w[kPasses];
+
+  __device__ __forceinline__ DgradGather(const ConvParams& params, int64_t group,
+                                         int64_t pixels, int64_t pixel0)
+      : cp(params),
+        grad_out(static_cast<const T*>(params.grad_out) + group * params.filters),
+        pixel_stride(params.filters * params.groups) {
+    const int64_t per_image = cp.height * cp.width;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int64_t pixel = pixel0 + row + i * kRowsPerPass;
+      const int64_t n = pixel / per_image, rest = pixel % per_image;
+      const bool valid = pixel < pixels;
+      image[i] = valid ? n * cp.out_h * cp.out_w * pixel_stride : 0;
+      padded_h[i] = valid ? static_cast<int>(rest / cp.width) + cp.pad_h : kInvalidPixel;
+      padded_w[i] = valid ? static_cast<int>(rest % cp.width) + cp.pad_w : kInvalidPixel;
+    }
+  }
+
+  // The stage tile at `tile` of filters [k0, k0 + 64) at filter tap `tap` (r * S + s).
+  __device__ __forceinline__ void load(T* tile, int tap, int64_t k0) const {
+    const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h;
+    const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w;
+    const bool col_ok = k0 + col < cp.filters;
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int y = padded_h[i] - dy, x = padded_w[i] - dx;
+      const int p = y / cp.stride_h, q = x / cp.stride_w;
+      const bool ok = col_ok && y >= 0 && x >= 0 && p * cp.stride_h == y &&
+                      q * cp.stride_w == x && p < cp.out_h && q < cp.out_w;
+      const T* src = grad_out + image[i] +
+                     (static_cast<int64_t>(p) * cp.out_w + q) * pixel_stride + k0 + col;
+      cp_async_16(this->chunk(tile, i), ok ? src : grad_out, ok ? 16 : 0);
+    }
+  }
+};
+
+// wgrad's gathered operand: the input pixel that output pixel `pixel` reads at the tap
+// offset (dy, dx) (padding subtracted), as an index into x's N*H*W pixels; -1 where it lies
+// in the padding.
+__device__ __forceinline__ int64_t wgrad_input_pixel(const ConvParams& cp, int64_t pixel,
+                                                     int dy, int dx) {
+  const int64_t per_image = cp.out_h * cp.out_w;
+  const int64_t n = pixel / per_image;
+  // The rest in 32 bits (an image's pixels fit): one 64-bit division per row, not three.
+  const int rest = static_cast<int>(pixel - n * per_image), out_w = static_cast<int>(cp.out_w);
+  const int ih = rest / out_w * cp.stride_h + dy;
+  const int iw = rest % out_w * cp.stride_w + dx;
+  if (ih < 0 || ih >= cp.height || iw < 0 || iw >= cp.width) return -1;
+  return (n * cp.height + ih) * cp.width + iw;
+}
+
+// Group `group`'s columns of the output, bias and pre-activation (`out` describes group 0's,
+// `columns` wide: filters for the forward, channels for dgrad).
+template <typename T>
+__device__ __forceinline__ MatmulParams group_output(const MatmulParams& out, int64_t group,
+                                                     int64_t columns) {
+  MatmulParams in_group = out;
+  const int64_t first = group * columns;
+  in_group.c = static_cast<T*>(out.c) + first;
+  if (out.bias != nullptr) in_group.bias = out.bias + first;
+  if (out.pre != nullptr) in_group.pre = static_cast<T*>(out.pre) + first;
+  return in_group;
+}
+
+}  // namespace tilesmith
