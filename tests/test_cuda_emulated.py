@@ -21,9 +21,11 @@ import hashlib
 import itertools
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -744,6 +746,38 @@ def test_conv2d_wgrad_kernel(case, dtype, splits, kernel):
         return torch.nn.grad.conv2d_weight(x.to(compute), weight.shape, grad.to(compute),
                                            **geometry)
     assert_close_to_reference(dw, wgrad(torch.float64), wgrad(torch.float32).to(dtype))
+
+
+def test_wgrad_split_count_fills_the_last_wave():
+    """conv2d.h's wgrad_splits: among the allowed counts (each split >= min_pixels, at most
+    four full waves of blocks), the one with the least time per pixel, waves / splits;
+    ties to the fewest."""
+    lib = emulated("conv2d")
+    lib.conv2d_wgrad_splits.restype = ctypes.c_int64
+    lib.conv2d_wgrad_splits.argtypes = [ctypes.c_int64] * 4
+
+    def splits(pixels, blocks, slots, min_pixels=512):
+        return lib.conv2d_wgrad_splits(pixels, blocks, slots, min_pixels)
+
+    # ResNet-50's 3x3 256 layer at batch 32 on the wgmma kernels: 18 blocks a split, 132 SMs;
+    # 7 splits fill one wave (8, the old choice, spilled 12 blocks into a second).
+    assert splits(32 * 14 * 14, 18, 132) == 7
+    assert splits(10 ** 6, 1, 132) == 132  # one block a split: one per SM
+    assert splits(10 ** 6, 300, 264) == 4  # 5 waves for 4 splits' work: 1.25 a split
+    assert splits(100, 4, 132) == 1        # too few pixels to split
+    rng = random.Random(0)
+    for _ in range(300):
+        pixels, blocks = rng.randrange(1, 10 ** 6), rng.randrange(1, 2000)
+        slots = rng.choice([108, 132, 264])
+        got = splits(pixels, blocks, slots)
+        most = max(1, min(pixels // 512, -(-4 * slots // blocks), 65535))
+        assert 1 <= got <= most
+
+        def per_split(count):
+            return Fraction(-(-blocks * count // slots), count)
+        best = min(per_split(count) for count in range(1, most + 1))
+        assert per_split(got) == best
+        assert all(per_split(count) > best for count in range(1, got))
 
 
 # --- FP8 scaled GEMM: csrc/fp8/scaled_gemm_sm90a.cuh (wgmma) ------------------------------------

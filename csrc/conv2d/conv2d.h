@@ -23,6 +23,28 @@ struct ConvParams {
   int64_t split_pixels = 0;               // wgrad: output pixels per split of the reduction
 };
 
+// wgrad's split of the N*P*Q reduction into `splits` launches of `blocks` blocks each, where
+// `slots` blocks run at a time (SMs x blocks per SM) and no split may have fewer than
+// `min_pixels` pixels. Picks the count that minimises the time per pixel, waves / splits
+// with waves = ceil(blocks * splits / slots) (a last wave that is mostly empty costs a whole
+// one), among counts that launch at most four full waves (each split adds an fp32 partial
+// of the weight gradient to write and sum); ties go to fewer splits.
+inline int64_t wgrad_splits(int64_t pixels, int64_t blocks, int64_t slots, int64_t min_pixels) {
+  const int64_t most_by_work = pixels / min_pixels;
+  const int64_t most_by_waves = (4 * slots + blocks - 1) / blocks;
+  int64_t most = most_by_work < most_by_waves ? most_by_work : most_by_waves;
+  most = most < 65535 ? most : 65535;  // grid z
+  int64_t best = 1, best_waves = (blocks + slots - 1) / slots;
+  for (int64_t splits = 2; splits <= most; ++splits) {
+    const int64_t waves = (blocks * splits + slots - 1) / slots;
+    if (waves * best < best_waves * splits) {  // waves / splits < best_waves / best
+      best = splits;
+      best_waves = waves;
+    }
+  }
+  return best;
+}
+
 // Each pass is an implicit GEMM on the matmul kernel's main loop (fp32 accumulation), one
 // per group (grid y), with C and K the group's channel and filter counts:
 //   forward  out[NPQ x K]      = gather(x)[NPQ x RSC] . weight^T, fused epilogue from `out`;

@@ -130,6 +130,18 @@ MatmulParams plain_output(void* data, int64_t rows, int64_t cols) {
   return out;
 }
 
+// Whether this call's conv2d kernels are the wgmma ones (tilesmith._C_sm90a, whose entries
+// take every call on a device of compute capability 9.0).
+bool runs_hopper_kernels(const at::Tensor& t) {
+  if (hopper_kernels() == nullptr) return false;
+  int major = 0, minor = 0;
+  TILESMITH_CHECK_LAUNCH(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                                t.device().index()));
+  TILESMITH_CHECK_LAUNCH(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor,
+                                                t.device().index()));
+  return major == 9 && minor == 0;
+}
+
 int multiprocessors(const at::Tensor& t) {
   int count = 0;
   TILESMITH_CHECK_LAUNCH(
@@ -348,14 +360,18 @@ at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
               "conv2d wgrad: grad has shape ", grad_in.sizes(), ", the forward's output was (",
               x_in.size(0), ", ", k, ", ", cp.out_h, ", ", cp.out_w, ")");
   const at::Tensor grad = channels_last(grad_in), x = channels_last(x_in);
-  // Split the N*P*Q reduction when the weight alone gives too few blocks to fill the GPU:
-  // about two blocks per SM, each with at least 8 K slices of 64 pixels.
+  // Split the N*P*Q reduction when the weight alone gives too few blocks to fill the GPU,
+  // or leaves a last wave mostly empty (wgrad_splits), each split at least 8 K slices of 64
+  // pixels. Blocks per split and per SM as the kernels that will run have them: on Hopper's
+  // wgmma kernels 128 x 256 tiles where the channels fill them and one block per SM (their
+  // 161-193 KiB of shared memory), else 128 x 128 tiles, two blocks per SM.
   const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
-  const int64_t blocks = ((cp.filters + 127) / 128) * ((c + 127) / 128) * r * s * cp.groups;
-  const int64_t wanted = 2 * multiprocessors(x);
-  const int64_t most = std::max<int64_t>(1, pixels / (8 * 64));
-  int64_t splits = std::min<int64_t>(std::max<int64_t>(1, (wanted + blocks - 1) / blocks), most);
-  splits = std::min<int64_t>(splits, 65535);
+  const bool wgmma = runs_hopper_kernels(x);
+  const int64_t tile_n = wgmma && c >= 256 ? 256 : 128;
+  const int64_t blocks = ((cp.filters + 127) / 128) * ((c + tile_n - 1) / tile_n) * r * s *
+                         cp.groups;
+  int64_t splits =
+      wgrad_splits(pixels, blocks, (wgmma ? 1 : 2) * multiprocessors(x), 8 * 64);
   cp.split_pixels = ((pixels + splits - 1) / splits + 63) / 64 * 64;
   splits = pixels > 0 ? (pixels + cp.split_pixels - 1) / cp.split_pixels : 1;
   at::Tensor partial = at::zeros({splits, k, r * s * c}, x.options().dtype(at::kFloat));

@@ -19,7 +19,12 @@ bool current_device_is_sm90() {
 bool run_matmul_sm90a(const MatmulParams& params, bool bf16, cudaStream_t stream,
                       cudaError_t* error) {
   if (!current_device_is_sm90() || !matmul_sm90a::takes(params)) return false;
-  *error = bf16 ? run_matmul_sm90a_bf16(params, stream) : run_matmul_sm90a_fp16(params, stream);
+  if (params.out_fp32) {
+    *error = bf16 ? run_matmul_sm90a_bf16_fp32_out(params, stream)
+                  : run_matmul_sm90a_fp16_fp32_out(params, stream);
+  } else {
+    *error = bf16 ? run_matmul_sm90a_bf16(params, stream) : run_matmul_sm90a_fp16(params, stream);
+  }
   return true;
 }
 

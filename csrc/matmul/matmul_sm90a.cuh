@@ -187,15 +187,12 @@ cudaError_t launch_layout(const MatmulParams& p, cudaStream_t stream) {
                        : launch<T, OutT, kBlockN, false, false>(p, stream);
 }
 
-template <typename T>
+// OutT: float where p.out_fp32, else T (one output type per .cu file).
+template <typename T, typename OutT>
 cudaError_t run(const MatmulParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.m == 0 || p.n == 0) return cudaSuccess;
-  if (p.out_fp32) {
-    return tile_width(p) == 256 ? launch_layout<T, float, 256>(p, stream)
-                                : launch_layout<T, float, 128>(p, stream);
-  }
-  return tile_width(p) == 256 ? launch_layout<T, T, 256>(p, stream)
-                              : launch_layout<T, T, 128>(p, stream);
+  return tile_width(p) == 256 ? launch_layout<T, OutT, 256>(p, stream)
+                              : launch_layout<T, OutT, 128>(p, stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -92,3 +92,9 @@ extern "C" int emulate_conv2d(int pass, int dtype, const ConvParams* conv,
 
 // For the test's check that its ctypes mirror of ConvParams has the same layout.
 extern "C" int conv_params_size() { return static_cast<int>(sizeof(ConvParams)); }
+
+// conv2d.h's choice of wgrad's split count (host code, tested beside the kernels).
+extern "C" int64_t conv2d_wgrad_splits(int64_t pixels, int64_t blocks, int64_t slots,
+                                       int64_t min_pixels) {
+  return tilesmith::wgrad_splits(pixels, blocks, slots, min_pixels);
+}
