@@ -105,36 +105,29 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   T* smem_a = reinterpret_cast<T*>(shared_bytes);
   T* smem_b = smem_a + kStages * TileA::kElements;
-  const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
-  const int64_t group = blockIdx.y / taps, channels = cp.channels;
+  const WgradBlock block(cp);
+  const int64_t channels = cp.channels;
   const int64_t x_pixel_stride = channels * cp.groups;
   const int64_t grad_pixel_stride = cp.filters * cp.groups;
-  const T* x = static_cast<const T*>(cp.x) + group * channels;
-  const T* grad_out = static_cast<const T*>(cp.grad_out) + group * cp.filters;
+  const T* x = static_cast<const T*>(cp.x) + block.group * channels;
+  const T* grad_out = static_cast<const T*>(cp.grad_out) + block.group * cp.filters;
 
   int64_t block_m0, block_n0;
   grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
-  const int tap = blockIdx.y % taps;
-  const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h - cp.pad_h;
-  const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w - cp.pad_w;
-  const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
-  const int64_t begin = blockIdx.z * cp.split_pixels;
-  const int64_t end = begin + cp.split_pixels < pixels ? begin + cp.split_pixels : pixels;
-  const int k_tiles = end > begin ? static_cast<int>((end - begin + kBlockK - 1) / kBlockK) : 0;
 
   const int row = Gather::row(), col = Gather::col();
   const bool col_ok = block_n0 + col < channels;
   auto load_stage = [&](int stage, int k_tile) {
-    const int64_t pixel0 = begin + static_cast<int64_t>(k_tile) * kBlockK;
+    const int64_t pixel0 = block.begin + static_cast<int64_t>(k_tile) * kBlockK;
     // grad_out as a pixels x filters matrix; rows past this split's end read as zeros.
     load_tile<T, kBlockK, kBlockM, kThreads, true>(smem_a + stage * TileA::kElements, grad_out,
-                                                   pixel0, block_m0, end, cp.filters,
+                                                   pixel0, block_m0, block.end, cp.filters,
                                                    grad_pixel_stride, 1);
     T* dst = smem_b + stage * TileB::kElements + TileB::offset(row, col);
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int64_t pixel = pixel0 + row + i * Gather::kRowsPerPass;
-      const int64_t input = pixel < end ? wgrad_input_pixel(cp, pixel, dy, dx) : -1;
+      const int64_t input = block.input_pixel(pixel);
       const bool ok = col_ok && input >= 0;
       const T* src = x + input * x_pixel_stride + block_n0 + col;
       cp_async_16(dst + i * Gather::kRowsPerPass * kBlockN, ok ? src : x, ok ? 16 : 0);
@@ -142,10 +135,8 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
-  mainloop<T, false, true>(acc, smem_a, smem_b, k_tiles, load_stage);
-  MatmulParams at_tap = out;  // this group's rows, this tap's columns of (K, R*S*C)
-  at_tap.c = static_cast<float*>(out.c) + group * cp.filters * out.c_row_stride + tap * channels;
-  epilogue<T, float>(acc, at_tap, blockIdx.z, block_m0, block_n0);
+  mainloop<T, false, true>(acc, smem_a, smem_b, block.k_tiles<kBlockK>(), load_stage);
+  epilogue<T, float>(acc, block.output(out), blockIdx.z, block_m0, block_n0);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself

@@ -99,21 +99,14 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_a = aligned_shared(shared_bytes);
   uint8_t* smem_b = smem_a + Tiles::kStages * kTileBytesA;
-  const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
-  const int64_t group = blockIdx.y / taps, channels = cp.channels;
-  const int tap = blockIdx.y % taps;
+  const WgradBlock block(cp);
+  const int64_t channels = cp.channels;
   const int64_t x_pixel_stride = channels * cp.groups;
-  const T* x = static_cast<const T*>(cp.x) + group * channels;
-  const T* grad_out = static_cast<const T*>(cp.grad_out) + group * cp.filters;
+  const T* x = static_cast<const T*>(cp.x) + block.group * channels;
+  const T* grad_out = static_cast<const T*>(cp.grad_out) + block.group * cp.filters;
 
   int64_t block_m0, block_n0;
   grouped_block_tile<kBlockM, kBlockN, kGroupM>(out.m, out.n, blockIdx.x, block_m0, block_n0);
-  const int dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h - cp.pad_h;
-  const int dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w - cp.pad_w;
-  const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
-  const int64_t begin = blockIdx.z * cp.split_pixels;
-  const int64_t end = begin + cp.split_pixels < pixels ? begin + cp.split_pixels : pixels;
-  const int k_tiles = end > begin ? static_cast<int>((end - begin + kBlockK - 1) / kBlockK) : 0;
 
   // This thread's 16-byte piece of the B rows (8 channels) and the rows it copies.
   constexpr int kPiecesPerRow = kBlockN / 8;
@@ -121,33 +114,32 @@ __global__ void __launch_bounds__(kThreads)
   const int piece = threadIdx.x % kPiecesPerRow, first_row = threadIdx.x / kPiecesPerRow;
   const bool col_ok = block_n0 + piece * 8 < channels;
   const T* x_cols = x + block_n0 + piece * 8;
-  const int block_bytes = (piece / 8) * kBlockK * kSwizzleRowBytes;
+  const int column_block_bytes = (piece / 8) * kBlockK * kSwizzleRowBytes;  // its 64 channels
 
   auto load_stage = [&](int stage, int k_tile) {
-    const int64_t pixel0 = begin + static_cast<int64_t>(k_tile) * kBlockK;
+    const int64_t pixel0 = block.begin + static_cast<int64_t>(k_tile) * kBlockK;
     // A = grad_out^T: 64 pixel rows x two 64-wide blocks of filters; rows past this split's
     // end read as zeros.
     load_swizzled_tile<T, kThreads, kBlockK, kBlockM / 64>(smem_a + stage * kTileBytesA,
-                                                            grad_out, pixel0, end, block_m0,
+                                                            grad_out, pixel0, block.end, block_m0,
                                                             cp.filters, cp.filters * cp.groups);
     // B: 64 pixel rows x kBlockN / 64 blocks of 64 channels of the input each reads.
-    uint8_t* block = smem_b + stage * Tiles::kTileBytesB + block_bytes;
+    uint8_t* tile = smem_b + stage * Tiles::kTileBytesB + column_block_bytes;
 #pragma unroll
     for (int pass = 0; pass < kBlockK / kRowsPerPass; ++pass) {
       const int row = first_row + pass * kRowsPerPass;
       const int64_t pixel = pixel0 + row;
-      const int64_t input = pixel < end ? wgrad_input_pixel(cp, pixel, dy, dx) : -1;
+      const int64_t input = block.input_pixel(pixel);
       const bool ok = col_ok && input >= 0;
-      cp_async_16(block + swizzled_offset(row, (piece % 8) * 16),
+      cp_async_16(tile + swizzled_offset(row, (piece % 8) * 16),
                   ok ? x_cols + input * x_pixel_stride : x, ok ? 16 : 0);
     }
   };
 
   float acc[kBlockN / 2] = {};
-  mainloop<T, kBlockN, true, true>(acc, smem_a, smem_b, k_tiles, load_stage);
-  MatmulParams at_tap = out;  // this group's rows, this tap's columns of (K, R*S*C)
-  at_tap.c = static_cast<float*>(out.c) + group * cp.filters * out.c_row_stride + tap * channels;
-  store_tile<kBlockN>(acc, EpilogueWriter<T, float>(at_tap, blockIdx.z), block_m0, block_n0);
+  mainloop<T, kBlockN, true, true>(acc, smem_a, smem_b, block.k_tiles<kBlockK>(), load_stage);
+  store_tile<kBlockN>(acc, EpilogueWriter<T, float>(block.output(out), blockIdx.z), block_m0,
+                      block_n0);
 }
 
 // The passes, numbered as the launchers and the emulator take them.

@@ -137,20 +137,54 @@ struct DgradGather : GatherRows<kThreads, kRows> {
   }
 };
 
-// wgrad's gathered operand: the input pixel that output pixel `pixel` reads at the tap
-// offset (dy, dx) (padding subtracted), as an index into x's N*H*W pixels; -1 where it lies
-// in the padding.
-__device__ __forceinline__ int64_t wgrad_input_pixel(const ConvParams& cp, int64_t pixel,
-                                                     int dy, int dx) {
-  const int64_t per_image = cp.out_h * cp.out_w;
-  const int64_t n = pixel / per_image;
-  // The rest in 32 bits (an image's pixels fit): one 64-bit division per row, not three.
-  const int rest = static_cast<int>(pixel - n * per_image), out_w = static_cast<int>(cp.out_w);
-  const int ih = rest / out_w * cp.stride_h + dy;
-  const int iw = rest % out_w * cp.stride_w + dx;
-  if (ih < 0 || ih >= cp.height || iw < 0 || iw >= cp.width) return -1;
-  return (n * cp.height + ih) * cp.width + iw;
-}
+// A wgrad block (tile, group * taps + tap, split): its group and filter tap, its split of
+// the output pixels [begin, end) (the reduction), and the input pixel each output pixel
+// reads at the tap (the gathered operand's rows).
+struct WgradBlock {
+  const ConvParams& cp;
+  int64_t group, begin, end;
+  int tap, dy, dx;  // dy, dx: from an output pixel's stride-scaled position to its input
+
+  __device__ __forceinline__ explicit WgradBlock(const ConvParams& params) : cp(params) {
+    const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
+    group = blockIdx.y / taps;
+    tap = blockIdx.y % taps;
+    dy = (tap / static_cast<int>(cp.kernel_w)) * cp.dilation_h - cp.pad_h;
+    dx = (tap % static_cast<int>(cp.kernel_w)) * cp.dilation_w - cp.pad_w;
+    const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
+    begin = blockIdx.z * cp.split_pixels;
+    end = begin + cp.split_pixels < pixels ? begin + cp.split_pixels : pixels;
+  }
+
+  // Steps of kBlockK pixels through the split.
+  template <int kBlockK>
+  __device__ __forceinline__ int k_tiles() const {
+    return end > begin ? static_cast<int>((end - begin + kBlockK - 1) / kBlockK) : 0;
+  }
+
+  // What the block writes of partial[split] (described by `out`): its group's rows, its
+  // tap's columns of the (K, R*S*C) weight gradient.
+  __device__ __forceinline__ MatmulParams output(const MatmulParams& out) const {
+    MatmulParams at_tap = out;
+    at_tap.c = static_cast<float*>(out.c) + group * cp.filters * out.c_row_stride +
+               tap * cp.channels;
+    return at_tap;
+  }
+
+  // The input pixel output pixel `pixel` reads at the tap, as an index into x's N*H*W
+  // pixels; -1 where that is padding or `pixel` lies past the split.
+  __device__ __forceinline__ int64_t input_pixel(int64_t pixel) const {
+    if (pixel >= end) return -1;
+    const int64_t per_image = cp.out_h * cp.out_w;
+    const int64_t n = pixel / per_image;
+    // The rest in 32 bits (an image's pixels fit): one 64-bit division per row, not three.
+    const int rest = static_cast<int>(pixel - n * per_image), out_w = static_cast<int>(cp.out_w);
+    const int ih = rest / out_w * cp.stride_h + dy;
+    const int iw = rest % out_w * cp.stride_w + dx;
+    if (ih < 0 || ih >= cp.height || iw < 0 || iw >= cp.width) return -1;
+    return (n * cp.height + ih) * cp.width + iw;
+  }
+};
 
 // Group `group`'s columns of the output, bias and pre-activation (`out` describes group 0's,
 // `columns` wide: filters for the forward, channels for dgrad).
