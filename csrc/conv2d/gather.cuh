@@ -11,7 +11,7 @@
 // through the taps from there.
 #pragma once
 
-#include "../common/mma_sm80.cuh"
+#include "../common/tiles_sm80.cuh"
 #include "conv2d.h"
 
 namespace tilesmith {
@@ -33,7 +33,7 @@ struct GatherRows {
   // Where this thread's chunk of pass i lands in the swizzled tile.
   template <typename T>
   __device__ __forceinline__ T* chunk(T* tile, int i) const {
-    return tile + (row + i * kRowsPerPass) * 64 + (((col >> 3) ^ (row & 7)) << 3);
+    return tile + SwizzledTile<kRows, 64>::offset(row + i * kRowsPerPass, col);
   }
 };
 
