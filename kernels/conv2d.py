@@ -8,7 +8,10 @@ which makes the gathers contiguous in NHWC.
                                                  * w[k, c, r, s]
               GEMM (N*P*Q) x K, reduction C/groups * R * S, epilogue bias + activation.
     dgrad     dx[n, c, h, w]   = sum_{k, r, s} dy[n, k, (h + ph - r*dh)/sh, ...] w[k, c, r, s]
-              over the (r, s) for which that division is exact and in range (stride > 1).
+              over the (r, s) for which that division is exact and in range. Which taps
+              divide exactly depends only on the pixel's phase (h % sh, w % sw), so there is
+              one GEMM per phase (third grid dimension) over its pixels and only its taps:
+              a stride of 2 x 2 would otherwise multiply four times the work by zeros.
     wgrad     dw[k, c, r, s]   = sum_{n, p, q} dy[n, k, p, q] x[n, c, p*sh - ph + r*dh, ...]
               reduction N*P*Q split over SPLITS programs writing fp32 partial sums.
 Groups are the second grid dimension. Depthwise convolutions (groups = C = K) take the
@@ -90,42 +93,62 @@ def forward_epilogue(acc, bias_ptr, out_ptr, pre_ptr, channel, offsets, row_ok, 
 
 
 @triton.jit
+def phase_taps(phase, pad, dilation, stride, KERNEL, TAPS_PAD: tl.constexpr):
+    """The taps along one axis that reach input pixels of phase `phase` (h % stride):
+    the r < KERNEL with phase + pad - r * dilation a multiple of stride. They run from the
+    first, stride / gcd(dilation, stride) apart; returns (first, count)."""
+    t = tl.arange(0, TAPS_PAD)
+    reach = (t < KERNEL) & ((phase + pad - t * dilation) % stride == 0)
+    return tl.min(tl.where(reach, t, TAPS_PAD), axis=0), tl.sum(reach.to(tl.int32), axis=0)
+
+
+@triton.jit
 def conv2d_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
     N, H, W, P, Q, R, S, C_GROUP, K_GROUP,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_r, step_s,
     syn, syk, syp, syq, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    TAPS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     g = tl.program_id(1)
-    M = N * H * W
+    # This program's phase: input pixels h = phase_h + i * stride_h, w likewise.
+    phase_h = tl.program_id(2) // stride_w
+    phase_w = tl.program_id(2) % stride_w
+    rows = (H - phase_h + stride_h - 1) // stride_h  # 0 when phase_h >= H
+    cols = (W - phase_w + stride_w - 1) // stride_w
+    M = N * rows * cols
+    if tl.program_id(0) >= tl.cdiv(M, BLOCK_M) * tl.cdiv(C_GROUP, BLOCK_N):
+        return  # the grid fits the largest phase
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, C_GROUP, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = offs_m // (H * W)
-    h = (offs_m % (H * W)) // W
-    w = offs_m % W
+    n = offs_m // (rows * cols)
+    h = phase_h + (offs_m % (rows * cols)) // cols * stride_h
+    w = phase_w + offs_m % cols * stride_w
     row_ok = offs_m < M
     col_ok = offs_c < C_GROUP
     dy_rows = dy_ptr + n * syn + (g * K_GROUP) * syk
     w_cols = w_ptr + (g * K_GROUP).to(tl.int64) * swk + offs_c * swc
+    first_r, taps_r = phase_taps(phase_h, pad_h, dil_h, stride_h, R, TAPS_PAD)
+    first_s, taps_s = phase_taps(phase_w, pad_w, dil_w, stride_w, S, TAPS_PAD)
 
-    reduction = K_GROUP * R * S
+    reduction = K_GROUP * taps_r * taps_s
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for red0 in range(0, reduction, BLOCK_K):
         red = red0 + tl.arange(0, BLOCK_K)
         red_ok = red < reduction
         k = red % K_GROUP
-        r = (red // K_GROUP) // S
-        s = (red // K_GROUP) % S
-        # The output pixel whose window put tap (r, s) on input pixel (h, w), if any.
+        r = first_r + (red // K_GROUP) // taps_s * step_r
+        s = first_s + (red // K_GROUP) % taps_s * step_s
+        # The output pixel whose window put tap (r, s) on input pixel (h, w): the phase
+        # makes the divisions exact; it may lie outside dy.
         ph = h[:, None] + pad_h - r[None, :] * dil_h
         pw = w[:, None] + pad_w - s[None, :] * dil_w
         p = ph // stride_h
         q = pw // stride_w
-        y_ok = (row_ok[:, None] & red_ok[None, :] & (ph >= 0) & (pw >= 0)
-                & (ph % stride_h == 0) & (pw % stride_w == 0) & (p < P) & (q < Q))
+        y_ok = (row_ok[:, None] & red_ok[None, :] & (ph >= 0) & (pw >= 0) & (p < P) & (q < Q))
         dyt = tl.load(dy_rows[:, None] + k[None, :] * syk + p * syp + q * syq, mask=y_ok,
                       other=0.0)
         wt = tl.load(w_cols[None, :] + k[:, None].to(tl.int64) * swk + r[:, None] * swr

@@ -112,8 +112,9 @@ def test_sm80_kernels_on_hopper(dtype, name):
 @pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))
 @pytest.mark.parametrize("case", [
     dict(stride=2, padding=1), dict(dilation=2, padding=1, groups=2),
-    dict(padding=1, activation="gelu"), dict(stride=1, padding=0, activation="silu")],
-    ids=["stride2", "dilation2_groups2", "gelu", "silu"])
+    dict(padding=1, activation="gelu"), dict(stride=1, padding=0, activation="silu"),
+    dict(stride=3, padding=1, dilation=2)],
+    ids=["stride2", "dilation2_groups2", "gelu", "silu", "stride3_dilation2"])
 def test_gradcheck_float64(backend, case):
     g = torch.Generator().manual_seed(3)
 

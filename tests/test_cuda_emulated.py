@@ -632,6 +632,9 @@ CONV_CASES = {
     "3x3_dilation21_s21": (1, 8, 10, 9, 8, 3, 3, (2, 1), (2, 1), (2, 1)),
     "3x3_groups2": (2, 16, 9, 9, 32, 3, 3, (1, 1), (1, 1), (1, 1), 2),
     "1x1_s2_groups3": (1, 24, 11, 11, 48, 1, 1, (2, 2), (0, 0), (1, 1), 3),
+    # stride 3 over 4 x 2 pixels: dgrad's phases with one tap, none, and (w % 3 == 2) no
+    # pixels at all.
+    "2x2_s3_empty_phases": (2, 8, 4, 2, 8, 2, 2, (3, 3), (1, 1), (1, 1)),
     # 264 filters: the wgmma forward's 256-wide tiles (and a second, 8-wide tile column);
     # 264 channels: the same for the wgmma dgrad and wgrad.
     "3x3_264_filters": (1, 8, 5, 5, 264, 3, 3, (1, 1), (1, 1), (1, 1)),

@@ -72,6 +72,12 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row0, 
   }
 }
 
+// How many kBlockM x kBlockN tiles cover an m x n output.
+template <int kBlockM, int kBlockN>
+__host__ __device__ __forceinline__ int64_t tile_count(int64_t m, int64_t n) {
+  return ((m + kBlockM - 1) / kBlockM) * ((n + kBlockN - 1) / kBlockN);
+}
+
 // Grouped block order: consecutive blocks walk down kGroupM block rows before moving right,
 // so the B tiles they share are still in L2. Block `block` of an m x n output gets the tile
 // whose first row and column are returned.

@@ -45,10 +45,24 @@ inline int64_t wgrad_splits(int64_t pixels, int64_t blocks, int64_t slots, int64
   return best;
 }
 
+// The three passes, numbered as the launchers and the emulator take them.
+enum ConvPass { kForward = 0, kDgrad = 1, kWgrad = 2 };
+
+// dgrad with a stride runs as one GEMM per phase of the input pixels (DgradPhase in
+// gather.cuh): stride_h * stride_w of them (grid z), the largest with this many rows.
+inline int64_t dgrad_phases(const ConvParams& cp) {
+  return static_cast<int64_t>(cp.stride_h) * cp.stride_w;
+}
+inline int64_t dgrad_rows_per_phase(const ConvParams& cp) {
+  return cp.batch * ((cp.height + cp.stride_h - 1) / cp.stride_h) *
+         ((cp.width + cp.stride_w - 1) / cp.stride_w);
+}
+
 // Each pass is an implicit GEMM on the matmul kernel's main loop (fp32 accumulation), one
 // per group (grid y), with C and K the group's channel and filter counts:
 //   forward  out[NPQ x K]      = gather(x)[NPQ x RSC] . weight^T, fused epilogue from `out`;
-//   dgrad    dx[NHW x C]       = gather(grad_out)[NHW x RSK] . weight[RSK x C];
+//   dgrad    dx[NHW x C]       = gather(grad_out)[NHW x RSK] . weight[RSK x C], per phase
+//            (grid z) over its pixels and the taps that reach them;
 //   wgrad    partial[split][K x RSC] (fp32) = grad_out^T[K x NPQ] . gather(x)[NPQ x RSC].
 // `out` describes group 0's columns (its row stride is the whole width); the kernels offset
 // the pointers to their group. C and K per group must be multiples of 8 (16-byte rows).

@@ -318,6 +318,9 @@ at::Tensor conv2d_dgrad_cuda(const at::Tensor& grad_in, const at::Tensor& weight
                   grad_in.size(2) == cp.out_h && grad_in.size(3) == cp.out_w,
               "conv2d dgrad: grad has shape ", grad_in.sizes(), ", the forward's output was (",
               n, ", ", k, ", ", cp.out_h, ", ", cp.out_w, ")");
+  TORCH_CHECK(dgrad_phases(cp) <= 65535,
+              "conv2d dgrad on the cuda backend takes stride_h * stride_w up to 65535 (a grid "
+              "slice per phase of the stride), got stride ", stride);
   const at::Tensor grad = channels_last(grad_in), weight = channels_last(weight_in);
   at::Tensor dx = at::empty({n, c, h, w},
                             grad.options().memory_format(at::MemoryFormat::ChannelsLast));

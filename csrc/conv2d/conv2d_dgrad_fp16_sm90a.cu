@@ -5,6 +5,6 @@
 namespace tilesmith {
 cudaError_t run_conv2d_dgrad_sm90a_fp16(const ConvParams& conv, const MatmulParams& out,
                                         cudaStream_t stream) {
-  return conv2d_sm90a::run<conv2d_sm90a::kDgrad, __half>(conv, out, 1, stream);
+  return conv2d_sm90a::run<kDgrad, __half>(conv, out, 1, stream);
 }
 }  // namespace tilesmith

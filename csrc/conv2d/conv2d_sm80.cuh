@@ -28,7 +28,7 @@ struct GatherLayout {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     conv2d_fwd_kernel(const ConvParams cp, const MatmulParams out) {
   using TileA = matmul_sm80::TileA<true>;    // [output pixel][channel]
   using TileB = matmul_sm80::TileB<false>;   // [filter][channel]
@@ -57,11 +57,14 @@ __global__ void __launch_bounds__(kThreads)
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
   mainloop<T, true, false>(acc, smem_a, smem_b, k_tiles, load_stage);
-  epilogue<T, T>(acc, group_output<T>(out, group, cp.filters), 0, block_m0, block_n0);
+  store_tile(acc, EpilogueWriter<T, T>(group_output<T>(out, group, cp.filters), 0), block_m0,
+             block_n0);
 }
 
+// Block (tile, group, phase): one phase's (DgradPhase) input pixels x channels of dx, over
+// the taps that reach them. Blocks past the phase's tiles (the grid fits the largest) exit.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     conv2d_dgrad_kernel(const ConvParams cp, const MatmulParams out) {
   using TileA = matmul_sm80::TileA<true>;   // [input pixel][filter]
   using TileB = matmul_sm80::TileB<true>;   // [filter][channel]
@@ -71,15 +74,16 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t group = blockIdx.y, filters = cp.filters;
   const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
   const T* weight = static_cast<const T*>(cp.weight) + group * filters * taps * cp.channels;
+  const DgradPhase phase(cp, blockIdx.z);
+  if (blockIdx.x >= tile_count<kBlockM, kBlockN>(phase.pixels, out.n)) return;
 
   int64_t block_m0, block_n0;
-  grouped_block_tile(out.m, out.n, blockIdx.x, block_m0, block_n0);
-  const DgradGather<T, kThreads, kBlockM> gather(cp, group, out.m, block_m0);
+  grouped_block_tile(phase.pixels, out.n, blockIdx.x, block_m0, block_n0);
+  const DgradGather<T, kThreads, kBlockM> gather(cp, phase, group, block_m0);
 
   const int filter_blocks = static_cast<int>((filters + kBlockK - 1) / kBlockK);
-  const int k_tiles = taps * filter_blocks;
   auto load_stage = [&](int stage, int k_tile) {
-    const int tap = k_tile / filter_blocks;
+    const int tap = phase.tap(k_tile / filter_blocks);
     const int64_t k0 = static_cast<int64_t>(k_tile % filter_blocks) * kBlockK;
     gather.load(smem_a + stage * TileA::kElements, tap, k0);
     // weight[k][r][s][c] at tap (r, s): a filters x channels matrix, channels contiguous.
@@ -89,14 +93,16 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
-  mainloop<T, true, true>(acc, smem_a, smem_b, k_tiles, load_stage);
-  epilogue<T, T>(acc, group_output<T>(out, group, cp.channels), 0, block_m0, block_n0);
+  mainloop<T, true, true>(acc, smem_a, smem_b, phase.tap_count() * filter_blocks, load_stage);
+  const MatmulParams dx = group_output<T>(out, group, cp.channels);
+  const EpilogueWriter<T, T> by_pixel(dx, 0);
+  store_tile(acc, PhaseWriter<EpilogueWriter<T, T>>{by_pixel, phase}, block_m0, block_n0);
 }
 
 // Block (tile, group * taps + tap, split): filters x channels of one group's weight gradient
 // at one tap, summed over one split of the output pixels, written to partial[split] in fp32.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     conv2d_wgrad_kernel(const ConvParams cp, const MatmulParams out) {
   using TileA = matmul_sm80::TileA<false>;  // [output pixel][filter]
   using TileB = matmul_sm80::TileB<true>;   // [output pixel][channel]
@@ -136,47 +142,36 @@ __global__ void __launch_bounds__(kThreads)
 
   float acc[kMmaTilesM][kMmaTilesN][4] = {};
   mainloop<T, false, true>(acc, smem_a, smem_b, block.k_tiles<kBlockK>(), load_stage);
-  epilogue<T, float>(acc, block.output(out), blockIdx.z, block_m0, block_n0);
+  store_tile(acc, EpilogueWriter<T, float>(block.output(out), blockIdx.z), block_m0, block_n0);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
 template <typename Kernel>
-cudaError_t launch(Kernel kernel, dim3 grid, const ConvParams& cp, const MatmulParams& out,
-                   int smem, cudaStream_t stream) {
+cudaError_t launch(Kernel kernel, ConvPass pass, const ConvParams& cp, const MatmulParams& out,
+                   int splits, int smem, cudaStream_t stream) {
+  if (out.m == 0 || out.n == 0) return cudaSuccess;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
+  const dim3 grid = conv_grid<kBlockM, kBlockN>(pass, cp, out, splits);
   kernel<<<grid, kThreads, smem, stream>>>(cp, out);
   return cudaGetLastError();
 }
 
-inline unsigned output_tiles(const MatmulParams& out) {
-  return static_cast<unsigned>(((out.m + kBlockM - 1) / kBlockM) *
-                               ((out.n + kBlockN - 1) / kBlockN));
-}
-
 template <typename T>
 cudaError_t run_fwd(const ConvParams& cp, const MatmulParams& out, cudaStream_t stream) {
-  if (out.m == 0 || out.n == 0) return cudaSuccess;
-  const dim3 grid(output_tiles(out), static_cast<unsigned>(cp.groups));
-  return launch(conv2d_fwd_kernel<T>, grid, cp, out, smem_bytes<T>(), stream);
+  return launch(conv2d_fwd_kernel<T>, kForward, cp, out, 1, smem_bytes<T>(), stream);
 }
 
 template <typename T>
 cudaError_t run_dgrad(const ConvParams& cp, const MatmulParams& out, cudaStream_t stream) {
-  if (out.m == 0 || out.n == 0) return cudaSuccess;
-  const dim3 grid(output_tiles(out), static_cast<unsigned>(cp.groups));
-  return launch(conv2d_dgrad_kernel<T>, grid, cp, out, smem_bytes<T>(), stream);
+  return launch(conv2d_dgrad_kernel<T>, kDgrad, cp, out, 1, smem_bytes<T>(), stream);
 }
 
 template <typename T>
 cudaError_t run_wgrad(const ConvParams& cp, const MatmulParams& out, int splits,
                       cudaStream_t stream) {
-  if (out.m == 0 || out.n == 0) return cudaSuccess;
-  const dim3 grid(output_tiles(out),
-                  static_cast<unsigned>(cp.groups * cp.kernel_h * cp.kernel_w),
-                  static_cast<unsigned>(splits));
-  return launch(conv2d_wgrad_kernel<T>, grid, cp, out, smem_bytes<T>(), stream);
+  return launch(conv2d_wgrad_kernel<T>, kWgrad, cp, out, splits, smem_bytes<T>(), stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -5,9 +5,10 @@
 //            (channels contiguous): ForwardGather's pixels x channels tile, and the
 //            filters x channels slice of the weight at the tap. The fused epilogue of
 //            matmul/epilogue.cuh.
-//   dgrad    dx[NHW x C] = gather(grad_out)[NHW x RSK] . weight[RSK x C]: DgradGather's
-//            pixels x filters tile (K-major), and the weight at the tap as filters x
-//            channels, channels contiguous: N-major.
+//   dgrad    dx[NHW x C] = gather(grad_out)[NHW x RSK] . weight[RSK x C], one GEMM per
+//            phase of the stride (DgradPhase): DgradGather's pixels x filters tile
+//            (K-major), and the weight at the tap as filters x channels, channels
+//            contiguous: N-major.
 //   wgrad    partial[split][K x RSC] = grad_out^T[K x NPQ] . gather(x)[NPQ x RSC], fp32: the
 //            reduction runs over output pixels, so both operands are MN-major: grad_out's
 //            pixel rows of filters, and the input pixels each output pixel reads at the
@@ -58,6 +59,8 @@ __global__ void __launch_bounds__(kThreads)
                       block_m0, block_n0);
 }
 
+// Block (tile, group, phase): one phase's (DgradPhase) input pixels x channels of dx, over
+// the taps that reach them. Blocks past the phase's tiles (the grid fits the largest) exit.
 template <typename T, int kBlockN>
 __global__ void __launch_bounds__(kThreads)
     conv2d_dgrad_kernel(const ConvParams cp, const MatmulParams out) {
@@ -68,14 +71,17 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t group = blockIdx.y, filters = cp.filters, channels = cp.channels;
   const int taps = static_cast<int>(cp.kernel_h * cp.kernel_w);
   const T* weight = static_cast<const T*>(cp.weight) + group * filters * taps * channels;
+  const DgradPhase phase(cp, blockIdx.z);
+  if (blockIdx.x >= tile_count<kBlockM, kBlockN>(phase.pixels, out.n)) return;
 
   int64_t block_m0, block_n0;
-  grouped_block_tile<kBlockM, kBlockN, kGroupM>(out.m, out.n, blockIdx.x, block_m0, block_n0);
-  const DgradGather<T, kThreads, kBlockM> gather(cp, group, out.m, block_m0);
+  grouped_block_tile<kBlockM, kBlockN, kGroupM>(phase.pixels, out.n, blockIdx.x, block_m0,
+                                                block_n0);
+  const DgradGather<T, kThreads, kBlockM> gather(cp, phase, group, block_m0);
 
   const int filter_blocks = static_cast<int>((filters + kBlockK - 1) / kBlockK);
   auto load_stage = [&](int stage, int k_tile) {
-    const int tap = k_tile / filter_blocks;
+    const int tap = phase.tap(k_tile / filter_blocks);
     const int64_t k0 = static_cast<int64_t>(k_tile % filter_blocks) * kBlockK;
     gather.load(reinterpret_cast<T*>(smem_a + stage * kTileBytesA), tap, k0);
     // weight[k][r][s][c] at tap (r, s): 64 filter rows x kBlockN / 64 blocks of 64 channels.
@@ -85,9 +91,12 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   float acc[kBlockN / 2] = {};
-  mainloop<T, kBlockN, false, true>(acc, smem_a, smem_b, taps * filter_blocks, load_stage);
-  store_tile<kBlockN>(acc, EpilogueWriter<T, T>(group_output<T>(out, group, channels), 0),
-                      block_m0, block_n0);
+  mainloop<T, kBlockN, false, true>(acc, smem_a, smem_b, phase.tap_count() * filter_blocks,
+                                    load_stage);
+  const MatmulParams dx = group_output<T>(out, group, channels);
+  const EpilogueWriter<T, T> by_pixel(dx, 0);
+  store_tile<kBlockN>(acc, PhaseWriter<EpilogueWriter<T, T>>{by_pixel, phase}, block_m0,
+                      block_n0);
 }
 
 // Block (tile, group * taps + tap, split): filters x channels of one group's weight gradient
@@ -142,30 +151,18 @@ __global__ void __launch_bounds__(kThreads)
                       block_n0);
 }
 
-// The passes, numbered as the launchers and the emulator take them.
-enum Pass { kForward = 0, kDgrad = 1, kWgrad = 2 };
-
 // The tile width of a call: 256 where the GEMM's n (a group's filters or channels) fills it.
 inline int tile_width(const MatmulParams& out) { return out.n >= 256 ? 256 : 128; }
 
-template <int kPass, typename T, int kBlockN>
+template <ConvPass kPass, typename T, int kBlockN>
 constexpr auto kernel_of() {
   if constexpr (kPass == kForward) return conv2d_fwd_kernel<T, kBlockN>;
   else if constexpr (kPass == kDgrad) return conv2d_dgrad_kernel<T, kBlockN>;
   else return conv2d_wgrad_kernel<T, kBlockN>;
 }
 
-// The grid of a pass: output tiles x groups (wgrad: x taps) x splits of the reduction.
-template <int kBlockN>
-dim3 grid_of(int pass, const ConvParams& cp, const MatmulParams& out, int splits) {
-  const int64_t tiles = ((out.m + kBlockM - 1) / kBlockM) * ((out.n + kBlockN - 1) / kBlockN);
-  const int64_t per_group = pass == kWgrad ? cp.kernel_h * cp.kernel_w : 1;
-  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(cp.groups * per_group),
-              pass == kWgrad ? static_cast<unsigned>(splits) : 1u);
-}
-
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
-template <int kPass, typename T, int kBlockN>
+template <ConvPass kPass, typename T, int kBlockN>
 cudaError_t launch(const ConvParams& cp, const MatmulParams& out, int splits,
                    cudaStream_t stream) {
   constexpr int kSmemBytes = Tiling<kBlockN>::kSmemBytes;
@@ -173,15 +170,16 @@ cudaError_t launch(const ConvParams& cp, const MatmulParams& out, int splits,
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  if (((out.m + kBlockM - 1) / kBlockM) * ((out.n + kBlockN - 1) / kBlockN) > 0x7fffffff) {
+  if (tile_count<kBlockM, kBlockN>(out.m, out.n) > 0x7fffffff) {
     return cudaErrorInvalidConfiguration;
   }
-  kernel<<<grid_of<kBlockN>(kPass, cp, out, splits), kThreads, kSmemBytes, stream>>>(cp, out);
+  const dim3 grid = conv_grid<kBlockM, kBlockN>(kPass, cp, out, splits);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(cp, out);
   return cudaGetLastError();
 }
 
 // Pass kPass of the call (splits: wgrad's split count; the others take 1).
-template <int kPass, typename T>
+template <ConvPass kPass, typename T>
 cudaError_t run(const ConvParams& cp, const MatmulParams& out, int splits, cudaStream_t stream) {
   if (out.m == 0 || out.n == 0) return cudaSuccess;
   return tile_width(out) == 256 ? launch<kPass, T, 256>(cp, out, splits, stream)

@@ -5,6 +5,6 @@
 namespace tilesmith {
 cudaError_t run_conv2d_wgrad_sm90a_bf16(const ConvParams& conv, const MatmulParams& out,
                                         int splits, cudaStream_t stream) {
-  return conv2d_sm90a::run<conv2d_sm90a::kWgrad, __nv_bfloat16>(conv, out, splits, stream);
+  return conv2d_sm90a::run<kWgrad, __nv_bfloat16>(conv, out, splits, stream);
 }
 }  // namespace tilesmith

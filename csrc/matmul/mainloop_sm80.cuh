@@ -34,6 +34,11 @@ constexpr int kWarpTileN = kBlockN / kWarpsN;  // 32
 constexpr int kMmaTilesM = kWarpTileM / 16;    // 4
 constexpr int kMmaTilesN = kWarpTileN / 8;     // 4
 constexpr int kGroupM = 8;                     // block rows that share B tiles in L2
+// Two blocks share an H100 SM (2 x 96 KiB of shared memory) only if each thread holds at
+// most 65536 / (2 * kThreads) = 128 registers. conv2d's kernels ask for that in their
+// __launch_bounds__ (left to itself ptxas gave dgrad's phase arithmetic 174); the matmul
+// kernel fits unasked, and asking costs it spills.
+constexpr int kBlocksPerSm = 2;
 
 template <typename T>
 constexpr int smem_bytes() {
@@ -139,17 +144,16 @@ __device__ __forceinline__ void mainloop(float (&acc)[kMmaTilesM][kMmaTilesN][4]
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 }
 
-// Writes the block tile at (block_m0, block_n0) of batch z through the fused epilogue
-// (epilogue.cuh). OutT: T or float.
-template <typename T, typename OutT>
-__device__ __forceinline__ void epilogue(const float (&acc)[kMmaTilesM][kMmaTilesN][4],
-                                         const MatmulParams& params, int64_t z,
-                                         int64_t block_m0, int64_t block_n0) {
+// Writes the block tile at (block_m0, block_n0) through `out`: epilogue.cuh's
+// EpilogueWriter, or a writer that places rows elsewhere (conv2d's dgrad phases).
+template <typename Writer>
+__device__ __forceinline__ void store_tile(const float (&acc)[kMmaTilesM][kMmaTilesN][4],
+                                           const Writer& out, int64_t block_m0,
+                                           int64_t block_n0) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int warp_m0 = (warp / kWarpsN) * kWarpTileM;
   const int warp_n0 = (warp % kWarpsN) * kWarpTileN;
-  const EpilogueWriter<T, OutT> out(params, z);
   // Accumulator element e of an m16n8 tile sits at row lane/4 (+8 for e >= 2),
   // column 2 * (lane % 4) + (e % 2).
 #pragma unroll

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads)
   mainloop<T, kAKContiguous, kBNContiguous>(acc, smem_a, smem_b,
                                             static_cast<int>((k + kBlockK - 1) / kBlockK),
                                             load_stage);
-  epilogue<T, OutT>(acc, params, z, block_m0, block_n0);
+  store_tile(acc, EpilogueWriter<T, OutT>(params, z), block_m0, block_n0);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself

@@ -388,6 +388,7 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         case("k1_c17", 2, 17, 7, 7, 8, 1),
         case("k3_pad1", 2, 3, 13, 13, 16, 3, padding=1),
         case("k3_stride2", 1, 8, 13, 13, 8, 3, stride=2, padding=1),
+        case("k2_stride3_empty_phases", 2, 8, 4, 2, 8, 2, stride=3, padding=1),
         case("k5_valid", 2, 4, 13, 11, 6, 5, padding="valid"),
         case("k7_stride2_pad3", 1, 3, 33, 33, 8, 7, stride=2, padding=3),
         case("k3_same", 2, 5, 13, 7, 4, 3, padding="same"),

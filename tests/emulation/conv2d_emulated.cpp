@@ -12,33 +12,25 @@ alignas(128) unsigned char shared_bytes[smem_bytes<float>()];
 namespace {
 
 using tilesmith::ConvParams;
+using tilesmith::ConvPass;
+using tilesmith::kDgrad;
+using tilesmith::kForward;
+using tilesmith::kWgrad;
 using tilesmith::MatmulParams;
 namespace cv = tilesmith::conv2d_sm80;
-
-unsigned output_tiles(const MatmulParams& out) {
-  return static_cast<unsigned>(((out.m + cv::kBlockM - 1) / cv::kBlockM) *
-                               ((out.n + cv::kBlockN - 1) / cv::kBlockN));
-}
 
 template <typename T>
 std::string run_pass(int pass, const ConvParams& cp, const MatmulParams& out, int splits,
                      std::vector<tilesmith_emu::Buffer> buffers) {
   const size_t smem = cv::smem_bytes<T>();
-  const dim3 per_group(output_tiles(out), static_cast<unsigned>(cp.groups));
-  if (pass == 0) {
-    return tilesmith_emu::launch(per_group, dim3(cv::kThreads), smem, cv::shared_bytes,
-                                 std::move(buffers), [&] { cv::conv2d_fwd_kernel<T>(cp, out); });
-  }
-  if (pass == 1) {
-    return tilesmith_emu::launch(per_group, dim3(cv::kThreads), smem, cv::shared_bytes,
-                                 std::move(buffers),
-                                 [&] { cv::conv2d_dgrad_kernel<T>(cp, out); });
-  }
-  const dim3 grid(output_tiles(out),
-                  static_cast<unsigned>(cp.groups * cp.kernel_h * cp.kernel_w),
-                  static_cast<unsigned>(splits));
+  const auto kind = static_cast<ConvPass>(pass);
+  const dim3 grid = tilesmith::conv_grid<cv::kBlockM, cv::kBlockN>(kind, cp, out, splits);
   return tilesmith_emu::launch(grid, dim3(cv::kThreads), smem, cv::shared_bytes,
-                               std::move(buffers), [&] { cv::conv2d_wgrad_kernel<T>(cp, out); });
+                               std::move(buffers), [&] {
+                                 if (kind == kForward) cv::conv2d_fwd_kernel<T>(cp, out);
+                                 if (kind == kDgrad) cv::conv2d_dgrad_kernel<T>(cp, out);
+                                 if (kind == kWgrad) cv::conv2d_wgrad_kernel<T>(cp, out);
+                               });
 }
 
 // The depthwise kernels: one thread per (pixel, 8 channels) or (tap, 8 channels).

@@ -12,20 +12,24 @@ alignas(1024) unsigned char shared_bytes[Tiling<256>::kSmemBytes];  // the large
 namespace {
 
 using tilesmith::ConvParams;
+using tilesmith::ConvPass;
+using tilesmith::kDgrad;
+using tilesmith::kForward;
+using tilesmith::kWgrad;
 using tilesmith::MatmulParams;
 namespace cv = tilesmith::conv2d_sm90a;
 
-template <int kPass, typename T, int kBlockN>
+template <ConvPass kPass, typename T, int kBlockN>
 std::string launch(const ConvParams& cp, const MatmulParams& out, int splits,
                    std::vector<tilesmith_emu::Buffer> buffers) {
-  return tilesmith_emu::launch(cv::grid_of<kBlockN>(kPass, cp, out, splits), dim3(cv::kThreads),
-                               cv::Tiling<kBlockN>::kSmemBytes, cv::shared_bytes,
-                               std::move(buffers),
+  const dim3 grid = tilesmith::conv_grid<cv::kBlockM, kBlockN>(kPass, cp, out, splits);
+  return tilesmith_emu::launch(grid, dim3(cv::kThreads), cv::Tiling<kBlockN>::kSmemBytes,
+                               cv::shared_bytes, std::move(buffers),
                                [&] { cv::kernel_of<kPass, T, kBlockN>()(cp, out); });
 }
 
 // The tile width the launcher in conv2d_sm90a.cuh picks.
-template <int kPass, typename T>
+template <ConvPass kPass, typename T>
 std::string run(const ConvParams& cp, const MatmulParams& out, int splits,
                 std::vector<tilesmith_emu::Buffer> buffers) {
   return cv::tile_width(out) == 256 ? launch<kPass, T, 256>(cp, out, splits, std::move(buffers))
@@ -35,9 +39,9 @@ std::string run(const ConvParams& cp, const MatmulParams& out, int splits,
 template <typename T>
 std::string run_pass(int pass, const ConvParams& cp, const MatmulParams& out, int splits,
                      std::vector<tilesmith_emu::Buffer> buffers) {
-  if (pass == cv::kForward) return run<cv::kForward, T>(cp, out, splits, std::move(buffers));
-  if (pass == cv::kDgrad) return run<cv::kDgrad, T>(cp, out, splits, std::move(buffers));
-  return run<cv::kWgrad, T>(cp, out, splits, std::move(buffers));
+  if (pass == kForward) return run<kForward, T>(cp, out, splits, std::move(buffers));
+  if (pass == kDgrad) return run<kDgrad, T>(cp, out, splits, std::move(buffers));
+  return run<kWgrad, T>(cp, out, splits, std::move(buffers));
 }
 
 }  // namespace

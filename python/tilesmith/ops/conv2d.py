@@ -12,6 +12,8 @@ and input gradients keep the input's memory format (NCHW or channels_last).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op
@@ -163,13 +165,21 @@ def _conv2d_dgrad_triton(grad: torch.Tensor, weight: torch.Tensor, input_shape: 
             *_strides4(grad), weight.stride(0), weight.stride(2), weight.stride(3),
             *_strides4(dx), UPCAST=INTERPRETING, ACC_DTYPE=_acc_dtype(weight), **blocks)
         return dx
-    blocks = _blocks(n * h * w, c_group)
-    grid = (triton.cdiv(n * h * w, blocks["BLOCK_M"]) * triton.cdiv(c_group, blocks["BLOCK_N"]),
-            groups)
+    # One GEMM per phase of the stride (kernels/conv2d.py); the grid fits the largest.
+    phases = stride[0] * stride[1]
+    if phases > 65535:
+        raise ValueError(f"conv2d dgrad on the triton backend takes stride_h * stride_w up to "
+                         f"65535 (a grid slice per phase of the stride), got stride {stride}")
+    rows = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
+    blocks = _blocks(rows, c_group)
+    grid = (triton.cdiv(rows, blocks["BLOCK_M"]) * triton.cdiv(c_group, blocks["BLOCK_N"]),
+            groups, phases)
+    # Taps that reach one phase lie stride / gcd(dilation, stride) apart along each axis.
+    steps = [st // math.gcd(d, st) for st, d in zip(stride, dilation)]
     wrap_triton(conv2d_dgrad_kernel)[grid](
         grad, weight, dx, n, h, w, p, q, r, s, c_group, k // groups, *stride, *padding,
-        *dilation, *_strides4(grad), *_strides4(weight), *_strides4(dx), **_constexprs(weight),
-        **blocks)
+        *dilation, *steps, *_strides4(grad), *_strides4(weight), *_strides4(dx),
+        TAPS_PAD=triton.next_power_of_2(max(r, s)), **_constexprs(weight), **blocks)
     return dx
 
 
