@@ -31,6 +31,9 @@ def round_to_fp8_grid(v, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr
     # 1.5 * 2**23: adding and subtracting it rounds |scaled| < 2**22 to an integer, ties to
     # even, in fp32 arithmetic.
     rounded = (scaled + 12582912.0) - 12582912.0
+    # What rounds to zero keeps its sign (the sum above gives +0 for small negatives), as
+    # the hardware cast's -0.
+    rounded = tl.where(rounded == 0.0, scaled * 0.0, rounded)
     return rounded * quantum
 
 

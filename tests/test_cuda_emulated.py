@@ -887,30 +887,41 @@ class QuantizeParams(ctypes.Structure):
 
 QUANTIZE_INPUTS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 QUANTIZE_GRANULARITIES = {"tensor": 0, "row": 1, "block": 2, "block2d": 3}
+# The quantize kernels' paths (quantize_emulated.cpp's path()).
+ELEMENT_LOADS, ROW_VECTORS, COLUMN_TILES = 0, 1, 2
 QUANTIZE_CASES = {
     # name: (m, k, input dtype, fp8 format, granularity, (block_m, block_k), layout,
-    #        16-byte loads expected)
+    #        path expected: ELEMENT_LOADS, ROW_VECTORS or COLUMN_TILES)
     "row_bf16_rows_of_16_bytes": (19, 264, torch.bfloat16, torch.float8_e4m3fn, "row", (1, 1),
-                                  "contiguous", True),
+                                  "contiguous", ROW_VECTORS),
     "row_fp16_one_long_row": (1, 4096, torch.float16, torch.float8_e5m2, "row", (1, 1),
-                              "contiguous", True),
+                              "contiguous", ROW_VECTORS),
     "row_fp32_odd_k": (10, 37, torch.float32, torch.float8_e5m2, "row", (1, 1), "contiguous",
-                       False),
+                       ELEMENT_LOADS),
     # Two column groups per row (2048 wide for bf16): the atomic max spans blocks.
     "tensor_bf16_two_column_groups": (33, 2200, torch.bfloat16, torch.float8_e4m3fn, "tensor",
-                                      (1, 1), "contiguous", True),
+                                      (1, 1), "contiguous", ROW_VECTORS),
     "tensor_fp16_transposed": (40, 300, torch.float16, torch.float8_e5m2, "tensor", (1, 1),
-                               "transposed", False),
+                               "transposed", ELEMENT_LOADS),
+    # Column-major with 16-byte aligned columns: read in place by the transposing kernel.
+    # 40 rows: a tile of 32 and one of 8; k = 272: two 128-column cast steps and 16 more.
+    "row_bf16_column_major": (40, 272, torch.bfloat16, torch.float8_e4m3fn, "row", (1, 1),
+                              "column_major", COLUMN_TILES),
+    # Per-tensor: the amax read along memory rows; k = 1040 spans three column groups.
+    "tensor_fp16_column_major": (24, 1040, torch.float16, torch.float8_e5m2, "tensor", (1, 1),
+                                 "column_major", COLUMN_TILES),
     "block_bf16_1x128_k_tail": (9, 392, torch.bfloat16, torch.float8_e4m3fn, "block", (1, 128),
-                                "contiguous", True),
+                                "contiguous", ROW_VECTORS),
     "block_fp32_1x16_padded_rows": (5, 100, torch.float32, torch.float8_e5m2, "block", (1, 16),
-                                    "padded", True),
+                                    "padded", ROW_VECTORS),
     "block_bf16_1x64_transposed": (21, 130, torch.bfloat16, torch.float8_e4m3fn, "block",
-                                   (1, 64), "transposed", False),
+                                   (1, 64), "transposed", ELEMENT_LOADS),
+    "block_fp16_1x128_column_major": (64, 400, torch.float16, torch.float8_e5m2, "block",
+                                      (1, 128), "column_major", COLUMN_TILES),
     "block2d_bf16_128x128_tails": (130, 264, torch.bfloat16, torch.float8_e4m3fn, "block2d",
-                                   (128, 128), "contiguous", True),
+                                   (128, 128), "contiguous", ROW_VECTORS),
     "block2d_fp16_16x64_odd": (37, 150, torch.float16, torch.float8_e5m2, "block2d", (16, 64),
-                               "padded", False),
+                               "padded", ELEMENT_LOADS),
 }
 
 
@@ -922,9 +933,12 @@ def quantize_input(m, k, dtype, layout):
     if m > 2:
         x[0] = 0
         x[1] *= 1e-30
-    if layout == "transposed":  # column-major: element loads, strided
+    if layout == "transposed":  # column-major, unaligned: element loads, strided
         storage = torch.full((k + 3, m + 5), float("nan"), dtype=dtype)
         view = storage[1:k + 1, 2:m + 2].t()
+    elif layout == "column_major":  # 16-byte aligned columns (m a multiple of 8)
+        storage = torch.full((k + 2, m + 16), float("nan"), dtype=dtype)
+        view = storage[1:k + 1, 8:m + 8].t()
     elif layout == "padded":  # row stride > k, the padding NaN
         storage = torch.full((m + 2, k + 4), float("nan"), dtype=dtype)
         view = storage[1:m + 1, :k]
@@ -937,8 +951,8 @@ def quantize_input(m, k, dtype, layout):
 
 @pytest.mark.parametrize("case", list(QUANTIZE_CASES))
 def test_quantize_fp8_kernels(case):
-    """Bit for bit the reference's fp8 values and scales, through both load widths."""
-    m, k, dtype, fp8, granularity, (block_m, block_k), layout, vectorized = QUANTIZE_CASES[case]
+    """Bit for bit the reference's fp8 values and scales, through every path."""
+    m, k, dtype, fp8, granularity, (block_m, block_k), layout, path = QUANTIZE_CASES[case]
     lib = emulated("quantize")
     assert lib.quantize_params_size() == ctypes.sizeof(QuantizeParams)
     x = quantize_input(m, k, dtype, layout)
@@ -955,12 +969,12 @@ def test_quantize_fp8_kernels(case):
                        granularity=QUANTIZE_GRANULARITIES[granularity], block_m=block_m,
                        block_k=block_k, input=QUANTIZE_INPUTS[dtype],
                        e5m2=fp8 == torch.float8_e5m2)
-    used_vector_loads = ctypes.c_int()
+    path_taken = ctypes.c_int()
     error = ctypes.create_string_buffer(512)
-    status = lib.emulate_quantize_fp8(ctypes.byref(p), ctypes.byref(used_vector_loads), error,
+    status = lib.emulate_quantize_fp8(ctypes.byref(p), ctypes.byref(path_taken), error,
                                       len(error))
     assert status == 0, error.value.decode()
-    assert bool(used_vector_loads.value) == vectorized
+    assert path_taken.value == path
     for band in (q_storage[:GUARD], q_storage[-GUARD:]):
         assert (band == 0x7F).all(), "q: the kernel wrote outside the output"
     assert_guards_untouched(scale_storage, "scale")

@@ -49,6 +49,25 @@ def test_quantize_is_bit_exact(backend, dtype, gran, shape, source):
     assert torch.equal(scale, ref_scale), "scales differ"
 
 
+@pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
+@pytest.mark.parametrize("gran", GRANULARITIES, ids=_gran_id)
+@pytest.mark.parametrize("shape", [(64, 272), (40, 1040), (21, 130)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quantize_of_transposed_views_is_bit_exact(backend, gran, shape):
+    """x.t() of a row-major x, as Float8Linear's backward quantizes: the cuda backend reads
+    the first two shapes in place (16-byte aligned columns) and copies the third."""
+    g = torch.Generator().manual_seed(11)
+    m, k = shape
+    x = (torch.randn(k, m, generator=g) * 5).to(torch.bfloat16).to(DEVICE).t()
+    x[-1, -1] = 1e4
+    q, scale = tilesmith.ops.quantize_fp8(x, dtype=torch.float8_e5m2, granularity=gran[0],
+                                          block_size=gran[1], backend=backend)
+    ref_q, ref_scale = testing.quantize_fp8_reference(x, torch.float8_e5m2,
+                                                      *_reference_args(*gran))
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), "fp8 bits differ"
+    assert torch.equal(scale, ref_scale), "scales differ"
+
+
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.float32))
 @pytest.mark.parametrize("dtype", FP8, ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("gran", GRANULARITIES[:3], ids=_gran_id)

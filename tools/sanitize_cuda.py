@@ -184,10 +184,12 @@ def main() -> int:
                                             backend="cuda")
             check(f"scaled_gemm {granularity}", out,
                   testing.scaled_gemm_reference(qa, qw.t(), sa, sw.t()), bar=1e-5)
-        # quantize_fp8, bit-exact, on rows of 16-byte loads, an odd k (element loads) and a
-        # transposed view; scaled_gemm on a k the op pads.
+        # quantize_fp8, bit-exact, on rows of 16-byte loads, an odd k (element loads), a
+        # transposed view copied first and one read in place (16-byte aligned columns);
+        # scaled_gemm on a k the op pads.
         x = torch.randn(67, 200, device=dev, dtype=torch.bfloat16)
-        for view in (x, x[:, :195], x.t()):
+        x_aligned = torch.randn(48, 272, device=dev, dtype=torch.bfloat16)
+        for view in (x, x[:, :195], x.t(), x_aligned.t()):
             for granularity, block in (("tensor", 128), ("row", 128), ("block", 64),
                                        ("block", (32, 64))):
                 q, s = tilesmith.ops.quantize_fp8(view, granularity=granularity,

@@ -66,10 +66,26 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x_in,
               block_k);
   c10::cuda::CUDAGuard guard(x_in.device());
   check_sm90(x_in.device(), "quantize_fp8");
-  // A transposed (column-major) x, as Float8Linear's backward passes, is made row-major
-  // first: the kernels walk rows, and a warp reading a column of x would touch 32 cache
-  // lines per step. (A kernel that transposes through shared memory would save the copy.)
-  const at::Tensor x = x_in.stride(1) != 1 && x_in.stride(0) == 1 ? x_in.contiguous() : x_in;
+  // x's part of the kernels' parameters.
+  const auto describe = [&](const at::Tensor& t) {
+    QuantizeParams p{};
+    p.x = t.data_ptr();
+    p.m = t.size(0);
+    p.k = t.size(1);
+    p.x_row_stride = t.stride(0);
+    p.x_col_stride = t.stride(1);
+    p.granularity = kind;
+    p.input = t.scalar_type() == at::kBFloat16 ? QuantizeInput::kBFloat16
+              : t.scalar_type() == at::kHalf   ? QuantizeInput::kFloat16
+                                               : QuantizeInput::kFloat32;
+    return p;
+  };
+  // A transposed (column-major) x, as Float8Linear's backward passes, is read in place where
+  // the transposing kernel takes it (quantizes_column_major), else made row-major first: the
+  // other kernels walk rows, and a warp reading a column of x touches 32 cache lines a step.
+  const bool column_major = x_in.stride(1) != 1 && x_in.stride(0) == 1;
+  const at::Tensor x =
+      column_major && !quantizes_column_major(describe(x_in)) ? x_in.contiguous() : x_in;
 
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t blocks_k = kind == Granularity::kBlock || kind == Granularity::kBlock2d
@@ -98,22 +114,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x_in,
   const at::Tensor amax =
       kind == Granularity::kTensor ? at::zeros({}, scale_options) : at::Tensor();
 
-  QuantizeParams p{};
-  p.x = x.data_ptr();
-  p.m = m;
-  p.k = k;
-  p.x_row_stride = x.stride(0);
-  p.x_col_stride = x.stride(1);
+  QuantizeParams p = describe(x);
   p.q = q.data_ptr();
   p.scale = scale.data_ptr<float>();
   p.scale_row_stride = blocks_k;
   p.amax = amax.defined() ? amax.data_ptr<float>() : nullptr;
-  p.granularity = kind;
   p.block_m = static_cast<int>(block_m);
   p.block_k = static_cast<int>(block_k);
-  p.input = x.scalar_type() == at::kBFloat16 ? QuantizeInput::kBFloat16
-            : x.scalar_type() == at::kHalf   ? QuantizeInput::kFloat16
-                                             : QuantizeInput::kFloat32;
   p.e5m2 = e5m2;
   TILESMITH_CHECK_LAUNCH(run_quantize_fp8_sm90a(
       p, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));

@@ -26,6 +26,17 @@ struct QuantizeParams {
   bool e5m2;  // float8_e5m2 (else float8_e4m3fn)
 };
 
+// Whether the kernels read a column-major x (unit row stride: each of x's rows is a column
+// in memory, as Float8Linear's backward quantizes transposed operands) in place, in tiles
+// transposed through shared memory: 16-bit x, per-tensor, per-row or 1 x block_k scales,
+// 16-byte aligned columns (m and the column stride multiples of 8) and k a multiple of 16.
+// Otherwise the caller makes such an x row-major first.
+inline bool quantizes_column_major(const QuantizeParams& p) {
+  return p.input != QuantizeInput::kFloat32 && p.granularity != Granularity::kBlock2d &&
+         p.x_row_stride == 1 && p.x_col_stride % 8 == 0 && p.m % 8 == 0 && p.k % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+}
+
 cudaError_t run_quantize_fp8_sm90a(const QuantizeParams& params, cudaStream_t stream);
 
 }  // namespace tilesmith

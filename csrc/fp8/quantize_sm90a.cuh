@@ -10,7 +10,9 @@
 // block_m x block_k tile's one more across the warps through shared memory. The cast pass
 // then reads the segment again (from L1/L2: a row of 16K bf16 is 32 KiB). Per-tensor
 // scaling takes two kernels: tile amaxes folded into a device float by an atomic max, then
-// the cast pass reading it, so nothing waits for the host.
+// the cast pass reading it, so nothing waits for the host. A column-major x (a transposed
+// view) has its own kernel, quantize_column_major_kernel, which reads columns in tiles and
+// transposes them through shared memory.
 //
 // Nothing here needs sm_90a; it lives in tilesmith._C_sm90a beside the scaled GEMM it
 // feeds, so the cuda fp8 backend is one extension. On sm_89 and newer the conversion is the
@@ -218,6 +220,159 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) quantize_kernel(const Qu
   }
 }
 
+// A column-major x (quantizes_column_major in quantize.h), read in place. A block owns
+// kColumnTileRows of x's rows, which are consecutive 16-bit elements of every memory row:
+// 64-byte pieces, four threads' 16-byte loads, so each step of the block reads 64 memory
+// rows (64 of x's columns) coalesced. The amax of each x row is a reduction across the
+// threads that read its column (four lines in a warp by shuffles, then the warps through
+// shared memory); the cast pass then transposes kCastColumns columns at a time through a
+// shared-memory byte tile, so q's rows are written 16 bytes per thread.
+constexpr int kColumnTileRows = 32;
+constexpr int kColumnLines = kThreads / (kColumnTileRows / 8);  // memory rows per step: 64
+constexpr int kCastColumns = 128;                               // q columns per cast step
+constexpr int kCastPitch = kCastColumns + 16;                   // bytes: rows stay 16-aligned
+// Per-tensor scaling: q columns per block.
+constexpr int kColumnTensorWidth = 4 * kCastColumns;
+
+struct ColumnTileShared {
+  float warp_amax[kWarps][kColumnTileRows];
+  alignas(16) uint8_t q[kColumnTileRows][kCastPitch];
+};
+
+__host__ __device__ inline int64_t column_group_width(const QuantizeParams& p) {
+  switch (p.granularity) {
+    case Granularity::kTensor: return kColumnTensorWidth;
+    case Granularity::kRow: return p.k;
+    default: return p.block_k;
+  }
+}
+
+template <typename T, bool kE5m2>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    quantize_column_major_kernel(const QuantizeParams p) {
+  extern __shared__ __align__(16) unsigned char quantize_column_shared[];
+  auto& shared = *reinterpret_cast<ColumnTileShared*>(quantize_column_shared);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kColumnTileRows;
+  const int64_t width = column_group_width(p);
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * width;
+  const int64_t col_end = col0 + width < p.k ? col0 + width : p.k;
+  // This thread's 8 rows of x (rows + 8 piece) and memory line within a step.
+  constexpr int kPieces = kColumnTileRows / 8;
+  const int piece = threadIdx.x % kPieces, line = threadIdx.x / kPieces;
+  const int64_t rows = row0 + 8 * piece;
+  const bool rows_ok = rows < p.m;  // m is a multiple of 8: a piece is all in or all out
+  const T* x = static_cast<const T*>(p.x) + rows;
+
+  auto load8 = [&](int64_t col, float (&v)[8]) {
+    alignas(16) T raw[8];
+    *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(x + col * p.x_col_stride);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(raw[i]);
+  };
+
+  float amax[8] = {};
+  if (p.granularity == Granularity::kTensor) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax[i] = *p.amax;
+  } else {
+    if (rows_ok) {
+#pragma unroll 4
+      for (int64_t col = col0 + line; col < col_end; col += kColumnLines) {
+        float v[8];
+        load8(col, v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) amax[i] = nan_max(amax[i], fabsf(v[i]));
+      }
+    }
+    // Lanes piece, piece + 4, ... of a warp read the same rows: fold them, then the warps.
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      for (int offset = kPieces; offset < 32; offset *= 2) {
+        amax[i] = nan_max(amax[i], __shfl_xor_sync(0xffffffffu, amax[i], offset));
+      }
+    }
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 < kPieces) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) shared.warp_amax[warp][8 * piece + i] = amax[i];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      for (int w = 0; w < kWarps; ++w) {
+        amax[i] = nan_max(amax[i], shared.warp_amax[w][8 * piece + i]);
+      }
+    }
+  }
+
+  // Scales as quantize_kernel computes them (the same bits).
+  constexpr float kFp8Max = kE5m2 ? 57344.f : 448.f;
+  float inverse[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float floored = nan_max(amax[i], 1e-12f);
+    inverse[i] = __fdiv_rn(kFp8Max, floored);
+    const float scale = __fdiv_rn(floored, kFp8Max);
+    const int64_t row = rows + i;
+    if (p.granularity == Granularity::kTensor) {
+      if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && i == 0) p.scale[0] = scale;
+    } else if (line == 0 && rows_ok) {
+      p.scale[p.granularity == Granularity::kRow ? row
+                                                 : row * p.scale_row_stride + blockIdx.y] = scale;
+    }
+  }
+
+  uint8_t* q = static_cast<uint8_t*>(p.q);
+  for (int64_t c0 = col0; c0 < col_end; c0 += kCastColumns) {
+    // Each thread casts two memory rows (x columns) of its 8 rows into the byte tile...
+#pragma unroll
+    for (int pass = 0; pass < kCastColumns / kColumnLines; ++pass) {
+      const int column = line + pass * kColumnLines;
+      if (rows_ok && c0 + column < col_end) {
+        float v[8];
+        load8(c0 + column, v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          shared.q[8 * piece + i][column] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(
+              v[i] * inverse[i], __NV_SATFINITE, kE5m2 ? __NV_E5M2 : __NV_E4M3));
+        }
+      }
+    }
+    __syncthreads();
+    // ... then writes q's rows from it, 16 bytes a thread (k, and so every group's columns
+    // left, is a multiple of 16).
+    for (int chunk = threadIdx.x; chunk < kColumnTileRows * kCastColumns / 16;
+         chunk += kThreads) {
+      const int tile_row = chunk / (kCastColumns / 16);
+      const int column = chunk % (kCastColumns / 16) * 16;
+      const int64_t row = row0 + tile_row;
+      if (row < p.m && c0 + column < col_end) {
+        *reinterpret_cast<uint4*>(q + row * p.k + c0 + column) =
+            *reinterpret_cast<const uint4*>(&shared.q[tile_row][column]);
+      }
+    }
+    __syncthreads();  // the tile is refilled next step
+  }
+}
+
+// quantize_column_major_kernel's grid: tiles of x's rows x groups of its columns.
+inline dim3 column_major_grid(const QuantizeParams& p) {
+  const int64_t width = column_group_width(p);
+  return dim3(static_cast<unsigned>((p.m + kColumnTileRows - 1) / kColumnTileRows),
+              static_cast<unsigned>((p.k + width - 1) / width));
+}
+
+// A column-major x described by its memory rows (x^T, row-major): what the per-tensor amax
+// kernel reads, the maximum being the same either way.
+inline QuantizeParams memory_rows(const QuantizeParams& p) {
+  QuantizeParams t = p;
+  t.m = p.k;
+  t.k = p.m;
+  t.x_row_stride = p.x_col_stride;
+  t.x_col_stride = 1;
+  return t;
+}
+
 // The launch grid; the caller (fp8_api.cpp) keeps gridDim.y within 65535.
 template <int kVec>
 inline dim3 grid_of(const QuantizeParams& p) {
@@ -249,7 +404,24 @@ cudaError_t launch(const QuantizeParams& p, cudaStream_t stream) {
 }
 
 template <typename T, bool kE5m2>
+cudaError_t launch_column_major(const QuantizeParams& p, cudaStream_t stream) {
+  if (p.granularity == Granularity::kTensor) {
+    const QuantizeParams by_memory_rows = memory_rows(p);
+    tensor_amax_kernel<T, 8><<<grid_of<8>(by_memory_rows), kThreads, kWarps * sizeof(float),
+                               stream>>>(by_memory_rows);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  quantize_column_major_kernel<T, kE5m2>
+      <<<column_major_grid(p), kThreads, sizeof(ColumnTileShared), stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kE5m2>
 cudaError_t run(const QuantizeParams& p, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (quantizes_column_major(p)) return launch_column_major<T, kE5m2>(p, stream);
+  }
   return rows_vectorizable<T>(p) ? launch<T, kE5m2, 16 / sizeof(T)>(p, stream)
                                  : launch<T, kE5m2, 1>(p, stream);
 }
