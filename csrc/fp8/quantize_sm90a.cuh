@@ -230,14 +230,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) quantize_kernel(const Qu
 constexpr int kColumnTileRows = 32;
 constexpr int kColumnLines = kThreads / (kColumnTileRows / 8);  // memory rows per step: 64
 constexpr int kCastColumns = 128;                               // q columns per cast step
-constexpr int kCastPitch = kCastColumns + 16;                   // bytes: rows stay 16-aligned
 // Per-tensor scaling: q columns per block.
 constexpr int kColumnTensorWidth = 4 * kCastColumns;
 
 struct ColumnTileShared {
   float warp_amax[kWarps][kColumnTileRows];
-  alignas(16) uint8_t q[kColumnTileRows][kCastPitch];
+  alignas(16) uint8_t q[kColumnTileRows][kCastColumns];
 };
+
+// Where column `column` of the byte tile's row `row` lies: its 16-byte chunks permuted by XOR
+// with the row's piece (row / 8), so that the four pieces' byte stores of one column, 8 rows
+// apart, fall in four different banks rather than one.
+__device__ __forceinline__ int cast_tile_column(int row, int column) {
+  return column ^ (row / 8 * 16);
+}
 
 __host__ __device__ inline int64_t column_group_width(const QuantizeParams& p) {
   switch (p.granularity) {
@@ -333,8 +339,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         load8(c0 + column, v);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          shared.q[8 * piece + i][column] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(
-              v[i] * inverse[i], __NV_SATFINITE, kE5m2 ? __NV_E5M2 : __NV_E4M3));
+          const int tile_row = 8 * piece + i;
+          shared.q[tile_row][cast_tile_column(tile_row, column)] =
+              static_cast<uint8_t>(__nv_cvt_float_to_fp8(v[i] * inverse[i], __NV_SATFINITE,
+                                                         kE5m2 ? __NV_E5M2 : __NV_E4M3));
         }
       }
     }
@@ -347,8 +355,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const int column = chunk % (kCastColumns / 16) * 16;
       const int64_t row = row0 + tile_row;
       if (row < p.m && c0 + column < col_end) {
+        const uint8_t* chunk_bytes = &shared.q[tile_row][cast_tile_column(tile_row, column)];
         *reinterpret_cast<uint4*>(q + row * p.k + c0 + column) =
-            *reinterpret_cast<const uint4*>(&shared.q[tile_row][column]);
+            *reinterpret_cast<const uint4*>(chunk_bytes);
       }
     }
     __syncthreads();  // the tile is refilled next step
