@@ -45,6 +45,10 @@ inline int64_t wgrad_splits(int64_t pixels, int64_t blocks, int64_t slots, int64
   return best;
 }
 
+// The sm_80 kernels' shared memory per block (three stages of a 128 x 64 and a 64 x 128
+// 16-bit tile): two blocks share an H100 SM, one fits an A100's.
+constexpr int kSm80ConvSmemBytes = 96 * 1024;
+
 // The three passes, numbered as the launchers and the emulator take them.
 enum ConvPass { kForward = 0, kDgrad = 1, kWgrad = 2 };
 

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "../common/check.h"
@@ -147,6 +148,18 @@ int multiprocessors(const at::Tensor& t) {
   TILESMITH_CHECK_LAUNCH(
       cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.device().index()));
   return count;
+}
+
+// How many sm_80 conv blocks share one of t's SMs: as many as its shared memory holds (each
+// block also takes the runtime's reserved share), at most the two their __launch_bounds__
+// keep registers for.
+int sm80_blocks_per_sm(const at::Tensor& t) {
+  int per_sm = 0, reserved = 0;
+  TILESMITH_CHECK_LAUNCH(cudaDeviceGetAttribute(
+      &per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, t.device().index()));
+  TILESMITH_CHECK_LAUNCH(cudaDeviceGetAttribute(
+      &reserved, cudaDevAttrReservedSharedMemoryPerBlock, t.device().index()));
+  return std::clamp(per_sm / (kSm80ConvSmemBytes + reserved), 1, 2);
 }
 
 cudaStream_t stream_of(const at::Tensor& t) {
@@ -367,14 +380,16 @@ at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
   // or leaves a last wave mostly empty (wgrad_splits), each split at least 8 K slices of 64
   // pixels. Blocks per split and per SM as the kernels that will run have them: on Hopper's
   // wgmma kernels 128 x 256 tiles where the channels fill them and one block per SM (their
-  // 161-193 KiB of shared memory), else 128 x 128 tiles, two blocks per SM.
+  // 161-193 KiB of shared memory), else 128 x 128 tiles, two blocks per SM where its shared
+  // memory holds two (an H100's), else one (an A100's).
   const int64_t pixels = cp.batch * cp.out_h * cp.out_w;
   const bool wgmma = runs_hopper_kernels(x);
   const int64_t tile_n = wgmma && c >= 256 ? 256 : 128;
   const int64_t blocks = ((cp.filters + 127) / 128) * ((c + tile_n - 1) / tile_n) * r * s *
                          cp.groups;
   int64_t splits =
-      wgrad_splits(pixels, blocks, (wgmma ? 1 : 2) * multiprocessors(x), 8 * 64);
+      wgrad_splits(pixels, blocks, (wgmma ? 1 : sm80_blocks_per_sm(x)) * multiprocessors(x),
+                   8 * 64);
   cp.split_pixels = ((pixels + splits - 1) / splits + 63) / 64 * 64;
   splits = pixels > 0 ? (pixels + cp.split_pixels - 1) / cp.split_pixels : 1;
   at::Tensor partial = at::zeros({splits, k, r * s * c}, x.options().dtype(at::kFloat));

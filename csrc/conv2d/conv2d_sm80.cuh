@@ -17,6 +17,7 @@ namespace tilesmith {
 namespace conv2d_sm80 {
 
 using namespace matmul_sm80;
+static_assert(smem_bytes<__half>() == kSm80ConvSmemBytes, "conv2d.h's figure is the tiles'");
 
 // Rows of a [rows][64] tile one thread copies, kRowsPerPass apart, and its chunk column.
 template <int kCols>
