@@ -159,9 +159,13 @@ struct PhaseWriter {
   const Writer& out;
   const DgradPhase& phase;
 
-  __device__ __forceinline__ void write(int64_t row, int64_t col, float acc0,
+  __device__ __forceinline__ int64_t place(int64_t row) const {
+    return row < phase.pixels ? out.place(phase.pixel(row)) : -1;
+  }
+
+  __device__ __forceinline__ void write(int64_t placed_row, int64_t col, float acc0,
                                         float acc1) const {
-    if (row < phase.pixels) out.write(phase.pixel(row), col, acc0, acc1);
+    out.write(placed_row, col, acc0, acc1);
   }
 };
 

@@ -73,10 +73,17 @@ struct EpilogueWriter {
         paired_stores(p.c_row_stride % 2 == 0),
         paired_pre(p.pre_row_stride % 2 == 0) {}
 
-  // Columns col (even) and col + 1 of `row` from their accumulators; what lies outside the
-  // m x n output is skipped. The branches on params are uniform across the block.
+  // Where the tile's row `row` is written: that row of the output, or -1 past its m rows.
+  // store_tile asks once per row and passes the answer to write() for each column pair.
+  __device__ __forceinline__ int64_t place(int64_t row) const {
+    return row < params.m ? row : -1;
+  }
+
+  // Columns col (even) and col + 1 of output row `row` (place()'s answer) from their
+  // accumulators; what lies outside the m x n output is skipped. The branches on params
+  // are uniform across the block.
   __device__ __forceinline__ void write(int64_t row, int64_t col, float acc0, float acc1) const {
-    if (row >= params.m) return;
+    if (row < 0) return;
     const bool has0 = col < params.n, has1 = col + 1 < params.n;
     float v[2] = {acc0 * params.alpha, acc1 * params.alpha};
     if (params.bias != nullptr) {

@@ -159,11 +159,11 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kMmaTilesM][kMmaTi
 #pragma unroll
   for (int mi = 0; mi < kMmaTilesM; ++mi) {
 #pragma unroll
-    for (int ni = 0; ni < kMmaTilesN; ++ni) {
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = out.place(block_m0 + warp_m0 + mi * 16 + lane / 4 + half * 8);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        out.write(block_m0 + warp_m0 + mi * 16 + lane / 4 + half * 8,
-                  block_n0 + warp_n0 + ni * 8 + (lane % 4) * 2, acc[mi][ni][half * 2],
+      for (int ni = 0; ni < kMmaTilesN; ++ni) {
+        out.write(row, block_n0 + warp_n0 + ni * 8 + (lane % 4) * 2, acc[mi][ni][half * 2],
                   acc[mi][ni][half * 2 + 1]);
       }
     }

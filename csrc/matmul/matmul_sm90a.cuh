@@ -91,7 +91,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kBlockN / 2], cons
   const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int64_t row = block_m0 + warpgroup * 64 + warp * 16 + lane / 4 + half * 8;
+    const int64_t row = out.place(block_m0 + warpgroup * 64 + warp * 16 + lane / 4 + half * 8);
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
       out.write(row, block_n0 + 8 * j + 2 * (lane % 4), acc[4 * j + 2 * half],
