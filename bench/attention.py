@@ -72,24 +72,28 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
                     is_causal=causal) if not causal else None
                 flops_fwd = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
                 shape = {"B": batch, "H": heads, "S": seqlen, "D": head_dim}
-                contenders = [b for b in backends if tilesmith.backend.unavailable_reason(
-                    b, "attention", q.device, dtype) is None] + list(TORCH_BACKENDS)
+                # (label, backend, hopper): on an H100 "cuda" (wgmma forward) and
+                # "cuda-sm80" (mma.sync throughout) both run.
+                contenders = list(harness.contenders("attention", backends, q.device, dtype))
+                contenders += [(name, name, True) for name in TORCH_BACKENDS]
                 timings = {}
-                for name in contenders:
+                for name, backend, hopper in contenders:
                     if name == "sdpa_math" and seqlen > MATH_MAX_SEQLEN:
                         continue
-                    fn = _contender(name)
-                    try:
-                        out = fn(q, k, v, causal)
-                    except RuntimeError as exc:  # a backend that refuses this shape/GPU
-                        print(f"  {name}: {str(exc).splitlines()[0][:100]}")
-                        continue
-                    err = (testing.rel_error(fn(q[:1, :1, :ERROR_ROWS], k[:1, :1], v[:1, :1],
-                                                causal), ref) if ref is not None else None)
-                    del out
-                    for mode, factor in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
-                        ms, mem = _measure(fn, q, k, v, causal, mode)
-                        timings[(name, mode)] = (ms, mem, flops_fwd * factor, err)
+                    fn = _contender(backend)
+                    with tilesmith.backend.hopper_kernels(hopper):  # set outside the timing
+                        try:
+                            out = fn(q, k, v, causal)
+                        except RuntimeError as exc:  # a backend that refuses this shape/GPU
+                            print(f"  {name}: {str(exc).splitlines()[0][:100]}")
+                            continue
+                        err = (testing.rel_error(fn(q[:1, :1, :ERROR_ROWS], k[:1, :1],
+                                                    v[:1, :1], causal), ref)
+                               if ref is not None else None)
+                        del out
+                        for mode, factor in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
+                            ms, mem = _measure(fn, q, k, v, causal, mode)
+                            timings[(name, mode)] = (ms, mem, flops_fwd * factor, err)
                 for (name, mode), (ms, mem, flops, err) in timings.items():
                     base = timings.get(("sdpa_cudnn", mode))
                     base_ms = base[0] if base else None

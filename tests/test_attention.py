@@ -6,7 +6,8 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu
+from conftest import (DEVICE, HAS_GPU, backend_dtype_params, cuda_kernel_names, kernel_backends,
+                      requires_gpu, requires_hopper_kernels)
 
 import tilesmith
 from tilesmith import testing
@@ -87,6 +88,70 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
     for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv", "dmask"]):
         assert torch.isfinite(got).all(), f"{what} has NaN/inf"
         _check(got, want, baseline, what)
+
+
+# ---- the wgmma forward (csrc/attention/attention_fwd_sm90a.cuh) on an H100 -------------------
+
+# (batch, heads, kv heads, seq_q, seq_k, head dim, causal): 128-row query blocks and 128-key
+# steps, the causal diagonal inside and across them, GQA, head dims zero-filled to 128.
+HOPPER_FORWARD_SHAPES = {
+    "d128_causal_1000": (2, 4, 4, 1000, 1000, 128, True),
+    "d128_gqa_300x777": (1, 8, 2, 300, 777, 128, False),
+    "d128_causal_sq777_gt_sk300": (1, 2, 2, 777, 300, 128, True),
+    "d128_causal_sq300_lt_sk777": (1, 2, 2, 300, 777, 128, True),
+    "d96_causal": (1, 2, 2, 257, 257, 96, True),
+    "d72": (3, 1, 1, 129, 65, 72, False),
+}
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", list(HOPPER_FORWARD_SHAPES))
+def test_hopper_forward_matches_float64(name, dtype):
+    b, h, hk, sq, sk, d, causal = HOPPER_FORWARD_SHAPES[name]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, heads, s, d, generator=g).to(DEVICE, dtype)
+               for heads, s in ((h, sq), (hk, sk), (hk, sk)))
+    kwargs = {"is_causal": causal, "enable_gqa": h != hk}
+    launches = lambda: tilesmith.ops.attention(q, k, v, causal=causal, backend="cuda")  # noqa: E731
+    assert "attention_sm90a" in cuda_kernel_names(launches)
+    out, lse = tilesmith.ops.attention(q, k, v, causal=causal, backend="cuda")
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kwargs)
+    _check(out, ref, F.scaled_dot_product_attention(q, k, v, **kwargs), "out")
+    _, ref_lse = tilesmith.ops.attention(q.double(), k.double(), v.double(), causal=causal,
+                                         backend="torch")
+    testing.assert_fp32_close(lse, ref_lse, name="lse")
+
+
+@requires_hopper_kernels
+def test_hopper_forward_leaves_the_rest_to_the_sm80_kernels():
+    q, k, v = (torch.randn(1, 2, 200, 128, device=DEVICE, dtype=torch.bfloat16)
+               for _ in range(3))
+
+    def names(q, k, v, **kwargs):
+        return cuda_kernel_names(lambda: tilesmith.ops.scaled_dot_product_attention(
+            q, k, v, backend="cuda", **kwargs))
+
+    assert "attention_sm90a" in names(q, k, v)
+    for kwargs in ({"attn_mask": torch.ones(200, 200, device=DEVICE, dtype=torch.bool)},
+                   {"dropout_p": 0.1}):
+        got = names(q, k, v, **kwargs)
+        assert "attention_sm80" in got and "attention_sm90a" not in got, kwargs
+    got = names(q[..., :64], k[..., :64], v[..., :64])
+    assert "attention_sm80" in got and "attention_sm90a" not in got
+    with tilesmith.backend.hopper_kernels(False):
+        got = names(q, k, v)
+    assert "attention_sm80" in got and "attention_sm90a" not in got
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", ["d80", "d128", "large_causal_2k", "large_gqa_1k"])
+def test_sm80_kernels_on_hopper(dtype, name):
+    """On an H100 the cuda forward takes wgmma where it can: the sm_80 kernels on the same
+    samples, forward and gradients."""
+    with tilesmith.backend.hopper_kernels(False):
+        test_forward_and_gradients_match_float64("cuda", dtype, name)
 
 
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))

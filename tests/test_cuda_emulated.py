@@ -444,7 +444,9 @@ def set_dropout(p, dropout):
         p.dropout_scale = 1.0 / (1.0 - dropout_p)
 
 
-def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None):
+def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None, hopper=False):
+    """(out, lse) of the forward kernel: attention_fwd_sm90a.cuh's (wgmma) with hopper, and
+    None where it does not take the call; else attention_fwd_sm80.cuh's."""
     lib = emulated("attention")
     assert lib.attention_params_size() == ctypes.sizeof(AttentionParams)
     b, h, sq, d = q.shape
@@ -456,8 +458,15 @@ def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None):
     set_dropout(p, dropout)
     ptrs, sizes, count = buffer_table([q, k, v])
     error = ctypes.create_string_buffer(512)
-    status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 0,
-                                   ptrs, sizes, count, error, len(error))
+    if hopper:
+        status = emulated("attention_sm90a").emulate_attention_fwd_sm90a(
+            ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), ptrs, sizes, count, error,
+            len(error))
+        if status == 2:
+            return None
+    else:
+        status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 0,
+                                       ptrs, sizes, count, error, len(error))
     assert status == 0, error.value.decode()
     assert_guards_untouched(out_storage, "out")
     assert_guards_untouched(lse_storage, "lse")
@@ -533,6 +542,53 @@ def test_attention_forward_kernel(case, dtype):
         q, k, v, is_causal=causal, scale=scale, enable_gqa=h != hk)
     assert_close_to_reference(out, ref, base)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+# The wgmma forward (attention_fwd_sm90a.cuh): 128 query rows per block in two warpgroups,
+# 128 keys per step, head dims 65-128.
+HOPPER_ATTENTION_CASES = {
+    "d128_gqa_views": (1, 4, 2, 65, 129, 128, False, True),
+    "d128_causal": (1, 1, 1, 77, 77, 128, True, False),
+    "d80_in_d128_views": (1, 2, 2, 65, 100, 80, False, True),
+    "d96_in_d128_causal": (1, 1, 1, 50, 50, 96, True, False),
+    # Several query blocks and key blocks: the causal diagonal crosses a warpgroup's rows.
+    "d128_causal_300": (1, 1, 1, 300, 300, 128, True, False),
+    "d128_causal_sq_gt_sk": (1, 2, 1, 200, 70, 128, True, False),
+    "d128_causal_sq_lt_sk": (1, 1, 1, 70, 260, 128, True, False),
+    "d72_edges_batch2": (2, 1, 1, 130, 257, 72, False, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(HOPPER_ATTENTION_CASES))
+def test_hopper_attention_forward_kernel(case, dtype):
+    b, h, hk, sq, sk, d, causal, seq_major = HOPPER_ATTENTION_CASES[case]
+    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype, seq_major=seq_major)
+    scale = d ** -0.5
+    out, lse = run_attention_fwd(q, k, v, causal, scale, hopper=True)
+    ref, ref_lse = attention_reference(q, k, v, causal, scale)
+    base = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=scale, enable_gqa=h != hk)
+    assert_close_to_reference(out, ref, base)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_hopper_attention_forward_no_keys():
+    q, k, v = attention_inputs(1, 2, 2, 20, 0, 128, torch.bfloat16)
+    out, lse = run_attention_fwd(q, k, v, False, 0.125, hopper=True)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+def test_hopper_attention_forward_leaves_the_rest_to_the_sm80_kernel():
+    """Head dims of the 64- and 256-wide kernels, masks and dropout stay on mma.sync."""
+    def taken(d, **kwargs):
+        q, k, v = attention_inputs(1, 1, 1, 8, 8, d, torch.bfloat16)
+        return run_attention_fwd(q, k, v, False, 0.1, hopper=True, **kwargs) is not None
+
+    assert taken(72) and taken(128)
+    assert not taken(64) and not taken(136)
+    assert not taken(128, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    assert not taken(128, dropout=(torch.tensor([7], dtype=torch.int64), 0.1))
 
 
 def test_attention_d256_shared_memory_matches_the_python_routing():

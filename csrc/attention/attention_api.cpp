@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "../common/check.h"
+#include "../common/hopper_kernels.h"
 #include "../matmul/matmul_api.h"
 #include "attention.h"
 
@@ -240,6 +241,15 @@ void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v
   set_mask(p, mask, q, k);
   dropout.apply(p, q);
   if (packing != nullptr) packing->apply(p);
+  // On Hopper the wgmma kernel takes what it can (attention_fwd_sm90a.cuh's takes).
+  const HopperKernels* hopper = hopper_kernels();
+  cudaError_t error = cudaSuccess;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  if (hopper != nullptr &&
+      hopper->attention_fwd(p, causal, q.scalar_type() == at::kBFloat16, stream, &error)) {
+    TILESMITH_CHECK_LAUNCH(error);
+    return;
+  }
   launch(pick_runner(q.scalar_type(), q.size(3), false), p, causal, q);
 }
 

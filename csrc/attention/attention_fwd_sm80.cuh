@@ -91,11 +91,12 @@ __device__ __forceinline__ void load_rows(T* tile, const T* sequence, int64_t ro
                                                 seq_stride, 1);
 }
 
-// Block x of a causal launch takes query block (blocks - 1 - x): the longest rows start
-// first and the short ones fill the tail.
+// The first query row of this block of kRows. Block x of a causal launch takes query block
+// (blocks - 1 - x): the longest rows start first and the short ones fill the tail.
+template <int kRows = kBlockM>
 __device__ __forceinline__ int64_t query_block(bool causal) {
   const int x = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  return static_cast<int64_t>(x) * kBlockM;
+  return static_cast<int64_t>(x) * kRows;
 }
 
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
@@ -278,10 +279,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   }
 }
 
-// The grid of the forward and dQ kernels: one block per kBlockM query rows of each (batch,
+// The grid of the forward and dQ kernels: one block per kRows query rows of each (batch,
 // head).
+template <int kRows = kBlockM>
 inline dim3 query_grid(const AttentionParams& p) {
-  return dim3(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
+  return dim3(static_cast<unsigned>((p.seqlen_q + kRows - 1) / kRows),
               static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
 }
 

@@ -54,6 +54,18 @@ template <int kN, typename T, int kMnMajorA, int kMnMajorB>
 __device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a,
                                               uint64_t desc_b, int accumulate);
 
+// d (+)= A B for a 64x128x16 block whose A comes from registers: a[] holds this thread's
+// share of its warp's 16 rows of A (rows 16 warp .. 16 warp + 15 of the warpgroup's 64) in
+// the mma.sync m16n8k16 A layout: a[0] row lane / 4, k 2 (lane % 4) and + 1; a[1] the row 8
+// below; a[2] and a[3] the same at k + 8. That is, pair by pair, the accumulator layout
+// above, so a product computed by one wgmma feeds the next without leaving registers. B
+// from shared memory as in wgmma_m64nk16 (kMnMajorB: stored N-major). The registers of a
+// are read asynchronously too: ptxas keeps them until the wgmma retires.
+template <int kN, typename T, int kMnMajorB>
+__device__ __forceinline__ void wgmma_m64nk16_a_registers(float (&d)[kN / 2],
+                                                          const uint32_t (&a)[4],
+                                                          uint64_t desc_b, int accumulate);
+
 #ifndef TILESMITH_CPU_EMULATION
 // The accumulator registers of m64n128 (64 per thread) and m64n256 (128) fp32 wgmma, as
 // the instruction's register list and the asm operands.
@@ -153,6 +165,29 @@ __device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_
   }
 }
 #undef TILESMITH_WGMMA_K16
+
+// A from registers: the four A registers follow the accumulators, then B's descriptor, the
+// accumulate flag and B's transpose immediate (there is none for A).
+#define TILESMITH_WGMMA_K16_A_REGISTERS(type_name)                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." type_name "." type_name " "     \
+               TILESMITH_WGMMA_D64_REGISTERS ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n" \
+               : TILESMITH_WGMMA_D64_OPERANDS(d)                                           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate),   \
+                 "n"(kMnMajorB))
+template <int kN, typename T, int kMnMajorB>
+__device__ __forceinline__ void wgmma_m64nk16_a_registers(float (&d)[kN / 2],
+                                                          const uint32_t (&a)[4],
+                                                          uint64_t desc_b, int accumulate) {
+  static_assert(kN == 128, "wrapped for 128-wide tiles only");
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    TILESMITH_WGMMA_K16_A_REGISTERS("bf16");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "16-bit wgmma: bf16 or fp16 operands");
+    TILESMITH_WGMMA_K16_A_REGISTERS("f16");
+  }
+}
+#undef TILESMITH_WGMMA_K16_A_REGISTERS
 
 // Orders this thread's register accesses to the accumulators before the next wgmma.
 __device__ __forceinline__ void wgmma_fence() {

@@ -256,10 +256,26 @@ float decode(uint32_t bits16) {
   }
 }
 
-// mma.sync.m16n8k16.row.col with fp32 accumulators. With g = lane / 4 and t = lane % 4:
-// a0..a3 hold A (16x16) at (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..); b0, b1
-// hold B (16x8, k x n) at (2t..2t+1, g) and (2t+8..2t+9, g); d0..d3 are D at (g, 2t),
-// (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+// The 16x16 A matrix whose mma.sync m16n8k16 fragments the warp's lanes deposited in w.a:
+// with g = lane / 4 and t = lane % 4, a0..a3 hold A at (g, 2t..2t+1), (g+8, 2t..),
+// (g, 2t+8..), (g+8, 2t+8..).
+template <typename T>
+void fragment_a_matrix(const WarpSlots& w, float (&A)[16][16]) {
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int j = 0; j < 2; ++j) {
+      const int shift = 16 * j;
+      A[g][2 * t + j] = decode<T>(w.a[l][0] >> shift);
+      A[g + 8][2 * t + j] = decode<T>(w.a[l][1] >> shift);
+      A[g][2 * t + 8 + j] = decode<T>(w.a[l][2] >> shift);
+      A[g + 8][2 * t + 8 + j] = decode<T>(w.a[l][3] >> shift);
+    }
+  }
+}
+
+// mma.sync.m16n8k16.row.col with fp32 accumulators. A as fragment_a_matrix reads it; with
+// g = lane / 4 and t = lane % 4, b0, b1 hold B (16x8, k x n) at (2t..2t+1, g) and
+// (2t+8..2t+9, g); d0..d3 are D at (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
 template <typename T>
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   WarpSlots& w = warp_slots();
@@ -269,14 +285,11 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
   w.b[lane][1] = b1;
   arrive_and_wait(w.barrier);
   float A[16][16], B[16][8];
+  fragment_a_matrix<T>(w, A);
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
     for (int j = 0; j < 2; ++j) {
       const int shift = 16 * j;
-      A[g][2 * t + j] = decode<T>(w.a[l][0] >> shift);
-      A[g + 8][2 * t + j] = decode<T>(w.a[l][1] >> shift);
-      A[g][2 * t + 8 + j] = decode<T>(w.a[l][2] >> shift);
-      A[g + 8][2 * t + 8 + j] = decode<T>(w.a[l][3] >> shift);
       B[2 * t + j][g] = decode<T>(w.b[l][0] >> shift);
       B[2 * t + 8 + j][g] = decode<T>(w.b[l][1] >> shift);
     }

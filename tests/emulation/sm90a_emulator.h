@@ -2,7 +2,8 @@
 // sm80_emulator.h (read its header first: what it checks and what it cannot).
 //
 // wgmma is modelled as the PTX ISA describes it for operands in the 128-byte swizzle: K-major
-// fp8 and 16-bit operands, and MN-major 16-bit ones (descriptor_element below). Each thread
+// fp8 and 16-bit operands, and MN-major 16-bit ones (descriptor_element below); 16-bit A
+// may also come from registers (issue_wgmma_m64nk16_a_registers). Each thread
 // computes its own accumulators from shared memory, one fp32 fma per product.
 // wgmma is asynchronous as on the GPU, at its latest: an issued wgmma joins the thread's
 // open group, wgmma_commit closes the group, and wgmma_wait<N> runs the oldest committed
@@ -103,6 +104,29 @@ void run_wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int
       [&](int col, int k) { return descriptor_float<T>(desc_b, col, k, kMnMajorB); });
 }
 
+// wgmma with A from registers: the warp's lanes exchange their A fragments at issue (the
+// instruction is warp-synchronous), and the product runs at the wait like any wgmma. The
+// registers are read at issue here; on the GPU they are read later, and a kernel that
+// changed them before the wait would be wrong there and not here (ptxas keeps them alive
+// for code that does not).
+template <int kN, typename T, int kMnMajorB>
+void issue_wgmma_m64nk16_a_registers(float (&d)[kN / 2], const uint32_t (&a)[4],
+                                     uint64_t desc_b, int accumulate) {
+  WarpSlots& w = warp_slots();
+  for (int i = 0; i < 4; ++i) w.a[lane_id()][i] = a[i];
+  arrive_and_wait(w.barrier);
+  struct WarpRows {
+    float values[16][16];  // this warp's 16 rows of A
+  } rows;
+  fragment_a_matrix<T>(w, rows.values);
+  arrive_and_wait(w.barrier);
+  self().async_open.push_back([&d, rows, desc_b, accumulate] {
+    run_wgmma<kN, 16>(
+        d, accumulate, [&](int row, int k) { return rows.values[row % 16][k]; },
+        [&](int col, int k) { return descriptor_float<T>(desc_b, col, k, kMnMajorB); });
+  });
+}
+
 inline void wgmma_commit() {
   Fiber& fiber = self();
   fiber.async_committed.push_back(std::move(fiber.async_open));
@@ -137,6 +161,11 @@ inline void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, 
   tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
     tilesmith_emu::run_wgmma_m64nk16<kN, T, kMnMajorA, kMnMajorB>(d, desc_a, desc_b, accumulate);
   });
+}
+template <int kN, typename T, int kMnMajorB>
+inline void wgmma_m64nk16_a_registers(float (&d)[kN / 2], const uint32_t (&a)[4],
+                                      uint64_t desc_b, int accumulate) {
+  tilesmith_emu::issue_wgmma_m64nk16_a_registers<kN, T, kMnMajorB>(d, a, desc_b, accumulate);
 }
 inline void wgmma_fence() {}
 inline void wgmma_commit() { tilesmith_emu::wgmma_commit(); }

@@ -1,0 +1,241 @@
+// Flash-style attention forward for Hopper (sm_90a) on wgmma: the schedule of
+// attention_fwd_sm80.cuh (online softmax over key blocks, scores in the log2 domain, P kept
+// in registers), with both products on warpgroup MMA, which mma.sync cannot match on an
+// H100.
+//
+// One block of two warpgroups computes 128 query rows (64 per warpgroup) of one (batch,
+// head) and walks the keys 128 at a time. Q, and two stages of K and V, sit in shared memory
+// in the 128-byte swizzle that wgmma's descriptors read, filled by cp.async (the next key
+// block loads while this one computes):
+//   S = Q K^T: eight wgmma m64n128k16 per warpgroup, Q the K-major A (head dim along its
+//     128-byte rows) and K the K-major B, both straight from their tiles;
+//   O += P V: P is rounded to T in registers, where the S accumulators already lie in the A
+//     fragment layout of a register-A wgmma; V's tile (keys along rows, head dim along the
+//     bytes) is its N-major B, read through the transpose immediate.
+// Head dims 65 to 128 (multiples of 8) run here, zero-filled to 128 like the sm_80 kernel.
+//
+// Not yet: TMA, warp specialization (a producer warpgroup), two warpgroups taking turns at
+// softmax and MMA, overlap of one key block's softmax with the next block's QK^T; masks and
+// dropout (attention_fwd_sm80.cuh takes those calls).
+#pragma once
+
+#include <cmath>
+
+#include "../common/tiles_sm90a.cuh"
+#include "../common/wgmma_sm90a.cuh"
+#include "attention_fwd_sm80.cuh"
+
+namespace tilesmith {
+namespace attention_sm90a {
+
+using attention_sm80::Sequence;
+
+constexpr int kHeadDim = 128;
+constexpr int kBlockM = 128;  // query rows per block, 64 per warpgroup
+constexpr int kBlockN = 128;  // keys per step
+constexpr int kWarpgroups = 2;
+constexpr int kThreads = kWarpgroups * 128;
+constexpr int kStages = 2;
+// A tile of 128 rows (query rows or keys) by the head dim: kHeadDim / 64 blocks of 128
+// swizzled 128-byte rows, block c holding head-dim columns 64c .. 64c + 63.
+constexpr int kTileRows = 128;
+constexpr int kColumnBlockBytes = kTileRows * kSwizzleRowBytes;  // 16 KiB
+constexpr int kTileBytes = (kHeadDim / 64) * kColumnBlockBytes;  // 32 KiB
+// Q, then the stages of K, then those of V, and the 1024 bytes that align the start.
+constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + 1024;
+
+// Descriptor of k-step kk (16 head-dim columns) of a tile read K-major: Q as A, K as B.
+__device__ __forceinline__ uint64_t k_major_step(uint32_t tile, int kk) {
+  return smem_descriptor_sw128(tile + (kk / 4) * kColumnBlockBytes + (kk % 4) * 32);
+}
+
+// Descriptor of k-step kk (16 keys) of V's tile read N-major: 16 rows further down, the
+// head dim's 64-column blocks kColumnBlockBytes apart.
+__device__ __forceinline__ uint64_t n_major_step(uint32_t tile, int kk) {
+  return smem_descriptor_sw128(tile + kk * 16 * kSwizzleRowBytes, kColumnBlockBytes);
+}
+
+// Whether these kernels take the call: the head dims of the 128-wide kernel, no mask and no
+// dropout.
+inline bool takes(const AttentionParams& p) {
+  return p.head_dim > 64 && p.head_dim <= kHeadDim && p.mask_kind == MaskKind::kNone &&
+         p.dropout_seed == nullptr;
+}
+
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_q = aligned_shared(shared_bytes);
+  uint8_t* smem_k = smem_q + kTileBytes;
+  uint8_t* smem_v = smem_k + kStages * kTileBytes;
+
+  const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t h_kv = h / (p.heads / p.heads_kv);
+  const Sequence seq = attention_sm80::sequence(p, b, h);
+  if (row0 >= seq.seqlen_q) return;  // packed batches launch for the longest sequence
+  const int64_t seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  using attention_sm80::row_pointer;
+  const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
+  const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
+  const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
+  // Causal masking is aligned top-left (key <= query), as in PyTorch's SDPA.
+  const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
+  const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
+
+  // Rows first .. first + 127 of a (seq, head_dim) matrix; rows past `rows` and columns past
+  // head_dim are zero-filled.
+  auto load_rows = [&](uint8_t* tile, const T* matrix, int64_t first, int64_t rows,
+                       int64_t seq_stride) {
+    load_swizzled_tile<T, kThreads, kTileRows, kHeadDim / 64>(tile, matrix, first, rows, 0,
+                                                              p.head_dim, seq_stride);
+  };
+  auto load_kv = [&](int stage, int block) {
+    const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
+    load_rows(smem_k + stage * kTileBytes, k, n0, seqlen_k, p.k_strides.seq);
+    load_rows(smem_v + stage * kTileBytes, v, n0, seqlen_k, p.v_strides.seq);
+  };
+  load_rows(smem_q, q, row0, seqlen_q, p.q_strides.seq);
+  if (key_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int64_t warp_row0 = row0 + warpgroup * 64 + warp * 16;
+  // This thread's two rows of every accumulator tile (wgmma_m64nk16's layout), and its first
+  // column in each 8-wide column tile.
+  const int64_t rows[2] = {warp_row0 + lane / 4, warp_row0 + lane / 4 + 8};
+  const int quad_col = 2 * (lane % 4);
+  // This warpgroup's 64 rows of Q: 64 rows into each column block.
+  const uint32_t q_tile = shared_address(smem_q) + warpgroup * 64 * kSwizzleRowBytes;
+
+  float acc_o[kHeadDim / 2] = {};  // acc_o[4 di + 2 half + e]: row rows[half], column 8 di + ...
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; summed over the quad at the end
+
+  for (int j = 0; j < key_blocks; ++j) {
+    cp_async_wait<0>();          // K_j, V_j (and at j = 0, Q) have landed for this thread
+    fence_proxy_async_shared();  // ... visible to wgmma's reads
+    __syncthreads();  // for every thread; and no wgmma still reads stage (j + 1) % kStages
+    if (j + 1 < key_blocks) load_kv((j + 1) % kStages, j + 1);
+    cp_async_commit();
+    const uint32_t k_tile = shared_address(smem_k + (j % kStages) * kTileBytes);
+    const uint32_t v_tile = shared_address(smem_v + (j % kStages) * kTileBytes);
+    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+
+    // S = Q K^T: s[4 ni + 2 half + e] is row rows[half], key key0 + 8 ni + quad_col + e.
+    float s[kBlockN / 2] = {};
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      wgmma_m64nk16<kBlockN, T, 0, 0>(s, k_major_step(q_tile, kk), k_major_step(k_tile, kk), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    // Online softmax, one row (half) at a time, as attention_fwd_sm80.cuh's. Only blocks
+    // that reach past the last key or this warp's diagonal need masking.
+    const bool needs_mask =
+        key0 + kBlockN > seqlen_k || (kCausal && key0 + kBlockN - 1 > warp_row0);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float block_max = -INFINITY;
+#pragma unroll
+      for (int ni = 0; ni < kBlockN / 8; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = s[4 * ni + 2 * half + e] * p.scale_log2;
+          if (needs_mask) {
+            const int64_t key = key0 + ni * 8 + quad_col + e;
+            if (key >= seqlen_k || (kCausal && key > rows[half])) x = -INFINITY;
+          }
+          s[4 * ni + 2 * half + e] = x;
+          block_max = fmaxf(block_max, x);
+        }
+      }
+      const float new_max = fmaxf(row_max[half], quad_max(block_max));
+      // A row that has seen only masked keys keeps max -inf: exponentiate against 0 so
+      // that -inf - (-inf) never makes a NaN.
+      const float base = new_max == -INFINITY ? 0.0f : new_max;
+      const float rescale = exp2f(row_max[half] - base);
+      row_max[half] = new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int ni = 0; ni < kBlockN / 8; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float prob = exp2f(s[4 * ni + 2 * half + e] - base);
+          sum += prob;
+          s[4 * ni + 2 * half + e] = prob;
+        }
+      }
+      row_sum[half] = row_sum[half] * rescale + sum;
+#pragma unroll
+      for (int di = 0; di < kHeadDim / 8; ++di) {
+        acc_o[4 * di + 2 * half] *= rescale;
+        acc_o[4 * di + 2 * half + 1] *= rescale;
+      }
+    }
+
+    // O += P V, k-step kk over keys 16 kk .. 16 kk + 15: S's column tiles 2 kk and 2 kk + 1
+    // are, pair by pair, the A fragment (wgmma_m64nk16_a_registers).
+    uint32_t frag_p[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        frag_p[kk][r] = pack_pair<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+      }
+    }
+    wgmma_fence();  // the rescaled acc_o and frag_p are written before the wgmma reads them
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      wgmma_m64nk16_a_registers<kHeadDim, T, 1>(acc_o, frag_p[kk], n_major_step(v_tile, kk), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();  // acc_o is read next step, and V's stage is refilled after the barrier
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+
+  // O / l and lse = (max + log2 l) ln 2. A row with no visible key (l = 0) gives zeros and
+  // lse = -inf, as PyTorch does.
+  T* out = row_pointer<T>(p.out, p.out_strides, b, h, seq.q_start);
+  float* lse = p.lse + seq.stats;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float total = quad_sum(row_sum[half]);
+    if (rows[half] >= seqlen_q) continue;
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    T* out_row = out + rows[half] * p.out_strides.seq + quad_col;
+#pragma unroll
+    for (int di = 0; di < kHeadDim / 8; ++di) {
+      if (di * 8 >= p.head_dim) break;  // padding columns
+      *reinterpret_cast<uint32_t*>(out_row + di * 8) =
+          pack_pair<T>(acc_o[4 * di + 2 * half] * inv, acc_o[4 * di + 2 * half + 1] * inv);
+    }
+    if (lane % 4 == 0) {
+      lse[rows[half]] =
+          total > 0.0f ? (row_max[half] + log2f(total)) * attention_sm80::kLn2 : -INFINITY;
+    }
+  }
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
+template <typename T, bool kCausal>
+cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
+  auto kernel = attention_fwd_kernel<T, kCausal>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<attention_sm80::query_grid<kBlockM>(p), kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t run(const AttentionParams& p, bool causal, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+  return causal ? launch<T, true>(p, stream) : launch<T, false>(p, stream);
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace attention_sm90a
+}  // namespace tilesmith
