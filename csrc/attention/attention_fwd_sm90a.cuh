@@ -4,19 +4,23 @@
 // H100.
 //
 // One block of two warpgroups computes 128 query rows (64 per warpgroup) of one (batch,
-// head) and walks the keys 128 at a time. Q, and two stages of K and V, sit in shared memory
-// in the 128-byte swizzle that wgmma's descriptors read, filled by cp.async (the next key
-// block loads while this one computes):
+// head) and walks the keys 128 at a time. Q, and three stages of K and V, sit in shared
+// memory in the 128-byte swizzle that wgmma's descriptors read, filled by cp.async (the next
+// key block loads while this one computes):
 //   S = Q K^T: eight wgmma m64n128k16 per warpgroup, Q the K-major A (head dim along its
 //     128-byte rows) and K the K-major B, both straight from their tiles;
 //   O += P V: P is rounded to T in registers, where the S accumulators already lie in the A
 //     fragment layout of a register-A wgmma; V's tile (keys along rows, head dim along the
 //     bytes) is its N-major B, read through the transpose immediate.
+// Step j issues S_j, then the previous block's P V, and waits only for S_j: the softmax of
+// S_j runs on the CUDA cores while the tensor cores finish P_{j-1} V_{j-1} (hence the
+// third stage: V_{j-1} is still read while block j + 1 loads). In the SASS of nvcc 13.0,
+// ptxas places that wait part-way into the softmax, ahead of its exponentials, so the
+// overlap is partial; measuring and improving it waits for a GPU.
 // Head dims 65 to 128 (multiples of 8) run here, zero-filled to 128 like the sm_80 kernel.
 //
 // Not yet: TMA, warp specialization (a producer warpgroup), two warpgroups taking turns at
-// softmax and MMA, overlap of one key block's softmax with the next block's QK^T; masks and
-// dropout (attention_fwd_sm80.cuh takes those calls).
+// softmax and MMA; masks and dropout (attention_fwd_sm80.cuh takes those calls).
 #pragma once
 
 #include <cmath>
@@ -35,14 +39,16 @@ constexpr int kBlockM = 128;  // query rows per block, 64 per warpgroup
 constexpr int kBlockN = 128;  // keys per step
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = kWarpgroups * 128;
-constexpr int kStages = 2;
+constexpr int kStages = 3;
 // A tile of 128 rows (query rows or keys) by the head dim: kHeadDim / 64 blocks of 128
 // swizzled 128-byte rows, block c holding head-dim columns 64c .. 64c + 63.
 constexpr int kTileRows = 128;
 constexpr int kColumnBlockBytes = kTileRows * kSwizzleRowBytes;  // 16 KiB
 constexpr int kTileBytes = (kHeadDim / 64) * kColumnBlockBytes;  // 32 KiB
-// Q, then the stages of K, then those of V, and the 1024 bytes that align the start.
+// Q, then the stages of K, then those of V, and the 1024 bytes that align the start: 225 KiB
+// of the 227 an H100 block may have.
 constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + 1024;
+static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
 
 // Descriptor of k-step kk (16 head-dim columns) of a tile read K-major: Q as A, K as B.
 __device__ __forceinline__ uint64_t k_major_step(uint32_t tile, int kk) {
@@ -111,18 +117,35 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   float acc_o[kHeadDim / 2] = {};  // acc_o[4 di + 2 half + e]: row rows[half], column 8 di + ...
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; summed over the quad at the end
+  // P of the previous key block, rounded to T: k-step kk (keys 16 kk .. 16 kk + 15) is S's
+  // column tiles 2 kk and 2 kk + 1, which are, pair by pair, the A fragment of
+  // wgmma_m64nk16_a_registers.
+  uint32_t frag_p[kBlockN / 16][4];
+  // O += P V for the key block whose V tile is in `stage`.
+  auto issue_pv = [&](int stage) {
+    const uint32_t v_tile = shared_address(smem_v + stage * kTileBytes);
+    wgmma_fence();  // acc_o and frag_p were last written by this thread before this point
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      wgmma_m64nk16_a_registers<kHeadDim, T, 1>(acc_o, frag_p[kk], n_major_step(v_tile, kk), 1);
+    }
+    wgmma_commit();
+  };
 
   for (int j = 0; j < key_blocks; ++j) {
     cp_async_wait<0>();          // K_j, V_j (and at j = 0, Q) have landed for this thread
     fence_proxy_async_shared();  // ... visible to wgmma's reads
-    __syncthreads();  // for every thread; and no wgmma still reads stage (j + 1) % kStages
+    // For every thread; and every warpgroup has retired block j - 2's P V (in step j - 1),
+    // so the stage that held block j - 2 takes block j + 1.
+    __syncthreads();
     if (j + 1 < key_blocks) load_kv((j + 1) % kStages, j + 1);
     cp_async_commit();
     const uint32_t k_tile = shared_address(smem_k + (j % kStages) * kTileBytes);
-    const uint32_t v_tile = shared_address(smem_v + (j % kStages) * kTileBytes);
     const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
 
     // S = Q K^T: s[4 ni + 2 half + e] is row rows[half], key key0 + 8 ni + quad_col + e.
+    // Then the previous block's P V, which the tensor cores run while this warpgroup's
+    // softmax of S runs; S retires first.
     float s[kBlockN / 2] = {};
     wgmma_fence();
 #pragma unroll
@@ -130,24 +153,34 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
       wgmma_m64nk16<kBlockN, T, 0, 0>(s, k_major_step(q_tile, kk), k_major_step(k_tile, kk), 1);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    if (j > 0) {
+      issue_pv((j - 1) % kStages);
+      wgmma_wait<1>();
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_registers(s);  // read after the wait
 
     // Online softmax, one row (half) at a time, as attention_fwd_sm80.cuh's. Only blocks
-    // that reach past the last key or this warp's diagonal need masking.
+    // that reach past the last key or this warp's diagonal need masking: there row
+    // rows[half] sees the block's keys before visible[half] (its end, or just past its
+    // diagonal), counted in 32 bits from key0.
     const bool needs_mask =
         key0 + kBlockN > seqlen_k || (kCausal && key0 + kBlockN - 1 > warp_row0);
+    float rescale[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
+      int visible = static_cast<int>(seqlen_k - key0 < kBlockN ? seqlen_k - key0 : kBlockN);
+      if (kCausal && rows[half] - key0 < visible) {
+        visible = static_cast<int>(rows[half] - key0 + 1);  // may be 0 or less: none
+      }
       float block_max = -INFINITY;
 #pragma unroll
       for (int ni = 0; ni < kBlockN / 8; ++ni) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float x = s[4 * ni + 2 * half + e] * p.scale_log2;
-          if (needs_mask) {
-            const int64_t key = key0 + ni * 8 + quad_col + e;
-            if (key >= seqlen_k || (kCausal && key > rows[half])) x = -INFINITY;
-          }
+          if (needs_mask && ni * 8 + quad_col + e >= visible) x = -INFINITY;
           s[4 * ni + 2 * half + e] = x;
           block_max = fmaxf(block_max, x);
         }
@@ -156,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
       // A row that has seen only masked keys keeps max -inf: exponentiate against 0 so
       // that -inf - (-inf) never makes a NaN.
       const float base = new_max == -INFINITY ? 0.0f : new_max;
-      const float rescale = exp2f(row_max[half] - base);
+      rescale[half] = exp2f(row_max[half] - base);
       row_max[half] = new_max;
       float sum = 0.0f;
 #pragma unroll
@@ -168,17 +201,26 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
           s[4 * ni + 2 * half + e] = prob;
         }
       }
-      row_sum[half] = row_sum[half] * rescale + sum;
-#pragma unroll
-      for (int di = 0; di < kHeadDim / 8; ++di) {
-        acc_o[4 * di + 2 * half] *= rescale;
-        acc_o[4 * di + 2 * half + 1] *= rescale;
-      }
+      row_sum[half] = row_sum[half] * rescale[half] + sum;
     }
 
-    // O += P V, k-step kk over keys 16 kk .. 16 kk + 15: S's column tiles 2 kk and 2 kk + 1
-    // are, pair by pair, the A fragment (wgmma_m64nk16_a_registers).
-    uint32_t frag_p[kBlockN / 16][4];
+    // The softmax above is done before the wait, while the previous block's P V runs. That
+    // has then added its share to acc_o (relative to the old maxima) and no longer reads
+    // frag_p.
+    fence_registers(s);
+    fence_registers(rescale);
+    fence_registers(row_sum);
+    fence_registers(frag_p);
+    wgmma_wait<0>();
+    fence_registers(acc_o);
+#pragma unroll
+    for (int di = 0; di < kHeadDim / 8; ++di) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        acc_o[4 * di + 2 * half] *= rescale[half];
+        acc_o[4 * di + 2 * half + 1] *= rescale[half];
+      }
+    }
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll
@@ -186,13 +228,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
         frag_p[kk][r] = pack_pair<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
       }
     }
-    wgmma_fence();  // the rescaled acc_o and frag_p are written before the wgmma reads them
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      wgmma_m64nk16_a_registers<kHeadDim, T, 1>(acc_o, frag_p[kk], n_major_step(v_tile, kk), 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();  // acc_o is read next step, and V's stage is refilled after the barrier
+  }
+  if (key_blocks > 0) {  // the last block's P V
+    issue_pv((key_blocks - 1) % kStages);
+    wgmma_wait<0>();
+    fence_registers(acc_o);
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 

@@ -122,6 +122,7 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
 
     if constexpr (kBlockScaled) {
       wgmma_wait<0>();  // the partial sums are read right away
+      fence_registers(partial);
       // One 128x128 scale of b covers this whole tile; a's scales are per row.
       const float scale_b = p.scale_b[kt * p.scale_b_row_stride + block_n0 / kBlockN];
 #pragma unroll
@@ -138,6 +139,8 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
       wgmma_wait<1>();  // step kt - 1 retired; step kt runs on while the loop goes round
     }
   });
+
+  fence_registers(acc);  // read only after the pipeline's last wait
 
   // Epilogue: per-tensor and per-row/column scales, then the bias, then the store.
   const float tensor_scale_a = p.scale_a_kind == ScaleKind::kTensor ? p.scale_a[0] : 1.0f;

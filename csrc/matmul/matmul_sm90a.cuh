@@ -82,6 +82,7 @@ __device__ __forceinline__ void mainloop(float (&acc)[kBlockN / 2], const uint8_
     wgmma_commit();
     wgmma_wait<1>();  // step kt - 1 retired; step kt runs on while the loop goes round
   });
+  fence_registers(acc);  // read only after the pipeline's last wait
 }
 
 // Writes the block tile at (block_m0, block_n0) from mainloop's accumulators through `out`.
