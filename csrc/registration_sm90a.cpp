@@ -12,7 +12,7 @@ namespace {
 const tilesmith::HopperKernels kHopperKernels = {
     &tilesmith::run_matmul_sm90a, &tilesmith::run_conv2d_fwd_sm90a,
     &tilesmith::run_conv2d_dgrad_sm90a, &tilesmith::run_conv2d_wgrad_sm90a,
-    &tilesmith::run_attention_fwd_sm90a};
+    &tilesmith::run_attention_fwd_sm90a, &tilesmith::run_attention_bwd_sm90a};
 }  // namespace
 
 // The module carries `hopper_kernels`, a capsule of the table above that backend.py hands

@@ -90,11 +90,12 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
         _check(got, want, baseline, what)
 
 
-# ---- the wgmma forward (csrc/attention/attention_fwd_sm90a.cuh) on an H100 -------------------
+# ---- the wgmma kernels (csrc/attention/attention_{fwd,bwd}_sm90a.cuh) on an H100 -------------
 
 # (batch, heads, kv heads, seq_q, seq_k, head dim, causal): 128-row query blocks and 128-key
-# steps, the causal diagonal inside and across them, GQA, head dims zero-filled to 128.
-HOPPER_FORWARD_SHAPES = {
+# steps in the forward, 128-key blocks and 64-query steps in dK/dV, the causal diagonal
+# inside and across them, GQA, head dims zero-filled to 128.
+HOPPER_SHAPES = {
     "d128_causal_1000": (2, 4, 4, 1000, 1000, 128, True),
     "d128_gqa_300x777": (1, 8, 2, 300, 777, 128, False),
     "d128_causal_sq777_gt_sk300": (1, 2, 2, 777, 300, 128, True),
@@ -106,31 +107,49 @@ HOPPER_FORWARD_SHAPES = {
 
 @requires_hopper_kernels
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("name", list(HOPPER_FORWARD_SHAPES))
-def test_hopper_forward_matches_float64(name, dtype):
-    b, h, hk, sq, sk, d, causal = HOPPER_FORWARD_SHAPES[name]
+@pytest.mark.parametrize("name", list(HOPPER_SHAPES))
+def test_hopper_kernels_match_float64(name, dtype):
+    b, h, hk, sq, sk, d, causal = HOPPER_SHAPES[name]
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(b, heads, s, d, generator=g).to(DEVICE, dtype)
+    q, k, v = (torch.randn(b, heads, s, d, generator=g).to(DEVICE, dtype).requires_grad_(True)
                for heads, s in ((h, sq), (hk, sk), (hk, sk)))
+    grad_out = torch.randn(b, h, sq, d, generator=g).to(DEVICE, dtype)
     kwargs = {"is_causal": causal, "enable_gqa": h != hk}
-    launches = lambda: tilesmith.ops.attention(q, k, v, causal=causal, backend="cuda")  # noqa: E731
-    assert "attention_sm90a" in cuda_kernel_names(launches)
-    out, lse = tilesmith.ops.attention(q, k, v, causal=causal, backend="cuda")
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kwargs)
-    _check(out, ref, F.scaled_dot_product_attention(q, k, v, **kwargs), "out")
-    _, ref_lse = tilesmith.ops.attention(q.double(), k.double(), v.double(), causal=causal,
+
+    def forward_backward():
+        out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend="cuda", **kwargs)
+        return out, torch.autograd.grad(out, (q, k, v), grad_out)
+
+    names = cuda_kernel_names(forward_backward)
+    assert "attention_sm90a::attention_fwd_kernel" in names
+    assert "attention_sm90a::attention_bwd_dkdv_kernel" in names
+    out, grads = forward_backward()
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_inputs, **kwargs)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
+    base_inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    base = F.scaled_dot_product_attention(*base_inputs, **kwargs)
+    base_grads = torch.autograd.grad(base, base_inputs, grad_out)
+    _check(out, ref, base, "out")
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv"]):
+        _check(got, want, baseline, what)
+    _, lse = tilesmith.ops.attention(q.detach(), k.detach(), v.detach(), causal=causal,
+                                     backend="cuda")
+    _, ref_lse = tilesmith.ops.attention(*[t.detach() for t in ref_inputs], causal=causal,
                                          backend="torch")
     testing.assert_fp32_close(lse, ref_lse, name="lse")
 
 
 @requires_hopper_kernels
-def test_hopper_forward_leaves_the_rest_to_the_sm80_kernels():
-    q, k, v = (torch.randn(1, 2, 200, 128, device=DEVICE, dtype=torch.bfloat16)
-               for _ in range(3))
+def test_hopper_kernels_leave_the_rest_to_the_sm80_kernels():
+    q, k, v = (torch.randn(1, 2, 200, 128, device=DEVICE, dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
 
     def names(q, k, v, **kwargs):
-        return cuda_kernel_names(lambda: tilesmith.ops.scaled_dot_product_attention(
-            q, k, v, backend="cuda", **kwargs))
+        def forward_backward():
+            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend="cuda", **kwargs)
+            torch.autograd.grad(out.float().sum(), (q, k, v))
+        return cuda_kernel_names(forward_backward)
 
     assert "attention_sm90a" in names(q, k, v)
     for kwargs in ({"attn_mask": torch.ones(200, 200, device=DEVICE, dtype=torch.bool)},
@@ -148,8 +167,8 @@ def test_hopper_forward_leaves_the_rest_to_the_sm80_kernels():
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("name", ["d80", "d128", "large_causal_2k", "large_gqa_1k"])
 def test_sm80_kernels_on_hopper(dtype, name):
-    """On an H100 the cuda forward takes wgmma where it can: the sm_80 kernels on the same
-    samples, forward and gradients."""
+    """On an H100 the cuda backend's attention takes wgmma where it can: the sm_80 kernels
+    on the same samples, forward and gradients."""
     with tilesmith.backend.hopper_kernels(False):
         test_forward_and_gradients_match_float64("cuda", dtype, name)
 

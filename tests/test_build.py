@@ -137,6 +137,18 @@ def test_sm90a_extension_has_wgmma_kernels_without_spills():
                 if "conv2d_sm90a" in key[1] and kernel in key[1]}
         assert len(conv) == 4, (kernel, sorted(conv))
         assert not [k for k, u in conv.items() if u["STACK"] or u["LOCAL"]], conv
+    # The Hopper attention: forward and dK/dV on wgmma, and the sm_80 dQ kernel its backward
+    # runs, each 2 dtypes x causal or not; P V, P^T dO and dS^T Q take A from registers.
+    for kernel in ("attention_sm90a::attention_fwd_kernel",
+                   "attention_sm90a::attention_bwd_dkdv_kernel",
+                   "attention_sm80::attention_bwd_dq_kernel"):
+        namespace, name = kernel.split("::")
+        attention = {key: value for key, value in usage.items()
+                     if namespace in key[1] and name in key[1]}
+        assert len(attention) == 4, (kernel, sorted(attention))
+        assert not [k for k, u in attention.items() if u["STACK"] or u["LOCAL"]], attention
+    assert "HGMMA.64x64x16.F32.BF16" in sass
+    assert re.search(r"HGMMA\.64x128x16\.F32\.BF16 R\d+, R\d+, gdesc\[UR\d+\]\.tnspB", sass)
 
 
 @needs_extension

@@ -458,15 +458,12 @@ def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None, hopper=Fa
     set_dropout(p, dropout)
     ptrs, sizes, count = buffer_table([q, k, v])
     error = ctypes.create_string_buffer(512)
-    if hopper:
-        status = emulated("attention_sm90a").emulate_attention_fwd_sm90a(
-            ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), ptrs, sizes, count, error,
-            len(error))
-        if status == 2:
-            return None
-    else:
-        status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 0,
-                                       ptrs, sizes, count, error, len(error))
+    entry = emulated("attention_sm90a").emulate_attention_sm90a if hopper else \
+        lib.emulate_attention
+    status = entry(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 0, ptrs, sizes, count,
+                   error, len(error))
+    if status == 2:
+        return None
     assert status == 0, error.value.decode()
     assert_guards_untouched(out_storage, "out")
     assert_guards_untouched(lse_storage, "lse")
@@ -603,9 +600,10 @@ def test_attention_forward_kernel_no_keys():
 
 
 def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask=None, dmask=None,
-                      dropout=None):
+                      dropout=None, hopper=False):
     """The dK/dV and dQ kernels; delta = rowsum(dO * O) in fp32, as the op computes it.
-    dmask: a zero fp32 tensor of the mask's shape to accumulate the additive mask's grad."""
+    dmask: a zero fp32 tensor of the mask's shape to accumulate the additive mask's grad.
+    hopper: attention_bwd_sm90a.cuh's kernels (which take what the wgmma forward takes)."""
     lib = emulated("attention")
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     grads = [guarded_empty(t.shape, t.dtype) for t in (q, k, v)]
@@ -621,23 +619,23 @@ def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask=None, dma
         p.dmask, p.dmask_strides = dmask.data_ptr(), broadcast_strides(dmask)
     ptrs, sizes, count = buffer_table([q, k, v, grad_out])
     error = ctypes.create_string_buffer(512)
-    status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 1, ptrs,
-                                   sizes, count, error, len(error))
+    entry = emulated("attention_sm90a").emulate_attention_sm90a if hopper else \
+        lib.emulate_attention
+    status = entry(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 1, ptrs, sizes, count,
+                   error, len(error))
     assert status == 0, error.value.decode()
     for (_, storage), name in zip(grads, ("dq", "dk", "dv")):
         assert_guards_untouched(storage, name)
     return dq, dk, dv
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_attention_backward_kernels(case, dtype):
-    b, h, hk, sq, sk, d, causal, seq_major = ATTENTION_CASES[case]
+def check_attention_backward_kernels(case, dtype, hopper):
+    b, h, hk, sq, sk, d, causal, seq_major = case
     q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype, seq_major=seq_major)
     scale = d ** -0.5
     out, lse = run_attention_fwd(q, k, v, causal, scale)
     grad_out = torch.randn(out.shape).to(dtype)
-    grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale)
+    grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, hopper=hopper)
 
     leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
     ref, _ = attention_reference(*leaves, causal, scale)
@@ -650,12 +648,26 @@ def test_attention_backward_kernels(case, dtype):
         assert_close_to_reference(got, want, baseline, name=name)
 
 
-def test_attention_backward_kernels_keys_no_query_sees():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_backward_kernels(case, dtype):
+    check_attention_backward_kernels(ATTENTION_CASES[case], dtype, hopper=False)
+
+
+# The wgmma dK/dV kernel: 128 keys per block (64 per warpgroup), 64 queries a step.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(HOPPER_ATTENTION_CASES))
+def test_hopper_attention_backward_kernels(case, dtype):
+    check_attention_backward_kernels(HOPPER_ATTENTION_CASES[case], dtype, hopper=True)
+
+
+@pytest.mark.parametrize("hopper", [False, True], ids=["sm80", "sm90a"])
+def test_attention_backward_kernels_keys_no_query_sees(hopper):
     # Causal with seq_k > seq_q: keys past the last query get zero gradients.
-    q, k, v = attention_inputs(1, 1, 1, 10, 150, 64, torch.bfloat16)
+    q, k, v = attention_inputs(1, 1, 1, 10, 150, 128 if hopper else 64, torch.bfloat16)
     out, lse = run_attention_fwd(q, k, v, True, 0.125)
     dq, dk, dv = run_attention_bwd(torch.randn(out.shape).to(q.dtype), q, k, v, out, lse,
-                                   True, 0.125)
+                                   True, 0.125, hopper=hopper)
     assert (dk[:, :, 10:] == 0).all() and (dv[:, :, 10:] == 0).all()
     assert dk[:, :, :10].abs().sum() > 0
 

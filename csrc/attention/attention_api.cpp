@@ -121,9 +121,20 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
-void launch(Runner runner, const AttentionParams& p, bool causal, const at::Tensor& q) {
+// The forward's or the backward's kernels: on Hopper the wgmma ones where they take the
+// call (attention_fwd_sm90a.cuh's takes), else those of pick_runner.
+void launch(const AttentionParams& p, bool causal, const at::Tensor& q, bool backward) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  TILESMITH_CHECK_LAUNCH(runner(p, causal, stream));
+  const HopperKernels* hopper = hopper_kernels();
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  cudaError_t error = cudaSuccess;
+  if (hopper != nullptr &&
+      (backward ? hopper->attention_bwd : hopper->attention_fwd)(p, causal, bf16, stream,
+                                                                 &error)) {
+    TILESMITH_CHECK_LAUNCH(error);
+    return;
+  }
+  TILESMITH_CHECK_LAUNCH(pick_runner(q.scalar_type(), q.size(3), backward)(p, causal, stream));
 }
 
 // A packed (tokens, heads, dim) tensor seen as a batch of one (1, heads, tokens, dim): the
@@ -241,16 +252,7 @@ void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v
   set_mask(p, mask, q, k);
   dropout.apply(p, q);
   if (packing != nullptr) packing->apply(p);
-  // On Hopper the wgmma kernel takes what it can (attention_fwd_sm90a.cuh's takes).
-  const HopperKernels* hopper = hopper_kernels();
-  cudaError_t error = cudaSuccess;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  if (hopper != nullptr &&
-      hopper->attention_fwd(p, causal, q.scalar_type() == at::kBFloat16, stream, &error)) {
-    TILESMITH_CHECK_LAUNCH(error);
-    return;
-  }
-  launch(pick_runner(q.scalar_type(), q.size(3), false), p, causal, q);
+  launch(p, causal, q, false);
 }
 
 // (dq, dk, dv) allocated by the caller; lse and delta laid out as the forward wrote lse.
@@ -296,7 +298,7 @@ void backward(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::T
   }
   dropout.apply(p, q);
   if (packing != nullptr) packing->apply(p);
-  launch(pick_runner(q.scalar_type(), q.size(3), true), p, causal, q);
+  launch(p, causal, q, true);
 }
 
 // delta = rowsum(dO * O) in fp32: the softmax backward's per-row constant.

@@ -50,19 +50,32 @@ constexpr int kTileBytes = (kHeadDim / 64) * kColumnBlockBytes;  // 32 KiB
 constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + 1024;
 static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
 
-// Descriptor of k-step kk (16 head-dim columns) of a tile read K-major: Q as A, K as B.
+// Descriptor of k-step kk (16 head-dim columns) of a tile of kRows rows read K-major (Q or
+// K as A, K or Q as B): its column blocks lie kRows 128-byte rows apart.
+template <int kRows = kTileRows>
 __device__ __forceinline__ uint64_t k_major_step(uint32_t tile, int kk) {
-  return smem_descriptor_sw128(tile + (kk / 4) * kColumnBlockBytes + (kk % 4) * 32);
+  return smem_descriptor_sw128(tile + (kk / 4) * kRows * kSwizzleRowBytes + (kk % 4) * 32);
 }
 
-// Descriptor of k-step kk (16 keys) of V's tile read N-major: 16 rows further down, the
-// head dim's 64-column blocks kColumnBlockBytes apart.
+// Descriptor of k-step kk (16 rows: keys of V, or queries of Q and dO in the backward) of a
+// tile of kRows rows read N-major: 16 rows further down, the head dim's 64-column blocks
+// kRows rows apart.
+template <int kRows = kTileRows>
 __device__ __forceinline__ uint64_t n_major_step(uint32_t tile, int kk) {
-  return smem_descriptor_sw128(tile + kk * 16 * kSwizzleRowBytes, kColumnBlockBytes);
+  return smem_descriptor_sw128(tile + kk * 16 * kSwizzleRowBytes, kRows * kSwizzleRowBytes);
 }
 
-// Whether these kernels take the call: the head dims of the 128-wide kernel, no mask and no
-// dropout.
+// Rows first .. first + kRows - 1 of one sequence's (seq, head_dim) matrix into a tile of
+// kHeadDim / 64 column blocks; rows past `rows` and columns past head_dim are zero-filled.
+template <typename T, int kRows>
+__device__ __forceinline__ void load_rows(uint8_t* tile, const T* matrix, int64_t first,
+                                          int64_t rows, int64_t seq_stride, int64_t head_dim) {
+  load_swizzled_tile<T, kThreads, kRows, kHeadDim / 64>(tile, matrix, first, rows, 0, head_dim,
+                                                        seq_stride);
+}
+
+// Whether these kernels (this forward, and the backward of attention_bwd_sm90a.cuh) take
+// the call: the head dims of the 128-wide kernel, no mask and no dropout.
 inline bool takes(const AttentionParams& p) {
   return p.head_dim > 64 && p.head_dim <= kHeadDim && p.mask_kind == MaskKind::kNone &&
          p.dropout_seed == nullptr;
@@ -89,19 +102,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
   const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
 
-  // Rows first .. first + 127 of a (seq, head_dim) matrix; rows past `rows` and columns past
-  // head_dim are zero-filled.
-  auto load_rows = [&](uint8_t* tile, const T* matrix, int64_t first, int64_t rows,
-                       int64_t seq_stride) {
-    load_swizzled_tile<T, kThreads, kTileRows, kHeadDim / 64>(tile, matrix, first, rows, 0,
-                                                              p.head_dim, seq_stride);
-  };
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
-    load_rows(smem_k + stage * kTileBytes, k, n0, seqlen_k, p.k_strides.seq);
-    load_rows(smem_v + stage * kTileBytes, v, n0, seqlen_k, p.v_strides.seq);
+    load_rows<T, kTileRows>(smem_k + stage * kTileBytes, k, n0, seqlen_k, p.k_strides.seq,
+                            p.head_dim);
+    load_rows<T, kTileRows>(smem_v + stage * kTileBytes, v, n0, seqlen_k, p.v_strides.seq,
+                            p.head_dim);
   };
-  load_rows(smem_q, q, row0, seqlen_q, p.q_strides.seq);
+  load_rows<T, kTileRows>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 

@@ -1,6 +1,6 @@
 // The kernels of tilesmith._C_sm90a (compiled for sm_90a only) that tilesmith._C's ops run on
 // a GPU of compute capability 9.0: the wgmma matmul/gemm, conv2d (forward, dgrad and wgrad)
-// and attention forward. The two extensions are separate shared libraries, so _C reaches
+// and attention (forward and backward). The two extensions are separate shared libraries, so _C reaches
 // them through this table of function pointers: tilesmith._C_sm90a exports it as the capsule
 // `hopper_kernels`, and backend.py hands that to tilesmith._C._set_hopper_kernels (None: the
 // sm_80 kernels everywhere). Each entry launches and returns true, storing the launch's error code in
@@ -27,6 +27,8 @@ struct HopperKernels {
                        cudaStream_t stream, cudaError_t* error);
   bool (*attention_fwd)(const AttentionParams& params, bool causal, bool bf16,
                         cudaStream_t stream, cudaError_t* error);
+  bool (*attention_bwd)(const AttentionParams& params, bool causal, bool bf16,
+                        cudaStream_t stream, cudaError_t* error);
 };
 
 // In tilesmith._C (registration.cpp): the table in use, or nullptr.
@@ -43,6 +45,8 @@ bool run_conv2d_dgrad_sm90a(const ConvParams& conv, const MatmulParams& out, boo
 bool run_conv2d_wgrad_sm90a(const ConvParams& conv, const MatmulParams& out, int splits,
                             bool bf16, cudaStream_t stream, cudaError_t* error);
 bool run_attention_fwd_sm90a(const AttentionParams& params, bool causal, bool bf16,
+                             cudaStream_t stream, cudaError_t* error);
+bool run_attention_bwd_sm90a(const AttentionParams& params, bool causal, bool bf16,
                              cudaStream_t stream, cudaError_t* error);
 bool current_device_is_sm90();
 

@@ -47,8 +47,8 @@ template <typename A, typename B>
 __device__ __forceinline__ void wgmma_m64n256k32(float (&d)[128], uint64_t desc_a,
                                                  uint64_t desc_b, int accumulate);
 
-// d (+)= A B for a 64xNx16 block of 16-bit operands (T: __nv_bfloat16 or __half; N = 128 or
-// 256) from shared memory; kMnMajorA / kMnMajorB: A stored M-major / B N-major (the
+// d (+)= A B for a 64xNx16 block of 16-bit operands (T: __nv_bfloat16 or __half; N = 64,
+// 128 or 256) from shared memory; kMnMajorA / kMnMajorB: A stored M-major / B N-major (the
 // instruction's transpose immediates), else K-major. Accumulators as wgmma_m64n128k32's.
 template <int kN, typename T, int kMnMajorA, int kMnMajorB>
 __device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a,
@@ -67,12 +67,14 @@ __device__ __forceinline__ void wgmma_m64nk16_a_registers(float (&d)[kN / 2],
                                                           uint64_t desc_b, int accumulate);
 
 #ifndef TILESMITH_CPU_EMULATION
-// The accumulator registers of m64n128 (64 per thread) and m64n256 (128) fp32 wgmma, as
-// the instruction's register list and the asm operands.
-#define TILESMITH_WGMMA_REGISTERS_0_63 \
+// The accumulator registers of m64n64 (32 per thread), m64n128 (64) and m64n256 (128) fp32
+// wgmma, as the instruction's register list and the asm operands.
+#define TILESMITH_WGMMA_REGISTERS_0_31 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, " \
   "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
-  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31"
+#define TILESMITH_WGMMA_REGISTERS_0_63 \
+  TILESMITH_WGMMA_REGISTERS_0_31 ", %32, %33, %34, %35, " \
   "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, " \
   "%60, %61, %62, %63"
@@ -83,15 +85,18 @@ __device__ __forceinline__ void wgmma_m64nk16_a_registers(float (&d)[kN / 2],
   "%100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, " \
   "%124, %125, %126, %127"
+#define TILESMITH_WGMMA_D32_REGISTERS "{" TILESMITH_WGMMA_REGISTERS_0_31 "}"
 #define TILESMITH_WGMMA_D64_REGISTERS "{" TILESMITH_WGMMA_REGISTERS_0_63 "}"
 #define TILESMITH_WGMMA_D128_REGISTERS \
   "{" TILESMITH_WGMMA_REGISTERS_0_63 ", " TILESMITH_WGMMA_REGISTERS_64_127 "}"
-#define TILESMITH_WGMMA_D64_OPERANDS(d) \
+#define TILESMITH_WGMMA_D32_OPERANDS(d) \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
   "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
   "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
   "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
-  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), \
+  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define TILESMITH_WGMMA_D64_OPERANDS(d) \
+  TILESMITH_WGMMA_D32_OPERANDS(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), \
   "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
   "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
@@ -151,10 +156,14 @@ TILESMITH_WGMMA_FP8_PAIRS(256, 128, "%128", "%129", "%130")
 template <int kN, typename T, int kMnMajorA, int kMnMajorB>
 __device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a,
                                               uint64_t desc_b, int accumulate) {
-  static_assert(kN == 128 || kN == 256, "wgmma tile widths wrapped here: 128 and 256");
+  static_assert(kN == 64 || kN == 128 || kN == 256, "wgmma widths wrapped: 64, 128, 256");
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   static_assert(kBf16 || std::is_same_v<T, __half>, "16-bit wgmma: bf16 or fp16 operands");
-  if constexpr (kN == 128 && kBf16) {
+  if constexpr (kN == 64 && kBf16) {
+    TILESMITH_WGMMA_K16(64, 32, "bf16", "%32", "%33", "%34", "%35", "%36");
+  } else if constexpr (kN == 64) {
+    TILESMITH_WGMMA_K16(64, 32, "f16", "%32", "%33", "%34", "%35", "%36");
+  } else if constexpr (kN == 128 && kBf16) {
     TILESMITH_WGMMA_K16(128, 64, "bf16", "%64", "%65", "%66", "%67", "%68");
   } else if constexpr (kN == 128) {
     TILESMITH_WGMMA_K16(128, 64, "f16", "%64", "%65", "%66", "%67", "%68");

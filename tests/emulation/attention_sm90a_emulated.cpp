@@ -1,46 +1,70 @@
-// csrc/attention/attention_fwd_sm90a.cuh's kernel on the CPU emulator, for
-// tests/test_cuda_emulated.py.
+// csrc/attention/attention_fwd_sm90a.cuh's and attention_bwd_sm90a.cuh's kernels on the CPU
+// emulator, for tests/test_cuda_emulated.py.
 #include "sm90a_emulator.h"
 // The emulator must come first: it replaces the inline PTX of mma_sm80.cuh / wgmma_sm90a.cuh.
-#include "../../csrc/attention/attention_fwd_sm90a.cuh"
+#include "../../csrc/attention/attention_bwd_sm90a.cuh"
 
+// The kernels' `extern __shared__` buffers (the backward also runs attention_bwd_sm80.cuh's
+// dQ kernel), aligned as the GPU's shared window is.
 namespace tilesmith::attention_sm90a {
-// The kernel's `extern __shared__` buffer, aligned as the GPU's shared window is.
-alignas(1024) unsigned char shared_bytes[kSmemBytes];
+alignas(1024) unsigned char shared_bytes[kSmemBytes > kDkdvSmemBytes ? kSmemBytes
+                                                                     : kDkdvSmemBytes];
 }  // namespace tilesmith::attention_sm90a
+namespace tilesmith::attention_sm80 {
+alignas(1024) unsigned char shared_bytes[dq_smem_bytes<__half, 128>()];
+}  // namespace tilesmith::attention_sm80
 
 namespace {
 
 using tilesmith::AttentionParams;
+namespace at80 = tilesmith::attention_sm80;
 namespace at90 = tilesmith::attention_sm90a;
 
 template <typename T, bool kCausal>
 std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
-  return tilesmith_emu::launch(tilesmith::attention_sm80::query_grid<at90::kBlockM>(p),
-                               dim3(at90::kThreads), at90::kSmemBytes, at90::shared_bytes,
-                               std::move(buffers),
+  return tilesmith_emu::launch(at80::query_grid<at90::kBlockM>(p), dim3(at90::kThreads),
+                               at90::kSmemBytes, at90::shared_bytes, std::move(buffers),
                                [&p] { at90::attention_fwd_kernel<T, kCausal>(p); });
 }
 
+// The kernels as launch_bwd runs them (attention_bwd_sm90a.cuh's backward_plan); each
+// kernel's buffer is that of its namespace.
+template <typename T, bool kCausal>
+std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
+  std::string error;
+  at90::backward_plan<T, kCausal>(p, [&](auto kernel, dim3 grid, int threads, int smem_bytes) {
+    unsigned char* smem = threads == at90::kThreads ? at90::shared_bytes : at80::shared_bytes;
+    error = tilesmith_emu::launch(grid, dim3(threads), smem_bytes, smem, buffers,
+                                  [&] { kernel(p); });
+    return error.empty();
+  });
+  return error;
+}
+
 template <typename T>
-std::string forward(const AttentionParams& p, bool causal,
-                    std::vector<tilesmith_emu::Buffer> buffers) {
+std::string run(const AttentionParams& p, bool causal, bool is_backward,
+                std::vector<tilesmith_emu::Buffer> buffers) {
+  if (is_backward) {
+    return causal ? backward<T, true>(p, std::move(buffers))
+                  : backward<T, false>(p, std::move(buffers));
+  }
   return causal ? forward<T, true>(p, std::move(buffers)) : forward<T, false>(p, std::move(buffers));
 }
 
 }  // namespace
 
-// dtype: 0 bfloat16, 1 float16. Returns 0, or 1 with the emulator's message in `error`; 2
-// where the kernel does not take the call (attention_sm90a::takes), launching nothing.
-extern "C" int emulate_attention_fwd_sm90a(const AttentionParams* params, int dtype, int causal,
-                                           const void* const* buffer_ptrs,
-                                           const int64_t* buffer_bytes, int buffers, char* error,
-                                           int error_capacity) {
+// dtype: 0 bfloat16, 1 float16; backward 0 (the forward kernel) or 1 (the dK/dV and dQ
+// kernels). Returns 0, or 1 with the emulator's message in `error`; 2 where the kernels do
+// not take the call (attention_sm90a::takes), launching nothing.
+extern "C" int emulate_attention_sm90a(const AttentionParams* params, int dtype, int causal,
+                                       int backward, const void* const* buffer_ptrs,
+                                       const int64_t* buffer_bytes, int buffers, char* error,
+                                       int error_capacity) {
   if (!at90::takes(*params)) return 2;
   auto regions = tilesmith_emu::buffers_from(buffer_ptrs, buffer_bytes, buffers);
   const std::string message = dtype == 0
-      ? forward<__nv_bfloat16>(*params, causal, std::move(regions))
-      : forward<__half>(*params, causal, std::move(regions));
+      ? run<__nv_bfloat16>(*params, causal, backward, std::move(regions))
+      : run<__half>(*params, causal, backward, std::move(regions));
   std::snprintf(error, error_capacity, "%s", message.c_str());
   return message.empty() ? 0 : 1;
 }

@@ -1,0 +1,227 @@
+// Attention backward for Hopper (sm_90a): the dK/dV kernel on wgmma, then the dQ kernel of
+// attention_bwd_sm80.cuh (mma.sync) compiled for sm_90a. Same algorithm and the same calls
+// as attention_fwd_sm90a.cuh (head dims 65 to 128, no mask, no dropout); deterministic, no
+// atomics.
+//
+// dK/dV: one block of two warpgroups owns 128 keys of one (batch, kv head), 64 per
+// warpgroup, with K and V resident in shared memory, and walks 64 queries at a time through
+// every query head of its kv group, Q and dO double-buffered through cp.async. Per step and
+// warpgroup, with dS^T = P^T (dP^T - delta):
+//   S^T = K Q^T and dP^T = V dO^T: wgmma m64n64k16, all four operands K-major (head dim
+//     along the rows) from shared memory;
+//   dV += P^T dO and dK += dS^T Q: P^T and dS^T from registers (the accumulator layout of
+//     the products above), dO and Q read N-major: wgmma m64n128k16.
+// dK and dV stay in registers (64 each a thread) and are written once.
+//
+// Not yet: dQ on wgmma, overlap of a step's softmax with the tensor cores, TMA.
+#pragma once
+
+#include "attention_bwd_sm80.cuh"
+#include "attention_fwd_sm90a.cuh"
+
+namespace tilesmith {
+namespace attention_sm90a {
+
+constexpr int kDkdvBlockQ = 64;  // queries per step of the dK/dV kernel
+constexpr int kQueryTileBytes = (kHeadDim / 64) * kDkdvBlockQ * kSwizzleRowBytes;  // 16 KiB
+// K and V (kTileRows keys each), two stages of Q and two of dO, and the alignment slack.
+constexpr int kDkdvSmemBytes = 2 * kTileBytes + 4 * kQueryTileBytes + 1024;
+
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_k = aligned_shared(shared_bytes);
+  uint8_t* smem_v = smem_k + kTileBytes;
+  uint8_t* smem_q = smem_v + kTileBytes;           // two stages
+  uint8_t* smem_do = smem_q + 2 * kQueryTileBytes;  // two stages
+
+  const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
+  const int64_t h_kv = blockIdx.y, b = blockIdx.z;
+  const int64_t group = p.heads / p.heads_kv;
+  // Lengths and token offsets are per sequence; lse/delta rows per query head (below).
+  const Sequence seq = attention_sm80::sequence(p, b, h_kv * group);
+  if (key0 >= seq.seqlen_k) return;  // packed batches launch for the longest sequence
+  const int64_t seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  using attention_sm80::row_pointer;
+  const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
+  const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
+  // Query blocks that can see these keys: all, or with causal masking those reaching key0.
+  const int64_t q_begin = kCausal ? key0 / kDkdvBlockQ * kDkdvBlockQ : 0;
+  const int q_blocks = q_begin < seqlen_q
+      ? static_cast<int>((seqlen_q - q_begin + kDkdvBlockQ - 1) / kDkdvBlockQ) : 0;
+  const int steps = static_cast<int>(group) * q_blocks;  // (query head, query block) pairs
+
+  auto step_head = [&](int step) { return h_kv * group + step / q_blocks; };
+  auto step_row0 = [&](int step) {
+    return q_begin + static_cast<int64_t>(step % q_blocks) * kDkdvBlockQ;
+  };
+  auto load_q_do = [&](int stage, int step) {
+    const int64_t h = step_head(step), q0 = step_row0(step);
+    const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
+    const T* dout = row_pointer<const T>(p.grad_out, p.grad_out_strides, b, h, seq.q_start);
+    load_rows<T, kDkdvBlockQ>(smem_q + stage * kQueryTileBytes, q, q0, seqlen_q,
+                              p.q_strides.seq, p.head_dim);
+    load_rows<T, kDkdvBlockQ>(smem_do + stage * kQueryTileBytes, dout, q0, seqlen_q,
+                              p.grad_out_strides.seq, p.head_dim);
+  };
+  load_rows<T, kTileRows>(smem_k, k, key0, seqlen_k, p.k_strides.seq, p.head_dim);
+  load_rows<T, kTileRows>(smem_v, v, key0, seqlen_k, p.v_strides.seq, p.head_dim);
+  if (steps > 0) load_q_do(0, 0);
+  cp_async_commit();
+
+  const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int quad_col = 2 * (lane % 4);
+  // This thread's two keys: rows of every accumulator tile below.
+  const int64_t warp_key0 = key0 + warpgroup * 64 + warp * 16;
+  const int64_t keys[2] = {warp_key0 + lane / 4, warp_key0 + lane / 4 + 8};
+  // This warpgroup's 64 keys of K and V: 64 rows into each column block.
+  const uint32_t k_tile = shared_address(smem_k) + warpgroup * 64 * kSwizzleRowBytes;
+  const uint32_t v_tile = shared_address(smem_v) + warpgroup * 64 * kSwizzleRowBytes;
+  float acc_dk[kHeadDim / 2] = {};  // [4 di + 2 half + e]: key keys[half], column 8 di + ...
+  float acc_dv[kHeadDim / 2] = {};
+
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<0>();          // this step's Q and dO (and at step 0, K and V) have landed
+    fence_proxy_async_shared();  // ... visible to wgmma's reads
+    __syncthreads();  // for every thread; and no wgmma still reads the other stage
+    if (step + 1 < steps) load_q_do((step + 1) % 2, step + 1);
+    cp_async_commit();
+    const uint32_t q_tile = shared_address(smem_q + (step % 2) * kQueryTileBytes);
+    const uint32_t do_tile = shared_address(smem_do + (step % 2) * kQueryTileBytes);
+    const int64_t h = step_head(step), q0 = step_row0(step);
+    const int64_t stats = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
+    const float* lse = p.lse + stats;
+    const float* delta = p.delta + stats;
+
+    // S^T = K Q^T and dP^T = V dO^T: [4 j + 2 half + e] is key keys[half], query
+    // q0 + 8 j + quad_col + e.
+    float pt[kDkdvBlockQ / 2] = {};
+    float dpt[kDkdvBlockQ / 2] = {};
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      wgmma_m64nk16<kDkdvBlockQ, T, 0, 0>(pt, k_major_step(k_tile, kk),
+                                          k_major_step<kDkdvBlockQ>(q_tile, kk), 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      wgmma_m64nk16<kDkdvBlockQ, T, 0, 0>(dpt, k_major_step(v_tile, kk),
+                                          k_major_step<kDkdvBlockQ>(do_tile, kk), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(pt);
+    fence_registers(dpt);
+
+    // P^T from the saved statistics, and dS^T = P^T (dP^T - delta). Entries of queries past
+    // the end or with no visible key, of keys past the end, or (causal) of keys after their
+    // query, are 0.
+#pragma unroll
+    for (int j = 0; j < kDkdvBlockQ / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t query = q0 + j * 8 + quad_col + e;
+        float lse_log2, row_delta;
+        const bool live =
+            attention_sm80::row_statistics(lse, delta, query, seqlen_q, lse_log2, row_delta);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = 4 * j + 2 * half + e;
+          const bool visible =
+              live && keys[half] < seqlen_k && (!kCausal || keys[half] <= query);
+          const float prob = visible ? exp2f(pt[i] * p.scale_log2 - lse_log2) : 0.0f;
+          pt[i] = prob;
+          dpt[i] = prob * (dpt[i] - row_delta);
+        }
+      }
+    }
+
+    // dV += P^T dO and dK += dS^T Q, k-step kk over queries 16 kk .. 16 kk + 15.
+    uint32_t frag_p[kDkdvBlockQ / 16][4], frag_ds[kDkdvBlockQ / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kDkdvBlockQ / 16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        frag_p[kk][r] = pack_pair<T>(pt[8 * kk + 2 * r], pt[8 * kk + 2 * r + 1]);
+        frag_ds[kk][r] = pack_pair<T>(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
+      }
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDkdvBlockQ / 16; ++kk) {
+      wgmma_m64nk16_a_registers<kHeadDim, T, 1>(acc_dv, frag_p[kk],
+                                                n_major_step<kDkdvBlockQ>(do_tile, kk), 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kDkdvBlockQ / 16; ++kk) {
+      wgmma_m64nk16_a_registers<kHeadDim, T, 1>(acc_dk, frag_ds[kk],
+                                                n_major_step<kDkdvBlockQ>(q_tile, kk), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();  // this stage is refilled after the next step's barrier
+  }
+  fence_registers(acc_dk);
+  fence_registers(acc_dv);
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+
+  // dK = scale * sum dS^T Q (the scores were scale * Q K^T); keys no query sees get zeros.
+  T* dk = row_pointer<T>(p.dk, p.dk_strides, b, h_kv, seq.k_start);
+  T* dv = row_pointer<T>(p.dv, p.dv_strides, b, h_kv, seq.k_start);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (keys[half] >= seqlen_k) continue;
+    T* dk_row = dk + keys[half] * p.dk_strides.seq + quad_col;
+    T* dv_row = dv + keys[half] * p.dv_strides.seq + quad_col;
+#pragma unroll
+    for (int di = 0; di < kHeadDim / 8; ++di) {
+      if (di * 8 >= p.head_dim) break;  // padding columns
+      const int i = 4 * di + 2 * half;
+      *reinterpret_cast<uint32_t*>(dk_row + di * 8) =
+          pack_pair<T>(acc_dk[i] * p.scale, acc_dk[i + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_row + di * 8) = pack_pair<T>(acc_dv[i], acc_dv[i + 1]);
+    }
+  }
+}
+
+// The backward's kernels in the order they run, each handed to launch(kernel, grid, threads,
+// dynamic shared bytes), which returns whether it launched: the launcher below and the CPU
+// emulator (tests/emulation/attention_sm90a_emulated.cpp) both run this one plan.
+template <typename T, bool kCausal, typename Launch>
+bool backward_plan(const AttentionParams& p, Launch&& launch) {
+  // An empty grid is a launch error, so each kernel runs only when it has rows to write.
+  if (p.seqlen_k > 0) {
+    const dim3 grid(static_cast<unsigned>((p.seqlen_k + kBlockN - 1) / kBlockN),
+                    static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
+    if (!launch(attention_bwd_dkdv_kernel<T, kCausal>, grid, kThreads, kDkdvSmemBytes)) {
+      return false;
+    }
+  }
+  if (p.seqlen_q == 0) return true;
+  namespace sm80 = attention_sm80;
+  return launch(sm80::attention_bwd_dq_kernel<T, kHeadDim, kCausal, false>, sm80::query_grid(p),
+                sm80::kThreads, sm80::dq_smem_bytes<T, kHeadDim>());
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
+template <typename T, bool kCausal>
+cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  backward_plan<T, kCausal>(p, [&](auto kernel, dim3 grid, int threads, int smem) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return false;
+    kernel<<<grid, threads, smem, stream>>>(p);
+    err = cudaGetLastError();
+    return err == cudaSuccess;
+  });
+  return err;
+}
+
+template <typename T>
+cudaError_t run_bwd(const AttentionParams& p, bool causal, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0) return cudaSuccess;
+  return causal ? launch_bwd<T, true>(p, stream) : launch_bwd<T, false>(p, stream);
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace attention_sm90a
+}  // namespace tilesmith
