@@ -123,6 +123,7 @@ def test_hopper_kernels_match_float64(name, dtype):
     names = cuda_kernel_names(forward_backward)
     assert "attention_sm90a::attention_fwd_kernel" in names
     assert "attention_sm90a::attention_bwd_dkdv_kernel" in names
+    assert "attention_sm90a::attention_bwd_dq_kernel" in names
     out, grads = forward_backward()
     ref_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_inputs, **kwargs)

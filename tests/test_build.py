@@ -137,11 +137,11 @@ def test_sm90a_extension_has_wgmma_kernels_without_spills():
                 if "conv2d_sm90a" in key[1] and kernel in key[1]}
         assert len(conv) == 4, (kernel, sorted(conv))
         assert not [k for k, u in conv.items() if u["STACK"] or u["LOCAL"]], conv
-    # The Hopper attention: forward and dK/dV on wgmma, and the sm_80 dQ kernel its backward
-    # runs, each 2 dtypes x causal or not; P V, P^T dO and dS^T Q take A from registers.
+    # The Hopper attention: forward, dK/dV and dQ, each 2 dtypes x causal or not; P V,
+    # P^T dO, dS^T Q and dS K take A from registers.
     for kernel in ("attention_sm90a::attention_fwd_kernel",
                    "attention_sm90a::attention_bwd_dkdv_kernel",
-                   "attention_sm80::attention_bwd_dq_kernel"):
+                   "attention_sm90a::attention_bwd_dq_kernel"):
         namespace, name = kernel.split("::")
         attention = {key: value for key, value in usage.items()
                      if namespace in key[1] and name in key[1]}

@@ -1057,14 +1057,17 @@ def packed_strides(t):
     return AttentionStrides(0, t.stride(1), t.stride(0))
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["", "dropout"])
+@pytest.mark.parametrize("kernel,dropout_p", [("sm80", 0.0), ("sm80", 0.25), ("sm90a", 0.0)],
+                         ids=["sm80", "sm80_dropout", "sm90a"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_attention_kernels_on_packed_varlen_batches(causal, dropout_p):
-    # Sequences of 37, 0, 70 and 5 queries over 50, 20, 66 and 5 keys; GQA 4:2; d=64. With
+def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
+    # Sequences of 37, 0, 70 and 5 queries over 50, 20, 66 and 5 keys (sm90a: 150 queries
+    # over 140 keys for the third, past one 128-row block); GQA 4:2; d=64 (sm90a: 128). With
     # dropout, sequence i drops what batch entry i of the dense mask drops, over its own
     # (sequence-local) positions.
-    dtype, d, heads, heads_kv = torch.bfloat16, 64, 4, 2
-    lengths_q, lengths_k = [37, 0, 70, 5], [50, 20, 66, 5]
+    hopper = kernel == "sm90a"
+    dtype, d, heads, heads_kv = torch.bfloat16, 128 if hopper else 64, 4, 2
+    lengths_q, lengths_k = [37, 0, 150 if hopper else 70, 5], [50, 20, 140 if hopper else 66, 5]
     cu_q = torch.tensor([0] + list(itertools.accumulate(lengths_q)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(itertools.accumulate(lengths_k)), dtype=torch.int32)
     q = torch.randn(int(cu_q[-1]), heads, d).to(dtype)
@@ -1095,8 +1098,10 @@ def test_attention_kernels_on_packed_varlen_batches(causal, dropout_p):
 
     def launch(backward):
         ptrs, sizes, count = buffer_table([q, k, v] + ([grad_out] if backward else []))
-        status = lib.emulate_attention(ctypes.byref(p), DTYPE_CODES[dtype], int(causal),
-                                       int(backward), ptrs, sizes, count, error, len(error))
+        entry = emulated("attention_sm90a").emulate_attention_sm90a if hopper else \
+            lib.emulate_attention
+        status = entry(ctypes.byref(p), DTYPE_CODES[dtype], int(causal), int(backward), ptrs,
+                       sizes, count, error, len(error))
         assert status == 0, error.value.decode()
 
     launch(False)

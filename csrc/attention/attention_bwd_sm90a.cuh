@@ -1,22 +1,24 @@
-// Attention backward for Hopper (sm_90a): the dK/dV kernel on wgmma, then the dQ kernel of
-// attention_bwd_sm80.cuh (mma.sync) compiled for sm_90a. Same algorithm and the same calls
-// as attention_fwd_sm90a.cuh (head dims 65 to 128, no mask, no dropout); deterministic, no
-// atomics.
+// Attention backward for Hopper (sm_90a) on wgmma, in two kernels (dK/dV, then dQ) like
+// attention_bwd_sm80.cuh's, for the calls attention_fwd_sm90a.cuh takes (head dims 65 to
+// 128, no mask, no dropout); deterministic, no atomics. Both keep P, dS and their
+// transposes in registers, where the score products' accumulators already lie in the A
+// fragment layout of a register-A wgmma, and read every other operand from swizzled shared
+// memory, filled by cp.async.
 //
 // dK/dV: one block of two warpgroups owns 128 keys of one (batch, kv head), 64 per
 // warpgroup, with K and V resident in shared memory, and walks 64 queries at a time through
-// every query head of its kv group, Q and dO double-buffered through cp.async. Per step and
-// warpgroup, with dS^T = P^T (dP^T - delta):
+// every query head of its kv group, Q and dO double-buffered. Per step and warpgroup, with
+// dS^T = P^T (dP^T - delta):
 //   S^T = K Q^T and dP^T = V dO^T: wgmma m64n64k16, all four operands K-major (head dim
-//     along the rows) from shared memory;
-//   dV += P^T dO and dK += dS^T Q: P^T and dS^T from registers (the accumulator layout of
-//     the products above), dO and Q read N-major: wgmma m64n128k16.
+//     along the rows);
+//   dV += P^T dO and dK += dS^T Q: P^T and dS^T from registers, dO and Q read N-major:
+//     wgmma m64n128k16.
 // dK and dV stay in registers (64 each a thread) and are written once.
 //
-// Not yet: dQ on wgmma, overlap of a step's softmax with the tensor cores, TMA.
+// Not yet: overlap of a step's softmax with the tensor cores, TMA.
 #pragma once
 
-#include "attention_bwd_sm80.cuh"
+#include "attention_bwd_sm80.cuh"  // row_statistics
 #include "attention_fwd_sm90a.cuh"
 
 namespace tilesmith {
@@ -183,6 +185,149 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
   }
 }
 
+constexpr int kDqStepKeys = 64;  // keys per step of the dQ kernel
+constexpr int kKeyStepBytes = (kHeadDim / 64) * kDqStepKeys * kSwizzleRowBytes;  // 16 KiB
+// Q and dO (kTileRows rows each), two stages of K and two of V, and the alignment slack.
+constexpr int kDqSmemBytes = 2 * kTileBytes + 4 * kKeyStepBytes + 1024;
+
+// dQ: one block of two warpgroups owns 128 query rows (64 per warpgroup) of one (batch,
+// head), with Q and dO resident, and walks the keys 64 at a time like the forward. Per step
+// and warpgroup: S = Q K^T and dP = dO V^T (wgmma m64n64k16 from shared memory, all
+// K-major), dS = P (dP - delta), then dQ += dS K with dS from registers and K read N-major
+// (m64n128k16).
+template <typename T, bool kCausal>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionParams p) {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_q = aligned_shared(shared_bytes);
+  uint8_t* smem_do = smem_q + kTileBytes;
+  uint8_t* smem_k = smem_do + kTileBytes;          // two stages
+  uint8_t* smem_v = smem_k + 2 * kKeyStepBytes;    // two stages
+
+  const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t h_kv = h / (p.heads / p.heads_kv);
+  const Sequence seq = attention_sm80::sequence(p, b, h);
+  if (row0 >= seq.seqlen_q) return;  // packed batches launch for the longest sequence
+  const int64_t seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  using attention_sm80::row_pointer;
+  const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
+  const T* dout = row_pointer<const T>(p.grad_out, p.grad_out_strides, b, h, seq.q_start);
+  const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
+  const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
+  const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
+  const int key_blocks = static_cast<int>((key_end + kDqStepKeys - 1) / kDqStepKeys);
+
+  auto load_kv = [&](int stage, int block) {
+    const int64_t n0 = static_cast<int64_t>(block) * kDqStepKeys;
+    load_rows<T, kDqStepKeys>(smem_k + stage * kKeyStepBytes, k, n0, seqlen_k, p.k_strides.seq,
+                              p.head_dim);
+    load_rows<T, kDqStepKeys>(smem_v + stage * kKeyStepBytes, v, n0, seqlen_k, p.v_strides.seq,
+                              p.head_dim);
+  };
+  load_rows<T, kTileRows>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
+  load_rows<T, kTileRows>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq, p.head_dim);
+  if (key_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int quad_col = 2 * (lane % 4);
+  const int64_t warp_row0 = row0 + warpgroup * 64 + warp * 16;
+  const int64_t rows[2] = {warp_row0 + lane / 4, warp_row0 + lane / 4 + 8};
+  // This warpgroup's 64 rows of Q and dO: 64 rows into each column block.
+  const uint32_t q_tile = shared_address(smem_q) + warpgroup * 64 * kSwizzleRowBytes;
+  const uint32_t do_tile = shared_address(smem_do) + warpgroup * 64 * kSwizzleRowBytes;
+  float lse_log2[2], row_delta[2];
+  bool live[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    live[half] = attention_sm80::row_statistics(p.lse + seq.stats, p.delta + seq.stats,
+                                                rows[half], seqlen_q, lse_log2[half],
+                                                row_delta[half]);
+  }
+  float acc_dq[kHeadDim / 2] = {};  // [4 di + 2 half + e]: row rows[half], column 8 di + ...
+
+  for (int j = 0; j < key_blocks; ++j) {
+    cp_async_wait<0>();          // K_j, V_j (and at j = 0, Q and dO) have landed
+    fence_proxy_async_shared();  // ... visible to wgmma's reads
+    __syncthreads();  // for every thread; and no wgmma still reads the other stage
+    if (j + 1 < key_blocks) load_kv((j + 1) % 2, j + 1);
+    cp_async_commit();
+    const uint32_t k_tile = shared_address(smem_k + (j % 2) * kKeyStepBytes);
+    const uint32_t v_tile = shared_address(smem_v + (j % 2) * kKeyStepBytes);
+    const int64_t key0 = static_cast<int64_t>(j) * kDqStepKeys;
+
+    // S = Q K^T and dP = dO V^T: [4 ni + 2 half + e] is row rows[half], key
+    // key0 + 8 ni + quad_col + e.
+    float s[kDqStepKeys / 2] = {};
+    float dp[kDqStepKeys / 2] = {};
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      wgmma_m64nk16<kDqStepKeys, T, 0, 0>(s, k_major_step(q_tile, kk),
+                                          k_major_step<kDqStepKeys>(k_tile, kk), 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      wgmma_m64nk16<kDqStepKeys, T, 0, 0>(dp, k_major_step(do_tile, kk),
+                                          k_major_step<kDqStepKeys>(v_tile, kk), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s);
+    fence_registers(dp);
+
+    // dS = P (dP - delta), P recomputed from the saved statistics; 0 where P is.
+#pragma unroll
+    for (int ni = 0; ni < kDqStepKeys / 8; ++ni) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t key = key0 + ni * 8 + quad_col + e;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = 4 * ni + 2 * half + e;
+          const bool visible = live[half] && key < seqlen_k && (!kCausal || key <= rows[half]);
+          const float prob = visible ? exp2f(s[i] * p.scale_log2 - lse_log2[half]) : 0.0f;
+          dp[i] = prob * (dp[i] - row_delta[half]);
+        }
+      }
+    }
+
+    // dQ += dS K, k-step kk over keys 16 kk .. 16 kk + 15.
+    uint32_t frag_ds[kDqStepKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kDqStepKeys / 16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        frag_ds[kk][r] = pack_pair<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+      }
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDqStepKeys / 16; ++kk) {
+      wgmma_m64nk16_a_registers<kHeadDim, T, 1>(acc_dq, frag_ds[kk],
+                                                n_major_step<kDqStepKeys>(k_tile, kk), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();  // this stage is refilled after the next step's barrier
+  }
+  fence_registers(acc_dq);
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+
+  T* dq = row_pointer<T>(p.dq, p.dq_strides, b, h, seq.q_start);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (rows[half] >= seqlen_q) continue;
+    T* dq_row = dq + rows[half] * p.dq_strides.seq + quad_col;
+#pragma unroll
+    for (int di = 0; di < kHeadDim / 8; ++di) {
+      if (di * 8 >= p.head_dim) break;  // padding columns
+      const int i = 4 * di + 2 * half;
+      *reinterpret_cast<uint32_t*>(dq_row + di * 8) =
+          pack_pair<T>(acc_dq[i] * p.scale, acc_dq[i + 1] * p.scale);
+    }
+  }
+}
+
 // The backward's kernels in the order they run, each handed to launch(kernel, grid, threads,
 // dynamic shared bytes), which returns whether it launched: the launcher below and the CPU
 // emulator (tests/emulation/attention_sm90a_emulated.cpp) both run this one plan.
@@ -197,9 +342,8 @@ bool backward_plan(const AttentionParams& p, Launch&& launch) {
     }
   }
   if (p.seqlen_q == 0) return true;
-  namespace sm80 = attention_sm80;
-  return launch(sm80::attention_bwd_dq_kernel<T, kHeadDim, kCausal, false>, sm80::query_grid(p),
-                sm80::kThreads, sm80::dq_smem_bytes<T, kHeadDim>());
+  return launch(attention_bwd_dq_kernel<T, kCausal>, attention_sm80::query_grid<kBlockM>(p),
+                kThreads, kDqSmemBytes);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself

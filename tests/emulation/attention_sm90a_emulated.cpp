@@ -4,15 +4,12 @@
 // The emulator must come first: it replaces the inline PTX of mma_sm80.cuh / wgmma_sm90a.cuh.
 #include "../../csrc/attention/attention_bwd_sm90a.cuh"
 
-// The kernels' `extern __shared__` buffers (the backward also runs attention_bwd_sm80.cuh's
-// dQ kernel), aligned as the GPU's shared window is.
+// The kernels' `extern __shared__` buffer, aligned as the GPU's shared window is: the
+// forward's is the largest.
 namespace tilesmith::attention_sm90a {
-alignas(1024) unsigned char shared_bytes[kSmemBytes > kDkdvSmemBytes ? kSmemBytes
-                                                                     : kDkdvSmemBytes];
+static_assert(kSmemBytes >= kDkdvSmemBytes && kSmemBytes >= kDqSmemBytes);
+alignas(1024) unsigned char shared_bytes[kSmemBytes];
 }  // namespace tilesmith::attention_sm90a
-namespace tilesmith::attention_sm80 {
-alignas(1024) unsigned char shared_bytes[dq_smem_bytes<__half, 128>()];
-}  // namespace tilesmith::attention_sm80
 
 namespace {
 
@@ -27,14 +24,12 @@ std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer>
                                [&p] { at90::attention_fwd_kernel<T, kCausal>(p); });
 }
 
-// The kernels as launch_bwd runs them (attention_bwd_sm90a.cuh's backward_plan); each
-// kernel's buffer is that of its namespace.
+// The kernels as launch_bwd runs them (attention_bwd_sm90a.cuh's backward_plan).
 template <typename T, bool kCausal>
 std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   std::string error;
   at90::backward_plan<T, kCausal>(p, [&](auto kernel, dim3 grid, int threads, int smem_bytes) {
-    unsigned char* smem = threads == at90::kThreads ? at90::shared_bytes : at80::shared_bytes;
-    error = tilesmith_emu::launch(grid, dim3(threads), smem_bytes, smem, buffers,
+    error = tilesmith_emu::launch(grid, dim3(threads), smem_bytes, at90::shared_bytes, buffers,
                                   [&] { kernel(p); });
     return error.empty();
   });
