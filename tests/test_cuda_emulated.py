@@ -527,13 +527,11 @@ ATTENTION_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_attention_forward_kernel(case, dtype):
-    b, h, hk, sq, sk, d, causal, seq_major = ATTENTION_CASES[case]
+def check_attention_forward_kernel(case, dtype, hopper):
+    b, h, hk, sq, sk, d, causal, seq_major = case
     q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype, seq_major=seq_major)
     scale = d ** -0.5
-    out, lse = run_attention_fwd(q, k, v, causal, scale)
+    out, lse = run_attention_fwd(q, k, v, causal, scale, hopper=hopper)
     ref, ref_lse = attention_reference(q, k, v, causal, scale)
     base = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=causal, scale=scale, enable_gqa=h != hk)
@@ -541,8 +539,14 @@ def test_attention_forward_kernel(case, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
-# The wgmma forward (attention_fwd_sm90a.cuh): 128 query rows per block in two warpgroups,
-# 128 keys per step, head dims 65-128.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_forward_kernel(case, dtype):
+    check_attention_forward_kernel(ATTENTION_CASES[case], dtype, hopper=False)
+
+
+# The wgmma kernels (attention_fwd_sm90a.cuh, attention_bwd_sm90a.cuh), head dims 65-128:
+# the forward takes 128 query rows per block in two warpgroups and 128 keys a step.
 HOPPER_ATTENTION_CASES = {
     "d128_gqa_views": (1, 4, 2, 65, 129, 128, False, True),
     "d128_causal": (1, 1, 1, 77, 77, 128, True, False),
@@ -559,15 +563,7 @@ HOPPER_ATTENTION_CASES = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(HOPPER_ATTENTION_CASES))
 def test_hopper_attention_forward_kernel(case, dtype):
-    b, h, hk, sq, sk, d, causal, seq_major = HOPPER_ATTENTION_CASES[case]
-    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype, seq_major=seq_major)
-    scale = d ** -0.5
-    out, lse = run_attention_fwd(q, k, v, causal, scale, hopper=True)
-    ref, ref_lse = attention_reference(q, k, v, causal, scale)
-    base = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, scale=scale, enable_gqa=h != hk)
-    assert_close_to_reference(out, ref, base)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    check_attention_forward_kernel(HOPPER_ATTENTION_CASES[case], dtype, hopper=True)
 
 
 def test_hopper_attention_forward_no_keys():

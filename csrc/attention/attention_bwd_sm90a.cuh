@@ -29,6 +29,32 @@ constexpr int kQueryTileBytes = (kHeadDim / 64) * kDkdvBlockQ * kSwizzleRowBytes
 // K and V (kTileRows keys each), two stages of Q and two of dO, and the alignment slack.
 constexpr int kDkdvSmemBytes = 2 * kTileBytes + 4 * kQueryTileBytes + 1024;
 
+// The two score-shaped products of a step, over the head dim, each A B^T with both operands
+// K-major: this warpgroup's 64 rows of A (at a_tile and a2_tile, inside kTileRows-row tiles)
+// by the kColumns rows of B (b_tile, b2_tile). Returns when both have retired.
+template <typename T, int kColumns>
+__device__ __forceinline__ void score_products(float (&acc)[kColumns / 2], uint32_t a_tile,
+                                               uint32_t b_tile, float (&acc2)[kColumns / 2],
+                                               uint32_t a2_tile, uint32_t b2_tile) {
+#pragma unroll
+  for (int i = 0; i < kColumns / 2; ++i) acc[i] = acc2[i] = 0.0f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    wgmma_m64nk16<kColumns, T, 0, 0>(acc, k_major_step(a_tile, kk),
+                                     k_major_step<kColumns>(b_tile, kk), 1);
+  }
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    wgmma_m64nk16<kColumns, T, 0, 0>(acc2, k_major_step(a2_tile, kk),
+                                     k_major_step<kColumns>(b2_tile, kk), 1);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_registers(acc);
+  fence_registers(acc2);
+}
+
 template <typename T, bool kCausal>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
@@ -97,23 +123,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
 
     // S^T = K Q^T and dP^T = V dO^T: [4 j + 2 half + e] is key keys[half], query
     // q0 + 8 j + quad_col + e.
-    float pt[kDkdvBlockQ / 2] = {};
-    float dpt[kDkdvBlockQ / 2] = {};
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      wgmma_m64nk16<kDkdvBlockQ, T, 0, 0>(pt, k_major_step(k_tile, kk),
-                                          k_major_step<kDkdvBlockQ>(q_tile, kk), 1);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      wgmma_m64nk16<kDkdvBlockQ, T, 0, 0>(dpt, k_major_step(v_tile, kk),
-                                          k_major_step<kDkdvBlockQ>(do_tile, kk), 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(pt);
-    fence_registers(dpt);
+    float pt[kDkdvBlockQ / 2], dpt[kDkdvBlockQ / 2];
+    score_products<T, kDkdvBlockQ>(pt, k_tile, q_tile, dpt, v_tile, do_tile);
 
     // P^T from the saved statistics, and dS^T = P^T (dP^T - delta). Entries of queries past
     // the end or with no visible key, of keys past the end, or (causal) of keys after their
@@ -140,14 +151,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
 
     // dV += P^T dO and dK += dS^T Q, k-step kk over queries 16 kk .. 16 kk + 15.
     uint32_t frag_p[kDkdvBlockQ / 16][4], frag_ds[kDkdvBlockQ / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kDkdvBlockQ / 16; ++kk) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        frag_p[kk][r] = pack_pair<T>(pt[8 * kk + 2 * r], pt[8 * kk + 2 * r + 1]);
-        frag_ds[kk][r] = pack_pair<T>(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
-      }
-    }
+    to_a_fragments<T, kDkdvBlockQ>(pt, frag_p);
+    to_a_fragments<T, kDkdvBlockQ>(dpt, frag_ds);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDkdvBlockQ / 16; ++kk) {
@@ -172,16 +177,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     if (keys[half] >= seqlen_k) continue;
-    T* dk_row = dk + keys[half] * p.dk_strides.seq + quad_col;
-    T* dv_row = dv + keys[half] * p.dv_strides.seq + quad_col;
-#pragma unroll
-    for (int di = 0; di < kHeadDim / 8; ++di) {
-      if (di * 8 >= p.head_dim) break;  // padding columns
-      const int i = 4 * di + 2 * half;
-      *reinterpret_cast<uint32_t*>(dk_row + di * 8) =
-          pack_pair<T>(acc_dk[i] * p.scale, acc_dk[i + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_row + di * 8) = pack_pair<T>(acc_dv[i], acc_dv[i + 1]);
-    }
+    store_row(dk + keys[half] * p.dk_strides.seq, acc_dk, half, p.scale, p.head_dim);
+    store_row(dv + keys[half] * p.dv_strides.seq, acc_dv, half, 1.0f, p.head_dim);
   }
 }
 
@@ -258,23 +255,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 
     // S = Q K^T and dP = dO V^T: [4 ni + 2 half + e] is row rows[half], key
     // key0 + 8 ni + quad_col + e.
-    float s[kDqStepKeys / 2] = {};
-    float dp[kDqStepKeys / 2] = {};
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      wgmma_m64nk16<kDqStepKeys, T, 0, 0>(s, k_major_step(q_tile, kk),
-                                          k_major_step<kDqStepKeys>(k_tile, kk), 1);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      wgmma_m64nk16<kDqStepKeys, T, 0, 0>(dp, k_major_step(do_tile, kk),
-                                          k_major_step<kDqStepKeys>(v_tile, kk), 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(s);
-    fence_registers(dp);
+    float s[kDqStepKeys / 2], dp[kDqStepKeys / 2];
+    score_products<T, kDqStepKeys>(s, q_tile, k_tile, dp, do_tile, v_tile);
 
     // dS = P (dP - delta), P recomputed from the saved statistics; 0 where P is.
 #pragma unroll
@@ -294,13 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 
     // dQ += dS K, k-step kk over keys 16 kk .. 16 kk + 15.
     uint32_t frag_ds[kDqStepKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kDqStepKeys / 16; ++kk) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        frag_ds[kk][r] = pack_pair<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
-      }
-    }
+    to_a_fragments<T, kDqStepKeys>(dp, frag_ds);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDqStepKeys / 16; ++kk) {
@@ -316,14 +292,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   T* dq = row_pointer<T>(p.dq, p.dq_strides, b, h, seq.q_start);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    if (rows[half] >= seqlen_q) continue;
-    T* dq_row = dq + rows[half] * p.dq_strides.seq + quad_col;
-#pragma unroll
-    for (int di = 0; di < kHeadDim / 8; ++di) {
-      if (di * 8 >= p.head_dim) break;  // padding columns
-      const int i = 4 * di + 2 * half;
-      *reinterpret_cast<uint32_t*>(dq_row + di * 8) =
-          pack_pair<T>(acc_dq[i] * p.scale, acc_dq[i + 1] * p.scale);
+    if (rows[half] < seqlen_q) {
+      store_row(dq + rows[half] * p.dq_strides.seq, acc_dq, half, p.scale, p.head_dim);
     }
   }
 }

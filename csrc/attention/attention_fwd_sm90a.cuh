@@ -74,6 +74,36 @@ __device__ __forceinline__ void load_rows(uint8_t* tile, const T* matrix, int64_
                                                         seq_stride);
 }
 
+// Rounds accumulators of kColumns columns (wgmma_m64nk16's layout) to T as the A fragments
+// of the product they feed (wgmma_m64nk16_a_registers): its k-step kk takes their column
+// tiles 2 kk and 2 kk + 1.
+template <typename T, int kColumns>
+__device__ __forceinline__ void to_a_fragments(const float (&acc)[kColumns / 2],
+                                               uint32_t (&frag)[kColumns / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kColumns / 16; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      frag[kk][r] = pack_pair<T>(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
+    }
+  }
+}
+
+// Stores this thread's columns of row `half` of head-dim-wide accumulators, times `scale`, in
+// `row` (a row of a (seq, head_dim) matrix); the columns past head_dim are padding.
+template <typename T>
+__device__ __forceinline__ void store_row(T* row, const float (&acc)[kHeadDim / 2], int half,
+                                          float scale, int64_t head_dim) {
+  const int quad_col = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int di = 0; di < kHeadDim / 8; ++di) {
+    if (di * 8 >= head_dim) break;
+    const int i = 4 * di + 2 * half;
+    *reinterpret_cast<uint32_t*>(row + di * 8 + quad_col) =
+        pack_pair<T>(acc[i] * scale, acc[i + 1] * scale);
+  }
+}
+
 // Whether these kernels (this forward, and the backward of attention_bwd_sm90a.cuh) take
 // the call: the head dims of the 128-wide kernel, no mask and no dropout.
 inline bool takes(const AttentionParams& p) {
@@ -229,13 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
         acc_o[4 * di + 2 * half + 1] *= rescale[half];
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        frag_p[kk][r] = pack_pair<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-      }
-    }
+    to_a_fragments<T, kBlockN>(s, frag_p);
   }
   if (key_blocks > 0) {  // the last block's P V
     issue_pv((key_blocks - 1) % kStages);
@@ -252,14 +276,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   for (int half = 0; half < 2; ++half) {
     const float total = quad_sum(row_sum[half]);
     if (rows[half] >= seqlen_q) continue;
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-    T* out_row = out + rows[half] * p.out_strides.seq + quad_col;
-#pragma unroll
-    for (int di = 0; di < kHeadDim / 8; ++di) {
-      if (di * 8 >= p.head_dim) break;  // padding columns
-      *reinterpret_cast<uint32_t*>(out_row + di * 8) =
-          pack_pair<T>(acc_o[4 * di + 2 * half] * inv, acc_o[4 * di + 2 * half + 1] * inv);
-    }
+    store_row(out + rows[half] * p.out_strides.seq, acc_o, half,
+              total > 0.0f ? 1.0f / total : 0.0f, p.head_dim);
     if (lane % 4 == 0) {
       lse[rows[half]] =
           total > 0.0f ? (row_max[half] + log2f(total)) * attention_sm80::kLn2 : -INFINITY;

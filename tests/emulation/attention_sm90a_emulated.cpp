@@ -43,7 +43,8 @@ std::string run(const AttentionParams& p, bool causal, bool is_backward,
     return causal ? backward<T, true>(p, std::move(buffers))
                   : backward<T, false>(p, std::move(buffers));
   }
-  return causal ? forward<T, true>(p, std::move(buffers)) : forward<T, false>(p, std::move(buffers));
+  return causal ? forward<T, true>(p, std::move(buffers))
+                : forward<T, false>(p, std::move(buffers));
 }
 
 }  // namespace
