@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
 
     // Online softmax, one row (half) at a time, as attention_fwd_sm80.cuh's. Only blocks
     // that reach past the last key or this warp's diagonal need masking: there row
-    // rows[half] sees the block's keys before visible[half] (its end, or just past its
+    // rows[half] sees the block's keys before `visible` (the last key, or just past its
     // diagonal), counted in 32 bits from key0.
     const bool needs_mask =
         key0 + kBlockN > seqlen_k || (kCausal && key0 + kBlockN - 1 > warp_row0);
@@ -248,7 +248,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
     fence_registers(s);
     fence_registers(rescale);
     fence_registers(row_sum);
-    fence_registers(frag_p);
     wgmma_wait<0>();
     fence_registers(acc_o);
 #pragma unroll

@@ -209,26 +209,17 @@ template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
-// Pins registers at this point of the program: the compiler may compute their values no later
-// and read them no earlier (an empty asm statement that reads and rewrites each). wgmma's
-// accumulators are outputs of its asm statement, which the compiler believes final when the
-// statement ends, though the tensor cores write them until wgmma_wait: fencing them after
-// the wait keeps their reads after it. Fencing values before a wait keeps the work that
-// makes them ahead of it, overlapping the wgmma in flight, where the compiler would sink it.
+// Pins registers at this point of the PTX: the compiler front end may compute their values
+// no later and read them no earlier (an empty asm statement that reads and rewrites each).
+// wgmma's accumulators are outputs of its asm statement, which the front end believes final
+// when the statement ends, though the tensor cores write them until wgmma_wait: fencing them
+// after the wait keeps their reads after it. Fencing values before a wait keeps the work
+// that makes them ahead of it in the PTX. ptxas schedules the SASS itself (it knows wgmma's
+// register semantics, and may still move a wait earlier).
 template <int kCount>
 __device__ __forceinline__ void fence_registers(float (&registers)[kCount]) {
 #pragma unroll
   for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(registers[i])::"memory");
-}
-// The same for a register-A wgmma's fragments: fenced before the wait, they stay allocated
-// until it (ptxas would otherwise reuse them once the wgmma is issued, and so wait first).
-template <int kRows, int kCols>
-__device__ __forceinline__ void fence_registers(uint32_t (&registers)[kRows][kCols]) {
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) asm volatile("" : "+r"(registers[i][j])::"memory");
-  }
 }
 // cp.async writes shared memory through the generic proxy, wgmma reads it through the async
 // proxy: each thread fences its landed copies before the barrier that precedes the wgmma.

@@ -170,8 +170,6 @@ inline void wgmma_m64nk16_a_registers(float (&d)[kN / 2], const uint32_t (&a)[4]
 inline void wgmma_fence() {}
 template <int kCount>
 inline void fence_registers(float (&)[kCount]) {}  // compiler ordering only
-template <int kRows, int kCols>
-inline void fence_registers(uint32_t (&)[kRows][kCols]) {}
 inline void wgmma_commit() { tilesmith_emu::wgmma_commit(); }
 template <int kPending>
 inline void wgmma_wait() {
