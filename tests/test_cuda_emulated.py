@@ -566,10 +566,13 @@ def test_hopper_attention_forward_kernel(case, dtype):
     check_attention_forward_kernel(HOPPER_ATTENTION_CASES[case], dtype, hopper=True)
 
 
-def test_hopper_attention_forward_no_keys():
+def test_hopper_attention_no_keys():
     q, k, v = attention_inputs(1, 2, 2, 20, 0, 128, torch.bfloat16)
     out, lse = run_attention_fwd(q, k, v, False, 0.125, hopper=True)
     assert (out == 0).all() and (lse == float("-inf")).all()
+    dq, dk, dv = run_attention_bwd(torch.randn(out.shape).to(q.dtype), q, k, v, out, lse, False,
+                                   0.125, hopper=True)
+    assert (dq == 0).all() and dk.numel() == dv.numel() == 0
 
 
 def test_hopper_attention_forward_leaves_the_rest_to_the_sm80_kernel():
