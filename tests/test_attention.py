@@ -94,7 +94,7 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
 
 # (batch, heads, kv heads, seq_q, seq_k, head dim, causal): 128-row query blocks and 128-key
 # steps in the forward, 128-key blocks and 64-query steps in dK/dV, the causal diagonal
-# inside and across them, GQA, head dims zero-filled to 128.
+# inside and across them, GQA, head dims zero-filled to the kernel's 64 or 128.
 HOPPER_SHAPES = {
     "d128_causal_1000": (2, 4, 4, 1000, 1000, 128, True),
     "d128_gqa_300x777": (1, 8, 2, 300, 777, 128, False),
@@ -102,6 +102,8 @@ HOPPER_SHAPES = {
     "d128_causal_sq300_lt_sk777": (1, 2, 2, 300, 777, 128, True),
     "d96_causal": (1, 2, 2, 257, 257, 96, True),
     "d72": (3, 1, 1, 129, 65, 72, False),
+    "d64_causal_gqa": (2, 8, 2, 513, 513, 64, True),
+    "d40": (1, 2, 2, 100, 200, 40, False),
 }
 
 
@@ -157,7 +159,9 @@ def test_hopper_kernels_leave_the_rest_to_the_sm80_kernels():
                    {"dropout_p": 0.1}):
         got = names(q, k, v, **kwargs)
         assert "attention_sm80" in got and "attention_sm90a" not in got, kwargs
-    got = names(q[..., :64], k[..., :64], v[..., :64])
+    wide = [torch.randn(1, 2, 200, 192, device=DEVICE, dtype=torch.bfloat16,
+                        requires_grad=True) for _ in range(3)]
+    got = names(*wide)  # head dims above 128: the 256-wide sm_80 kernels
     assert "attention_sm80" in got and "attention_sm90a" not in got
     with tilesmith.backend.hopper_kernels(False):
         got = names(q, k, v)

@@ -545,8 +545,9 @@ def test_attention_forward_kernel(case, dtype):
     check_attention_forward_kernel(ATTENTION_CASES[case], dtype, hopper=False)
 
 
-# The wgmma kernels (attention_fwd_sm90a.cuh, attention_bwd_sm90a.cuh), head dims 65-128:
-# the forward takes 128 query rows per block in two warpgroups and 128 keys a step.
+# The wgmma kernels (attention_fwd_sm90a.cuh, attention_bwd_sm90a.cuh), head dims up to 128
+# in kernels 64 or 128 wide: the forward takes 128 query rows per block in two warpgroups
+# and 128 keys a step.
 HOPPER_ATTENTION_CASES = {
     "d128_gqa_views": (1, 4, 2, 65, 129, 128, False, True),
     "d128_causal": (1, 1, 1, 77, 77, 128, True, False),
@@ -557,6 +558,8 @@ HOPPER_ATTENTION_CASES = {
     "d128_causal_sq_gt_sk": (1, 2, 1, 200, 70, 128, True, False),
     "d128_causal_sq_lt_sk": (1, 1, 1, 70, 260, 128, True, False),
     "d72_edges_batch2": (2, 1, 1, 130, 257, 72, False, False),
+    "d64_causal_gqa_sq_gt_sk": (1, 4, 2, 200, 70, 64, True, False),
+    "d40_in_d64_views": (1, 2, 2, 65, 129, 40, False, True),
 }
 
 
@@ -576,13 +579,13 @@ def test_hopper_attention_no_keys():
 
 
 def test_hopper_attention_forward_leaves_the_rest_to_the_sm80_kernel():
-    """Head dims of the 64- and 256-wide kernels, masks and dropout stay on mma.sync."""
+    """Head dims of the 256-wide kernel, masks and dropout stay on mma.sync."""
     def taken(d, **kwargs):
         q, k, v = attention_inputs(1, 1, 1, 8, 8, d, torch.bfloat16)
         return run_attention_fwd(q, k, v, False, 0.1, hopper=True, **kwargs) is not None
 
-    assert taken(72) and taken(128)
-    assert not taken(64) and not taken(136)
+    assert taken(8) and taken(64) and taken(72) and taken(128)
+    assert not taken(136)
     assert not taken(128, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
     assert not taken(128, dropout=(torch.tensor([7], dtype=torch.int64), 0.1))
 

@@ -1,6 +1,6 @@
 // Attention backward for Hopper (sm_90a) on wgmma, in two kernels (dK/dV, then dQ) like
-// attention_bwd_sm80.cuh's, for the calls attention_fwd_sm90a.cuh takes (head dims 65 to
-// 128, no mask, no dropout); deterministic, no atomics. Both keep P, dS and their
+// attention_bwd_sm80.cuh's, for the calls attention_fwd_sm90a.cuh takes (head dims up to
+// 128 in kernels 64 or 128 wide, no mask, no dropout); deterministic, no atomics. Both keep P, dS and their
 // transposes in registers, where the score products' accumulators already lie in the A
 // fragment layout of a register-A wgmma, and read every other operand from swizzled shared
 // memory, filled by cp.async.
@@ -13,7 +13,7 @@
 //     along the rows);
 //   dV += P^T dO and dK += dS^T Q: P^T and dS^T from registers, dO and Q read N-major:
 //     wgmma m64n128k16.
-// dK and dV stay in registers (64 each a thread) and are written once.
+// dK and dV stay in registers (kHeadDim / 2 each a thread) and are written once.
 //
 // Not yet: overlap of a step's softmax with the tensor cores, TMA.
 #pragma once
@@ -25,14 +25,16 @@ namespace tilesmith {
 namespace attention_sm90a {
 
 constexpr int kDkdvBlockQ = 64;  // queries per step of the dK/dV kernel
-constexpr int kQueryTileBytes = (kHeadDim / 64) * kDkdvBlockQ * kSwizzleRowBytes;  // 16 KiB
+template <int kHeadDim>
+constexpr int kQueryTileBytes = (kHeadDim / 64) * kDkdvBlockQ * kSwizzleRowBytes;  // 8, 16 KiB
 // K and V (kTileRows keys each), two stages of Q and two of dO, and the alignment slack.
-constexpr int kDkdvSmemBytes = 2 * kTileBytes + 4 * kQueryTileBytes + 1024;
+template <int kHeadDim>
+constexpr int kDkdvSmemBytes = 2 * kTileBytes<kHeadDim> + 4 * kQueryTileBytes<kHeadDim> + 1024;
 
 // The two score-shaped products of a step, over the head dim, each A B^T with both operands
 // K-major: this warpgroup's 64 rows of A (at a_tile and a2_tile, inside kTileRows-row tiles)
 // by the kColumns rows of B (b_tile, b2_tile). Returns when both have retired.
-template <typename T, int kColumns>
+template <typename T, int kHeadDim, int kColumns>
 __device__ __forceinline__ void score_products(float (&acc)[kColumns / 2], uint32_t a_tile,
                                                uint32_t b_tile, float (&acc2)[kColumns / 2],
                                                uint32_t a2_tile, uint32_t b2_tile) {
@@ -55,13 +57,13 @@ __device__ __forceinline__ void score_products(float (&acc)[kColumns / 2], uint3
   fence_registers(acc2);
 }
 
-template <typename T, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_k = aligned_shared(shared_bytes);
-  uint8_t* smem_v = smem_k + kTileBytes;
-  uint8_t* smem_q = smem_v + kTileBytes;           // two stages
-  uint8_t* smem_do = smem_q + 2 * kQueryTileBytes;  // two stages
+  uint8_t* smem_v = smem_k + kTileBytes<kHeadDim>;
+  uint8_t* smem_q = smem_v + kTileBytes<kHeadDim>;           // two stages
+  uint8_t* smem_do = smem_q + 2 * kQueryTileBytes<kHeadDim>;  // two stages
 
   const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
   const int64_t h_kv = blockIdx.y, b = blockIdx.z;
@@ -87,13 +89,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
     const int64_t h = step_head(step), q0 = step_row0(step);
     const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
     const T* dout = row_pointer<const T>(p.grad_out, p.grad_out_strides, b, h, seq.q_start);
-    load_rows<T, kDkdvBlockQ>(smem_q + stage * kQueryTileBytes, q, q0, seqlen_q,
+    load_rows<T, kDkdvBlockQ, kHeadDim>(smem_q + stage * kQueryTileBytes<kHeadDim>, q, q0, seqlen_q,
                               p.q_strides.seq, p.head_dim);
-    load_rows<T, kDkdvBlockQ>(smem_do + stage * kQueryTileBytes, dout, q0, seqlen_q,
+    load_rows<T, kDkdvBlockQ, kHeadDim>(smem_do + stage * kQueryTileBytes<kHeadDim>, dout, q0, seqlen_q,
                               p.grad_out_strides.seq, p.head_dim);
   };
-  load_rows<T, kTileRows>(smem_k, k, key0, seqlen_k, p.k_strides.seq, p.head_dim);
-  load_rows<T, kTileRows>(smem_v, v, key0, seqlen_k, p.v_strides.seq, p.head_dim);
+  load_rows<T, kTileRows, kHeadDim>(smem_k, k, key0, seqlen_k, p.k_strides.seq, p.head_dim);
+  load_rows<T, kTileRows, kHeadDim>(smem_v, v, key0, seqlen_k, p.v_strides.seq, p.head_dim);
   if (steps > 0) load_q_do(0, 0);
   cp_async_commit();
 
@@ -114,8 +116,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
     __syncthreads();  // for every thread; and no wgmma still reads the other stage
     if (step + 1 < steps) load_q_do((step + 1) % 2, step + 1);
     cp_async_commit();
-    const uint32_t q_tile = shared_address(smem_q + (step % 2) * kQueryTileBytes);
-    const uint32_t do_tile = shared_address(smem_do + (step % 2) * kQueryTileBytes);
+    const uint32_t q_tile = shared_address(smem_q + (step % 2) * kQueryTileBytes<kHeadDim>);
+    const uint32_t do_tile = shared_address(smem_do + (step % 2) * kQueryTileBytes<kHeadDim>);
     const int64_t h = step_head(step), q0 = step_row0(step);
     const int64_t stats = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start;
     const float* lse = p.lse + stats;
@@ -124,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
     // S^T = K Q^T and dP^T = V dO^T: [4 j + 2 half + e] is key keys[half], query
     // q0 + 8 j + quad_col + e.
     float pt[kDkdvBlockQ / 2], dpt[kDkdvBlockQ / 2];
-    score_products<T, kDkdvBlockQ>(pt, k_tile, q_tile, dpt, v_tile, do_tile);
+    score_products<T, kHeadDim, kDkdvBlockQ>(pt, k_tile, q_tile, dpt, v_tile, do_tile);
 
     // P^T from the saved statistics, and dS^T = P^T (dP^T - delta). Entries of queries past
     // the end or with no visible key, of keys past the end, or (causal) of keys after their
@@ -177,28 +179,30 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     if (keys[half] >= seqlen_k) continue;
-    store_row(dk + keys[half] * p.dk_strides.seq, acc_dk, half, p.scale, p.head_dim);
-    store_row(dv + keys[half] * p.dv_strides.seq, acc_dv, half, 1.0f, p.head_dim);
+    store_row<kHeadDim>(dk + keys[half] * p.dk_strides.seq, acc_dk, half, p.scale, p.head_dim);
+    store_row<kHeadDim>(dv + keys[half] * p.dv_strides.seq, acc_dv, half, 1.0f, p.head_dim);
   }
 }
 
 constexpr int kDqStepKeys = 64;  // keys per step of the dQ kernel
-constexpr int kKeyStepBytes = (kHeadDim / 64) * kDqStepKeys * kSwizzleRowBytes;  // 16 KiB
+template <int kHeadDim>
+constexpr int kKeyStepBytes = (kHeadDim / 64) * kDqStepKeys * kSwizzleRowBytes;  // 8, 16 KiB
 // Q and dO (kTileRows rows each), two stages of K and two of V, and the alignment slack.
-constexpr int kDqSmemBytes = 2 * kTileBytes + 4 * kKeyStepBytes + 1024;
+template <int kHeadDim>
+constexpr int kDqSmemBytes = 2 * kTileBytes<kHeadDim> + 4 * kKeyStepBytes<kHeadDim> + 1024;
 
 // dQ: one block of two warpgroups owns 128 query rows (64 per warpgroup) of one (batch,
 // head), with Q and dO resident, and walks the keys 64 at a time like the forward. Per step
 // and warpgroup: S = Q K^T and dP = dO V^T (wgmma m64n64k16 from shared memory, all
 // K-major), dS = P (dP - delta), then dQ += dS K with dS from registers and K read N-major
 // (m64n128k16).
-template <typename T, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_q = aligned_shared(shared_bytes);
-  uint8_t* smem_do = smem_q + kTileBytes;
-  uint8_t* smem_k = smem_do + kTileBytes;          // two stages
-  uint8_t* smem_v = smem_k + 2 * kKeyStepBytes;    // two stages
+  uint8_t* smem_do = smem_q + kTileBytes<kHeadDim>;
+  uint8_t* smem_k = smem_do + kTileBytes<kHeadDim>;          // two stages
+  uint8_t* smem_v = smem_k + 2 * kKeyStepBytes<kHeadDim>;    // two stages
 
   const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
   const int64_t h = blockIdx.y, b = blockIdx.z;
@@ -216,13 +220,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kDqStepKeys;
-    load_rows<T, kDqStepKeys>(smem_k + stage * kKeyStepBytes, k, n0, seqlen_k, p.k_strides.seq,
+    load_rows<T, kDqStepKeys, kHeadDim>(smem_k + stage * kKeyStepBytes<kHeadDim>, k, n0, seqlen_k, p.k_strides.seq,
                               p.head_dim);
-    load_rows<T, kDqStepKeys>(smem_v + stage * kKeyStepBytes, v, n0, seqlen_k, p.v_strides.seq,
+    load_rows<T, kDqStepKeys, kHeadDim>(smem_v + stage * kKeyStepBytes<kHeadDim>, v, n0, seqlen_k, p.v_strides.seq,
                               p.head_dim);
   };
-  load_rows<T, kTileRows>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
-  load_rows<T, kTileRows>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq, p.head_dim);
+  load_rows<T, kTileRows, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
+  load_rows<T, kTileRows, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq, p.head_dim);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -249,14 +253,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
     __syncthreads();  // for every thread; and no wgmma still reads the other stage
     if (j + 1 < key_blocks) load_kv((j + 1) % 2, j + 1);
     cp_async_commit();
-    const uint32_t k_tile = shared_address(smem_k + (j % 2) * kKeyStepBytes);
-    const uint32_t v_tile = shared_address(smem_v + (j % 2) * kKeyStepBytes);
+    const uint32_t k_tile = shared_address(smem_k + (j % 2) * kKeyStepBytes<kHeadDim>);
+    const uint32_t v_tile = shared_address(smem_v + (j % 2) * kKeyStepBytes<kHeadDim>);
     const int64_t key0 = static_cast<int64_t>(j) * kDqStepKeys;
 
     // S = Q K^T and dP = dO V^T: [4 ni + 2 half + e] is row rows[half], key
     // key0 + 8 ni + quad_col + e.
     float s[kDqStepKeys / 2], dp[kDqStepKeys / 2];
-    score_products<T, kDqStepKeys>(s, q_tile, k_tile, dp, do_tile, v_tile);
+    score_products<T, kHeadDim, kDqStepKeys>(s, q_tile, k_tile, dp, do_tile, v_tile);
 
     // dS = P (dP - delta), P recomputed from the saved statistics; 0 where P is.
 #pragma unroll
@@ -293,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     if (rows[half] < seqlen_q) {
-      store_row(dq + rows[half] * p.dq_strides.seq, acc_dq, half, p.scale, p.head_dim);
+      store_row<kHeadDim>(dq + rows[half] * p.dq_strides.seq, acc_dq, half, p.scale, p.head_dim);
     }
   }
 }
@@ -301,26 +305,27 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 // The backward's kernels in the order they run, each handed to launch(kernel, grid, threads,
 // dynamic shared bytes), which returns whether it launched: the launcher below and the CPU
 // emulator (tests/emulation/attention_sm90a_emulated.cpp) both run this one plan.
-template <typename T, bool kCausal, typename Launch>
+template <typename T, int kHeadDim, bool kCausal, typename Launch>
 bool backward_plan(const AttentionParams& p, Launch&& launch) {
   // An empty grid is a launch error, so each kernel runs only when it has rows to write.
   if (p.seqlen_k > 0) {
     const dim3 grid(static_cast<unsigned>((p.seqlen_k + kBlockN - 1) / kBlockN),
                     static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
-    if (!launch(attention_bwd_dkdv_kernel<T, kCausal>, grid, kThreads, kDkdvSmemBytes)) {
+    if (!launch(attention_bwd_dkdv_kernel<T, kHeadDim, kCausal>, grid, kThreads,
+                kDkdvSmemBytes<kHeadDim>)) {
       return false;
     }
   }
   if (p.seqlen_q == 0) return true;
-  return launch(attention_bwd_dq_kernel<T, kCausal>, attention_sm80::query_grid<kBlockM>(p),
-                kThreads, kDqSmemBytes);
+  return launch(attention_bwd_dq_kernel<T, kHeadDim, kCausal>,
+                attention_sm80::query_grid<kBlockM>(p), kThreads, kDqSmemBytes<kHeadDim>);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
-template <typename T, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal>
 cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  backward_plan<T, kCausal>(p, [&](auto kernel, dim3 grid, int threads, int smem) {
+  backward_plan<T, kHeadDim, kCausal>(p, [&](auto kernel, dim3 grid, int threads, int smem) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return false;
     kernel<<<grid, threads, smem, stream>>>(p);
@@ -330,10 +335,14 @@ cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
   return err;
 }
 
+// The kernels of the narrower width (64 or 128) that holds the head dim.
 template <typename T>
 cudaError_t run_bwd(const AttentionParams& p, bool causal, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0) return cudaSuccess;
-  return causal ? launch_bwd<T, true>(p, stream) : launch_bwd<T, false>(p, stream);
+  if (p.head_dim <= 64) {
+    return causal ? launch_bwd<T, 64, true>(p, stream) : launch_bwd<T, 64, false>(p, stream);
+  }
+  return causal ? launch_bwd<T, 128, true>(p, stream) : launch_bwd<T, 128, false>(p, stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -17,7 +17,8 @@
 // third stage: V_{j-1} is still read while block j + 1 loads). In the SASS of nvcc 13.0,
 // ptxas places that wait part-way into the softmax, ahead of its exponentials, so the
 // overlap is partial; measuring and improving it waits for a GPU.
-// Head dims 65 to 128 (multiples of 8) run here, zero-filled to 128 like the sm_80 kernel.
+// Head dims up to 128 (multiples of 8) run here, in a kernel 64 or 128 wide, zero-filled to
+// its width like the sm_80 kernels.
 //
 // Not yet: TMA, warp specialization (a producer warpgroup), two warpgroups taking turns at
 // softmax and MMA; masks and dropout (attention_fwd_sm80.cuh takes those calls).
@@ -34,7 +35,7 @@ namespace attention_sm90a {
 
 using attention_sm80::Sequence;
 
-constexpr int kHeadDim = 128;
+constexpr int kMaxHeadDim = 128;  // kernels 64 and 128 wide: kHeadDim below
 constexpr int kBlockM = 128;  // query rows per block, 64 per warpgroup
 constexpr int kBlockN = 128;  // keys per step
 constexpr int kWarpgroups = 2;
@@ -43,12 +44,13 @@ constexpr int kStages = 3;
 // A tile of 128 rows (query rows or keys) by the head dim: kHeadDim / 64 blocks of 128
 // swizzled 128-byte rows, block c holding head-dim columns 64c .. 64c + 63.
 constexpr int kTileRows = 128;
-constexpr int kColumnBlockBytes = kTileRows * kSwizzleRowBytes;  // 16 KiB
-constexpr int kTileBytes = (kHeadDim / 64) * kColumnBlockBytes;  // 32 KiB
+template <int kHeadDim>
+constexpr int kTileBytes = (kHeadDim / 64) * kTileRows * kSwizzleRowBytes;  // 16 or 32 KiB
 // Q, then the stages of K, then those of V, and the 1024 bytes that align the start: 225 KiB
-// of the 227 an H100 block may have.
-constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes + 1024;
-static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
+// of the 227 an H100 block may have at head dim 128.
+template <int kHeadDim>
+constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes<kHeadDim> + 1024;
+static_assert(kSmemBytes<kMaxHeadDim> <= 227 * 1024, "more than an sm_90 block may have");
 
 // Descriptor of k-step kk (16 head-dim columns) of a tile of kRows rows read K-major (Q or
 // K as A, K or Q as B): its column blocks lie kRows 128-byte rows apart.
@@ -67,7 +69,7 @@ __device__ __forceinline__ uint64_t n_major_step(uint32_t tile, int kk) {
 
 // Rows first .. first + kRows - 1 of one sequence's (seq, head_dim) matrix into a tile of
 // kHeadDim / 64 column blocks; rows past `rows` and columns past head_dim are zero-filled.
-template <typename T, int kRows>
+template <typename T, int kRows, int kHeadDim>
 __device__ __forceinline__ void load_rows(uint8_t* tile, const T* matrix, int64_t first,
                                           int64_t rows, int64_t seq_stride, int64_t head_dim) {
   load_swizzled_tile<T, kThreads, kRows, kHeadDim / 64>(tile, matrix, first, rows, 0, head_dim,
@@ -91,7 +93,7 @@ __device__ __forceinline__ void to_a_fragments(const float (&acc)[kColumns / 2],
 
 // Stores this thread's columns of row `half` of head-dim-wide accumulators, times `scale`, in
 // `row` (a row of a (seq, head_dim) matrix); the columns past head_dim are padding.
-template <typename T>
+template <int kHeadDim, typename T>
 __device__ __forceinline__ void store_row(T* row, const float (&acc)[kHeadDim / 2], int half,
                                           float scale, int64_t head_dim) {
   const int quad_col = 2 * (threadIdx.x % 4);
@@ -107,16 +109,16 @@ __device__ __forceinline__ void store_row(T* row, const float (&acc)[kHeadDim / 
 // Whether these kernels (this forward, and the backward of attention_bwd_sm90a.cuh) take
 // the call: the head dims of the 128-wide kernel, no mask and no dropout.
 inline bool takes(const AttentionParams& p) {
-  return p.head_dim > 64 && p.head_dim <= kHeadDim && p.mask_kind == MaskKind::kNone &&
+  return p.head_dim <= kMaxHeadDim && p.mask_kind == MaskKind::kNone &&
          p.dropout_seed == nullptr;
 }
 
-template <typename T, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_q = aligned_shared(shared_bytes);
-  uint8_t* smem_k = smem_q + kTileBytes;
-  uint8_t* smem_v = smem_k + kStages * kTileBytes;
+  uint8_t* smem_k = smem_q + kTileBytes<kHeadDim>;
+  uint8_t* smem_v = smem_k + kStages * kTileBytes<kHeadDim>;
 
   const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
   const int64_t h = blockIdx.y, b = blockIdx.z;
@@ -134,12 +136,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
 
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
-    load_rows<T, kTileRows>(smem_k + stage * kTileBytes, k, n0, seqlen_k, p.k_strides.seq,
-                            p.head_dim);
-    load_rows<T, kTileRows>(smem_v + stage * kTileBytes, v, n0, seqlen_k, p.v_strides.seq,
-                            p.head_dim);
+    load_rows<T, kTileRows, kHeadDim>(smem_k + stage * kTileBytes<kHeadDim>, k, n0, seqlen_k,
+                                      p.k_strides.seq, p.head_dim);
+    load_rows<T, kTileRows, kHeadDim>(smem_v + stage * kTileBytes<kHeadDim>, v, n0, seqlen_k,
+                                      p.v_strides.seq, p.head_dim);
   };
-  load_rows<T, kTileRows>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
+  load_rows<T, kTileRows, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -161,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   uint32_t frag_p[kBlockN / 16][4];
   // O += P V for the key block whose V tile is in `stage`.
   auto issue_pv = [&](int stage) {
-    const uint32_t v_tile = shared_address(smem_v + stage * kTileBytes);
+    const uint32_t v_tile = shared_address(smem_v + stage * kTileBytes<kHeadDim>);
     wgmma_fence();  // acc_o and frag_p were last written by this thread before this point
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -178,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
     __syncthreads();
     if (j + 1 < key_blocks) load_kv((j + 1) % kStages, j + 1);
     cp_async_commit();
-    const uint32_t k_tile = shared_address(smem_k + (j % kStages) * kTileBytes);
+    const uint32_t k_tile = shared_address(smem_k + (j % kStages) * kTileBytes<kHeadDim>);
     const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
 
     // S = Q K^T: s[4 ni + 2 half + e] is row rows[half], key key0 + 8 ni + quad_col + e.
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   for (int half = 0; half < 2; ++half) {
     const float total = quad_sum(row_sum[half]);
     if (rows[half] >= seqlen_q) continue;
-    store_row(out + rows[half] * p.out_strides.seq, acc_o, half,
+    store_row<kHeadDim>(out + rows[half] * p.out_strides.seq, acc_o, half,
               total > 0.0f ? 1.0f / total : 0.0f, p.head_dim);
     if (lane % 4 == 0) {
       lse[rows[half]] =
@@ -285,20 +287,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
-template <typename T, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
-  auto kernel = attention_fwd_kernel<T, kCausal>;
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal>;
+  constexpr int kBytes = kSmemBytes<kHeadDim>;
   cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<attention_sm80::query_grid<kBlockM>(p), kThreads, kSmemBytes, stream>>>(p);
+  kernel<<<attention_sm80::query_grid<kBlockM>(p), kThreads, kBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
+// The kernel of the narrower width (64 or 128) that holds the head dim.
 template <typename T>
 cudaError_t run(const AttentionParams& p, bool causal, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
-  return causal ? launch<T, true>(p, stream) : launch<T, false>(p, stream);
+  if (p.head_dim <= 64) {
+    return causal ? launch<T, 64, true>(p, stream) : launch<T, 64, false>(p, stream);
+  }
+  return causal ? launch<T, 128, true>(p, stream) : launch<T, 128, false>(p, stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -54,7 +54,7 @@ template <int kN, typename T, int kMnMajorA, int kMnMajorB>
 __device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a,
                                               uint64_t desc_b, int accumulate);
 
-// d (+)= A B for a 64x128x16 block whose A comes from registers: a[] holds this thread's
+// d (+)= A B for a 64xNx16 block (N = 64 or 128) whose A comes from registers: a[] holds this thread's
 // share of its warp's 16 rows of A (rows 16 warp .. 16 warp + 15 of the warpgroup's 64) in
 // the mma.sync m16n8k16 A layout: a[0] row lane / 4, k 2 (lane % 4) and + 1; a[1] the row 8
 // below; a[2] and a[3] the same at k + 8. That is, pair by pair, the accumulator layout
@@ -177,23 +177,30 @@ __device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_
 
 // A from registers: the four A registers follow the accumulators, then B's descriptor, the
 // accumulate flag and B's transpose immediate (there is none for A).
-#define TILESMITH_WGMMA_K16_A_REGISTERS(type_name)                                           \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." type_name "." type_name " "     \
-               TILESMITH_WGMMA_D64_REGISTERS ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n" \
-               : TILESMITH_WGMMA_D64_OPERANDS(d)                                           \
+#define TILESMITH_WGMMA_K16_A_REGISTERS(n, regs, type_name, a_ops, desc_b_op, flag_op,        \
+                                        tnsp_b_op)                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " flag_op ", 0;\n"                          \
+               "wgmma.mma_async.sync.aligned.m64n" #n "k16.f32." type_name "." type_name " " \
+               TILESMITH_WGMMA_D##regs##_REGISTERS ", {" a_ops "}, " desc_b_op ", p, 1, 1, "  \
+               tnsp_b_op ";\n}\n"                                                          \
+               : TILESMITH_WGMMA_D##regs##_OPERANDS(d)                                     \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate),   \
                  "n"(kMnMajorB))
 template <int kN, typename T, int kMnMajorB>
 __device__ __forceinline__ void wgmma_m64nk16_a_registers(float (&d)[kN / 2],
                                                           const uint32_t (&a)[4],
                                                           uint64_t desc_b, int accumulate) {
-  static_assert(kN == 128, "wrapped for 128-wide tiles only");
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    TILESMITH_WGMMA_K16_A_REGISTERS("bf16");
+  static_assert(kN == 64 || kN == 128, "wrapped for 64- and 128-wide tiles");
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "16-bit wgmma: bf16 or fp16 operands");
+  if constexpr (kN == 64 && kBf16) {
+    TILESMITH_WGMMA_K16_A_REGISTERS(64, 32, "bf16", "%32, %33, %34, %35", "%36", "%37", "%38");
+  } else if constexpr (kN == 64) {
+    TILESMITH_WGMMA_K16_A_REGISTERS(64, 32, "f16", "%32, %33, %34, %35", "%36", "%37", "%38");
+  } else if constexpr (kBf16) {
+    TILESMITH_WGMMA_K16_A_REGISTERS(128, 64, "bf16", "%64, %65, %66, %67", "%68", "%69", "%70");
   } else {
-    static_assert(std::is_same_v<T, __half>, "16-bit wgmma: bf16 or fp16 operands");
-    TILESMITH_WGMMA_K16_A_REGISTERS("f16");
+    TILESMITH_WGMMA_K16_A_REGISTERS(128, 64, "f16", "%64, %65, %66, %67", "%68", "%69", "%70");
   }
 }
 #undef TILESMITH_WGMMA_K16_A_REGISTERS

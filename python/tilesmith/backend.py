@@ -123,7 +123,7 @@ def hopper_kernels(enabled: bool):
     """The cuda backend's matmul, gemm, conv2d and attention kernels in this block. On an
     H100/H200 they run on wgmma (tilesmith._C_sm90a, the default) wherever those kernels
     take the call (matmul: both operands readable 16 bytes at a time; attention: head dims
-    65-128 without mask or dropout), and on the sm_80 mma.sync kernels otherwise;
+    up to 128 without mask or dropout), and on the sm_80 mma.sync kernels otherwise;
     ``hopper_kernels(False)`` runs the sm_80 kernels for every call (for tests and
     benchmarks of those). Process-wide, not thread-safe."""
     _install_hopper_kernels(enabled)
