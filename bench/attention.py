@@ -8,7 +8,10 @@ and forward+backward, bf16.
 FLOPs: forward 4·B·H·S²·D (halved when causal), backward 2.5x forward. Peak memory is the
 extra memory one call allocates; the quadratic math backend is shown where it fits. Training
 with dropout: tilesmith's cuda and Triton kernels against SDPA's flash backend (the one of
-PyTorch's fused backends that takes dropout), forward+backward, dropout_p = 0.1.
+PyTorch's fused backends that takes dropout), forward+backward, dropout_p = 0.1. Masks:
+a learnable additive bias per head (1, H, S, S) with its gradient, and a bool key-padding
+mask (B, 1, 1, S), forward+backward, against SDPA's memory-efficient backend (the one that
+takes both, and the bias's gradient) and its cuDNN backend where it accepts the mask.
 """
 
 from __future__ import annotations
@@ -113,7 +116,66 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
         _dropout_row(rows, seqlen, head_dim=128, dtype=dtype)
         if checkpoint:
             checkpoint(rows)
+    # Not in the quick sweep (make gpu-report's ten minutes go to the targets first).
+    for seqlen in ([] if quick else [1024, 2048, 4096]):
+        for mask_kind in ("bias_grad", "key_padding"):
+            _mask_row(rows, seqlen, 128, dtype, mask_kind, backends)
+            if checkpoint:
+                checkpoint(rows)
     return rows
+
+
+def _mask_row(rows, seqlen, head_dim, dtype, mask_kind, backends):
+    """fwd+bwd with a mask: "bias_grad", a learnable (1, H, S, S) additive bias whose gradient
+    is taken too; "key_padding", a bool (B, 1, 1, S) mask dropping the last quarter of the
+    keys of every other sequence."""
+    batch, heads = TOKENS // seqlen, WIDTH // head_dim
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
+                           requires_grad=True) for _ in range(3))
+    if mask_kind == "bias_grad":
+        mask = torch.randn(1, heads, seqlen, seqlen, device="cuda", dtype=dtype,
+                           requires_grad=True)
+        leaves = (q, k, v, mask)
+    else:
+        kept = torch.full((batch,), seqlen, device="cuda")
+        kept[1::2] = seqlen - seqlen // 4
+        mask = (torch.arange(seqlen, device="cuda") < kept.view(-1, 1)).view(batch, 1, 1, seqlen)
+        leaves = (q, k, v)
+    grad = torch.randn_like(q)
+
+    def step(backend):
+        if backend in TORCH_BACKENDS:
+            with sdpa_kernel(TORCH_BACKENDS[backend]):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                             backend=backend)
+        return torch.autograd.grad(out, leaves, grad)
+
+    contenders = list(harness.contenders("attention", backends, q.device, dtype))
+    contenders += [(name, name, True) for name in ("sdpa_efficient", "sdpa_cudnn")]
+    timings = {}
+    for name, backend, hopper in contenders:
+        with tilesmith.backend.hopper_kernels(hopper):  # set outside the timing
+            try:
+                step(backend)
+            except (RuntimeError, tilesmith.BackendUnavailableError) as exc:
+                print(f"  mask {mask_kind} {name}: {str(exc).splitlines()[0][:100]}")
+                continue
+            timings[name] = (harness.median_ms(lambda: step(backend)),
+                             harness.peak_memory(lambda: step(backend)))
+    base_ms = timings.get("sdpa_efficient", (None,))[0]
+    flops = 3.5 * 4 * batch * heads * seqlen * seqlen * head_dim
+    for name, (ms, mem) in timings.items():
+        rows.append(harness.Row(
+            op="attention", mode="fwd+bwd", backend=name,
+            baseline="sdpa_efficient" if base_ms else "none", dtype="bfloat16",
+            shape={"B": batch, "H": heads, "S": seqlen, "D": head_dim, "causal": False,
+                   "mask": mask_kind}, ms=ms, tflops=flops / ms / 1e9, baseline_ms=base_ms,
+            ratio=base_ms / ms if base_ms else None, rel_err=None, peak_mem_bytes=mem,
+            joules=None))
+    print(f"attention mask={mask_kind} D={head_dim} S={seqlen}: " + ", ".join(
+        f"{n} {t[0]:.2f} ms" for n, t in timings.items()), flush=True)
 
 
 def _dropout_row(rows, seqlen, head_dim, dtype, dropout_p=0.1):

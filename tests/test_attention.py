@@ -107,40 +107,81 @@ HOPPER_SHAPES = {
 }
 
 
-@requires_hopper_kernels
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("name", list(HOPPER_SHAPES))
-def test_hopper_kernels_match_float64(name, dtype):
-    b, h, hk, sq, sk, d, causal = HOPPER_SHAPES[name]
+# (batch, heads, kv heads, seq_q, seq_k, head dim, causal, mask shape, bool?): masks of the
+# shapes models use (key padding, a learnable bias per head, one bias for every head), read
+# for each score; a float mask's gradient is summed by the dQ kernel.
+HOPPER_MASKED_SHAPES = {
+    "bool_key_padding_d128": (2, 4, 4, 300, 777, 128, False, (2, 1, 1, 777), True),
+    "float_bias_per_head_d64_causal_gqa": (1, 8, 2, 513, 513, 64, True, (1, 8, 513, 513), False),
+    "float_bias_d96_sq_gt_sk": (2, 2, 2, 257, 130, 96, False, (257, 130), False),
+}
+
+
+def _check_hopper_kernels(b, h, hk, sq, sk, d, causal, dtype, mask_shape=None, boolean=False):
+    """Output, lse and every gradient of one call on the wgmma kernels against float64."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(b, heads, s, d, generator=g).to(DEVICE, dtype).requires_grad_(True)
                for heads, s in ((h, sq), (hk, sk), (hk, sk)))
     grad_out = torch.randn(b, h, sq, d, generator=g).to(DEVICE, dtype)
     kwargs = {"is_causal": causal, "enable_gqa": h != hk}
+    leaves = [q, k, v]
+    if mask_shape is not None:
+        if boolean:
+            # Key padding: each batch entry keeps a prefix of the keys.
+            lengths = torch.tensor([sk - 177 * i for i in range(mask_shape[0])])
+            mask = (torch.arange(sk) < lengths.view(-1, 1)).view(mask_shape).to(DEVICE)
+        else:
+            mask = torch.randn(mask_shape, generator=g).to(DEVICE, dtype).requires_grad_(True)
+            leaves.append(mask)
+        kwargs["attn_mask"] = mask
 
     def forward_backward():
         out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend="cuda", **kwargs)
-        return out, torch.autograd.grad(out, (q, k, v), grad_out)
+        return out, torch.autograd.grad(out, leaves, grad_out)
 
     names = cuda_kernel_names(forward_backward)
     assert "attention_sm90a::attention_fwd_kernel" in names
     assert "attention_sm90a::attention_bwd_dkdv_kernel" in names
     assert "attention_sm90a::attention_bwd_dq_kernel" in names
+    assert "attention_sm80" not in names
     out, grads = forward_backward()
-    ref_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*ref_inputs, **kwargs)
+
+    def with_leaves(inputs):
+        if len(inputs) == 4:
+            return dict(kwargs, attn_mask=inputs[3])
+        return kwargs
+
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = F.scaled_dot_product_attention(*ref_inputs[:3], **with_leaves(ref_inputs))
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.double())
-    base_inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    base = F.scaled_dot_product_attention(*base_inputs, **kwargs)
+    base_inputs = [t.detach().clone().requires_grad_(True) for t in leaves]
+    base = F.scaled_dot_product_attention(*base_inputs[:3], **with_leaves(base_inputs))
     base_grads = torch.autograd.grad(base, base_inputs, grad_out)
     _check(out, ref, base, "out")
-    for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv"]):
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads,
+                                         ["dq", "dk", "dv", "dmask"]):
         _check(got, want, baseline, what)
-    _, lse = tilesmith.ops.attention(q.detach(), k.detach(), v.detach(), causal=causal,
-                                     backend="cuda")
-    _, ref_lse = tilesmith.ops.attention(*[t.detach() for t in ref_inputs], causal=causal,
-                                         backend="torch")
-    testing.assert_fp32_close(lse, ref_lse, name="lse")
+    if mask_shape is None:
+        _, lse = tilesmith.ops.attention(q.detach(), k.detach(), v.detach(), causal=causal,
+                                         backend="cuda")
+        _, ref_lse = tilesmith.ops.attention(*[t.detach() for t in ref_inputs], causal=causal,
+                                             backend="torch")
+        testing.assert_fp32_close(lse, ref_lse, name="lse")
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", list(HOPPER_SHAPES))
+def test_hopper_kernels_match_float64(name, dtype):
+    _check_hopper_kernels(*HOPPER_SHAPES[name], dtype)
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", list(HOPPER_MASKED_SHAPES))
+def test_hopper_kernels_with_masks_match_float64(name, dtype):
+    _check_hopper_kernels(*HOPPER_MASKED_SHAPES[name][:7], dtype,
+                          *HOPPER_MASKED_SHAPES[name][7:])
 
 
 @requires_hopper_kernels
@@ -155,10 +196,8 @@ def test_hopper_kernels_leave_the_rest_to_the_sm80_kernels():
         return cuda_kernel_names(forward_backward)
 
     assert "attention_sm90a" in names(q, k, v)
-    for kwargs in ({"attn_mask": torch.ones(200, 200, device=DEVICE, dtype=torch.bool)},
-                   {"dropout_p": 0.1}):
-        got = names(q, k, v, **kwargs)
-        assert "attention_sm80" in got and "attention_sm90a" not in got, kwargs
+    got = names(q, k, v, dropout_p=0.1)
+    assert "attention_sm80" in got and "attention_sm90a" not in got
     wide = [torch.randn(1, 2, 200, 192, device=DEVICE, dtype=torch.bfloat16,
                         requires_grad=True) for _ in range(3)]
     got = names(*wide)  # head dims above 128: the 256-wide sm_80 kernels

@@ -579,14 +579,14 @@ def test_hopper_attention_no_keys():
 
 
 def test_hopper_attention_forward_leaves_the_rest_to_the_sm80_kernel():
-    """Head dims of the 256-wide kernel, masks and dropout stay on mma.sync."""
+    """Head dims of the 256-wide kernel and dropout stay on mma.sync; masks are taken."""
     def taken(d, **kwargs):
         q, k, v = attention_inputs(1, 1, 1, 8, 8, d, torch.bfloat16)
         return run_attention_fwd(q, k, v, False, 0.1, hopper=True, **kwargs) is not None
 
     assert taken(8) and taken(64) and taken(72) and taken(128)
     assert not taken(136)
-    assert not taken(128, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    assert taken(128, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
     assert not taken(128, dropout=(torch.tensor([7], dtype=torch.int64), 0.1))
 
 
@@ -1154,20 +1154,31 @@ def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
 
 
 MASK_CASES = {
-    # name: (batch, heads, seq_q, seq_k, head dim, mask shape, bool?, a fully masked row?)
-    "bool_b1qk_masked_row": (2, 2, 70, 90, 64, (2, 1, 70, 90), True, True),
-    "additive_1hqk": (1, 2, 65, 80, 64, (1, 2, 65, 80), False, False),
-    "additive_qk_neg_inf_row": (2, 2, 33, 70, 128, (1, 1, 33, 70), False, True),
-    "bool_bh1k": (2, 2, 40, 100, 128, (2, 2, 1, 100), True, False),
-    "additive_d256_neg_inf_row": (1, 2, 40, 70, 256, (1, 2, 40, 70), False, True),
+    # name: (batch, heads, kv heads, seq_q, seq_k, head dim, causal, mask shape, bool?,
+    #        a fully masked row?)
+    "bool_b1qk_masked_row": (2, 2, 2, 70, 90, 64, False, (2, 1, 70, 90), True, True),
+    "additive_1hqk": (1, 2, 2, 65, 80, 64, False, (1, 2, 65, 80), False, False),
+    "additive_qk_neg_inf_row": (2, 2, 2, 33, 70, 128, False, (1, 1, 33, 70), False, True),
+    "bool_bh1k": (2, 2, 2, 40, 100, 128, False, (2, 2, 1, 100), True, False),
+    "additive_d256_neg_inf_row": (1, 2, 2, 40, 70, 256, False, (1, 2, 40, 70), False, True),
+    # Several blocks of queries and keys in each kernel (the wgmma ones: 128 query rows and
+    # 128 keys a forward step, 128 keys and 64 queries a dK/dV step), the causal diagonal,
+    # and a mask per query head of a kv group.
+    "additive_causal_gqa_blocks": (1, 4, 2, 150, 260, 128, True, (1, 4, 150, 260), False, True),
+    "bool_b11k_causal_d40": (2, 2, 1, 140, 200, 40, True, (2, 1, 1, 200), True, False),
 }
+# The wgmma kernels take head dims up to 128.
+MASK_KERNELS = [pytest.param(case, kernel, id=f"{case}-{kernel}")
+                for case in MASK_CASES for kernel in ("sm80", "sm90a")
+                if kernel == "sm80" or MASK_CASES[case][5] <= 128]
 
 
-@pytest.mark.parametrize("case", list(MASK_CASES))
-def test_attention_kernels_with_masks(case):
-    b, h, sq, sk, d, shape, boolean, masked_row = MASK_CASES[case]
+@pytest.mark.parametrize("case,kernel", MASK_KERNELS)
+def test_attention_kernels_with_masks(case, kernel):
+    b, h, hk, sq, sk, d, causal, shape, boolean, masked_row = MASK_CASES[case]
+    hopper = kernel == "sm90a"
     dtype = torch.bfloat16
-    q, k, v = attention_inputs(b, h, h, sq, sk, d, dtype)
+    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype)
     if boolean:
         mask = torch.rand(shape) > 0.3
         if masked_row:
@@ -1177,21 +1188,29 @@ def test_attention_kernels_with_masks(case):
         if masked_row:
             mask[:, :, 7] = float("-inf")
     scale = d ** -0.5
-    out, lse = run_attention_fwd(q, k, v, False, scale, mask)
+    out, lse = run_attention_fwd(q, k, v, causal, scale, mask, hopper=hopper)
     grad_out = torch.randn(out.shape).to(dtype)
     dmask = None if boolean else torch.zeros(shape, dtype=torch.float32)
-    grads = run_attention_bwd(grad_out, q, k, v, out, lse, False, scale, mask, dmask)
+    grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask, dmask,
+                              hopper=hopper)
 
     leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
     if not boolean:
         leaves.append(mask.double().requires_grad_(True))
-    ref, ref_lse = attention_reference(*leaves[:3], False, scale,
+    ref, ref_lse = attention_reference(*leaves[:3], causal, scale,
                                        mask=leaves[3] if not boolean else mask)
     ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
     base_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     base_mask = mask if boolean else mask.clone().requires_grad_(True)
-    base = torch.nn.functional.scaled_dot_product_attention(*base_leaves, attn_mask=base_mask,
-                                                            scale=scale)
+    # SDPA takes no mask with is_causal: the causal mask joins the given one.
+    below = torch.ones(sq, sk, dtype=torch.bool).tril()
+    if causal:
+        base_attn_mask = (base_mask & below if boolean
+                          else base_mask.masked_fill(~below, float("-inf")))
+    else:
+        base_attn_mask = base_mask
+    base = torch.nn.functional.scaled_dot_product_attention(
+        *base_leaves, attn_mask=base_attn_mask, scale=scale, enable_gqa=h != hk)
     base_grads = torch.autograd.grad(base, base_leaves + ([] if boolean else [base_mask]),
                                      grad_out)
     assert_close_to_reference(out, ref, base)

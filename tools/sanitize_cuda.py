@@ -89,19 +89,23 @@ def main() -> int:
         for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
             check(f"attention d={d} causal={causal} {name}", got, want, bar=5e-2)
 
-    # attention with an additive (1, heads, seq_q, seq_k) mask, and its gradient.
-    q = torch.randn(2, 2, 70, 64, device=dev, dtype=bf16, requires_grad=True)
-    k = torch.randn(2, 2, 90, 64, device=dev, dtype=bf16, requires_grad=True)
-    v = torch.randn(2, 2, 90, 64, device=dev, dtype=bf16, requires_grad=True)
-    bias = torch.randn(1, 2, 70, 90, device=dev, dtype=bf16, requires_grad=True)
-    out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend="cuda")
-    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, bias))
+    # attention with an additive (1, heads, seq_q, seq_k) mask, and its gradient: on Hopper
+    # through the wgmma kernels (several query and key blocks) and the sm_80 ones.
+    q = torch.randn(2, 2, 150, 64, device=dev, dtype=bf16, requires_grad=True)
+    k = torch.randn(2, 2, 260, 64, device=dev, dtype=bf16, requires_grad=True)
+    v = torch.randn(2, 2, 260, 64, device=dev, dtype=bf16, requires_grad=True)
+    bias = torch.randn(1, 2, 150, 260, device=dev, dtype=bf16, requires_grad=True)
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
     ref = F.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
     ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
-    check("attention additive mask", out, ref)
-    for name, got, want in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
-        check(f"attention additive mask {name}", got, want, bar=5e-2)
+    for hopper in (True, False):
+        with tilesmith.backend.hopper_kernels(hopper):
+            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                             backend="cuda")
+            grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, bias))
+        check(f"attention additive mask hopper={hopper}", out, ref)
+        for name, got, want in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
+            check(f"attention additive mask hopper={hopper} {name}", got, want, bar=5e-2)
 
     # attention with dropout (against the mask's definition, testing's plain-PyTorch
     # Philox), causal, at head dim 80: zero-padded in the head-dim-128 kernels.

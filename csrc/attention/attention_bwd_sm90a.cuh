@@ -1,9 +1,10 @@
 // Attention backward for Hopper (sm_90a) on wgmma, in two kernels (dK/dV, then dQ) like
 // attention_bwd_sm80.cuh's, for the calls attention_fwd_sm90a.cuh takes (head dims up to
-// 128 in kernels 64 or 128 wide, no mask, no dropout); deterministic, no atomics. Both keep P, dS and their
-// transposes in registers, where the score products' accumulators already lie in the A
-// fragment layout of a register-A wgmma, and read every other operand from swizzled shared
-// memory, filled by cp.async.
+// 128 in kernels 64 or 128 wide, masks, no dropout). dQ, dK and dV are deterministic (no
+// atomics); the additive mask's gradient is summed by the dQ kernel with fp32 atomics, as on
+// sm_80. Both keep P, dS and their transposes in registers, where the score products'
+// accumulators already lie in the A fragment layout of a register-A wgmma, and read every
+// other operand from swizzled shared memory, filled by cp.async.
 //
 // dK/dV: one block of two warpgroups owns 128 keys of one (batch, kv head), 64 per
 // warpgroup, with K and V resident in shared memory, and walks 64 queries at a time through
@@ -28,8 +29,12 @@ constexpr int kDkdvBlockQ = 64;  // queries per step of the dK/dV kernel
 template <int kHeadDim>
 constexpr int kQueryTileBytes = (kHeadDim / 64) * kDkdvBlockQ * kSwizzleRowBytes;  // 8, 16 KiB
 // K and V (kTileRows keys each), two stages of Q and two of dO, and the alignment slack.
-template <int kHeadDim>
-constexpr int kDkdvSmemBytes = 2 * kTileBytes<kHeadDim> + 4 * kQueryTileBytes<kHeadDim> + 1024;
+// With a mask, also the mask's share of each score of a step: a float per score,
+// kDkdvBlockQ / 2 per thread.
+constexpr int kMaskSlotBytes = kDkdvBlockQ / 2 * kThreads * 4;  // 32 KiB
+template <int kHeadDim, bool kMasked = false>
+constexpr int kDkdvSmemBytes = 2 * kTileBytes<kHeadDim> + 4 * kQueryTileBytes<kHeadDim> +
+                               (kMasked ? kMaskSlotBytes : 0) + 1024;
 
 // The two score-shaped products of a step, over the head dim, each A B^T with both operands
 // K-major: this warpgroup's 64 rows of A (at a_tile and a2_tile, inside kTileRows-row tiles)
@@ -40,6 +45,10 @@ __device__ __forceinline__ void score_products(float (&acc)[kColumns / 2], uint3
                                                uint32_t a2_tile, uint32_t b2_tile) {
 #pragma unroll
   for (int i = 0; i < kColumns / 2; ++i) acc[i] = acc2[i] = 0.0f;
+  // The zeros are written before the fence: left to itself nvcc may sink them between the
+  // first product's wgmmas, and ptxas then serialises the products (warning C7519).
+  fence_registers(acc);
+  fence_registers(acc2);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
@@ -57,7 +66,7 @@ __device__ __forceinline__ void score_products(float (&acc)[kColumns / 2], uint3
   fence_registers(acc2);
 }
 
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_k = aligned_shared(shared_bytes);
@@ -89,10 +98,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
     const int64_t h = step_head(step), q0 = step_row0(step);
     const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
     const T* dout = row_pointer<const T>(p.grad_out, p.grad_out_strides, b, h, seq.q_start);
-    load_rows<T, kDkdvBlockQ, kHeadDim>(smem_q + stage * kQueryTileBytes<kHeadDim>, q, q0, seqlen_q,
-                              p.q_strides.seq, p.head_dim);
-    load_rows<T, kDkdvBlockQ, kHeadDim>(smem_do + stage * kQueryTileBytes<kHeadDim>, dout, q0, seqlen_q,
-                              p.grad_out_strides.seq, p.head_dim);
+    load_rows<T, kDkdvBlockQ, kHeadDim>(smem_q + stage * kQueryTileBytes<kHeadDim>, q, q0,
+                                        seqlen_q, p.q_strides.seq, p.head_dim);
+    load_rows<T, kDkdvBlockQ, kHeadDim>(smem_do + stage * kQueryTileBytes<kHeadDim>, dout, q0,
+                                        seqlen_q, p.grad_out_strides.seq, p.head_dim);
   };
   load_rows<T, kTileRows, kHeadDim>(smem_k, k, key0, seqlen_k, p.k_strides.seq, p.head_dim);
   load_rows<T, kTileRows, kHeadDim>(smem_v, v, key0, seqlen_k, p.v_strides.seq, p.head_dim);
@@ -109,6 +118,33 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
   const uint32_t v_tile = shared_address(smem_v) + warpgroup * 64 * kSwizzleRowBytes;
   float acc_dk[kHeadDim / 2] = {};  // [4 di + 2 half + e]: key keys[half], column 8 di + ...
   float acc_dv[kHeadDim / 2] = {};
+
+  // With a mask: its share (mask_log2, 0 outside the sequences) of this thread's scores of
+  // a step, in shared-memory slots of its own (entry i at i * kThreads + threadIdx.x, in the
+  // layout of pt below), filled for step s + 1 while the tensor cores run step s's dV and dK
+  // products. Read from global memory inside the score loop instead, the loads' addresses
+  // and values make the head dim 128 kernel spill.
+  float* mask_slots = reinterpret_cast<float*>(smem_do + 2 * kQueryTileBytes<kHeadDim>);
+  auto stage_mask = [&](int step) {
+    const int64_t h = step_head(step), q0 = step_row0(step);
+#pragma unroll
+    for (int j = 0; j < kDkdvBlockQ / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t query = q0 + j * 8 + quad_col + e;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          mask_slots[(4 * j + 2 * half + e) * kThreads + threadIdx.x] =
+              query < seqlen_q && keys[half] < seqlen_k
+                  ? attention_sm80::mask_log2<T>(p, b, h, query, keys[half])
+                  : 0.0f;
+        }
+      }
+    }
+  };
+  if constexpr (kMasked) {
+    if (steps > 0) stage_mask(0);
+  }
 
   for (int step = 0; step < steps; ++step) {
     cp_async_wait<0>();          // this step's Q and dO (and at step 0, K and V) have landed
@@ -128,9 +164,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
     float pt[kDkdvBlockQ / 2], dpt[kDkdvBlockQ / 2];
     score_products<T, kHeadDim, kDkdvBlockQ>(pt, k_tile, q_tile, dpt, v_tile, do_tile);
 
-    // P^T from the saved statistics, and dS^T = P^T (dP^T - delta). Entries of queries past
-    // the end or with no visible key, of keys past the end, or (causal) of keys after their
-    // query, are 0.
+    // P^T from the saved statistics (and the mask), and dS^T = P^T (dP^T - delta). Entries
+    // of queries past the end or with no visible key, of keys past the end, or (causal) of
+    // keys after their query, are 0.
 #pragma unroll
     for (int j = 0; j < kDkdvBlockQ / 8; ++j) {
 #pragma unroll
@@ -144,7 +180,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
           const int i = 4 * j + 2 * half + e;
           const bool visible =
               live && keys[half] < seqlen_k && (!kCausal || keys[half] <= query);
-          const float prob = visible ? exp2f(pt[i] * p.scale_log2 - lse_log2) : 0.0f;
+          float score = pt[i] * p.scale_log2;
+          if constexpr (kMasked) score += mask_slots[i * kThreads + threadIdx.x];
+          const float prob = visible ? exp2f(score - lse_log2) : 0.0f;
           pt[i] = prob;
           dpt[i] = prob * (dpt[i] - row_delta);
         }
@@ -167,6 +205,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
                                                 n_major_step<kDkdvBlockQ>(q_tile, kk), 1);
     }
     wgmma_commit();
+    if constexpr (kMasked) {
+      if (step + 1 < steps) stage_mask(step + 1);  // this step's slots have been read
+    }
     wgmma_wait<0>();  // this stage is refilled after the next step's barrier
   }
   fence_registers(acc_dk);
@@ -196,7 +237,7 @@ constexpr int kDqSmemBytes = 2 * kTileBytes<kHeadDim> + 4 * kKeyStepBytes<kHeadD
 // and warpgroup: S = Q K^T and dP = dO V^T (wgmma m64n64k16 from shared memory, all
 // K-major), dS = P (dP - delta), then dQ += dS K with dS from registers and K read N-major
 // (m64n128k16).
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_q = aligned_shared(shared_bytes);
@@ -220,13 +261,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kDqStepKeys;
-    load_rows<T, kDqStepKeys, kHeadDim>(smem_k + stage * kKeyStepBytes<kHeadDim>, k, n0, seqlen_k, p.k_strides.seq,
-                              p.head_dim);
-    load_rows<T, kDqStepKeys, kHeadDim>(smem_v + stage * kKeyStepBytes<kHeadDim>, v, n0, seqlen_k, p.v_strides.seq,
-                              p.head_dim);
+    load_rows<T, kDqStepKeys, kHeadDim>(smem_k + stage * kKeyStepBytes<kHeadDim>, k, n0,
+                                        seqlen_k, p.k_strides.seq, p.head_dim);
+    load_rows<T, kDqStepKeys, kHeadDim>(smem_v + stage * kKeyStepBytes<kHeadDim>, v, n0,
+                                        seqlen_k, p.v_strides.seq, p.head_dim);
   };
   load_rows<T, kTileRows, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
-  load_rows<T, kTileRows, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq, p.head_dim);
+  load_rows<T, kTileRows, kHeadDim>(smem_do, dout, row0, seqlen_q, p.grad_out_strides.seq,
+                                    p.head_dim);
   if (key_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -262,7 +304,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
     float s[kDqStepKeys / 2], dp[kDqStepKeys / 2];
     score_products<T, kHeadDim, kDqStepKeys>(s, q_tile, k_tile, dp, do_tile, v_tile);
 
-    // dS = P (dP - delta), P recomputed from the saved statistics; 0 where P is.
+    // dS = P (dP - delta), P recomputed from the saved statistics (and the mask); 0 where P
+    // is.
 #pragma unroll
     for (int ni = 0; ni < kDqStepKeys / 8; ++ni) {
 #pragma unroll
@@ -272,8 +315,21 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
         for (int half = 0; half < 2; ++half) {
           const int i = 4 * ni + 2 * half + e;
           const bool visible = live[half] && key < seqlen_k && (!kCausal || key <= rows[half]);
-          const float prob = visible ? exp2f(s[i] * p.scale_log2 - lse_log2[half]) : 0.0f;
+          float score = s[i] * p.scale_log2;
+          if constexpr (kMasked) {
+            if (visible) score += attention_sm80::mask_log2<T>(p, b, h, rows[half], key);
+          }
+          const float prob = visible ? exp2f(score - lse_log2[half]) : 0.0f;
           dp[i] = prob * (dp[i] - row_delta[half]);
+          if constexpr (kMasked) {
+            // dS is the gradient of the score the mask was added to: the additive mask's
+            // gradient, summed over the dimensions it broadcasts.
+            if (p.dmask != nullptr && visible) {
+              atomicAdd(p.dmask + b * p.dmask_strides.batch + h * p.dmask_strides.head +
+                            rows[half] * p.dmask_strides.row + key * p.dmask_strides.key,
+                        dp[i]);
+            }
+          }
         }
       }
     }
@@ -305,44 +361,44 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 // The backward's kernels in the order they run, each handed to launch(kernel, grid, threads,
 // dynamic shared bytes), which returns whether it launched: the launcher below and the CPU
 // emulator (tests/emulation/attention_sm90a_emulated.cpp) both run this one plan.
-template <typename T, int kHeadDim, bool kCausal, typename Launch>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, typename Launch>
 bool backward_plan(const AttentionParams& p, Launch&& launch) {
   // An empty grid is a launch error, so each kernel runs only when it has rows to write.
   if (p.seqlen_k > 0) {
     const dim3 grid(static_cast<unsigned>((p.seqlen_k + kBlockN - 1) / kBlockN),
                     static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
-    if (!launch(attention_bwd_dkdv_kernel<T, kHeadDim, kCausal>, grid, kThreads,
-                kDkdvSmemBytes<kHeadDim>)) {
+    if (!launch(attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kMasked>, grid, kThreads,
+                kDkdvSmemBytes<kHeadDim, kMasked>)) {
       return false;
     }
   }
   if (p.seqlen_q == 0) return true;
-  return launch(attention_bwd_dq_kernel<T, kHeadDim, kCausal>,
+  return launch(attention_bwd_dq_kernel<T, kHeadDim, kCausal, kMasked>,
                 attention_sm80::query_grid<kBlockM>(p), kThreads, kDqSmemBytes<kHeadDim>);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked>
 cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  backward_plan<T, kHeadDim, kCausal>(p, [&](auto kernel, dim3 grid, int threads, int smem) {
+  auto launch = [&](auto kernel, dim3 grid, int threads, int smem) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return false;
     kernel<<<grid, threads, smem, stream>>>(p);
     err = cudaGetLastError();
     return err == cudaSuccess;
-  });
+  };
+  backward_plan<T, kHeadDim, kCausal, kMasked>(p, launch);
   return err;
 }
 
-// The kernels of the narrower width (64 or 128) that holds the head dim.
 template <typename T>
 cudaError_t run_bwd(const AttentionParams& p, bool causal, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0) return cudaSuccess;
-  if (p.head_dim <= 64) {
-    return causal ? launch_bwd<T, 64, true>(p, stream) : launch_bwd<T, 64, false>(p, stream);
-  }
-  return causal ? launch_bwd<T, 128, true>(p, stream) : launch_bwd<T, 128, false>(p, stream);
+  return with_variant(p, causal, [&](auto width, auto is_causal, auto masked) {
+    return launch_bwd<T, decltype(width)::value, decltype(is_causal)::value,
+                      decltype(masked)::value>(p, stream);
+  });
 }
 #endif  // TILESMITH_CPU_EMULATION
 

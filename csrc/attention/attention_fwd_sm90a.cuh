@@ -18,13 +18,16 @@
 // ptxas places that wait part-way into the softmax, ahead of its exponentials, so the
 // overlap is partial; measuring and improving it waits for a GPU.
 // Head dims up to 128 (multiples of 8) run here, in a kernel 64 or 128 wide, zero-filled to
-// its width like the sm_80 kernels.
+// its width like the sm_80 kernels. A bool or additive mask is read from global memory for
+// each score in the softmax (kMasked: a kernel of its own, so that the unmasked ones keep
+// their registers).
 //
 // Not yet: TMA, warp specialization (a producer warpgroup), two warpgroups taking turns at
-// softmax and MMA; masks and dropout (attention_fwd_sm80.cuh takes those calls).
+// softmax and MMA; dropout (attention_fwd_sm80.cuh takes those calls).
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "../common/tiles_sm90a.cuh"
 #include "../common/wgmma_sm90a.cuh"
@@ -107,13 +110,28 @@ __device__ __forceinline__ void store_row(T* row, const float (&acc)[kHeadDim / 
 }
 
 // Whether these kernels (this forward, and the backward of attention_bwd_sm90a.cuh) take
-// the call: the head dims of the 128-wide kernel, no mask and no dropout.
+// the call: the head dims of the 128-wide kernel, no dropout.
 inline bool takes(const AttentionParams& p) {
-  return p.head_dim <= kMaxHeadDim && p.mask_kind == MaskKind::kNone &&
-         p.dropout_seed == nullptr;
+  return p.head_dim <= kMaxHeadDim && p.dropout_seed == nullptr;
 }
 
-template <typename T, int kHeadDim, bool kCausal>
+// Calls variant(width, causal, masked), each a std::integral_constant, for the kernel that
+// takes the call: the narrower width (64 or 128) that holds the head dim, causal or not, with
+// a mask or without. The launchers and the CPU emulator choose through this one function.
+template <typename Variant>
+auto with_variant(const AttentionParams& p, bool causal, Variant&& variant) {
+  auto by_mask = [&](auto width, auto is_causal) {
+    return p.mask_kind != MaskKind::kNone ? variant(width, is_causal, std::true_type{})
+                                          : variant(width, is_causal, std::false_type{});
+  };
+  auto by_causal = [&](auto width) {
+    return causal ? by_mask(width, std::true_type{}) : by_mask(width, std::false_type{});
+  };
+  return p.head_dim <= 64 ? by_causal(std::integral_constant<int, 64>{})
+                          : by_causal(std::integral_constant<int, 128>{});
+}
+
+template <typename T, int kHeadDim, bool kCausal, bool kMasked>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_q = aligned_shared(shared_bytes);
@@ -201,12 +219,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
     }
     fence_registers(s);  // read after the wait
 
-    // Online softmax, one row (half) at a time, as attention_fwd_sm80.cuh's. Only blocks
-    // that reach past the last key or this warp's diagonal need masking: there row
-    // rows[half] sees the block's keys before `visible` (the last key, or just past its
-    // diagonal), counted in 32 bits from key0.
+    // Online softmax, one row (half) at a time, as attention_fwd_sm80.cuh's. Without a mask
+    // tensor only blocks that reach past the last key or this warp's diagonal need masking:
+    // there row rows[half] sees the block's keys before `visible` (the last key, or just past
+    // its diagonal), counted in 32 bits from key0; the mask tensor then acts on those.
     const bool needs_mask =
-        key0 + kBlockN > seqlen_k || (kCausal && key0 + kBlockN - 1 > warp_row0);
+        kMasked || key0 + kBlockN > seqlen_k || (kCausal && key0 + kBlockN - 1 > warp_row0);
     float rescale[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -214,13 +232,21 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
       if (kCausal && rows[half] - key0 < visible) {
         visible = static_cast<int>(rows[half] - key0 + 1);  // may be 0 or less: none
       }
+      if (kMasked && rows[half] >= seqlen_q) visible = 0;  // the mask has no such row
       float block_max = -INFINITY;
 #pragma unroll
       for (int ni = 0; ni < kBlockN / 8; ++ni) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float x = s[4 * ni + 2 * half + e] * p.scale_log2;
-          if (needs_mask && ni * 8 + quad_col + e >= visible) x = -INFINITY;
+          if (needs_mask) {
+            const int column = ni * 8 + quad_col + e;
+            if (column >= visible) {
+              x = -INFINITY;
+            } else if constexpr (kMasked) {
+              x += attention_sm80::mask_log2<T>(p, b, h, rows[half], key0 + column);
+            }
+          }
           s[4 * ni + 2 * half + e] = x;
           block_max = fmaxf(block_max, x);
         }
@@ -287,9 +313,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
-  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal>;
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal, kMasked>;
   constexpr int kBytes = kSmemBytes<kHeadDim>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
@@ -298,14 +324,13 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The kernel of the narrower width (64 or 128) that holds the head dim.
 template <typename T>
 cudaError_t run(const AttentionParams& p, bool causal, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
-  if (p.head_dim <= 64) {
-    return causal ? launch<T, 64, true>(p, stream) : launch<T, 64, false>(p, stream);
-  }
-  return causal ? launch<T, 128, true>(p, stream) : launch<T, 128, false>(p, stream);
+  return with_variant(p, causal, [&](auto width, auto is_causal, auto masked) {
+    return launch<T, decltype(width)::value, decltype(is_causal)::value,
+                  decltype(masked)::value>(p, stream);
+  });
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -1,11 +1,11 @@
 // The kernels of tilesmith._C_sm90a (compiled for sm_90a only) that tilesmith._C's ops run on
 // a GPU of compute capability 9.0: the wgmma matmul/gemm, conv2d (forward, dgrad and wgrad)
-// and attention (forward and backward). The two extensions are separate shared libraries, so _C reaches
-// them through this table of function pointers: tilesmith._C_sm90a exports it as the capsule
-// `hopper_kernels`, and backend.py hands that to tilesmith._C._set_hopper_kernels (None: the
-// sm_80 kernels everywhere). Each entry launches and returns true, storing the launch's error code in
-// *error, where its kernels take the call on the current device; otherwise it returns false
-// having launched nothing, and the caller runs its sm_80 kernel.
+// and attention (forward and backward). The two extensions are separate shared libraries, so
+// _C reaches them through this table of function pointers: tilesmith._C_sm90a exports it as
+// the capsule `hopper_kernels`, and backend.py hands that to tilesmith._C._set_hopper_kernels
+// (None: the sm_80 kernels everywhere). Each entry launches and returns true, storing the
+// launch's error code in *error, where its kernels take the call on the current device;
+// otherwise it returns false having launched nothing, and the caller runs its sm_80 kernel.
 #pragma once
 
 #include <cuda_runtime.h>

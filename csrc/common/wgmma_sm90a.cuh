@@ -54,13 +54,13 @@ template <int kN, typename T, int kMnMajorA, int kMnMajorB>
 __device__ __forceinline__ void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a,
                                               uint64_t desc_b, int accumulate);
 
-// d (+)= A B for a 64xNx16 block (N = 64 or 128) whose A comes from registers: a[] holds this thread's
-// share of its warp's 16 rows of A (rows 16 warp .. 16 warp + 15 of the warpgroup's 64) in
-// the mma.sync m16n8k16 A layout: a[0] row lane / 4, k 2 (lane % 4) and + 1; a[1] the row 8
-// below; a[2] and a[3] the same at k + 8. That is, pair by pair, the accumulator layout
-// above, so a product computed by one wgmma feeds the next without leaving registers. B
-// from shared memory as in wgmma_m64nk16 (kMnMajorB: stored N-major). The registers of a
-// are read asynchronously too: ptxas keeps them until the wgmma retires.
+// d (+)= A B for a 64xNx16 block (N = 64 or 128) whose A comes from registers: a[] holds
+// this thread's share of its warp's 16 rows of A (rows 16 warp .. 16 warp + 15 of the
+// warpgroup's 64) in the mma.sync m16n8k16 A layout: a[0] row lane / 4, k 2 (lane % 4) and
+// + 1; a[1] the row 8 below; a[2] and a[3] the same at k + 8. That is, pair by pair, the
+// accumulator layout above, so a product computed by one wgmma feeds the next without
+// leaving registers. B from shared memory as in wgmma_m64nk16 (kMnMajorB: stored N-major).
+// The registers of a are read asynchronously too: ptxas keeps them until the wgmma retires.
 template <int kN, typename T, int kMnMajorB>
 __device__ __forceinline__ void wgmma_m64nk16_a_registers(float (&d)[kN / 2],
                                                           const uint32_t (&a)[4],

@@ -7,7 +7,7 @@
 // The kernels' `extern __shared__` buffer, aligned as the GPU's shared window is: the
 // 128-wide forward's is the largest.
 namespace tilesmith::attention_sm90a {
-static_assert(kSmemBytes<128> >= kDkdvSmemBytes<128> && kSmemBytes<128> >= kDqSmemBytes<128>);
+static_assert(kSmemBytes<128> >= kDkdvSmemBytes<128, true> && kSmemBytes<128> >= kDqSmemBytes<128>);
 alignas(1024) unsigned char shared_bytes[kSmemBytes<128>];
 }  // namespace tilesmith::attention_sm90a
 
@@ -17,18 +17,19 @@ using tilesmith::AttentionParams;
 namespace at80 = tilesmith::attention_sm80;
 namespace at90 = tilesmith::attention_sm90a;
 
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked>
 std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
-  return tilesmith_emu::launch(at80::query_grid<at90::kBlockM>(p), dim3(at90::kThreads),
-                               at90::kSmemBytes<kHeadDim>, at90::shared_bytes, std::move(buffers),
-                               [&p] { at90::attention_fwd_kernel<T, kHeadDim, kCausal>(p); });
+  return tilesmith_emu::launch(
+      at80::query_grid<at90::kBlockM>(p), dim3(at90::kThreads), at90::kSmemBytes<kHeadDim>,
+      at90::shared_bytes, std::move(buffers),
+      [&p] { at90::attention_fwd_kernel<T, kHeadDim, kCausal, kMasked>(p); });
 }
 
 // The kernels as launch_bwd runs them (attention_bwd_sm90a.cuh's backward_plan).
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked>
 std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   std::string error;
-  at90::backward_plan<T, kHeadDim, kCausal>(
+  at90::backward_plan<T, kHeadDim, kCausal, kMasked>(
       p, [&](auto kernel, dim3 grid, int threads, int smem_bytes) {
         error = tilesmith_emu::launch(grid, dim3(threads), smem_bytes, at90::shared_bytes,
                                       buffers, [&] { kernel(p); });
@@ -37,23 +38,16 @@ std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer
   return error;
 }
 
-template <typename T, int kHeadDim>
-std::string run(const AttentionParams& p, bool causal, bool is_backward,
-                std::vector<tilesmith_emu::Buffer> buffers) {
-  if (is_backward) {
-    return causal ? backward<T, kHeadDim, true>(p, std::move(buffers))
-                  : backward<T, kHeadDim, false>(p, std::move(buffers));
-  }
-  return causal ? forward<T, kHeadDim, true>(p, std::move(buffers))
-                : forward<T, kHeadDim, false>(p, std::move(buffers));
-}
-
-// As run / run_bwd choose: the narrower kernel width that holds the head dim.
+// The kernel variant run / run_bwd choose (attention_fwd_sm90a.cuh's with_variant).
 template <typename T>
 std::string run(const AttentionParams& p, bool causal, bool is_backward,
                 std::vector<tilesmith_emu::Buffer> buffers) {
-  return p.head_dim <= 64 ? run<T, 64>(p, causal, is_backward, std::move(buffers))
-                          : run<T, 128>(p, causal, is_backward, std::move(buffers));
+  return at90::with_variant(p, causal, [&](auto width, auto is_causal, auto masked) {
+    constexpr int kHeadDim = decltype(width)::value;
+    constexpr bool kCausal = decltype(is_causal)::value, kMasked = decltype(masked)::value;
+    return is_backward ? backward<T, kHeadDim, kCausal, kMasked>(p, std::move(buffers))
+                       : forward<T, kHeadDim, kCausal, kMasked>(p, std::move(buffers));
+  });
 }
 
 }  // namespace
