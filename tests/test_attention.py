@@ -196,7 +196,11 @@ def test_hopper_kernels_leave_the_rest_to_the_sm80_kernels():
         return cuda_kernel_names(forward_backward)
 
     assert "attention_sm90a" in names(q, k, v)
-    got = names(q, k, v, dropout_p=0.1)
+    mask = torch.ones(200, 200, device=DEVICE, dtype=torch.bool)
+    for kwargs in ({"attn_mask": mask}, {"dropout_p": 0.1}):
+        got = names(q, k, v, **kwargs)
+        assert "attention_sm90a" in got and "attention_sm80" not in got, kwargs
+    got = names(q, k, v, attn_mask=mask, dropout_p=0.1)  # both: the sm_80 kernels
     assert "attention_sm80" in got and "attention_sm90a" not in got
     wide = [torch.randn(1, 2, 200, 192, device=DEVICE, dtype=torch.bfloat16,
                         requires_grad=True) for _ in range(3)]
@@ -468,6 +472,24 @@ def _check_against_float64(backend, dtype, spec, dropout_p):
 @pytest.mark.parametrize("case", list(DROPOUT_CASES))
 def test_dropout_matches_float64_with_the_kernels_mask(backend, dtype, case):
     _check_against_float64(backend, dtype, DROPOUT_CASES[case], dropout_p=0.3)
+
+
+# On an H100: dropout on the wgmma kernels (several 128-row query blocks and key steps, both
+# widths) and, for the same calls, on the sm_80 ones.
+HOPPER_DROPOUT_CASES = {
+    "d128_causal_gqa_300x777": dict(q=(1, 4, 300, 128), k=(1, 2, 777, 128),
+                                    v=(1, 2, 777, 128), causal=True),
+    "d64_200x130": dict(q=(2, 2, 200, 64), k=(2, 2, 130, 64), v=(2, 2, 130, 64)),
+}
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("hopper", [True, False], ids=["sm90a", "sm80"])
+@pytest.mark.parametrize("case", list(HOPPER_DROPOUT_CASES))
+def test_hopper_dropout_matches_float64_with_the_kernels_mask(case, hopper):
+    with tilesmith.backend.hopper_kernels(hopper):
+        _check_against_float64("cuda", torch.bfloat16, HOPPER_DROPOUT_CASES[case],
+                               dropout_p=0.3)
 
 
 @pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))

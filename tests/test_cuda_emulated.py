@@ -579,15 +579,17 @@ def test_hopper_attention_no_keys():
 
 
 def test_hopper_attention_forward_leaves_the_rest_to_the_sm80_kernel():
-    """Head dims of the 256-wide kernel and dropout stay on mma.sync; masks are taken."""
+    """Head dims of the 256-wide kernel, and a mask with dropout, stay on mma.sync; a mask
+    or dropout alone is taken."""
     def taken(d, **kwargs):
         q, k, v = attention_inputs(1, 1, 1, 8, 8, d, torch.bfloat16)
         return run_attention_fwd(q, k, v, False, 0.1, hopper=True, **kwargs) is not None
 
     assert taken(8) and taken(64) and taken(72) and taken(128)
     assert not taken(136)
-    assert taken(128, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
-    assert not taken(128, dropout=(torch.tensor([7], dtype=torch.int64), 0.1))
+    mask, dropout = torch.ones(1, 1, 8, 8, dtype=torch.bool), (torch.tensor([7]), 0.1)
+    assert taken(128, mask=mask) and taken(128, dropout=dropout)
+    assert not taken(128, mask=mask, dropout=dropout)
 
 
 def test_attention_d256_shared_memory_matches_the_python_routing():
@@ -1059,8 +1061,9 @@ def packed_strides(t):
     return AttentionStrides(0, t.stride(1), t.stride(0))
 
 
-@pytest.mark.parametrize("kernel,dropout_p", [("sm80", 0.0), ("sm80", 0.25), ("sm90a", 0.0)],
-                         ids=["sm80", "sm80_dropout", "sm90a"])
+@pytest.mark.parametrize("kernel,dropout_p", [("sm80", 0.0), ("sm80", 0.25), ("sm90a", 0.0),
+                                              ("sm90a", 0.25)],
+                         ids=["sm80", "sm80_dropout", "sm90a", "sm90a_dropout"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
     # Sequences of 37, 0, 70 and 5 queries over 50, 20, 66 and 5 keys (sm90a: 150 queries
@@ -1229,26 +1232,36 @@ DROPOUT_CASES = {
     "d128_edges": (1, 2, 1, 65, 129, 128, False, None),
     "d64_float_mask": (1, 2, 2, 40, 72, 64, False, (1, 2, 40, 72)),
     "d256_gqa_causal": (1, 2, 1, 70, 90, 256, True, None),
+    # The wgmma kernels: several query blocks (128 rows) and key steps (128 keys forward,
+    # 64 queries a dK/dV step, 64 keys a dQ step), the two words of a forward step's bits.
+    "d128_causal_gqa_blocks": (1, 4, 2, 150, 260, 128, True, None),
+    "d40_in_d64_edges": (2, 2, 2, 130, 70, 40, False, None),
 }
+# The wgmma kernels take head dims up to 128, and dropout without a mask.
+DROPOUT_KERNELS = [pytest.param(case, kernel, id=f"{case}-{kernel}")
+                   for case in DROPOUT_CASES for kernel in ("sm80", "sm90a")
+                   if kernel == "sm80" or (DROPOUT_CASES[case][5] <= 128
+                                           and DROPOUT_CASES[case][7] is None)]
 
 
-@pytest.mark.parametrize("case", list(DROPOUT_CASES))
-def test_attention_kernels_with_dropout(case):
+@pytest.mark.parametrize("case,kernel", DROPOUT_KERNELS)
+def test_attention_kernels_with_dropout(case, kernel):
     """Forward and backward with dropout_p = 0.3 against float64 attention that drops what
     the documented Philox mask drops (tilesmith.testing's reference implementation: the
     same bits as the Triton kernels' ops.attention_dropout_mask), by the 2x rule."""
     b, h, hk, sq, sk, d, causal, mask_shape = DROPOUT_CASES[case]
+    hopper = kernel == "sm90a"
     dtype, dropout_p, seed_value = torch.bfloat16, 0.3, 0x0123456789ABCDEF
     q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype)
     mask = None if mask_shape is None else torch.randn(mask_shape).to(dtype)
     seed = torch.tensor([seed_value], dtype=torch.int64)
     keep = testing.attention_dropout_keep_reference(seed_value, b, h, sq, sk, dropout_p)
     scale = d ** -0.5
-    out, lse = run_attention_fwd(q, k, v, causal, scale, mask, (seed, dropout_p))
+    out, lse = run_attention_fwd(q, k, v, causal, scale, mask, (seed, dropout_p), hopper=hopper)
     grad_out = torch.randn(out.shape).to(dtype)
     dmask = None if mask is None else torch.zeros(mask_shape, dtype=torch.float32)
     grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask, dmask,
-                              (seed, dropout_p))
+                              (seed, dropout_p), hopper=hopper)
 
     def reference(compute_dtype):
         leaves = [t.to(compute_dtype).requires_grad_(True)

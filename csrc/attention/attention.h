@@ -83,7 +83,8 @@ TILESMITH_ATTENTION_DECLARE(fp16, 256)
 #undef TILESMITH_ATTENTION_DECLARE
 
 // The forward and the backward on wgmma (attention_fwd_sm90a.cuh, attention_bwd_sm90a.cuh),
-// in tilesmith._C_sm90a (see common/hopper_kernels.h): head dims up to 128, no dropout.
+// in tilesmith._C_sm90a (see common/hopper_kernels.h): head dims up to 128, a mask or
+// dropout but not both.
 cudaError_t run_attention_fwd_sm90a_bf16(const AttentionParams& params, bool causal,
                                          cudaStream_t stream);
 cudaError_t run_attention_fwd_sm90a_fp16(const AttentionParams& params, bool causal,

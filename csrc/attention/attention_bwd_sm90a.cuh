@@ -1,6 +1,6 @@
 // Attention backward for Hopper (sm_90a) on wgmma, in two kernels (dK/dV, then dQ) like
 // attention_bwd_sm80.cuh's, for the calls attention_fwd_sm90a.cuh takes (head dims up to
-// 128 in kernels 64 or 128 wide, masks, no dropout). dQ, dK and dV are deterministic (no
+// 128 in kernels 64 or 128 wide, a mask or dropout). dQ, dK and dV are deterministic (no
 // atomics); the additive mask's gradient is summed by the dQ kernel with fp32 atomics, as on
 // sm_80. Both keep P, dS and their transposes in registers, where the score products'
 // accumulators already lie in the A fragment layout of a register-A wgmma, and read every
@@ -66,7 +66,7 @@ __device__ __forceinline__ void score_products(float (&acc)[kColumns / 2], uint3
   fence_registers(acc2);
 }
 
-template <typename T, int kHeadDim, bool kCausal, bool kMasked>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_k = aligned_shared(shared_bytes);
@@ -145,6 +145,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
   if constexpr (kMasked) {
     if (steps > 0) stage_mask(0);
   }
+  // Dropout: bit i of kept keeps entry i of pt below, drawn for step s + 1 while the tensor
+  // cores run step s's dV and dK products.
+  attention_sm80::DropoutMask dropout{};
+  uint32_t kept = 0;
+  auto draw_kept = [&](int step) {
+    return dropout.tile_bits_keys<kDkdvBlockQ / 8>(keys, step_row0(step) + quad_col,
+                                                   b * p.heads + step_head(step), lane);
+  };
+  if constexpr (kDropout) {
+    dropout = attention_sm80::DropoutMask::of(p);
+    if (steps > 0) kept = draw_kept(0);
+  }
 
   for (int step = 0; step < steps; ++step) {
     cp_async_wait<0>();          // this step's Q and dO (and at step 0, K and V) have landed
@@ -166,7 +178,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
 
     // P^T from the saved statistics (and the mask), and dS^T = P^T (dP^T - delta). Entries
     // of queries past the end or with no visible key, of keys past the end, or (causal) of
-    // keys after their query, are 0.
+    // keys after their query, are 0. With dropout (keep z, r = 1 / (1 - dropout_p)), dV
+    // takes z r P^T and dS^T = P^T (z r dP^T - delta).
 #pragma unroll
     for (int j = 0; j < kDkdvBlockQ / 8; ++j) {
 #pragma unroll
@@ -183,8 +196,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
           float score = pt[i] * p.scale_log2;
           if constexpr (kMasked) score += mask_slots[i * kThreads + threadIdx.x];
           const float prob = visible ? exp2f(score - lse_log2) : 0.0f;
-          pt[i] = prob;
-          dpt[i] = prob * (dpt[i] - row_delta);
+          if constexpr (kDropout) {
+            const bool keep = (kept >> i) & 1;
+            pt[i] = keep ? prob * p.dropout_scale : 0.0f;
+            dpt[i] = prob * ((keep ? dpt[i] * p.dropout_scale : 0.0f) - row_delta);
+          } else {
+            pt[i] = prob;
+            dpt[i] = prob * (dpt[i] - row_delta);
+          }
         }
       }
     }
@@ -207,6 +226,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dkdv_kernel(const A
     wgmma_commit();
     if constexpr (kMasked) {
       if (step + 1 < steps) stage_mask(step + 1);  // this step's slots have been read
+    }
+    if constexpr (kDropout) {
+      if (step + 1 < steps) kept = draw_kept(step + 1);
     }
     wgmma_wait<0>();  // this stage is refilled after the next step's barrier
   }
@@ -237,7 +259,7 @@ constexpr int kDqSmemBytes = 2 * kTileBytes<kHeadDim> + 4 * kKeyStepBytes<kHeadD
 // and warpgroup: S = Q K^T and dP = dO V^T (wgmma m64n64k16 from shared memory, all
 // K-major), dS = P (dP - delta), then dQ += dS K with dS from registers and K read N-major
 // (m64n128k16).
-template <typename T, int kHeadDim, bool kCausal, bool kMasked>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_q = aligned_shared(shared_bytes);
@@ -288,6 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
                                                 row_delta[half]);
   }
   float acc_dq[kHeadDim / 2] = {};  // [4 di + 2 half + e]: row rows[half], column 8 di + ...
+  attention_sm80::DropoutMask dropout{};
+  if constexpr (kDropout) dropout = attention_sm80::DropoutMask::of(p);
 
   for (int j = 0; j < key_blocks; ++j) {
     cp_async_wait<0>();          // K_j, V_j (and at j = 0, Q and dO) have landed
@@ -299,13 +323,20 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
     const uint32_t v_tile = shared_address(smem_v + (j % 2) * kKeyStepBytes<kHeadDim>);
     const int64_t key0 = static_cast<int64_t>(j) * kDqStepKeys;
 
+    // Dropout: bit i of kept keeps entry i of s below, drawn before S is live.
+    uint32_t kept = 0;
+    if constexpr (kDropout) {
+      kept = dropout.tile_bits_rows<kDqStepKeys / 8>(rows, key0 + quad_col, b * p.heads + h,
+                                                     lane);
+    }
+
     // S = Q K^T and dP = dO V^T: [4 ni + 2 half + e] is row rows[half], key
     // key0 + 8 ni + quad_col + e.
     float s[kDqStepKeys / 2], dp[kDqStepKeys / 2];
     score_products<T, kHeadDim, kDqStepKeys>(s, q_tile, k_tile, dp, do_tile, v_tile);
 
     // dS = P (dP - delta), P recomputed from the saved statistics (and the mask); 0 where P
-    // is.
+    // is. With dropout dS = P (z r dP - delta).
 #pragma unroll
     for (int ni = 0; ni < kDqStepKeys / 8; ++ni) {
 #pragma unroll
@@ -320,7 +351,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
             if (visible) score += attention_sm80::mask_log2<T>(p, b, h, rows[half], key);
           }
           const float prob = visible ? exp2f(score - lse_log2[half]) : 0.0f;
-          dp[i] = prob * (dp[i] - row_delta[half]);
+          float dprob = dp[i];
+          if constexpr (kDropout) dprob = (kept >> i) & 1 ? dprob * p.dropout_scale : 0.0f;
+          dp[i] = prob * (dprob - row_delta[half]);
           if constexpr (kMasked) {
             // dS is the gradient of the score the mask was added to: the additive mask's
             // gradient, summed over the dimensions it broadcasts.
@@ -361,24 +394,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 // The backward's kernels in the order they run, each handed to launch(kernel, grid, threads,
 // dynamic shared bytes), which returns whether it launched: the launcher below and the CPU
 // emulator (tests/emulation/attention_sm90a_emulated.cpp) both run this one plan.
-template <typename T, int kHeadDim, bool kCausal, bool kMasked, typename Launch>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout,
+          typename Launch>
 bool backward_plan(const AttentionParams& p, Launch&& launch) {
   // An empty grid is a launch error, so each kernel runs only when it has rows to write.
   if (p.seqlen_k > 0) {
     const dim3 grid(static_cast<unsigned>((p.seqlen_k + kBlockN - 1) / kBlockN),
                     static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
-    if (!launch(attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kMasked>, grid, kThreads,
-                kDkdvSmemBytes<kHeadDim, kMasked>)) {
+    if (!launch(attention_bwd_dkdv_kernel<T, kHeadDim, kCausal, kMasked, kDropout>, grid,
+                kThreads, kDkdvSmemBytes<kHeadDim, kMasked>)) {
       return false;
     }
   }
   if (p.seqlen_q == 0) return true;
-  return launch(attention_bwd_dq_kernel<T, kHeadDim, kCausal, kMasked>,
+  return launch(attention_bwd_dq_kernel<T, kHeadDim, kCausal, kMasked, kDropout>,
                 attention_sm80::query_grid<kBlockM>(p), kThreads, kDqSmemBytes<kHeadDim>);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
-template <typename T, int kHeadDim, bool kCausal, bool kMasked>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
 cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   auto launch = [&](auto kernel, dim3 grid, int threads, int smem) {
@@ -388,16 +422,17 @@ cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
     err = cudaGetLastError();
     return err == cudaSuccess;
   };
-  backward_plan<T, kHeadDim, kCausal, kMasked>(p, launch);
+  backward_plan<T, kHeadDim, kCausal, kMasked, kDropout>(p, launch);
   return err;
 }
 
 template <typename T>
 cudaError_t run_bwd(const AttentionParams& p, bool causal, cudaStream_t stream) {
+  if (!takes(p)) return cudaErrorNotSupported;
   if (p.batch == 0 || p.heads == 0) return cudaSuccess;
-  return with_variant(p, causal, [&](auto width, auto is_causal, auto masked) {
+  return with_variant(p, causal, [&](auto width, auto is_causal, auto masked, auto dropout) {
     return launch_bwd<T, decltype(width)::value, decltype(is_causal)::value,
-                      decltype(masked)::value>(p, stream);
+                      decltype(masked)::value, decltype(dropout)::value>(p, stream);
   });
 }
 #endif  // TILESMITH_CPU_EMULATION

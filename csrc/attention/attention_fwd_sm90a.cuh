@@ -19,11 +19,12 @@
 // overlap is partial; measuring and improving it waits for a GPU.
 // Head dims up to 128 (multiples of 8) run here, in a kernel 64 or 128 wide, zero-filled to
 // its width like the sm_80 kernels. A bool or additive mask is read from global memory for
-// each score in the softmax (kMasked: a kernel of its own, so that the unmasked ones keep
-// their registers).
+// each score in the softmax; dropout draws the mask of dropout_sm80.cuh (the same bits as
+// every other kernel) before each step's scores are live. Each is a kernel of its own
+// (kMasked, kDropout), so that the plain one keeps its registers.
 //
 // Not yet: TMA, warp specialization (a producer warpgroup), two warpgroups taking turns at
-// softmax and MMA; dropout (attention_fwd_sm80.cuh takes those calls).
+// softmax and MMA.
 #pragma once
 
 #include <cmath>
@@ -110,28 +111,34 @@ __device__ __forceinline__ void store_row(T* row, const float (&acc)[kHeadDim / 
 }
 
 // Whether these kernels (this forward, and the backward of attention_bwd_sm90a.cuh) take
-// the call: the head dims of the 128-wide kernel, no dropout.
+// the call: the head dims of the 128-wide kernel, and a mask or dropout but not both (the
+// dK/dV kernel with both spills at head dim 128).
 inline bool takes(const AttentionParams& p) {
-  return p.head_dim <= kMaxHeadDim && p.dropout_seed == nullptr;
+  return p.head_dim <= kMaxHeadDim &&
+         !(p.mask_kind != MaskKind::kNone && p.dropout_seed != nullptr);
 }
 
-// Calls variant(width, causal, masked), each a std::integral_constant, for the kernel that
-// takes the call: the narrower width (64 or 128) that holds the head dim, causal or not, with
-// a mask or without. The launchers and the CPU emulator choose through this one function.
+// Calls variant(width, causal, masked, dropout), each a std::integral_constant, for the
+// kernel that takes the call (takes(p) holds): the narrower width (64 or 128) that holds the
+// head dim, causal or not, with a mask, with dropout or with neither. The launchers and the
+// CPU emulator choose through this one function.
 template <typename Variant>
 auto with_variant(const AttentionParams& p, bool causal, Variant&& variant) {
-  auto by_mask = [&](auto width, auto is_causal) {
-    return p.mask_kind != MaskKind::kNone ? variant(width, is_causal, std::true_type{})
-                                          : variant(width, is_causal, std::false_type{});
+  using Yes = std::true_type;
+  using No = std::false_type;
+  auto by_extras = [&](auto width, auto is_causal) {
+    if (p.mask_kind != MaskKind::kNone) return variant(width, is_causal, Yes{}, No{});
+    if (p.dropout_seed != nullptr) return variant(width, is_causal, No{}, Yes{});
+    return variant(width, is_causal, No{}, No{});
   };
   auto by_causal = [&](auto width) {
-    return causal ? by_mask(width, std::true_type{}) : by_mask(width, std::false_type{});
+    return causal ? by_extras(width, Yes{}) : by_extras(width, No{});
   };
   return p.head_dim <= 64 ? by_causal(std::integral_constant<int, 64>{})
                           : by_causal(std::integral_constant<int, 128>{});
 }
 
-template <typename T, int kHeadDim, bool kCausal, bool kMasked>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_q = aligned_shared(shared_bytes);
@@ -175,6 +182,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   float acc_o[kHeadDim / 2] = {};  // acc_o[4 di + 2 half + e]: row rows[half], column 8 di + ...
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; summed over the quad at the end
+  attention_sm80::DropoutMask dropout{};
+  if constexpr (kDropout) dropout = attention_sm80::DropoutMask::of(p);
   // P of the previous key block, rounded to T: k-step kk (keys 16 kk .. 16 kk + 15) is S's
   // column tiles 2 kk and 2 kk + 1, which are, pair by pair, the A fragment of
   // wgmma_m64nk16_a_registers.
@@ -200,6 +209,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
     cp_async_commit();
     const uint32_t k_tile = shared_address(smem_k + (j % kStages) * kTileBytes<kHeadDim>);
     const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+
+    // Dropout: bit 4 (ni % 8) + 2 half + e of kept[ni / 8] keeps s[4 ni + 2 half + e], drawn
+    // before S is live (drawn while the products run, ptxas serialises the wgmmas: C7514).
+    // Dropped probabilities still count in the normaliser; they only leave the product with V.
+    uint32_t kept[kBlockN / 64] = {};
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int w = 0; w < kBlockN / 64; ++w) {
+        kept[w] = dropout.tile_bits_rows<8>(rows, key0 + 64 * w + quad_col, b * p.heads + h,
+                                            lane);
+      }
+    }
 
     // S = Q K^T: s[4 ni + 2 half + e] is row rows[half], key key0 + 8 ni + quad_col + e.
     // Then the previous block's P V, which the tensor cores run while this warpgroup's
@@ -264,7 +285,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
         for (int e = 0; e < 2; ++e) {
           const float prob = exp2f(s[4 * ni + 2 * half + e] - base);
           sum += prob;
-          s[4 * ni + 2 * half + e] = prob;
+          const bool dropped =
+              kDropout && !((kept[ni / 8] >> (4 * (ni % 8) + 2 * half + e)) & 1);
+          s[4 * ni + 2 * half + e] = dropped ? 0.0f : prob;
         }
       }
       row_sum[half] = row_sum[half] * rescale[half] + sum;
@@ -295,16 +318,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
-  // O / l and lse = (max + log2 l) ln 2. A row with no visible key (l = 0) gives zeros and
-  // lse = -inf, as PyTorch does.
+  // O / l (times 1 / (1 - dropout_p) with dropout) and lse = (max + log2 l) ln 2. A row with
+  // no visible key (l = 0) gives zeros and lse = -inf, as PyTorch does.
   T* out = row_pointer<T>(p.out, p.out_strides, b, h, seq.q_start);
   float* lse = p.lse + seq.stats;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float total = quad_sum(row_sum[half]);
     if (rows[half] >= seqlen_q) continue;
-    store_row<kHeadDim>(out + rows[half] * p.out_strides.seq, acc_o, half,
-              total > 0.0f ? 1.0f / total : 0.0f, p.head_dim);
+    const float inv = total > 0.0f ? (kDropout ? p.dropout_scale : 1.0f) / total : 0.0f;
+    store_row<kHeadDim>(out + rows[half] * p.out_strides.seq, acc_o, half, inv, p.head_dim);
     if (lane % 4 == 0) {
       lse[rows[half]] =
           total > 0.0f ? (row_max[half] + log2f(total)) * attention_sm80::kLn2 : -INFINITY;
@@ -313,9 +336,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
-template <typename T, int kHeadDim, bool kCausal, bool kMasked>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
-  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal, kMasked>;
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal, kMasked, kDropout>;
   constexpr int kBytes = kSmemBytes<kHeadDim>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
@@ -326,10 +349,11 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t run(const AttentionParams& p, bool causal, cudaStream_t stream) {
+  if (!takes(p)) return cudaErrorNotSupported;
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
-  return with_variant(p, causal, [&](auto width, auto is_causal, auto masked) {
+  return with_variant(p, causal, [&](auto width, auto is_causal, auto masked, auto dropout) {
     return launch<T, decltype(width)::value, decltype(is_causal)::value,
-                  decltype(masked)::value>(p, stream);
+                  decltype(masked)::value, decltype(dropout)::value>(p, stream);
   });
 }
 #endif  // TILESMITH_CPU_EMULATION

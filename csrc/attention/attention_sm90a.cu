@@ -1,7 +1,7 @@
 // tilesmith._C_sm90a's entries for the Hopper attention forward and backward
-// (common/hopper_kernels.h): they take dense and packed calls with head dims up to 128,
-// masked or not, without dropout, on a device of compute capability 9.0
-// (attention_fwd_sm90a.cuh).
+// (common/hopper_kernels.h): they take dense and packed calls with head dims up to 128, with
+// a mask or dropout but not both, on a device of compute capability 9.0
+// (attention_fwd_sm90a.cuh's takes).
 #include "../common/hopper_kernels.h"
 #include "attention_fwd_sm90a.cuh"
 

@@ -17,19 +17,19 @@ using tilesmith::AttentionParams;
 namespace at80 = tilesmith::attention_sm80;
 namespace at90 = tilesmith::attention_sm90a;
 
-template <typename T, int kHeadDim, bool kCausal, bool kMasked>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
 std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   return tilesmith_emu::launch(
       at80::query_grid<at90::kBlockM>(p), dim3(at90::kThreads), at90::kSmemBytes<kHeadDim>,
       at90::shared_bytes, std::move(buffers),
-      [&p] { at90::attention_fwd_kernel<T, kHeadDim, kCausal, kMasked>(p); });
+      [&p] { at90::attention_fwd_kernel<T, kHeadDim, kCausal, kMasked, kDropout>(p); });
 }
 
 // The kernels as launch_bwd runs them (attention_bwd_sm90a.cuh's backward_plan).
-template <typename T, int kHeadDim, bool kCausal, bool kMasked>
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
 std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   std::string error;
-  at90::backward_plan<T, kHeadDim, kCausal, kMasked>(
+  at90::backward_plan<T, kHeadDim, kCausal, kMasked, kDropout>(
       p, [&](auto kernel, dim3 grid, int threads, int smem_bytes) {
         error = tilesmith_emu::launch(grid, dim3(threads), smem_bytes, at90::shared_bytes,
                                       buffers, [&] { kernel(p); });
@@ -42,11 +42,14 @@ std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer
 template <typename T>
 std::string run(const AttentionParams& p, bool causal, bool is_backward,
                 std::vector<tilesmith_emu::Buffer> buffers) {
-  return at90::with_variant(p, causal, [&](auto width, auto is_causal, auto masked) {
+  return at90::with_variant(p, causal, [&](auto width, auto is_causal, auto masked,
+                                            auto dropout) {
     constexpr int kHeadDim = decltype(width)::value;
     constexpr bool kCausal = decltype(is_causal)::value, kMasked = decltype(masked)::value;
-    return is_backward ? backward<T, kHeadDim, kCausal, kMasked>(p, std::move(buffers))
-                       : forward<T, kHeadDim, kCausal, kMasked>(p, std::move(buffers));
+    constexpr bool kDropout = decltype(dropout)::value;
+    return is_backward
+        ? backward<T, kHeadDim, kCausal, kMasked, kDropout>(p, std::move(buffers))
+        : forward<T, kHeadDim, kCausal, kMasked, kDropout>(p, std::move(buffers));
   });
 }
 
