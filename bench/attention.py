@@ -113,7 +113,7 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
                     checkpoint(rows)
                 del q, k, v
     for seqlen in ([4096] if quick else [1024, 4096, 16384]):
-        _dropout_row(rows, seqlen, head_dim=128, dtype=dtype)
+        _dropout_row(rows, seqlen, 128, dtype, backends)
         if checkpoint:
             checkpoint(rows)
     # Not in the quick sweep (make gpu-report's ten minutes go to the targets first).
@@ -125,13 +125,66 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
     return rows
 
 
+def _training_rows(rows, what, shape, step, torch_backends, backends, dtype):
+    """fwd+bwd rows of step(backend) -> grads for our backends (on an H100 "cuda", wgmma,
+    and "cuda-sm80", mma.sync) and the given SDPA backends, against the first of those."""
+    contenders = [(name, name, True) for name in torch_backends]
+    contenders += harness.contenders("attention", backends, torch.device("cuda"), dtype)
+    timings = {}
+    for name, backend, hopper in contenders:
+        with tilesmith.backend.hopper_kernels(hopper):  # set outside the timing
+            try:
+                step(backend)
+            except (RuntimeError, tilesmith.BackendUnavailableError) as exc:
+                print(f"  {what} {name}: {str(exc).splitlines()[0][:100]}")
+                continue
+            timings[name] = (harness.median_ms(lambda: step(backend)),
+                             harness.peak_memory(lambda: step(backend)))
+    baseline = torch_backends[0]
+    base_ms = timings.get(baseline, (None,))[0]
+    flops = 3.5 * 4 * shape["B"] * shape["H"] * shape["S"] ** 2 * shape["D"]
+    for name, (ms, mem) in timings.items():
+        rows.append(harness.Row(
+            op="attention", mode="fwd+bwd", backend=name,
+            baseline=baseline if base_ms else "none", dtype="bfloat16", shape=shape, ms=ms,
+            tflops=flops / ms / 1e9, baseline_ms=base_ms,
+            ratio=base_ms / ms if base_ms else None, rel_err=None, peak_mem_bytes=mem,
+            joules=None))
+    print(f"attention {what} D={shape['D']} S={shape['S']}: " + ", ".join(
+        f"{n} {t[0]:.2f} ms" for n, t in timings.items()), flush=True)
+
+
+def _inputs(seqlen, head_dim, dtype):
+    batch, heads = TOKENS // seqlen, WIDTH // head_dim
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
+                           requires_grad=True) for _ in range(3))
+    shape = {"B": batch, "H": heads, "S": seqlen, "D": head_dim, "causal": False}
+    return q, k, v, shape
+
+
+def _dropout_row(rows, seqlen, head_dim, dtype, backends, dropout_p=0.1):
+    q, k, v, shape = _inputs(seqlen, head_dim, dtype)
+    grad = torch.randn_like(q)
+
+    def step(backend):
+        if backend in TORCH_BACKENDS:
+            with sdpa_kernel(TORCH_BACKENDS[backend]):
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                             backend=backend)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    _training_rows(rows, f"dropout={dropout_p}", dict(shape, dropout_p=dropout_p), step,
+                   ["sdpa_flash"], backends, dtype)
+
+
 def _mask_row(rows, seqlen, head_dim, dtype, mask_kind, backends):
     """fwd+bwd with a mask: "bias_grad", a learnable (1, H, S, S) additive bias whose gradient
     is taken too; "key_padding", a bool (B, 1, 1, S) mask dropping the last quarter of the
     keys of every other sequence."""
-    batch, heads = TOKENS // seqlen, WIDTH // head_dim
-    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
-                           requires_grad=True) for _ in range(3))
+    q, k, v, shape = _inputs(seqlen, head_dim, dtype)
+    batch, heads = shape["B"], shape["H"]
     if mask_kind == "bias_grad":
         mask = torch.randn(1, heads, seqlen, seqlen, device="cuda", dtype=dtype,
                            requires_grad=True)
@@ -152,68 +205,8 @@ def _mask_row(rows, seqlen, head_dim, dtype, mask_kind, backends):
                                                              backend=backend)
         return torch.autograd.grad(out, leaves, grad)
 
-    contenders = list(harness.contenders("attention", backends, q.device, dtype))
-    contenders += [(name, name, True) for name in ("sdpa_efficient", "sdpa_cudnn")]
-    timings = {}
-    for name, backend, hopper in contenders:
-        with tilesmith.backend.hopper_kernels(hopper):  # set outside the timing
-            try:
-                step(backend)
-            except (RuntimeError, tilesmith.BackendUnavailableError) as exc:
-                print(f"  mask {mask_kind} {name}: {str(exc).splitlines()[0][:100]}")
-                continue
-            timings[name] = (harness.median_ms(lambda: step(backend)),
-                             harness.peak_memory(lambda: step(backend)))
-    base_ms = timings.get("sdpa_efficient", (None,))[0]
-    flops = 3.5 * 4 * batch * heads * seqlen * seqlen * head_dim
-    for name, (ms, mem) in timings.items():
-        rows.append(harness.Row(
-            op="attention", mode="fwd+bwd", backend=name,
-            baseline="sdpa_efficient" if base_ms else "none", dtype="bfloat16",
-            shape={"B": batch, "H": heads, "S": seqlen, "D": head_dim, "causal": False,
-                   "mask": mask_kind}, ms=ms, tflops=flops / ms / 1e9, baseline_ms=base_ms,
-            ratio=base_ms / ms if base_ms else None, rel_err=None, peak_mem_bytes=mem,
-            joules=None))
-    print(f"attention mask={mask_kind} D={head_dim} S={seqlen}: " + ", ".join(
-        f"{n} {t[0]:.2f} ms" for n, t in timings.items()), flush=True)
-
-
-def _dropout_row(rows, seqlen, head_dim, dtype, dropout_p=0.1):
-    batch, heads = TOKENS // seqlen, WIDTH // head_dim
-    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
-                           requires_grad=True) for _ in range(3))
-    grad = torch.randn_like(q)
-
-    def step(backend):
-        if backend == "sdpa_flash":
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:
-            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
-                                                             backend=backend)
-        return torch.autograd.grad(out, (q, k, v), grad)
-
-    timings = {}
-    for name in ("sdpa_flash", "cuda", "triton"):
-        try:
-            step(name)
-        except (RuntimeError, tilesmith.BackendUnavailableError) as exc:
-            print(f"  dropout {name}: {str(exc).splitlines()[0][:100]}")
-            continue
-        timings[name] = (harness.median_ms(lambda: step(name)),
-                         harness.peak_memory(lambda: step(name)))
-    base_ms = timings.get("sdpa_flash", (None,))[0]
-    flops = 3.5 * 4 * batch * heads * seqlen * seqlen * head_dim
-    for name, (ms, mem) in timings.items():
-        rows.append(harness.Row(
-            op="attention", mode="fwd+bwd", backend=name,
-            baseline="sdpa_flash" if base_ms else "none", dtype="bfloat16",
-            shape={"B": batch, "H": heads, "S": seqlen, "D": head_dim, "causal": False,
-                   "dropout_p": dropout_p}, ms=ms, tflops=flops / ms / 1e9, baseline_ms=base_ms,
-            ratio=base_ms / ms if base_ms else None, rel_err=None, peak_mem_bytes=mem,
-            joules=None))
-    print(f"attention dropout={dropout_p} D={head_dim} S={seqlen}: " + ", ".join(
-        f"{n} {t[0]:.2f} ms" for n, t in timings.items()), flush=True)
+    _training_rows(rows, f"mask={mask_kind}", dict(shape, mask=mask_kind), step,
+                   ["sdpa_efficient", "sdpa_cudnn"], backends, dtype)
 
 
 def main():
