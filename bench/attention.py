@@ -162,20 +162,23 @@ def _inputs(seqlen, head_dim, dtype):
     return q, k, v, shape
 
 
+def _grads(backend, leaves, grad, **kwargs):
+    """The gradients of SDPA(q, k, v, **kwargs) (leaves: q, k, v and any other input whose
+    gradient is wanted) on an SDPA backend or one of ours."""
+    q, k, v = leaves[:3]
+    if backend in TORCH_BACKENDS:
+        with sdpa_kernel(TORCH_BACKENDS[backend]):
+            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    else:
+        out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+    return torch.autograd.grad(out, leaves, grad)
+
+
 def _dropout_row(rows, seqlen, head_dim, dtype, backends, dropout_p=0.1):
     q, k, v, shape = _inputs(seqlen, head_dim, dtype)
     grad = torch.randn_like(q)
-
-    def step(backend):
-        if backend in TORCH_BACKENDS:
-            with sdpa_kernel(TORCH_BACKENDS[backend]):
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:
-            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
-                                                             backend=backend)
-        return torch.autograd.grad(out, (q, k, v), grad)
-
-    _training_rows(rows, f"dropout={dropout_p}", dict(shape, dropout_p=dropout_p), step,
+    _training_rows(rows, f"dropout={dropout_p}", dict(shape, dropout_p=dropout_p),
+                   lambda backend: _grads(backend, (q, k, v), grad, dropout_p=dropout_p),
                    ["sdpa_flash"], backends, dtype)
 
 
@@ -195,17 +198,8 @@ def _mask_row(rows, seqlen, head_dim, dtype, mask_kind, backends):
         mask = (torch.arange(seqlen, device="cuda") < kept.view(-1, 1)).view(batch, 1, 1, seqlen)
         leaves = (q, k, v)
     grad = torch.randn_like(q)
-
-    def step(backend):
-        if backend in TORCH_BACKENDS:
-            with sdpa_kernel(TORCH_BACKENDS[backend]):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                             backend=backend)
-        return torch.autograd.grad(out, leaves, grad)
-
-    _training_rows(rows, f"mask={mask_kind}", dict(shape, mask=mask_kind), step,
+    _training_rows(rows, f"mask={mask_kind}", dict(shape, mask=mask_kind),
+                   lambda backend: _grads(backend, leaves, grad, attn_mask=mask),
                    ["sdpa_efficient", "sdpa_cudnn"], backends, dtype)
 
 
