@@ -75,16 +75,16 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
                     is_causal=causal) if not causal else None
                 flops_fwd = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
                 shape = {"B": batch, "H": heads, "S": seqlen, "D": head_dim}
-                # (label, backend, hopper): on an H100 "cuda" (wgmma forward) and
+                # (label, backend, hopper_kernels switches): on an H100 "cuda" (wgmma forward) and
                 # "cuda-sm80" (mma.sync throughout) both run.
                 contenders = list(harness.contenders("attention", backends, q.device, dtype))
-                contenders += [(name, name, True) for name in TORCH_BACKENDS]
+                contenders += [(name, name, {}) for name in TORCH_BACKENDS]
                 timings = {}
-                for name, backend, hopper in contenders:
+                for name, backend, switches in contenders:
                     if name == "sdpa_math" and seqlen > MATH_MAX_SEQLEN:
                         continue
                     fn = _contender(backend)
-                    with tilesmith.backend.hopper_kernels(hopper):  # set outside the timing
+                    with tilesmith.backend.hopper_kernels(**switches):  # set outside the timing
                         try:
                             out = fn(q, k, v, causal)
                         except RuntimeError as exc:  # a backend that refuses this shape/GPU
@@ -128,11 +128,11 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
 def _training_rows(rows, what, shape, step, torch_backends, backends, dtype):
     """fwd+bwd rows of step(backend) -> grads for our backends (on an H100 "cuda", wgmma,
     and "cuda-sm80", mma.sync) and the given SDPA backends, against the first of those."""
-    contenders = [(name, name, True) for name in torch_backends]
+    contenders = [(name, name, {}) for name in torch_backends]
     contenders += harness.contenders("attention", backends, torch.device("cuda"), dtype)
     timings = {}
-    for name, backend, hopper in contenders:
-        with tilesmith.backend.hopper_kernels(hopper):  # set outside the timing
+    for name, backend, switches in contenders:
+        with tilesmith.backend.hopper_kernels(**switches):  # set outside the timing
             try:
                 step(backend)
             except (RuntimeError, tilesmith.BackendUnavailableError) as exc:

@@ -103,14 +103,14 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                     dtype=str(dtype)[6:], shape=shape, ms=base_ms, tflops=flops / base_ms / 1e9,
                     baseline_ms=base_ms, ratio=1.0, rel_err=None, peak_mem_bytes=None,
                     joules=None))
-                for label, backend, hopper in harness.contenders("conv2d", backends, x.device,
+                for label, backend, switches in harness.contenders("conv2d", backends, x.device,
                                                                  dtype):
                     if limits[backend]:
                         continue
                     def fn(b=backend, m=mode):
                         return ours[m](b)
 
-                    with tilesmith.backend.hopper_kernels(hopper):  # set outside the timing
+                    with tilesmith.backend.hopper_kernels(**switches):  # set outside the timing
                         out = fn()
                         ms = harness.median_ms(fn)
                         peak_mem = harness.peak_memory(fn)

@@ -133,9 +133,11 @@ def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
 
 
 def contenders(op: str, backends, device, dtype):
-    """(label, backend, hopper) for each of our backends that runs `op` here; on an H100 the
-    cuda backend twice: "cuda" (wgmma, what users get) and "cuda-sm80" (the mma.sync
-    kernels), run under ``tilesmith.backend.hopper_kernels(hopper)``."""
+    """(label, backend, switches) for each of our backends that runs `op` here, to run under
+    ``tilesmith.backend.hopper_kernels(**switches)``. On an H100 the cuda backend more than
+    once: "cuda" (wgmma, what users get), "cuda-sm80" (the mma.sync kernels) and, for
+    matmul and gemm, "cuda-cp-async" (the wgmma kernel that loads with cp.async, not the
+    TMA)."""
     import tilesmith
 
     hopper_kernels_run = (torch.cuda.get_device_capability(device) == (9, 0)
@@ -144,9 +146,11 @@ def contenders(op: str, backends, device, dtype):
     for name in backends:
         if tilesmith.backend.unavailable_reason(name, op, device, dtype):
             continue
-        yield name, name, True
+        yield name, name, {}
         if name == "cuda" and hopper_kernels_run:
-            yield "cuda-sm80", "cuda", False
+            yield "cuda-sm80", "cuda", {"enabled": False}
+            if op in ("matmul", "gemm"):
+                yield "cuda-cp-async", "cuda", {"tma": False}
 
 
 def peak_memory(fn) -> int:

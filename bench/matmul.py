@@ -48,9 +48,9 @@ def bench_shape(m, n, k, dtype, backends, meter, peak_tflops, kind):
         pct_of_peak=100 * flops / base_ms / 1e9 / peak_tflops,
         peak_mem_bytes=harness.peak_memory(base_fn),
         joules=harness.joules_per_call(base_fn, meter) if meter else None, extra={"kind": kind})]
-    for label, name, hopper in harness.contenders("matmul", backends, a.device, dtype):
+    for label, name, switches in harness.contenders("matmul", backends, a.device, dtype):
         fn = lambda name=name: tilesmith.ops.matmul(a, b, backend=name)  # noqa: E731
-        with tilesmith.backend.hopper_kernels(hopper):  # the switch is set outside the timing
+        with tilesmith.backend.hopper_kernels(**switches):  # the switch is set outside the timing
             fn()  # autotune / first launch outside the timing
             ms = harness.median_ms(fn)
             rows.append(harness.Row(

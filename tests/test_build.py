@@ -131,6 +131,18 @@ def test_sm90a_extension_has_wgmma_kernels_without_spills():
                   "64x256x16.F32 "):  # the fp16 form names no input type
         assert f"HGMMA.{shape}" in sass, shape
     assert ".tnspA" in sass and ".tnspB" in sass
+    # Its TMA twin (matmul_tma_sm90a.cuh), as many variants: tile loads by the TMA (UTMALDG),
+    # mbarrier waits (SYNCS), registers moved from the producer warpgroup to the consumers.
+    tma = {key: value for key, value in usage.items()
+           if "matmul_tma_sm90a" in key[1] and "matmul_tma_kernel" in key[1]}
+    assert len(tma) == 32, sorted(tma)
+    assert not [k for k, u in tma.items() if u["STACK"] or u["LOCAL"]], tma
+    # setmaxnreg: the consumers' 232 come from the producer's 168 - 40 (384 threads x 168 =
+    # 40 x 128 + 232 x 256); launched with fewer, the consumers' claim would wait forever.
+    assert {u["REG"] for u in tma.values()} == {168}, tma
+    for instruction in ("UTMALDG.3D", "SYNCS.PHASECHK.TRANS64.TRYWAIT",
+                        "USETMAXREG.DEALLOC.CTAPOOL 0x28", "USETMAXREG.TRY_ALLOC.CTAPOOL"):
+        assert instruction in sass, instruction
     # The Hopper conv2d: forward, dgrad and wgrad x 2 dtypes x 2 tile widths.
     for kernel in ("conv2d_fwd_kernel", "conv2d_dgrad_kernel", "conv2d_wgrad_kernel"):
         conv = {key: value for key, value in usage.items()

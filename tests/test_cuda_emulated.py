@@ -150,11 +150,12 @@ def vector_loadable(t: torch.Tensor, contiguous_dim: int) -> bool:
 
 
 def run_matmul(a, b, *, vector_loads=None, out_fp32=False, alpha=1.0, bias=None,
-               residual=None, activation=None, want_pre=False, hopper=False):
+               residual=None, activation=None, want_pre=False, hopper=False, tma_blocks=None):
     """The emulated kernel on 3-D a (batch, m, k) and b (batch or 1, k, n): (c, pre).
     hopper: matmul_sm90a.cuh's wgmma kernels, else matmul_sm80.cuh's (where vector_loads=None
-    picks the load path as the launcher does). Returns None for c when the wgmma kernels do
-    not take the operands."""
+    picks the load path as the launcher does); with tma_blocks, matmul_tma_sm90a.cuh's on that
+    many persistent blocks. Returns None for c when the wgmma kernels do not take the
+    operands."""
     lib = emulated("matmul")
     assert lib.matmul_params_size() == ctypes.sizeof(MatmulParams)
     batch, m, k = a.shape
@@ -178,12 +179,16 @@ def run_matmul(a, b, *, vector_loads=None, out_fp32=False, alpha=1.0, bias=None,
         p.pre, p.pre_batch_stride, p.pre_row_stride = pre.data_ptr(), m * n, n
     ptrs, sizes, count = buffer_table([a, b])
     error = ctypes.create_string_buffer(512)
-    if hopper:
+    if hopper and tma_blocks is not None:
+        status = emulated("matmul_sm90a").emulate_matmul_tma_sm90a(
+            ctypes.byref(p), DTYPE_CODES[a.dtype], tma_blocks, ptrs, sizes, count, error,
+            len(error))
+    elif hopper:
         status = emulated("matmul_sm90a").emulate_matmul_sm90a(
             ctypes.byref(p), DTYPE_CODES[a.dtype], ptrs, sizes, count, error, len(error))
-        if status == 2:
-            return None, None
-    else:
+    if hopper and status == 2:
+        return None, None
+    if not hopper:
         status = run_matmul_sm80(lib, p, a, b, vector_loads, ptrs, sizes, count, error)
     assert status == 0, error.value.decode()
     assert_guards_untouched(c_storage, "c")
@@ -304,43 +309,53 @@ def test_gemm_epilogue(activation, out_fp32):
     assert_close_to_reference(pre, ref_pre, base_pre, name="pre-activation")
 
 
-# --- matmul / gemm on wgmma: csrc/matmul/matmul_sm90a.cuh ---------------------------------------
+# --- matmul / gemm on wgmma: csrc/matmul/matmul_sm90a.cuh (cp.async) and matmul_tma_sm90a.cuh
+# (TMA, warp-specialized, persistent; tma_blocks: its blocks, fewer than the tiles so that a
+# block walks several and its stage ring wraps across them) ----------------------------------
 
+HOPPER_MATMUL_KERNELS = {"cp_async": None, "tma": 1, "tma_3_blocks": 3}
+
+
+@pytest.mark.parametrize("kernel", list(HOPPER_MATMUL_KERNELS))
 @pytest.mark.parametrize("out_fp32", [False, True], ids=["out-same", "out-fp32"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["a_rm-b_rm", "a_rm-b_cm", "a_cm-b_rm",
                                                  "a_cm-b_cm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_hopper_matmul_kernel_every_layout(dtype, layout, out_fp32):
+def test_hopper_matmul_kernel_every_layout(dtype, layout, out_fp32, kernel):
     # Two block rows (the second 8 rows deep), a partial 128-wide block column, seven K tiles
-    # (more than the five stages, so stages are refilled) of which the last holds 60 of 64
-    # and ends inside a 16-byte piece: rows padded to 8 elements with NaN.
+    # (more than the five cp.async stages, so stages are refilled; the TMA kernel's seven
+    # wrap on the second tile) of which the last holds 60 of 64 and ends inside a 16-byte
+    # piece: rows padded to 8 elements with NaN.
     m, n, k = 136, 72, 444
     lib = emulated("matmul_sm90a")
     assert lib.matmul_sm90a_tile_width(ctypes.c_int64(n)) == 128
     a = matmul_operand(m, k, dtype, layout[0], pad=True)
     b = matmul_operand(k, n, dtype, layout[1], pad=True)
-    c, _ = run_matmul(a, b, out_fp32=out_fp32, hopper=True)
+    c, _ = run_matmul(a, b, out_fp32=out_fp32, hopper=True,
+                      tma_blocks=HOPPER_MATMUL_KERNELS[kernel])
     out_dtype = torch.float32 if out_fp32 else dtype
     ref, _, base, _ = reference_and_baseline(a, b, out_dtype=out_dtype)
     assert_close_to_reference(c, ref, base)
 
 
+@pytest.mark.parametrize("kernel", list(HOPPER_MATMUL_KERNELS))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["a_rm-b_rm", "a_rm-b_cm", "a_cm-b_rm",
                                                  "a_cm-b_cm"])
-def test_hopper_matmul_kernel_256_wide_tiles(layout):
+def test_hopper_matmul_kernel_256_wide_tiles(layout, kernel):
     # n = 264: one full 256-wide block column (four 64-wide column blocks of b in the N-major
     # layout) and one of 8 columns; five K tiles through four stages.
     m, n, k = 72, 264, 320
     assert emulated("matmul_sm90a").matmul_sm90a_tile_width(ctypes.c_int64(n)) == 256
     a = matmul_operand(m, k, torch.bfloat16, layout[0])
     b = matmul_operand(k, n, torch.bfloat16, layout[1])
-    c, _ = run_matmul(a, b, hopper=True)
+    c, _ = run_matmul(a, b, hopper=True, tma_blocks=HOPPER_MATMUL_KERNELS[kernel])
     ref, _, base, _ = reference_and_baseline(a, b, out_dtype=torch.bfloat16)
     assert_close_to_reference(c, ref, base)
 
 
+@pytest.mark.parametrize("kernel", list(HOPPER_MATMUL_KERNELS))
 @pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=str)
-def test_hopper_gemm_epilogue_and_batch(activation):
+def test_hopper_gemm_epilogue_and_batch(activation, kernel):
     # A batch of 2 with b broadcast over it (batch stride 0), the whole fused epilogue.
     dtype = torch.float16
     m, n, k = 72, 136, 40
@@ -349,7 +364,7 @@ def test_hopper_gemm_epilogue_and_batch(activation):
     bias = torch.randn(n, dtype=torch.float32)
     residual = torch.randn(2, m, n + 8, dtype=dtype)[:, :, :n]  # a row stride != n
     c, pre = run_matmul(a, b, alpha=0.75, bias=bias, residual=residual, activation=activation,
-                        want_pre=True, hopper=True)
+                        want_pre=True, hopper=True, tma_blocks=HOPPER_MATMUL_KERNELS[kernel])
     ref, ref_pre, base, base_pre = reference_and_baseline(
         a, b, 0.75, bias, residual, activation, dtype)
     assert_close_to_reference(c, ref, base)

@@ -207,15 +207,30 @@ def test_hopper_kernels_take_what_cp_async_can_read():
     a = torch.randn(256, 192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(192, 320, device="cuda", dtype=torch.bfloat16)
     run = lambda x, y: lambda: tilesmith.ops.matmul(x, y, backend="cuda")  # noqa: E731
-    assert "matmul_sm90a" in cuda_kernel_names(run(a, b))
+    assert "matmul_tma_sm90a" in cuda_kernel_names(run(a, b))
     column_major = run(a.t().contiguous().t(), b.t().contiguous().t())
-    assert "matmul_sm90a" in cuda_kernel_names(column_major)
+    assert "matmul_tma_sm90a" in cuda_kernel_names(column_major)
+    with tilesmith.backend.hopper_kernels(tma=False):
+        names = cuda_kernel_names(run(a, b))
+    assert "matmul_sm90a" in names and "matmul_tma_sm90a" not in names
     odd_rows = torch.randn(256, 193, device="cuda", dtype=torch.bfloat16)[:, :192]
     names = cuda_kernel_names(run(odd_rows, b))
-    assert "matmul_sm80" in names and "matmul_sm90a" not in names
+    assert "matmul_sm80" in names and "sm90a" not in names
     with tilesmith.backend.hopper_kernels(False):
         names = cuda_kernel_names(run(a, b))
-    assert "matmul_sm80" in names and "matmul_sm90a" not in names
+    assert "matmul_sm80" in names and "sm90a" not in names
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_cp_async_kernel_on_hopper(dtype, name):
+    """On an H100 matmul takes the TMA kernel where it can: the cp.async wgmma kernel on the
+    same samples, forward and (where the sample has them) gradients."""
+    with tilesmith.backend.hopper_kernels(tma=False):
+        test_forward_matches_float64("cuda", dtype, name)
+        if name in GRAD_SAMPLES:
+            test_gradients_match_float64("cuda", dtype, name)
 
 
 @requires_hopper_kernels

@@ -38,9 +38,11 @@ def main() -> int:
     dev, bf16 = "cuda", torch.bfloat16
 
     # matmul / gemm: the four layouts, odd sizes, a misaligned view (element-wise loads); on
-    # an H100 once on the wgmma kernels (rows of 8-element multiples: 128- and 256-wide
-    # tiles) and once on the sm_80 ones.
-    for hopper in (True, False):
+    # an H100 on each wgmma kernel (TMA and cp.async; rows of 8-element multiples: 128- and
+    # 256-wide tiles) and on the sm_80 ones. A batch with b broadcast (the TMA's batch
+    # coordinate, and a persistent block that walks tiles of both entries).
+    for kernels in ({}, {"tma": False}, {"enabled": False}):
+        label = ",".join(f"{key}={value}" for key, value in kernels.items()) or "default"
         for ta in (False, True):
             for tb in (False, True):
                 for n in (88, 264):
@@ -48,10 +50,14 @@ def main() -> int:
                     b = torch.randn(136, n, device=dev, dtype=bf16)
                     a = a.t().contiguous().t() if ta else a
                     b = b.t().contiguous().t() if tb else b
-                    with tilesmith.backend.hopper_kernels(hopper):
+                    with tilesmith.backend.hopper_kernels(**kernels):
                         out = tilesmith.ops.matmul(a, b, backend="cuda")
-                    check(f"matmul hopper={hopper} ta={ta} tb={tb} n={n}", out,
-                          a.double() @ b.double())
+                    check(f"matmul {label} ta={ta} tb={tb} n={n}", out, a.double() @ b.double())
+        a = torch.randn(3, 200, 72, device=dev, dtype=bf16)
+        b = torch.randn(72, 136, device=dev, dtype=bf16)
+        with tilesmith.backend.hopper_kernels(**kernels):
+            out = tilesmith.ops.matmul(a, b, backend="cuda")
+        check(f"matmul {label} batch of 3, b broadcast", out, a.double() @ b.double())
     base = torch.randn(33 * 24 + 1, device=dev, dtype=torch.float16)
     a = base[1:].view(33, 24)
     b = torch.randn(24, 17, device=dev, dtype=torch.float16)

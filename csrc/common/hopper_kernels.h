@@ -3,7 +3,8 @@
 // and attention (forward and backward). The two extensions are separate shared libraries, so
 // _C reaches them through this table of function pointers: tilesmith._C_sm90a exports it as
 // the capsule `hopper_kernels`, and backend.py hands that to tilesmith._C._set_hopper_kernels
-// (None: the sm_80 kernels everywhere). Each entry launches and returns true, storing the
+// (None: the sm_80 kernels everywhere; `hopper_kernels_cp_async`, the same table with the
+// matmul entry that never takes the TMA kernel). Each entry launches and returns true, storing the
 // launch's error code in *error, where its kernels take the call on the current device;
 // otherwise it returns false having launched nothing, and the caller runs its sm_80 kernel.
 #pragma once
@@ -38,6 +39,8 @@ void set_hopper_kernels(const HopperKernels* kernels);
 // In tilesmith._C_sm90a: the entries, and whether the current device runs sm_90a code.
 bool run_matmul_sm90a(const MatmulParams& params, bool bf16, cudaStream_t stream,
                       cudaError_t* error);
+bool run_matmul_sm90a_cp_async(const MatmulParams& params, bool bf16, cudaStream_t stream,
+                               cudaError_t* error);
 bool run_conv2d_fwd_sm90a(const ConvParams& conv, const MatmulParams& out, bool bf16,
                           cudaStream_t stream, cudaError_t* error);
 bool run_conv2d_dgrad_sm90a(const ConvParams& conv, const MatmulParams& out, bool bf16,

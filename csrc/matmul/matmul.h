@@ -37,11 +37,14 @@ struct MatmulParams {
 cudaError_t run_matmul_sm80_bf16(const MatmulParams& params, cudaStream_t stream);
 cudaError_t run_matmul_sm80_fp16(const MatmulParams& params, cudaStream_t stream);
 
-// The wgmma kernels of matmul_sm90a.cuh, in tilesmith._C_sm90a (see common/hopper_kernels.h):
-// c in the input dtype, and (_fp32_out) c in fp32.
-cudaError_t run_matmul_sm90a_bf16(const MatmulParams& params, cudaStream_t stream);
-cudaError_t run_matmul_sm90a_fp16(const MatmulParams& params, cudaStream_t stream);
-cudaError_t run_matmul_sm90a_bf16_fp32_out(const MatmulParams& params, cudaStream_t stream);
-cudaError_t run_matmul_sm90a_fp16_fp32_out(const MatmulParams& params, cudaStream_t stream);
+// The wgmma kernels, in tilesmith._C_sm90a (see common/hopper_kernels.h): c in the input
+// dtype, and (_fp32_out) c in fp32. tma: matmul_tma_sm90a.cuh's kernel where the TMA can
+// read the operands, else (and with tma false) matmul_sm90a.cuh's cp.async one.
+cudaError_t run_matmul_sm90a_bf16(const MatmulParams& params, bool tma, cudaStream_t stream);
+cudaError_t run_matmul_sm90a_fp16(const MatmulParams& params, bool tma, cudaStream_t stream);
+cudaError_t run_matmul_sm90a_bf16_fp32_out(const MatmulParams& params, bool tma,
+                                           cudaStream_t stream);
+cudaError_t run_matmul_sm90a_fp16_fp32_out(const MatmulParams& params, bool tma,
+                                           cudaStream_t stream);
 
 }  // namespace tilesmith

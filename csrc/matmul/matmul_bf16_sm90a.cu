@@ -1,9 +1,10 @@
 // One dtype and output type per file: the 16 layout/width variants of each compile in
 // parallel with the others' (one file of 32 took most of the build's critical path).
-#include "matmul_sm90a.cuh"
+#include "matmul_tma_sm90a.cuh"
 
 namespace tilesmith {
-cudaError_t run_matmul_sm90a_bf16(const MatmulParams& params, cudaStream_t stream) {
-  return matmul_sm90a::run<__nv_bfloat16, __nv_bfloat16>(params, stream);
+cudaError_t run_matmul_sm90a_bf16(const MatmulParams& params, bool tma,
+                                  cudaStream_t stream) {
+  return matmul_tma_sm90a::run<__nv_bfloat16, __nv_bfloat16>(params, tma, stream);
 }
 }  // namespace tilesmith

@@ -1,8 +1,9 @@
 // One dtype and output type per file (see matmul_fp16_sm90a.cu): c in fp32.
-#include "matmul_sm90a.cuh"
+#include "matmul_tma_sm90a.cuh"
 
 namespace tilesmith {
-cudaError_t run_matmul_sm90a_fp16_fp32_out(const MatmulParams& params, cudaStream_t stream) {
-  return matmul_sm90a::run<__half, float>(params, stream);
+cudaError_t run_matmul_sm90a_fp16_fp32_out(const MatmulParams& params, bool tma,
+                                           cudaStream_t stream) {
+  return matmul_tma_sm90a::run<__half, float>(params, tma, stream);
 }
 }  // namespace tilesmith

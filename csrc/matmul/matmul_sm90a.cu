@@ -1,5 +1,5 @@
-// tilesmith._C_sm90a's entry for the Hopper matmul kernels (common/hopper_kernels.h): whether
-// they take the call here, and which dtype's kernels run it.
+// tilesmith._C_sm90a's entries for the Hopper matmul kernels (common/hopper_kernels.h): whether
+// they take the call here, and which dtype's kernels run it (_cp_async: never the TMA one).
 #include "../common/hopper_kernels.h"
 #include "matmul_sm90a.cuh"
 
@@ -16,16 +16,29 @@ bool current_device_is_sm90() {
          major == 9 && minor == 0;
 }
 
-bool run_matmul_sm90a(const MatmulParams& params, bool bf16, cudaStream_t stream,
-                      cudaError_t* error) {
+namespace {
+bool run_matmul(const MatmulParams& params, bool bf16, bool tma, cudaStream_t stream,
+                cudaError_t* error) {
   if (!current_device_is_sm90() || !matmul_sm90a::takes(params)) return false;
   if (params.out_fp32) {
-    *error = bf16 ? run_matmul_sm90a_bf16_fp32_out(params, stream)
-                  : run_matmul_sm90a_fp16_fp32_out(params, stream);
+    *error = bf16 ? run_matmul_sm90a_bf16_fp32_out(params, tma, stream)
+                  : run_matmul_sm90a_fp16_fp32_out(params, tma, stream);
   } else {
-    *error = bf16 ? run_matmul_sm90a_bf16(params, stream) : run_matmul_sm90a_fp16(params, stream);
+    *error = bf16 ? run_matmul_sm90a_bf16(params, tma, stream)
+                  : run_matmul_sm90a_fp16(params, tma, stream);
   }
   return true;
+}
+}  // namespace
+
+bool run_matmul_sm90a(const MatmulParams& params, bool bf16, cudaStream_t stream,
+                      cudaError_t* error) {
+  return run_matmul(params, bf16, true, stream, error);
+}
+
+bool run_matmul_sm90a_cp_async(const MatmulParams& params, bool bf16, cudaStream_t stream,
+                               cudaError_t* error) {
+  return run_matmul(params, bf16, false, stream, error);
 }
 
 }  // namespace tilesmith

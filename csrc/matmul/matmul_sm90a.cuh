@@ -49,19 +49,14 @@ struct Tiling {
 
 inline int tile_width(const MatmulParams& p) { return p.n >= 256 ? 256 : 128; }
 
-// acc += A B over k_tiles slices of kBlockK (run_wgmma_pipeline): the A stages lie at
-// smem_a, the B stages at smem_b, and load_stage(stage, k_tile) issues the cp.async copies
-// of slice k_tile into stage `stage`. kMnMajorA / kMnMajorB: the tiles' layouts (above).
-// acc[4 j + 2 half + e] ends as row 16 warp + lane / 4 + 8 half of this warpgroup's 64,
-// column 8 j + 2 (lane % 4) + e (the m16n8 layout, kBlockN / 8 times across).
-template <typename T, int kBlockN, bool kMnMajorA, bool kMnMajorB, typename LoadStage>
-__device__ __forceinline__ void mainloop(float (&acc)[kBlockN / 2], const uint8_t* smem_a,
-                                         const uint8_t* smem_b, int k_tiles,
-                                         LoadStage&& load_stage) {
-  using Tiles = Tiling<kBlockN>;
-  // Each warpgroup's 64 rows of a are 8 KiB into the stage in either layout: rows 64-127 in a
-  // K-major tile, the second 64-wide block of m in an M-major one.
-  const uint32_t a_offset = (threadIdx.x / 128) * 64 * kSwizzleRowBytes;
+// Issues one K step's wgmma on the stage tiles at shared addresses a_tile (this
+// warpgroup's 64 rows of a) and b_tile, and commits them as one group. kMnMajorA /
+// kMnMajorB: the tiles' layouts (above). acc[4 j + 2 half + e] ends as row 16 warp + lane / 4
+// + 8 half of the warpgroup's 64, column 8 j + 2 (lane % 4) + e (the m16n8 layout, kBlockN / 8
+// times across).
+template <typename T, int kBlockN, bool kMnMajorA, bool kMnMajorB>
+__device__ __forceinline__ void issue_step(float (&acc)[kBlockN / 2], uint32_t a_tile,
+                                           uint32_t b_tile) {
   // An MN-major tile's blocks of 64 columns lie kBlockK rows apart.
   constexpr uint32_t kMnBlockBytes = kBlockK * kSwizzleRowBytes;
   auto descriptor = [](uint32_t tile, int kk, bool mn_major) {
@@ -69,27 +64,46 @@ __device__ __forceinline__ void mainloop(float (&acc)[kBlockN / 2], const uint8_
     return mn_major ? smem_descriptor_sw128(tile + kk * 16 * kSwizzleRowBytes, kMnBlockBytes)
                     : smem_descriptor_sw128(tile + kk * 32);
   };
-
-  run_wgmma_pipeline<Tiles::kStages>(k_tiles, load_stage, [&](int stage, int) {
-    const uint32_t a_tile = shared_address(smem_a + stage * kTileBytesA) + a_offset;
-    const uint32_t b_tile = shared_address(smem_b + stage * Tiles::kTileBytesB);
-    wgmma_fence();
+  wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk) {
-      wgmma_m64nk16<kBlockN, T, kMnMajorA, kMnMajorB>(acc, descriptor(a_tile, kk, kMnMajorA),
-                                                      descriptor(b_tile, kk, kMnMajorB), 1);
-    }
-    wgmma_commit();
+  for (int kk = 0; kk < kBlockK / 16; ++kk) {
+    wgmma_m64nk16<kBlockN, T, kMnMajorA, kMnMajorB>(acc, descriptor(a_tile, kk, kMnMajorA),
+                                                    descriptor(b_tile, kk, kMnMajorB), 1);
+  }
+  wgmma_commit();
+}
+
+// The offset of warpgroup `warpgroup`'s 64 rows in a stage's tile of a, in either layout:
+// rows 64-127 of a K-major tile, the second 64-wide block of m of an M-major one.
+__device__ __forceinline__ uint32_t warpgroup_rows_offset(int warpgroup) {
+  return warpgroup * 64 * kSwizzleRowBytes;
+}
+
+// acc += A B over k_tiles slices of kBlockK (run_wgmma_pipeline): the A stages lie at
+// smem_a, the B stages at smem_b, and load_stage(stage, k_tile) issues the cp.async copies
+// of slice k_tile into stage `stage`.
+template <typename T, int kBlockN, bool kMnMajorA, bool kMnMajorB, typename LoadStage>
+__device__ __forceinline__ void mainloop(float (&acc)[kBlockN / 2], const uint8_t* smem_a,
+                                         const uint8_t* smem_b, int k_tiles,
+                                         LoadStage&& load_stage) {
+  using Tiles = Tiling<kBlockN>;
+  const uint32_t a_offset = warpgroup_rows_offset(threadIdx.x / 128);
+  run_wgmma_pipeline<Tiles::kStages>(k_tiles, load_stage, [&](int stage, int) {
+    issue_step<T, kBlockN, kMnMajorA, kMnMajorB>(
+        acc, shared_address(smem_a + stage * kTileBytesA) + a_offset,
+        shared_address(smem_b + stage * Tiles::kTileBytesB));
     wgmma_wait<1>();  // step kt - 1 retired; step kt runs on while the loop goes round
   });
   fence_registers(acc);  // read only after the pipeline's last wait
 }
 
-// Writes the block tile at (block_m0, block_n0) from mainloop's accumulators through `out`.
+// Writes the block tile at (block_m0, block_n0) from the accumulators of warpgroup
+// `warpgroup` (its 64 rows; by default the one of this thread) through `out`.
 template <int kBlockN, typename Writer>
 __device__ __forceinline__ void store_tile(const float (&acc)[kBlockN / 2], const Writer& out,
-                                           int64_t block_m0, int64_t block_n0) {
-  const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+                                           int64_t block_m0, int64_t block_n0,
+                                           int warpgroup = threadIdx.x / 128) {
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t row = out.place(block_m0 + warpgroup * 64 + warp * 16 + lane / 4 + half * 8);

@@ -1,12 +1,17 @@
-// csrc/matmul/matmul_sm90a.cuh's kernels on the CPU emulator, for tests/test_cuda_emulated.py.
+// csrc/matmul/matmul_sm90a.cuh's (cp.async) and matmul_tma_sm90a.cuh's (TMA, warp-specialized)
+// kernels on the CPU emulator, for tests/test_cuda_emulated.py.
 #include "sm90a_emulator.h"
 // The emulator must come first: it replaces the inline PTX of mma_sm80.cuh / wgmma_sm90a.cuh.
-#include "../../csrc/matmul/matmul_sm90a.cuh"
+#include "../../csrc/matmul/matmul_tma_sm90a.cuh"
 
+// The kernels' `extern __shared__` buffers, aligned as the GPU's shared window is.
 namespace tilesmith::matmul_sm90a {
-// The kernel's `extern __shared__` buffer, aligned as the GPU's shared window is.
 alignas(1024) unsigned char shared_bytes[Tiling<256>::kSmemBytes];  // the larger of the two
 }  // namespace tilesmith::matmul_sm90a
+namespace tilesmith::matmul_tma_sm90a {
+alignas(1024) unsigned char shared_bytes[std::max(Tiling<128>::kSmemBytes,
+                                                  Tiling<256>::kSmemBytes)];
+}  // namespace tilesmith::matmul_tma_sm90a
 
 namespace {
 
@@ -45,7 +50,64 @@ std::string run_dtype(const MatmulParams& p, std::vector<tilesmith_emu::Buffer> 
   return p.out_fp32 ? run<T, float>(p, std::move(buffers)) : run<T, T>(p, std::move(buffers));
 }
 
+namespace tma = tilesmith::matmul_tma_sm90a;
+
+// The TMA kernel on `blocks` persistent blocks (fewer than the tiles, so that each walks
+// several and the mbarrier phases wrap).
+template <typename T, typename OutT, int kBlockN, bool kMnMajorA, bool kMnMajorB>
+std::string launch_tma(const tma::Arguments& args, int blocks,
+                       std::vector<tilesmith_emu::Buffer> buffers) {
+  return tilesmith_emu::launch(dim3(blocks), dim3(tma::kThreads), tma::Tiling<kBlockN>::kSmemBytes,
+                               tma::shared_bytes, std::move(buffers), [&args] {
+                                 tma::matmul_tma_kernel<T, OutT, kBlockN, kMnMajorA, kMnMajorB>(
+                                     args);
+                               });
+}
+
+template <typename T, typename OutT, int kBlockN>
+std::string run_tma_layout(const MatmulParams& p, int blocks,
+                           std::vector<tilesmith_emu::Buffer> buffers) {
+  tma::Arguments args;
+  if (!tma::describe_operands<kBlockN>(p, args)) return "no tile map";
+  if (mm::mn_major_a(p)) {
+    return mm::mn_major_b(p)
+               ? launch_tma<T, OutT, kBlockN, true, true>(args, blocks, std::move(buffers))
+               : launch_tma<T, OutT, kBlockN, true, false>(args, blocks, std::move(buffers));
+  }
+  return mm::mn_major_b(p)
+             ? launch_tma<T, OutT, kBlockN, false, true>(args, blocks, std::move(buffers))
+             : launch_tma<T, OutT, kBlockN, false, false>(args, blocks, std::move(buffers));
+}
+
+template <typename T, typename OutT>
+std::string run_tma(const MatmulParams& p, int blocks, std::vector<tilesmith_emu::Buffer> buffers) {
+  return mm::tile_width(p) == 256 ? run_tma_layout<T, OutT, 256>(p, blocks, std::move(buffers))
+                                  : run_tma_layout<T, OutT, 128>(p, blocks, std::move(buffers));
+}
+
 }  // namespace
+
+// The TMA kernel (matmul_tma_sm90a.cuh) on `blocks` blocks; returns as emulate_matmul_sm90a,
+// 2 where the TMA cannot read the operands (describe_operands).
+extern "C" int emulate_matmul_tma_sm90a(const MatmulParams* params, int dtype, int blocks,
+                                        const void* const* buffer_ptrs,
+                                        const int64_t* buffer_bytes, int buffers, char* error,
+                                        int error_capacity) {
+  tma::Arguments probe;
+  if (!mm::takes(*params) || !tma::describe_operands<128>(*params, probe)) return 2;
+  auto regions = tilesmith_emu::buffers_from(buffer_ptrs, buffer_bytes, buffers);
+  const MatmulParams& p = *params;
+  std::string message;
+  if (dtype == 0) {
+    message = p.out_fp32 ? run_tma<__nv_bfloat16, float>(p, blocks, std::move(regions))
+                         : run_tma<__nv_bfloat16, __nv_bfloat16>(p, blocks, std::move(regions));
+  } else {
+    message = p.out_fp32 ? run_tma<__half, float>(p, blocks, std::move(regions))
+                         : run_tma<__half, __half>(p, blocks, std::move(regions));
+  }
+  std::snprintf(error, error_capacity, "%s", message.c_str());
+  return message.empty() ? 0 : 1;
+}
 
 // dtype: 0 bfloat16, 1 float16. Returns 0, or 1 with the emulator's message in `error`;
 // 2 where the kernels do not take these operands (matmul_sm90a::takes), launching nothing.

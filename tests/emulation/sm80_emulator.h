@@ -37,6 +37,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -73,6 +74,17 @@ struct Barrier {
   uint64_t generation = 0;
 };
 
+// An mbarrier of sm90a_emulator.h: the arrivals its phases take, those still due in the
+// current one, the transaction bytes still to land, and how many phases have completed.
+struct MBarrier {
+  int count = 0, pending = 0;
+  int64_t tx_bytes = 0;
+  uint32_t completed = 0;
+  // Whether the phase of parity `parity` has completed (mbarrier.try_wait.parity): the
+  // latest completed phase has that parity; before the first, "phase -1" (parity 1) has.
+  bool completed_parity(uint32_t parity) const { return ((completed - 1) & 1) == parity; }
+};
+
 struct Fiber {
   ucontext_t context{};
   std::unique_ptr<char[]> stack;
@@ -80,6 +92,8 @@ struct Fiber {
   bool finished = false;
   Barrier* waiting_on = nullptr;
   uint64_t waiting_generation = 0;
+  const MBarrier* waiting_on_mbarrier = nullptr;  // with the parity it waits for
+  uint32_t waiting_parity = 0;
   std::vector<CopyOp> open_group;                // cp.async issued since the last commit
   std::deque<std::vector<CopyOp>> committed;     // oldest first
   // Asynchronous operations of sm90a_emulator.h (wgmma): queued at issue, run when a wait
@@ -114,6 +128,11 @@ struct Machine {
   size_t smem_bytes = 0;
   std::vector<Buffer> buffers;  // global memory the kernel may read with cp.async
   bool copies_land_at_issue = false;  // TILESMITH_EMULATOR_COPIES=early (see the header)
+  // sm90a_emulator.h: the block's mbarriers by shared-memory offset, and the TMA copies
+  // issued and not landed (they land when no thread can run without them, or at issue
+  // with TILESMITH_EMULATOR_COPIES=early).
+  std::map<uint32_t, MBarrier> mbarriers;
+  std::vector<std::function<std::string()>> bulk_copies;  // each returns "" or an error
   std::function<void()> body;
   std::string error;
 };
@@ -375,12 +394,15 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
         // Shared memory starts as garbage on a GPU; here as a NaN-ish pattern.
         std::memset(smem, 0xff, smem_bytes);
         m.block_barrier = Barrier{threads, 0, 0};
+        m.mbarriers.clear();
+        m.bulk_copies.clear();
         for (WarpSlots& w : m.warps) w.barrier = Barrier{32, 0, 0};
         for (int i = 0; i < threads; ++i) {
           Fiber& f = m.fibers[i];
           f.thread_idx = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
           f.finished = false;
           f.waiting_on = nullptr;
+          f.waiting_on_mbarrier = nullptr;
           f.open_group.clear();
           f.committed.clear();
           f.async_open.clear();
@@ -391,8 +413,10 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
           f.context.uc_link = nullptr;
           makecontext(&f.context, fiber_entry, 0);
         }
-        // Round robin over the runnable fibers; a pass in which none could run while some
-        // are unfinished is a deadlock (a barrier not every thread reaches).
+        // Round robin over the runnable fibers. A pass in which none could run lands the
+        // TMA copies in flight (as late as they may land); if there are none, while some
+        // fibers are unfinished, it is a deadlock (a barrier not every thread reaches, or
+        // an mbarrier phase that never completes).
         for (;;) {
           bool any_unfinished = false, ran = false;
           for (int i = 0; i < threads; ++i) {
@@ -400,12 +424,29 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
             if (f.finished) continue;
             any_unfinished = true;
             if (f.waiting_on && f.waiting_on->generation == f.waiting_generation) continue;
+            if (f.waiting_on_mbarrier &&
+                !f.waiting_on_mbarrier->completed_parity(f.waiting_parity)) {
+              continue;
+            }
             m.current = i;
             ran = true;
             swapcontext(&m.scheduler, &f.context);
           }
-          if (!any_unfinished) break;
+          if (!m.error.empty()) break;
+          if (!any_unfinished) {
+            if (!m.bulk_copies.empty()) m.error = "block exited with TMA copies in flight";
+            break;
+          }
           if (!ran) {
+            if (!m.bulk_copies.empty()) {
+              std::vector<std::function<std::string()>> copies;
+              copies.swap(m.bulk_copies);
+              for (const std::function<std::string()>& land_copy : copies) {
+                if (m.error.empty()) m.error = land_copy();
+              }
+              if (!m.error.empty()) break;
+              continue;
+            }
             m.error = "deadlock: some threads wait at a barrier others never reach";
             break;
           }

@@ -10,11 +10,25 @@
 // groups until N remain, only then reading shared memory and the accumulators. So a kernel
 // that refills a stage while a wgmma may still read it, or reads accumulators before the
 // wait, computes wrong values here. The fences are no-ops: missing fences cannot be seen.
+//
+// The TMA and mbarriers (csrc/common/tma_sm90a.cuh): a tile map is the TileMapShape it was
+// encoded from; a TMA load copies its box into shared memory in the 128-byte swizzle (by
+// address bits, as the hardware does), zero outside the matrix, and counts its bytes on the
+// mbarrier. It lands when no thread can run without it (or at issue with
+// TILESMITH_EMULATOR_COPIES=early). A thread waiting on an mbarrier phase sleeps until the
+// phase completes; a phase that never completes is reported as a deadlock.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_fp8.h>
 
 #include "sm80_emulator.h"
+
+#undef __grid_constant__
+#define __grid_constant__
+#define __syncwarp() ::tilesmith_emu::arrive_and_wait(::tilesmith_emu::warp_slots().barrier)
+
+#include "../../csrc/common/tma_sm90a.cuh"  // TileMapShape, tile_map_fits
 
 namespace tilesmith_emu {
 
@@ -141,9 +155,140 @@ inline void wgmma_wait(int pending_groups) {
   }
 }
 
+// ---- mbarriers and the TMA ------------------------------------------------------------------
+
+struct EmulatedTileMap {
+  tilesmith::TileMapShape shape;
+  int64_t batches;  // 1 where the map reads matrix 0 for every batch entry
+};
+static_assert(sizeof(EmulatedTileMap) <= sizeof(CUtensorMap), "fits the opaque tile map");
+
+inline MBarrier& mbarrier_at(const uint64_t* barrier) {
+  if (!in_shared(barrier, 8) || reinterpret_cast<uintptr_t>(barrier) % 8 != 0) {
+    fail("mbarrier: " + hex(barrier) + " not an 8-byte aligned shared-memory address");
+  }
+  const uint32_t offset = static_cast<uint32_t>(
+      reinterpret_cast<const unsigned char*>(barrier) - machine->smem);
+  auto found = machine->mbarriers.find(offset);
+  if (found == machine->mbarriers.end()) fail("mbarrier used before mbarrier.init");
+  return found->second;
+}
+
+inline void complete_phase_if_done(MBarrier& b) {
+  if (b.pending == 0 && b.tx_bytes == 0) {
+    ++b.completed;
+    b.pending = b.count;
+  }
+}
+
+inline void mbarrier_init(uint64_t* barrier, int count) {
+  if (!in_shared(barrier, 8) || reinterpret_cast<uintptr_t>(barrier) % 8 != 0) {
+    fail("mbarrier.init: " + hex(barrier) + " not an 8-byte aligned shared-memory address");
+  }
+  if (count < 1) fail("mbarrier.init: count " + std::to_string(count));
+  const uint32_t offset = static_cast<uint32_t>(
+      reinterpret_cast<const unsigned char*>(barrier) - machine->smem);
+  machine->mbarriers[offset] = MBarrier{count, count, 0, 0};
+}
+
+inline void mbarrier_arrive(uint64_t* barrier, uint32_t expect_bytes) {
+  MBarrier& b = mbarrier_at(barrier);
+  b.tx_bytes += expect_bytes;
+  if (--b.pending < 0) fail("mbarrier: more arrivals than its count in one phase");
+  complete_phase_if_done(b);
+}
+
+inline void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
+  const MBarrier& b = mbarrier_at(barrier);
+  if (b.completed_parity(parity)) return;
+  Fiber& fiber = self();
+  fiber.waiting_on_mbarrier = &b;
+  fiber.waiting_parity = parity;
+  yield();
+  fiber.waiting_on_mbarrier = nullptr;
+}
+
+inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, int inner,
+                          int outer, int batch) {
+  EmulatedTileMap tile_map;
+  std::memcpy(&tile_map, map, sizeof tile_map);
+  const tilesmith::TileMapShape& s = tile_map.shape;
+  const int row_elements = 128 / s.element_bytes;
+  const size_t box_bytes = static_cast<size_t>(128) * s.box_outer;
+  if (!in_shared(dst, box_bytes) || reinterpret_cast<uintptr_t>(dst) % 1024 != 0) {
+    fail("TMA: destination " + hex(dst) + " (" + std::to_string(box_bytes) +
+         " bytes) out of shared memory or not 1024-byte aligned");
+  }
+  if (batch < 0 || batch >= tile_map.batches) {
+    fail("TMA: batch coordinate " + std::to_string(batch) + " of a map with " +
+         std::to_string(tile_map.batches));
+  }
+  const uint32_t base = static_cast<uint32_t>(static_cast<unsigned char*>(dst) - machine->smem);
+  MBarrier* landed = &mbarrier_at(barrier);  // must exist at issue
+  // Returns "" or what went wrong (it may run in the scheduler, outside any thread).
+  auto land_copy = [tile_map, base, landed, inner, outer, batch, row_elements,
+                    box_bytes]() -> std::string {
+    const tilesmith::TileMapShape& s = tile_map.shape;
+    for (int r = 0; r < s.box_outer; ++r) {
+      for (int c = 0; c < row_elements; ++c) {
+        const int64_t x = int64_t{inner} + c, y = int64_t{outer} + r;
+        const uint32_t logical = base + r * 128 + c * s.element_bytes;
+        unsigned char* out = machine->smem + (logical ^ (((logical >> 7) & 7) << 4));
+        if (x < 0 || x >= s.inner || y < 0 || y >= s.outer) {
+          std::memset(out, 0, s.element_bytes);
+          continue;
+        }
+        const unsigned char* src = static_cast<const unsigned char*>(s.base) +
+                                   (batch * s.batch_stride + y * s.outer_stride + x) * s.element_bytes;
+        if (!in_global(src, s.element_bytes)) return "TMA: reads " + hex(src) + " outside every buffer";
+        std::memcpy(out, src, s.element_bytes);
+      }
+    }
+    landed->tx_bytes -= static_cast<int64_t>(box_bytes);
+    complete_phase_if_done(*landed);
+    return "";
+  };
+  if (machine->copies_land_at_issue) {
+    const std::string error = land_copy();
+    if (!error.empty()) fail(error);
+  } else {
+    machine->bulk_copies.push_back(land_copy);
+  }
+}
+
 }  // namespace tilesmith_emu
 
 namespace tilesmith {
+// The tile map holds the shape itself here (tma_load_tile reads it back).
+inline bool encode_tile_map(CUtensorMap* map, const TileMapShape& s) {
+  if (!tile_map_fits(s)) return false;
+  std::memset(map, 0, sizeof *map);
+  const tilesmith_emu::EmulatedTileMap emulated{
+      s, s.batches > 1 && s.batch_stride != 0 ? s.batches : 1};
+  std::memcpy(map, &emulated, sizeof emulated);
+  return true;
+}
+inline void mbarrier_init(uint64_t* barrier, int count) {
+  tilesmith_emu::mbarrier_init(barrier, count);
+}
+inline void fence_barrier_init() {}
+inline void mbarrier_arrive(uint64_t* barrier) { tilesmith_emu::mbarrier_arrive(barrier, 0); }
+inline void mbarrier_arrive_expect_tx(uint64_t* barrier, uint32_t bytes) {
+  tilesmith_emu::mbarrier_arrive(barrier, bytes);
+}
+inline void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
+  tilesmith_emu::mbarrier_wait(barrier, parity);
+}
+inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, int inner,
+                          int outer, int batch) {
+  tilesmith_emu::tma_load_tile(dst, map, barrier, inner, outer, batch);
+}
+inline void prefetch_tile_map(const CUtensorMap*) {}
+template <int kRegisters>
+inline void warpgroup_release_registers() {}
+template <int kRegisters>
+inline void warpgroup_claim_registers() {}
+
 template <typename A, typename B>
 inline void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
