@@ -189,21 +189,22 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                         peak_mem_bytes=None, joules=None, extra={"vs_bf16": bf16_ms / base_ms}))
                 except RuntimeError as exc:
                     print(f"  torch._scaled_mm {granularity}: {str(exc).splitlines()[0][:100]}")
-            for backend in backends:
-                if tilesmith.backend.unavailable_reason(backend, "fp8", a.device, e4m3):
-                    continue
+            for label, backend, switches in harness.contenders("fp8", backends, a.device,
+                                                               e4m3):
                 def fn(be=backend):
                     return tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sb, backend=be)
 
-                fn()
-                ms = harness.median_ms(fn)
+                with tilesmith.backend.hopper_kernels(**switches):  # set outside the timing
+                    fn()
+                    ms = harness.median_ms(fn)
+                    rel_err = testing.rel_error(fn()[:ERROR_ROWS], ref)
                 rows.append(harness.Row(
-                    op="fp8_gemm", mode="fwd", backend=backend,
+                    op="fp8_gemm", mode="fwd", backend=label,
                     baseline=base_name or "cublas_bf16", dtype=f"e4m3_{granularity}",
                     shape=shape, ms=ms, tflops=flops / ms / 1e9,
                     baseline_ms=base_ms or bf16_ms, ratio=(base_ms or bf16_ms) / ms,
-                    rel_err=testing.rel_error(fn()[:ERROR_ROWS], ref), peak_mem_bytes=None,
-                    joules=None, extra={"vs_bf16": bf16_ms / ms}))
+                    rel_err=rel_err, peak_mem_bytes=None, joules=None,
+                    extra={"vs_bf16": bf16_ms / ms}))
         print(f"fp8 {m}x{n}x{k}: " + ", ".join(
             f"{r.backend}/{r.dtype} {r.tflops:.0f} TF/s" for r in rows if r.shape == shape),
             flush=True)

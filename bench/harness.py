@@ -135,9 +135,9 @@ def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
 def contenders(op: str, backends, device, dtype):
     """(label, backend, switches) for each of our backends that runs `op` here, to run under
     ``tilesmith.backend.hopper_kernels(**switches)``. On an H100 the cuda backend more than
-    once: "cuda" (wgmma, what users get), "cuda-sm80" (the mma.sync kernels) and, for
-    matmul and gemm, "cuda-cp-async" (the wgmma kernel that loads with cp.async, not the
-    TMA)."""
+    once: "cuda" (wgmma, what users get), "cuda-sm80" (the mma.sync kernels; not for
+    fp8) and, for matmul, gemm and fp8, "cuda-cp-async" (the wgmma kernels that load with
+    cp.async, not the TMA)."""
     import tilesmith
 
     hopper_kernels_run = (torch.cuda.get_device_capability(device) == (9, 0)
@@ -148,8 +148,9 @@ def contenders(op: str, backends, device, dtype):
             continue
         yield name, name, {}
         if name == "cuda" and hopper_kernels_run:
-            yield "cuda-sm80", "cuda", {"enabled": False}
-            if op in ("matmul", "gemm"):
+            if op != "fp8":  # FP8 runs on sm_90a only
+                yield "cuda-sm80", "cuda", {"enabled": False}
+            if op in ("matmul", "gemm", "fp8"):
                 yield "cuda-cp-async", "cuda", {"tma": False}
 
 

@@ -13,33 +13,31 @@ const tilesmith::HopperKernels kHopperKernels = {
     &tilesmith::run_matmul_sm90a, &tilesmith::run_conv2d_fwd_sm90a,
     &tilesmith::run_conv2d_dgrad_sm90a, &tilesmith::run_conv2d_wgrad_sm90a,
     &tilesmith::run_attention_fwd_sm90a, &tilesmith::run_attention_bwd_sm90a};
-// The same kernels with matmul/gemm on the cp.async kernel only (for tests and benchmarks
-// of that one beside the TMA kernel).
-const tilesmith::HopperKernels kHopperKernelsCpAsync = {
-    &tilesmith::run_matmul_sm90a_cp_async, &tilesmith::run_conv2d_fwd_sm90a,
-    &tilesmith::run_conv2d_dgrad_sm90a, &tilesmith::run_conv2d_wgrad_sm90a,
-    &tilesmith::run_attention_fwd_sm90a, &tilesmith::run_attention_bwd_sm90a};
 
-bool add_table(PyObject* module, const char* name, const tilesmith::HopperKernels& table) {
-  PyObject* capsule = PyCapsule_New(const_cast<tilesmith::HopperKernels*>(&table),
-                                    "tilesmith.hopper_kernels", nullptr);
-  if (capsule == nullptr || PyModule_AddObject(module, name, capsule) != 0) {
-    Py_XDECREF(capsule);
-    return false;
-  }
-  return true;
+// _set_tma_kernels(enabled: bool): see tilesmith::set_tma_kernels.
+PyObject* set_tma_kernels(PyObject*, PyObject* enabled) {
+  const int truth = PyObject_IsTrue(enabled);
+  if (truth < 0) return nullptr;
+  tilesmith::set_tma_kernels(truth != 0);
+  Py_RETURN_NONE;
 }
+
+PyMethodDef kMethods[] = {
+    {"_set_tma_kernels", &set_tma_kernels, METH_O,
+     "Whether matmul/gemm and scaled_gemm take their TMA kernels (default True)."},
+    {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
-// The module carries `hopper_kernels` and `hopper_kernels_cp_async`, capsules of the tables
-// above that backend.py hands to tilesmith._C (whose ops run them; see
-// common/hopper_kernels.h).
+// The module carries `hopper_kernels`, a capsule of the table above that backend.py hands
+// to tilesmith._C (whose ops run them; see common/hopper_kernels.h), and _set_tma_kernels.
 extern "C" PyObject* PyInit__C_sm90a(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_sm90a", nullptr, -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_sm90a", nullptr, -1, kMethods};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
-  if (!add_table(m, "hopper_kernels", kHopperKernels) ||
-      !add_table(m, "hopper_kernels_cp_async", kHopperKernelsCpAsync)) {
+  PyObject* capsule = PyCapsule_New(const_cast<tilesmith::HopperKernels*>(&kHopperKernels),
+                                    "tilesmith.hopper_kernels", nullptr);
+  if (capsule == nullptr || PyModule_AddObject(m, "hopper_kernels", capsule) != 0) {
+    Py_XDECREF(capsule);
     Py_DECREF(m);
     return nullptr;
   }

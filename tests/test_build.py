@@ -114,6 +114,11 @@ def test_sm90a_extension_has_wgmma_kernels_without_spills():
     sass = subprocess.run([_cuobjdump(), "-sass", so], capture_output=True, text=True).stdout
     assert "QGMMA.64x128x32.F32.E4M3.E4M3" in sass and "QGMMA.64x128x32.F32.E5M2.E4M3" in sass
     assert "QGMMA.64x256x32.F32.E4M3.E4M3" in sass and "QGMMA.64x256x32.F32.E5M2.E5M2" in sass
+    # Its TMA-fed twin, as many variants, with the matmul's register split (below).
+    tma = {key: value for key, value in usage.items() if "scaled_gemm_tma_kernel" in key[1]}
+    assert len(tma) == 12, sorted(tma)
+    assert not [k for k, u in tma.items() if u["STACK"] or u["LOCAL"]], tma
+    assert {u["REG"] for u in tma.values()} == {168}, tma
     # quantize_fp8: 3 input dtypes x 2 load widths for the cast (x 2 formats) and the
     # per-tensor amax kernels; the conversion is the hardware's (F2FP to e4m3/e5m2 pairs).
     quantize = {key: value for key, value in usage.items()

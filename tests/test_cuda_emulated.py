@@ -915,7 +915,8 @@ def fp8_operands(m, n, k, a_format, b_format, scaling, pad):
     return a, b, scale_a, scale_b
 
 
-def run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling):
+def run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling, tma_blocks=0):
+    """The cp.async kernel, or with tma_blocks the TMA kernel on that many blocks."""
     lib = emulated("fp8")
     assert lib.scaled_gemm_params_size() == ctypes.sizeof(ScaledGemmParams)
     m, k = a.shape
@@ -934,22 +935,29 @@ def run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling):
     ptrs, sizes, count = buffer_table([a, bt])
     error = ctypes.create_string_buffer(512)
     status = lib.emulate_scaled_gemm(ctypes.byref(p), int(a.dtype == torch.float8_e5m2),
-                                     int(b.dtype == torch.float8_e5m2), ptrs, sizes, count,
-                                     error, len(error))
+                                     int(b.dtype == torch.float8_e5m2), tma_blocks, ptrs, sizes,
+                                     count, error, len(error))
     assert status == 0, error.value.decode()
     assert_guards_untouched(storage, "out")
     return out
 
 
+# The cp.async kernel (0), and the TMA kernel on one block (every tile's K steps through one
+# ring, whose phases wrap) and on three.
+FP8_KERNELS = {"cp_async": 0, "tma": 1, "tma_3_blocks": 3}
+
+
+@pytest.mark.parametrize("kernel", list(FP8_KERNELS))
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(FP8_CASES))
-def test_scaled_gemm_wgmma_kernel(case, out_dtype):
+def test_scaled_gemm_wgmma_kernel(case, out_dtype, kernel):
     from tilesmith.testing import scaled_gemm_reference, sqnr_db
 
     m, n, k, a_format, b_format, scaling, pad = FP8_CASES[case]
     a, b, scale_a, scale_b = fp8_operands(m, n, k, a_format, b_format, scaling, pad)
     bias = torch.randn(n)
-    out = run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling)
+    out = run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling,
+                          tma_blocks=FP8_KERNELS[kernel])
     ref = scaled_gemm_reference(a, b, scale_a, scale_b, bias)
     # fp8 products are exact in fp32: the only error is fp32 summation (and the output's
     # rounding), far inside the 28 dB bar the op is held to.

@@ -3,8 +3,7 @@
 // and attention (forward and backward). The two extensions are separate shared libraries, so
 // _C reaches them through this table of function pointers: tilesmith._C_sm90a exports it as
 // the capsule `hopper_kernels`, and backend.py hands that to tilesmith._C._set_hopper_kernels
-// (None: the sm_80 kernels everywhere; `hopper_kernels_cp_async`, the same table with the
-// matmul entry that never takes the TMA kernel). Each entry launches and returns true, storing the
+// (None: the sm_80 kernels everywhere). Each entry launches and returns true, storing the
 // launch's error code in *error, where its kernels take the call on the current device;
 // otherwise it returns false having launched nothing, and the caller runs its sm_80 kernel.
 #pragma once
@@ -39,8 +38,6 @@ void set_hopper_kernels(const HopperKernels* kernels);
 // In tilesmith._C_sm90a: the entries, and whether the current device runs sm_90a code.
 bool run_matmul_sm90a(const MatmulParams& params, bool bf16, cudaStream_t stream,
                       cudaError_t* error);
-bool run_matmul_sm90a_cp_async(const MatmulParams& params, bool bf16, cudaStream_t stream,
-                               cudaError_t* error);
 bool run_conv2d_fwd_sm90a(const ConvParams& conv, const MatmulParams& out, bool bf16,
                           cudaStream_t stream, cudaError_t* error);
 bool run_conv2d_dgrad_sm90a(const ConvParams& conv, const MatmulParams& out, bool bf16,
@@ -52,5 +49,11 @@ bool run_attention_fwd_sm90a(const AttentionParams& params, bool causal, bool bf
 bool run_attention_bwd_sm90a(const AttentionParams& params, bool causal, bool bf16,
                              cudaStream_t stream, cudaError_t* error);
 bool current_device_is_sm90();
+
+// Whether matmul/gemm (matmul_tma_sm90a.cuh) and scaled_gemm take their TMA kernels where
+// the TMA can read the operands (the default), or their cp.async ones; process-wide, for
+// tests and benchmarks of the latter (backend.hopper_kernels(tma=False)).
+void set_tma_kernels(bool enabled);
+bool tma_kernels();
 
 }  // namespace tilesmith

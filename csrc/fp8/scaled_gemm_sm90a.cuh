@@ -16,13 +16,16 @@
 // that is then scaled and added to the total (the "promotion" DeepSeek-V3 describes: it also
 // keeps the fp32 sums short, the reason fp8 wgmma's limited accumulation precision needs it).
 //
-// Not yet: TMA, warp specialization and a persistent schedule (the producer here is every
-// thread, between the wgmma waits).
+// Two kernels run that: scaled_gemm_kernel, whose producer is every thread (cp.async between
+// the wgmma waits), and scaled_gemm_tma_kernel, fed by the TMA from a producer warpgroup,
+// persistent, as matmul/matmul_tma_sm90a.cuh (taken wherever the TMA can read a and b^T;
+// backend.hopper_kernels(tma=False) runs the former). Both share k_step and store_output.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../common/stage_ring_sm90a.cuh"
 #include "../common/tiles_sm80.cuh"
 #include "../common/tiles_sm90a.cuh"
 #include "../common/wgmma_sm90a.cuh"
@@ -71,78 +74,68 @@ __device__ __forceinline__ void store_pair(void* out, int64_t index, float v0, f
   }
 }
 
+// A block's accumulators: acc, and with per-block scales the partial sums of one K step.
+template <int kBlockN, bool kBlockScaled>
+struct Accumulators {
+  float acc[kBlockN / 2];
+  float partial[kBlockScaled ? kBlockN / 2 : 1];
+};
+
+// The two output rows of this thread in warpgroup `warpgroup`'s 64 of the tile at block_m0:
+// lane / 4 and lane / 4 + 8 of its warp's 16.
+__device__ __forceinline__ void thread_rows(int64_t (&rows)[2], int64_t block_m0, int warpgroup) {
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  rows[0] = block_m0 + warpgroup * 64 + warp * 16 + lane / 4;
+  rows[1] = rows[0] + 8;
+}
+
+// K step kt on the stage tiles at shared addresses a_tile (this warpgroup's 64 rows of a)
+// and b_tile: issues its four wgmma and returns with step kt - 1 retired (one step stays in
+// flight); with per-block scales it waits for this step too and adds its partial sums,
+// scaled, to the total.
 template <typename A, typename B, int kBlockN, bool kBlockScaled>
-__global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmParams p) {
-  static_assert(!kBlockScaled || kBlockN == 128, "per-block scales: 128-wide tiles");
-  using Tiles = Tiling<kBlockN>;
-  constexpr int kStages = Tiles::kStages;
-  constexpr int kAcc = kBlockN / 2;  // accumulators per thread
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint8_t* smem_a = aligned_shared(shared_bytes);
-  uint8_t* smem_b = smem_a + kStages * kTileBytesA;
-
-  int64_t block_m0, block_n0;
-  grouped_block_tile<kBlockM, kBlockN, 8>(p.m, p.n, blockIdx.x, block_m0, block_n0);
-  const uint8_t* a = static_cast<const uint8_t*>(p.a);
-  const uint8_t* b = static_cast<const uint8_t*>(p.b);
-  auto load_stage = [&](int stage, int k_tile) {
-    const int64_t k0 = static_cast<int64_t>(k_tile) * kBlockK;
-    load_swizzled_tile<uint8_t, kThreads, kBlockM, 1>(smem_a + stage * kTileBytesA, a, block_m0,
-                                                      p.m, k0, p.k, p.a_row_stride);
-    load_swizzled_tile<uint8_t, kThreads, kBlockN, 1>(smem_b + stage * Tiles::kTileBytesB, b,
-                                                      block_n0, p.n, k0, p.k, p.b_row_stride);
-  };
-
-  const int warpgroup = threadIdx.x / 128;
-  const int warp = (threadIdx.x / 32) % 4;
-  const int lane = threadIdx.x % 32;
-  // This thread's rows of the 64-row warpgroup tile: lane/4 and lane/4 + 8 of its warp's 16.
-  const int64_t rows[2] = {block_m0 + warpgroup * 64 + warp * 16 + lane / 4,
-                           block_m0 + warpgroup * 64 + warp * 16 + lane / 4 + 8};
-  float acc[kAcc] = {};
-  float partial[kBlockScaled ? kAcc : 1];
-
-  const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
-  run_wgmma_pipeline<kStages>(k_tiles, load_stage, [&](int stage, int kt) {
-    const uint32_t a_tile =
-        shared_address(smem_a + stage * kTileBytesA + warpgroup * 64 * kSwizzleRowBytes);
-    const uint32_t b_tile = shared_address(smem_b + stage * Tiles::kTileBytesB);
-    wgmma_fence();
+__device__ __forceinline__ void k_step(Accumulators<kBlockN, kBlockScaled>& d, uint32_t a_tile,
+                                       uint32_t b_tile, const ScaledGemmParams& p, int kt,
+                                       const int64_t (&rows)[2], int64_t block_n0) {
+  wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / 32; ++kk) {
-      const uint64_t desc_a = smem_descriptor_sw128(a_tile + kk * 32);
-      const uint64_t desc_b = smem_descriptor_sw128(b_tile + kk * 32);
-      if constexpr (kBlockScaled) {
-        wgmma_m64nk32<kBlockN, A, B>(partial, desc_a, desc_b, kk > 0);
-      } else {
-        wgmma_m64nk32<kBlockN, A, B>(acc, desc_a, desc_b, 1);
-      }
-    }
-    wgmma_commit();
-
+  for (int kk = 0; kk < kBlockK / 32; ++kk) {
+    const uint64_t desc_a = smem_descriptor_sw128(a_tile + kk * 32);
+    const uint64_t desc_b = smem_descriptor_sw128(b_tile + kk * 32);
     if constexpr (kBlockScaled) {
-      wgmma_wait<0>();  // the partial sums are read right away
-      fence_registers(partial);
-      // One 128x128 scale of b covers this whole tile; a's scales are per row.
-      const float scale_b = p.scale_b[kt * p.scale_b_row_stride + block_n0 / kBlockN];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float scale = rows[half] < p.m
-            ? p.scale_a[rows[half] * p.scale_a_row_stride + kt] * scale_b : 0.0f;
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-          acc[4 * j + 2 * half] += partial[4 * j + 2 * half] * scale;
-          acc[4 * j + 2 * half + 1] += partial[4 * j + 2 * half + 1] * scale;
-        }
-      }
+      wgmma_m64nk32<kBlockN, A, B>(d.partial, desc_a, desc_b, kk > 0);
     } else {
-      wgmma_wait<1>();  // step kt - 1 retired; step kt runs on while the loop goes round
+      wgmma_m64nk32<kBlockN, A, B>(d.acc, desc_a, desc_b, 1);
     }
-  });
+  }
+  wgmma_commit();
+  if constexpr (kBlockScaled) {
+    wgmma_wait<0>();  // the partial sums are read right away
+    fence_registers(d.partial);
+    // One 128x128 scale of b covers this whole tile; a's scales are per row.
+    const float scale_b = p.scale_b[kt * p.scale_b_row_stride + block_n0 / kBlockN];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float scale = rows[half] < p.m
+          ? p.scale_a[rows[half] * p.scale_a_row_stride + kt] * scale_b : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        d.acc[4 * j + 2 * half] += d.partial[4 * j + 2 * half] * scale;
+        d.acc[4 * j + 2 * half + 1] += d.partial[4 * j + 2 * half + 1] * scale;
+      }
+    }
+  } else {
+    wgmma_wait<1>();  // step kt - 1 retired; step kt runs on
+  }
+}
 
-  fence_registers(acc);  // read only after the pipeline's last wait
-
-  // Epilogue: per-tensor and per-row/column scales, then the bias, then the store.
+// The epilogue: per-tensor and per-row/column scales, then the bias, then the store of this
+// thread's rows of the tile at block_n0.
+template <int kBlockN, bool kBlockScaled>
+__device__ __forceinline__ void store_output(const float (&acc)[kBlockN / 2],
+                                             const ScaledGemmParams& p, const int64_t (&rows)[2],
+                                             int64_t block_n0) {
+  const int lane = threadIdx.x % 32;
   const float tensor_scale_a = p.scale_a_kind == ScaleKind::kTensor ? p.scale_a[0] : 1.0f;
   const float tensor_scale_b = p.scale_b_kind == ScaleKind::kTensor ? p.scale_b[0] : 1.0f;
 #pragma unroll
@@ -168,6 +161,134 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
   }
 }
 
+template <typename A, typename B, int kBlockN, bool kBlockScaled>
+__global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmParams p) {
+  static_assert(!kBlockScaled || kBlockN == 128, "per-block scales: 128-wide tiles");
+  using Tiles = Tiling<kBlockN>;
+  constexpr int kStages = Tiles::kStages;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_a = aligned_shared(shared_bytes);
+  uint8_t* smem_b = smem_a + kStages * kTileBytesA;
+
+  int64_t block_m0, block_n0;
+  grouped_block_tile<kBlockM, kBlockN, 8>(p.m, p.n, blockIdx.x, block_m0, block_n0);
+  const uint8_t* a = static_cast<const uint8_t*>(p.a);
+  const uint8_t* b = static_cast<const uint8_t*>(p.b);
+  auto load_stage = [&](int stage, int k_tile) {
+    const int64_t k0 = static_cast<int64_t>(k_tile) * kBlockK;
+    load_swizzled_tile<uint8_t, kThreads, kBlockM, 1>(smem_a + stage * kTileBytesA, a, block_m0,
+                                                      p.m, k0, p.k, p.a_row_stride);
+    load_swizzled_tile<uint8_t, kThreads, kBlockN, 1>(smem_b + stage * Tiles::kTileBytesB, b,
+                                                      block_n0, p.n, k0, p.k, p.b_row_stride);
+  };
+
+  const int warpgroup = threadIdx.x / 128;
+  int64_t rows[2];
+  thread_rows(rows, block_m0, warpgroup);
+  Accumulators<kBlockN, kBlockScaled> d;
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) d.acc[i] = 0.0f;
+
+  const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
+  run_wgmma_pipeline<kStages>(k_tiles, load_stage, [&](int stage, int kt) {
+    k_step<A, B, kBlockN, kBlockScaled>(
+        d, shared_address(smem_a + stage * kTileBytesA + warpgroup * 64 * kSwizzleRowBytes),
+        shared_address(smem_b + stage * Tiles::kTileBytesB), p, kt, rows, block_n0);
+  });
+  fence_registers(d.acc);  // read only after the pipeline's last wait
+  store_output<kBlockN, kBlockScaled>(d.acc, p, rows, block_n0);
+}
+
+// ---- TMA-fed, warp-specialized, persistent (as matmul/matmul_tma_sm90a.cuh) ----------------
+
+constexpr int kTmaConsumers = 2;  // warpgroups of 64 output rows, and a producer warpgroup
+constexpr int kTmaThreads = (kTmaConsumers + 1) * 128;
+
+// 7 stages of 32 KiB at 128 wide, 4 of 48 KiB at 256, with their two mbarriers each.
+template <int kBlockN>
+struct TmaTiling {
+  static constexpr int kTileBytesB = kBlockN * kBlockK;
+  static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
+  static constexpr int kStages = kBlockN == 128 ? 7 : 4;
+  static constexpr int kSmemBytes = kStages * (kStageBytes + 2 * 8) + 1024;
+};
+
+// The kernel's one parameter, __grid_constant__ (the TMA reads the tile maps in place).
+struct TmaArguments {
+  CUtensorMap map_a, map_b;
+  ScaledGemmParams params;
+};
+
+template <typename A, typename B, int kBlockN, bool kBlockScaled>
+__global__ void __launch_bounds__(kTmaThreads, 1)
+    scaled_gemm_tma_kernel(const __grid_constant__ TmaArguments args) {
+  static_assert(!kBlockScaled || kBlockN == 128, "per-block scales: 128-wide tiles");
+  using Tiles = TmaTiling<kBlockN>;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_a = aligned_shared(shared_bytes);
+  uint8_t* smem_b = smem_a + Tiles::kStages * kTileBytesA;
+  StageRing<Tiles::kStages> ring(
+      reinterpret_cast<uint64_t*>(smem_b + Tiles::kStages * Tiles::kTileBytesB));
+  if (threadIdx.x == 0) ring.init(kTmaConsumers * 4);
+  __syncthreads();
+
+  const ScaledGemmParams& p = args.params;
+  const int64_t tiles = ((p.m + kBlockM - 1) / kBlockM) * ((p.n + kBlockN - 1) / kBlockN);
+  const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
+
+  if (threadIdx.x < 128) {  // the producer warpgroup; one thread issues
+    warpgroup_release_registers<40>();
+    if (threadIdx.x != 0) return;
+    prefetch_tile_map(&args.map_a);
+    prefetch_tile_map(&args.map_b);
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      int64_t block_m0, block_n0;
+      grouped_block_tile<kBlockM, kBlockN, 8>(p.m, p.n, static_cast<int>(tile), block_m0,
+                                              block_n0);
+      for (int kt = 0; kt < k_tiles; ++kt, ring.advance()) {
+        uint64_t* landed = ring.acquire(Tiles::kStageBytes);
+        const int k0 = kt * kBlockK;
+        tma_load_tile(smem_a + ring.stage * kTileBytesA, &args.map_a, landed, k0,
+                      static_cast<int>(block_m0), 0);
+        tma_load_tile(smem_b + ring.stage * Tiles::kTileBytesB, &args.map_b, landed, k0,
+                      static_cast<int>(block_n0), 0);
+      }
+    }
+    return;
+  }
+
+  warpgroup_claim_registers<232>();  // 40 + 2 x 232: as the matmul's
+  const int consumer = threadIdx.x / 128 - 1;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int64_t block_m0, block_n0;
+    grouped_block_tile<kBlockM, kBlockN, 8>(p.m, p.n, static_cast<int>(tile), block_m0,
+                                            block_n0);
+    int64_t rows[2];
+    thread_rows(rows, block_m0, consumer);
+    Accumulators<kBlockN, kBlockScaled> d;
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) d.acc[i] = 0.0f;
+    consume_steps(ring, k_tiles, [&](int stage, int kt) {
+      k_step<A, B, kBlockN, kBlockScaled>(
+          d, shared_address(smem_a + stage * kTileBytesA + consumer * 64 * kSwizzleRowBytes),
+          shared_address(smem_b + stage * Tiles::kTileBytesB), p, kt, rows, block_n0);
+    });
+    fence_registers(d.acc);  // read only after the last wait
+    store_output<kBlockN, kBlockScaled>(d.acc, p, rows, block_n0);
+  }
+}
+
+// The tile maps of a and b^T (both K-major: boxes of 128 fp8 of K by the tile's rows);
+// false where the TMA cannot read them.
+template <int kBlockN>
+inline bool describe_operands(const ScaledGemmParams& p, TmaArguments& args) {
+  args.params = p;
+  return encode_tile_map(&args.map_a, TileMapShape{p.a, 1, p.k, p.m, 1, p.a_row_stride, 0,
+                                                   kBlockM}) &&
+         encode_tile_map(&args.map_b, TileMapShape{p.b, 1, p.k, p.n, 1, p.b_row_stride, 0,
+                                                   kBlockN});
+}
+
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
 template <typename A, typename B, int kBlockN, bool kBlockScaled>
 cudaError_t launch(const ScaledGemmParams& p, cudaStream_t stream) {
@@ -181,12 +302,42 @@ cudaError_t launch(const ScaledGemmParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The TMA kernel, one block per SM (at most one per tile); false where the TMA cannot read
+// the operands (launching nothing).
+template <typename A, typename B, int kBlockN, bool kBlockScaled>
+bool launch_tma(const ScaledGemmParams& p, cudaStream_t stream, cudaError_t* error) {
+  TmaArguments args;
+  if (!describe_operands<kBlockN>(p, args)) return false;
+  constexpr int kSmemBytes = TmaTiling<kBlockN>::kSmemBytes;
+  auto kernel = scaled_gemm_tma_kernel<A, B, kBlockN, kBlockScaled>;
+  *error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  int device = 0, sms = 0;
+  if (*error == cudaSuccess) *error = cudaGetDevice(&device);
+  if (*error == cudaSuccess) {
+    *error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (*error != cudaSuccess) return true;
+  const int64_t tiles = ((p.m + kBlockM - 1) / kBlockM) * ((p.n + kBlockN - 1) / kBlockN);
+  kernel<<<static_cast<unsigned>(tiles < sms ? tiles : sms), kTmaThreads, kSmemBytes, stream>>>(
+      args);
+  *error = cudaGetLastError();
+  return true;
+}
+
+// The TMA kernel where `tma` and the TMA can read the operands, else the cp.async one.
+template <typename A, typename B, int kBlockN, bool kBlockScaled>
+cudaError_t run_variant(const ScaledGemmParams& p, bool tma, cudaStream_t stream) {
+  cudaError_t error = cudaSuccess;
+  if (tma && launch_tma<A, B, kBlockN, kBlockScaled>(p, stream, &error)) return error;
+  return launch<A, B, kBlockN, kBlockScaled>(p, stream);
+}
+
 template <typename A, typename B>
-cudaError_t run(const ScaledGemmParams& p, cudaStream_t stream) {
+cudaError_t run(const ScaledGemmParams& p, bool tma, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  if (p.scale_a_kind == ScaleKind::kBlock) return launch<A, B, 128, true>(p, stream);
-  return tile_width(p) == 256 ? launch<A, B, 256, false>(p, stream)
-                              : launch<A, B, 128, false>(p, stream);
+  if (p.scale_a_kind == ScaleKind::kBlock) return run_variant<A, B, 128, true>(p, tma, stream);
+  return tile_width(p) == 256 ? run_variant<A, B, 256, false>(p, tma, stream)
+                              : run_variant<A, B, 128, false>(p, tma, stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -6,9 +6,9 @@
 //   - two consumers, 64 output rows each: wait for a stage to land, issue its four wgmma,
 //     free the stage of the step before once that step's wgmma retired (one step stays in
 //     flight), then write their rows through the fused epilogue from registers.
-// Each stage has two mbarriers: `full` (the producer's arrival announcing the stage's bytes,
-// which the TMA then counts off) and `empty` (one arrival per consumer warp). No thread of
-// the consumers computes an address or waits at a block-wide barrier in the K loop.
+// The stages and their two mbarriers each are common/stage_ring_sm90a.cuh's StageRing. No
+// thread of the consumers computes an address or waits at a block-wide barrier in the K
+// loop.
 //
 // Persistent: a block per SM walks the output tiles blockIdx.x, + gridDim.x, ... (grouped
 // as the cp.async kernel orders them), and the producer runs ahead into the next tile's K
@@ -19,7 +19,7 @@
 // cannot be made, and for calls hopper_kernels(..., tma=False) routes there.
 #pragma once
 
-#include "../common/tma_sm90a.cuh"
+#include "../common/stage_ring_sm90a.cuh"
 #include "matmul_sm90a.cuh"
 
 namespace tilesmith {
@@ -70,20 +70,6 @@ __device__ __forceinline__ TilePlace place_tile(const MatmulParams& p, int64_t t
   return place;
 }
 
-// The ring position of a role (producer or consumer): both walk the same sequence of
-// (stage, phase) in the same order of K steps.
-template <int kStages>
-struct RingPosition {
-  int stage = 0;
-  uint32_t phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
-
 template <typename T, typename OutT, int kBlockN, bool kMnMajorA, bool kMnMajorB>
 __global__ void __launch_bounds__(kThreads, 1)
     matmul_tma_kernel(const __grid_constant__ Arguments args) {
@@ -91,16 +77,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_a = aligned_shared(shared_bytes);
   uint8_t* smem_b = smem_a + Tiles::kStages * kTileBytesA;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem_b + Tiles::kStages * Tiles::kTileBytesB);
-  uint64_t* empty = full + Tiles::kStages;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < Tiles::kStages; ++s) {
-      mbarrier_init(&full[s], 1);
-      mbarrier_init(&empty[s], kConsumerWarps);
-    }
-    fence_barrier_init();
-  }
+  StageRing<Tiles::kStages> ring(
+      reinterpret_cast<uint64_t*>(smem_b + Tiles::kStages * Tiles::kTileBytesB));
+  if (threadIdx.x == 0) ring.init(kConsumerWarps);
   __syncthreads();
 
   const MatmulParams& p = args.params;
@@ -108,7 +88,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       ((p.m + kBlockM - 1) / kBlockM) * ((p.n + kBlockN - 1) / kBlockN);
   const int64_t tiles = tiles_per_matrix * p.batch;
   const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
-  RingPosition<Tiles::kStages> ring;
 
   if (threadIdx.x < 128) {  // the producer warpgroup; one thread issues
     warpgroup_release_registers<kProducerRegisters>();
@@ -121,9 +100,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int zb = args.b_batched ? static_cast<int>(at.z) : 0;
       const int m0 = static_cast<int>(at.m0), n0 = static_cast<int>(at.n0);
       for (int kt = 0; kt < k_tiles; ++kt, ring.advance()) {
-        mbarrier_wait(&empty[ring.stage], ring.phase ^ 1);  // the consumers freed it
-        uint64_t* landed = &full[ring.stage];
-        mbarrier_arrive_expect_tx(landed, Tiles::kStageBytes);  // whole boxes, zero-filled too
+        uint64_t* landed = ring.acquire(Tiles::kStageBytes);  // whole boxes, zero-filled too
         uint8_t* sa = smem_a + ring.stage * kTileBytesA;
         uint8_t* sb = smem_b + ring.stage * Tiles::kTileBytesB;
         const int k0 = kt * kBlockK;
@@ -151,28 +128,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   warpgroup_claim_registers<kConsumerRegisters>();
   const int consumer = threadIdx.x / 128 - 1;
   const uint32_t a_offset = matmul_sm90a::warpgroup_rows_offset(consumer);
-  // One arrival per warp, after every lane's wait: the stage's wgmma have all retired.
-  auto free_stage = [&](int stage) {
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[stage]);
-  };
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const TilePlace at = place_tile<kBlockN>(p, tile, tiles_per_matrix);
     float acc[kBlockN / 2];
 #pragma unroll
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
-    int previous = -1;
-    for (int kt = 0; kt < k_tiles; ++kt, ring.advance()) {
-      mbarrier_wait(&full[ring.stage], ring.phase);
+    consume_steps(ring, k_tiles, [&](int stage, int) {
       matmul_sm90a::issue_step<T, kBlockN, kMnMajorA, kMnMajorB>(
-          acc, shared_address(smem_a + ring.stage * kTileBytesA) + a_offset,
-          shared_address(smem_b + ring.stage * Tiles::kTileBytesB));
-      wgmma_wait<1>();  // step kt - 1 retired: its stage may be refilled
-      if (previous >= 0) free_stage(previous);
-      previous = ring.stage;
-    }
-    wgmma_wait<0>();
-    if (previous >= 0) free_stage(previous);
+          acc, shared_address(smem_a + stage * kTileBytesA) + a_offset,
+          shared_address(smem_b + stage * Tiles::kTileBytesB));
+      wgmma_wait<1>();  // step kt - 1 retired: consume_steps frees its stage
+    });
     fence_registers(acc);  // read only after the last wait
     matmul_sm90a::store_tile<kBlockN>(acc, EpilogueWriter<T, OutT>(p, at.z), at.m0, at.n0,
                                       consumer);

@@ -114,10 +114,10 @@ _C_SM90A, _C_SM90A_ERROR = _load_extension("_C_sm90a")
 
 def _install_hopper_kernels(enabled: bool, tma: bool = True) -> None:
     if _C is not None:
-        table = None
-        if enabled and _C_SM90A is not None:
-            table = _C_SM90A.hopper_kernels if tma else _C_SM90A.hopper_kernels_cp_async
-        _C._set_hopper_kernels(table)
+        _C._set_hopper_kernels(_C_SM90A.hopper_kernels if enabled and _C_SM90A is not None
+                               else None)
+    if _C_SM90A is not None:
+        _C_SM90A._set_tma_kernels(tma)
 
 
 @contextlib.contextmanager
@@ -126,10 +126,10 @@ def hopper_kernels(enabled: bool = True, *, tma: bool = True):
     H100/H200 they run on wgmma (tilesmith._C_sm90a, the default) wherever those kernels
     take the call (matmul: both operands readable 16 bytes at a time; attention: head dims
     up to 128, not a mask and dropout together), and on the sm_80 mma.sync kernels
-    otherwise; ``hopper_kernels(False)`` runs the sm_80 kernels for every call. matmul and
-    gemm on wgmma load their tiles with the TMA in a warp-specialized kernel where the TMA
-    can read the operands; ``hopper_kernels(tma=False)`` runs the cp.async wgmma kernel
-    for those calls instead. For tests and benchmarks of each kernel; process-wide, not
+    otherwise; ``hopper_kernels(False)`` runs the sm_80 kernels for every call. matmul,
+    gemm and scaled_gemm on wgmma load their tiles with the TMA in warp-specialized kernels
+    where the TMA can read the operands; ``hopper_kernels(tma=False)`` runs their cp.async
+    wgmma kernels instead. For tests and benchmarks of each kernel; process-wide, not
     thread-safe."""
     _install_hopper_kernels(enabled, tma)
     try:
