@@ -6,7 +6,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, kernel_backends, requires_gpu
+from conftest import (DEVICE, cuda_kernel_names, kernel_backends, requires_gpu,
+                      requires_hopper_kernels)
 
 import tilesmith
 from tilesmith import testing
@@ -118,6 +119,22 @@ def test_scaled_gemm_sqnr(backend, granularity, shape, out_dtype):
     assert out.dtype == out_dtype and out.shape == (m, n)
     if out.numel():
         assert testing.sqnr_db(out, testing.scaled_gemm_reference(qa, qb, sa, sb, bias)) >= 28
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_cuda_scaled_gemm_takes_the_tma_kernel_and_the_cp_async_one_agrees(granularity):
+    """On an H100 the cuda scaled_gemm runs its TMA kernel; hopper_kernels(tma=False) runs
+    the cp.async one, which must give the same SQNR on the same operands."""
+    qa, qb, sa, sb = _quantized_operands(300, 1040, 520, granularity)
+    ref = testing.scaled_gemm_reference(qa, qb, sa, sb)
+    run = lambda: tilesmith.ops.scaled_gemm(qa, qb, sa, sb, backend="cuda")  # noqa: E731
+    assert "scaled_gemm_tma_kernel" in cuda_kernel_names(run)
+    assert testing.sqnr_db(run(), ref) >= 28
+    with tilesmith.backend.hopper_kernels(tma=False):
+        names = cuda_kernel_names(run)
+        assert "scaled_gemm_kernel" in names and "scaled_gemm_tma_kernel" not in names
+        assert testing.sqnr_db(run(), ref) >= 28
 
 
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.float8_e5m2))

@@ -14,6 +14,29 @@
 
 namespace tilesmith {
 
+// The block both kernels use: a producer warpgroup and two consumer warpgroups of 64 output
+// rows each. setmaxnreg moves registers from the producer to the consumers: 40 + 2 x 232 a
+// thread fill the SM's 64 Ki exactly as the 168 of the launch (384 x 168) do.
+constexpr int kRingConsumers = 2;
+constexpr int kRingThreads = (kRingConsumers + 1) * 128;
+constexpr int kRingConsumerWarps = kRingConsumers * 4;
+constexpr int kProducerRegisters = 40;
+constexpr int kConsumerRegisters = 232;
+
+// Their ring for a 128 x kBlockN output tile whose K step is one swizzled 128-byte row deep
+// (64 bf16/fp16 or 128 fp8): a stage holds a 16 KiB tile of a and a kBlockN-row one of b; as
+// many stages as fit 227 KiB with the 1024 bytes of alignment slack and two 8-byte mbarriers
+// a stage: 7 of 32 KiB at 128 wide, 4 of 48 KiB at 256.
+template <int kBlockN>
+struct RingTiling {
+  static_assert(kBlockN == 128 || kBlockN == 256, "tile widths: 128 and 256");
+  static constexpr int kTileBytesA = 128 * 128;
+  static constexpr int kTileBytesB = kBlockN * 128;
+  static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
+  static constexpr int kStages = kBlockN == 128 ? 7 : 4;
+  static constexpr int kSmemBytes = kStages * (kStageBytes + 2 * 8) + 1024;
+};
+
 template <int kStages>
 struct StageRing {
   uint64_t* full;   // kStages barriers

@@ -1,5 +1,5 @@
 // The Tensor Memory Accelerator (TMA) and the shared-memory barriers (mbarrier) it signals:
-// the load path of the warp-specialized Hopper kernels (matmul/matmul_tma_sm90a.cuh). One
+// the load path of the warp-specialized Hopper kernels (stage_ring_sm90a.cuh). One
 // thread asks the TMA for a whole tile (cp.async.bulk.tensor); the copy engine fetches it,
 // writes it into shared memory in the 128-byte swizzle that wgmma's descriptors read
 // (tiles_sm90a.cuh: the same layout load_swizzled_tile writes), zero-fills what lies
@@ -37,7 +37,8 @@ struct TileMapShape {
 // strides that are multiples of 16 bytes, coordinates that fit in int32).
 inline bool tile_map_fits(const TileMapShape& s) {
   const int64_t kMaxCoordinate = (int64_t{1} << 31) - 512;
-  return reinterpret_cast<uintptr_t>(s.base) % 16 == 0 && (s.outer_stride * s.element_bytes) % 16 == 0 &&
+  return reinterpret_cast<uintptr_t>(s.base) % 16 == 0 &&
+         (s.outer_stride * s.element_bytes) % 16 == 0 &&
          (s.batch_stride * s.element_bytes) % 16 == 0 && s.inner > 0 && s.outer > 0 &&
          s.batches > 0 && s.inner < kMaxCoordinate && s.outer < kMaxCoordinate &&
          s.batches < kMaxCoordinate && s.box_outer > 0 && s.box_outer <= 256;
@@ -98,7 +99,8 @@ inline bool encode_tile_map(CUtensorMap* map, const TileMapShape& s) {
 // An mbarrier completes a phase when `count` arrivals and every byte it was told to expect
 // (arrive_expect_tx) have come; waiters name the phase by its parity.
 __device__ __forceinline__ void mbarrier_init(uint64_t* barrier, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(barrier)), "r"(count)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(barrier)),
+               "r"(count)
                : "memory");
 }
 // Makes the initialised barriers visible to the other threads and to the TMA (the async

@@ -201,17 +201,10 @@ __global__ void __launch_bounds__(kThreads) scaled_gemm_kernel(const ScaledGemmP
 
 // ---- TMA-fed, warp-specialized, persistent (as matmul/matmul_tma_sm90a.cuh) ----------------
 
-constexpr int kTmaConsumers = 2;  // warpgroups of 64 output rows, and a producer warpgroup
-constexpr int kTmaThreads = (kTmaConsumers + 1) * 128;
-
-// 7 stages of 32 KiB at 128 wide, 4 of 48 KiB at 256, with their two mbarriers each.
+// The stage sizes of the ring (a 128-deep K step of fp8 is one 128-byte row).
 template <int kBlockN>
-struct TmaTiling {
-  static constexpr int kTileBytesB = kBlockN * kBlockK;
-  static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
-  static constexpr int kStages = kBlockN == 128 ? 7 : 4;
-  static constexpr int kSmemBytes = kStages * (kStageBytes + 2 * 8) + 1024;
-};
+using TmaTiling = RingTiling<kBlockN>;
+static_assert(TmaTiling<128>::kTileBytesA == kTileBytesA, "the cp.async kernel's stage layout");
 
 // The kernel's one parameter, __grid_constant__ (the TMA reads the tile maps in place).
 struct TmaArguments {
@@ -220,7 +213,7 @@ struct TmaArguments {
 };
 
 template <typename A, typename B, int kBlockN, bool kBlockScaled>
-__global__ void __launch_bounds__(kTmaThreads, 1)
+__global__ void __launch_bounds__(kRingThreads, 1)
     scaled_gemm_tma_kernel(const __grid_constant__ TmaArguments args) {
   static_assert(!kBlockScaled || kBlockN == 128, "per-block scales: 128-wide tiles");
   using Tiles = TmaTiling<kBlockN>;
@@ -229,7 +222,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   uint8_t* smem_b = smem_a + Tiles::kStages * kTileBytesA;
   StageRing<Tiles::kStages> ring(
       reinterpret_cast<uint64_t*>(smem_b + Tiles::kStages * Tiles::kTileBytesB));
-  if (threadIdx.x == 0) ring.init(kTmaConsumers * 4);
+  if (threadIdx.x == 0) ring.init(kRingConsumerWarps);
   __syncthreads();
 
   const ScaledGemmParams& p = args.params;
@@ -237,7 +230,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   const int k_tiles = static_cast<int>((p.k + kBlockK - 1) / kBlockK);
 
   if (threadIdx.x < 128) {  // the producer warpgroup; one thread issues
-    warpgroup_release_registers<40>();
+    warpgroup_release_registers<kProducerRegisters>();
     if (threadIdx.x != 0) return;
     prefetch_tile_map(&args.map_a);
     prefetch_tile_map(&args.map_b);
@@ -257,7 +250,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     return;
   }
 
-  warpgroup_claim_registers<232>();  // 40 + 2 x 232: as the matmul's
+  warpgroup_claim_registers<kConsumerRegisters>();
   const int consumer = threadIdx.x / 128 - 1;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     int64_t block_m0, block_n0;
@@ -318,7 +311,7 @@ bool launch_tma(const ScaledGemmParams& p, cudaStream_t stream, cudaError_t* err
   }
   if (*error != cudaSuccess) return true;
   const int64_t tiles = ((p.m + kBlockM - 1) / kBlockM) * ((p.n + kBlockN - 1) / kBlockN);
-  kernel<<<static_cast<unsigned>(tiles < sms ? tiles : sms), kTmaThreads, kSmemBytes, stream>>>(
+  kernel<<<static_cast<unsigned>(tiles < sms ? tiles : sms), kRingThreads, kSmemBytes, stream>>>(
       args);
   *error = cudaGetLastError();
   return true;

@@ -30,23 +30,10 @@ using matmul_sm90a::kBlockM;
 using matmul_sm90a::kGroupM;
 using matmul_sm90a::kTileBytesA;
 
-constexpr int kConsumers = 2;                    // warpgroups of 64 output rows
-constexpr int kThreads = (kConsumers + 1) * 128;  // and the producer's
-constexpr int kConsumerWarps = kConsumers * 4;
-// setmaxnreg: 40 + 2 x 232 registers a thread keep the block within the SM's 64 Ki.
-constexpr int kProducerRegisters = 40;
-constexpr int kConsumerRegisters = 232;
-
-// Stages of 64 K in the 227 KiB of shared memory, after the 1024 bytes of alignment slack
-// and two 8-byte mbarriers a stage: 128 wide, 7 of 32 KiB; 256 wide, 4 of 48 KiB.
+// The stage sizes of the ring (a 64-deep K step of 16-bit elements is one 128-byte row).
 template <int kBlockN>
-struct Tiling {
-  static_assert(kBlockN == 128 || kBlockN == 256, "tile widths: 128 and 256");
-  static constexpr int kTileBytesB = kBlockN * kBlockK * 2;
-  static constexpr int kStageBytes = kTileBytesA + kTileBytesB;
-  static constexpr int kStages = kBlockN == 128 ? 7 : 4;
-  static constexpr int kSmemBytes = kStages * (kStageBytes + 2 * 8) + 1024;
-};
+using Tiling = RingTiling<kBlockN>;
+static_assert(Tiling<128>::kTileBytesA == kTileBytesA, "the cp.async kernel's stage layout");
 
 // The kernel's one parameter, __grid_constant__: the tile maps must stay in parameter
 // space for the TMA to read them there.
@@ -65,13 +52,13 @@ __device__ __forceinline__ TilePlace place_tile(const MatmulParams& p, int64_t t
                                                 int64_t tiles_per_matrix) {
   TilePlace place;
   place.z = tile / tiles_per_matrix;
-  grouped_block_tile<kBlockM, kBlockN, kGroupM>(p.m, p.n, static_cast<int>(tile % tiles_per_matrix),
-                                                place.m0, place.n0);
+  const int within = static_cast<int>(tile % tiles_per_matrix);
+  grouped_block_tile<kBlockM, kBlockN, kGroupM>(p.m, p.n, within, place.m0, place.n0);
   return place;
 }
 
 template <typename T, typename OutT, int kBlockN, bool kMnMajorA, bool kMnMajorB>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kRingThreads, 1)
     matmul_tma_kernel(const __grid_constant__ Arguments args) {
   using Tiles = Tiling<kBlockN>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
@@ -80,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   StageRing<Tiles::kStages> ring(
       reinterpret_cast<uint64_t*>(smem_b + Tiles::kStages * Tiles::kTileBytesB));
-  if (threadIdx.x == 0) ring.init(kConsumerWarps);
+  if (threadIdx.x == 0) ring.init(kRingConsumerWarps);
   __syncthreads();
 
   const MatmulParams& p = args.params;
@@ -187,7 +174,7 @@ cudaError_t launch(const Arguments& args, cudaStream_t stream) {
   }
   if (err != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>(tiles < sms ? tiles : sms);
-  kernel<<<blocks, kThreads, kSmemBytes, stream>>>(args);
+  kernel<<<blocks, kRingThreads, kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -5,8 +5,8 @@
 #include "../../csrc/fp8/scaled_gemm_sm90a.cuh"
 
 namespace tilesmith::fp8_sm90a {
-// The kernel's `extern __shared__` buffer, aligned as the GPU's shared window is.
-// The larger of each kernel's two tile widths.
+// The kernels' `extern __shared__` buffer, aligned as the GPU's shared window is: the
+// largest any of them asks for.
 alignas(1024) unsigned char shared_bytes[std::max(Tiling<256>::kSmemBytes,
                                                   std::max(TmaTiling<128>::kSmemBytes,
                                                            TmaTiling<256>::kSmemBytes))];
@@ -35,7 +35,7 @@ std::string launch(const ScaledGemmParams& p, int blocks,
   if (blocks == 0) return launch<A, B, kBlockN, kBlockScaled>(p, std::move(buffers));
   f8::TmaArguments args;
   if (!f8::describe_operands<kBlockN>(p, args)) return "no tile map";
-  return tilesmith_emu::launch(dim3(blocks), dim3(f8::kTmaThreads),
+  return tilesmith_emu::launch(dim3(blocks), dim3(tilesmith::kRingThreads),
                                f8::TmaTiling<kBlockN>::kSmemBytes, f8::shared_bytes,
                                std::move(buffers), [&] {
                                  f8::scaled_gemm_tma_kernel<A, B, kBlockN, kBlockScaled>(args);

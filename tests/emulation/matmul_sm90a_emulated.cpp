@@ -57,8 +57,9 @@ namespace tma = tilesmith::matmul_tma_sm90a;
 template <typename T, typename OutT, int kBlockN, bool kMnMajorA, bool kMnMajorB>
 std::string launch_tma(const tma::Arguments& args, int blocks,
                        std::vector<tilesmith_emu::Buffer> buffers) {
-  return tilesmith_emu::launch(dim3(blocks), dim3(tma::kThreads), tma::Tiling<kBlockN>::kSmemBytes,
-                               tma::shared_bytes, std::move(buffers), [&args] {
+  return tilesmith_emu::launch(dim3(blocks), dim3(tilesmith::kRingThreads),
+                               tma::Tiling<kBlockN>::kSmemBytes, tma::shared_bytes,
+                               std::move(buffers), [&args] {
                                  tma::matmul_tma_kernel<T, OutT, kBlockN, kMnMajorA, kMnMajorB>(
                                      args);
                                });

@@ -238,9 +238,12 @@ inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, 
           std::memset(out, 0, s.element_bytes);
           continue;
         }
-        const unsigned char* src = static_cast<const unsigned char*>(s.base) +
-                                   (batch * s.batch_stride + y * s.outer_stride + x) * s.element_bytes;
-        if (!in_global(src, s.element_bytes)) return "TMA: reads " + hex(src) + " outside every buffer";
+        const unsigned char* src =
+            static_cast<const unsigned char*>(s.base) +
+            (batch * s.batch_stride + y * s.outer_stride + x) * s.element_bytes;
+        if (!in_global(src, s.element_bytes)) {
+          return "TMA: reads " + hex(src) + " outside every buffer";
+        }
         std::memcpy(out, src, s.element_bytes);
       }
     }
