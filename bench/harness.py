@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
+import os
 import platform
 import subprocess
 import time
@@ -67,6 +68,8 @@ def environment() -> dict:
         "dirty": bool(_run(["git", "-C", str(ROOT), "status", "--porcelain",
                             "--untracked-files=no"])),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # "0" where the TMA kernels were turned off (tools/gpu_report.sh after a failed probe)
+        "tilesmith_tma_kernels": os.environ.get("TILESMITH_TMA_KERNELS", "1"),
     }
     if torch.cuda.is_available():
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

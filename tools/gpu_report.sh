@@ -2,11 +2,11 @@
 # make gpu-report OUT_DIR=DIR, on a GPU machine with no network: uses the python3 there
 # and its torch/triton, installs nothing. Builds the extensions in place, runs every CUDA
 # kernel once, the whole test suite on the GPU, the benchmarks and the examples, and leaves
-# in DIR: report.md, results.json, pytest.log, logs.txt (nvidia-smi, build, CUDA smoke run,
-# bench output), matmul.png, attention.png, cifar_resnet.png, gpt_char.png: the 8 files the
-# device tool brings back (the examples' curves are in results.json too). Each stage has its
-# own time limit so that the whole fits in 10 minutes and a hang in one stage still leaves
-# the others' files.
+# in DIR: report.md, results.json, pytest.log, logs.txt (nvidia-smi, build, TMA probe,
+# CUDA smoke run, bench output), matmul.png, attention.png, cifar_resnet.png, gpt_char.png:
+# the 8 files the device tool brings back (the examples' curves are in results.json too).
+# Each stage has its own time limit so that the whole fits in 10 minutes and a hang in one
+# stage still leaves the others' files.
 set -uo pipefail
 OUT=${1:-bench/out}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,6 +28,19 @@ capped() { if (($1 > 215)); then echo 215; elif (($1 < 10)); then echo 10; else 
 start=$SECONDS
 timeout 150 "$PY" setup.py build_ext --inplace > "$RAW/build.log" 2>&1
 echo "build: rc=$? in $((SECONDS - start)) s" | tee -a "$RAW/build.log"
+
+# The TMA-fed kernels (matmul/gemm, scaled_gemm; matmul_tma_sm90a.cuh) alone, in a process
+# of their own: if they fail or hang, every later stage runs with TILESMITH_TMA_KERNELS=0
+# (the cp.async wgmma kernels), so that they cannot take the rest of the report down.
+start=$SECONDS
+timeout -k 5 30 "$PY" tools/sanitize_cuda.py --tma-probe > "$RAW/tma_probe.log" 2>&1
+rc=$?
+echo "tma probe: rc=$rc in $((SECONDS - start)) s" | tee -a "$RAW/tma_probe.log"
+if ((rc != 0)); then
+  export TILESMITH_TMA_KERNELS=0
+  echo "TMA kernels OFF for the rest of this report (TILESMITH_TMA_KERNELS=0)" \
+    | tee -a "$RAW/tma_probe.log"
+fi
 
 # Every CUDA kernel once, results checked (tools/sanitize_cuda.py): the first word on
 # kernels that have never run, in seconds, before a failing kernel can poison the suite.
@@ -56,7 +69,7 @@ timeout -s INT -k 15 "$limit" "$PY" -m bench.run --quick --out "$OUT" \
   --pytest-log "$OUT/pytest.log" --build-log "$RAW/build.log" > "$RAW/bench.log" 2>&1
 echo "bench: rc=$? in $((SECONDS - start)) s (limit $limit s)" | tee -a "$RAW/bench.log"
 for f in "$OUT"/*.json; do [ "$(basename "$f")" = results.json ] || mv "$f" "$RAW/"; done
-for f in nvidia-smi.txt build.log cuda_smoke.log bench.log; do
+for f in nvidia-smi.txt build.log tma_probe.log cuda_smoke.log bench.log; do
   echo "===== $f"; cat "$RAW/$f"
 done > "$OUT/logs.txt"
 tail -40 "$RAW/bench.log"

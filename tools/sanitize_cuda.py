@@ -2,7 +2,8 @@
 checked against PyTorch: the workload tools/sanitize.sh runs under compute-sanitizer
 (memcheck, racecheck, synccheck). Small on purpose: racecheck slows kernels a thousandfold.
 
-    python tools/sanitize_cuda.py      (exit 1 if any result is off)
+    python tools/sanitize_cuda.py               (exit 1 if any result is off)
+    python tools/sanitize_cuda.py --tma-probe   (the TMA-fed kernels only)
 """
 
 from __future__ import annotations
@@ -33,15 +34,12 @@ def check_exact(name, same):
         FAILURES.append(name)
 
 
-def main() -> int:
-    torch.manual_seed(0)
+def check_matmul(kernel_sets):
+    """matmul in the four layouts (rows of 8-element multiples: 128- and 256-wide wgmma
+    tiles) and a batch with b broadcast (the TMA's batch coordinate, a persistent block
+    walking tiles of both entries), under hopper_kernels(**kernels) for each set."""
     dev, bf16 = "cuda", torch.bfloat16
-
-    # matmul / gemm: the four layouts, odd sizes, a misaligned view (element-wise loads); on
-    # an H100 on each wgmma kernel (TMA and cp.async; rows of 8-element multiples: 128- and
-    # 256-wide tiles) and on the sm_80 ones. A batch with b broadcast (the TMA's batch
-    # coordinate, and a persistent block that walks tiles of both entries).
-    for kernels in ({}, {"tma": False}, {"enabled": False}):
+    for kernels in kernel_sets:
         label = ",".join(f"{key}={value}" for key, value in kernels.items()) or "default"
         for ta in (False, True):
             for tb in (False, True):
@@ -58,6 +56,55 @@ def main() -> int:
         with tilesmith.backend.hopper_kernels(**kernels):
             out = tilesmith.ops.matmul(a, b, backend="cuda")
         check(f"matmul {label} batch of 3, b broadcast", out, a.double() @ b.double())
+
+
+def check_scaled_gemm(kernel_sets):
+    """scaled_gemm (sm_90a only) with row-wise and per-block scales, n = 200 (128-wide tiles)
+    and 264 (256-wide where the scales allow), under hopper_kernels(**kernels) for each set."""
+    quant = testing.quantize_fp8_reference
+    a = torch.randn(130, 272, device="cuda")
+    for kernels in kernel_sets:
+        label = ",".join(f"{key}={value}" for key, value in kernels.items()) or "default"
+        for n in (200, 264):
+            w = torch.randn(n, 272, device="cuda")
+            for granularity in ("row", "block"):
+                if granularity == "row":
+                    qa, sa = quant(a, torch.float8_e4m3fn, "row")
+                    qw, sw = quant(w, torch.float8_e4m3fn, "row")
+                else:
+                    qa, sa = quant(a, torch.float8_e4m3fn, "block", 1, 128)
+                    qw, sw = quant(w, torch.float8_e4m3fn, "block2d", 128, 128)
+                with tilesmith.backend.hopper_kernels(**kernels):
+                    out = tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sw.t(),
+                                                    out_dtype=torch.float32, backend="cuda")
+                check(f"scaled_gemm {label} {granularity} n={n}", out,
+                      testing.scaled_gemm_reference(qa, qw.t(), sa, sw.t()), bar=1e-5)
+
+
+def fp8_runs_here() -> bool:
+    return tilesmith.backend.unavailable_reason("cuda", "fp8", torch.device("cuda"),
+                                                torch.float8_e4m3fn) is None
+
+
+def probe_tma_kernels() -> int:
+    """The TMA kernels alone, at their defaults (tools/gpu_report.sh runs this first, in a
+    process of its own, and runs the rest with the TMA kernels off if it fails or hangs)."""
+    torch.manual_seed(0)
+    check_matmul(({},))
+    if fp8_runs_here():
+        check_scaled_gemm(({},))
+    torch.cuda.synchronize()
+    print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all ok")
+    return 1 if FAILURES else 0
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+
+    # matmul / gemm: the four layouts, odd sizes, a misaligned view (element-wise loads); on
+    # an H100 on each wgmma kernel (TMA and cp.async) and on the sm_80 ones.
+    check_matmul(({}, {"tma": False}, {"enabled": False}))
     base = torch.randn(33 * 24 + 1, device=dev, dtype=torch.float16)
     a = base[1:].view(33, 24)
     b = torch.randn(24, 17, device=dev, dtype=torch.float16)
@@ -180,23 +227,12 @@ def main() -> int:
             for name, got, want in zip(("dx", "dw", "dbias"), grads, ref_grads):
                 check(f"{label} {name}", got, want, bar=5e-2)
 
-    # FP8 scaled GEMM (sm_90a only): row-wise and per-block scales.
-    if tilesmith.backend.unavailable_reason("cuda", "fp8", torch.device(dev),
-                                            torch.float8_e4m3fn) is None:
+    # FP8 scaled GEMM (sm_90a only): on the TMA and the cp.async kernels.
+    if fp8_runs_here():
         quant = testing.quantize_fp8_reference
         a = torch.randn(130, 272, device=dev)
         w = torch.randn(200, 272, device=dev)
-        for granularity in ("row", "block"):
-            if granularity == "row":
-                qa, sa = quant(a, torch.float8_e4m3fn, "row")
-                qw, sw = quant(w, torch.float8_e4m3fn, "row")
-            else:
-                qa, sa = quant(a, torch.float8_e4m3fn, "block", 1, 128)
-                qw, sw = quant(w, torch.float8_e4m3fn, "block2d", 128, 128)
-            out = tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sw.t(), out_dtype=torch.float32,
-                                            backend="cuda")
-            check(f"scaled_gemm {granularity}", out,
-                  testing.scaled_gemm_reference(qa, qw.t(), sa, sw.t()), bar=1e-5)
+        check_scaled_gemm(({}, {"tma": False}))
         # quantize_fp8, bit-exact, on rows of 16-byte loads, an odd k (element loads), a
         # transposed view copied first and one read in place (16-byte aligned columns);
         # scaled_gemm on a k the op pads.
@@ -238,4 +274,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(probe_tma_kernels() if sys.argv[1:] == ["--tma-probe"] else main())

@@ -123,11 +123,14 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* barrier, uin
 }
 // Waits until the phase of parity `parity` has completed (a fresh barrier counts the phase
 // before its first, parity 1, as completed). try_wait suspends the thread for a while in
-// hardware before it answers false; a barrier still open after ~2^26 answers (tens of
-// seconds) is a deadlock, which traps: a launch error instead of a hung process.
+// hardware before it answers false. A phase still open 10 s after the first false answer
+// is a deadlock (every legitimate wait here is microseconds): it traps, so that a broken
+// kernel ends in a launch error instead of a hung process.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
+  constexpr uint64_t kDeadlockNanoseconds = 10'000'000'000ull;
   const uint32_t address = shared_address(barrier);
-  for (uint32_t tries = 0;; ++tries) {
+  uint64_t first_miss = 0;
+  for (;;) {
     uint32_t done;
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
@@ -136,7 +139,13 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity
         : "r"(address), "r"(parity)
         : "memory");
     if (done) return;
-    if (tries == (1u << 26)) __trap();
+    uint64_t now;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+    if (first_miss == 0) {
+      first_miss = now;
+    } else if (now - first_miss > kDeadlockNanoseconds) {
+      __trap();
+    }
   }
 }
 

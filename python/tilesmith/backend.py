@@ -112,7 +112,12 @@ _C, _C_ERROR = _load_extension("_C")
 _C_SM90A, _C_SM90A_ERROR = _load_extension("_C_sm90a")
 
 
-def _install_hopper_kernels(enabled: bool, tma: bool = True) -> None:
+# TILESMITH_TMA_KERNELS=0: the cp.async wgmma kernels by default (tools/gpu_report.sh sets it
+# when the TMA kernels fail their probe, so that the rest of a GPU run still reports).
+_TMA_DEFAULT = os.environ.get("TILESMITH_TMA_KERNELS", "1").strip() != "0"
+
+
+def _install_hopper_kernels(enabled: bool, tma: bool = _TMA_DEFAULT) -> None:
     if _C is not None:
         _C._set_hopper_kernels(_C_SM90A.hopper_kernels if enabled and _C_SM90A is not None
                                else None)
@@ -121,7 +126,7 @@ def _install_hopper_kernels(enabled: bool, tma: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def hopper_kernels(enabled: bool = True, *, tma: bool = True):
+def hopper_kernels(enabled: bool = True, *, tma: bool = _TMA_DEFAULT):
     """The cuda backend's matmul, gemm, conv2d and attention kernels in this block. On an
     H100/H200 they run on wgmma (tilesmith._C_sm90a, the default) wherever those kernels
     take the call (matmul: both operands readable 16 bytes at a time; attention: head dims
@@ -129,7 +134,8 @@ def hopper_kernels(enabled: bool = True, *, tma: bool = True):
     otherwise; ``hopper_kernels(False)`` runs the sm_80 kernels for every call. matmul,
     gemm and scaled_gemm on wgmma load their tiles with the TMA in warp-specialized kernels
     where the TMA can read the operands; ``hopper_kernels(tma=False)`` runs their cp.async
-    wgmma kernels instead. For tests and benchmarks of each kernel; process-wide, not
+    wgmma kernels instead (and so does every call with TILESMITH_TMA_KERNELS=0 in the
+    environment at import). For tests and benchmarks of each kernel; process-wide, not
     thread-safe."""
     _install_hopper_kernels(enabled, tma)
     try:
