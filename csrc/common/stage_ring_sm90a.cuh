@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "tiles_sm90a.cuh"  // aligned_shared
 #include "tma_sm90a.cuh"
 #include "wgmma_sm90a.cuh"
 
@@ -16,7 +17,10 @@ namespace tilesmith {
 
 // The block both kernels use: a producer warpgroup and two consumer warpgroups of 64 output
 // rows each. setmaxnreg moves registers from the producer to the consumers: 40 + 2 x 232 a
-// thread fill the SM's 64 Ki exactly as the 168 of the launch (384 x 168) do.
+// thread fill the SM's 64 Ki exactly as the 168 of the launch (384 x 168) do. ptxas honours
+// it only where the two roles' code never merges again: the producer's branch must end in
+// a return (a role-returning helper whose callers re-converge made ptxas drop both
+// setmaxnreg, silently; tests/test_build.py counts them in the SASS).
 constexpr int kRingConsumers = 2;
 constexpr int kRingThreads = (kRingConsumers + 1) * 128;
 constexpr int kRingConsumerWarps = kRingConsumers * 4;
@@ -80,6 +84,31 @@ struct StageRing {
   __device__ __forceinline__ void release(int s) const {
     __syncwarp();
     if (threadIdx.x % 32 == 0) mbarrier_arrive(&empty[s]);
+  }
+};
+
+// A block's shared memory for the ring: kStages tiles of a, then kStages of b, then the
+// barriers (1024-byte aligned from the dynamic shared memory's start). Made by every thread;
+// thread 0 initialises the barriers and a __syncthreads publishes them.
+template <int kBlockN>
+struct RingSharedMemory {
+  using Tiles = RingTiling<kBlockN>;
+  uint8_t* a;
+  uint8_t* b;
+  StageRing<Tiles::kStages> ring;
+
+  __device__ __forceinline__ explicit RingSharedMemory(unsigned char* shared_bytes)
+      : a(aligned_shared(shared_bytes)),
+        b(a + Tiles::kStages * Tiles::kTileBytesA),
+        ring(reinterpret_cast<uint64_t*>(b + Tiles::kStages * Tiles::kTileBytesB)) {
+    if (threadIdx.x == 0) ring.init(kRingConsumerWarps);
+    __syncthreads();
+  }
+  __device__ __forceinline__ uint8_t* a_stage(int stage) const {
+    return a + stage * Tiles::kTileBytesA;
+  }
+  __device__ __forceinline__ uint8_t* b_stage(int stage) const {
+    return b + stage * Tiles::kTileBytesB;
   }
 };
 

@@ -218,12 +218,8 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   static_assert(!kBlockScaled || kBlockN == 128, "per-block scales: 128-wide tiles");
   using Tiles = TmaTiling<kBlockN>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint8_t* smem_a = aligned_shared(shared_bytes);
-  uint8_t* smem_b = smem_a + Tiles::kStages * kTileBytesA;
-  StageRing<Tiles::kStages> ring(
-      reinterpret_cast<uint64_t*>(smem_b + Tiles::kStages * Tiles::kTileBytesB));
-  if (threadIdx.x == 0) ring.init(kRingConsumerWarps);
-  __syncthreads();
+  RingSharedMemory<kBlockN> smem(shared_bytes);
+  auto& ring = smem.ring;
 
   const ScaledGemmParams& p = args.params;
   const int64_t tiles = ((p.m + kBlockM - 1) / kBlockM) * ((p.n + kBlockN - 1) / kBlockN);
@@ -241,9 +237,9 @@ __global__ void __launch_bounds__(kRingThreads, 1)
       for (int kt = 0; kt < k_tiles; ++kt, ring.advance()) {
         uint64_t* landed = ring.acquire(Tiles::kStageBytes);
         const int k0 = kt * kBlockK;
-        tma_load_tile(smem_a + ring.stage * kTileBytesA, &args.map_a, landed, k0,
+        tma_load_tile(smem.a_stage(ring.stage), &args.map_a, landed, k0,
                       static_cast<int>(block_m0), 0);
-        tma_load_tile(smem_b + ring.stage * Tiles::kTileBytesB, &args.map_b, landed, k0,
+        tma_load_tile(smem.b_stage(ring.stage), &args.map_b, landed, k0,
                       static_cast<int>(block_n0), 0);
       }
     }
@@ -263,8 +259,8 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     for (int i = 0; i < kBlockN / 2; ++i) d.acc[i] = 0.0f;
     consume_steps(ring, k_tiles, [&](int stage, int kt) {
       k_step<A, B, kBlockN, kBlockScaled>(
-          d, shared_address(smem_a + stage * kTileBytesA + consumer * 64 * kSwizzleRowBytes),
-          shared_address(smem_b + stage * Tiles::kTileBytesB), p, kt, rows, block_n0);
+          d, shared_address(smem.a_stage(stage) + consumer * 64 * kSwizzleRowBytes),
+          shared_address(smem.b_stage(stage)), p, kt, rows, block_n0);
     });
     fence_registers(d.acc);  // read only after the last wait
     store_output<kBlockN, kBlockScaled>(d.acc, p, rows, block_n0);

@@ -62,13 +62,8 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     matmul_tma_kernel(const __grid_constant__ Arguments args) {
   using Tiles = Tiling<kBlockN>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint8_t* smem_a = aligned_shared(shared_bytes);
-  uint8_t* smem_b = smem_a + Tiles::kStages * kTileBytesA;
-
-  StageRing<Tiles::kStages> ring(
-      reinterpret_cast<uint64_t*>(smem_b + Tiles::kStages * Tiles::kTileBytesB));
-  if (threadIdx.x == 0) ring.init(kRingConsumerWarps);
-  __syncthreads();
+  RingSharedMemory<kBlockN> smem(shared_bytes);
+  auto& ring = smem.ring;
 
   const MatmulParams& p = args.params;
   const int64_t tiles_per_matrix =
@@ -88,8 +83,8 @@ __global__ void __launch_bounds__(kRingThreads, 1)
       const int m0 = static_cast<int>(at.m0), n0 = static_cast<int>(at.n0);
       for (int kt = 0; kt < k_tiles; ++kt, ring.advance()) {
         uint64_t* landed = ring.acquire(Tiles::kStageBytes);  // whole boxes, zero-filled too
-        uint8_t* sa = smem_a + ring.stage * kTileBytesA;
-        uint8_t* sb = smem_b + ring.stage * Tiles::kTileBytesB;
+        uint8_t* sa = smem.a_stage(ring.stage);
+        uint8_t* sb = smem.b_stage(ring.stage);
         const int k0 = kt * kBlockK;
         // Boxes of 64 elements x rows: the stage layouts of matmul_sm90a.cuh.
         constexpr int kMnBlockBytes = kBlockK * kSwizzleRowBytes;
@@ -122,8 +117,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
     consume_steps(ring, k_tiles, [&](int stage, int) {
       matmul_sm90a::issue_step<T, kBlockN, kMnMajorA, kMnMajorB>(
-          acc, shared_address(smem_a + stage * kTileBytesA) + a_offset,
-          shared_address(smem_b + stage * Tiles::kTileBytesB));
+          acc, shared_address(smem.a_stage(stage)) + a_offset, shared_address(smem.b_stage(stage)));
       wgmma_wait<1>();  // step kt - 1 retired: consume_steps frees its stage
     });
     fence_registers(acc);  // read only after the last wait
