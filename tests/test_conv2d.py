@@ -100,6 +100,34 @@ def test_hopper_forward_and_backward_run_on_wgmma():
     assert "conv2d_sm90a" not in names, names
 
 
+@requires_gpu
+@pytest.mark.parametrize("backend,memory_format", [
+    ("cuda", torch.contiguous_format), ("cuda", torch.channels_last),
+    ("triton", torch.channels_last)], ids=["cuda-nchw", "cuda-channels_last", "triton"])
+def test_pointwise_convolution_runs_on_the_gemm_kernels(backend, memory_format):
+    """A 1x1 convolution with stride 1 and no padding is a GEMM over the pixels: the cuda
+    backend runs its forward, dgrad and wgrad on the matmul kernels, triton its forward and
+    dgrad on the gemm kernel (its wgrad on conv2d's, which splits the pixels)."""
+    if backend not in tilesmith.available_backends("conv2d"):
+        pytest.skip(f"the {backend} backend is not available here")
+    x = torch.randn(2, 16, 9, 9, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=memory_format).requires_grad_(True)
+    w = torch.randn(32, 16, 1, 1, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gemm = "matmul" if backend == "cuda" else "gemm_kernel"
+
+    def forward():
+        return tilesmith.ops.conv2d(x, w, backend=backend, activation="relu")
+
+    names = cuda_kernel_names(forward)
+    assert gemm in names and "conv2d_fwd_kernel" not in names, names
+    out = forward()
+    names = cuda_kernel_names(lambda: out.sum().backward())
+    assert gemm in names and "conv2d_dgrad_kernel" not in names, names
+    assert ("conv2d_wgrad_kernel" in names) == (backend == "triton"), names
+    padded = lambda: tilesmith.ops.conv2d(x, w, padding=1, backend=backend)  # noqa: E731
+    assert "conv2d_fwd_kernel" in cuda_kernel_names(padded)
+
+
 @requires_hopper_kernels
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
@@ -126,6 +154,25 @@ def test_gradcheck_float64(backend, case):
     def f(x, w, b):
         return tilesmith.ops.conv2d(x, w, b, backend=backend, **case)
 
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))
+def test_pointwise_channels_last_gradcheck(backend):
+    """A channels-last 1x1 convolution with stride 1: on triton its forward and dgrad run on
+    the gemm kernel (a GEMM over the pixels), through the fused activation."""
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+    x = r(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = r(4, 3, 1, 1).requires_grad_(), r(4).requires_grad_()
+
+    def f(x, w, b):
+        return tilesmith.ops.conv2d(x, w, b, activation="gelu", backend=backend)
+
+    assert f(x, w, b).is_contiguous(memory_format=torch.channels_last)
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 

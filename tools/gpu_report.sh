@@ -51,13 +51,18 @@ echo "cuda smoke: rc=$? in $((SECONDS - start)) s" | tee -a "$RAW/cuda_smoke.log
 # One autotune config per kernel in the test run (hundreds of dtype x layout x config
 # compilations otherwise); every config is still checked by test_every_autotune_config.
 # pytest-xdist, where installed, spreads the Triton compilations over the CPU cores.
+# tests/test_cuda_emulated.py runs the CUDA kernels on the CPU emulator: minutes of CPU
+# that check what this stage runs for real (and that CI runs on every submission), so it
+# goes last: a run cut off at the limit has run the GPU tests.
 parallel=""
 "$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
 start=$SECONDS
 limit=$(capped $((($(seconds_left) - 30) / 2)))
 # SIGINT at the limit: pytest then still prints the summary of what it ran.
-TILESMITH_TRITON_AUTOTUNE=first timeout -s INT -k 15 "$limit" "$PY" -m pytest tests -q -rs \
-  $parallel -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+emulated=tests/test_cuda_emulated.py
+TILESMITH_TRITON_AUTOTUNE=first timeout -s INT -k 15 "$limit" "$PY" -m pytest -q -rs \
+  $(ls tests/test_*.py | grep -vx "$emulated") "$emulated" $parallel -p no:cacheprovider \
+  > "$OUT/pytest.log" 2>&1
 echo "tests: rc=$? in $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/pytest.log"
 tail -3 "$OUT/pytest.log"
 

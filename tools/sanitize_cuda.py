@@ -198,13 +198,14 @@ def main() -> int:
 
     # conv2d: 3x3 stride 2, 1x1, channels-last and NCHW, forward (fused) and backward; on
     # an H100 once on the wgmma kernels and once on the sm_80 ones (depthwise has its own).
-    # c=k=264: wgmma's 256-wide tiles in the forward, dgrad and wgrad; 2x2 stride 3: dgrad's
-    # phases reached by one tap and by none.
+    # c=k=264: wgmma's 256-wide tiles in the forward, dgrad and wgrad (the 1x1 ones: the
+    # matmul kernels'); 2x2 stride 3: dgrad's phases reached by one tap and by none.
     for hopper in (True, False):
         for (c, k, r, stride, pad, groups), channels_last in (((16, 24, 3, 2, 1, 1), True),
                                                               ((72, 136, 1, 1, 0, 1), False),
                                                               ((32, 48, 3, 1, 1, 2), True),
                                                               ((264, 264, 3, 1, 1, 1), True),
+                                                              ((264, 264, 1, 1, 0, 1), True),
                                                               ((16, 16, 2, 3, 1, 1), True),
                                                               ((24, 24, 5, 2, 2, 24), False)):
             x = torch.randn(2, c, 13, 11, device=dev, dtype=bf16)

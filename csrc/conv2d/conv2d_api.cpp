@@ -131,6 +131,60 @@ MatmulParams plain_output(void* data, int64_t rows, int64_t cols) {
   return out;
 }
 
+// A 1x1 convolution with stride 1, no padding and one group is a plain GEMM over the
+// channels-last pixels, (N*H*W, C) x (C, K), and its dgrad and wgrad are GEMMs too: all
+// three run on the matmul kernels (on Hopper the TMA-fed, persistent ones), which need no
+// per-row pixel arithmetic or padding checks.
+bool is_pointwise(const ConvParams& cp) {
+  return cp.kernel_h == 1 && cp.kernel_w == 1 && cp.stride_h == 1 && cp.stride_w == 1 &&
+         cp.pad_h == 0 && cp.pad_w == 0 && cp.groups == 1;
+}
+
+// An operand of a pointwise GEMM: element (row, col) at data + row * row_stride +
+// col * col_stride (elements), one of them 1.
+struct GemmOperand {
+  const void* data;
+  int64_t row_stride, col_stride;
+};
+
+// out (its output, batch and epilogue already set) = a @ b, a (m, k) and b (k, n), on the
+// current stream of `like`'s device.
+void launch_pointwise(MatmulParams out, GemmOperand a, GemmOperand b, int64_t k,
+                      const at::Tensor& like) {
+  out.a = a.data;
+  out.a_row_stride = a.row_stride;
+  out.a_col_stride = a.col_stride;
+  out.b = b.data;
+  out.b_row_stride = b.row_stride;
+  out.b_col_stride = b.col_stride;
+  out.k = k;
+  launch_matmul(out, like);
+}
+
+// A pointwise convolution's wgrad, split over its pixels: partial[z] (`out`: fp32, one
+// (K, C) matrix per split) = grad^T @ x over split z's `split_pixels` pixels, grad (pixels,
+// K) and x (pixels, C) channels-last. The splits that are full run as one batched GEMM, a
+// shorter last one as a GEMM of its own.
+void pointwise_wgrad(MatmulParams out, int64_t split_pixels, int64_t pixels,
+                     const at::Tensor& grad, const at::Tensor& x) {
+  const int64_t filters = out.m, channels = out.n, full = pixels / split_pixels;
+  const int64_t element_bytes = x.element_size();
+  const auto* grad_bytes = static_cast<const char*>(grad.data_ptr());
+  const auto* x_bytes = static_cast<const char*>(x.data_ptr());
+  auto splits_from = [&](int64_t first, int64_t count, int64_t k) {
+    MatmulParams part = out;
+    part.c = static_cast<float*>(out.c) + first * out.c_batch_stride;
+    part.batch = count;
+    part.a_batch_stride = split_pixels * filters;
+    part.b_batch_stride = split_pixels * channels;
+    const int64_t first_pixel = first * split_pixels;
+    launch_pointwise(part, {grad_bytes + first_pixel * filters * element_bytes, 1, filters},
+                     {x_bytes + first_pixel * channels * element_bytes, channels, 1}, k, x);
+  };
+  if (full > 0) splits_from(0, full, split_pixels);
+  if (pixels > full * split_pixels) splits_from(full, 1, pixels - full * split_pixels);
+}
+
 // Whether this call's conv2d kernels are the wgmma ones (tilesmith._C_sm90a, whose entries
 // take every call on a device of compute capability 9.0).
 bool runs_hopper_kernels(const at::Tensor& t) {
@@ -296,7 +350,11 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
     epilogue.pre = pre.data_ptr();
     epilogue.pre_row_stride = k;
   }
-  if (out.numel() > 0) {
+  if (out.numel() > 0 && is_pointwise(cp)) {
+    // The (K, C, 1, 1) channels-last weight is (K, C) row-major: b = its transpose in place.
+    const int64_t c = cp.channels;
+    launch_pointwise(epilogue, {x.data_ptr(), c, 1}, {weight.data_ptr(), 1, c}, c, x);
+  } else if (out.numel() > 0) {
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     const HopperKernels* hopper = hopper_kernels();
     cudaError_t error = cudaSuccess;
@@ -343,14 +401,18 @@ at::Tensor conv2d_dgrad_cuda(const at::Tensor& grad_in, const at::Tensor& weight
   if (dx.numel() > 0) {
     MatmulParams out = plain_output(dx.data_ptr(), n * h * w, c);
     out.n = cp.channels;  // one group's channels
-    const bool bf16 = grad.scalar_type() == at::kBFloat16;
-    const HopperKernels* hopper = hopper_kernels();
-    cudaError_t error = cudaSuccess;
-    if (hopper == nullptr || !hopper->conv2d_dgrad(cp, out, bf16, stream_of(grad), &error)) {
-      error = bf16 ? run_conv2d_dgrad_sm80_bf16(cp, out, stream_of(grad))
-                   : run_conv2d_dgrad_sm80_fp16(cp, out, stream_of(grad));
+    if (is_pointwise(cp)) {  // (N*H*W, K) grad times the (K, C) weight, both row-major
+      launch_pointwise(out, {grad.data_ptr(), k, 1}, {weight.data_ptr(), c, 1}, k, grad);
+    } else {
+      const bool bf16 = grad.scalar_type() == at::kBFloat16;
+      const HopperKernels* hopper = hopper_kernels();
+      cudaError_t error = cudaSuccess;
+      if (hopper == nullptr || !hopper->conv2d_dgrad(cp, out, bf16, stream_of(grad), &error)) {
+        error = bf16 ? run_conv2d_dgrad_sm80_bf16(cp, out, stream_of(grad))
+                     : run_conv2d_dgrad_sm80_fp16(cp, out, stream_of(grad));
+      }
+      TILESMITH_CHECK_LAUNCH(error);
     }
-    TILESMITH_CHECK_LAUNCH(error);
   }
   return want_channels_last ? dx : dx.contiguous();
 }
@@ -401,16 +463,20 @@ at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
     out.c_batch_stride = k * r * s * c;
     out.c_row_stride = r * s * c;
     out.out_fp32 = true;
-    const int split_count = static_cast<int>(splits);
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
-    const HopperKernels* hopper = hopper_kernels();
-    cudaError_t error = cudaSuccess;
-    if (hopper == nullptr ||
-        !hopper->conv2d_wgrad(cp, out, split_count, bf16, stream_of(x), &error)) {
-      error = bf16 ? run_conv2d_wgrad_sm80_bf16(cp, out, split_count, stream_of(x))
-                   : run_conv2d_wgrad_sm80_fp16(cp, out, split_count, stream_of(x));
+    if (is_pointwise(cp)) {
+      pointwise_wgrad(out, cp.split_pixels, pixels, grad, x);
+    } else {
+      const int split_count = static_cast<int>(splits);
+      const bool bf16 = x.scalar_type() == at::kBFloat16;
+      const HopperKernels* hopper = hopper_kernels();
+      cudaError_t error = cudaSuccess;
+      if (hopper == nullptr ||
+          !hopper->conv2d_wgrad(cp, out, split_count, bf16, stream_of(x), &error)) {
+        error = bf16 ? run_conv2d_wgrad_sm80_bf16(cp, out, split_count, stream_of(x))
+                     : run_conv2d_wgrad_sm80_fp16(cp, out, split_count, stream_of(x));
+      }
+      TILESMITH_CHECK_LAUNCH(error);
     }
-    TILESMITH_CHECK_LAUNCH(error);
   }
   // Splits summed in a fixed order (deterministic); (K, R, S, C) seen as (K, C, R, S).
   return partial.sum(0).view({k, r, s, c}).permute({0, 3, 1, 2}).to(x.scalar_type());

@@ -416,6 +416,11 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         case("c16_k24_k5_dilation2", 1, 16, 13, 11, 24, 5, dilation=2, padding=3),
         case("c8_batch1_odd33_channels_last", 1, 8, 33, 33, 16, 3, padding=1,
              channels_last=True),
+        # 1x1, stride 1, no padding: the cuda backend runs these on its matmul kernels.
+        case("pointwise_c16_k24_relu", 2, 16, 7, 9, 24, 1, activation="relu"),
+        # 1292 pixels: the cuda wgrad runs one full split of 704 and a shorter last one.
+        case("pointwise_c24_k8_gelu_no_bias_channels_last", 4, 24, 19, 17, 8, 1, bias=False,
+             activation="gelu", channels_last=True),
         case("groups2_c16_k32_stride2", 1, 16, 13, 13, 32, 3, groups=2, stride=2, padding=1,
              channels_last=True),
         case("depthwise_c16_k5_stride2_silu", 2, 16, 13, 11, 16, 5, groups=16, stride=2,
@@ -428,6 +433,8 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         samples += [
             case("resnet_3x3_64", 8, 64, 56, 56, 64, 3, padding=1, channels_last=True),
             case("resnet_1x1_256_stride2", 8, 256, 56, 56, 512, 1, stride=2, channels_last=True),
+            case("resnet_1x1_64_to_256_relu", 8, 64, 56, 56, 256, 1, channels_last=True,
+                 activation="relu"),
             case("resnet_7x7_stem", 4, 3, 224, 224, 64, 7, stride=2, padding=3,
                  channels_last=True, activation="relu"),
         ]

@@ -6,8 +6,11 @@ Layers: ``conv2d`` (validation, padding="same"/"valid", backend choice) ->
 need it), ``tilesmith::conv2d_{dgrad,wgrad}_{triton,cuda}`` and, through a fused activation,
 its derivative -> kernels/conv2d.py (Triton: groups, any channel count, fp32) or
 csrc/conv2d/ (CUDA: fp16/bf16, channel and filter counts per group multiples of 8, or
-depthwise with a multiple of 8 channels; channels-last, NCHW tensors are copied). Outputs
-and input gradients keep the input's memory format (NCHW or channels_last).
+depthwise with a multiple of 8 channels; channels-last, NCHW tensors are copied). A 1x1
+convolution with stride 1, no padding and one group is a GEMM over the pixels: the gemm
+kernels take it (triton: forward and dgrad of channels-last inputs; cuda: all three passes,
+in csrc/conv2d/conv2d_api.cpp). Outputs and input gradients keep the input's memory format
+(NCHW or channels_last).
 """
 
 from __future__ import annotations
@@ -78,6 +81,18 @@ def _is_depthwise(groups, channels, filters):
     return groups == channels == filters and groups > 1
 
 
+def _is_pointwise(weight_shape, stride, padding, groups):
+    """1x1, stride 1, no padding, one group: a GEMM over the pixels (dilation is moot)."""
+    return (tuple(weight_shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
+            and tuple(padding) == (0, 0) and groups == 1)
+
+
+def _pixels(t):
+    """A channels-last (N, C, H, W) tensor as its (N*H*W, C) matrix of pixels: a view."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(n * h * w, c)
+
+
 def _depthwise_blocks(channels):
     from tilesmith.kernels.matmul import INTERPRETING
 
@@ -126,6 +141,14 @@ def _conv2d_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             HAS_BIAS=bias is not None, STORE_PRE=save_pre, UPCAST=INTERPRETING,
             ACC_DTYPE=_acc_dtype(x), **blocks)
         return out, pre
+    if channels_last and _is_pointwise(weight.shape, stride, padding, groups):
+        # The channels-last pixels times the weight seen as (C, K): the gemm kernel, its
+        # tiles autotuned on the shape, with the same epilogue.
+        from .gemm import _gemm_launch
+
+        _gemm_launch(_pixels(x), weight.reshape(k, c).t(), _pixels(out), bias, None,
+                     _pixels(pre) if save_pre else None, activation, 1.0)
+        return out, pre
     blocks = _blocks(n * p * q, k // groups)
     grid = (triton.cdiv(n * p * q, blocks["BLOCK_M"]) * triton.cdiv(k // groups,
                                                                     blocks["BLOCK_N"]), groups)
@@ -164,6 +187,14 @@ def _conv2d_dgrad_triton(grad: torch.Tensor, weight: torch.Tensor, input_shape: 
             grad, weight, dx, n, c, h, w, p, q, r, s, *stride, *padding, *dilation,
             *_strides4(grad), weight.stride(0), weight.stride(2), weight.stride(3),
             *_strides4(dx), UPCAST=INTERPRETING, ACC_DTYPE=_acc_dtype(weight), **blocks)
+        return dx
+    if channels_last and _is_pointwise(weight.shape, stride, padding, groups):
+        # dx's pixels = grad's pixels (N*H*W, K) times the (K, C) weight: the gemm kernel.
+        from .gemm import _gemm_launch
+
+        pixels = grad.contiguous(memory_format=torch.channels_last)
+        _gemm_launch(_pixels(pixels), weight.reshape(k, c), _pixels(dx), None, None, None,
+                     "none", 1.0)
         return dx
     # One GEMM per phase of the stride (kernels/conv2d.py); the grid fits the largest.
     phases = stride[0] * stride[1]
