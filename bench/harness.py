@@ -139,8 +139,8 @@ def contenders(op: str, backends, device, dtype):
     """(label, backend, switches) for each of our backends that runs `op` here, to run under
     ``tilesmith.backend.hopper_kernels(**switches)``. On an H100 the cuda backend more than
     once: "cuda" (wgmma, what users get), "cuda-sm80" (the mma.sync kernels; not for
-    fp8) and, for matmul, gemm and fp8, "cuda-cp-async" (the wgmma kernels that load with
-    cp.async, not the TMA)."""
+    fp8) and, for matmul, gemm, fp8 and attention, "cuda-cp-async" (the wgmma kernels that
+    load with cp.async, not the TMA; attention: its forward)."""
     import tilesmith
 
     hopper_kernels_run = (torch.cuda.get_device_capability(device) == (9, 0)
@@ -153,7 +153,7 @@ def contenders(op: str, backends, device, dtype):
         if name == "cuda" and hopper_kernels_run:
             if op != "fp8":  # FP8 runs on sm_90a only
                 yield "cuda-sm80", "cuda", {"enabled": False}
-            if op in ("matmul", "gemm", "fp8"):
+            if op in ("matmul", "gemm", "fp8", "attention"):
                 yield "cuda-cp-async", "cuda", {"tma": False}
 
 

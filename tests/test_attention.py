@@ -118,8 +118,11 @@ HOPPER_MASKED_SHAPES = {
 }
 
 
-def _check_hopper_kernels(b, h, hk, sq, sk, d, causal, dtype, mask_shape=None, boolean=False):
-    """Output, lse and every gradient of one call on the wgmma kernels against float64."""
+def _check_hopper_kernels(b, h, hk, sq, sk, d, causal, dtype, mask_shape=None, boolean=False,
+                          tma=True):
+    """Output, lse and every gradient of one call on the wgmma kernels against float64: the
+    forward on its TMA-fed kernel where there is no mask (and `tma`), else on the cp.async
+    one."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(b, heads, s, d, generator=g).to(DEVICE, dtype).requires_grad_(True)
                for heads, s in ((h, sq), (hk, sk), (hk, sk)))
@@ -137,11 +140,16 @@ def _check_hopper_kernels(b, h, hk, sq, sk, d, causal, dtype, mask_shape=None, b
         kwargs["attn_mask"] = mask
 
     def forward_backward():
-        out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend="cuda", **kwargs)
-        return out, torch.autograd.grad(out, leaves, grad_out)
+        with tilesmith.backend.hopper_kernels(tma=tma and tilesmith.backend._TMA_DEFAULT):
+            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend="cuda", **kwargs)
+            return out, torch.autograd.grad(out, leaves, grad_out)
 
     names = cuda_kernel_names(forward_backward)
-    assert "attention_sm90a::attention_fwd_kernel" in names
+    tma_forward = "attention_tma_sm90a::attention_fwd_tma_kernel"
+    if tma and tilesmith.backend._TMA_DEFAULT and mask_shape is None:
+        assert tma_forward in names and "attention_sm90a::attention_fwd_kernel" not in names
+    else:
+        assert "attention_sm90a::attention_fwd_kernel" in names and tma_forward not in names
     assert "attention_sm90a::attention_bwd_dkdv_kernel" in names
     assert "attention_sm90a::attention_bwd_dq_kernel" in names
     assert "attention_sm80" not in names
@@ -179,6 +187,14 @@ def test_hopper_kernels_match_float64(name, dtype):
 
 @requires_hopper_kernels
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", ["d128_causal_1000", "d128_gqa_300x777", "d72", "d40"])
+def test_hopper_cp_async_forward_matches_float64(name, dtype):
+    """Unmasked calls take the TMA-fed forward: its cp.async twin on the same shapes."""
+    _check_hopper_kernels(*HOPPER_SHAPES[name], dtype, tma=False)
+
+
+@requires_hopper_kernels
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("name", list(HOPPER_MASKED_SHAPES))
 def test_hopper_kernels_with_masks_match_float64(name, dtype):
     _check_hopper_kernels(*HOPPER_MASKED_SHAPES[name][:7], dtype,
@@ -197,6 +213,12 @@ def test_hopper_kernels_leave_the_rest_to_the_sm80_kernels():
         return cuda_kernel_names(forward_backward)
 
     assert "attention_sm90a" in names(q, k, v)
+    # (batch, seq, heads, dim) projections viewed as (b, h, s, d), batch > 1: the tile maps
+    # cannot index (b, h) as one coordinate, so the forward takes the cp.async kernel.
+    seq_major = [torch.randn(2, 200, 2, 128, device=DEVICE, dtype=torch.bfloat16
+                             ).transpose(1, 2).requires_grad_(True) for _ in range(3)]
+    got = names(*seq_major)
+    assert "attention_sm90a::attention_fwd_kernel" in got and "fwd_tma_kernel" not in got
     mask = torch.ones(200, 200, device=DEVICE, dtype=torch.bool)
     for kwargs in ({"attn_mask": mask}, {"dropout_p": 0.1}):
         got = names(q, k, v, **kwargs)

@@ -460,8 +460,9 @@ def set_dropout(p, dropout):
 
 
 def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None, hopper=False):
-    """(out, lse) of the forward kernel: attention_fwd_sm90a.cuh's (wgmma) with hopper, and
-    None where it does not take the call; else attention_fwd_sm80.cuh's."""
+    """(out, lse) of the forward kernel: attention_fwd_sm90a.cuh's (wgmma) with hopper True,
+    attention_fwd_tma_sm90a.cuh's with hopper "tma", and None where it does not take the
+    call; else attention_fwd_sm80.cuh's."""
     lib = emulated("attention")
     assert lib.attention_params_size() == ctypes.sizeof(AttentionParams)
     b, h, sq, d = q.shape
@@ -473,10 +474,15 @@ def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None, hopper=Fa
     set_dropout(p, dropout)
     ptrs, sizes, count = buffer_table([q, k, v])
     error = ctypes.create_string_buffer(512)
-    entry = emulated("attention_sm90a").emulate_attention_sm90a if hopper else \
-        lib.emulate_attention
-    status = entry(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 0, ptrs, sizes, count,
-                   error, len(error))
+    if hopper == "tma":
+        status = emulated("attention_sm90a").emulate_attention_fwd_tma(
+            ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), ptrs, sizes, count, error,
+            len(error))
+    else:
+        entry = emulated("attention_sm90a").emulate_attention_sm90a if hopper else \
+            lib.emulate_attention
+        status = entry(ctypes.byref(p), DTYPE_CODES[q.dtype], int(causal), 0, ptrs, sizes,
+                       count, error, len(error))
     if status == 2:
         return None
     assert status == 0, error.value.decode()
@@ -575,13 +581,17 @@ HOPPER_ATTENTION_CASES = {
     "d72_edges_batch2": (2, 1, 1, 130, 257, 72, False, False),
     "d64_causal_gqa_sq_gt_sk": (1, 4, 2, 200, 70, 64, True, False),
     "d40_in_d64_views": (1, 2, 2, 65, 129, 40, False, True),
+    # More key blocks than the forward has stages: the rings of stages wrap.
+    "d64_long_keys": (1, 1, 1, 64, 700, 64, False, False),
+    "d128_gqa_long_keys": (1, 2, 1, 40, 650, 128, False, False),
 }
 
 
+@pytest.mark.parametrize("kernel", [True, "tma"], ids=["cp_async", "tma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(HOPPER_ATTENTION_CASES))
-def test_hopper_attention_forward_kernel(case, dtype):
-    check_attention_forward_kernel(HOPPER_ATTENTION_CASES[case], dtype, hopper=True)
+def test_hopper_attention_forward_kernel(case, dtype, kernel):
+    check_attention_forward_kernel(HOPPER_ATTENTION_CASES[case], dtype, hopper=kernel)
 
 
 def test_hopper_attention_no_keys():

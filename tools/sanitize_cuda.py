@@ -86,11 +86,41 @@ def fp8_runs_here() -> bool:
                                                 torch.float8_e4m3fn) is None
 
 
+def check_attention(kernel_sets):
+    """attention at every kernel head dim, causal with seq_q != seq_k, GQA, forward and
+    backward, under hopper_kernels(**kernels) for each set (520 keys: more key blocks than
+    the TMA-fed forward has stages)."""
+    dev, bf16 = "cuda", torch.bfloat16
+    for kernels in kernel_sets:
+        label = ",".join(f"{key}={value}" for key, value in kernels.items()) or "default"
+        for d, causal, (sq, sk), heads_kv in ((64, False, (70, 90), 2),
+                                              (128, True, (100, 40), 1),
+                                              (64, True, (33, 150), 4),
+                                              (128, False, (130, 520), 2),
+                                              (256, True, (70, 100), 2),
+                                              (160, False, (65, 129), 1)):
+            q = torch.randn(2, 4, sq, d, device=dev, dtype=bf16, requires_grad=True)
+            k = torch.randn(2, heads_kv, sk, d, device=dev, dtype=bf16, requires_grad=True)
+            v = torch.randn(2, heads_kv, sk, d, device=dev, dtype=bf16, requires_grad=True)
+            with tilesmith.backend.hopper_kernels(**kernels):
+                out = tilesmith.ops.scaled_dot_product_attention(
+                    q, k, v, is_causal=causal, enable_gqa=True, backend="cuda")
+                grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+            leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+            ref = F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
+            ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+            name = f"attention {label} d={d} causal={causal} {sq}x{sk}"
+            check(name, out, ref)
+            for grad_name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+                check(f"{name} {grad_name}", got, want, bar=5e-2)
+
+
 def probe_tma_kernels() -> int:
     """The TMA kernels alone, at their defaults (tools/gpu_report.sh runs this first, in a
     process of its own, and runs the rest with the TMA kernels off if it fails or hangs)."""
     torch.manual_seed(0)
     check_matmul(({},))
+    check_attention(({},))
     if fp8_runs_here():
         check_scaled_gemm(({},))
     torch.cuda.synchronize()
@@ -125,22 +155,9 @@ def main() -> int:
         for name, got, want in zip(("a", "b", "bias"), grads, ref_grads):
             check(f"gemm bias+gelu n={n} grad_{name}", got, want)
 
-    # attention: every kernel head dim, causal with seq_q != seq_k, GQA, forward and backward.
-    for d, causal, (sq, sk), heads_kv in ((64, False, (70, 90), 2), (128, True, (100, 40), 1),
-                                          (64, True, (33, 150), 4), (256, True, (70, 100), 2),
-                                          (160, False, (65, 129), 1)):
-        q = torch.randn(2, 4, sq, d, device=dev, dtype=bf16, requires_grad=True)
-        k = torch.randn(2, heads_kv, sk, d, device=dev, dtype=bf16, requires_grad=True)
-        v = torch.randn(2, heads_kv, sk, d, device=dev, dtype=bf16, requires_grad=True)
-        out = tilesmith.ops.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                         enable_gqa=True, backend="cuda")
-        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-        leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-        ref = F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
-        ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
-        check(f"attention d={d} causal={causal} {sq}x{sk}", out, ref)
-        for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-            check(f"attention d={d} causal={causal} {name}", got, want, bar=5e-2)
+    # attention: every kernel head dim, causal with seq_q != seq_k, GQA, forward and backward;
+    # on an H100 the forward on each wgmma kernel (TMA and cp.async).
+    check_attention(({}, {"tma": False}))
 
     # attention with an additive (1, heads, seq_q, seq_k) mask, and its gradient: on Hopper
     # through the wgmma kernels (several query and key blocks) and the sm_80 ones.

@@ -23,8 +23,9 @@
 // every other kernel) before each step's scores are live. Each is a kernel of its own
 // (kMasked, kDropout), so that the plain one keeps its registers.
 //
-// Not yet: TMA, warp specialization (a producer warpgroup), two warpgroups taking turns at
-// softmax and MMA.
+// attention_fwd_tma_sm90a.cuh runs the same steps (ForwardRows below) fed by a TMA producer
+// warpgroup, for the calls without a mask or dropout that its tile maps can read. Not yet:
+// two warpgroups taking turns at softmax and MMA.
 #pragma once
 
 #include <cmath>
@@ -138,78 +139,64 @@ auto with_variant(const AttentionParams& p, bool causal, Variant&& variant) {
                           : by_causal(std::integral_constant<int, 128>{});
 }
 
+// One warpgroup's 64 query rows of the forward, walking the key blocks: O, the running row
+// maxima and sums, and the previous block's P. Both forward kernels (this file's, whose
+// warpgroups load K and V with cp.async, and attention_fwd_tma_sm90a.cuh's, fed by a TMA
+// producer) run their warpgroups through it; they differ only in how a block's tiles arrive
+// and are given back.
 template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
-__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint8_t* smem_q = aligned_shared(shared_bytes);
-  uint8_t* smem_k = smem_q + kTileBytes<kHeadDim>;
-  uint8_t* smem_v = smem_k + kStages * kTileBytes<kHeadDim>;
-
-  const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
-  const int64_t h = blockIdx.y, b = blockIdx.z;
-  const int64_t h_kv = h / (p.heads / p.heads_kv);
-  const Sequence seq = attention_sm80::sequence(p, b, h);
-  if (row0 >= seq.seqlen_q) return;  // packed batches launch for the longest sequence
-  const int64_t seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
-  using attention_sm80::row_pointer;
-  const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
-  const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
-  const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
-  // Causal masking is aligned top-left (key <= query), as in PyTorch's SDPA.
-  const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
-  const int key_blocks = static_cast<int>((key_end + kBlockN - 1) / kBlockN);
-
-  auto load_kv = [&](int stage, int block) {
-    const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
-    load_rows<T, kTileRows, kHeadDim>(smem_k + stage * kTileBytes<kHeadDim>, k, n0, seqlen_k,
-                                      p.k_strides.seq, p.head_dim);
-    load_rows<T, kTileRows, kHeadDim>(smem_v + stage * kTileBytes<kHeadDim>, v, n0, seqlen_k,
-                                      p.v_strides.seq, p.head_dim);
-  };
-  load_rows<T, kTileRows, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
-  if (key_blocks > 0) load_kv(0, 0);
-  cp_async_commit();
-
-  const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int64_t warp_row0 = row0 + warpgroup * 64 + warp * 16;
-  // This thread's two rows of every accumulator tile (wgmma_m64nk16's layout), and its first
-  // column in each 8-wide column tile.
-  const int64_t rows[2] = {warp_row0 + lane / 4, warp_row0 + lane / 4 + 8};
-  const int quad_col = 2 * (lane % 4);
-  // This warpgroup's 64 rows of Q: 64 rows into each column block.
-  const uint32_t q_tile = shared_address(smem_q) + warpgroup * 64 * kSwizzleRowBytes;
-
+struct ForwardRows {
+  const AttentionParams& p;
+  const int64_t b, h, seqlen_q, seqlen_k;
+  const int64_t warp_row0;  // this warp's first query row
+  const int lane, quad_col;
+  // This thread's two rows of every accumulator tile (wgmma_m64nk16's layout); quad_col
+  // is its first column in each 8-wide column tile.
+  int64_t rows[2];
+  attention_sm80::DropoutMask dropout{};
   float acc_o[kHeadDim / 2] = {};  // acc_o[4 di + 2 half + e]: row rows[half], column 8 di + ...
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; summed over the quad at the end
-  attention_sm80::DropoutMask dropout{};
-  if constexpr (kDropout) dropout = attention_sm80::DropoutMask::of(p);
   // P of the previous key block, rounded to T: k-step kk (keys 16 kk .. 16 kk + 15) is S's
   // column tiles 2 kk and 2 kk + 1, which are, pair by pair, the A fragment of
   // wgmma_m64nk16_a_registers.
   uint32_t frag_p[kBlockN / 16][4];
-  // O += P V for the key block whose V tile is in `stage`.
-  auto issue_pv = [&](int stage) {
-    const uint32_t v_tile = shared_address(smem_v + stage * kTileBytes<kHeadDim>);
+
+  // The rows of warpgroup `warpgroup` of a block whose first query row is row0.
+  __device__ __forceinline__ ForwardRows(const AttentionParams& params, int64_t batch,
+                                         int64_t head, const Sequence& seq, int64_t row0,
+                                         int warpgroup)
+      : p(params),
+        b(batch),
+        h(head),
+        seqlen_q(seq.seqlen_q),
+        seqlen_k(seq.seqlen_k),
+        warp_row0(row0 + warpgroup * 64 + ((threadIdx.x / 32) % 4) * 16),
+        lane(threadIdx.x % 32),
+        quad_col(2 * (threadIdx.x % 4)) {
+    rows[0] = warp_row0 + lane / 4;
+    rows[1] = warp_row0 + lane / 4 + 8;
+    if constexpr (kDropout) dropout = attention_sm80::DropoutMask::of(p);
+  }
+
+  // O += P V for the key block whose V tile is at shared address v_tile.
+  __device__ __forceinline__ void issue_pv(uint32_t v_tile) {
     wgmma_fence();  // acc_o and frag_p were last written by this thread before this point
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       wgmma_m64nk16_a_registers<kHeadDim, T, 1>(acc_o, frag_p[kk], n_major_step(v_tile, kk), 1);
     }
     wgmma_commit();
-  };
+  }
 
-  for (int j = 0; j < key_blocks; ++j) {
-    cp_async_wait<0>();          // K_j, V_j (and at j = 0, Q) have landed for this thread
-    fence_proxy_async_shared();  // ... visible to wgmma's reads
-    // For every thread; and every warpgroup has retired block j - 2's P V (in step j - 1),
-    // so the stage that held block j - 2 takes block j + 1.
-    __syncthreads();
-    if (j + 1 < key_blocks) load_kv((j + 1) % kStages, j + 1);
-    cp_async_commit();
-    const uint32_t k_tile = shared_address(smem_k + (j % kStages) * kTileBytes<kHeadDim>);
-    const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
-
+  // The key block from key0, its K tile at shared address k_tile, this warpgroup's 64 rows
+  // of Q at q_tile. issue_previous() issues the previous block's P V (issue_pv) and returns
+  // true, or returns false at the first block; s_retired() runs once S's wgmma retired (its
+  // K tile is no longer read), pv_retired() once the previous P V's did (its V tile).
+  template <typename IssuePrevious, typename SRetired, typename PvRetired>
+  __device__ __forceinline__ void step(uint32_t q_tile, uint32_t k_tile, int64_t key0,
+                                       IssuePrevious&& issue_previous, SRetired&& s_retired,
+                                       PvRetired&& pv_retired) {
     // Dropout: bit 4 (ni % 8) + 2 half + e of kept[ni / 8] keeps s[4 ni + 2 half + e], drawn
     // before S is live (drawn while the products run, ptxas serialises the wgmmas: C7514).
     // Dropped probabilities still count in the normaliser; they only leave the product with V.
@@ -232,13 +219,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
       wgmma_m64nk16<kBlockN, T, 0, 0>(s, k_major_step(q_tile, kk), k_major_step(k_tile, kk), 1);
     }
     wgmma_commit();
-    if (j > 0) {
-      issue_pv((j - 1) % kStages);
+    if (issue_previous()) {
       wgmma_wait<1>();
     } else {
       wgmma_wait<0>();
     }
     fence_registers(s);  // read after the wait
+    s_retired();
 
     // Online softmax, one row (half) at a time, as attention_fwd_sm80.cuh's. Without a mask
     // tensor only blocks that reach past the last key or this warp's diagonal need masking:
@@ -301,6 +288,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
     fence_registers(row_sum);
     wgmma_wait<0>();
     fence_registers(acc_o);
+    pv_retired();
 #pragma unroll
     for (int di = 0; di < kHeadDim / 8; ++di) {
 #pragma unroll
@@ -311,28 +299,101 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const Attent
     }
     to_a_fragments<T, kBlockN>(s, frag_p);
   }
-  if (key_blocks > 0) {  // the last block's P V
-    issue_pv((key_blocks - 1) % kStages);
+
+  // The last block's P V (its V tile at v_tile), waited for.
+  __device__ __forceinline__ void finish(uint32_t v_tile) {
+    issue_pv(v_tile);
     wgmma_wait<0>();
     fence_registers(acc_o);
   }
-  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
-  // O / l (times 1 / (1 - dropout_p) with dropout) and lse = (max + log2 l) ln 2. A row with
-  // no visible key (l = 0) gives zeros and lse = -inf, as PyTorch does.
-  T* out = row_pointer<T>(p.out, p.out_strides, b, h, seq.q_start);
-  float* lse = p.lse + seq.stats;
+  // O / l (times 1 / (1 - dropout_p) with dropout) and lse = (max + log2 l) ln 2 of this
+  // thread's rows of sequence `seq`. A row with no visible key (l = 0) gives zeros and lse =
+  // -inf, as PyTorch does.
+  __device__ __forceinline__ void store(const Sequence& seq) {
+    T* out = attention_sm80::row_pointer<T>(p.out, p.out_strides, b, h, seq.q_start);
+    float* lse = p.lse + seq.stats;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float total = quad_sum(row_sum[half]);
-    if (rows[half] >= seqlen_q) continue;
-    const float inv = total > 0.0f ? (kDropout ? p.dropout_scale : 1.0f) / total : 0.0f;
-    store_row<kHeadDim>(out + rows[half] * p.out_strides.seq, acc_o, half, inv, p.head_dim);
-    if (lane % 4 == 0) {
-      lse[rows[half]] =
-          total > 0.0f ? (row_max[half] + log2f(total)) * attention_sm80::kLn2 : -INFINITY;
+    for (int half = 0; half < 2; ++half) {
+      const float total = quad_sum(row_sum[half]);
+      if (rows[half] >= seqlen_q) continue;
+      const float inv = total > 0.0f ? (kDropout ? p.dropout_scale : 1.0f) / total : 0.0f;
+      store_row<kHeadDim>(out + rows[half] * p.out_strides.seq, acc_o, half, inv, p.head_dim);
+      if (lane % 4 == 0) {
+        lse[rows[half]] =
+            total > 0.0f ? (row_max[half] + log2f(total)) * attention_sm80::kLn2 : -INFINITY;
+      }
     }
   }
+};
+
+// The key blocks the block whose first query row is row0 visits. Causal masking is aligned
+// top-left (key <= query), as in PyTorch's SDPA.
+template <bool kCausal>
+__device__ __forceinline__ int key_blocks_for(int64_t row0, int64_t seqlen_k) {
+  const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
+  return static_cast<int>((key_end + kBlockN - 1) / kBlockN);
+}
+
+template <typename T, int kHeadDim, bool kCausal, bool kMasked, bool kDropout>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_q = aligned_shared(shared_bytes);
+  uint8_t* smem_k = smem_q + kTileBytes<kHeadDim>;
+  uint8_t* smem_v = smem_k + kStages * kTileBytes<kHeadDim>;
+
+  const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t h_kv = h / (p.heads / p.heads_kv);
+  const Sequence seq = attention_sm80::sequence(p, b, h);
+  if (row0 >= seq.seqlen_q) return;  // packed batches launch for the longest sequence
+  using attention_sm80::row_pointer;
+  const T* q = row_pointer<const T>(p.q, p.q_strides, b, h, seq.q_start);
+  const T* k = row_pointer<const T>(p.k, p.k_strides, b, h_kv, seq.k_start);
+  const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
+  const int key_blocks = key_blocks_for<kCausal>(row0, seq.seqlen_k);
+
+  auto load_kv = [&](int stage, int block) {
+    const int64_t n0 = static_cast<int64_t>(block) * kBlockN;
+    load_rows<T, kTileRows, kHeadDim>(smem_k + stage * kTileBytes<kHeadDim>, k, n0,
+                                      seq.seqlen_k, p.k_strides.seq, p.head_dim);
+    load_rows<T, kTileRows, kHeadDim>(smem_v + stage * kTileBytes<kHeadDim>, v, n0,
+                                      seq.seqlen_k, p.v_strides.seq, p.head_dim);
+  };
+  load_rows<T, kTileRows, kHeadDim>(smem_q, q, row0, seq.seqlen_q, p.q_strides.seq,
+                                    p.head_dim);
+  if (key_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int warpgroup = threadIdx.x / 128;
+  ForwardRows<T, kHeadDim, kCausal, kMasked, kDropout> mine(p, b, h, seq, row0, warpgroup);
+  // This warpgroup's 64 rows of Q: 64 rows into each column block.
+  const uint32_t q_tile = shared_address(smem_q) + warpgroup * 64 * kSwizzleRowBytes;
+  auto v_tile = [&](int block) {
+    return shared_address(smem_v + (block % kStages) * kTileBytes<kHeadDim>);
+  };
+
+  for (int j = 0; j < key_blocks; ++j) {
+    cp_async_wait<0>();          // K_j, V_j (and at j = 0, Q) have landed for this thread
+    fence_proxy_async_shared();  // ... visible to wgmma's reads
+    // For every thread; and every warpgroup has retired block j - 2's P V (in step j - 1),
+    // so the stage that held block j - 2 takes block j + 1.
+    __syncthreads();
+    if (j + 1 < key_blocks) load_kv((j + 1) % kStages, j + 1);
+    cp_async_commit();
+    const uint32_t k_tile = shared_address(smem_k + (j % kStages) * kTileBytes<kHeadDim>);
+    mine.step(
+        q_tile, k_tile, static_cast<int64_t>(j) * kBlockN,
+        [&] {
+          if (j == 0) return false;
+          mine.issue_pv(v_tile(j - 1));
+          return true;
+        },
+        [] {}, [] {});
+  }
+  if (key_blocks > 0) mine.finish(v_tile(key_blocks - 1));
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+  mine.store(seq);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself

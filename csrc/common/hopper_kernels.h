@@ -50,9 +50,10 @@ bool run_attention_bwd_sm90a(const AttentionParams& params, bool causal, bool bf
                              cudaStream_t stream, cudaError_t* error);
 bool current_device_is_sm90();
 
-// Whether matmul/gemm (matmul_tma_sm90a.cuh) and scaled_gemm take their TMA kernels where
-// the TMA can read the operands (the default), or their cp.async ones; process-wide, for
-// tests and benchmarks of the latter (backend.hopper_kernels(tma=False)).
+// Whether matmul/gemm (matmul_tma_sm90a.cuh), scaled_gemm and the attention forward
+// (attention_fwd_tma_sm90a.cuh) take their TMA kernels where the TMA can read the operands
+// (the default), or their cp.async ones; process-wide, for tests and benchmarks of the
+// latter (backend.hopper_kernels(tma=False)).
 void set_tma_kernels(bool enabled);
 bool tma_kernels();
 

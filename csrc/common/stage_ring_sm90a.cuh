@@ -1,6 +1,7 @@
 // The ring of shared-memory stages between a TMA producer thread and wgmma consumer
 // warpgroups, the skeleton of the warp-specialized Hopper kernels (matmul_tma_sm90a.cuh,
-// fp8/scaled_gemm_sm90a.cuh). Each stage has two mbarriers (tma_sm90a.cuh): `full`
+// fp8/scaled_gemm_sm90a.cuh, attention/attention_fwd_tma_sm90a.cuh: one ring for K, one
+// for V). Each stage has two mbarriers (tma_sm90a.cuh): `full`
 // completes when the producer's arrival and the stage's bytes have come, `empty` when every
 // consumer warp has freed the stage. Producer and consumers each keep a StageRing and walk
 // the same sequence of (stage, phase) in the same order of K steps, across all the tiles a
@@ -15,7 +16,7 @@
 
 namespace tilesmith {
 
-// The block both kernels use: a producer warpgroup and two consumer warpgroups of 64 output
+// The block these kernels use: a producer warpgroup and two consumer warpgroups of 64 output
 // rows each. setmaxnreg moves registers from the producer to the consumers: 40 + 2 x 232 a
 // thread fill the SM's 64 Ki exactly as the 168 of the launch (384 x 168) do. ptxas honours
 // it only where the two roles' code never merges again: the producer's branch must end in

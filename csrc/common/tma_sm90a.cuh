@@ -121,13 +121,25 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* barrier, uin
       "r"(bytes)
       : "memory");
 }
+// The slow path of mbarrier_wait, called after each miss: the first returns the time of
+// the miss, a later one 10 s after it traps. Out of line on purpose: inlined into the wait
+// loop, its timer read and trap made ptxas spill (and serialise wgmma) in consumer
+// warpgroups that need most of their registers, as the attention forward's do.
+static __device__ __noinline__ uint64_t trap_if_deadlocked(uint64_t first_miss) {
+  constexpr uint64_t kDeadlockNanoseconds = 10'000'000'000ull;
+  uint64_t now;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+  if (first_miss == 0) return now;
+  if (now - first_miss > kDeadlockNanoseconds) __trap();
+  return first_miss;
+}
+
 // Waits until the phase of parity `parity` has completed (a fresh barrier counts the phase
 // before its first, parity 1, as completed). try_wait suspends the thread for a while in
 // hardware before it answers false. A phase still open 10 s after the first false answer
 // is a deadlock (every legitimate wait here is microseconds): it traps, so that a broken
 // kernel ends in a launch error instead of a hung process.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
-  constexpr uint64_t kDeadlockNanoseconds = 10'000'000'000ull;
   const uint32_t address = shared_address(barrier);
   uint64_t first_miss = 0;
   for (;;) {
@@ -139,13 +151,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity
         : "r"(address), "r"(parity)
         : "memory");
     if (done) return;
-    uint64_t now;
-    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
-    if (first_miss == 0) {
-      first_miss = now;
-    } else if (now - first_miss > kDeadlockNanoseconds) {
-      __trap();
-    }
+    first_miss = trap_if_deadlocked(first_miss);
   }
 }
 

@@ -132,11 +132,11 @@ def hopper_kernels(enabled: bool = True, *, tma: bool = _TMA_DEFAULT):
     take the call (matmul: both operands readable 16 bytes at a time; attention: head dims
     up to 128, not a mask and dropout together), and on the sm_80 mma.sync kernels
     otherwise; ``hopper_kernels(False)`` runs the sm_80 kernels for every call. matmul,
-    gemm and scaled_gemm on wgmma load their tiles with the TMA in warp-specialized kernels
-    where the TMA can read the operands; ``hopper_kernels(tma=False)`` runs their cp.async
-    wgmma kernels instead (and so does every call with TILESMITH_TMA_KERNELS=0 in the
-    environment at import). For tests and benchmarks of each kernel; process-wide, not
-    thread-safe."""
+    gemm, scaled_gemm and the attention forward (without a mask or dropout) on wgmma load
+    their tiles with the TMA in warp-specialized kernels where the TMA can read the
+    operands; ``hopper_kernels(tma=False)`` runs their cp.async wgmma kernels instead (and
+    so does every call with TILESMITH_TMA_KERNELS=0 in the environment at import). For
+    tests and benchmarks of each kernel; process-wide, not thread-safe."""
     _install_hopper_kernels(enabled, tma)
     try:
         yield

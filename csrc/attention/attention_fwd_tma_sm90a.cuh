@@ -1,0 +1,217 @@
+// The Hopper attention forward fed by the TMA: attention_fwd_sm90a.cuh's schedule (the
+// same ForwardRows: S = Q K^T on wgmma, the softmax of S under the previous block's P V, P
+// from registers), with the loads taken off the warpgroups that compute. Three warpgroups a
+// block, as the warp-specialized GEMMs (common/stage_ring_sm90a.cuh):
+//   - a producer: one thread asks the TMA (common/tma_sm90a.cuh) for the block's Q tile,
+//     then for each key block's K and V tiles into two rings of stages, as soon as the
+//     consumers free a stage; it gives most of its registers back (setmaxnreg) to
+//   - two consumers, 64 query rows each, which wait on a K stage's mbarrier, issue S, then
+//     wait on the previous block's V stage and issue its P V. A K stage is freed as soon as
+//     its S retired, a V stage when its P V did, so each tensor's loads run as far ahead as
+//     its own stages allow. No consumer thread computes an address or waits at a block-wide
+//     barrier in the key loop, and the two warpgroups no longer keep in step.
+// The tiles are those of the cp.async kernel (128 rows by the head dim, kHeadDim / 64
+// swizzled column blocks), each column block one TMA box of 64 elements x 128 rows; rows past
+// the sequence and columns past the head dim arrive zero-filled.
+//
+// Takes dense calls with neither a mask nor dropout (takes_tma) whose (batch, head) pairs
+// the tile maps can index as one coordinate (b * heads + h: the usual (b, h, s, d) and
+// (b, s, h, d) layouts); run() sends the rest, and every call hopper_kernels(tma=False)
+// routes, to the cp.async kernel. Not persistent: one block per 128 query rows, as there.
+#pragma once
+
+#include "../common/stage_ring_sm90a.cuh"
+#include "attention_fwd_sm90a.cuh"
+
+namespace tilesmith {
+namespace attention_tma_sm90a {
+
+using attention_sm90a::kBlockM;
+using attention_sm90a::kBlockN;
+using attention_sm90a::kTileBytes;
+using attention_sm90a::kTileRows;
+
+// Stages of K and of V: Q, three of each and their barriers fill 225 KiB at head dim 128.
+constexpr int kStages = 3;
+// Q's barrier, then each ring's full and empty barriers.
+constexpr int kBarriers = 1 + 2 * 2 * kStages;
+template <int kHeadDim>
+constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes<kHeadDim> + kBarriers * 8 + 1024;
+static_assert(kSmemBytes<128> <= 227 * 1024, "more than an sm_90 block may have");
+
+// The kernel's one parameter, __grid_constant__ (the tile maps are read in parameter space).
+struct Arguments {
+  CUtensorMap map_q, map_k, map_v;
+  AttentionParams params;
+  // false: the tensor's (batch, head) pairs are one matrix (a single head, or broadcast),
+  // read at coordinate 0.
+  bool q_batched, kv_batched;
+};
+
+template <typename T, int kHeadDim, bool kCausal>
+__global__ void __launch_bounds__(kRingThreads, 1)
+    attention_fwd_tma_kernel(const __grid_constant__ Arguments args) {
+  constexpr int kTile = kTileBytes<kHeadDim>;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint8_t* smem_q = aligned_shared(shared_bytes);
+  uint8_t* smem_k = smem_q + kTile;
+  uint8_t* smem_v = smem_k + kStages * kTile;
+  uint64_t* q_landed = reinterpret_cast<uint64_t*>(smem_v + kStages * kTile);
+  StageRing<kStages> k_ring(q_landed + 1);
+  StageRing<kStages> v_ring(q_landed + 1 + 2 * kStages);
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_landed, 1);
+    k_ring.init(kRingConsumerWarps);
+    v_ring.init(kRingConsumerWarps);
+  }
+  __syncthreads();
+
+  const AttentionParams& p = args.params;
+  const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const attention_sm80::Sequence seq = attention_sm80::sequence(p, b, h);
+  const int key_blocks = attention_sm90a::key_blocks_for<kCausal>(row0, seq.seqlen_k);
+
+  if (threadIdx.x < 128) {  // the producer warpgroup; one thread issues
+    warpgroup_release_registers<kProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    prefetch_tile_map(&args.map_q);
+    prefetch_tile_map(&args.map_k);
+    prefetch_tile_map(&args.map_v);
+    const int q_pair = args.q_batched ? static_cast<int>(b * p.heads + h) : 0;
+    const int kv_pair =
+        args.kv_batched ? static_cast<int>(b * p.heads_kv + h / (p.heads / p.heads_kv)) : 0;
+    // Column block c of a tile: head-dim columns 64 c .. 64 c + 63 of 128 rows from `row`.
+    auto load_tile = [&](uint8_t* tile, const CUtensorMap* map, uint64_t* landed, int64_t row,
+                         int pair) {
+      for (int c = 0; c < kHeadDim / 64; ++c) {
+        tma_load_tile(tile + c * kTileRows * kSwizzleRowBytes, map, landed, 64 * c,
+                      static_cast<int>(row), pair);
+      }
+    };
+    mbarrier_arrive_expect_tx(q_landed, kTile);  // whole boxes, zero-filled ones too
+    load_tile(smem_q, &args.map_q, q_landed, row0, q_pair);
+    for (int j = 0; j < key_blocks; ++j) {
+      const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+      load_tile(smem_k + k_ring.stage * kTile, &args.map_k, k_ring.acquire(kTile), key0,
+                kv_pair);
+      k_ring.advance();
+      load_tile(smem_v + v_ring.stage * kTile, &args.map_v, v_ring.acquire(kTile), key0,
+                kv_pair);
+      v_ring.advance();
+    }
+    return;
+  }
+
+  warpgroup_claim_registers<kConsumerRegisters>();
+  const int consumer = threadIdx.x / 128 - 1;
+  attention_sm90a::ForwardRows<T, kHeadDim, kCausal, false, false> mine(p, b, h, seq, row0,
+                                                                         consumer);
+  // This warpgroup's 64 rows of Q: 64 rows into each column block.
+  const uint32_t q_tile = shared_address(smem_q) + consumer * 64 * kSwizzleRowBytes;
+  auto v_tile = [&] { return shared_address(smem_v + v_ring.stage * kTile); };
+  mbarrier_wait(q_landed, 0);
+  for (int j = 0; j < key_blocks; ++j) {
+    k_ring.wait_full();
+    const int k_stage = k_ring.stage;
+    mine.step(
+        q_tile, shared_address(smem_k + k_stage * kTile), static_cast<int64_t>(j) * kBlockN,
+        [&] {  // V of block j - 1: the V ring's current stage
+          if (j == 0) return false;
+          v_ring.wait_full();
+          mine.issue_pv(v_tile());
+          return true;
+        },
+        [&] {
+          k_ring.release(k_stage);
+          k_ring.advance();
+        },
+        [&] {
+          if (j == 0) return;
+          v_ring.release(v_ring.stage);
+          v_ring.advance();
+        });
+  }
+  if (key_blocks > 0) {
+    v_ring.wait_full();
+    mine.finish(v_tile());
+    v_ring.release(v_ring.stage);
+  }
+  mine.store(seq);
+}
+
+// Whether the TMA kernel may take the call: dense, no mask, no dropout (head dims as
+// attention_sm90a::takes). describe() then says whether the tile maps can be made.
+inline bool takes_tma(const AttentionParams& p) {
+  return attention_sm90a::takes(p) && p.cu_seqlens_q == nullptr &&
+         p.mask_kind == MaskKind::kNone && p.dropout_seed == nullptr;
+}
+
+// The tile map of a dense (batch, heads, seq, head_dim) tensor whose (batch, head) pairs are
+// one coordinate b * heads + h: where there is one head, or one batch entry, or the batch
+// stride spans the heads. Sets `batched` (false: a single matrix); false where it cannot.
+inline bool describe(CUtensorMap* map, bool& batched, const void* base,
+                     const AttentionStrides& strides, int64_t batch, int64_t heads,
+                     int64_t seqlen, int64_t head_dim) {
+  int64_t pair_stride;
+  if (heads == 1) {
+    pair_stride = strides.batch;
+  } else if (batch == 1 || strides.batch == heads * strides.head) {
+    pair_stride = strides.head;
+  } else {
+    return false;
+  }
+  const TileMapShape shape{base,        2, head_dim, seqlen, batch * heads, strides.seq,
+                           pair_stride, kTileRows};
+  batched = batch * heads > 1 && pair_stride != 0;
+  return encode_tile_map(map, shape);
+}
+
+inline bool describe_operands(const AttentionParams& p, Arguments& args) {
+  args.params = p;
+  bool k_batched = false, v_batched = false;
+  const bool described =
+      describe(&args.map_q, args.q_batched, p.q, p.q_strides, p.batch, p.heads, p.seqlen_q,
+               p.head_dim) &&
+      describe(&args.map_k, k_batched, p.k, p.k_strides, p.batch, p.heads_kv, p.seqlen_k,
+               p.head_dim) &&
+      describe(&args.map_v, v_batched, p.v, p.v_strides, p.batch, p.heads_kv, p.seqlen_k,
+               p.head_dim);
+  // One coordinate reads both: K and V must both be batched, or both single matrices.
+  args.kv_batched = k_batched;
+  return described && k_batched == v_batched;
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
+template <typename T, int kHeadDim, bool kCausal>
+cudaError_t launch(const Arguments& args, cudaStream_t stream) {
+  const auto kernel = attention_fwd_tma_kernel<T, kHeadDim, kCausal>;
+  constexpr int kBytes = kSmemBytes<kHeadDim>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<attention_sm80::query_grid<kBlockM>(args.params), kRingThreads, kBytes, stream>>>(
+      args);
+  return cudaGetLastError();
+}
+
+// The TMA kernel where `tma`, takes_tma and the tile maps allow, else the cp.async one.
+template <typename T>
+cudaError_t run(const AttentionParams& p, bool causal, bool tma, cudaStream_t stream) {
+  if (tma && takes_tma(p)) {
+    Arguments args;
+    if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+    if (describe_operands(p, args)) {
+      const bool wide = p.head_dim > 64;
+      if (causal) {
+        return wide ? launch<T, 128, true>(args, stream) : launch<T, 64, true>(args, stream);
+      }
+      return wide ? launch<T, 128, false>(args, stream) : launch<T, 64, false>(args, stream);
+    }
+  }
+  return attention_sm90a::run<T>(p, causal, stream);
+}
+#endif  // TILESMITH_CPU_EMULATION
+
+}  // namespace attention_tma_sm90a
+}  // namespace tilesmith
