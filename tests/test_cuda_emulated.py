@@ -584,6 +584,8 @@ HOPPER_ATTENTION_CASES = {
     # More key blocks than the forward has stages: the rings of stages wrap.
     "d64_long_keys": (1, 1, 1, 64, 700, 64, False, False),
     "d128_gqa_long_keys": (1, 2, 1, 40, 650, 128, False, False),
+    # (batch, seq, heads, dim) views with several batch entries: the TMA's rank-4 maps.
+    "d64_views_batch2_causal_gqa": (2, 4, 2, 70, 150, 64, True, True),
 }
 
 

@@ -14,9 +14,9 @@
 // swizzled column blocks), each column block one TMA box of 64 elements x 128 rows; rows past
 // the sequence and columns past the head dim arrive zero-filled.
 //
-// Takes dense calls with neither a mask nor dropout (takes_tma) whose (batch, head) pairs
-// the tile maps can index as one coordinate (b * heads + h: the usual (b, h, s, d) and
-// (b, s, h, d) layouts); run() sends the rest, and every call hopper_kernels(tma=False)
+// Takes dense calls with neither a mask nor dropout (takes_tma) whose tensors the TMA can
+// read (rank-4 tile maps: head dim, seq, head, batch; any layout whose strides are
+// multiples of 8 elements); run() sends the rest, and every call hopper_kernels(tma=False)
 // routes, to the cp.async kernel. Not persistent: one block per 128 query rows, as there.
 #pragma once
 
@@ -39,13 +39,24 @@ template <int kHeadDim>
 constexpr int kSmemBytes = (1 + 2 * kStages) * kTileBytes<kHeadDim> + kBarriers * 8 + 1024;
 static_assert(kSmemBytes<128> <= 227 * 1024, "more than an sm_90 block may have");
 
+// Which of a tile map's coordinates select a matrix: (head, batch) of a rank-4 map (head
+// dim, seq, head, batch); false where the tensor has one (or broadcasts it: stride 0),
+// read at coordinate 0.
+struct HeadBatchCoordinates {
+  bool per_head, per_batch;
+  __device__ __forceinline__ int head(int64_t h) const {
+    return per_head ? static_cast<int>(h) : 0;
+  }
+  __device__ __forceinline__ int batch(int64_t b) const {
+    return per_batch ? static_cast<int>(b) : 0;
+  }
+};
+
 // The kernel's one parameter, __grid_constant__ (the tile maps are read in parameter space).
 struct Arguments {
   CUtensorMap map_q, map_k, map_v;
   AttentionParams params;
-  // false: the tensor's (batch, head) pairs are one matrix (a single head, or broadcast),
-  // read at coordinate 0.
-  bool q_batched, kv_batched;
+  HeadBatchCoordinates q_at, k_at, v_at;
 };
 
 template <typename T, int kHeadDim, bool kCausal>
@@ -78,26 +89,25 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     prefetch_tile_map(&args.map_q);
     prefetch_tile_map(&args.map_k);
     prefetch_tile_map(&args.map_v);
-    const int q_pair = args.q_batched ? static_cast<int>(b * p.heads + h) : 0;
-    const int kv_pair =
-        args.kv_batched ? static_cast<int>(b * p.heads_kv + h / (p.heads / p.heads_kv)) : 0;
-    // Column block c of a tile: head-dim columns 64 c .. 64 c + 63 of 128 rows from `row`.
+    const int64_t h_kv = h / (p.heads / p.heads_kv);
+    // Column block c of a tile: head-dim columns 64 c .. 64 c + 63 of 128 rows from `row`
+    // of head `head`, batch entry `batch`.
     auto load_tile = [&](uint8_t* tile, const CUtensorMap* map, uint64_t* landed, int64_t row,
-                         int pair) {
+                         int head, int batch) {
       for (int c = 0; c < kHeadDim / 64; ++c) {
-        tma_load_tile(tile + c * kTileRows * kSwizzleRowBytes, map, landed, 64 * c,
-                      static_cast<int>(row), pair);
+        tma_load_tile_4d(tile + c * kTileRows * kSwizzleRowBytes, map, landed, 64 * c,
+                         static_cast<int>(row), head, batch);
       }
     };
     mbarrier_arrive_expect_tx(q_landed, kTile);  // whole boxes, zero-filled ones too
-    load_tile(smem_q, &args.map_q, q_landed, row0, q_pair);
+    load_tile(smem_q, &args.map_q, q_landed, row0, args.q_at.head(h), args.q_at.batch(b));
     for (int j = 0; j < key_blocks; ++j) {
       const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
       load_tile(smem_k + k_ring.stage * kTile, &args.map_k, k_ring.acquire(kTile), key0,
-                kv_pair);
+                args.k_at.head(h_kv), args.k_at.batch(b));
       k_ring.advance();
       load_tile(smem_v + v_ring.stage * kTile, &args.map_v, v_ring.acquire(kTile), key0,
-                kv_pair);
+                args.v_at.head(h_kv), args.v_at.batch(b));
       v_ring.advance();
     }
     return;
@@ -141,45 +151,32 @@ __global__ void __launch_bounds__(kRingThreads, 1)
 }
 
 // Whether the TMA kernel may take the call: dense, no mask, no dropout (head dims as
-// attention_sm90a::takes). describe() then says whether the tile maps can be made.
+// attention_sm90a::takes). describe_operands() then says whether the tile maps can be made.
 inline bool takes_tma(const AttentionParams& p) {
   return attention_sm90a::takes(p) && p.cu_seqlens_q == nullptr &&
          p.mask_kind == MaskKind::kNone && p.dropout_seed == nullptr;
 }
 
-// The tile map of a dense (batch, heads, seq, head_dim) tensor whose (batch, head) pairs are
-// one coordinate b * heads + h: where there is one head, or one batch entry, or the batch
-// stride spans the heads. Sets `batched` (false: a single matrix); false where it cannot.
-inline bool describe(CUtensorMap* map, bool& batched, const void* base,
+// The rank-4 tile map (head dim, seq, head, batch) of a dense (batch, heads, seq, head_dim)
+// tensor, any strides the TMA can read (a 16-byte aligned base, the others multiples of 8
+// elements); false where it cannot.
+inline bool describe(CUtensorMap* map, HeadBatchCoordinates& at, const void* base,
                      const AttentionStrides& strides, int64_t batch, int64_t heads,
                      int64_t seqlen, int64_t head_dim) {
-  int64_t pair_stride;
-  if (heads == 1) {
-    pair_stride = strides.batch;
-  } else if (batch == 1 || strides.batch == heads * strides.head) {
-    pair_stride = strides.head;
-  } else {
-    return false;
-  }
-  const TileMapShape shape{base,        2, head_dim, seqlen, batch * heads, strides.seq,
-                           pair_stride, kTileRows};
-  batched = batch * heads > 1 && pair_stride != 0;
-  return encode_tile_map(map, shape);
+  const TileMapShape shape{base,         2,         head_dim, seqlen, heads, strides.seq,
+                           strides.head, kTileRows, batch,    strides.batch};
+  at = {tile_map_batched(shape), tile_map_grouped(shape)};
+  return encode_tile_map_4d(map, shape);
 }
 
 inline bool describe_operands(const AttentionParams& p, Arguments& args) {
   args.params = p;
-  bool k_batched = false, v_batched = false;
-  const bool described =
-      describe(&args.map_q, args.q_batched, p.q, p.q_strides, p.batch, p.heads, p.seqlen_q,
-               p.head_dim) &&
-      describe(&args.map_k, k_batched, p.k, p.k_strides, p.batch, p.heads_kv, p.seqlen_k,
-               p.head_dim) &&
-      describe(&args.map_v, v_batched, p.v, p.v_strides, p.batch, p.heads_kv, p.seqlen_k,
-               p.head_dim);
-  // One coordinate reads both: K and V must both be batched, or both single matrices.
-  args.kv_batched = k_batched;
-  return described && k_batched == v_batched;
+  return describe(&args.map_q, args.q_at, p.q, p.q_strides, p.batch, p.heads, p.seqlen_q,
+                  p.head_dim) &&
+         describe(&args.map_k, args.k_at, p.k, p.k_strides, p.batch, p.heads_kv, p.seqlen_k,
+                  p.head_dim) &&
+         describe(&args.map_v, args.v_at, p.v, p.v_strides, p.batch, p.heads_kv, p.seqlen_k,
+                  p.head_dim);
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself

@@ -24,13 +24,15 @@ namespace tilesmith {
 // A batch of `batches` matrices of 1- or 2-byte elements, `outer` rows of `inner` elements
 // each (unit stride along inner), read in boxes of `box_outer` rows x 128 bytes: one
 // swizzled 128-byte row of shared memory per matrix row. Strides in elements; a batch
-// stride of 0 (a broadcast operand) reads matrix 0 for every batch entry.
+// stride of 0 (a broadcast operand) reads matrix 0 for every batch entry. Maps of rank 4
+// (encode_tile_map_4d) have `groups` such batches, `group_stride` apart (0: broadcast too).
 struct TileMapShape {
   const void* base;
   int element_bytes;
   int64_t inner, outer, batches;
   int64_t outer_stride, batch_stride;
   int box_outer;
+  int64_t groups = 1, group_stride = 0;
 };
 
 // Whether the TMA can read `shape` at all (the tile map's rules: a 16-byte aligned base,
@@ -39,9 +41,20 @@ inline bool tile_map_fits(const TileMapShape& s) {
   const int64_t kMaxCoordinate = (int64_t{1} << 31) - 512;
   return reinterpret_cast<uintptr_t>(s.base) % 16 == 0 &&
          (s.outer_stride * s.element_bytes) % 16 == 0 &&
-         (s.batch_stride * s.element_bytes) % 16 == 0 && s.inner > 0 && s.outer > 0 &&
-         s.batches > 0 && s.inner < kMaxCoordinate && s.outer < kMaxCoordinate &&
-         s.batches < kMaxCoordinate && s.box_outer > 0 && s.box_outer <= 256;
+         (s.batch_stride * s.element_bytes) % 16 == 0 &&
+         (s.group_stride * s.element_bytes) % 16 == 0 && s.inner > 0 && s.outer > 0 &&
+         s.batches > 0 && s.groups > 0 && s.inner < kMaxCoordinate &&
+         s.outer < kMaxCoordinate && s.batches < kMaxCoordinate && s.groups < kMaxCoordinate &&
+         s.box_outer > 0 && s.box_outer <= 256;
+}
+
+// Whether a map's batch (and group) coordinate selects a matrix: false where there is one,
+// or the stride is 0, and the kernel then reads coordinate 0.
+inline bool tile_map_batched(const TileMapShape& s) {
+  return s.batches > 1 && s.batch_stride != 0;
+}
+inline bool tile_map_grouped(const TileMapShape& s) {
+  return s.groups > 1 && s.group_stride != 0;
 }
 
 #ifndef TILESMITH_CPU_EMULATION
@@ -70,28 +83,40 @@ inline EncodeTiledFn encode_tiled_fn() {
   return fn;
 }
 
-// Encodes `shape` as a rank-3 (inner, outer, batch) tile map in the 128-byte swizzle,
-// out-of-range elements read as zero. Returns false (map unusable) where the TMA cannot
-// read it or the driver refuses it; the caller then takes its cp.async kernel.
-inline bool encode_tile_map(CUtensorMap* map, const TileMapShape& s) {
+// Encodes `shape` as a tile map of rank 3 (inner, outer, batch) or 4 (..., group) in the
+// 128-byte swizzle, out-of-range elements read as zero. Returns false (map unusable) where
+// the TMA cannot read it or the driver refuses it; the caller then takes its cp.async
+// kernel.
+inline bool encode_tile_map_rank(CUtensorMap* map, const TileMapShape& s, int rank) {
   const EncodeTiledFn encode = encode_tiled_fn();
   if (encode == nullptr || !tile_map_fits(s)) return false;
-  const bool batched = s.batches > 1 && s.batch_stride != 0;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(s.inner), static_cast<cuuint64_t>(s.outer),
-                              static_cast<cuuint64_t>(batched ? s.batches : 1)};
+  const bool batched = tile_map_batched(s), grouped = tile_map_grouped(s);
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(s.inner), static_cast<cuuint64_t>(s.outer),
+                              static_cast<cuuint64_t>(batched ? s.batches : 1),
+                              static_cast<cuuint64_t>(grouped ? s.groups : 1)};
+  // A dimension of extent 1 still needs a stride: that of a packed layout.
   const int64_t outer_bytes = s.outer_stride * s.element_bytes;
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(outer_bytes),
-                                 static_cast<cuuint64_t>(batched ? s.batch_stride * s.element_bytes
-                                                                 : outer_bytes * s.outer)};
-  const cuuint32_t box[3] = {static_cast<cuuint32_t>(128 / s.element_bytes),
-                             static_cast<cuuint32_t>(s.box_outer), 1};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const int64_t batch_bytes = batched ? s.batch_stride * s.element_bytes : outer_bytes * s.outer;
+  const int64_t group_bytes = grouped ? s.group_stride * s.element_bytes
+                                      : batch_bytes * static_cast<int64_t>(dims[2]);
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(outer_bytes),
+                                 static_cast<cuuint64_t>(batch_bytes),
+                                 static_cast<cuuint64_t>(group_bytes)};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / s.element_bytes),
+                             static_cast<cuuint32_t>(s.box_outer), 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   return encode(map, s.element_bytes == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
                                           : CU_TENSOR_MAP_DATA_TYPE_UINT16,
-                3, const_cast<void*>(s.base), dims, strides, box, element_strides,
+                rank, const_cast<void*>(s.base), dims, strides, box, element_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+inline bool encode_tile_map(CUtensorMap* map, const TileMapShape& s) {
+  return s.groups == 1 && encode_tile_map_rank(map, s, 3);
+}
+inline bool encode_tile_map_4d(CUtensorMap* map, const TileMapShape& s) {
+  return encode_tile_map_rank(map, s, 4);
 }
 
 // ---- device side ---------------------------------------------------------------------------
@@ -165,6 +190,17 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap* map,
       " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(shared_address(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(barrier)), "r"(inner), "r"(outer),
       "r"(batch)
+      : "memory");
+}
+// The same from a rank-4 map, at element (inner, outer, batch, group).
+__device__ __forceinline__ void tma_load_tile_4d(void* dst, const CUtensorMap* map,
+                                                 uint64_t* barrier, int inner, int outer,
+                                                 int batch, int group) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(barrier)), "r"(inner), "r"(outer),
+      "r"(batch), "r"(group)
       : "memory");
 }
 // Fetches the tile map into the TMA's cache ahead of the first load.

@@ -350,19 +350,21 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
     epilogue.pre = pre.data_ptr();
     epilogue.pre_row_stride = k;
   }
-  if (out.numel() > 0 && is_pointwise(cp)) {
-    // The (K, C, 1, 1) channels-last weight is (K, C) row-major: b = its transpose in place.
-    const int64_t c = cp.channels;
-    launch_pointwise(epilogue, {x.data_ptr(), c, 1}, {weight.data_ptr(), 1, c}, c, x);
-  } else if (out.numel() > 0) {
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
-    const HopperKernels* hopper = hopper_kernels();
-    cudaError_t error = cudaSuccess;
-    if (hopper == nullptr || !hopper->conv2d_fwd(cp, epilogue, bf16, stream_of(x), &error)) {
-      error = bf16 ? run_conv2d_fwd_sm80_bf16(cp, epilogue, stream_of(x))
-                   : run_conv2d_fwd_sm80_fp16(cp, epilogue, stream_of(x));
+  if (out.numel() > 0) {
+    if (is_pointwise(cp)) {
+      // The (K, C, 1, 1) channels-last weight is (K, C) row-major: b = its transpose.
+      const int64_t c = cp.channels;
+      launch_pointwise(epilogue, {x.data_ptr(), c, 1}, {weight.data_ptr(), 1, c}, c, x);
+    } else {
+      const bool bf16 = x.scalar_type() == at::kBFloat16;
+      const HopperKernels* hopper = hopper_kernels();
+      cudaError_t error = cudaSuccess;
+      if (hopper == nullptr || !hopper->conv2d_fwd(cp, epilogue, bf16, stream_of(x), &error)) {
+        error = bf16 ? run_conv2d_fwd_sm80_bf16(cp, epilogue, stream_of(x))
+                     : run_conv2d_fwd_sm80_fp16(cp, epilogue, stream_of(x));
+      }
+      TILESMITH_CHECK_LAUNCH(error);
     }
-    TILESMITH_CHECK_LAUNCH(error);
   }
   if (!is_channels_last(x_in)) return {out.contiguous(), pre.contiguous()};
   return {out, pre};

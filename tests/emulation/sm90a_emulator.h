@@ -160,6 +160,7 @@ inline void wgmma_wait(int pending_groups) {
 struct EmulatedTileMap {
   tilesmith::TileMapShape shape;
   int64_t batches;  // 1 where the map reads matrix 0 for every batch entry
+  int64_t groups;   // likewise, for the groups of a rank-4 map
 };
 static_assert(sizeof(EmulatedTileMap) <= sizeof(CUtensorMap), "fits the opaque tile map");
 
@@ -209,7 +210,7 @@ inline void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
 }
 
 inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, int inner,
-                          int outer, int batch) {
+                          int outer, int batch, int group) {
   EmulatedTileMap tile_map;
   std::memcpy(&tile_map, map, sizeof tile_map);
   const tilesmith::TileMapShape& s = tile_map.shape;
@@ -223,10 +224,14 @@ inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, 
     fail("TMA: batch coordinate " + std::to_string(batch) + " of a map with " +
          std::to_string(tile_map.batches));
   }
+  if (group < 0 || group >= tile_map.groups) {
+    fail("TMA: group coordinate " + std::to_string(group) + " of a map with " +
+         std::to_string(tile_map.groups));
+  }
   const uint32_t base = static_cast<uint32_t>(static_cast<unsigned char*>(dst) - machine->smem);
   MBarrier* landed = &mbarrier_at(barrier);  // must exist at issue
   // Returns "" or what went wrong (it may run in the scheduler, outside any thread).
-  auto land_copy = [tile_map, base, landed, inner, outer, batch, row_elements,
+  auto land_copy = [tile_map, base, landed, inner, outer, batch, group, row_elements,
                     box_bytes]() -> std::string {
     const tilesmith::TileMapShape& s = tile_map.shape;
     for (int r = 0; r < s.box_outer; ++r) {
@@ -240,7 +245,8 @@ inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, 
         }
         const unsigned char* src =
             static_cast<const unsigned char*>(s.base) +
-            (batch * s.batch_stride + y * s.outer_stride + x) * s.element_bytes;
+            (group * s.group_stride + batch * s.batch_stride + y * s.outer_stride + x) *
+                s.element_bytes;
         if (!in_global(src, s.element_bytes)) {
           return "TMA: reads " + hex(src) + " outside every buffer";
         }
@@ -263,13 +269,16 @@ inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, 
 
 namespace tilesmith {
 // The tile map holds the shape itself here (tma_load_tile reads it back).
-inline bool encode_tile_map(CUtensorMap* map, const TileMapShape& s) {
+inline bool encode_tile_map_4d(CUtensorMap* map, const TileMapShape& s) {
   if (!tile_map_fits(s)) return false;
   std::memset(map, 0, sizeof *map);
-  const tilesmith_emu::EmulatedTileMap emulated{
-      s, s.batches > 1 && s.batch_stride != 0 ? s.batches : 1};
+  const tilesmith_emu::EmulatedTileMap emulated{s, tile_map_batched(s) ? s.batches : 1,
+                                                tile_map_grouped(s) ? s.groups : 1};
   std::memcpy(map, &emulated, sizeof emulated);
   return true;
+}
+inline bool encode_tile_map(CUtensorMap* map, const TileMapShape& s) {
+  return s.groups == 1 && encode_tile_map_4d(map, s);
 }
 inline void mbarrier_init(uint64_t* barrier, int count) {
   tilesmith_emu::mbarrier_init(barrier, count);
@@ -284,7 +293,11 @@ inline void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
 }
 inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, int inner,
                           int outer, int batch) {
-  tilesmith_emu::tma_load_tile(dst, map, barrier, inner, outer, batch);
+  tilesmith_emu::tma_load_tile(dst, map, barrier, inner, outer, batch, 0);
+}
+inline void tma_load_tile_4d(void* dst, const CUtensorMap* map, uint64_t* barrier, int inner,
+                             int outer, int batch, int group) {
+  tilesmith_emu::tma_load_tile(dst, map, barrier, inner, outer, batch, group);
 }
 inline void prefetch_tile_map(const CUtensorMap*) {}
 template <int kRegisters>
