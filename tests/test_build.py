@@ -155,6 +155,11 @@ def test_sm90a_extension_has_wgmma_kernels_without_spills():
     assert len(attention) == 8, sorted(attention)
     assert not [k for k, u in attention.items() if u["STACK"] or u["LOCAL"]], attention
     assert {u["REG"] for u in attention.values()} == {168}, attention
+    # Its consumers' turns (Turns): named barriers 1 and 2 of 256 threads, their ids
+    # immediates (a register id makes ptxas reserve all 16 barriers).
+    for instruction in ("BAR.SYNC.DEFER_BLOCKING 0x1, 0x100", "BAR.SYNC.DEFER_BLOCKING 0x2, 0x100",
+                        "BAR.ARV 0x1, 0x100", "BAR.ARV 0x2, 0x100"):
+        assert instruction in sass, instruction
     # One setmaxnreg of each kind in each of the 32 + 12 + 8 TMA kernels (matmul, FP8 and
     # attention): ptxas drops them silently where the producer's and consumers' code
     # re-converge.

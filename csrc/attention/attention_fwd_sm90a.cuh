@@ -24,8 +24,9 @@
 // (kMasked, kDropout), so that the plain one keeps its registers.
 //
 // attention_fwd_tma_sm90a.cuh runs the same steps (ForwardRows below) fed by a TMA producer
-// warpgroup, for the calls without a mask or dropout that its tile maps can read. Not yet:
-// two warpgroups taking turns at softmax and MMA.
+// warpgroup, for the calls without a mask or dropout that its tile maps can read, its two
+// warpgroups taking turns at the tensor cores. Here they keep in step (the __syncthreads
+// that publishes each block's copies), so they do not.
 #pragma once
 
 #include <cmath>

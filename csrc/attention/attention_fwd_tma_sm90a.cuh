@@ -9,10 +9,14 @@
 //     wait on the previous block's V stage and issue its P V. A K stage is freed as soon as
 //     its S retired, a V stage when its P V did, so each tensor's loads run as far ahead as
 //     its own stages allow. No consumer thread computes an address or waits at a block-wide
-//     barrier in the key loop, and the two warpgroups no longer keep in step.
+//     barrier in the key loop.
 // The tiles are those of the cp.async kernel (128 rows by the head dim, kHeadDim / 64
 // swizzled column blocks), each column block one TMA box of 64 elements x 128 rows; rows past
 // the sequence and columns past the head dim arrive zero-filled.
+//
+// The two consumers take turns at the tensor cores (FlashAttention-3's ping-pong, Turns
+// below): one issues its step's products only once the other's S has retired, so that the
+// tensor cores run one warpgroup's S and P V while the other computes its softmax.
 //
 // Takes dense calls with neither a mask nor dropout (takes_tma) whose tensors the TMA can
 // read (rank-4 tile maps: head dim, seq, head, batch; any layout whose strides are
@@ -49,6 +53,37 @@ struct HeadBatchCoordinates {
   }
   __device__ __forceinline__ int batch(int64_t b) const {
     return per_batch ? static_cast<int>(b) : 0;
+  }
+};
+
+// The consumers' turns at issuing a step's products. Named barrier 1 + w is warpgroup w's
+// turn: w syncs on it before it issues its S and P V, and the other warpgroup arrives on it
+// once its own S has retired (its P V still queued on the tensor cores, so they do not
+// idle). Arriving between the issue and that wait instead makes ptxas serialise the wgmmas
+// (C7514, nvcc 13.0). The second consumer gives the first its first turn before the loop
+// and skips its arrival after the last step, so both barriers see as many arrivals as syncs
+// (every phase completes; the emulator checks that none is left part-way at exit).
+struct Turns {
+  static constexpr int kThreads = 2 * 128;  // both consumer warpgroups take part in each phase
+  int consumer;
+  int steps;  // key blocks: the same for both consumers
+  __device__ __forceinline__ void begin() const {
+    if (consumer == 1 && steps > 0) named_barrier_arrive<1, kThreads>();
+  }
+  __device__ __forceinline__ void wait_mine() const {
+    if (consumer == 0) {
+      named_barrier_sync<1, kThreads>();
+    } else {
+      named_barrier_sync<2, kThreads>();
+    }
+  }
+  // Once step j's S has retired.
+  __device__ __forceinline__ void pass(int j) const {
+    if (consumer == 0) {
+      named_barrier_arrive<2, kThreads>();
+    } else if (j + 1 < steps) {
+      named_barrier_arrive<1, kThreads>();
+    }
   }
 };
 
@@ -120,10 +155,13 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   // This warpgroup's 64 rows of Q: 64 rows into each column block.
   const uint32_t q_tile = shared_address(smem_q) + consumer * 64 * kSwizzleRowBytes;
   auto v_tile = [&] { return shared_address(smem_v + v_ring.stage * kTile); };
+  const Turns turns{consumer, key_blocks};
+  turns.begin();
   mbarrier_wait(q_landed, 0);
   for (int j = 0; j < key_blocks; ++j) {
     k_ring.wait_full();
     const int k_stage = k_ring.stage;
+    turns.wait_mine();
     mine.step(
         q_tile, shared_address(smem_k + k_stage * kTile), static_cast<int64_t>(j) * kBlockN,
         [&] {  // V of block j - 1: the V ring's current stage
@@ -133,6 +171,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
           return true;
         },
         [&] {
+          turns.pass(j);
           k_ring.release(k_stage);
           k_ring.advance();
         },

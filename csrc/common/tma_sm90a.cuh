@@ -219,6 +219,19 @@ __device__ __forceinline__ void warpgroup_claim_registers() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
+// Named barriers between warps (ids 1-15; __syncthreads owns 0): a phase completes when
+// kThreads threads (whole warps) have reached it; those that sync wait for it, those that
+// arrive go on. The attention forward's consumer warpgroups take turns with them. Ids are
+// immediates so that ptxas reserves only the barriers used (a register id reserves all 16).
+template <int kId, int kThreads>
+__device__ __forceinline__ void named_barrier_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
+}
+template <int kId, int kThreads>
+__device__ __forceinline__ void named_barrier_arrive() {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
+}
+
 #endif  // TILESMITH_CPU_EMULATION
 
 }  // namespace tilesmith

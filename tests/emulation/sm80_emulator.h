@@ -122,6 +122,7 @@ struct Machine {
   std::vector<Fiber> fibers;
   std::vector<WarpSlots> warps;
   Barrier block_barrier;
+  Barrier named_barriers[16];  // bar.sync / bar.arrive of sm90a_emulator.h; 0 is unused
   int current = -1;
   ucontext_t scheduler{};
   unsigned char* smem = nullptr;
@@ -394,6 +395,7 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
         // Shared memory starts as garbage on a GPU; here as a NaN-ish pattern.
         std::memset(smem, 0xff, smem_bytes);
         m.block_barrier = Barrier{threads, 0, 0};
+        for (Barrier& b : m.named_barriers) b = Barrier{};
         m.mbarriers.clear();
         m.bulk_copies.clear();
         for (WarpSlots& w : m.warps) w.barrier = Barrier{32, 0, 0};
@@ -435,6 +437,13 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
           if (!m.error.empty()) break;
           if (!any_unfinished) {
             if (!m.bulk_copies.empty()) m.error = "block exited with TMA copies in flight";
+            for (int id = 1; id < 16 && m.error.empty(); ++id) {
+              if (m.named_barriers[id].arrived != 0) {
+                m.error = "block exited with " + std::to_string(m.named_barriers[id].arrived) +
+                          " arrivals in an incomplete phase of named barrier " +
+                          std::to_string(id);
+              }
+            }
             break;
           }
           if (!ran) {

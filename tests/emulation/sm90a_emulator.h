@@ -16,7 +16,9 @@
 // address bits, as the hardware does), zero outside the matrix, and counts its bytes on the
 // mbarrier. It lands when no thread can run without it (or at issue with
 // TILESMITH_EMULATOR_COPIES=early). A thread waiting on an mbarrier phase sleeps until the
-// phase completes; a phase that never completes is reported as a deadlock.
+// phase completes; a phase that never completes is reported as a deadlock. Named barriers
+// (bar.sync, bar.arrive) count arrivals per phase; a block that exits with a phase part-way
+// counted is an error (the turns of a kernel that take them do not balance).
 #pragma once
 
 #include <cuda.h>
@@ -265,6 +267,36 @@ inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, 
   }
 }
 
+// Named barrier `id` for a phase of `threads` threads: ids 1-15 (0 is __syncthreads'),
+// whole warps, and one count for every arrival of a phase.
+inline Barrier& named_barrier(int id, int threads) {
+  const int block_threads =
+      static_cast<int>(machine->block_dim.x * machine->block_dim.y * machine->block_dim.z);
+  if (id < 1 || id > 15) fail("bar: barrier id " + std::to_string(id) + " outside 1-15");
+  if (threads <= 0 || threads % 32 != 0 || threads > block_threads) {
+    fail("bar: " + std::to_string(threads) + " threads in a block of " +
+         std::to_string(block_threads));
+  }
+  Barrier& b = machine->named_barriers[id];
+  if (b.arrived == 0) {
+    b.size = threads;
+  } else if (b.size != threads) {
+    fail("bar: barrier " + std::to_string(id) + " phase of " + std::to_string(b.size) +
+         " threads reached with a count of " + std::to_string(threads));
+  }
+  return b;
+}
+inline void named_barrier_sync(int id, int threads) {
+  arrive_and_wait(named_barrier(id, threads));
+}
+inline void named_barrier_arrive(int id, int threads) {
+  Barrier& b = named_barrier(id, threads);
+  if (++b.arrived == b.size) {
+    b.arrived = 0;
+    ++b.generation;
+  }
+}
+
 }  // namespace tilesmith_emu
 
 namespace tilesmith {
@@ -304,6 +336,14 @@ template <int kRegisters>
 inline void warpgroup_release_registers() {}
 template <int kRegisters>
 inline void warpgroup_claim_registers() {}
+template <int kId, int kThreads>
+inline void named_barrier_sync() {
+  tilesmith_emu::named_barrier_sync(kId, kThreads);
+}
+template <int kId, int kThreads>
+inline void named_barrier_arrive() {
+  tilesmith_emu::named_barrier_arrive(kId, kThreads);
+}
 
 template <typename A, typename B>
 inline void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
