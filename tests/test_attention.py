@@ -220,6 +220,13 @@ def test_hopper_kernels_leave_the_rest_to_the_sm80_kernels():
     if tilesmith.backend._TMA_DEFAULT:
         got = names(*seq_major)
         assert "attention_fwd_tma_kernel" in got and "attention_sm90a::attention_fwd_" not in got
+        # Packed batches too: one tile map over all the tokens, each sequence from its offset.
+        cu = torch.tensor([0, 37, 37, 237], device=DEVICE, dtype=torch.int32)
+        packed = [torch.randn(237, 2, 128, device=DEVICE, dtype=torch.bfloat16)
+                  for _ in range(3)]
+        got = cuda_kernel_names(lambda: tilesmith.ops.varlen_attention(
+            *packed, cu, cu, 200, 200, causal=True, backend="cuda"))
+        assert "attention_fwd_tma_kernel" in got and "attention_sm90a::attention_fwd_" not in got
     mask = torch.ones(200, 200, device=DEVICE, dtype=torch.bool)
     for kwargs in ({"attn_mask": mask}, {"dropout_p": 0.1}):
         got = names(q, k, v, **kwargs)

@@ -411,7 +411,8 @@ class AttentionParams(ctypes.Structure):
                 ("heads_kv", ctypes.c_int64), ("seqlen_q", ctypes.c_int64),
                 ("seqlen_k", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("cu_seqlens_q", ctypes.c_void_p),
-                ("cu_seqlens_k", ctypes.c_void_p), ("scale_log2", ctypes.c_float),
+                ("cu_seqlens_k", ctypes.c_void_p), ("tokens_q", ctypes.c_int64),
+                ("tokens_k", ctypes.c_int64), ("scale_log2", ctypes.c_float),
                 ("scale", ctypes.c_float),
                 ("mask", ctypes.c_void_p), ("mask_kind", ctypes.c_int),
                 ("mask_strides", MaskStrides), ("dmask", ctypes.c_void_p),
@@ -1097,15 +1098,16 @@ def packed_strides(t):
 
 
 @pytest.mark.parametrize("kernel,dropout_p", [("sm80", 0.0), ("sm80", 0.25), ("sm90a", 0.0),
-                                              ("sm90a", 0.25)],
-                         ids=["sm80", "sm80_dropout", "sm90a", "sm90a_dropout"])
+                                              ("sm90a", 0.25), ("sm90a_tma", 0.0)],
+                         ids=["sm80", "sm80_dropout", "sm90a", "sm90a_dropout", "sm90a_tma"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
     # Sequences of 37, 0, 70 and 5 queries over 50, 20, 66 and 5 keys (sm90a: 150 queries
     # over 140 keys for the third, past one 128-row block); GQA 4:2; d=64 (sm90a: 128). With
     # dropout, sequence i drops what batch entry i of the dense mask drops, over its own
-    # (sequence-local) positions.
-    hopper = kernel == "sm90a"
+    # (sequence-local) positions. sm90a_tma: the TMA-fed forward (whose tiles run on into
+    # the next sequence's rows), then the wgmma backward.
+    hopper = kernel.startswith("sm90a")
     dtype, d, heads, heads_kv = torch.bfloat16, 128 if hopper else 64, 4, 2
     lengths_q, lengths_k = [37, 0, 150 if hopper else 70, 5], [50, 20, 140 if hopper else 66, 5]
     cu_q = torch.tensor([0] + list(itertools.accumulate(lengths_q)), dtype=torch.int32)
@@ -1125,6 +1127,7 @@ def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
                         heads_kv=heads_kv, seqlen_q=max(lengths_q), seqlen_k=max(lengths_k),
                         head_dim=d,
                         cu_seqlens_q=cu_q.data_ptr(), cu_seqlens_k=cu_k.data_ptr(),
+                        tokens_q=q.shape[0], tokens_k=k.shape[0],
                         scale_log2=scale * math.log2(math.e), scale=scale)
     seed_value = 0x2545F4914F6CDD1D
     seed = torch.tensor([seed_value], dtype=torch.int64)
@@ -1138,10 +1141,15 @@ def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
 
     def launch(backward):
         ptrs, sizes, count = buffer_table([q, k, v] + ([grad_out] if backward else []))
-        entry = emulated("attention_sm90a").emulate_attention_sm90a if hopper else \
-            lib.emulate_attention
-        status = entry(ctypes.byref(p), DTYPE_CODES[dtype], int(causal), int(backward), ptrs,
-                       sizes, count, error, len(error))
+        if kernel == "sm90a_tma" and not backward:
+            status = emulated("attention_sm90a").emulate_attention_fwd_tma(
+                ctypes.byref(p), DTYPE_CODES[dtype], int(causal), ptrs, sizes, count, error,
+                len(error))
+        else:
+            entry = emulated("attention_sm90a").emulate_attention_sm90a if hopper else \
+                lib.emulate_attention
+            status = entry(ctypes.byref(p), DTYPE_CODES[dtype], int(causal), int(backward),
+                           ptrs, sizes, count, error, len(error))
         assert status == 0, error.value.decode()
 
     launch(False)

@@ -38,6 +38,8 @@ struct AttentionParams {
   // to cu_seqlens[b + 1] of (tokens, heads, dim) tensors, batch strides 0. Dense: nullptr.
   const int* cu_seqlens_q = nullptr;
   const int* cu_seqlens_k = nullptr;
+  // Packed: the tokens of q (and out), and of k and v: the rows the TMA's tile maps span.
+  int64_t tokens_q = 0, tokens_k = 0;
   float scale_log2;  // softmax scale * log2(e): the kernels exponentiate with exp2
   float scale;
 

@@ -169,8 +169,11 @@ struct Packing {
                 "varlen_attention: max_seqlen_q and max_seqlen_k must be >= 0");
   }
 
+  // On make_params' view of the packed tensors, whose seqlen_q and seqlen_k are the tokens.
   void apply(AttentionParams& p) const {
     p.batch = cu_seqlens_q.size(0) - 1;
+    p.tokens_q = p.seqlen_q;
+    p.tokens_k = p.seqlen_k;
     for (AttentionStrides* s : {&p.q_strides, &p.k_strides, &p.v_strides, &p.out_strides,
                                 &p.grad_out_strides, &p.dq_strides, &p.dk_strides,
                                 &p.dv_strides}) {

@@ -12,16 +12,19 @@
 //     barrier in the key loop.
 // The tiles are those of the cp.async kernel (128 rows by the head dim, kHeadDim / 64
 // swizzled column blocks), each column block one TMA box of 64 elements x 128 rows; rows past
-// the sequence and columns past the head dim arrive zero-filled.
+// the tensor and columns past the head dim arrive zero-filled. In a packed batch a tile's
+// rows past its sequence are the next sequence's: their keys are masked as past the
+// sequence's end (their probabilities exactly 0), and their query rows are not stored.
 //
 // The two consumers take turns at the tensor cores (FlashAttention-3's ping-pong, Turns
 // below): one issues its step's products only once the other's S has retired, so that the
 // tensor cores run one warpgroup's S and P V while the other computes its softmax.
 //
-// Takes dense calls with neither a mask nor dropout (takes_tma) whose tensors the TMA can
-// read (rank-4 tile maps: head dim, seq, head, batch; any layout whose strides are
-// multiples of 8 elements); run() sends the rest, and every call hopper_kernels(tma=False)
-// routes, to the cp.async kernel. Not persistent: one block per 128 query rows, as there.
+// Takes calls with neither a mask nor dropout (takes_tma), dense or packed, whose tensors
+// the TMA can read (rank-4 tile maps: head dim, seq, head, batch; any layout whose strides
+// are multiples of 8 elements); run() sends the rest, and every call
+// hopper_kernels(tma=False) routes, to the cp.async kernel. Not persistent: one block per
+// 128 query rows, as there.
 #pragma once
 
 #include "../common/stage_ring_sm90a.cuh"
@@ -98,6 +101,13 @@ template <typename T, int kHeadDim, bool kCausal>
 __global__ void __launch_bounds__(kRingThreads, 1)
     attention_fwd_tma_kernel(const __grid_constant__ Arguments args) {
   constexpr int kTile = kTileBytes<kHeadDim>;
+  const AttentionParams& p = args.params;
+  const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const attention_sm80::Sequence seq = attention_sm80::sequence(p, b, h);
+  if (row0 >= seq.seqlen_q) return;  // packed batches launch for the longest sequence
+  const int key_blocks = attention_sm90a::key_blocks_for<kCausal>(row0, seq.seqlen_k);
+
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   uint8_t* smem_q = aligned_shared(shared_bytes);
   uint8_t* smem_k = smem_q + kTile;
@@ -111,12 +121,6 @@ __global__ void __launch_bounds__(kRingThreads, 1)
     v_ring.init(kRingConsumerWarps);
   }
   __syncthreads();
-
-  const AttentionParams& p = args.params;
-  const int64_t row0 = attention_sm80::query_block<kBlockM>(kCausal);
-  const int64_t h = blockIdx.y, b = blockIdx.z;
-  const attention_sm80::Sequence seq = attention_sm80::sequence(p, b, h);
-  const int key_blocks = attention_sm90a::key_blocks_for<kCausal>(row0, seq.seqlen_k);
 
   if (threadIdx.x < 128) {  // the producer warpgroup; one thread issues
     warpgroup_release_registers<kProducerRegisters>();
@@ -135,9 +139,10 @@ __global__ void __launch_bounds__(kRingThreads, 1)
       }
     };
     mbarrier_arrive_expect_tx(q_landed, kTile);  // whole boxes, zero-filled ones too
-    load_tile(smem_q, &args.map_q, q_landed, row0, args.q_at.head(h), args.q_at.batch(b));
+    load_tile(smem_q, &args.map_q, q_landed, seq.q_start + row0, args.q_at.head(h),
+              args.q_at.batch(b));
     for (int j = 0; j < key_blocks; ++j) {
-      const int64_t key0 = static_cast<int64_t>(j) * kBlockN;
+      const int64_t key0 = seq.k_start + static_cast<int64_t>(j) * kBlockN;
       load_tile(smem_k + k_ring.stage * kTile, &args.map_k, k_ring.acquire(kTile), key0,
                 args.k_at.head(h_kv), args.k_at.batch(b));
       k_ring.advance();
@@ -192,13 +197,14 @@ __global__ void __launch_bounds__(kRingThreads, 1)
 // Whether the TMA kernel may take the call: dense, no mask, no dropout (head dims as
 // attention_sm90a::takes). describe_operands() then says whether the tile maps can be made.
 inline bool takes_tma(const AttentionParams& p) {
-  return attention_sm90a::takes(p) && p.cu_seqlens_q == nullptr &&
-         p.mask_kind == MaskKind::kNone && p.dropout_seed == nullptr;
+  return attention_sm90a::takes(p) && p.mask_kind == MaskKind::kNone &&
+         p.dropout_seed == nullptr;
 }
 
-// The rank-4 tile map (head dim, seq, head, batch) of a dense (batch, heads, seq, head_dim)
+// The rank-4 tile map (head dim, seq, head, batch) of a (batch, heads, seq, head_dim)
 // tensor, any strides the TMA can read (a 16-byte aligned base, the others multiples of 8
-// elements); false where it cannot.
+// elements); false where it cannot. A packed tensor is one batch entry (its batch stride
+// is 0) of all its tokens.
 inline bool describe(CUtensorMap* map, HeadBatchCoordinates& at, const void* base,
                      const AttentionStrides& strides, int64_t batch, int64_t heads,
                      int64_t seqlen, int64_t head_dim) {
@@ -210,11 +216,14 @@ inline bool describe(CUtensorMap* map, HeadBatchCoordinates& at, const void* bas
 
 inline bool describe_operands(const AttentionParams& p, Arguments& args) {
   args.params = p;
-  return describe(&args.map_q, args.q_at, p.q, p.q_strides, p.batch, p.heads, p.seqlen_q,
+  const bool packed = p.cu_seqlens_q != nullptr;
+  const int64_t rows_q = packed ? p.tokens_q : p.seqlen_q;
+  const int64_t rows_k = packed ? p.tokens_k : p.seqlen_k;
+  return describe(&args.map_q, args.q_at, p.q, p.q_strides, p.batch, p.heads, rows_q,
                   p.head_dim) &&
-         describe(&args.map_k, args.k_at, p.k, p.k_strides, p.batch, p.heads_kv, p.seqlen_k,
+         describe(&args.map_k, args.k_at, p.k, p.k_strides, p.batch, p.heads_kv, rows_k,
                   p.head_dim) &&
-         describe(&args.map_v, args.v_at, p.v, p.v_strides, p.batch, p.heads_kv, p.seqlen_k,
+         describe(&args.map_v, args.v_at, p.v, p.v_strides, p.batch, p.heads_kv, rows_k,
                   p.head_dim);
 }
 
