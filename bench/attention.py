@@ -12,6 +12,8 @@ PyTorch's fused backends that takes dropout), forward+backward, dropout_p = 0.1.
 a learnable additive bias per head (1, H, S, S) with its gradient, and a bool key-padding
 mask (B, 1, 1, S), forward+backward, against SDPA's memory-efficient backend (the one that
 takes both, and the bias's gradient) and its cuDNN backend where it accepts the mask.
+Decoding (full sweep only): one query row over a cache of 8k-64k keys, forward, against
+SDPA's flash backend (which splits the keys, as the Triton forward does there).
 """
 
 from __future__ import annotations
@@ -122,7 +124,44 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
             _mask_row(rows, seqlen, 128, dtype, mask_kind, backends)
             if checkpoint:
                 checkpoint(rows)
+    for batch, seqlen in ([] if quick else [(1, 8192), (1, 65536), (8, 8192)]):
+        _decode_row(rows, batch, seqlen, 128, dtype, backends)
+        if checkpoint:
+            checkpoint(rows)
     return rows
+
+
+def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32):
+    """Forward of one query row per (batch, head) over `seqlen` keys: few query blocks for
+    the GPU's SMs, where the Triton forward splits the keys. Against SDPA's flash backend."""
+    q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype)
+            for _ in range(2))
+    ref = F.scaled_dot_product_attention(q[:1, :1].double(), k[:1, :1].double(),
+                                         v[:1, :1].double())
+    contenders = list(harness.contenders("attention", backends, q.device, dtype))
+    contenders += [(name, name, {}) for name in TORCH_BACKENDS if name != "sdpa_math"]
+    timings = {}
+    for name, backend, switches in contenders:
+        fn = _contender(backend)
+        with tilesmith.backend.hopper_kernels(**switches):
+            try:
+                err = testing.rel_error(fn(q[:1, :1], k[:1, :1], v[:1, :1], False), ref)
+            except RuntimeError as exc:
+                print(f"  {name}: {str(exc).splitlines()[0][:100]}")
+                continue
+            timings[name] = (harness.median_ms(lambda: fn(q, k, v, False)), err)
+    base_ms = timings.get("sdpa_flash", (None,))[0]
+    flops = 4 * batch * heads * seqlen * head_dim
+    for name, (ms, err) in timings.items():
+        rows.append(harness.Row(
+            op="attention", mode="decode", backend=name,
+            baseline="sdpa_flash" if base_ms else "none", dtype=str(dtype).removeprefix("torch."),
+            shape={"B": batch, "H": heads, "Sq": 1, "Sk": seqlen, "D": head_dim}, ms=ms,
+            tflops=flops / ms / 1e9, baseline_ms=base_ms, ratio=base_ms / ms if base_ms else None,
+            rel_err=err, peak_mem_bytes=None, joules=None))
+    print(f"attention decode B={batch} Sk={seqlen}: " + ", ".join(
+        f"{n} {t[0]:.3f} ms" for n, t in timings.items()), flush=True)
 
 
 def _training_rows(rows, what, shape, step, torch_backends, backends, dtype):

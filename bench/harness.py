@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class Row:
     op: str
-    mode: str  # fwd | bwd | fwd+bwd
+    mode: str  # fwd | bwd | fwd+bwd; conv2d: fused, dgrad, wgrad; attention: decode
     backend: str
     baseline: str
     dtype: str

@@ -7,6 +7,12 @@ compile-time switches: a boolean or additive mask (strides of 0 broadcast it), c
 masking aligned top-left as in torch.nn.functional.scaled_dot_product_attention, grouped
 key/value heads, packed variable-length batches (cu_seqlens), and dropout of the
 probabilities (dropout_keep: Philox, so the backward regenerates the same mask).
+
+Calls with too few query blocks to fill the GPU (decoding) split the keys (SPLIT): program
+(m, bh, i) walks keys i * split_keys .. (i + 1) * split_keys - 1 only and writes its rows'
+output, normalised over those keys, and their log-sum-exp to fp32 partials;
+attention_split_combine_kernel then weighs each split by exp(lse_i - lse). Flash-decoding's
+scheme; the result and lse are those of one pass, up to rounding.
 """
 
 import os
@@ -114,12 +120,16 @@ def attention_fwd_kernel(
     stride_lb, stride_lh,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale,
     dropout_threshold, dropout_scale, tune_seqlen,
+    split_keys, stride_o_split, stride_l_split,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # tune_seqlen is read by the autotuner only (its key): the longer sequence length rounded
-    # up to a power of two, so that a new length does not mean a new tuning run.
+    # up to a power of two, so that a new length does not mean a new tuning run. With SPLIT,
+    # o_ptr and lse_ptr are the partials, split i stride_o_split / stride_l_split further on,
+    # and split_keys is a multiple of every BLOCK_N.
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_heads
@@ -153,7 +163,14 @@ def attention_fwd_kernel(
     if CAUSAL:
         hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
     hi = tl.where(start_m * BLOCK_M < seqlen_q, hi, 0)
-    for start_n in range(0, hi, BLOCK_N):
+    lo = 0
+    if SPLIT:
+        split = tl.program_id(2)
+        lo = split * split_keys
+        hi = tl.minimum(hi, lo + split_keys)
+        o_ptr += split.to(tl.int64) * stride_o_split
+        lse_ptr += split.to(tl.int64) * stride_l_split
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k_t = load_block(k_base, offs_d, head_dim, stride_kd, cols, seqlen_k, stride_ks, UPCAST,
                          ACC_DTYPE)
@@ -194,6 +211,59 @@ def attention_fwd_kernel(
              mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v))
     lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
     tl.store(lse_base + rows, lse.to(lse_ptr.dtype.element_ty), mask=rows < seqlen_q)
+
+
+@triton.jit
+def attention_split_combine_kernel(
+    o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, cu_seqlens_q_ptr,
+    stride_pb, stride_ph, stride_ps, stride_pd, stride_p_split,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh, stride_l_split,
+    num_splits, num_heads, seqlen_q, head_dim_v,
+    VARLEN: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """out and lse of BLOCK_M query rows of one (batch, head) from the key splits' partials:
+    lse = log sum_i exp(lse_i), out = sum_i exp(lse_i - lse) out_i. The partial lse share
+    lse's layout (split i stride_l_split further on); a row that no split saw keeps zeros and
+    lse = -inf."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    q_start, seqlen_q = sequence_bounds(cu_seqlens_q_ptr, b, seqlen_q, VARLEN)
+    b64 = b.to(tl.int64)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_rows = rows < seqlen_q
+    in_block = in_rows[:, None] & (offs_dv[None, :] < head_dim_v)
+    lse_rows = lse_part_ptr + b64 * stride_lb + h * stride_lh + q_start + rows
+    part_rows = (o_part_ptr + b64 * stride_pb + h * stride_ph
+                 + (q_start + rows).to(tl.int64)[:, None] * stride_ps
+                 + offs_dv[None, :] * stride_pd)
+
+    m = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    for i in range(0, num_splits):
+        part = tl.load(lse_rows + i * stride_l_split, mask=in_rows, other=float("-inf"))
+        m = tl.maximum(m, part.to(ACC_DTYPE))
+    m_base = tl.where(m == float("-inf"), 0.0, m)  # no NaN from -inf - (-inf)
+    total = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
+    for i in range(0, num_splits):
+        weight = tl.exp(tl.load(lse_rows + i * stride_l_split, mask=in_rows,
+                                other=float("-inf")).to(ACC_DTYPE) - m_base)
+        part = tl.load(part_rows + i * stride_p_split, mask=in_block, other=0.0)
+        total += weight
+        acc += weight[:, None] * part.to(ACC_DTYPE)
+
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    lse = tl.where(empty, float("-inf"), m_base + tl.log(tl.where(empty, 1.0, total)))
+    o_base = o_ptr + b64 * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_os
+    tl.store(o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
+             to_output(out, o_ptr, UPCAST), mask=in_block)
+    lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
+    tl.store(lse_base + rows, lse.to(lse_ptr.dtype.element_ty), mask=in_rows)
 
 
 @triton.jit

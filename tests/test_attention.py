@@ -56,6 +56,11 @@ def _check(got, ref, base, name):
 @pytest.mark.parametrize("backend,dtype", _params(DTYPES))
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_forward_and_gradients_match_float64(backend, dtype, name):
+    _check_sample(backend, dtype, name)
+
+
+def _check_sample(backend, dtype, name):
+    """Output and every gradient of attention sample `name` against float64 (GUIDE §3)."""
     sample = _sample(name, dtype)
     _skip_if_backend_cannot(backend, sample.args, sample.kwargs)
     kwargs = dict(sample.kwargs)
@@ -340,6 +345,10 @@ def _varlen_reference(sample, dtype):
 @pytest.mark.parametrize("backend,dtype", _params(DTYPES))
 @pytest.mark.parametrize("name", VARLEN_NAMES)
 def test_varlen_forward_and_gradients(backend, dtype, name):
+    _check_varlen_sample(backend, dtype, name)
+
+
+def _check_varlen_sample(backend, dtype, name):
     sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, dtype)}[name]
     _skip_if_backend_cannot(backend, sample.args)
     q, k, v, cu_q, cu_k, max_q, max_k = sample.args
@@ -361,6 +370,98 @@ def test_varlen_forward_and_gradients(backend, dtype, name):
     _check(out, ref, base, "out")
     for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv"]):
         _check(got, want, baseline, what)
+
+
+# ---- the Triton forward split over the keys (flash-decoding) ---------------------------------
+
+def _split_size(longest):
+    """Keys per split for the tests: a multiple of the forward's key block (on a GPU, of
+    every tuned tile's; under the interpreter, of its 16- or 64-key tiles)."""
+    if HAS_GPU:
+        return 128
+    return 16 if longest <= 128 else 64
+
+
+def _splits_keys(sample_args):
+    q, k = sample_args[0], sample_args[1]
+    return k.shape[2] > _split_size(max(q.shape[2], k.shape[2]))
+
+
+SPLIT_NAMES = [s.name for s in testing.attention_sample_inputs("cpu", torch.float32,
+                                                                large=HAS_GPU)
+               if _splits_keys(s.args)]
+TRITON_PARAMS = [p for p in _params([torch.bfloat16, torch.float32]) if p.values[0] == "triton"]
+
+
+def _forced_splits(monkeypatch, keys):
+    """Forces `keys` per split and returns the list of what each forward call used."""
+    chosen = []
+    decide = attention_ops._keys_per_split
+
+    def recording(*args):
+        chosen.append(decide(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(attention_ops, "_keys_per_split", recording)
+    monkeypatch.setattr(attention_ops, "_FORCED_SPLIT_KEYS", [keys])
+    return chosen
+
+
+@pytest.mark.parametrize("backend,dtype", TRITON_PARAMS)
+@pytest.mark.parametrize("name", SPLIT_NAMES)
+def test_triton_forward_split_over_keys_matches_float64(backend, dtype, name, monkeypatch):
+    """The samples whose keys span more than one split, each split's partial output and
+    lse combined by attention_split_combine_kernel; the backward reads the combined ones."""
+    q, k = _sample(name, dtype).args[:2]
+    keys = _split_size(max(q.shape[2], k.shape[2]))
+    chosen = _forced_splits(monkeypatch, keys)
+    _check_sample(backend, dtype, name)
+    assert chosen == [keys]
+
+
+@pytest.mark.parametrize("backend,dtype", TRITON_PARAMS)
+@pytest.mark.parametrize("name", VARLEN_NAMES)
+def test_triton_varlen_forward_split_over_keys_matches_float64(backend, dtype, name,
+                                                               monkeypatch):
+    # (On a GPU these sequences are shorter than one split of 128 keys.)
+    chosen = _forced_splits(monkeypatch, _split_size(0))
+    _check_varlen_sample(backend, dtype, name)
+    assert chosen == [_split_size(0)]
+
+
+@pytest.mark.parametrize("backend,dtype", TRITON_PARAMS)
+def test_triton_forward_split_keeps_the_dropout_mask(backend, dtype, monkeypatch):
+    """Dropout over split keys: the same Philox mask (it is a function of row and key), so
+    the same output as one pass over the keys, up to the combine's rounding."""
+    q = torch.randn(2, 3, 9, 32, device=DEVICE).to(dtype)
+    k, v = (torch.randn(2, 3, 70, 32, device=DEVICE).to(dtype) for _ in range(2))
+    seed = attention_ops.draw_dropout_seed(q.device)
+    whole, whole_lse = attention_ops._attention_fwd_triton(q, k, v, None, False, 0.2, 0.3, seed)
+    chosen = _forced_splits(monkeypatch, _split_size(70))
+    split, split_lse = attention_ops._attention_fwd_triton(q, k, v, None, False, 0.2, 0.3, seed)
+    assert chosen == [_split_size(70)]
+    # bf16: the two round their fp32 results to bf16 apart by at most an ulp (2^-8 relative).
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split, whole, **tol)
+    torch.testing.assert_close(split_lse, whole_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_per_split_only_where_the_query_blocks_leave_sms_idle(monkeypatch):
+    monkeypatch.setattr(attention_ops, "_sm_count", lambda index: 132)
+    gpu = type("Query", (), {"device": torch.device("cuda", 0)})()
+    decide = attention_ops._keys_per_split
+    # Decoding, batch 1 x 32 heads: 4 splits of a 8192-key cache, 2048 keys each.
+    assert decide(gpu, 1, 32, 1, 8192) == 2048
+    assert decide(gpu, 1, 8, 1, 8192) == 512  # 16 splits, each at least 512 keys
+    # At most 64 splits: ceil(100000 / 64) = 1563 keys, rounded up to 7 x 256.
+    assert decide(gpu, 1, 1, 1, 100_000) == 1792
+    assert decide(gpu, 8, 32, 1, 8192) == 0  # 256 blocks: the GPU is full
+    assert decide(gpu, 1, 32, 1, 600) == 0  # too few keys to split
+    assert decide(gpu, 1, 8, 4096, 4096) == 0  # 256 query blocks
+    cpu = type("Query", (), {"device": torch.device("cpu")})()
+    assert decide(cpu, 1, 1, 1, 8192) == 0
+    with attention_ops.split_keys(64):
+        assert decide(cpu, 1, 1, 1, 8192) == 64
 
 
 # ---- GPU-only: opcheck, compile, memory -------------------------------------------------------

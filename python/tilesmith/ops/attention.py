@@ -68,6 +68,48 @@ def tile_config(**configs):
         _FORCED_TILES.update(previous)
 
 
+# Keys per split forced by split_keys() (tests); None: _keys_per_split decides.
+_FORCED_SPLIT_KEYS: list = [None]
+# Splits are whole multiples of this many keys, which every BLOCK_N (16 .. 128) divides.
+_SPLIT_GRANULE = 256
+
+
+@contextlib.contextmanager
+def split_keys(keys: int | None):
+    """Make the Triton forward split the keys into ranges of ``keys`` whatever the shape, as
+    tests do on the CPU: a multiple of the forward's key block (under the interpreter 16 up
+    to 128 tokens, else 64; on a GPU 128 covers every tuned tile). None restores the
+    default, 0 never splits."""
+    previous = _FORCED_SPLIT_KEYS[0]
+    _FORCED_SPLIT_KEYS[0] = keys
+    try:
+        yield
+    finally:
+        _FORCED_SPLIT_KEYS[0] = previous
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _keys_per_split(q, batch, heads, seqlen_q, seqlen_k) -> int:
+    """Keys per split of the Triton forward, 0 for none: on a GPU, only where the query
+    blocks (counted at 128 rows) fill at most half of its SMs, in as many splits as make
+    about one block per SM, each of at least 512 keys (at most 64 splits)."""
+    forced = _FORCED_SPLIT_KEYS[0]
+    if forced is not None:
+        return forced
+    if q.device.type != "cuda":
+        return 0
+    blocks = batch * heads * -(-seqlen_q // 128)
+    splits = min(_sm_count(q.device.index) // max(blocks, 1), seqlen_k // 512, 64)
+    if splits < 2:
+        return 0
+    per_split = -(-seqlen_k // splits)
+    return -(-per_split // _SPLIT_GRANULE) * _SPLIT_GRANULE
+
+
 def _kernel_space(kind: str):
     """(Triton kernel, its autotune configs by head-dim class) for "fwd", "dkdv" or "dq"."""
     from tilesmith.kernels import attention_bwd, attention_fwd
@@ -92,7 +134,7 @@ def _tuned_kernel(kind: str, widest: int):
     if os.environ.get("TILESMITH_TRITON_AUTOTUNE", "full") == "first":
         configs = configs[:1]
     key = ["tune_seqlen", "group_size", "head_dim", "head_dim_v", "MASK_KIND", "CAUSAL",
-           "VARLEN", "DROPOUT", "MASK_GRAD"]
+           "VARLEN", "DROPOUT", "SPLIT", "MASK_GRAD"]
     # Tuning runs the dQ kernel several times: its atomically summed mask gradient restarts
     # from zero before each run.
     reset = ["dmask_ptr"] if kind == "dq" else None
@@ -218,36 +260,60 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
 
     from tilesmith.kernels.attention_fwd import LOG2E
 
+    from tilesmith.kernels.attention_fwd import INTERPRETING, attention_split_combine_kernel
+
     if varlen:
         total_q, heads, head_dim = q.shape
         heads_kv, head_dim_v = k.shape[1], v.shape[2]
         out = new_output((total_q, heads, head_dim_v), like=q)
         lse = new_output((heads, total_q), like=q, dtype=_lse_dtype(q.dtype))
-        strides = [_packed_strides(t) for t in (q, k, v)] + [_mask_strides(None),
-                                                             _packed_strides(out)]
+        layout = _packed_strides
         lse_strides = (0, lse.stride(0))
     else:
         heads, head_dim = q.shape[1], q.shape[3]
         heads_kv, head_dim_v = k.shape[1], v.shape[3]
         out = new_output((batch, heads, seqlen_q, head_dim_v), like=q)
         lse = new_output((batch, heads, seqlen_q), like=q, dtype=_lse_dtype(q.dtype))
-        strides = [_dense_strides(t) for t in (q, k, v)] + [_mask_strides(mask),
-                                                            _dense_strides(out)]
+        layout = _dense_strides
         lse_strides = (lse.stride(0), lse.stride(1))
     if out.numel() == 0:
         return out, lse
     longest = max(seqlen_q, seqlen_k)
     kernel, tiles = _kernel_and_tiles("fwd", head_dim, head_dim_v, longest)
+    # Split over the keys: the kernel writes partials (in lse's precision) for the combine.
+    keys_per_split = _keys_per_split(q, batch, heads, seqlen_q, seqlen_k)
+    block_n = tiles.get("BLOCK_N", 128)  # autotuned: 128 is a multiple of every config's
+    if keys_per_split % block_n:
+        raise ValueError(f"split_keys: {keys_per_split} keys per split is not a multiple of "
+                         f"the forward's {block_n}-key blocks")
+    splits = triton.cdiv(seqlen_k, keys_per_split) if keys_per_split else 1
+    if splits > 1:
+        out_target = torch.empty((splits, *out.shape), dtype=lse.dtype, device=q.device)
+        lse_target = torch.empty((splits, *lse.shape), dtype=lse.dtype, device=q.device)
+    else:
+        out_target, lse_target = out, lse
+    out_layout = layout(out_target[0] if splits > 1 else out)
+    strides = [layout(t) for t in (q, k, v)] + [_mask_strides(mask), out_layout]
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads, splits)
 
     wrap_triton(kernel)[grid](
-        q, k, v, _mask_pointer(mask, q), out, lse, cu_q, cu_k, q if seed is None else seed,
-        *[s for group in strides for s in group], *lse_strides,
+        q, k, v, _mask_pointer(mask, q), out_target, lse_target, cu_q, cu_k,
+        q if seed is None else seed, *[s for group in strides for s in group], *lse_strides,
         heads, heads // heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E,
         *_dropout_args(dropout_p), triton_next_power_of_2(longest),
-        **_common_constexprs(q, mask, causal, varlen, dropout_p), **tiles)
+        keys_per_split, out_target.stride(0), lse_target.stride(0),
+        SPLIT=splits > 1, **_common_constexprs(q, mask, causal, varlen, dropout_p), **tiles)
+    if splits > 1:
+        block_m = 16 if INTERPRETING else 64
+        wrap_triton(attention_split_combine_kernel)[
+            (triton.cdiv(seqlen_q, block_m), batch * heads)](
+            out_target, lse_target, out, lse, cu_q, *out_layout, out_target.stride(0),
+            *layout(out), *lse_strides, lse_target.stride(0), splits,
+            heads, seqlen_q, head_dim_v, VARLEN=varlen, UPCAST=INTERPRETING,
+            ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_M=block_m, BLOCK_DV=tiles["BLOCK_DV"],
+            num_warps=4)
     return out, lse
 
 
