@@ -25,8 +25,8 @@
 //
 // attention_fwd_tma_sm90a.cuh runs the same steps (ForwardRows below) fed by a TMA producer
 // warpgroup, for the calls without a mask or dropout that its tile maps can read, its two
-// warpgroups taking turns at the tensor cores. Here they keep in step (the __syncthreads
-// that publishes each block's copies), so they do not.
+// warpgroups taking turns at the tensor cores. Here the two keep in step (a __syncthreads
+// publishes each block's copies), so they cannot take turns.
 #pragma once
 
 #include <cmath>

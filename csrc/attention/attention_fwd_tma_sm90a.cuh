@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kRingThreads, 1)
   mine.store(seq);
 }
 
-// Whether the TMA kernel may take the call: dense, no mask, no dropout (head dims as
+// Whether the TMA kernel may take the call: no mask, no dropout (head dims as
 // attention_sm90a::takes). describe_operands() then says whether the tile maps can be made.
 inline bool takes_tma(const AttentionParams& p) {
   return attention_sm90a::takes(p) && p.mask_kind == MaskKind::kNone &&

@@ -258,9 +258,8 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
     """Shared by the dense and packed forward ops: allocate, launch, return (out, lse)."""
     import triton
 
-    from tilesmith.kernels.attention_fwd import LOG2E
-
-    from tilesmith.kernels.attention_fwd import INTERPRETING, attention_split_combine_kernel
+    from tilesmith.kernels.attention_fwd import (INTERPRETING, LOG2E,
+                                                 attention_split_combine_kernel)
 
     if varlen:
         total_q, heads, head_dim = q.shape
