@@ -42,10 +42,11 @@ def _contender(name):
     if name in TORCH_BACKENDS:
         def run(q, k, v, causal):
             with sdpa_kernel(TORCH_BACKENDS[name]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                      enable_gqa=k.shape[1] != q.shape[1])
         return run
     return lambda q, k, v, causal: tilesmith.ops.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, backend=name)
+        q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1], backend=name)
 
 
 def _measure(fn, q, k, v, causal, mode):
@@ -124,21 +125,26 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
             _mask_row(rows, seqlen, 128, dtype, mask_kind, backends)
             if checkpoint:
                 checkpoint(rows)
-    for batch, seqlen in ([] if quick else [(1, 8192), (1, 65536), (8, 8192)]):
-        _decode_row(rows, batch, seqlen, 128, dtype, backends)
+    # Decoding, 32 query heads over 32 kv heads and (Llama-style GQA) over 8.
+    for batch, seqlen, kv_heads in ([] if quick else [(1, 8192, 32), (1, 65536, 32),
+                                                      (8, 8192, 32), (1, 8192, 8),
+                                                      (8, 8192, 8)]):
+        _decode_row(rows, batch, seqlen, 128, dtype, backends, kv_heads=kv_heads)
         if checkpoint:
             checkpoint(rows)
     return rows
 
 
-def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32):
+def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32, kv_heads=32):
     """Forward of one query row per (batch, head) over `seqlen` keys: few query blocks for
-    the GPU's SMs, where the Triton forward splits the keys. Against SDPA's flash backend."""
+    the GPU's SMs, where both forwards split the keys (and the Triton one packs each kv
+    head's query heads into one block). Against SDPA's flash backend."""
     q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
-    k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, seqlen, head_dim, device="cuda", dtype=dtype)
             for _ in range(2))
-    ref = F.scaled_dot_product_attention(q[:1, :1].double(), k[:1, :1].double(),
-                                         v[:1, :1].double())
+    group = heads // kv_heads
+    ref = F.scaled_dot_product_attention(q[:1, :group].double(), k[:1, :1].double(),
+                                         v[:1, :1].double(), enable_gqa=True)
     contenders = list(harness.contenders("attention", backends, q.device, dtype))
     contenders += [(name, name, {}) for name in TORCH_BACKENDS if name != "sdpa_math"]
     timings = {}
@@ -146,7 +152,7 @@ def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32):
         fn = _contender(backend)
         with tilesmith.backend.hopper_kernels(**switches):
             try:
-                err = testing.rel_error(fn(q[:1, :1], k[:1, :1], v[:1, :1], False), ref)
+                err = testing.rel_error(fn(q[:1, :group], k[:1, :1], v[:1, :1], False), ref)
             except RuntimeError as exc:
                 print(f"  {name}: {str(exc).splitlines()[0][:100]}")
                 continue
@@ -157,10 +163,11 @@ def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32):
         rows.append(harness.Row(
             op="attention", mode="decode", backend=name,
             baseline="sdpa_flash" if base_ms else "none", dtype=str(dtype).removeprefix("torch."),
-            shape={"B": batch, "H": heads, "Sq": 1, "Sk": seqlen, "D": head_dim}, ms=ms,
+            shape={"B": batch, "H": heads, "Hkv": kv_heads, "Sq": 1, "Sk": seqlen,
+                   "D": head_dim}, ms=ms,
             tflops=flops / ms / 1e9, baseline_ms=base_ms, ratio=base_ms / ms if base_ms else None,
             rel_err=err, peak_mem_bytes=None, joules=None))
-    print(f"attention decode B={batch} Sk={seqlen}: " + ", ".join(
+    print(f"attention decode B={batch} Hkv={kv_heads} Sk={seqlen}: " + ", ".join(
         f"{n} {t[0]:.3f} ms" for n, t in timings.items()), flush=True)
 
 

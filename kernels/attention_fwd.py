@@ -13,6 +13,13 @@ Calls with too few query blocks to fill the GPU (decoding) split the keys (SPLIT
 output, normalised over those keys, and their log-sum-exp to fp32 partials;
 attention_split_combine_kernel then weighs each split by exp(lse_i - lse). Flash-decoding's
 scheme; the result and lse are those of one pass, up to rounding.
+
+Grouped-query calls with short queries pack each key/value head's group of query heads into
+one block's rows (PACK_GQA): program (m, b * kv_heads + h_kv) takes packed rows m * BLOCK_M
+onwards, packed row r being query row r // group_size of query head h_kv * group_size +
+r % group_size. The group then reads each K and V block once instead of once per query head
+(decoding with 8 query heads per kv head reads an eighth of the cache), and its rows fill the
+block instead of leaving most of it empty.
 """
 
 import os
@@ -93,7 +100,8 @@ def masked_scores(s, rows, cols, seqlen_q, seqlen_k, mask_ptrs,
 def dropout_keep(seed, stream, rows, start_n, threshold,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which probabilities of a BLOCK_M x BLOCK_N tile (query rows ``rows``, keys from
-    ``start_n``, a multiple of 4) survive dropout in ``stream`` (batch * heads + query head).
+    ``start_n``, a multiple of 4) survive dropout in ``stream`` (batch * heads + query head;
+    a [BLOCK_M, 1] column of them where the rows belong to different heads).
     One Philox call, counter (key // 4, row, stream, 0), gives the uniform 32-bit words of
     four neighbouring keys, so the mask is a function of (seed, stream, row, key) alone:
     the backward's kernels, whose tiles differ, regenerate exactly the forward's mask.
@@ -122,7 +130,7 @@ def attention_fwd_kernel(
     dropout_threshold, dropout_scale, tune_seqlen,
     split_keys, stride_o_split, stride_l_split,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -132,37 +140,54 @@ def attention_fwd_kernel(
     # and split_keys is a multiple of every BLOCK_N.
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    h_kv = h // group_size
+    # rows: each block row's query row; heads: its query head (a scalar unless PACK_GQA).
+    if PACK_GQA:
+        kv_heads = num_heads // group_size
+        b = bh // kv_heads
+        h_kv = bh % kv_heads
+        packed = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = packed // group_size
+        heads = h_kv * group_size + packed % group_size
+    else:
+        b = bh // num_heads
+        heads = bh % num_heads
+        h_kv = heads // group_size
+        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_start, seqlen_q = sequence_bounds(cu_seqlens_q_ptr, b, seqlen_q, VARLEN)
     k_start, seqlen_k = sequence_bounds(cu_seqlens_k_ptr, b, seqlen_k, VARLEN)
     b64 = b.to(tl.int64)
 
-    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_base = q_ptr + b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
+    in_rows = rows < seqlen_q
+    # Row pointers of q, the mask, out and lse ([BLOCK_M] each).
+    tokens = q_start.to(tl.int64) + rows
+    q_rows = q_ptr + b64 * stride_qb + heads * stride_qh + tokens * stride_qs
+    mask_rows = mask_ptr + b64 * stride_mb + heads * stride_mh + rows * stride_mq
     k_base = k_ptr + b64 * stride_kb + h_kv * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh + k_start.to(tl.int64) * stride_vs
-    mask_base = mask_ptr + b64 * stride_mb + h * stride_mh
 
-    q = load_block(q_base, rows, seqlen_q, stride_qs, offs_d, head_dim, stride_qd, UPCAST,
-                   ACC_DTYPE)
+    q = tl.load(q_rows[:, None] + offs_d[None, :] * stride_qd,
+                mask=in_rows[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    if UPCAST:
+        q = q.to(ACC_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
     if DROPOUT:
         seed = tl.load(seed_ptr)
+        stream = b * num_heads + heads  # dropout_keep's stream of each row
+        if PACK_GQA:
+            stream = stream[:, None]
 
     # Key blocks this query block can see; none when the block lies past its sequence
     # (packed batches launch for the longest sequence).
     hi = seqlen_k
     if CAUSAL:
-        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
-    hi = tl.where(start_m * BLOCK_M < seqlen_q, hi, 0)
+        hi = tl.minimum(hi, tl.max(rows) + 1)
+    hi = tl.where(tl.min(rows) < seqlen_q, hi, 0)
     lo = 0
     if SPLIT:
         split = tl.program_id(2)
@@ -176,8 +201,8 @@ def attention_fwd_kernel(
                          ACC_DTYPE)
         s = tl.dot(q, k_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         s, valid = masked_scores(s, rows, cols, seqlen_q, seqlen_k,
-                                 mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk,
-                                 MASK_KIND, CAUSAL)
+                                 mask_rows[:, None] + cols[None, :] * stride_mk, MASK_KIND,
+                                 CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; exponentiate against 0 instead so
         # that exp2(-inf - (-inf)) never makes a NaN.
@@ -190,7 +215,8 @@ def attention_fwd_kernel(
         # Dropout removes probabilities from the product with v only: the normaliser l
         # sums them all, and the 1 / (1 - dropout_p) rescaling is applied once at the end.
         if DROPOUT:
-            keep = dropout_keep(seed, bh, rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, stream, rows, start_n, dropout_threshold, BLOCK_M,
+                                BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
                                             out_dtype=ACC_DTYPE)
@@ -205,12 +231,11 @@ def attention_fwd_kernel(
     # globals that are not tl.constexpr, which the interpreter does not enforce.)
     lse = tl.where(empty, float("-inf"),
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_base = o_ptr + b64 * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_os
-    tl.store(o_base + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
-             to_output(out, o_ptr, UPCAST),
-             mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v))
-    lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
-    tl.store(lse_base + rows, lse.to(lse_ptr.dtype.element_ty), mask=rows < seqlen_q)
+    o_rows = o_ptr + b64 * stride_ob + heads * stride_oh + tokens * stride_os
+    tl.store(o_rows[:, None] + offs_dv[None, :] * stride_od, to_output(out, o_ptr, UPCAST),
+             mask=in_rows[:, None] & (offs_dv[None, :] < head_dim_v))
+    lse_rows = lse_ptr + b64 * stride_lb + heads * stride_lh + tokens
+    tl.store(lse_rows, lse.to(lse_ptr.dtype.element_ty), mask=in_rows)
 
 
 @triton.jit

@@ -372,11 +372,12 @@ def _check_varlen_sample(backend, dtype, name):
         _check(got, want, baseline, what)
 
 
-# ---- the Triton forward split over the keys (flash-decoding) ---------------------------------
+# ---- the forward split over the keys (flash-decoding) -----------------------------------------
 
 def _split_size(longest):
     """Keys per split for the tests: a multiple of the forward's key block (on a GPU, of
-    every tuned tile's; under the interpreter, of its 16- or 64-key tiles)."""
+    every tuned Triton tile's and of the CUDA kernel's 64; under the interpreter, of the
+    Triton kernel's 16- or 64-key tiles)."""
     if HAS_GPU:
         return 128
     return 16 if longest <= 128 else 64
@@ -390,7 +391,7 @@ def _splits_keys(sample_args):
 SPLIT_NAMES = [s.name for s in testing.attention_sample_inputs("cpu", torch.float32,
                                                                 large=HAS_GPU)
                if _splits_keys(s.args)]
-TRITON_PARAMS = [p for p in _params([torch.bfloat16, torch.float32]) if p.values[0] == "triton"]
+SPLIT_PARAMS = _params([torch.bfloat16, torch.float32])
 
 
 def _forced_splits(monkeypatch, keys):
@@ -407,9 +408,9 @@ def _forced_splits(monkeypatch, keys):
     return chosen
 
 
-@pytest.mark.parametrize("backend,dtype", TRITON_PARAMS)
+@pytest.mark.parametrize("backend,dtype", SPLIT_PARAMS)
 @pytest.mark.parametrize("name", SPLIT_NAMES)
-def test_triton_forward_split_over_keys_matches_float64(backend, dtype, name, monkeypatch):
+def test_forward_split_over_keys_matches_float64(backend, dtype, name, monkeypatch):
     """The samples whose keys span more than one split, each split's partial output and
     lse combined by attention_split_combine_kernel; the backward reads the combined ones."""
     q, k = _sample(name, dtype).args[:2]
@@ -419,31 +420,97 @@ def test_triton_forward_split_over_keys_matches_float64(backend, dtype, name, mo
     assert chosen == [keys]
 
 
-@pytest.mark.parametrize("backend,dtype", TRITON_PARAMS)
+@pytest.mark.parametrize("backend,dtype", SPLIT_PARAMS)
 @pytest.mark.parametrize("name", VARLEN_NAMES)
-def test_triton_varlen_forward_split_over_keys_matches_float64(backend, dtype, name,
-                                                               monkeypatch):
+def test_varlen_forward_split_over_keys_matches_float64(backend, dtype, name, monkeypatch):
     # (On a GPU these sequences are shorter than one split of 128 keys.)
     chosen = _forced_splits(monkeypatch, _split_size(0))
     _check_varlen_sample(backend, dtype, name)
     assert chosen == [_split_size(0)]
 
 
-@pytest.mark.parametrize("backend,dtype", TRITON_PARAMS)
-def test_triton_forward_split_keeps_the_dropout_mask(backend, dtype, monkeypatch):
+@pytest.mark.parametrize("backend,dtype", SPLIT_PARAMS)
+def test_forward_split_keeps_the_dropout_mask(backend, dtype):
     """Dropout over split keys: the same Philox mask (it is a function of row and key), so
     the same output as one pass over the keys, up to the combine's rounding."""
     q = torch.randn(2, 3, 9, 32, device=DEVICE).to(dtype)
-    k, v = (torch.randn(2, 3, 70, 32, device=DEVICE).to(dtype) for _ in range(2))
+    k, v = (torch.randn(2, 3, 300, 32, device=DEVICE).to(dtype) for _ in range(2))
+    _skip_if_backend_cannot(backend, (q, k, v), dict(dropout_p=0.3))
     seed = attention_ops.draw_dropout_seed(q.device)
-    whole, whole_lse = attention_ops._attention_fwd_triton(q, k, v, None, False, 0.2, 0.3, seed)
-    chosen = _forced_splits(monkeypatch, _split_size(70))
-    split, split_lse = attention_ops._attention_fwd_triton(q, k, v, None, False, 0.2, 0.3, seed)
-    assert chosen == [_split_size(70)]
+
+    def forward(keys_per_split):
+        args = (q, k, v, None, False, 0.2, 0.3, seed)
+        if backend == "cuda":
+            return torch.ops.tilesmith.attention_fwd_cuda(*args, keys_per_split)
+        with attention_ops.split_keys(keys_per_split):
+            return attention_ops._attention_fwd_triton(*args)
+
+    whole, whole_lse = forward(0)
+    split, split_lse = forward(_split_size(300))
     # bf16: the two round their fp32 results to bf16 apart by at most an ulp (2^-8 relative).
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split, whole, **tol)
     torch.testing.assert_close(split_lse, whole_lse, rtol=1e-5, atol=1e-5)
+
+
+# ---- the Triton forward's packed GQA groups ------------------------------------------------
+
+GQA_NAMES = [s.name for s in testing.attention_sample_inputs("cpu", torch.float32,
+                                                              large=HAS_GPU)
+             if s.args[1].shape[1] < s.args[0].shape[1]]
+
+
+@pytest.mark.parametrize("backend,dtype",
+                         [p for p in SPLIT_PARAMS if p.values[0] == "triton"])
+@pytest.mark.parametrize("name", GQA_NAMES)
+def test_triton_forward_unpacked_gqa_matches_float64(backend, dtype, name, monkeypatch):
+    """The grouped-query samples, which the forward packs by default where seq_q < 128,
+    with one program per query head instead (as longer queries run)."""
+    asked = []
+
+    def never(group_size, seqlen_q):
+        asked.append((group_size, seqlen_q))
+        return False
+
+    monkeypatch.setattr(attention_ops, "_packs_gqa", never)
+    _check_sample(backend, dtype, name)
+    assert asked
+
+
+def test_packs_gqa_only_for_groups_with_short_queries():
+    assert attention_ops._packs_gqa(4, 1) and attention_ops._packs_gqa(8, 127)
+    assert not attention_ops._packs_gqa(4, 128) and not attention_ops._packs_gqa(1, 1)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_forward_split_launches_the_combine(dtype):
+    """A decoding call (and a packed one) on the cuda backend: split (the sm80 forward and
+    attention_split_combine_kernel, also on Hopper) and unsplit outputs agree, and the
+    default splits a 1-query call over a long cache."""
+    why = tilesmith.backend.unavailable_reason("cuda", "attention", DEVICE, dtype)
+    if why:
+        pytest.skip(why)
+    q = torch.randn(1, 4, 1, 128, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(1, 4, 4096, 128, device=DEVICE, dtype=dtype) for _ in range(2))
+    with attention_ops.split_keys(0):
+        whole, whole_lse = attention_ops._kernel_attention("cuda", q, k, v, None, False, 0.1)
+    names = cuda_kernel_names(
+        lambda: attention_ops._kernel_attention("cuda", q, k, v, None, False, 0.1))
+    assert "attention_split_combine_kernel" in names, names
+    split, split_lse = attention_ops._kernel_attention("cuda", q, k, v, None, False, 0.1)
+    torch.testing.assert_close(split, whole, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(split_lse, whole_lse, rtol=1e-5, atol=1e-5)
+
+    lengths = [300, 1, 700]
+    cu = torch.tensor([0, 300, 301, 1001], device=DEVICE, dtype=torch.int32)
+    packed = [torch.randn(sum(lengths), 4, 64, device=DEVICE, dtype=dtype) for _ in range(3)]
+    outs = []
+    for keys in (0, 128):
+        with attention_ops.split_keys(keys):
+            outs.append(tilesmith.ops.varlen_attention(*packed, cu, cu, 700, 700, causal=True,
+                                                       backend="cuda"))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-2, atol=1e-2)
 
 
 def test_keys_per_split_only_where_the_query_blocks_leave_sms_idle(monkeypatch):

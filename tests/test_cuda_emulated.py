@@ -418,7 +418,9 @@ class AttentionParams(ctypes.Structure):
                 ("mask_strides", MaskStrides), ("dmask", ctypes.c_void_p),
                 ("dmask_strides", MaskStrides), ("dropout_seed", ctypes.c_void_p),
                 ("dropout_threshold", ctypes.c_uint32), ("dropout_scale", ctypes.c_float),
-                ("grad_out", ctypes.c_void_p), ("delta", ctypes.c_void_p),
+                ("keys_per_split", ctypes.c_int64), ("o_partial", ctypes.c_void_p),
+                ("lse_partial", ctypes.c_void_p), ("grad_out", ctypes.c_void_p),
+                ("delta", ctypes.c_void_p),
                 ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
                 ("grad_out_strides", AttentionStrides), ("dq_strides", AttentionStrides),
                 ("dk_strides", AttentionStrides), ("dv_strides", AttentionStrides)]
@@ -460,10 +462,32 @@ def set_dropout(p, dropout):
         p.dropout_scale = 1.0 / (1.0 - dropout_p)
 
 
-def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None, hopper=False):
+def set_split(p, keys_per_split, rows, head_dim):
+    """Split the forward over the keys, keys_per_split at a time, into guarded fp32 partials
+    for `rows` lse rows: returns their storages (empty without a split) to check later."""
+    splits = -(-p.seqlen_k // keys_per_split) if keys_per_split else 1
+    if splits == 1:
+        return []
+    o_partial, o_storage = guarded_empty((splits, rows, head_dim), torch.float32)
+    lse_partial, lse_storage = guarded_empty((splits, rows), torch.float32)
+    p.keys_per_split = keys_per_split
+    p.o_partial, p.lse_partial = o_partial.data_ptr(), lse_partial.data_ptr()
+    return [o_storage, lse_storage]
+
+
+def assert_partials_written(storages):
+    """Every row of set_split's partials written (every lse row has a block in each split),
+    and nothing around them."""
+    for storage in storages:
+        assert_guards_untouched(storage, "partials")
+        assert not storage[GUARD:-GUARD].isnan().any(), "a split left partials unwritten"
+
+
+def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None, hopper=False,
+                      keys_per_split=0):
     """(out, lse) of the forward kernel: attention_fwd_sm90a.cuh's (wgmma) with hopper True,
     attention_fwd_tma_sm90a.cuh's with hopper "tma", and None where it does not take the
-    call; else attention_fwd_sm80.cuh's."""
+    call; else attention_fwd_sm80.cuh's, split over the keys with keys_per_split."""
     lib = emulated("attention")
     assert lib.attention_params_size() == ctypes.sizeof(AttentionParams)
     b, h, sq, d = q.shape
@@ -473,6 +497,7 @@ def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None, hopper=Fa
     p.out, p.out_strides, p.lse = out.data_ptr(), strides_of(out), lse.data_ptr()
     set_mask(p, mask)
     set_dropout(p, dropout)
+    partials = set_split(p, keys_per_split, b * h * sq, d)
     ptrs, sizes, count = buffer_table([q, k, v])
     error = ctypes.create_string_buffer(512)
     if hopper == "tma":
@@ -489,6 +514,7 @@ def run_attention_fwd(q, k, v, causal, scale, mask=None, dropout=None, hopper=Fa
     assert status == 0, error.value.decode()
     assert_guards_untouched(out_storage, "out")
     assert_guards_untouched(lse_storage, "lse")
+    assert_partials_written(partials)
     return out, lse
 
 
@@ -629,6 +655,50 @@ def test_attention_forward_kernel_no_keys():
     q, k, v = attention_inputs(1, 2, 2, 20, 0, 64, torch.bfloat16)
     out, lse = run_attention_fwd(q, k, v, False, 0.125)
     assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+SPLIT_CASES = {
+    # name: (batch, heads, kv heads, seq_q, seq_k, head dim, causal, keys per split,
+    #        bool mask with a fully masked row?, dropout?)
+    "decode_d64_gqa": (2, 4, 2, 1, 250, 64, False, 64, False, False),
+    "d128_views_3_splits": (1, 2, 1, 20, 300, 128, False, 128, False, False),
+    # Causal with seq_q < seq_k (top-left): the rows see the first keys only, so every split
+    # past the first is empty and gives -inf partials.
+    "d128_causal_empty_splits": (1, 2, 1, 40, 300, 128, True, 64, False, False),
+    "d64_causal_query_blocks": (1, 1, 1, 150, 200, 64, True, 128, False, False),
+    # Head dim 256 steps 32 keys at a time: two steps per split.
+    "d256_edges": (1, 2, 2, 20, 200, 256, False, 64, False, False),
+    "d80_in_d128_bool_mask": (1, 2, 2, 30, 190, 80, False, 64, True, False),
+    "d64_gqa_dropout": (1, 4, 2, 33, 210, 64, False, 64, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_attention_forward_kernel_split_over_the_keys(case):
+    """Flash-decoding: each split's fp32 partials, weighed by attention_split_combine_kernel,
+    against float64 attention by the 2x rule; the lse within 1e-5."""
+    b, h, hk, sq, sk, d, causal, per_split, masked, dropout = SPLIT_CASES[case]
+    dtype, scale = torch.bfloat16, d ** -0.5
+    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype, seq_major="views" in case)
+    mask = keep = drop = None
+    if masked:
+        mask = torch.rand(b, h, sq, sk) > 0.3
+        mask[:, :, 3] = False
+    if dropout:
+        seed_value, dropout_p = 0x0123456789ABCDEF, 0.3
+        drop = (torch.tensor([seed_value], dtype=torch.int64), dropout_p)
+        keep = testing.attention_dropout_keep_reference(seed_value, b, h, sq, sk, dropout_p)
+    out, lse = run_attention_fwd(q, k, v, causal, scale, mask, drop, keys_per_split=per_split)
+
+    def reference(compute_dtype):
+        return attention_reference(q, k, v, causal, scale, compute_dtype, mask=mask, keep=keep,
+                                   dropout_p=drop[1] if drop else 0.0)
+
+    (ref, ref_lse), (base, _) = reference(torch.float64), reference(dtype)
+    assert_close_to_reference(out, ref, base)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+    assert torch.isneginf(lse[~finite]).all() and (out[~finite] == 0).all()
 
 
 def run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask=None, dmask=None,
@@ -1097,16 +1167,19 @@ def packed_strides(t):
     return AttentionStrides(0, t.stride(1), t.stride(0))
 
 
-@pytest.mark.parametrize("kernel,dropout_p", [("sm80", 0.0), ("sm80", 0.25), ("sm90a", 0.0),
+@pytest.mark.parametrize("kernel,dropout_p", [("sm80", 0.0), ("sm80", 0.25), ("sm80_split", 0.0),
+                                              ("sm80_split", 0.25), ("sm90a", 0.0),
                                               ("sm90a", 0.25), ("sm90a_tma", 0.0)],
-                         ids=["sm80", "sm80_dropout", "sm90a", "sm90a_dropout", "sm90a_tma"])
+                         ids=["sm80", "sm80_dropout", "sm80_split", "sm80_split_dropout",
+                              "sm90a", "sm90a_dropout", "sm90a_tma"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
     # Sequences of 37, 0, 70 and 5 queries over 50, 20, 66 and 5 keys (sm90a: 150 queries
     # over 140 keys for the third, past one 128-row block); GQA 4:2; d=64 (sm90a: 128). With
     # dropout, sequence i drops what batch entry i of the dense mask drops, over its own
     # (sequence-local) positions. sm90a_tma: the TMA-fed forward (whose tiles run on into
-    # the next sequence's rows), then the wgmma backward.
+    # the next sequence's rows), then the wgmma backward. sm80_split: the forward in two
+    # splits of 64 keys (the first sequence's second split is empty), then its backward.
     hopper = kernel.startswith("sm90a")
     dtype, d, heads, heads_kv = torch.bfloat16, 128 if hopper else 64, 4, 2
     lengths_q, lengths_k = [37, 0, 150 if hopper else 70, 5], [50, 20, 140 if hopper else 66, 5]
@@ -1137,6 +1210,7 @@ def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
         keep = testing.attention_dropout_keep_reference(seed_value, len(lengths_q), heads,
                                                         max(lengths_q), max(lengths_k),
                                                         dropout_p)
+    partials = set_split(p, 64 if kernel == "sm80_split" else 0, heads * q.shape[0], d)
     error = ctypes.create_string_buffer(512)
 
     def launch(backward):
@@ -1155,6 +1229,8 @@ def test_attention_kernels_on_packed_varlen_batches(causal, kernel, dropout_p):
     launch(False)
     assert_guards_untouched(out_storage, "out")
     assert_guards_untouched(lse_storage, "lse")
+    assert_partials_written(partials)
+    p.keys_per_split = 0  # the backward has no split
     grad_out = torch.randn(q.shape).to(dtype)
     delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()  # (heads, tokens)
     grads = [guarded_empty(t.shape, dtype) for t in (q, k, v)]

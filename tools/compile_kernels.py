@@ -108,6 +108,13 @@ def record_launches():
             mask = kwargs.get("attn_mask")
             extra = (mask,) if mask is not None and mask.requires_grad else ()
             grad(out, q, kv, *extra)
+    # The forward's other specialisations (the calls above pack their GQA groups): one head
+    # per kv head, and keys split (with the combine kernel), packed and not.
+    q = torch.randn(1, 2, 200, 64, dtype=bf16)
+    with tilesmith.ops.attention_split_keys(128):
+        tilesmith.ops.scaled_dot_product_attention(q, q, q, backend="triton")
+        tilesmith.ops.scaled_dot_product_attention(q[:, :, :1], q[:, :1], q[:, :1],
+                                                   enable_gqa=True, backend="triton")
     cu = torch.tensor([0, 30, 64], dtype=torch.int32)
     q = torch.randn(64, 4, 128, dtype=bf16, requires_grad=True)
     k = torch.randn(64, 2, 128, dtype=bf16, requires_grad=True)

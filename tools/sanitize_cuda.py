@@ -212,6 +212,21 @@ def main() -> int:
     check("varlen attention", out, ref)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         check(f"varlen attention {name}", got, want, bar=5e-2)
+    # ... and its forward split over the keys (flash-decoding) in 64-key ranges: the first
+    # sequence's second split is empty.
+    with tilesmith.ops.attention_split_keys(64):
+        out = tilesmith.ops.varlen_attention(q, k, v, cu, cu, 70, 70, causal=True,
+                                             backend="cuda")
+    check("varlen attention split over keys", out, ref)
+
+    # Decoding: one query over 1000 keys, split in 256-key ranges (the sm_80 forward and
+    # attention_split_combine_kernel, on Hopper too).
+    q = torch.randn(2, 4, 1, 128, device=dev, dtype=bf16)
+    k, v = (torch.randn(2, 4, 1000, 128, device=dev, dtype=bf16) for _ in range(2))
+    with tilesmith.ops.attention_split_keys(256):
+        out = tilesmith.ops.scaled_dot_product_attention(q, k, v, backend="cuda")
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 128 ** -0.5, -1) @ v.double()
+    check("attention decode split over keys", out, ref)
 
     # conv2d: 3x3 stride 2, 1x1, channels-last and NCHW, forward (fused) and backward; on
     # an H100 once on the wgmma kernels and once on the sm_80 ones (depthwise has its own).

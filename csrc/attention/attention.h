@@ -61,6 +61,16 @@ struct AttentionParams {
   uint32_t dropout_threshold = 0;
   float dropout_scale = 1.0f;
 
+  // Split over the keys (flash-decoding), forward only, for calls whose query blocks are too
+  // few to fill the GPU: with keys_per_split > 0 (a multiple of 64), block (query block,
+  // split s) of the sm80 forward takes keys s * keys_per_split onwards and writes an fp32
+  // output normalised by its own sum, and its log-sum-exp, for lse row r (the index lse
+  // uses, above): o_partial[(s * lse_rows + r) * head_dim + c], lse_partial[s * lse_rows + r];
+  // attention_split_combine_kernel then weighs the splits into out and lse. 0: no split.
+  int64_t keys_per_split = 0;
+  float* o_partial = nullptr;
+  float* lse_partial = nullptr;
+
   // Backward only. delta = rowsum(grad_out * out), laid out like lse.
   const void* grad_out = nullptr;
   const float* delta = nullptr;
@@ -69,6 +79,17 @@ struct AttentionParams {
   void* dv = nullptr;
   AttentionStrides grad_out_strides{}, dq_strides{}, dk_strides{}, dv_strides{};
 };
+
+// The forward's splits over the keys (1: no split), and the rows of lse (and of each split's
+// partials): dense batch * heads * seqlen_q, packed heads * tokens.
+__host__ __device__ inline int64_t key_splits(const AttentionParams& p) {
+  return p.keys_per_split > 0 && p.seqlen_k > p.keys_per_split
+             ? (p.seqlen_k + p.keys_per_split - 1) / p.keys_per_split
+             : 1;
+}
+__host__ __device__ inline int64_t lse_rows(const AttentionParams& p) {
+  return p.cu_seqlens_q != nullptr ? p.heads * p.tokens_q : p.batch * p.heads * p.seqlen_q;
+}
 
 // One file per (dtype, head dim): csrc/attention/attention_sm80_<dtype>_d<D>.cu.
 #define TILESMITH_ATTENTION_DECLARE(dtype, head_dim)                                      \

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "../common/check.h"
 #include "../common/hopper_kernels.h"
@@ -238,10 +239,34 @@ struct Dropout {
   }
 };
 
+// Split over the keys (flash-decoding, attention_fwd_sm80.cuh): keys_per_split keys per
+// split (0: none; ops/attention.py's _keys_per_split decides), each split's fp32 partials
+// in the returned tensors, which must live until the kernels are queued.
+std::tuple<at::Tensor, at::Tensor> split_keys(AttentionParams& p, int64_t keys_per_split,
+                                              const at::Tensor& q) {
+  TORCH_CHECK(keys_per_split >= 0 && keys_per_split % 64 == 0,
+              "attention (cuda backend): keys_per_split must be a multiple of 64 (0: no "
+              "split), got ", keys_per_split);
+  p.keys_per_split = keys_per_split;
+  const int64_t splits = key_splits(p);
+  if (splits == 1) return {};
+  const int64_t query_blocks = (p.seqlen_q + 63) / 64;
+  TORCH_CHECK(query_blocks * splits <= std::numeric_limits<int>::max(),
+              "attention (cuda backend): ", splits, " splits of ", p.seqlen_k, " keys over ",
+              query_blocks, " query blocks exceed the grid; use more keys per split");
+  const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
+  at::Tensor o_partial = at::empty({splits, lse_rows(p), p.head_dim}, fp32);
+  at::Tensor lse_partial = at::empty({splits, lse_rows(p)}, fp32);
+  p.o_partial = o_partial.data_ptr<float>();
+  p.lse_partial = lse_partial.data_ptr<float>();
+  return {o_partial, lse_partial};
+}
+
 // out (and lse) must be allocated by the caller in the layout it returns.
 void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
              const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
-             bool causal, double scale, const Dropout& dropout, const Packing* packing) {
+             bool causal, double scale, const Dropout& dropout, const Packing* packing,
+             int64_t keys_per_split) {
   check_inputs(q_in, k_in, v_in);
   const at::Tensor q = vector_readable(q_in), k = vector_readable(k_in), v = vector_readable(v_in);
   AttentionParams p = make_params(q, k, v, scale);
@@ -255,6 +280,7 @@ void forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v
   set_mask(p, mask, q, k);
   dropout.apply(p, q);
   if (packing != nullptr) packing->apply(p);
+  const auto partials = split_keys(p, keys_per_split, q);
   launch(p, causal, q, false);
 }
 
@@ -315,12 +341,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const at::Tensor& v,
                                                       const std::optional<at::Tensor>& mask,
                                                       bool causal, double scale, double dropout_p,
-                                                      const std::optional<at::Tensor>& seed) {
+                                                      const std::optional<at::Tensor>& seed,
+                                                      int64_t keys_per_split) {
   c10::cuda::CUDAGuard guard(q.device());
   check_operand(q, "query", q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  forward(q, k, v, mask, out, lse, causal, scale, Dropout{dropout_p, seed}, nullptr);
+  forward(q, k, v, mask, out, lse, causal, scale, Dropout{dropout_p, seed}, nullptr,
+          keys_per_split);
   return {out, lse};
 }
 
@@ -349,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, double scale, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
+    const std::optional<at::Tensor>& seed, int64_t keys_per_split) {
   c10::cuda::CUDAGuard guard(q.device());
   const Packing packing{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   const at::Tensor q4 = as_dense(q, "q");
@@ -358,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
   at::Tensor out = at::empty({q.size(0), q.size(1), v.size(-1)}, q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   forward(q4, as_dense(k, "k"), as_dense(v, "v"), std::nullopt, as_dense(out, "out"), lse,
-          causal, scale, Dropout{dropout_p, seed}, &packing);
+          causal, scale, Dropout{dropout_p, seed}, &packing, keys_per_split);
   return {out, lse};
 }
 

@@ -434,13 +434,7 @@ bool backward_plan(const AttentionParams& p, Launch&& launch) {
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
-  backward_plan<T, kHeadDim, kCausal, kDropout>(p, [&](auto kernel, dim3 grid, int smem) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return false;
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-    err = cudaGetLastError();
-    return err == cudaSuccess;
-  });
+  backward_plan<T, kHeadDim, kCausal, kDropout>(p, stream_launcher(p, stream, &err));
   return err;
 }
 

@@ -91,12 +91,13 @@ __device__ __forceinline__ void load_rows(T* tile, const T* sequence, int64_t ro
                                                 seq_stride, 1);
 }
 
-// The first query row of this block of kRows. Block x of a causal launch takes query block
-// (blocks - 1 - x): the longest rows start first and the short ones fill the tail.
+// The first query row of this block of kRows. Query block x of a causal launch takes rows
+// from block (blocks - 1 - x): the longest rows start first and the short ones fill the
+// tail. A forward split over the keys launches `splits` blocks per query block, side by side.
 template <int kRows = kBlockM>
-__device__ __forceinline__ int64_t query_block(bool causal) {
-  const int x = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  return static_cast<int64_t>(x) * kRows;
+__device__ __forceinline__ int64_t query_block(bool causal, int splits = 1) {
+  const int blocks = gridDim.x / splits, x = blockIdx.x / splits;
+  return static_cast<int64_t>(causal ? blocks - 1 - x : x) * kRows;
 }
 
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
@@ -112,7 +113,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   T* smem_k = smem_q + TileQ::kElements;
   T* smem_v = smem_k + 2 * TileKV::kElements;
 
-  const int64_t row0 = query_block(kCausal);
+  // The split (if any) is recomputed where it is needed rather than held in registers
+  // through the loop: two more live values there made ptxas spill (head dim 64, dropout).
+  const int64_t row0 = query_block(kCausal, static_cast<int>(key_splits(p)));
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t h_kv = h / (p.heads / p.heads_kv);
   const Sequence seq = sequence(p, b, h);
@@ -123,7 +126,14 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const T* v = row_pointer<const T>(p.v, p.v_strides, b, h_kv, seq.k_start);
   // Causal masking is aligned top-left (key <= query), as in PyTorch's SDPA.
   const int64_t key_end = kCausal && row0 + kBlockM < seqlen_k ? row0 + kBlockM : seqlen_k;
-  const int key_blocks = static_cast<int>((key_end + kStepN - 1) / kStepN);
+  // Key blocks first_block .. end_block - 1: all of them, or this split's (none, for a split
+  // past the diagonal or past a short packed sequence's keys).
+  int first_block = 0, end_block = static_cast<int>((key_end + kStepN - 1) / kStepN);
+  if (key_splits(p) > 1) {
+    const int per_split = static_cast<int>(p.keys_per_split / kStepN);
+    first_block = static_cast<int>(blockIdx.x % key_splits(p)) * per_split;
+    end_block = min(end_block, first_block + per_split);
+  }
 
   auto load_kv = [&](int stage, int block) {
     const int64_t n0 = static_cast<int64_t>(block) * kStepN;
@@ -133,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
                                    p.v_strides.seq, p.head_dim);
   };
   load_rows<T, kBlockM, kHeadDim>(smem_q, q, row0, seqlen_q, p.q_strides.seq, p.head_dim);
-  if (key_blocks > 0) load_kv(0, 0);
+  if (first_block < end_block) load_kv(first_block % 2, first_block);
   cp_async_commit();
 
   const int lane = threadIdx.x % 32;
@@ -149,18 +159,18 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   DropoutMask dropout{};
   if constexpr (kDropout) dropout = DropoutMask::of(p);
 
-  for (int j = 0; j < key_blocks; ++j) {
-    cp_async_wait<0>();  // K_j, V_j (and at j = 0, Q) have landed for this thread
-    __syncthreads();     // ... for every thread; and stage (j + 1) % 2 is free again
-    if constexpr (kQInRegisters<kHeadDim>) {
-      if (j == 0) {
+  if constexpr (kQInRegisters<kHeadDim>) {
+    cp_async_wait<0>();  // Q (with the first K and V) has landed for this thread
+    __syncthreads();     // ... for every thread
 #pragma unroll
-        for (int kk = 0; kk < kSteps; ++kk) {
-          load_fragment_a<TileQ>(frag_q[kk], smem_q, warp_row0, kk * 16, lane);
-        }
-      }
+    for (int kk = 0; kk < kSteps; ++kk) {
+      load_fragment_a<TileQ>(frag_q[kk], smem_q, warp_row0, kk * 16, lane);
     }
-    if (j + 1 < key_blocks) load_kv((j + 1) % 2, j + 1);
+  }
+  for (int j = first_block; j < end_block; ++j) {
+    cp_async_wait<0>();  // K_j, V_j (and in the first step, Q) have landed for this thread
+    __syncthreads();     // ... for every thread; and stage (j + 1) % 2 is free again
+    if (j + 1 < end_block) load_kv((j + 1) % 2, j + 1);
     cp_async_commit();
     const T* sk = smem_k + (j % 2) * TileKV::kElements;
     const T* sv = smem_v + (j % 2) * TileKV::kElements;
@@ -258,7 +268,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
   // O / l (times 1 / (1 - dropout_p) with dropout), and lse = (max + log2 l) ln 2. A row
-  // with no visible key (l = 0) gives zeros and lse = -inf, as PyTorch does.
+  // with no visible key (l = 0) gives zeros and lse = -inf, as PyTorch does. A split writes
+  // the same, in fp32, to its partials.
   T* out = row_pointer<T>(p.out, p.out_strides, b, h, seq.q_start);
   float* lse = p.lse + seq.stats;
 #pragma unroll
@@ -266,6 +277,19 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     const float total = quad_sum(row_sum[half]);
     if (rows[half] >= seqlen_q) continue;
     const float inv = total > 0.0f ? (kDropout ? p.dropout_scale : 1.0f) / total : 0.0f;
+    const float row_lse = total > 0.0f ? (row_max[half] + log2f(total)) * kLn2 : -INFINITY;
+    if (key_splits(p) > 1) {
+      const int64_t at = blockIdx.x % key_splits(p) * lse_rows(p) + seq.stats + rows[half];
+      float* partial_row = p.o_partial + at * p.head_dim + quad_col;
+#pragma unroll
+      for (int di = 0; di < kDimTiles; ++di) {
+        if (di * 8 >= p.head_dim) break;
+        *reinterpret_cast<float2*>(partial_row + di * 8) =
+            make_float2(acc_o[di][half * 2] * inv, acc_o[di][half * 2 + 1] * inv);
+      }
+      if (lane % 4 == 0) p.lse_partial[at] = row_lse;
+      continue;
+    }
     T* out_row = out + rows[half] * p.out_strides.seq + quad_col;
 #pragma unroll
     for (int di = 0; di < kDimTiles; ++di) {
@@ -273,9 +297,50 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       *reinterpret_cast<uint32_t*>(out_row + di * 8) =
           pack_pair<T>(acc_o[di][half * 2] * inv, acc_o[di][half * 2 + 1] * inv);
     }
-    if (lane % 4 == 0) {
-      lse[rows[half]] = total > 0.0f ? (row_max[half] + log2f(total)) * kLn2 : -INFINITY;
+    if (lane % 4 == 0) lse[rows[half]] = row_lse;
+  }
+}
+
+// The second pass of a split forward: out = sum_s w_s O_s / sum_s w_s with w_s = exp(lse_s -
+// max_s lse_s), lse = max + log(sum_s w_s); a row no split saw a key of gives zeros and
+// -inf. One block per kBlockM query rows of a (sequence, head), as the forward's grid
+// without splits; each thread takes 8 columns of a row at a time.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_split_combine_kernel(
+    const AttentionParams p) {
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const Sequence seq = sequence(p, b, h);
+  const int64_t rows = seq.seqlen_q - row0 < kBlockM ? seq.seqlen_q - row0 : kBlockM;
+  const int64_t splits = key_splits(p), stride = lse_rows(p);
+  const int64_t chunks = p.head_dim / 8;
+  T* out = row_pointer<T>(p.out, p.out_strides, b, h, seq.q_start);
+  for (int64_t item = threadIdx.x; item < rows * chunks; item += kThreads) {
+    const int64_t row = row0 + item / chunks, col = item % chunks * 8;
+    const int64_t stat = seq.stats + row;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < splits; ++s) top = fmaxf(top, p.lse_partial[s * stride + stat]);
+    float acc[8] = {};
+    float weights = 0.0f;
+    if (top != -INFINITY) {
+      for (int64_t s = 0; s < splits; ++s) {
+        const float weight = expf(p.lse_partial[s * stride + stat] - top);
+        const float4* partial =
+            reinterpret_cast<const float4*>(p.o_partial + (s * stride + stat) * p.head_dim + col);
+        const float4 lo = partial[0], hi = partial[1];
+        const float values[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += weight * values[e];
+        weights += weight;
+      }
     }
+    const float inv = weights > 0.0f ? 1.0f / weights : 0.0f;
+    T* out_row = out + row * p.out_strides.seq + col;
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+      *reinterpret_cast<uint32_t*>(out_row + e) = pack_pair<T>(acc[e] * inv, acc[e + 1] * inv);
+    }
+    if (col == 0) p.lse[stat] = weights > 0.0f ? top + logf(weights) : -INFINITY;
   }
 }
 
@@ -287,16 +352,39 @@ inline dim3 query_grid(const AttentionParams& p) {
               static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch));
 }
 
-#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
+// Calls launch(kernel, grid, shared memory bytes) for each kernel of the forward, in order,
+// while it returns true: the forward kernel, and with a split its combine. The launcher
+// and the CPU emulator both run the forward through this.
+template <typename T, int kHeadDim, bool kCausal, bool kDropout, typename Launch>
+bool forward_plan(const AttentionParams& p, Launch&& launch) {
+  dim3 grid = query_grid(p);
+  const int64_t splits = key_splits(p);
+  grid.x *= static_cast<unsigned>(splits);
+  if (!launch(attention_fwd_kernel<T, kHeadDim, kCausal, kDropout>, grid,
+              fwd_smem_bytes<T, kHeadDim>())) {
+    return false;
+  }
+  return splits == 1 || launch(attention_split_combine_kernel<T>, query_grid(p), 0);
+}
+
+#ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernels itself
+// The launch callback of forward_plan and backward_plan on the GPU: each kernel on `stream`;
+// the first error is left in *err and stops the plan.
+inline auto stream_launcher(const AttentionParams& p, cudaStream_t stream, cudaError_t* err) {
+  return [&p, stream, err](auto kernel, dim3 grid, int smem) {
+    *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (*err != cudaSuccess) return false;
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+    *err = cudaGetLastError();
+    return *err == cudaSuccess;
+  };
+}
+
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int kSmemBytes = fwd_smem_bytes<T, kHeadDim>();
-  auto kernel = attention_fwd_kernel<T, kHeadDim, kCausal, kDropout>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<query_grid(p), kThreads, kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  cudaError_t err = cudaSuccess;
+  forward_plan<T, kHeadDim, kCausal, kDropout>(p, stream_launcher(p, stream, &err));
+  return err;
 }
 #endif  // TILESMITH_CPU_EMULATION
 

@@ -114,10 +114,11 @@ __device__ __forceinline__ void store_row(T* row, const float (&acc)[kHeadDim / 
 
 // Whether these kernels (this forward, and the backward of attention_bwd_sm90a.cuh) take
 // the call: the head dims of the 128-wide kernel, and a mask or dropout but not both (the
-// dK/dV kernel with both spills at head dim 128).
+// dK/dV kernel with both spills at head dim 128); a forward split over the keys is left to
+// attention_fwd_sm80.cuh.
 inline bool takes(const AttentionParams& p) {
   return p.head_dim <= kMaxHeadDim &&
-         !(p.mask_kind != MaskKind::kNone && p.dropout_seed != nullptr);
+         !(p.mask_kind != MaskKind::kNone && p.dropout_seed != nullptr) && key_splits(p) == 1;
 }
 
 // Calls variant(width, causal, masked, dropout), each a std::integral_constant, for the

@@ -224,8 +224,9 @@ def grad_views(tensors):
 def attention_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
                             ) -> list[SampleInput]:
     """One list for every attention test: lengths 1..1023, causal with seq_q < seq_k and
-    seq_q > seq_k, grouped-query heads, head dims 40..256, value head dim != query's, boolean
-    and additive masks of every broadcastable shape, a fully masked row, strided views.
+    seq_q > seq_k, grouped-query heads (with masks, and decoding), head dims 40..256, value
+    head dim != query's, boolean and additive masks of every broadcastable shape, a fully
+    masked row, strided views.
     Each sample's args are (query, key, value); kwargs are scaled_dot_product_attention's."""
     g = torch.Generator().manual_seed(seed)
     device = torch.device(device)
@@ -281,6 +282,16 @@ def attention_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
     bias[:, :, 7] = float("-inf")
     samples.append(SampleInput("fully_masked_row_float", qkv(b, h, h, sq, sk, 32),
                                {"attn_mask": bias}))
+    # Grouped-query calls with short queries (which the Triton forward packs per kv head): a
+    # decoding step, a float mask per query head (with its gradient) and a bool mask per
+    # batch entry with a fully masked row.
+    samples.append(SampleInput("gqa_decode", qkv(2, 8, 2, 1, 70, 64), {"enable_gqa": True}))
+    samples.append(SampleInput("gqa_float_mask_per_head", qkv(2, 6, 2, 9, 30, 32),
+                               {"enable_gqa": True, "attn_mask": r(1, 6, 9, 30)}))
+    keep = torch.rand(2, 1, 9, 30, generator=g) > 0.3
+    keep[:, :, 4] = False
+    samples.append(SampleInput("gqa_bool_mask_masked_row", qkv(2, 4, 1, 9, 30, 32),
+                               {"enable_gqa": True, "attn_mask": keep.to(device)}))
     if large:
         samples += [
             SampleInput("large_causal_2k", qkv(2, 8, 8, 2048, 2048, 128), {"is_causal": True}),

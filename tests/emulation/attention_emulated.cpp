@@ -14,25 +14,30 @@ namespace {
 using tilesmith::AttentionParams;
 namespace at80 = tilesmith::attention_sm80;
 
+// The launch callback of forward_plan and backward_plan on the emulator: the first error is
+// left in *error and stops the plan.
+auto emulator_launcher(const AttentionParams& p, const std::vector<tilesmith_emu::Buffer>& buffers,
+                       std::string* error) {
+  return [&p, &buffers, error](auto kernel, dim3 grid, int smem_bytes) {
+    *error = tilesmith_emu::launch(grid, dim3(at80::kThreads), smem_bytes, at80::shared_bytes,
+                                   buffers, [&] { kernel(p); });
+    return error->empty();
+  };
+}
+
+// The forward kernel, and with a split over the keys its combine, as launch_fwd runs them.
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 std::string forward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
-  return tilesmith_emu::launch(at80::query_grid(p), dim3(at80::kThreads),
-                               at80::fwd_smem_bytes<T, kHeadDim>(),
-                               at80::shared_bytes, std::move(buffers), [&p] {
-                                 at80::attention_fwd_kernel<T, kHeadDim, kCausal, kDropout>(p);
-                               });
+  std::string error;
+  at80::forward_plan<T, kHeadDim, kCausal, kDropout>(p, emulator_launcher(p, buffers, &error));
+  return error;
 }
 
 // The backward kernels as launch_bwd runs them (attention_bwd_sm80.cuh's backward_plan).
 template <typename T, int kHeadDim, bool kCausal, bool kDropout>
 std::string backward(const AttentionParams& p, std::vector<tilesmith_emu::Buffer> buffers) {
   std::string error;
-  at80::backward_plan<T, kHeadDim, kCausal, kDropout>(
-      p, [&](auto kernel, dim3 grid, int smem_bytes) {
-        error = tilesmith_emu::launch(grid, dim3(at80::kThreads), smem_bytes, at80::shared_bytes,
-                                      buffers, [&] { kernel(p); });
-        return error.empty();
-      });
+  at80::backward_plan<T, kHeadDim, kCausal, kDropout>(p, emulator_launcher(p, buffers, &error));
   return error;
 }
 

@@ -25,15 +25,18 @@ from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, regi
                        wrap_triton)
 
 # Both backends' ops end in (dropout_p, seed): seed is the Philox seed of the call, a
-# 1-element int64 tensor on q's device (draw_dropout_seed), None when dropout_p is 0.
+# 1-element int64 tensor on q's device (draw_dropout_seed), None when dropout_p is 0. The
+# CUDA forwards then take keys_per_split (_keys_per_split; the Triton ones decide inside).
 LIBRARY.define("attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, "
-               "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
+               "float scale, float dropout_p, Tensor? seed, int keys_per_split=0) "
+               "-> (Tensor, Tensor)")
 LIBRARY.define("attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, "
                "Tensor out, Tensor lse, bool causal, float scale, bool mask_grad, "
                "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)")
 LIBRARY.define("varlen_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
                "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
-               "float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
+               "float scale, float dropout_p, Tensor? seed, int keys_per_split=0) "
+               "-> (Tensor, Tensor)")
 LIBRARY.define("varlen_attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
                "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
                "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
@@ -70,15 +73,16 @@ def tile_config(**configs):
 
 # Keys per split forced by split_keys() (tests); None: _keys_per_split decides.
 _FORCED_SPLIT_KEYS: list = [None]
-# Splits are whole multiples of this many keys, which every BLOCK_N (16 .. 128) divides.
+# Splits are whole multiples of this many keys, which every Triton BLOCK_N (16 .. 128) and
+# the CUDA forward's 64 divide.
 _SPLIT_GRANULE = 256
 
 
 @contextlib.contextmanager
 def split_keys(keys: int | None):
-    """Make the Triton forward split the keys into ranges of ``keys`` whatever the shape, as
-    tests do on the CPU: a multiple of the forward's key block (under the interpreter 16 up
-    to 128 tokens, else 64; on a GPU 128 covers every tuned tile). None restores the
+    """Make the attention forwards split the keys into ranges of ``keys`` whatever the shape,
+    as tests do: a multiple of the forward's key block (Triton under the interpreter 16 up to
+    128 tokens, else 64; on a GPU 128 covers every tuned tile; CUDA 64). None restores the
     default, 0 never splits."""
     previous = _FORCED_SPLIT_KEYS[0]
     _FORCED_SPLIT_KEYS[0] = keys
@@ -94,9 +98,9 @@ def _sm_count(device_index: int) -> int:
 
 
 def _keys_per_split(q, batch, heads, seqlen_q, seqlen_k) -> int:
-    """Keys per split of the Triton forward, 0 for none: on a GPU, only where the query
-    blocks (counted at 128 rows) fill at most half of its SMs, in as many splits as make
-    about one block per SM, each of at least 512 keys (at most 64 splits)."""
+    """Keys per split of the attention forward (both backends), 0 for none: on a GPU, only
+    where the query blocks (counted at 128 rows) fill at most half of its SMs, in as many
+    splits as make about one block per SM, each of at least 512 keys (at most 64 splits)."""
     forced = _FORCED_SPLIT_KEYS[0]
     if forced is not None:
         return forced
@@ -108,6 +112,13 @@ def _keys_per_split(q, batch, heads, seqlen_q, seqlen_k) -> int:
         return 0
     per_split = -(-seqlen_k // splits)
     return -(-per_split // _SPLIT_GRANULE) * _SPLIT_GRANULE
+
+
+def _packs_gqa(group_size: int, seqlen_q: int) -> bool:
+    """Whether the Triton forward packs each kv head's query heads into one block's rows
+    (kernels/attention_fwd.py's PACK_GQA): for grouped-query calls whose query rows would
+    not fill one 128-row block per head (decoding, short prompts)."""
+    return group_size > 1 and seqlen_q < 128
 
 
 def _kernel_space(kind: str):
@@ -134,7 +145,7 @@ def _tuned_kernel(kind: str, widest: int):
     if os.environ.get("TILESMITH_TRITON_AUTOTUNE", "full") == "first":
         configs = configs[:1]
     key = ["tune_seqlen", "group_size", "head_dim", "head_dim_v", "MASK_KIND", "CAUSAL",
-           "VARLEN", "DROPOUT", "SPLIT", "MASK_GRAD"]
+           "VARLEN", "DROPOUT", "SPLIT", "PACK_GQA", "MASK_GRAD"]
     # Tuning runs the dQ kernel several times: its atomically summed mask gradient restarts
     # from zero before each run.
     reset = ["dmask_ptr"] if kind == "dq" else None
@@ -279,8 +290,12 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
         return out, lse
     longest = max(seqlen_q, seqlen_k)
     kernel, tiles = _kernel_and_tiles("fwd", head_dim, head_dim_v, longest)
+    # Packed GQA: a program's rows are (query row, query head) pairs of one kv head.
+    group = heads // heads_kv
+    pack_gqa = _packs_gqa(group, seqlen_q)
+    row_heads, rows_per_head = (heads_kv, seqlen_q * group) if pack_gqa else (heads, seqlen_q)
     # Split over the keys: the kernel writes partials (in lse's precision) for the combine.
-    keys_per_split = _keys_per_split(q, batch, heads, seqlen_q, seqlen_k)
+    keys_per_split = _keys_per_split(q, batch, row_heads, rows_per_head, seqlen_k)
     block_n = tiles.get("BLOCK_N", 128)  # autotuned: 128 is a multiple of every config's
     if keys_per_split % block_n:
         raise ValueError(f"split_keys: {keys_per_split} keys per split is not a multiple of "
@@ -295,15 +310,16 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
     strides = [layout(t) for t in (q, k, v)] + [_mask_strides(mask), out_layout]
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads, splits)
+        return (triton.cdiv(rows_per_head, meta["BLOCK_M"]), batch * row_heads, splits)
 
     wrap_triton(kernel)[grid](
         q, k, v, _mask_pointer(mask, q), out_target, lse_target, cu_q, cu_k,
         q if seed is None else seed, *[s for group in strides for s in group], *lse_strides,
-        heads, heads // heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E,
+        heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E,
         *_dropout_args(dropout_p), triton_next_power_of_2(longest),
         keys_per_split, out_target.stride(0), lse_target.stride(0),
-        SPLIT=splits > 1, **_common_constexprs(q, mask, causal, varlen, dropout_p), **tiles)
+        SPLIT=splits > 1, PACK_GQA=pack_gqa,
+        **_common_constexprs(q, mask, causal, varlen, dropout_p), **tiles)
     if splits > 1:
         block_m = 16 if INTERPRETING else 64
         wrap_triton(attention_split_combine_kernel)[
@@ -440,7 +456,7 @@ def _varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: tor
 
 
 @torch.library.register_fake("tilesmith::attention_fwd_cuda")
-def _attention_fwd_cuda_fake(q, k, v, mask, causal, scale, dropout_p, seed):
+def _attention_fwd_cuda_fake(q, k, v, mask, causal, scale, dropout_p, seed, keys_per_split=0):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -453,7 +469,7 @@ def _attention_bwd_cuda_fake(grad_out, q, k, v, mask, out, lse, causal, scale, m
 
 @torch.library.register_fake("tilesmith::varlen_attention_fwd_cuda")
 def _varlen_attention_fwd_cuda_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
-                                    seed):
+                                    seed, keys_per_split=0):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -464,7 +480,7 @@ def _varlen_attention_bwd_cuda_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale, dropout_p, seed = inputs
+    q, k, v, mask, causal, scale, dropout_p, seed = inputs[:8]  # the CUDA op's split: no grad
     out, lse = output
     # The seed goes to the backward as it came: its kernels regenerate the forward's mask.
     ctx.save_for_backward(q, k, v, mask, out, lse, seed)
@@ -479,12 +495,13 @@ def _make_fwd_backward(bwd_op):
         mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
         dq, dk, dv, dmask = bwd_op(grad_out, q, k, v, mask, out, lse, ctx.causal, ctx.scale,
                                    mask_grad, ctx.dropout_p, seed)
-        return dq, dk, dv, (dmask.to(mask.dtype) if mask_grad else None), None, None, None, None
+        dmask = dmask.to(mask.dtype) if mask_grad else None
+        return dq, dk, dv, dmask, *[None] * (len(ctx.needs_input_grad) - 4)
     return backward
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs[:11]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
     ctx.args = (max_q, max_k, causal, scale, dropout_p)
@@ -495,7 +512,7 @@ def _make_varlen_backward(bwd_op):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
         dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, seed)
-        return dq, dk, dv, *[None] * 8
+        return dq, dk, dv, *[None] * (len(ctx.needs_input_grad) - 3)
     return backward
 
 
@@ -638,10 +655,13 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.0):
     """(out, lse) from tilesmith's backend ``name``."""
-    op = (torch.ops.tilesmith.attention_fwd_cuda if name == "cuda"
-          else torch.ops.tilesmith.attention_fwd_triton)
     seed = draw_dropout_seed(query.device) if dropout_p > 0 else None
-    return op(query, key, value, mask, causal, scale, float(dropout_p), seed)
+    args = (query, key, value, mask, causal, scale, float(dropout_p), seed)
+    if name == "cuda":
+        batch, heads, seqlen_q = query.shape[:3]
+        split = _keys_per_split(query, batch, heads, seqlen_q, key.shape[2])
+        return torch.ops.tilesmith.attention_fwd_cuda(*args, split)
+    return torch.ops.tilesmith.attention_fwd_triton(*args)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -745,11 +765,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p)
     # Contents of cu_seqlens are not checked here: that would need a host sync. Offsets past
     # the tensors are the caller's contract, as in flash-attn's varlen API.
-    op = (torch.ops.tilesmith.varlen_attention_fwd_cuda if name == "cuda"
-          else torch.ops.tilesmith.varlen_attention_fwd_triton)
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
-    out, _ = op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                causal, scale, float(dropout_p), seed)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal,
+            scale, float(dropout_p), seed)
+    if name == "cuda":
+        split = _keys_per_split(q, cu_seqlens_q.shape[0] - 1, q.shape[1], int(max_seqlen_q),
+                                int(max_seqlen_k))
+        out, _ = torch.ops.tilesmith.varlen_attention_fwd_cuda(*args, split)
+    else:
+        out, _ = torch.ops.tilesmith.varlen_attention_fwd_triton(*args)
     return out
 
 
