@@ -29,7 +29,7 @@ start=$SECONDS
 timeout 150 "$PY" setup.py build_ext --inplace > "$RAW/build.log" 2>&1
 echo "build: rc=$? in $((SECONDS - start)) s" | tee -a "$RAW/build.log"
 
-# The TMA-fed kernels (matmul/gemm, scaled_gemm; matmul_tma_sm90a.cuh) alone, in a process
+# The TMA-fed kernels (matmul/gemm, dense and packed attention, scaled_gemm) alone, in a process
 # of their own: if they fail or hang, every later stage runs with TILESMITH_TMA_KERNELS=0
 # (the cp.async wgmma kernels), so that they cannot take the rest of the report down.
 start=$SECONDS

@@ -115,12 +115,42 @@ def check_attention(kernel_sets):
                 check(f"{name} {grad_name}", got, want, bar=5e-2)
 
 
+def check_varlen_attention(kernel_sets, split=False):
+    """varlen attention on packed sequences of 37, 0 and 70 tokens, causal, GQA, forward and
+    backward, under hopper_kernels(**kernels) for each set (on an H100 at the defaults the
+    TMA-fed forward, one tile map over all the tokens); with `split`, also the forward split
+    over the keys in 64-key ranges (the first sequence's second split is empty)."""
+    dev, bf16 = "cuda", torch.bfloat16
+    cu = torch.tensor([0, 37, 37, 107], device=dev, dtype=torch.int32)
+    q = torch.randn(107, 4, 64, device=dev, dtype=bf16, requires_grad=True)
+    k = torch.randn(107, 2, 64, device=dev, dtype=bf16, requires_grad=True)
+    v = torch.randn(107, 2, 64, device=dev, dtype=bf16, requires_grad=True)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = tilesmith.ops.varlen_attention(*leaves, cu, cu, 70, 70, causal=True, backend="torch")
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+    for kernels in kernel_sets:
+        label = ",".join(f"{key}={value}" for key, value in kernels.items()) or "default"
+        with tilesmith.backend.hopper_kernels(**kernels):
+            out = tilesmith.ops.varlen_attention(q, k, v, cu, cu, 70, 70, causal=True,
+                                                 backend="cuda")
+            grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        check(f"varlen attention {label}", out, ref)
+        for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+            check(f"varlen attention {label} {name}", got, want, bar=5e-2)
+    if split:
+        with tilesmith.ops.attention_split_keys(64):
+            out = tilesmith.ops.varlen_attention(q, k, v, cu, cu, 70, 70, causal=True,
+                                                 backend="cuda")
+        check("varlen attention split over keys", out, ref)
+
+
 def probe_tma_kernels() -> int:
     """The TMA kernels alone, at their defaults (tools/gpu_report.sh runs this first, in a
     process of its own, and runs the rest with the TMA kernels off if it fails or hangs)."""
     torch.manual_seed(0)
     check_matmul(({},))
     check_attention(({},))
+    check_varlen_attention(({},))
     if fp8_runs_here():
         check_scaled_gemm(({},))
     torch.cuda.synchronize()
@@ -199,25 +229,7 @@ def main() -> int:
         for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
             check(f"attention dropout d=80 hopper={hopper} {name}", got, want, bar=5e-2)
 
-    # varlen attention: packed sequences of 37, 0 and 70 tokens, causal, GQA.
-    cu = torch.tensor([0, 37, 37, 107], device=dev, dtype=torch.int32)
-    q = torch.randn(107, 4, 64, device=dev, dtype=bf16, requires_grad=True)
-    k = torch.randn(107, 2, 64, device=dev, dtype=bf16, requires_grad=True)
-    v = torch.randn(107, 2, 64, device=dev, dtype=bf16, requires_grad=True)
-    out = tilesmith.ops.varlen_attention(q, k, v, cu, cu, 70, 70, causal=True, backend="cuda")
-    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref = tilesmith.ops.varlen_attention(*leaves, cu, cu, 70, 70, causal=True, backend="torch")
-    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
-    check("varlen attention", out, ref)
-    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-        check(f"varlen attention {name}", got, want, bar=5e-2)
-    # ... and its forward split over the keys (flash-decoding) in 64-key ranges: the first
-    # sequence's second split is empty.
-    with tilesmith.ops.attention_split_keys(64):
-        out = tilesmith.ops.varlen_attention(q, k, v, cu, cu, 70, 70, causal=True,
-                                             backend="cuda")
-    check("varlen attention split over keys", out, ref)
+    check_varlen_attention(({}, {"tma": False}), split=True)
 
     # Decoding: one query over 1000 keys, split in 256-key ranges (the sm_80 forward and
     # attention_split_combine_kernel, on Hopper too).
