@@ -137,8 +137,8 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
 
 def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32, kv_heads=32):
     """Forward of one query row per (batch, head) over `seqlen` keys: few query blocks for
-    the GPU's SMs, where both forwards split the keys (and the Triton one packs each kv
-    head's query heads into one block). Against SDPA's flash backend."""
+    the GPU's SMs, where both forwards split the keys (and read each kv head's keys once
+    for its whole group of query heads). Against SDPA's flash backend."""
     q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
     k, v = (torch.randn(batch, kv_heads, seqlen, head_dim, device="cuda", dtype=dtype)
             for _ in range(2))

@@ -477,6 +477,36 @@ def test_triton_forward_unpacked_gqa_matches_float64(backend, dtype, name, monke
     assert asked
 
 
+@pytest.mark.parametrize("kwargs,swapped", [({}, True), ({"causal": True}, False),
+                                             ({"dropout_p": 0.2}, False)])
+def test_cuda_decoding_runs_each_kv_heads_group_as_query_rows(kwargs, swapped, monkeypatch):
+    """A one-query GQA call reaches the CUDA forward as (batch, kv_heads, group, dim) query
+    rows over a plain (non-GQA) call, its out and lse viewed back; the forward here is
+    PyTorch's in float64 (the kernels are the GPU tests'), so this checks the views."""
+    calls = []
+
+    def forward(q, k, v, mask, causal, scale, dropout_p, seed):
+        calls.append((tuple(q.shape), tuple(k.shape)))
+        s = (q @ k.transpose(-1, -2).repeat_interleave(q.shape[1] // k.shape[1], 1)) * scale
+        return torch.softmax(s, -1) @ v.repeat_interleave(q.shape[1] // k.shape[1], 1), \
+            torch.logsumexp(s, -1)
+
+    monkeypatch.setattr(attention_ops, "_cuda_forward", forward)
+    q = torch.randn(3, 8, 1, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, 40, 16, dtype=torch.float64) for _ in range(2))
+    causal, dropout_p = kwargs.get("causal", False), kwargs.get("dropout_p", 0.0)
+    out, lse = attention_ops._kernel_attention("cuda", q, k, v, None, causal, 0.25, dropout_p)
+    assert calls == [((3, 2, 4, 16), (3, 2, 40, 16)) if swapped else ((3, 8, 1, 16), k.shape)]
+    if swapped:
+        ref = F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(lse, torch.logsumexp(
+            q @ k.repeat_interleave(4, 1).transpose(-1, -2) * 0.25, -1))
+        (grad,) = torch.autograd.grad(out.sum(), q)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), q)
+        torch.testing.assert_close(grad, ref_grad)
+
+
 def test_packs_gqa_only_for_groups_with_short_queries():
     assert attention_ops._packs_gqa(4, 1) and attention_ops._packs_gqa(8, 127)
     assert not attention_ops._packs_gqa(4, 128) and not attention_ops._packs_gqa(1, 1)

@@ -655,13 +655,30 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.0):
     """(out, lse) from tilesmith's backend ``name``."""
+    batch, heads, seqlen_q = query.shape[:3]
+    kv_heads = key.shape[1]
+    if (name == "cuda" and seqlen_q == 1 and kv_heads < heads and mask is None
+            and not causal and dropout_p == 0):
+        # Decoding with grouped kv heads: each kv head's query heads become its query rows
+        # (views, no copies), so the CUDA kernels read K and V once per kv head rather than
+        # once per query head, as the Triton forward's packed blocks do. (Not causal: a
+        # single query row sees key 0 only, top-left aligned; not with dropout, whose mask
+        # is drawn per query head and row.)
+        rows = query.squeeze(2).unflatten(1, (kv_heads, heads // kv_heads))
+        out, lse = _kernel_attention(name, rows, key, value, None, False, scale)
+        return out.flatten(1, 2).unsqueeze(2), lse.flatten(1, 2).unsqueeze(2)
     seed = draw_dropout_seed(query.device) if dropout_p > 0 else None
     args = (query, key, value, mask, causal, scale, float(dropout_p), seed)
     if name == "cuda":
-        batch, heads, seqlen_q = query.shape[:3]
-        split = _keys_per_split(query, batch, heads, seqlen_q, key.shape[2])
-        return torch.ops.tilesmith.attention_fwd_cuda(*args, split)
+        return _cuda_forward(*args)
     return torch.ops.tilesmith.attention_fwd_triton(*args)
+
+
+def _cuda_forward(query, key, value, mask, causal, scale, dropout_p, seed):
+    batch, heads, seqlen_q = query.shape[:3]
+    split = _keys_per_split(query, batch, heads, seqlen_q, key.shape[2])
+    return torch.ops.tilesmith.attention_fwd_cuda(query, key, value, mask, causal, scale,
+                                                  dropout_p, seed, split)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
