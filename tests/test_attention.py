@@ -453,7 +453,7 @@ def test_forward_split_keeps_the_dropout_mask(backend, dtype):
     torch.testing.assert_close(split_lse, whole_lse, rtol=1e-5, atol=1e-5)
 
 
-# ---- the Triton forward's packed GQA groups ------------------------------------------------
+# ---- grouped-query heads packed per kv head ------------------------------------------------
 
 GQA_NAMES = [s.name for s in testing.attention_sample_inputs("cpu", torch.float32,
                                                               large=HAS_GPU)
