@@ -477,12 +477,16 @@ def test_triton_forward_unpacked_gqa_matches_float64(backend, dtype, name, monke
     assert asked
 
 
-@pytest.mark.parametrize("kwargs,swapped", [({}, True), ({"causal": True}, False),
-                                             ({"dropout_p": 0.2}, False)])
-def test_cuda_decoding_runs_each_kv_heads_group_as_query_rows(kwargs, swapped, monkeypatch):
-    """A one-query GQA call reaches the CUDA forward as (batch, kv_heads, group, dim) query
-    rows over a plain (non-GQA) call, its out and lse viewed back; the forward here is
-    PyTorch's in float64 (the kernels are the GPU tests'), so this checks the views."""
+@pytest.mark.parametrize("seqlen_q,layout,kwargs,swapped", [
+    (1, "bhsd", {}, True), (5, "bhsd", {}, True), (5, "bshd", {}, True),
+    (1, "bhsd", {"causal": True}, False), (1, "bhsd", {"dropout_p": 0.2}, False),
+    (128, "bhsd", {}, False)])
+def test_cuda_short_gqa_calls_run_each_kv_heads_group_as_query_rows(seqlen_q, layout, kwargs,
+                                                                    swapped, monkeypatch):
+    """A GQA call with short queries reaches the CUDA forward as (batch, kv_heads, group *
+    seq_q, dim) query rows of a plain (non-GQA) call, its out and lse viewed back (q
+    (batch, seq, heads, dim)-major: copied); the forward here is PyTorch's in float64 (the
+    kernels are the GPU tests'), so this checks the views."""
     calls = []
 
     def forward(q, k, v, mask, causal, scale, dropout_p, seed):
@@ -492,11 +496,15 @@ def test_cuda_decoding_runs_each_kv_heads_group_as_query_rows(kwargs, swapped, m
             torch.logsumexp(s, -1)
 
     monkeypatch.setattr(attention_ops, "_cuda_forward", forward)
-    q = torch.randn(3, 8, 1, 16, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, 8, seqlen_q, 16, dtype=torch.float64)
+    if layout == "bshd":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    q.requires_grad_(True)
     k, v = (torch.randn(3, 2, 40, 16, dtype=torch.float64) for _ in range(2))
     causal, dropout_p = kwargs.get("causal", False), kwargs.get("dropout_p", 0.0)
     out, lse = attention_ops._kernel_attention("cuda", q, k, v, None, causal, 0.25, dropout_p)
-    assert calls == [((3, 2, 4, 16), (3, 2, 40, 16)) if swapped else ((3, 8, 1, 16), k.shape)]
+    assert calls == [((3, 2, 4 * seqlen_q, 16), (3, 2, 40, 16)) if swapped
+                     else ((3, 8, seqlen_q, 16), k.shape)]
     if swapped:
         ref = F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
         torch.testing.assert_close(out, ref)

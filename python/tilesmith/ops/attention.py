@@ -657,16 +657,19 @@ def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.
     """(out, lse) from tilesmith's backend ``name``."""
     batch, heads, seqlen_q = query.shape[:3]
     kv_heads = key.shape[1]
-    if (name == "cuda" and seqlen_q == 1 and kv_heads < heads and mask is None
-            and not causal and dropout_p == 0):
-        # Decoding with grouped kv heads: each kv head's query heads become its query rows
-        # (views, no copies), so the CUDA kernels read K and V once per kv head rather than
-        # once per query head, as the Triton forward's packed blocks do. (Not causal: a
-        # single query row sees key 0 only, top-left aligned; not with dropout, whose mask
-        # is drawn per query head and row.)
-        rows = query.squeeze(2).unflatten(1, (kv_heads, heads // kv_heads))
+    group = heads // kv_heads
+    if (name == "cuda" and _packs_gqa(group, seqlen_q) and mask is None and not causal
+            and dropout_p == 0):
+        # Grouped kv heads and short queries (decoding): each kv head's query heads become
+        # its query rows, (batch, kv_heads, group * seq_q, dim), so the CUDA kernels read K
+        # and V once per kv head rather than once per query head, as the Triton forward's
+        # packed blocks do. A view where q's strides allow (always for seq_q = 1), else a
+        # copy of the (short) queries. Not causal: a row's position would be lost; not with
+        # a mask or dropout, which are given or drawn per query head and row.
+        rows = query.unflatten(1, (kv_heads, group)).flatten(2, 3)
         out, lse = _kernel_attention(name, rows, key, value, None, False, scale)
-        return out.flatten(1, 2).unsqueeze(2), lse.flatten(1, 2).unsqueeze(2)
+        return (out.unflatten(2, (group, seqlen_q)).flatten(1, 2),
+                lse.unflatten(2, (group, seqlen_q)).flatten(1, 2))
     seed = draw_dropout_seed(query.device) if dropout_p > 0 else None
     args = (query, key, value, mask, causal, scale, float(dropout_p), seed)
     if name == "cuda":
