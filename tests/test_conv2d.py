@@ -214,18 +214,70 @@ def test_opcheck_and_compile(backend):
         torch.testing.assert_close(got, want)
 
 
-def test_cuda_backend_names_what_its_kernels_do_not_take():
-    x, w = torch.randn(1, 16, 8, 8), torch.randn(24, 16, 3, 3)
-    assert conv2d_ops.kernel_limits(x, w)["cuda"] is None
-    assert conv2d_ops.kernel_limits(x, w[:16, :8], groups=2)["cuda"] is None
-    assert conv2d_ops.kernel_limits(x, w[:16, :1], groups=16)["cuda"] is None  # depthwise
-    assert "multiple of 8" in conv2d_ops.kernel_limits(x[:, :12], w[:12, :1], groups=12)["cuda"]
-    multiplier2 = torch.randn(32, 1, 3, 3)  # two filters per channel: not depthwise here
-    assert "multiples of 8" in conv2d_ops.kernel_limits(x, multiplier2, groups=16)["cuda"]
-    assert "multiples of 8" in conv2d_ops.kernel_limits(x[:, :3], w[:, :3])["cuda"]
-    assert "multiples of 8" in conv2d_ops.kernel_limits(x, w[:20])["cuda"]
-    assert conv2d_ops.kernel_limits(x[:, :3], w[:, :3], groups=1)["triton"] is None
+def test_cuda_zero_padding_fills_channels_and_filters_to_multiples_of_8():
+    assert conv2d_ops.cuda_zero_padding(16, 24, 1) == (1, 16, 24)  # nothing to fill
+    assert conv2d_ops.cuda_zero_padding(3, 64, 1) == (1, 8, 64)  # an RGB first layer
+    assert conv2d_ops.cuda_zero_padding(17, 20, 1) == (1, 24, 24)
+    assert conv2d_ops.cuda_zero_padding(20, 12, 2) == (2, 16, 8)  # per group
+    assert conv2d_ops.cuda_zero_padding(16, 16, 16) == (16, 1, 1)  # depthwise
+    assert conv2d_ops.cuda_zero_padding(12, 12, 12) == (16, 1, 1)  # depthwise: more groups
+    assert conv2d_ops.cuda_zero_padding(16, 32, 16) == (16, 8, 8)  # channel multiplier 2
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3)
+    assert conv2d_ops.kernel_limits(x, w) == {"triton": None, "cuda": None}
     assert tilesmith.ops.conv2d_kernel_limits is conv2d_ops.kernel_limits
+
+
+# (channels, filters, groups, stride, padding, dilation): a first layer, odd counts, filled
+# groups, a depthwise conv gaining channels, a channel multiplier.
+ZERO_FILLED = {
+    "rgb_7x7_s2": (3, 16, 1, 2, 3, 1),
+    "c17_k20": (17, 20, 1, 1, 1, 1),
+    "groups2_c20_k12": (20, 12, 2, 1, 1, 2),
+    "depthwise12": (12, 12, 12, 2, 1, 1),
+    "multiplier2": (8, 16, 8, 1, 0, 1),
+}
+
+
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", list(ZERO_FILLED))
+def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format, monkeypatch):
+    """The cuda forward reaches its op with channels (and filters) per group filled to
+    what the kernels take, channels-last, and gives the real filters back in the input's
+    memory format, with the gradients of x, weight and bias taken back through the copies.
+    The op here is PyTorch's conv in float64 (the kernels are the GPU tests'), so this
+    checks the filling and the copies."""
+    channels, filters, groups, stride, padding, dilation = ZERO_FILLED[case]
+    wide_groups, wide_channels, wide_filters = conv2d_ops.cuda_zero_padding(channels, filters,
+                                                                            groups)
+    calls = []
+
+    def forward(x, weight, bias, stride_, padding_, dilation_, activation, save_pre):
+        calls.append((tuple(x.shape), tuple(weight.shape), tuple(bias.shape)))
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        out = _torch_conv2d(x, weight, bias, stride_, padding_, dilation_,
+                            x.shape[1] // weight.shape[1], activation)
+        return out.contiguous(memory_format=torch.channels_last), out.new_empty(0)
+
+    monkeypatch.setattr(conv2d_ops, "_cuda_forward", forward)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, channels, 13, 11, dtype=torch.float64).contiguous(memory_format=fmt)
+    w = torch.randn(filters, channels // groups, 3, 3, dtype=torch.float64)
+    b = torch.randn(filters, dtype=torch.float64)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2)
+    out = conv2d_ops._cuda_conv2d(x, w, b, *args, groups, "relu", True)
+    assert calls == [((2, wide_groups * wide_channels, 13, 11),
+                      (wide_groups * wide_filters, wide_channels, 3, 3),
+                      (wide_groups * wide_filters,))]
+    ref = _torch_conv2d(x, w, b, *args, groups, "relu")
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous(memory_format=fmt)
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (x, w, b), grad_out)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), grad_out)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):

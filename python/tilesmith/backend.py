@@ -71,7 +71,7 @@ SUPPORTED_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
     "conv2d": {
-        # groups 1, channel and filter counts multiples of 8 (ops/conv2d.py says which).
+        # any channel counts (ops/conv2d.py zero-fills what the kernels do not take).
         "cuda": (torch.float16, torch.bfloat16),
         "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),

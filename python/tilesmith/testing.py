@@ -423,7 +423,7 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
              channels_last=True),
         case("silu_stride2", 1, 8, 13, 13, 8, 3, stride=2, padding=1, activation="silu"),
         case("empty_batch", 0, 4, 7, 7, 4, 3, padding=1),
-        # Channel and filter counts the cuda kernels take (multiples of 8).
+        # Channel and filter counts the cuda kernels take unfilled (multiples of 8).
         case("c16_k24_k5_dilation2", 1, 16, 13, 11, 24, 5, dilation=2, padding=3),
         case("c8_batch1_odd33_channels_last", 1, 8, 33, 33, 16, 3, padding=1,
              channels_last=True),

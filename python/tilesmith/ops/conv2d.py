@@ -6,7 +6,8 @@ Layers: ``conv2d`` (validation, padding="same"/"valid", backend choice) ->
 need it), ``tilesmith::conv2d_{dgrad,wgrad}_{triton,cuda}`` and, through a fused activation,
 its derivative -> kernels/conv2d.py (Triton: groups, any channel count, fp32) or
 csrc/conv2d/ (CUDA: fp16/bf16, channel and filter counts per group multiples of 8, or
-depthwise with a multiple of 8 channels; channels-last, NCHW tensors are copied). A 1x1
+depthwise with a multiple of 8 channels, other counts zero-filled up to those here;
+channels-last, NCHW tensors are copied). A 1x1
 convolution with stride 1, no padding and one group is a GEMM over the pixels: the gemm
 kernels take it (triton: forward and dgrad of channels-last inputs; cuda: all three passes,
 in csrc/conv2d/conv2d_api.cpp). Outputs and input gradients keep the input's memory format
@@ -491,8 +492,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         t is not None and t.requires_grad for t in (input, weight, bias))
     save_pre = bool(activation is not None and needs_grad)
     if name == "cuda":
-        out, _ = torch.ops.tilesmith.conv2d_fwd_cuda(input, weight, bias, stride, padding,
-                                                     dilation, activation or "none", save_pre)
+        out = _cuda_conv2d(input, weight, bias, stride, padding, dilation, groups,
+                           activation or "none", save_pre)
     else:
         out, _ = torch.ops.tilesmith.conv2d_fwd_triton(
             input, weight, bias, stride, padding, dilation, groups, activation or "none",
@@ -504,19 +505,65 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out
 
 
+def cuda_zero_padding(channels: int, filters: int, groups: int) -> tuple[int, int, int]:
+    """(groups, channels per group, filters per group) that the cuda kernels run a conv of
+    ``channels`` inputs and ``filters`` outputs in: the GEMM kernels need channels and
+    filters per group that are multiples of 8 (16-byte rows), the depthwise kernel a
+    multiple of 8 channels, so the rest are zero-filled up to those (a depthwise conv gains
+    zero channels, any other conv zero channels and filters in each group)."""
+    per_group, filters_per_group = channels // groups, filters // groups
+    if groups > 1 and per_group == filters_per_group == 1:
+        return -(-groups // 8) * 8, 1, 1
+    return groups, -(-per_group // 8) * 8, -(-filters_per_group // 8) * 8
+
+
+def _cuda_forward(x, weight, bias, stride, padding, dilation, activation, save_pre):
+    return torch.ops.tilesmith.conv2d_fwd_cuda(x, weight, bias, stride, padding, dilation,
+                                               activation, save_pre)
+
+
+def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation, save_pre):
+    """The cuda forward of any channel count: where the kernels need more channels or
+    filters per group (cuda_zero_padding), x, weight and bias are copied zero-filled, in
+    channels-last (the kernels' layout), and the output's real filters copied out into x's
+    memory format. Differentiable: autograd takes the gradients back through the copies,
+    so the backward's dgrad and wgrad run on the filled shapes too."""
+    n, channels, height, width = x.shape
+    filters, per_group, r, s = weight.shape
+    wide_groups, wide_channels, wide_filters = cuda_zero_padding(channels, filters, groups)
+    if (wide_groups, wide_channels, wide_filters) == (groups, per_group, filters // groups):
+        out, _ = _cuda_forward(x, weight, bias, stride, padding, dilation, activation,
+                               save_pre)
+        return out
+    more_groups = wide_groups - groups
+    more_channels = wide_channels - per_group
+    more_filters = wide_filters - filters // groups
+    # (N, H, W, groups, channels per group): pad the last two dimensions.
+    pixels = x.permute(0, 2, 3, 1).unflatten(3, (groups, per_group))
+    wide_x = F.pad(pixels, (0, more_channels, 0, more_groups)).flatten(3, 4).permute(0, 3, 1, 2)
+    # (groups, filters per group, R, S, channels per group).
+    taps = weight.permute(0, 2, 3, 1).unflatten(0, (groups, filters // groups))
+    wide_weight = F.pad(taps, (0, more_channels, 0, 0, 0, 0, 0, more_filters, 0, more_groups))
+    wide_weight = wide_weight.flatten(0, 1).permute(0, 3, 1, 2)
+    wide_bias = None
+    if bias is not None:
+        wide_bias = F.pad(bias.view(groups, -1), (0, more_filters, 0, more_groups)).flatten()
+    out, _ = _cuda_forward(wide_x, wide_weight, wide_bias, stride, padding, dilation,
+                           activation, save_pre)
+    # (N, P, Q, groups, filters per group) of the real groups and filters, copied out.
+    real = out.permute(0, 2, 3, 1).unflatten(3, (wide_groups, wide_filters))
+    real = real[:, :, :, :groups, :filters // groups]
+    if _is_channels_last(x):
+        return real.flatten(3, 4).permute(0, 3, 1, 2).contiguous(
+            memory_format=torch.channels_last)
+    return real.permute(0, 3, 4, 1, 2).flatten(1, 2).contiguous()
+
+
 def kernel_limits(input, weight, groups=1) -> dict[str, str | None]:
-    """Why each of tilesmith's conv2d backends cannot run this call (None: it can)."""
-    cuda = None
-    channels, filters = input.shape[1] // groups, weight.shape[0] // groups
-    depthwise = channels == 1 and filters == 1 and groups > 1
-    if depthwise and groups % 8:
-        cuda = (f"the cuda depthwise conv2d kernel needs a multiple of 8 channels, got "
-                f"{groups} (the triton backend takes any)")
-    elif not depthwise and (channels % 8 or filters % 8):
-        cuda = (f"the cuda conv2d kernels need input channels and filters per group that are "
-                f"multiples of 8 (or a depthwise conv), got {channels} and {filters} with "
-                f"groups={groups} (the triton backend takes any)")
-    return {"triton": None, "cuda": cuda}
+    """Why each of tilesmith's conv2d backends cannot run this call (None: it can). Both
+    take every convolution ``conv2d`` accepts (the cuda backend zero-fills channel counts
+    its kernels do not take: cuda_zero_padding)."""
+    return {"triton": None, "cuda": None}
 
 register_autocast("conv2d_fwd_triton")
 register_autocast("conv2d_fwd_cuda")
