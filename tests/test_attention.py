@@ -477,6 +477,24 @@ def test_triton_forward_unpacked_gqa_matches_float64(backend, dtype, name, monke
     assert asked
 
 
+def _float64_cuda_forward(monkeypatch):
+    """Stands PyTorch's attention in float64 in for the CUDA forward (the kernels are the
+    GPU tests'); returns the list of (q, k, mask) shapes it is called with."""
+    calls = []
+
+    def forward(q, k, v, mask, causal, scale, dropout_p, seed):
+        calls.append((tuple(q.shape), tuple(k.shape)) if mask is None
+                     else (tuple(q.shape), tuple(k.shape), tuple(mask.shape)))
+        s = (q @ k.transpose(-1, -2).repeat_interleave(q.shape[1] // k.shape[1], 1)) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        return torch.softmax(s, -1) @ v.repeat_interleave(q.shape[1] // k.shape[1], 1), \
+            torch.logsumexp(s, -1)
+
+    monkeypatch.setattr(attention_ops, "_cuda_forward", forward)
+    return calls
+
+
 @pytest.mark.parametrize("seqlen_q,layout,kwargs,swapped", [
     (1, "bhsd", {}, True), (5, "bhsd", {}, True), (5, "bshd", {}, True),
     (1, "bhsd", {"causal": True}, False), (1, "bhsd", {"dropout_p": 0.2}, False),
@@ -487,15 +505,7 @@ def test_cuda_short_gqa_calls_run_each_kv_heads_group_as_query_rows(seqlen_q, la
     seq_q, dim) query rows of a plain (non-GQA) call, its out and lse viewed back (q
     (batch, seq, heads, dim)-major: copied); the forward here is PyTorch's in float64 (the
     kernels are the GPU tests'), so this checks the views."""
-    calls = []
-
-    def forward(q, k, v, mask, causal, scale, dropout_p, seed):
-        calls.append((tuple(q.shape), tuple(k.shape)))
-        s = (q @ k.transpose(-1, -2).repeat_interleave(q.shape[1] // k.shape[1], 1)) * scale
-        return torch.softmax(s, -1) @ v.repeat_interleave(q.shape[1] // k.shape[1], 1), \
-            torch.logsumexp(s, -1)
-
-    monkeypatch.setattr(attention_ops, "_cuda_forward", forward)
+    calls = _float64_cuda_forward(monkeypatch)
     q = torch.randn(3, 8, seqlen_q, 16, dtype=torch.float64)
     if layout == "bshd":
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
@@ -513,6 +523,48 @@ def test_cuda_short_gqa_calls_run_each_kv_heads_group_as_query_rows(seqlen_q, la
         (grad,) = torch.autograd.grad(out.sum(), q)
         (ref_grad,) = torch.autograd.grad(ref.sum(), q)
         torch.testing.assert_close(grad, ref_grad)
+
+
+# (seq_q, mask shape, expanded to (3, 8, seq_q, 40), the mask's shape in the packed call or
+# None where the call stays unpacked).
+SHORT_GQA_MASKS = {
+    "shared_decode": (1, (3, 1, 1, 40), False, (3, 1, 1, 40)),
+    "shared_prompt": (5, (3, 1, 1, 40), False, (3, 1, 1, 40)),
+    "per_head_decode": (1, (3, 8, 1, 40), False, (3, 2, 4, 40)),
+    "per_head_and_row": (5, (3, 8, 5, 40), False, (3, 2, 20, 40)),
+    "expanded_shared": (5, (3, 1, 1, 40), True, (3, 1, 1, 40)),
+    "per_row_only": (5, (1, 1, 5, 40), False, None),
+    "per_head_only": (5, (3, 8, 1, 40), False, None),
+}
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("case", list(SHORT_GQA_MASKS))
+def test_cuda_short_gqa_calls_take_masks_as_query_rows(case, kind, monkeypatch):
+    """A short GQA call with a mask is packed into query rows where the mask follows them
+    as a view (or a copy no larger than itself), its gradient taken back through it."""
+    seqlen_q, shape, expanded, packed_shape = SHORT_GQA_MASKS[case]
+    calls = _float64_cuda_forward(monkeypatch)
+    q = torch.randn(3, 8, seqlen_q, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, 40, 16, dtype=torch.float64) for _ in range(2))
+    if kind == "bool":
+        given = torch.rand(shape) < 0.6
+        given[..., 0] = True  # no fully masked row: the stand-in softmax would give NaN
+    else:
+        given = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    mask = given.expand(3, 8, seqlen_q, 40) if expanded else given
+    out, _ = attention_ops._kernel_attention("cuda", q, k, v, mask, False, 0.25)
+    if packed_shape is None:
+        assert calls == [((3, 8, seqlen_q, 16), (3, 2, 40, 16), tuple(mask.shape))]
+    else:
+        assert calls == [((3, 2, 4 * seqlen_q, 16), (3, 2, 40, 16), packed_shape)]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, ref)
+    inputs = (q,) if kind == "bool" else (q, given)
+    grad_out = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, inputs, grad_out),
+                         torch.autograd.grad(ref, inputs, grad_out)):
+        torch.testing.assert_close(got, want)
 
 
 def test_packs_gqa_only_for_groups_with_short_queries():

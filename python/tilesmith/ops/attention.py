@@ -658,23 +658,43 @@ def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.
     batch, heads, seqlen_q = query.shape[:3]
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    if (name == "cuda" and _packs_gqa(group, seqlen_q) and mask is None and not causal
-            and dropout_p == 0):
+    if name == "cuda" and _packs_gqa(group, seqlen_q) and not causal and dropout_p == 0:
         # Grouped kv heads and short queries (decoding): each kv head's query heads become
         # its query rows, (batch, kv_heads, group * seq_q, dim), so the CUDA kernels read K
         # and V once per kv head rather than once per query head, as the Triton forward's
         # packed blocks do. A view where q's strides allow (always for seq_q = 1), else a
         # copy of the (short) queries. Not causal: a row's position would be lost; not with
-        # a mask or dropout, which are given or drawn per query head and row.
-        rows = query.unflatten(1, (kv_heads, group)).flatten(2, 3)
-        out, lse = _kernel_attention(name, rows, key, value, None, False, scale)
-        return (out.unflatten(2, (group, seqlen_q)).flatten(1, 2),
-                lse.unflatten(2, (group, seqlen_q)).flatten(1, 2))
+        # dropout, whose mask is drawn per query head and row.
+        rows_mask = None if mask is None else _grouped_rows_mask(mask, kv_heads, group,
+                                                                 seqlen_q)
+        if mask is None or rows_mask is not None:
+            rows = query.unflatten(1, (kv_heads, group)).flatten(2, 3)
+            out, lse = _kernel_attention(name, rows, key, value, rows_mask, False, scale)
+            return (out.unflatten(2, (group, seqlen_q)).flatten(1, 2),
+                    lse.unflatten(2, (group, seqlen_q)).flatten(1, 2))
     seed = draw_dropout_seed(query.device) if dropout_p > 0 else None
     args = (query, key, value, mask, causal, scale, float(dropout_p), seed)
     if name == "cuda":
         return _cuda_forward(*args)
     return torch.ops.tilesmith.attention_fwd_triton(*args)
+
+
+def _grouped_rows_mask(mask, kv_heads, group, seqlen_q):
+    """A GQA call's (batch, heads, seq_q, seq_k) mask (dimensions 1 or full) for its query
+    heads run as (batch, kv_heads, group * seq_q) query rows: the mask itself where it is
+    shared by heads and rows, a view (or a copy of the mask's own size) where it varies by
+    head and, for seq_q > 1, by row too; None where it would take a copy larger than the
+    mask (shared by the heads but not by the rows, or the reverse), which stays unpacked."""
+    if mask.shape[1] > 1 and mask.stride(1) == 0:  # expanded over the heads
+        mask = mask[:, :1]
+    if mask.shape[2] > 1 and mask.stride(2) == 0:  # expanded over the rows
+        mask = mask[:, :, :1]
+    per_head, per_row = mask.shape[1] > 1, mask.shape[2] > 1
+    if not per_head and not per_row:
+        return mask
+    if per_head and (per_row or seqlen_q == 1):
+        return mask.unflatten(1, (kv_heads, group)).flatten(2, 3)
+    return None
 
 
 def _cuda_forward(query, key, value, mask, causal, scale, dropout_p, seed):
