@@ -528,21 +528,22 @@ def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation,
     channels-last (the kernels' layout), and the output's real filters copied out into x's
     memory format. Differentiable: autograd takes the gradients back through the copies,
     so the backward's dgrad and wgrad run on the filled shapes too."""
-    n, channels, height, width = x.shape
-    filters, per_group, r, s = weight.shape
+    channels = x.shape[1]
+    filters, per_group = weight.shape[:2]
+    filters_per_group = filters // groups
     wide_groups, wide_channels, wide_filters = cuda_zero_padding(channels, filters, groups)
-    if (wide_groups, wide_channels, wide_filters) == (groups, per_group, filters // groups):
+    if (wide_groups, wide_channels, wide_filters) == (groups, per_group, filters_per_group):
         out, _ = _cuda_forward(x, weight, bias, stride, padding, dilation, activation,
                                save_pre)
         return out
     more_groups = wide_groups - groups
     more_channels = wide_channels - per_group
-    more_filters = wide_filters - filters // groups
+    more_filters = wide_filters - filters_per_group
     # (N, H, W, groups, channels per group): pad the last two dimensions.
     pixels = x.permute(0, 2, 3, 1).unflatten(3, (groups, per_group))
     wide_x = F.pad(pixels, (0, more_channels, 0, more_groups)).flatten(3, 4).permute(0, 3, 1, 2)
     # (groups, filters per group, R, S, channels per group).
-    taps = weight.permute(0, 2, 3, 1).unflatten(0, (groups, filters // groups))
+    taps = weight.permute(0, 2, 3, 1).unflatten(0, (groups, filters_per_group))
     wide_weight = F.pad(taps, (0, more_channels, 0, 0, 0, 0, 0, more_filters, 0, more_groups))
     wide_weight = wide_weight.flatten(0, 1).permute(0, 3, 1, 2)
     wide_bias = None
@@ -552,7 +553,7 @@ def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation,
                            activation, save_pre)
     # (N, P, Q, groups, filters per group) of the real groups and filters, copied out.
     real = out.permute(0, 2, 3, 1).unflatten(3, (wide_groups, wide_filters))
-    real = real[:, :, :, :groups, :filters // groups]
+    real = real[:, :, :, :groups, :filters_per_group]
     if _is_channels_last(x):
         return real.flatten(3, 4).permute(0, 3, 1, 2).contiguous(
             memory_format=torch.channels_last)
