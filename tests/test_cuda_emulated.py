@@ -13,7 +13,12 @@ hash of the sources.
 Every test runs twice: with cp.async copies landing at the wait that covers them (a stage
 read before its copies were waited for is stale) and landing at issue (a stage refilled
 while another thread, or an in-flight wgmma, may still read it is overwritten too soon):
-the two extremes of when the hardware may carry a copy out."""
+the two extremes of when the hardware may carry a copy out. The first run gives the
+threads their turns between barriers in thread order, the second in reverse, so that a
+missing barrier between a write to shared memory and another thread's read of it shows
+as stale data in one of the two whichever thread writes first.
+TILESMITH_EMULATOR_ORDER=shuffle in the environment gives both runs a random order at
+every turn instead (TILESMITH_EMULATOR_SEED picks it; sm80_emulator.h)."""
 
 import ctypes
 import functools
@@ -60,10 +65,14 @@ pytestmark = pytest.mark.skipif(
     reason="needs a host C++ compiler and the CUDA headers (nvcc) to build the emulated kernels")
 
 
-@pytest.fixture(autouse=True, params=["late", "early"], ids=["copies_late", "copies_early"])
+@pytest.fixture(autouse=True, params=[("late", "forward"), ("early", "reverse")],
+                ids=["copies_late", "copies_early_reverse"])
 def copy_timing(request, monkeypatch):
-    monkeypatch.setenv("TILESMITH_EMULATOR_COPIES", request.param)  # read at each launch
-    return request.param
+    copies, order = request.param
+    monkeypatch.setenv("TILESMITH_EMULATOR_COPIES", copies)  # both read at each launch
+    if os.environ.get("TILESMITH_EMULATOR_ORDER") != "shuffle":
+        monkeypatch.setenv("TILESMITH_EMULATOR_ORDER", order)
+    return copies
 
 
 @functools.cache
@@ -108,6 +117,30 @@ def buffer_table(tensors):
     ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     sizes = (ctypes.c_int64 * len(tensors))(*[extent_bytes(t) for t in tensors])
     return ptrs, sizes, len(tensors)
+
+
+# --- the emulator's turn orders -----------------------------------------------------------------
+
+@pytest.mark.parametrize("gather", [False, True], ids=["broadcast", "gather"])
+def test_turn_orders_expose_a_missing_barrier(gather, monkeypatch):
+    """One thread's write read by all (broadcast), or all threads' writes read by one
+    (gather), without the barrier between: stale in one of the two orders, which of them
+    depending on which thread writes; with it, right in every order."""
+    lib = emulated("turn_order")
+    right = [7] * 64 if not gather else [sum(range(64))]
+    stale_in = "forward" if gather else "reverse"
+    for order in ("forward", "reverse", "shuffle"):
+        monkeypatch.setenv("TILESMITH_EMULATOR_ORDER", order)
+        for barrier in (True, False):
+            out = (ctypes.c_int * 64)()
+            error = ctypes.create_string_buffer(256)
+            assert lib.emulate_turn_order(int(gather), int(barrier), out, error, 256) == 0, \
+                error.value.decode()
+            got = list(out)[:len(right)]
+            if barrier or order not in (stale_in, "shuffle"):
+                assert got == right, (order, barrier)
+            elif order == stale_in:
+                assert got != right, (order, barrier)
 
 
 # --- matmul / gemm: csrc/matmul/matmul_sm80.cuh ------------------------------------------------

@@ -17,9 +17,16 @@
 // asynchronous wgmma) may still read it reads the new data too soon.
 // Addresses given to cp.async (global and shared) and to ldmatrix are bounds- and
 // alignment-checked; errors end the launch with a message instead of crashing.
+// The order in which runnable fibers take their turns is thread order, or with
+// TILESMITH_EMULATOR_ORDER=reverse the reverse, or with =shuffle a new random order at each
+// turn (seeded by TILESMITH_EMULATOR_SEED, default 0: reproducible). A missing barrier
+// between one thread's write to shared memory and another's read of it gives stale data
+// in one of the first two orders (the reader ran first), so running a test under both
+// finds it.
 //
-// What it cannot show: speed, races between threads (fibers never interleave between
-// barriers), register pressure or spills (read the ptxas report for those), and mistakes in
+// What it cannot show: speed, races between threads other than through the turn order
+// (fibers never interleave between barriers, nor inside a turn), register pressure or
+// spills (read the ptxas report for those), and mistakes in
 // my reading of the PTX ISA: it implements the ISA as I read it, so it checks the kernels
 // against that reading and not against the silicon. A kernel that passes here still has to
 // pass the same tests on a GPU.
@@ -39,6 +46,8 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -382,11 +391,21 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
   m.buffers = std::move(buffers);
   const char* copies = std::getenv("TILESMITH_EMULATOR_COPIES");
   m.copies_land_at_issue = copies != nullptr && std::string(copies) == "early";
+  const char* order_name = std::getenv("TILESMITH_EMULATOR_ORDER");
+  const std::string order = order_name != nullptr ? order_name : "forward";
+  if (order != "forward" && order != "reverse" && order != "shuffle") {
+    return "TILESMITH_EMULATOR_ORDER must be forward, reverse or shuffle, got " + order;
+  }
+  const char* seed = std::getenv("TILESMITH_EMULATOR_SEED");
+  std::mt19937 shuffler(seed != nullptr ? std::strtoul(seed, nullptr, 10) : 0);
   m.body = std::move(kernel);
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads % 32 != 0) return "block size must be a multiple of 32 here";
   m.fibers.resize(threads);
   m.warps.resize(threads / 32);
+  std::vector<int> turns(threads);  // the fibers in the order they take their turns
+  std::iota(turns.begin(), turns.end(), 0);
+  if (order == "reverse") std::reverse(turns.begin(), turns.end());
   for (Fiber& f : m.fibers) f.stack.reset(new char[kStackBytes]);
   for (unsigned bz = 0; bz < grid.z && m.error.empty(); ++bz) {
     for (unsigned by = 0; by < grid.y && m.error.empty(); ++by) {
@@ -421,7 +440,8 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
         // an mbarrier phase that never completes).
         for (;;) {
           bool any_unfinished = false, ran = false;
-          for (int i = 0; i < threads; ++i) {
+          if (order == "shuffle") std::shuffle(turns.begin(), turns.end(), shuffler);
+          for (const int i : turns) {
             Fiber& f = m.fibers[i];
             if (f.finished) continue;
             any_unfinished = true;
