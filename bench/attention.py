@@ -38,15 +38,15 @@ ERROR_ROWS = 128
 
 
 def _contender(name):
-    """(fn(q, k, v, causal) -> out) for a tilesmith backend or one SDPA backend."""
+    """(fn(q, k, v, causal, mask=None) -> out) for a tilesmith backend or one SDPA backend."""
     if name in TORCH_BACKENDS:
-        def run(q, k, v, causal):
+        def run(q, k, v, causal, mask=None):
             with sdpa_kernel(TORCH_BACKENDS[name]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal,
                                                       enable_gqa=k.shape[1] != q.shape[1])
         return run
-    return lambda q, k, v, causal: tilesmith.ops.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1], backend=name)
+    return lambda q, k, v, causal, mask=None: tilesmith.ops.scaled_dot_product_attention(
+        q, k, v, mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1], backend=name)
 
 
 def _measure(fn, q, k, v, causal, mode):
@@ -126,25 +126,34 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
             if checkpoint:
                 checkpoint(rows)
     # Decoding, 32 query heads over 32 kv heads and (Llama-style GQA) over 8.
-    for batch, seqlen, kv_heads in ([] if quick else [(1, 8192, 32), (1, 65536, 32),
-                                                      (8, 8192, 32), (1, 8192, 8),
-                                                      (8, 8192, 8)]):
-        _decode_row(rows, batch, seqlen, 128, dtype, backends, kv_heads=kv_heads)
+    for batch, seqlen, kv_heads, padded in ([] if quick else [
+            (1, 8192, 32, False), (1, 65536, 32, False), (8, 8192, 32, False),
+            (1, 8192, 8, False), (8, 8192, 8, False), (8, 8192, 8, True)]):
+        _decode_row(rows, batch, seqlen, 128, dtype, backends, kv_heads=kv_heads,
+                    padded=padded)
         if checkpoint:
             checkpoint(rows)
     return rows
 
 
-def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32, kv_heads=32):
+def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32, kv_heads=32,
+                padded=False):
     """Forward of one query row per (batch, head) over `seqlen` keys: few query blocks for
     the GPU's SMs, where both forwards split the keys (and read each kv head's keys once
-    for its whole group of query heads). Against SDPA's flash backend."""
+    for its whole group of query heads). Against SDPA's flash backend; `padded`: the
+    sequences' caches filled to different lengths, a (batch, 1, 1, seqlen) boolean key
+    padding mask, against SDPA's memory-efficient backend (flash takes no mask)."""
     q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
     k, v = (torch.randn(batch, kv_heads, seqlen, head_dim, device="cuda", dtype=dtype)
             for _ in range(2))
+    mask = None
+    if padded:  # lengths from seqlen / 4 up to seqlen
+        lengths = torch.linspace(seqlen // 4, seqlen, batch, device="cuda").long()
+        mask = (torch.arange(seqlen, device="cuda") < lengths[:, None]).view(batch, 1, 1, -1)
     group = heads // kv_heads
+    first = None if mask is None else mask[:1]
     ref = F.scaled_dot_product_attention(q[:1, :group].double(), k[:1, :1].double(),
-                                         v[:1, :1].double(), enable_gqa=True)
+                                         v[:1, :1].double(), first, enable_gqa=True)
     contenders = list(harness.contenders("attention", backends, q.device, dtype))
     contenders += [(name, name, {}) for name in TORCH_BACKENDS if name != "sdpa_math"]
     timings = {}
@@ -152,23 +161,28 @@ def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32, kv_hea
         fn = _contender(backend)
         with tilesmith.backend.hopper_kernels(**switches):
             try:
-                err = testing.rel_error(fn(q[:1, :group], k[:1, :1], v[:1, :1], False), ref)
+                err = testing.rel_error(fn(q[:1, :group], k[:1, :1], v[:1, :1], False, first),
+                                        ref)
             except RuntimeError as exc:
                 print(f"  {name}: {str(exc).splitlines()[0][:100]}")
                 continue
-            timings[name] = (harness.median_ms(lambda: fn(q, k, v, False)), err)
-    base_ms = timings.get("sdpa_flash", (None,))[0]
+            timings[name] = (harness.median_ms(lambda: fn(q, k, v, False, mask)), err)
+    baseline = "sdpa_efficient" if padded else "sdpa_flash"
+    base_ms = timings.get(baseline, (None,))[0]
     flops = 4 * batch * heads * seqlen * head_dim
+    shape = {"B": batch, "H": heads, "Hkv": kv_heads, "Sq": 1, "Sk": seqlen, "D": head_dim}
+    if padded:
+        shape["mask"] = "key_padding"
     for name, (ms, err) in timings.items():
         rows.append(harness.Row(
             op="attention", mode="decode", backend=name,
-            baseline="sdpa_flash" if base_ms else "none", dtype=str(dtype).removeprefix("torch."),
-            shape={"B": batch, "H": heads, "Hkv": kv_heads, "Sq": 1, "Sk": seqlen,
-                   "D": head_dim}, ms=ms,
+            baseline=baseline if base_ms else "none", dtype=str(dtype).removeprefix("torch."),
+            shape=shape, ms=ms,
             tflops=flops / ms / 1e9, baseline_ms=base_ms, ratio=base_ms / ms if base_ms else None,
             rel_err=err, peak_mem_bytes=None, joules=None))
-    print(f"attention decode B={batch} Hkv={kv_heads} Sk={seqlen}: " + ", ".join(
-        f"{n} {t[0]:.3f} ms" for n, t in timings.items()), flush=True)
+    print(f"attention decode B={batch} Hkv={kv_heads} Sk={seqlen}"
+          f"{' key padding mask' if padded else ''}: " + ", ".join(
+              f"{n} {t[0]:.3f} ms" for n, t in timings.items()), flush=True)
 
 
 def _training_rows(rows, what, shape, step, torch_backends, backends, dtype):
