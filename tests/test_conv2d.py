@@ -221,20 +221,21 @@ def test_cuda_zero_padding_fills_channels_and_filters_to_multiples_of_8():
     assert conv2d_ops.cuda_zero_padding(20, 12, 2) == (2, 16, 8)  # per group
     assert conv2d_ops.cuda_zero_padding(16, 16, 16) == (16, 1, 1)  # depthwise
     assert conv2d_ops.cuda_zero_padding(12, 12, 12) == (16, 1, 1)  # depthwise: more groups
-    assert conv2d_ops.cuda_zero_padding(16, 32, 16) == (16, 8, 8)  # channel multiplier 2
     x, w = torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3)
     assert conv2d_ops.kernel_limits(x, w) == {"triton": None, "cuda": None}
     assert tilesmith.ops.conv2d_kernel_limits is conv2d_ops.kernel_limits
 
 
-# (channels, filters, groups, stride, padding, dilation): a first layer, odd counts, filled
-# groups, a depthwise conv gaining channels, a channel multiplier.
+# (channels, filters, groups, stride, padding, dilation), and the (x, weight) shapes the
+# op is called with: a first layer, odd counts, filled groups, a depthwise conv gaining
+# channels, channel multipliers (x's channels repeated: depthwise, filled to 16 for 12).
 ZERO_FILLED = {
-    "rgb_7x7_s2": (3, 16, 1, 2, 3, 1),
-    "c17_k20": (17, 20, 1, 1, 1, 1),
-    "groups2_c20_k12": (20, 12, 2, 1, 1, 2),
-    "depthwise12": (12, 12, 12, 2, 1, 1),
-    "multiplier2": (8, 16, 8, 1, 0, 1),
+    "rgb_stride2": ((3, 16, 1, 2, 3, 1), (8, 16, 8)),
+    "c17_k20": ((17, 20, 1, 1, 1, 1), (24, 24, 24)),
+    "groups2_c20_k12": ((20, 12, 2, 1, 1, 2), (32, 16, 16)),
+    "depthwise12": ((12, 12, 12, 2, 1, 1), (16, 16, 1)),
+    "multiplier2": ((8, 16, 8, 1, 0, 1), (16, 16, 1)),
+    "multiplier2_c6": ((6, 12, 6, 2, 1, 1), (16, 16, 1)),
 }
 
 
@@ -242,13 +243,12 @@ ZERO_FILLED = {
 @pytest.mark.parametrize("case", list(ZERO_FILLED))
 def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format, monkeypatch):
     """The cuda forward reaches its op with channels (and filters) per group filled to
-    what the kernels take, channels-last, and gives the real filters back in the input's
-    memory format, with the gradients of x, weight and bias taken back through the copies.
-    The op here is PyTorch's conv in float64 (the kernels are the GPU tests'), so this
-    checks the filling and the copies."""
-    channels, filters, groups, stride, padding, dilation = ZERO_FILLED[case]
-    wide_groups, wide_channels, wide_filters = conv2d_ops.cuda_zero_padding(channels, filters,
-                                                                            groups)
+    what the kernels take (a channel multiplier's channels repeated), channels-last, and
+    gives the real filters back in the input's memory format, with the gradients of x,
+    weight and bias taken back through the copies. The op here is PyTorch's conv in
+    float64 (the kernels are the GPU tests'), so this checks the filling and the copies."""
+    (channels, filters, groups, stride, padding, dilation), (wide_x, wide_k, wide_c) = \
+        ZERO_FILLED[case]
     calls = []
 
     def forward(x, weight, bias, stride_, padding_, dilation_, activation, save_pre):
@@ -267,9 +267,7 @@ def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format
         t.requires_grad_(True)
     args = ([stride] * 2, [padding] * 2, [dilation] * 2)
     out = conv2d_ops._cuda_conv2d(x, w, b, *args, groups, "relu", True)
-    assert calls == [((2, wide_groups * wide_channels, 13, 11),
-                      (wide_groups * wide_filters, wide_channels, 3, 3),
-                      (wide_groups * wide_filters,))]
+    assert calls == [((2, wide_x, 13, 11), (wide_k, wide_c, 3, 3), (wide_k,))]
     ref = _torch_conv2d(x, w, b, *args, groups, "relu")
     torch.testing.assert_close(out, ref)
     assert out.is_contiguous(memory_format=fmt)

@@ -244,7 +244,8 @@ def main() -> int:
     # an H100 once on the wgmma kernels and once on the sm_80 ones (depthwise has its own).
     # c=k=264: wgmma's 256-wide tiles in the forward, dgrad and wgrad (the 1x1 ones: the
     # matmul kernels'); 2x2 stride 3: dgrad's phases reached by one tap and by none; an RGB
-    # 7x7 first layer and a 12-channel depthwise conv, zero-filled to 8 and 16 channels.
+    # 7x7 first layer and a 12-channel depthwise conv, zero-filled to 8 and 16 channels; a
+    # channel multiplier of 2 (run as the depthwise conv of x's channels repeated).
     for hopper in (True, False):
         for (c, k, r, stride, pad, groups), channels_last in (((16, 24, 3, 2, 1, 1), True),
                                                               ((72, 136, 1, 1, 0, 1), False),
@@ -254,7 +255,8 @@ def main() -> int:
                                                               ((16, 16, 2, 3, 1, 1), True),
                                                               ((24, 24, 5, 2, 2, 24), False),
                                                               ((3, 16, 7, 2, 3, 1), False),
-                                                              ((12, 12, 3, 1, 1, 12), True)):
+                                                              ((12, 12, 3, 1, 1, 12), True),
+                                                              ((8, 16, 3, 1, 1, 8), False)):
             x = torch.randn(2, c, 13, 11, device=dev, dtype=bf16)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

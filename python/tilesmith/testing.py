@@ -413,6 +413,7 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         case("groups2", 2, 8, 13, 13, 6, 3, groups=2, padding=1),
         case("depthwise", 2, 8, 13, 13, 8, 3, groups=8, padding=1),
         case("depthwise_stride2", 1, 6, 13, 13, 6, 3, groups=6, stride=2, padding=1),
+        case("channel_multiplier2", 1, 6, 13, 11, 12, 3, groups=6, padding=1),
         case("asymmetric_kernel", 1, 4, 13, 13, 4, 3, kw=1, padding=(1, 0)),
         case("no_bias", 2, 4, 7, 7, 4, 3, bias=False, padding=1),
         case("batch1_c3", 1, 3, 33, 33, 17, 3, padding=1),
