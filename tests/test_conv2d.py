@@ -242,8 +242,8 @@ ZERO_FILLED = {
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", list(ZERO_FILLED))
 def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format, monkeypatch):
-    """The cuda forward reaches its op with channels (and filters) per group filled to
-    what the kernels take (a channel multiplier's channels repeated), channels-last, and
+    """conv2d on the cuda backend reaches its op with channels (and filters) per group
+    filled to what the kernels take (a channel multiplier's channels repeated), and
     gives the real filters back in the input's memory format, with the gradients of x,
     weight and bias taken back through the copies. The op here is PyTorch's conv in
     float64 (the kernels are the GPU tests'), so this checks the filling and the copies."""
@@ -253,12 +253,13 @@ def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format
 
     def forward(x, weight, bias, stride_, padding_, dilation_, activation, save_pre):
         calls.append((tuple(x.shape), tuple(weight.shape), tuple(bias.shape)))
-        assert x.is_contiguous(memory_format=torch.channels_last)
         out = _torch_conv2d(x, weight, bias, stride_, padding_, dilation_,
                             x.shape[1] // weight.shape[1], activation)
-        return out.contiguous(memory_format=torch.channels_last), out.new_empty(0)
+        like_x = torch.channels_last if conv2d_ops._is_channels_last(x) else torch.contiguous_format
+        return out.contiguous(memory_format=like_x), out.new_empty(0)  # as the op's output
 
     monkeypatch.setattr(conv2d_ops, "_cuda_forward", forward)
+    monkeypatch.setattr(conv2d_ops._backend, "pick", lambda *args, **kwargs: "cuda")
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     x = torch.randn(2, channels, 13, 11, dtype=torch.float64).contiguous(memory_format=fmt)
     w = torch.randn(filters, channels // groups, 3, 3, dtype=torch.float64)
@@ -266,7 +267,7 @@ def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format
     for t in (x, w, b):
         t.requires_grad_(True)
     args = ([stride] * 2, [padding] * 2, [dilation] * 2)
-    out = conv2d_ops._cuda_conv2d(x, w, b, *args, groups, "relu", True)
+    out = tilesmith.ops.conv2d(x, w, b, *args, groups, activation="relu")
     assert calls == [((2, wide_x, 13, 11), (wide_k, wide_c, 3, 3), (wide_k,))]
     ref = _torch_conv2d(x, w, b, *args, groups, "relu")
     torch.testing.assert_close(out, ref)

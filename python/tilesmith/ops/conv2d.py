@@ -491,6 +491,14 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
     save_pre = bool(activation is not None and needs_grad)
+    filters_per_group = weight.shape[0] // groups
+    if groups > 1 and weight.shape[1] == 1 and filters_per_group > 1:
+        # A channel multiplier (one channel, several filters per group): the depthwise conv
+        # of the input with each channel repeated once per filter, which the depthwise
+        # kernels take (the GEMM kernels would fill each group's one channel and few
+        # filters out to a whole tile); autograd sums the repeats' gradients.
+        input = _repeat_channels(input, filters_per_group)
+        groups = weight.shape[0]
     if name == "cuda":
         out = _cuda_conv2d(input, weight, bias, stride, padding, dilation, groups,
                            activation or "none", save_pre)
@@ -505,13 +513,21 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out
 
 
+def _repeat_channels(x, times):
+    """x with each channel repeated ``times`` times (channel c at c * times ..), in x's
+    memory format."""
+    if _is_channels_last(x):
+        return x.permute(0, 2, 3, 1).repeat_interleave(times, dim=3).permute(0, 3, 1, 2)
+    return x.repeat_interleave(times, dim=1)
+
+
 def cuda_zero_padding(channels: int, filters: int, groups: int) -> tuple[int, int, int]:
     """(groups, channels per group, filters per group) that the cuda kernels run a conv of
     ``channels`` inputs and ``filters`` outputs in: the GEMM kernels need channels and
     filters per group that are multiples of 8 (16-byte rows), the depthwise kernel a
     multiple of 8 channels, so the rest are zero-filled up to those (a depthwise conv gains
-    zero channels, any other conv zero channels and filters in each group; _cuda_conv2d
-    makes a channel multiplier depthwise first)."""
+    zero channels, any other conv zero channels and filters in each group; conv2d makes a
+    channel multiplier depthwise first)."""
     per_group, filters_per_group = channels // groups, filters // groups
     if groups > 1 and per_group == filters_per_group == 1:
         return -(-groups // 8) * 8, 1, 1
@@ -527,19 +543,11 @@ def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation,
     """The cuda forward of any channel count: where the kernels need more channels or
     filters per group (cuda_zero_padding), x, weight and bias are copied zero-filled, in
     channels-last (the kernels' layout), and the output's real filters copied out into x's
-    memory format. A channel multiplier (one channel, several filters per group) runs as
-    the depthwise conv of x with each channel repeated once per filter. Differentiable:
-    autograd takes the gradients back through the copies, so the backward's dgrad and wgrad
-    run on the filled (or repeated) shapes too."""
+    memory format. Differentiable: autograd takes the gradients back through the copies,
+    so the backward's dgrad and wgrad run on the filled shapes too."""
     channels = x.shape[1]
     filters, per_group = weight.shape[:2]
     filters_per_group = filters // groups
-    if groups > 1 and per_group == 1 and filters_per_group > 1:
-        repeated = x.permute(0, 2, 3, 1).repeat_interleave(filters_per_group, dim=3)
-        out = _cuda_conv2d(repeated.permute(0, 3, 1, 2), weight, bias, stride, padding,
-                           dilation, filters, activation, save_pre)
-        return out.contiguous(memory_format=torch.channels_last if _is_channels_last(x)
-                              else torch.contiguous_format)
     wide_groups, wide_channels, wide_filters = cuda_zero_padding(channels, filters, groups)
     if (wide_groups, wide_channels, wide_filters) == (groups, per_group, filters_per_group):
         out, _ = _cuda_forward(x, weight, bias, stride, padding, dilation, activation,
