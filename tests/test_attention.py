@@ -296,6 +296,60 @@ def test_attention_returns_logsumexp(backend, dtype, causal):
     _check(out, ref_out, F.scaled_dot_product_attention(q, k, v, is_causal=causal), "out")
 
 
+# sample, attention's keyword arguments: cross, causal, a learnable bias, packed GQA calls
+# (the cuda backend's query-rows views: a decode, a bias per head and row), a fully masked
+# row (its lse -inf).
+LSE_GRAD_CASES = {
+    "cross": ("cross_sq17_sk50", {}),
+    "causal": ("cross_sq17_sk50", {"causal": True}),
+    "float_bias": ("float_mask_1_h_sq_sk", {}),
+    "gqa_decode": ("gqa_decode", {"enable_gqa": True}),
+    "gqa_float_bias": ("gqa_float_mask_per_head", {"enable_gqa": True}),
+    "fully_masked_row": ("fully_masked_row_bool", {}),
+}
+
+
+@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))
+@pytest.mark.parametrize("uses_out", [True, False], ids=["out_and_lse", "lse_only"])
+@pytest.mark.parametrize("case", list(LSE_GRAD_CASES))
+def test_logsumexp_gradient_matches_float64(backend, dtype, case, uses_out):
+    """attention's lse is differentiable: a loss of out and lse (or of lse alone) gives the
+    gradients of q, k, v and a float mask that the explicit float64 scores do."""
+    name, kwargs = LSE_GRAD_CASES[case]
+    sample = _sample(name, dtype)
+    _skip_if_backend_cannot(backend, sample.args, sample.kwargs)
+    kwargs = dict(kwargs)
+    mask = sample.kwargs.get("attn_mask")
+    q, k, v = testing.grad_views(sample.args)
+    inputs = [q, k, v]
+    if mask is not None:
+        kwargs["attn_mask"] = mask
+        if mask.is_floating_point():
+            kwargs["attn_mask"] = mask = mask.detach().clone().requires_grad_(True)
+            inputs.append(mask)
+
+    def loss(backend_, tensors):
+        args = dict(kwargs, attn_mask=tensors[3]) if len(tensors) == 4 else kwargs
+        out, lse = tilesmith.ops.attention(*tensors[:3], backend=backend_, **args)
+        assert lse.requires_grad
+        weights = torch.linspace(-1, 1, lse.numel(), device=lse.device).view(lse.shape)
+        total = (lse.masked_fill(torch.isneginf(lse), 0) * weights).sum()
+        return total + (out.float() * out.float()).sum() if uses_out else total
+
+    def grads_of(backend_, tensors):  # v's is zero when the loss is lse's alone
+        return torch.autograd.grad(loss(backend_, tensors), tensors, allow_unused=True,
+                                   materialize_grads=True)
+
+    grads = grads_of(backend, inputs)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref_grads = grads_of("torch", ref_inputs)
+    base_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    base_grads = grads_of("torch", base_inputs)
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv", "dmask"]):
+        assert torch.isfinite(got).all(), f"{what} has NaN/inf"
+        _check(got, want, baseline, what)
+
+
 @pytest.mark.parametrize("backend", [p for p in kernel_backends("attention", torch.float64)])
 @pytest.mark.parametrize("case", ["plain", "causal_gqa", "float_mask"])
 def test_gradcheck_float64(backend, case):

@@ -189,21 +189,26 @@ def main() -> int:
     # on an H100 the forward on each wgmma kernel (TMA and cp.async).
     check_attention(({}, {"tma": False}))
 
-    # attention with an additive (1, heads, seq_q, seq_k) mask, and its gradient: on Hopper
-    # through the wgmma kernels (several query and key blocks) and the sm_80 ones.
+    # attention with an additive (1, heads, seq_q, seq_k) mask, and its gradient, through a
+    # loss of out and lse: on Hopper through the wgmma kernels (several query and key
+    # blocks) and the sm_80 ones.
     q = torch.randn(2, 2, 150, 64, device=dev, dtype=bf16, requires_grad=True)
     k = torch.randn(2, 2, 260, 64, device=dev, dtype=bf16, requires_grad=True)
     v = torch.randn(2, 2, 260, 64, device=dev, dtype=bf16, requires_grad=True)
     bias = torch.randn(1, 2, 150, 260, device=dev, dtype=bf16, requires_grad=True)
+    lse_weights = torch.randn(2, 2, 150, device=dev)
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
-    ref = F.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
-    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+    scores = leaves[0] @ leaves[1].transpose(-1, -2) * 64 ** -0.5 + leaves[3]
+    ref = torch.softmax(scores, -1) @ leaves[2]
+    ref_lse = torch.logsumexp(scores, -1)
+    ref_grads = torch.autograd.grad(ref.square().sum() + (ref_lse * lse_weights).sum(), leaves)
     for hopper in (True, False):
         with tilesmith.backend.hopper_kernels(hopper):
-            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                             backend="cuda")
-            grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, bias))
+            out, lse = tilesmith.ops.attention(q, k, v, attn_mask=bias, backend="cuda")
+            grads = torch.autograd.grad(out.float().square().sum() + (lse * lse_weights).sum(),
+                                        (q, k, v, bias))
         check(f"attention additive mask hopper={hopper}", out, ref)
+        check(f"attention additive mask hopper={hopper} lse", lse, ref_lse)
         for name, got, want in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
             check(f"attention additive mask hopper={hopper} {name}", got, want, bar=5e-2)
 

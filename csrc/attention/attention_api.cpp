@@ -356,11 +356,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
     bool causal, double scale, bool mask_grad, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& grad_lse) {
   c10::cuda::CUDAGuard guard(q.device());
   check_inputs(q, k, v);
   TORCH_CHECK(!mask_grad || (mask.has_value() && mask->is_floating_point()),
               "attention backward: mask_grad needs an additive (floating-point) mask");
+  TORCH_CHECK(!grad_lse.has_value() || grad_lse->sizes() == lse.sizes(),
+              "attention backward: grad_lse ", grad_lse->sizes(), " must have lse's shape ",
+              lse.sizes());  // (the message is built only when the check fails)
+  // A score's gradient is P (dP - delta) for a row's delta = rowsum(dO * O); lse's gradient
+  // adds P * grad_lse (d lse / d s = P), so it folds into delta: delta - grad_lse.
+  at::Tensor delta = row_delta(grad_out, out);
+  if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -368,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   // broadcasts by atomic adds (so zeros first).
   at::Tensor dmask = mask_grad ? at::zeros(mask->sizes(), q.options().dtype(at::kFloat))
                                : at::empty({0}, q.options().dtype(at::kFloat));
-  backward(grad_out, q, k, v, mask, out, lse, row_delta(grad_out, out).contiguous(), dq, dk, dv,
+  backward(grad_out, q, k, v, mask, out, lse, delta.contiguous(), dq, dk, dv,
            mask_grad ? &dmask : nullptr, causal, scale, Dropout{dropout_p, seed}, nullptr);
   return {dq, dk, dv, dmask};
 }

@@ -25,12 +25,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       int64_t keys_per_split);
 
 // (dq, dk, dv, dmask) from the forward's inputs, output and lse; dmask (fp32, the mask's
-// shape) only with mask_grad, else empty.
+// shape) only with mask_grad, else empty. grad_lse: the gradient of lse, where the caller
+// took one (lse's shape).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
     bool causal, double scale, bool mask_grad, double dropout_p,
-    const std::optional<at::Tensor>& seed);
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& grad_lse);
 
 // The same on packed (tokens, heads, head_dim) tensors, sequence b owning tokens
 // cu_seqlens[b] .. cu_seqlens[b + 1] (int32, on the device; max_seqlen_* at least the longest).

@@ -32,7 +32,8 @@ LIBRARY.define("attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? mask, b
                "-> (Tensor, Tensor)")
 LIBRARY.define("attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, "
                "Tensor out, Tensor lse, bool causal, float scale, bool mask_grad, "
-               "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)")
+               "float dropout_p, Tensor? seed, Tensor? grad_lse=None) "
+               "-> (Tensor, Tensor, Tensor, Tensor)")
 LIBRARY.define("varlen_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
                "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
                "float scale, float dropout_p, Tensor? seed, int keys_per_split=0) "
@@ -333,8 +334,10 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
 
 
 def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, seqlen_k,
-              causal, scale, mask_grad, varlen, dropout_p=0.0, seed=None):
-    """Shared by the dense and packed backward ops: (dq, dk, dv, dmask)."""
+              causal, scale, mask_grad, varlen, dropout_p=0.0, seed=None, grad_lse=None):
+    """Shared by the dense and packed backward ops: (dq, dk, dv, dmask). grad_lse (dense
+    only): lse's gradient, which folds into delta (a score's gradient is P (dP - delta),
+    and lse's adds P grad_lse)."""
     import triton
 
     from tilesmith.kernels.attention_fwd import LOG2E
@@ -359,6 +362,8 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
         heads_kv, head_dim_v = k.shape[1], v.shape[3]
         layout = _dense_strides
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        if grad_lse is not None:
+            delta = (delta - grad_lse.to(lse.dtype)).contiguous()
         lse_strides = (lse.stride(0), lse.stride(1))
     if q.numel() == 0 or k.numel() == 0 or (q.shape[-1] == 0 and v.shape[-1] == 0):
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
@@ -412,11 +417,16 @@ def _attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor,
                           lse: torch.Tensor, causal: bool, scale: float, mask_grad: bool,
-                          dropout_p: float, seed: torch.Tensor | None
+                          dropout_p: float, seed: torch.Tensor | None,
+                          grad_lse: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_dropout_seed(dropout_p, seed, q)
+    if grad_lse is not None and grad_lse.shape != lse.shape:
+        raise ValueError(f"attention backward: grad_lse {tuple(grad_lse.shape)} must have "
+                         f"lse's shape {tuple(lse.shape)}")
     return _backward(grad_out, q, k, v, mask, out, lse, q, q, q.shape[0], q.shape[2], k.shape[2],
-                     causal, scale, mask_grad, varlen=False, dropout_p=dropout_p, seed=seed)
+                     causal, scale, mask_grad, varlen=False, dropout_p=dropout_p, seed=seed,
+                     grad_lse=grad_lse)
 
 
 def _check_dropout_seed(dropout_p, seed, q):
@@ -462,7 +472,7 @@ def _attention_fwd_cuda_fake(q, k, v, mask, causal, scale, dropout_p, seed, keys
 
 @torch.library.register_fake("tilesmith::attention_bwd_cuda")
 def _attention_bwd_cuda_fake(grad_out, q, k, v, mask, out, lse, causal, scale, mask_grad,
-                             dropout_p, seed):
+                             dropout_p, seed, grad_lse=None):
     dmask = q.new_empty(mask.shape if mask_grad else (0,), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
@@ -485,16 +495,18 @@ def _fwd_setup_context(ctx, inputs, output):
     # The seed goes to the backward as it came: its kernels regenerate the forward's mask.
     ctx.save_for_backward(q, k, v, mask, out, lse, seed)
     ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
-    ctx.mark_non_differentiable(lse)
+    # Unused outputs' gradients come as None, not zeros: most callers never use lse.
+    ctx.set_materialize_grads(False)
 
 
 def _make_fwd_backward(bwd_op):
-    def backward(ctx, grad_out, _grad_lse):
-        # The log-sum-exp is returned for inspection; it carries no gradient (documented).
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, mask, out, lse, seed = ctx.saved_tensors
+        if grad_out is None:  # only lse was used
+            grad_out = torch.zeros_like(out)
         mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
         dq, dk, dv, dmask = bwd_op(grad_out, q, k, v, mask, out, lse, ctx.causal, ctx.scale,
-                                   mask_grad, ctx.dropout_p, seed)
+                                   mask_grad, ctx.dropout_p, seed, grad_lse)
         dmask = dmask.to(mask.dtype) if mask_grad else None
         return dq, dk, dv, dmask, *[None] * (len(ctx.needs_input_grad) - 4)
     return backward
@@ -733,7 +745,8 @@ def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
               enable_gqa=False, backend=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Like ``scaled_dot_product_attention`` (no dropout), returning ``(out, lse)``: lse is
     the natural log-sum-exp of each query row's scaled, masked scores, (batch, heads, seq_q)
-    in float32 (-inf for a fully masked row). Gradients flow through ``out`` only."""
+    in float32 (-inf for a fully masked row). Both are differentiable (lse's gradient folds
+    into the backward's per-row constant, at no extra pass)."""
     fn = "attention"
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
@@ -766,7 +779,12 @@ def _torch_attention_with_lse(q, k, v, mask, causal, scale):
     if mask is not None:
         scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                   else scores + mask.to(compute))
-    return out, torch.logsumexp(scores, dim=-1).detach().to(_lse_dtype(q.dtype))
+    # A fully masked row's lse is -inf, with no gradient: logsumexp's own backward would
+    # give it NaN (exp(-inf - -inf)).
+    live = scores.amax(-1, keepdim=True) > float("-inf")
+    lse = torch.logsumexp(scores.masked_fill(~live, 0.0), dim=-1)
+    lse = torch.where(live.squeeze(-1), lse, float("-inf"))
+    return out, lse.to(_lse_dtype(q.dtype))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
