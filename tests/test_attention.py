@@ -390,6 +390,28 @@ def test_float64_gradients_are_float64_accurate(backend, mask_shape):
         assert testing.rel_error(got, want) < 1e-12, name
 
 
+@pytest.mark.parametrize("backend", ["torch", *kernel_backends("attention", torch.float32)])
+@pytest.mark.parametrize("boolean", [False, True], ids=["float", "bool"])
+def test_one_dimensional_mask_broadcasts_over_batch_heads_and_rows(backend, boolean):
+    """A (seq_k,) mask broadcasts as PyTorch documents (PyTorch's own SDPA fails on it, so
+    the reference takes it as (1, seq_k)); every backend, the torch one included, takes it."""
+    q = torch.randn(2, 2, 3, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(2, 2, 17, 16, device=DEVICE) for _ in range(2))
+    if boolean:
+        mask = torch.arange(17, device=DEVICE) % 3 != 1
+    else:
+        mask = torch.randn(17, device=DEVICE, requires_grad=True)
+    out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(1, 17))
+    inputs = (q,) if boolean else (q, mask)
+    grad = torch.randn_like(ref)
+    testing.assert_fp32_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out, inputs, grad),
+                         torch.autograd.grad(ref, inputs, grad)):
+        assert got.shape == want.shape
+        testing.assert_fp32_close(got, want)
+
+
 def _varlen_reference(sample, dtype):
     q, k, v, cu_q, cu_k, _, _ = sample.args
     return tilesmith.ops.varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k,

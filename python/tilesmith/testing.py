@@ -387,11 +387,13 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         return _rand(shape, dtype, device, g)
 
     def case(name, n, c, h, w, k, kh, kw=None, groups=1, bias=True, channels_last=False,
-             **kwargs):
+             weight_channels_last=False, **kwargs):
         x = r(n, c, h, w)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         weight = r(k, c // groups, kh, kw or kh)
+        if weight_channels_last:
+            weight = weight.contiguous(memory_format=torch.channels_last)
         return SampleInput(name, (x, weight, r(k) if bias else None),
                            dict(kwargs, groups=groups))
 
@@ -441,6 +443,13 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
     base = r(2, 6, 15, 17)
     samples.append(SampleInput("noncontiguous_slice", (base[:, 1:5, 1:14, 2:15], r(5, 4, 3, 3),
                                                        r(5)), {"padding": 1}))
+    # The output's memory format is PyTorch's: channels-last for a channels-last weight, and
+    # for one channel whose strides lean channels-last (contiguous both ways).
+    samples.append(case("nchw_input_channels_last_weight", 2, 8, 9, 7, 16, 3, padding=1,
+                        weight_channels_last=True))
+    one_channel = r(1, 1, 7, 11)[..., 1:10].contiguous(memory_format=torch.channels_last)
+    samples.append(SampleInput("one_channel_channels_last_strides",
+                               (one_channel, r(3, 1, 3, 3), r(3)), {"stride": 2}))
     if large:
         samples += [
             case("resnet_3x3_64", 8, 64, 56, 56, 64, 3, padding=1, channels_last=True),

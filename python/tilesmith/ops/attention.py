@@ -734,9 +734,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     name, mask, scale = _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                  enable_gqa, backend, fn)
     if name == "torch":
-        return _torch_sdpa(query, key, value, attn_mask=attn_mask,
-                                              dropout_p=dropout_p, is_causal=is_causal,
-                                              scale=scale, enable_gqa=enable_gqa)
+        # The mask as 4-D: PyTorch's own SDPA (2.14, CPU) fails on a 1-D one.
+        return _torch_sdpa(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     out, _ = _kernel_attention(name, query, key, value, mask, is_causal, scale, dropout_p)
     return out
 

@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 from torch.library import triton_op
 
 from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast,
@@ -43,6 +44,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not (
         t.is_contiguous())
+
+
+def _output_channels_last(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """PyTorch's choice of a convolution's output format: channels-last when the input's or
+    the weight's strides are channels-last-like (Tensor.suggest_memory_format), so also for
+    an NCHW input with a channels-last weight, and for a one-channel input (contiguous both
+    ways) whose strides lean channels-last."""
+    return any(suggest_memory_format(t) == torch.channels_last for t in (input, weight))
 
 
 def _empty_like_format(shape, like, channels_last, dtype=None):
@@ -414,9 +423,10 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
            backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)``
     followed by ``activation`` (None, "relu", "gelu", "silu") in the same kernel. input is
-    (N, C, H, W) in NCHW or channels_last, weight (K, C/groups, R, S); the output keeps the
-    input's memory format. padding: int, pair, "valid" or "same" (stride 1 only, as in
-    PyTorch). Differentiable in input, weight and bias, through the activation."""
+    (N, C, H, W) in NCHW or channels_last, weight (K, C/groups, R, S); the output's memory
+    format is PyTorch's: channels_last when the input or the weight is. padding: int, pair,
+    "valid" or "same" (stride 1 only, as in PyTorch). Differentiable in input, weight and
+    bias, through the activation."""
     fn = "conv2d"
     if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor):
         input, weight, bias = autocast_inputs(input, weight, bias)
@@ -488,6 +498,11 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if name == "torch":
         return _torch_conv2d(input, weight, bias, stride, "same" if any(crop) else padding,
                              dilation, groups, activation)
+    channels_last = _output_channels_last(input, weight)
+    if channels_last and not _is_channels_last(input):
+        # As PyTorch's own convolutions do, the kernels then run in channels-last (a copy of
+        # an NCHW input; a no-op for an input that is contiguous both ways).
+        input = input.contiguous(memory_format=torch.channels_last)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
     save_pre = bool(activation is not None and needs_grad)
@@ -506,11 +521,12 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         out, _ = torch.ops.tilesmith.conv2d_fwd_triton(
             input, weight, bias, stride, padding, dilation, groups, activation or "none",
             save_pre)
-    if any(crop):  # a copy, in the input's memory format (autograd pads the gradient back)
-        memory_format = (torch.channels_last if _is_channels_last(input)
-                         else torch.contiguous_format)
-        out = out[:, :, crop[0]:, crop[1]:].contiguous(memory_format=memory_format)
-    return out
+    if any(crop):  # (autograd pads the gradient back)
+        out = out[:, :, crop[0]:, crop[1]:]
+    # A copy only after a crop, or where the kernels' output (in the input's layout) is not
+    # the format PyTorch gives (a one-channel input contiguous both ways).
+    return out.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _repeat_channels(x, times):
