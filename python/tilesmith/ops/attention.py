@@ -354,8 +354,10 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
         heads, head_dim = q.shape[1], q.shape[2]
         heads_kv, head_dim_v = k.shape[1], v.shape[2]
         layout = _packed_strides
-        # delta = rowsum(dout * out), laid out like lse: (heads, tokens).
-        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).t().contiguous()
+        # delta = rowsum(dout * out), laid out like lse: (heads, tokens) (a copy into a new
+        # tensor: .t().contiguous() keeps the transposed strides of a single token).
+        delta = lse.new_empty(lse.shape)
+        delta.copy_((grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).t())
         lse_strides = (0, lse.stride(0))
     else:
         heads, head_dim = q.shape[1], q.shape[3]
@@ -369,7 +371,8 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     if batch * heads == 0:
         return dq, dk, dv, dmask
-    assert delta.stride(-1) == 1 and delta.shape == lse.shape
+    # The kernels index delta with lse's strides.
+    assert delta.shape == lse.shape and delta.stride() == lse.stride()
     mask_strides = _mask_strides(mask)
     common = _common_constexprs(q, mask, causal, varlen, dropout_p)
     longest = max(seqlen_q, seqlen_k)
