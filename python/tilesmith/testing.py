@@ -194,6 +194,8 @@ def matmul_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         SampleInput("zero_n", (r(7, 8), r(8, 0))),
         SampleInput("zero_k", (r(7, 0), r(0, 5))),
         SampleInput("zero_batch", (r(0, 4, 8), r(0, 8, 5))),
+        SampleInput("zero_k_batched_b2d", (r(2, 7, 0), r(0, 5))),
+        SampleInput("zero_k_broadcast_batch", (r(2, 1, 3, 0), r(3, 0, 4))),
     ]
     if large:
         samples += [

@@ -13,6 +13,8 @@ Three layers:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.library import triton_op
 
@@ -160,11 +162,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None) -> t
         # (..., m, k) @ (k, n): fold the batch into rows when that is a view (the common
         # Linear-layer case), otherwise run a batch whose b has batch stride 0.
         batch_shape = a.shape[:-2]
+        # Sizes spelled out, not -1, which a zero-size tensor leaves ambiguous.
         try:
-            folded = a.view(-1, a.shape[-1])
+            folded = a.view(math.prod(a.shape[:-1]), a.shape[-1])
             out = op(folded, b).view(*batch_shape, a.shape[-2], b.shape[-1])
         except RuntimeError:
-            flat = a.reshape(-1, *a.shape[-2:])
+            flat = a.reshape(math.prod(batch_shape), *a.shape[-2:])
             out = op(flat, b.expand(flat.shape[0], *b.shape)).view(*batch_shape, a.shape[-2],
                                                                    b.shape[-1])
     else:
@@ -188,7 +191,7 @@ def _as_batch(t: torch.Tensor, batch_shape) -> torch.Tensor:
         return expanded.unsqueeze(0)
     if len(batch_shape) == 1:
         return expanded
-    return expanded.reshape(-1, *t.shape[-2:])
+    return expanded.reshape(math.prod(batch_shape), *t.shape[-2:])
 
 register_autocast("matmul_cuda")
 register_autocast("matmul_triton")
