@@ -260,6 +260,9 @@ def attention_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         SampleInput("dv_differs", qkv(2, 2, 2, 20, 24, 64, dv=32)),
         SampleInput("custom_scale", qkv(1, 2, 2, 20, 20, 32), {"scale": 0.3}),
         SampleInput("empty_batch", qkv(0, 2, 2, 8, 8, 32)),
+        SampleInput("no_heads", qkv(2, 0, 0, 8, 8, 32)),
+        # Empty query/key head dims: every score is 0, each row averages the values.
+        SampleInput("no_query_key_dims", qkv(2, 2, 2, 5, 7, 0, dv=16)),
     ]
     # A (batch, seq, heads, dim) projection viewed as (batch, heads, seq, dim), and slices.
     q = r(2, 19, 3, 48).transpose(1, 2)

@@ -367,7 +367,10 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
         if grad_lse is not None:
             delta = (delta - grad_lse.to(lse.dtype)).contiguous()
         lse_strides = (lse.stride(0), lse.stride(1))
-    if q.numel() == 0 or k.numel() == 0 or (q.shape[-1] == 0 and v.shape[-1] == 0):
+    # No query rows or no keys: zero gradients. (No query/key head dims alone is not such a
+    # case: each row then averages the values, and dV is not zero.)
+    if (q.shape[:-1].numel() == 0 or k.shape[:-1].numel() == 0
+            or (q.shape[-1] == 0 and v.shape[-1] == 0)):
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     if batch * heads == 0:
         return dq, dk, dv, dmask
@@ -646,6 +649,17 @@ def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
     return {"triton": None, "cuda": cuda}
 
 
+def _default_scale(head_dim: int) -> float:
+    """1/sqrt(head_dim); any scale for no head dims, whose scores are empty sums (0), so
+    each row averages the values, as PyTorch's SDPA gives."""
+    return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+
+
+def _group_size(heads: int, kv_heads: int) -> int:
+    """Query heads per kv head (no heads at all: 1)."""
+    return heads // kv_heads if kv_heads else 1
+
+
 def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
              fn):
     _check_qkv(query, key, value, fn, 4, "(batch, heads, seq, head_dim)")
@@ -662,7 +676,7 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as "
                          "torch.nn.functional.scaled_dot_product_attention)")
     mask = _prepare_mask(attn_mask, query, key, fn)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    scale = _default_scale(query.shape[-1]) if scale is None else float(scale)
     name = _backend.pick("attention", query, backend,
                          kernel_limits(query, value, dropout_p, mask))
     return name, mask, scale
@@ -672,7 +686,7 @@ def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.
     """(out, lse) from tilesmith's backend ``name``."""
     batch, heads, seqlen_q = query.shape[:3]
     kv_heads = key.shape[1]
-    group = heads // kv_heads
+    group = _group_size(heads, kv_heads)
     if name == "cuda" and _packs_gqa(group, seqlen_q) and not causal and dropout_p == 0:
         # Grouped kv heads and short queries (decoding): each kv head's query heads become
         # its query rows, (batch, kv_heads, group * seq_q, dim), so the CUDA kernels read K
@@ -770,7 +784,7 @@ def _autocast(query, key, value, attn_mask):
 def _torch_attention_with_lse(q, k, v, mask, causal, scale):
     """The torch backend of ``attention``: PyTorch's SDPA for the output, and the
     log-sum-exp from the explicit (quadratic-memory) scores."""
-    group = q.shape[1] // k.shape[1]
+    group = _group_size(q.shape[1], k.shape[1])
     out = _torch_sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                       enable_gqa=group > 1)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -820,7 +834,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise ValueError(f"{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
     name = _backend.pick("attention", q, backend, kernel_limits(q, v, dropout_p))
     if name == "torch":
         return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p)
