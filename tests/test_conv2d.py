@@ -192,6 +192,22 @@ def test_same_padding_even_kernel_gradcheck(backend):
     assert torch.autograd.gradcheck(f, (x, w))
 
 
+@pytest.mark.parametrize("backend", ["torch", *kernel_backends("conv2d", torch.float64)])
+def test_unbatched_input_as_in_pytorch(backend):
+    """(C, H, W) input, as F.conv2d and nn.Conv2d take it: a batch of one, squeezed."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 6, dtype=torch.float64, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g).to(DEVICE).requires_grad_()
+    out = tilesmith.ops.conv2d(x, w, stride=2, padding=1, activation="relu", backend=backend)
+    ref = F.relu(F.conv2d(x, w, stride=2, padding=1))
+    assert out.shape == ref.shape == (4, 4, 3)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (x, w), grad),
+                         torch.autograd.grad(ref, (x, w), grad)):
+        torch.testing.assert_close(got, want)
+
+
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.bfloat16))
 def test_opcheck_and_compile(backend):
@@ -288,7 +304,9 @@ BAD_INPUTS = [
      "channel mismatch: weight expects 5"),
     ("groups_not_dividing", lambda: ((_t(1, 6, 8, 8), _t(4, 3, 3, 3)), {"groups": 4}),
      ValueError, "groups=4 must divide"),
-    ("rank3_input", lambda: ((_t(3, 8, 8), _t(4, 3, 3, 3)), {}), ValueError, "input must be 4-D"),
+    ("rank2_input", lambda: ((_t(8, 8), _t(4, 3, 3, 3)), {}), ValueError, "input must be 4-D"),
+    ("rank3_weight", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3)), {}), ValueError,
+     "weight must be 4-D"),
     ("int_dtype", lambda: ((torch.ones(1, 3, 8, 8, dtype=torch.int32),
                             torch.ones(4, 3, 3, 3, dtype=torch.int32)), {}), TypeError,
      "float16, bfloat16"),

@@ -423,19 +423,23 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
            backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)``
     followed by ``activation`` (None, "relu", "gelu", "silu") in the same kernel. input is
-    (N, C, H, W) in NCHW or channels_last, weight (K, C/groups, R, S); the output's memory
-    format is PyTorch's: channels_last when the input or the weight is. padding: int, pair,
-    "valid" or "same" (stride 1 only, as in PyTorch). Differentiable in input, weight and
-    bias, through the activation."""
+    (N, C, H, W) in NCHW or channels_last, or unbatched (C, H, W); weight (K, C/groups, R,
+    S); the output's memory format is PyTorch's: channels_last when the input or the weight
+    is. padding: int, pair, "valid" or "same" (stride 1 only, as in PyTorch).
+    Differentiable in input, weight and bias, through the activation."""
     fn = "conv2d"
+    if isinstance(input, torch.Tensor) and input.dim() == 3:
+        # Unbatched (C, H, W), as F.conv2d takes it: a batch of one.
+        return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                      activation=activation, backend=backend).squeeze(0)
     if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor):
         input, weight, bias = autocast_inputs(input, weight, bias)
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D, got shape {tuple(t.shape)} (batched "
-                             "(N, C, H, W) input and (K, C/groups, R, S) weight)")
+            raise ValueError(f"{fn}: {name} must be 4-D, got shape {tuple(t.shape)} ((N, C, "
+                             "H, W) input, or unbatched (C, H, W); (K, C/groups, R, S) weight)")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got "
                             f"{t.dtype}")
