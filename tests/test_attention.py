@@ -412,6 +412,18 @@ def test_one_dimensional_mask_broadcasts_over_batch_heads_and_rows(backend, bool
         testing.assert_fp32_close(got, want)
 
 
+@pytest.mark.parametrize("backend", ["torch", *kernel_backends("attention", torch.bfloat16)])
+def test_varlen_takes_strided_cu_seqlens(backend):
+    """cu_seqlens that are strided views give what their contiguous copies give."""
+    q, k, v = (torch.randn(n, 2, 16, device=DEVICE, dtype=torch.bfloat16) for n in (5, 7, 7))
+    every_other = torch.tensor([0, 9, 2, 9, 5, 9], dtype=torch.int32, device=DEVICE)[::2]
+    keys = torch.tensor([0, 9, 3, 9, 7, 9], dtype=torch.int32, device=DEVICE)[::2]
+    out = tilesmith.ops.varlen_attention(q, k, v, every_other, keys, 3, 4, backend=backend)
+    want = tilesmith.ops.varlen_attention(q, k, v, every_other.contiguous(), keys.contiguous(),
+                                          3, 4, backend=backend)
+    assert torch.equal(out, want)
+
+
 def _varlen_reference(sample, dtype):
     q, k, v, cu_q, cu_k, _, _ = sample.args
     return tilesmith.ops.varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k,

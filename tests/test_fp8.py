@@ -144,6 +144,18 @@ def test_scaled_gemm_mixed_e5m2_e4m3(backend):
     assert testing.sqnr_db(out, testing.scaled_gemm_reference(qa, qb, sa, sb)) >= 28
 
 
+@pytest.mark.parametrize("backend", kernel_backends("fp8", torch.float8_e4m3fn))
+def test_scaled_gemm_takes_a_strided_bias(backend):
+    """A bias that is a view with stride 2 gives what its contiguous copy gives."""
+    qa, qb, sa, sb = _quantized_operands(40, 128, 24, "row")
+    bias = torch.randn(24, 2, device=DEVICE)[:, 1]
+    out = tilesmith.ops.scaled_gemm(qa, qb, sa, sb, bias=bias, out_dtype=torch.float32,
+                                    backend=backend)
+    want = tilesmith.ops.scaled_gemm(qa, qb, sa, sb, bias=bias.contiguous(),
+                                     out_dtype=torch.float32, backend=backend)
+    assert torch.equal(out, want)
+
+
 def test_scaled_gemm_bad_input():
     qa, qb, sa, sb = _quantized_operands(8, 256, 16, "row")
     with pytest.raises(ValueError, match=r"scale_a has shape \(3, 1\)"):

@@ -362,6 +362,9 @@ def gemm_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
                                                       "activation": "silu"}),
         SampleInput("strided_residual", (r(m, k), r(k, n)),
                     {"residual": r(n, m).t(), "activation": "relu"}),
+        # A bias that is a strided view (every other element of a longer vector).
+        SampleInput("strided_bias", (r(m, k), r(k, n)),
+                    {"bias": r(n, 2)[:, 1], "activation": "gelu"}),
         SampleInput("m1_k1000", (r(1, 1000), r(1000, 17)), {"bias": r(17), "activation": "gelu"}),
         SampleInput("k1", (r(127, 1), r(1, 17)), {"bias": r(17), "activation": "relu"}),
         SampleInput("1x1x1", (r(1, 1), r(1, 1)), {"bias": r(1)}),
@@ -401,8 +404,11 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         weight = r(k, c // groups, kh, kw or kh)
         if weight_channels_last:
             weight = weight.contiguous(memory_format=torch.channels_last)
-        return SampleInput(name, (x, weight, r(k) if bias else None),
-                           dict(kwargs, groups=groups))
+        if bias == "strided":  # every other element of a longer vector
+            bias_values = r(k, 2)[:, 1]
+        else:
+            bias_values = r(k) if bias else None
+        return SampleInput(name, (x, weight, bias_values), dict(kwargs, groups=groups))
 
     samples = [
         case("k1_c17", 2, 17, 7, 7, 8, 1),
@@ -433,6 +439,11 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
              channels_last=True),
         case("silu_stride2", 1, 8, 13, 13, 8, 3, stride=2, padding=1, activation="silu"),
         case("empty_batch", 0, 4, 7, 7, 4, 3, padding=1),
+        case("strided_bias", 2, 4, 7, 7, 6, 3, padding=1, bias="strided", activation="relu"),
+        case("depthwise_strided_bias", 1, 8, 7, 7, 8, 3, groups=8, padding=1, bias="strided",
+             channels_last=True),
+        case("pointwise_strided_bias_channels_last", 2, 16, 5, 7, 8, 1, bias="strided",
+             channels_last=True),
         # Channel and filter counts the cuda kernels take unfilled (multiples of 8).
         case("c16_k24_k5_dilation2", 1, 16, 13, 11, 24, 5, dilation=2, padding=3),
         case("c8_batch1_odd33_channels_last", 1, 8, 33, 33, 16, 3, padding=1,

@@ -830,6 +830,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
         raise ValueError(f"{fn}: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_seqlens_k.shape)} must both have batch + 1 entries")
+    # The kernels read entry i at i: a strided view is copied (batch + 1 integers).
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         raise ValueError(f"{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
     if not 0.0 <= dropout_p < 1.0:

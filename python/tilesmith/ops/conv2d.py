@@ -132,6 +132,8 @@ def _conv2d_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     k, c_group, r, s = weight.shape
     p = _out_size(h, padding[0], dilation[0], r, stride[0])
     q = _out_size(w, padding[1], dilation[1], s, stride[1])
+    if bias is not None:  # the kernels read bias[k] at k (a strided or expanded one: copied)
+        bias = bias.contiguous()
     channels_last = _is_channels_last(x)
     out = _empty_like_format((n, k, p, q), x, channels_last)
     pre = _empty_like_format((n, k, p, q) if save_pre else (0, 0, 0, 0), x, channels_last)

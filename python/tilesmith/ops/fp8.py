@@ -191,6 +191,8 @@ def _scaled_gemm_triton(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
     m, k = a.shape
     n = b.shape[1]
     kind_a, kind_b = _scale_kinds(scale_a, scale_b, m, n, k)
+    if bias is not None:  # the kernel reads bias[n] at n (a strided or expanded one: copied)
+        bias = bias.contiguous()
     out = new_output((m, n), like=a, dtype=out_dtype)
     if out.numel() == 0:
         return out

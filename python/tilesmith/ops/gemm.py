@@ -41,6 +41,8 @@ def _gemm_launch(a, b, out, bias, residual, pre, activation: str, alpha: float):
     from tilesmith.kernels.gemm import ACTIVATIONS, gemm_kernel
     from tilesmith.kernels.matmul import INTERPRETING
 
+    if bias is not None:  # the kernel reads bias[n] at n (a strided or expanded one: copied)
+        bias = bias.contiguous()
     m, k = a.shape
     n = b.shape[1]
 
