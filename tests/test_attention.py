@@ -413,6 +413,34 @@ def test_one_dimensional_mask_broadcasts_over_batch_heads_and_rows(backend, bool
 
 
 @pytest.mark.parametrize("backend", ["torch", *kernel_backends("attention", torch.bfloat16)])
+def test_float32_mask_with_low_precision_queries(backend):
+    """PyTorch's SDPA takes a float32 additive mask with fp16/bf16 queries; so does every
+    backend here, the mask's gradient coming back in float32."""
+    q, k, v = (torch.randn(2, 2, n, 32, device=DEVICE).to(torch.bfloat16).requires_grad_()
+               for n in (9, 20, 20))
+    mask = torch.randn(2, 1, 9, 20, device=DEVICE, requires_grad=True)
+    out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    grad = torch.randn(out.shape, device=DEVICE).to(torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v, mask), grad)
+    assert grads[3].dtype == torch.float32
+
+    def expression(compute):
+        leaves = [t.detach().to(compute).requires_grad_() for t in (q, mask, k, v)]
+        y = F.scaled_dot_product_attention(leaves[0], *leaves[2:], attn_mask=leaves[1])
+        dq, dmask, dk, dv = torch.autograd.grad(y, leaves, grad.to(compute))
+        return y, (dq, dk, dv, dmask)
+
+    # The baseline is PyTorch's at the queries' precision, its mask in bf16 too: a flash-
+    # style backward's dmask carries the bf16 rounding of the output (through rowsum(dO*O))
+    # whatever the mask's dtype, while PyTorch's CPU math runs a float32 mask in float32.
+    (ref, ref_grads), (base, base_grads) = expression(torch.float64), expression(torch.bfloat16)
+    testing.assert_close_to_reference(out, ref, base)
+    for got, want, baseline, name in zip(grads, ref_grads, base_grads,
+                                         ("dq", "dk", "dv", "dmask")):
+        testing.assert_close_to_reference(got.to(baseline.dtype), want, baseline, name=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", *kernel_backends("attention", torch.bfloat16)])
 def test_varlen_takes_strided_cu_seqlens(backend):
     """cu_seqlens that are strided views give what their contiguous copies give."""
     q, k, v = (torch.randn(n, 2, 16, device=DEVICE, dtype=torch.bfloat16) for n in (5, 7, 7))
@@ -1098,6 +1126,9 @@ BAD_INPUTS = [
     ("mask_wrong_dtype", lambda: ((_t(1, 2, 4, 8),) * 3,
                                   {"attn_mask": torch.ones(4, 4, dtype=torch.int32)}),
      TypeError, "attn_mask must be bool"),
+    ("mask_bf16_for_fp32_query", lambda: ((_t(1, 2, 4, 8),) * 3,
+                                          {"attn_mask": torch.ones(4, 4, dtype=torch.bfloat16)}),
+     TypeError, "attn_mask must be bool, float32 or the query's dtype torch.float32"),
     ("mask_and_causal", lambda: ((_t(1, 2, 4, 8),) * 3,
                                  {"attn_mask": torch.ones(4, 4, dtype=torch.bool),
                                   "is_causal": True}), ValueError, "not both"),

@@ -594,9 +594,9 @@ def _prepare_mask(attn_mask, q, k, fn):
         return None
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None")
-    if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-        raise TypeError(f"{fn}: attn_mask must be bool or the query's dtype {q.dtype}, got "
-                        f"{attn_mask.dtype}")
+    if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
+        raise TypeError(f"{fn}: attn_mask must be bool, float32 or the query's dtype "
+                        f"{q.dtype}, got {attn_mask.dtype}")
     if attn_mask.device != q.device:
         raise ValueError(f"{fn}: attn_mask is on {attn_mask.device}, query on {q.device}")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -684,6 +684,10 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.0):
     """(out, lse) from tilesmith's backend ``name``."""
+    if name == "cuda" and mask is not None and mask.dtype not in (torch.bool, query.dtype):
+        # A float32 additive mask for fp16/bf16 queries: the cuda kernels read masks in the
+        # query's dtype (the Triton ones read any float dtype as it is).
+        mask = mask.to(query.dtype)
     batch, heads, seqlen_q = query.shape[:3]
     kv_heads = key.shape[1]
     group = _group_size(heads, kv_heads)
