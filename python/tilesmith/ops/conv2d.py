@@ -10,8 +10,9 @@ depthwise with a multiple of 8 channels, other counts zero-filled up to those he
 channels-last, NCHW tensors are copied). A 1x1
 convolution with stride 1, no padding and one group is a GEMM over the pixels: the gemm
 kernels take it (triton: forward and dgrad of channels-last inputs; cuda: all three passes,
-in csrc/conv2d/conv2d_api.cpp). Outputs and input gradients keep the input's memory format
-(NCHW or channels_last).
+in csrc/conv2d/conv2d_api.cpp). The ops' outputs and input gradients keep their input's
+memory format (NCHW or channels_last); ``conv2d`` first makes the input channels-last where
+PyTorch's output would be (a channels-last weight), so the output's format is PyTorch's.
 """
 
 from __future__ import annotations
