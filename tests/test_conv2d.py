@@ -6,6 +6,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 from conftest import (DEVICE, HAS_GPU, backend_dtype_params, cuda_kernel_names, kernel_backends,
                       requires_gpu, requires_hopper_kernels)
 
@@ -70,13 +71,13 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
     ref, ref_grads = expression(torch.float64)
     base, base_grads = expression(dtype)
     assert out.shape == ref.shape and out.dtype == dtype
-    assert (out.is_contiguous(memory_format=torch.channels_last)
-            == base.is_contiguous(memory_format=torch.channels_last)), "memory format differs"
+    # suggest_memory_format reads the strides, also where one channel or 1x1 pixels make a
+    # tensor contiguous both ways: the format the layers that follow will take.
+    assert suggest_memory_format(out) == suggest_memory_format(base), "memory format differs"
     _check(out, ref, base, "out")
     if grads is None:
         return
-    assert (grads[0].is_contiguous(memory_format=torch.channels_last)
-            == base_grads[0].is_contiguous(memory_format=torch.channels_last)), "grad format"
+    assert suggest_memory_format(grads[0]) == suggest_memory_format(base_grads[0]), "grad format"
     for got, want, baseline, what in zip(grads, ref_grads, base_grads,
                                          ["grad_input", "grad_weight", "grad_bias"]):
         _check(got, want, baseline, what)
@@ -158,7 +159,7 @@ def test_gradcheck_float64(backend, case):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))
-def test_pointwise_channels_last_gradcheck(backend):
+def test_pointwise_dx_channels_lastcheck(backend):
     """A channels-last 1x1 convolution with stride 1: on triton its forward and dgrad run on
     the gemm kernel (a GEMM over the pixels), through the fused activation."""
     g = torch.Generator().manual_seed(5)
@@ -219,6 +220,23 @@ def test_opcheck_and_compile(backend):
     else:
         torch.library.opcheck(torch.ops.tilesmith.conv2d_fwd_triton,
                               (x, w, b, [1, 1], [1, 1], [1, 1], 1, "gelu", True))
+
+    # The backward ops too (their outputs' strides against the fake implementations'), on
+    # a generic and a depthwise conv in both memory formats.
+    for name in ("gelu_channels_last", "relu", "depthwise", "depthwise_c16_k5_stride2_silu"):
+        sample = _sample(name, torch.bfloat16)
+        x, w, _ = sample.args
+        geometry = [[v] * 2 if isinstance(v, int) else list(v) for v in (
+            sample.kwargs.get("stride", 1), sample.kwargs["padding"], 1)]
+        grad = torch.nn.functional.conv2d(x, w, None, *geometry, sample.kwargs["groups"])
+        groups = [] if backend == "cuda" else [sample.kwargs["groups"]]
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        for dx_channels_last in (channels_last, not channels_last):
+            dgrad = getattr(torch.ops.tilesmith, f"conv2d_dgrad_{backend}")
+            torch.library.opcheck(dgrad, (grad, w, list(x.shape), *geometry, *groups,
+                                          dx_channels_last))
+        wgrad = getattr(torch.ops.tilesmith, f"conv2d_wgrad_{backend}")
+        torch.library.opcheck(wgrad, (grad, x, list(w.shape), *geometry, *groups))
 
     def f(x, w, b):
         return tilesmith.ops.conv2d(x, w, b, padding=1, activation="gelu",

@@ -308,8 +308,11 @@ at::Tensor depthwise_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
                                ? run_depthwise_wgrad_bf16(p, split_count, stream_of(x))
                                : run_depthwise_wgrad_fp16(p, split_count, stream_of(x)));
   }
-  // Splits summed in a fixed order (deterministic); (R, S, C) seen as (C, 1, R, S).
-  return partial.sum(0).permute({2, 0, 1}).unsqueeze(1).to(x.scalar_type());
+  // Splits summed in a fixed order (deterministic); (R, S, C) seen as (C, 1, R, S), then
+  // given channels-last strides, as the generic wgrad's and the op's fake implementation
+  // have them (torch.compile checks the real strides against the fake's).
+  return partial.sum(0).permute({2, 0, 1}).unsqueeze(1).to(
+      x.scalar_type(), /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace

@@ -468,6 +468,8 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
     one_channel = r(1, 1, 7, 11)[..., 1:10].contiguous(memory_format=torch.channels_last)
     samples.append(SampleInput("one_channel_channels_last_strides",
                                (one_channel, r(3, 1, 3, 3), r(3)), {"stride": 2}))
+    samples.append(case("one_filter_channels_last", 2, 3, 6, 5, 1, 3, padding=1,
+                        channels_last=True))
     if large:
         samples += [
             case("resnet_3x3_64", 8, 64, 56, 56, 64, 3, padding=1, channels_last=True),

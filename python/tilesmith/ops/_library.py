@@ -9,13 +9,15 @@ import torch
 LIBRARY = torch.library.Library("tilesmith", "DEF")
 
 
-def new_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def new_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Output allocation for every op. Under ``tilesmith.testing.poison_outputs()`` outputs
     start NaN-filled, so an element a kernel fails to write cannot pass a test."""
-    dtype = dtype or like.dtype
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device,
+                      memory_format=memory_format)
     if os.environ.get("TILESMITH_POISON_OUTPUTS"):
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+        out.fill_(float("nan"))
+    return out
 
 
 def wrap_triton(kernel):

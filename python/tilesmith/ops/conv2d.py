@@ -56,8 +56,12 @@ def _output_channels_last(input: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _empty_like_format(shape, like, channels_last, dtype=None):
-    out = new_output(shape, like=like, dtype=dtype)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    """An output with the strides torch.empty gives that memory format, also where the two
+    formats coincide (one channel, or 1x1 pixels): those strides are what suggest_memory_format
+    reads (the format of the convolutions that follow), and what the cuda ops' C++ returns,
+    which their fake implementations must match."""
+    return new_output(shape, like=like, dtype=dtype, memory_format=torch.channels_last
+                      if channels_last else torch.contiguous_format)
 
 
 def _strides4(t):
@@ -329,7 +333,9 @@ def _setup_context(ctx, inputs, output, cuda=False):
     ctx.conv = (stride, padding, dilation, groups)
     ctx.activation = activation
     ctx.has_bias = bias is not None
-    ctx.channels_last = _is_channels_last(x)
+    # The input gradient's format: PyTorch's, the forward output's (also for an input that
+    # is contiguous both ways, or an NCHW one with a channels-last weight).
+    ctx.channels_last = _output_channels_last(x, weight)
     ctx.cuda = cuda
     ctx.mark_non_differentiable(pre)
 
