@@ -24,6 +24,8 @@ Master weights, bias and the returned gradients stay in the parameters' dtype.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..ops.fp8 import SCALE_BLOCK, quantize_fp8, scaled_gemm
@@ -153,9 +155,16 @@ class Float8Linear(torch.nn.Linear):
             raise ValueError(f"Float8Linear: input has {x.shape[-1]} features, the layer "
                              f"expects {self.in_features} (input shape {tuple(x.shape)})")
         x2d = x.reshape(-1, self.in_features)
-        if x2d.dtype != self.weight.dtype:
-            x2d = x2d.to(self.weight.dtype)
-        out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias)
+        device_type = x.device.type
+        autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+        # The products run in fp8 and come out in the compute dtype: under torch.autocast
+        # its dtype, as nn.Linear's output has it (the fp32 master weights quantized as they
+        # are), else the weights' dtype.
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else self.weight.dtype
+        if x2d.dtype != compute_dtype:
+            x2d = x2d.to(compute_dtype)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     @classmethod
