@@ -99,6 +99,24 @@ def test_multihead_attention_matches_torch(batch_first, masks):
         _close(g, w, rtol=1e-5, name="grad")
 
 
+def test_multihead_attention_is_causal_hint_as_torch_reads_it():
+    """is_causal=True stands for the attn_mask given with it (torch computes causal attention
+    whatever that mask holds, unless a key_padding_mask is merged in), and needs one."""
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 2, batch_first=True, device=DEVICE)
+    ours = tilesmith.nn.convert(copy.deepcopy(ref), backend=KERNELS)
+    x = torch.randn(2, 6, 16, device=DEVICE)
+    not_causal = torch.zeros(6, 6, dtype=torch.bool, device=DEVICE)  # True: masked out
+    padding = torch.tensor([[False] * 5 + [True]] * 2, device=DEVICE)
+    for kwargs in ({}, {"key_padding_mask": padding}):
+        want = ref(x, x, x, need_weights=False, attn_mask=not_causal, is_causal=True, **kwargs)
+        got = ours(x, x, x, need_weights=False, attn_mask=not_causal, is_causal=True, **kwargs)
+        _close(got[0], want[0])
+    for module in (ref, ours):
+        with pytest.raises(RuntimeError, match="is_causal"):
+            module(x, x, x, need_weights=False, is_causal=True)
+
+
 def test_multihead_attention_need_weights_and_kdim_paths():
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(16, 2, kdim=12, vdim=10, batch_first=True, device=DEVICE)

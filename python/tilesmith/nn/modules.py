@@ -62,7 +62,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     Transformers use) runs the projections on ``tilesmith.ops.gemm`` and attention on
     ``tilesmith.ops.scaled_dot_product_attention``. ``need_weights=True`` (the averaged
     weights need the full attention matrix), ``add_bias_kv`` and ``add_zero_attn`` run
-    torch's own implementation."""
+    torch's own implementation. ``is_causal=True`` is read as torch reads it: it needs an
+    ``attn_mask`` and stands for it (the kernels' causal path, which skips the masked
+    tiles), unless a ``key_padding_mask`` is merged into that mask."""
 
     backend: str | None = None
 
@@ -71,6 +73,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if need_weights or self.bias_k is not None or self.add_zero_attn:
             return super().forward(query, key, value, key_padding_mask, need_weights,
                                    attn_mask, average_attn_weights, is_causal)
+        if is_causal:  # torch's rules for the hint
+            if attn_mask is None:
+                raise RuntimeError("MultiheadAttention: is_causal=True needs the causal "
+                                   "attn_mask it stands for, as torch.nn.MultiheadAttention "
+                                   "does (nn.Transformer.generate_square_subsequent_mask)")
+            if key_padding_mask is None:
+                attn_mask = None  # the hint stands for the mask: the kernels' causal path
+            else:
+                is_causal = False  # merged with the padding, the mask is no longer causal
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -101,12 +112,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         v = split_heads(project(value, w_v, b_v), src_len)
         mask = self._combined_mask(attn_mask, key_padding_mask, bsz, tgt_len, src_len,
                                    q.dtype)
-        if is_causal and mask is not None:
-            is_causal = False  # torch's module treats the given attn_mask as the causal one
         dropout = self.dropout if self.training else 0.0
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=is_causal and mask is None,
-                                               backend=self.backend)
+                                               is_causal=is_causal, backend=self.backend)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed)
         out = ops.gemm(out, self.out_proj.weight.t(), bias=self.out_proj.bias,
                        backend=self.backend).view(tgt_len, bsz, embed)
