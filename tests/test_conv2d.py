@@ -273,9 +273,11 @@ ZERO_FILLED = {
 }
 
 
+@pytest.mark.parametrize("pixels", ["13x11", "1x1"])
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", list(ZERO_FILLED))
-def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format, monkeypatch):
+def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format, pixels,
+                                                             monkeypatch):
     """conv2d on the cuda backend reaches its op with channels (and filters) per group
     filled to what the kernels take (a channel multiplier's channels repeated), and
     gives the real filters back in the input's memory format, with the gradients of x,
@@ -289,23 +291,31 @@ def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format
         calls.append((tuple(x.shape), tuple(weight.shape), tuple(bias.shape)))
         out = _torch_conv2d(x, weight, bias, stride_, padding_, dilation_,
                             x.shape[1] // weight.shape[1], activation)
-        like_x = torch.channels_last if conv2d_ops._is_channels_last(x) else torch.contiguous_format
-        return out.contiguous(memory_format=like_x), out.new_empty(0)  # as the op's output
+        # As the op's C++ returns it: computed channels-last, copied to NCHW for an input
+        # that is not channels-last (with NCHW strides, also for 1x1 pixels).
+        out = torch.empty_like(out, memory_format=torch.channels_last).copy_(out)
+        if not conv2d_ops._is_channels_last(x):
+            out = out.clone(memory_format=torch.contiguous_format)
+        return out, out.new_empty(0)
 
     monkeypatch.setattr(conv2d_ops, "_cuda_forward", forward)
     monkeypatch.setattr(conv2d_ops._backend, "pick", lambda *args, **kwargs: "cuda")
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    x = torch.randn(2, channels, 13, 11, dtype=torch.float64).contiguous(memory_format=fmt)
+    height, width = (13, 11) if pixels == "13x11" else (1, 1)
+    if pixels == "1x1":  # a 1x1 output: contiguous both ways, strides still as PyTorch's
+        stride, padding, dilation = 1, 1, 1
+    x = torch.randn(2, channels, height, width, dtype=torch.float64).contiguous(
+        memory_format=fmt)
     w = torch.randn(filters, channels // groups, 3, 3, dtype=torch.float64)
     b = torch.randn(filters, dtype=torch.float64)
     for t in (x, w, b):
         t.requires_grad_(True)
     args = ([stride] * 2, [padding] * 2, [dilation] * 2)
     out = tilesmith.ops.conv2d(x, w, b, *args, groups, activation="relu")
-    assert calls == [((2, wide_x, 13, 11), (wide_k, wide_c, 3, 3), (wide_k,))]
+    assert calls == [((2, wide_x, height, width), (wide_k, wide_c, 3, 3), (wide_k,))]
     ref = _torch_conv2d(x, w, b, *args, groups, "relu")
     torch.testing.assert_close(out, ref)
-    assert out.is_contiguous(memory_format=fmt)
+    assert out.stride() == ref.stride()
     grad_out = torch.randn_like(ref)
     grads = torch.autograd.grad(out, (x, w, b), grad_out)
     ref_grads = torch.autograd.grad(ref, (x, w, b), grad_out)

@@ -43,8 +43,14 @@ at::Tensor channels_last(const at::Tensor& t) {
 
 // tilesmith's rule for "the input's memory format" (python/tilesmith/ops/conv2d.py).
 bool is_channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
+
+// A channels-last result copied to NCHW, with NCHW strides also where the two layouts
+// coincide (one channel, 1x1 pixels; .contiguous() would keep the channels-last strides),
+// as the ops' fake implementations and PyTorch's convolutions have them.
+at::Tensor as_nchw(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
 
 // c and k: all input channels and filters; c_group: the weight's second dimension (c over
 // the groups).
@@ -254,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_fwd(const at::Tensor& x_in, const a
   TILESMITH_CHECK_LAUNCH(x.scalar_type() == at::kBFloat16
                              ? run_depthwise_fwd_bf16(p, stream_of(x))
                              : run_depthwise_fwd_fp16(p, stream_of(x)));
-  if (!is_channels_last(x_in)) return {out.contiguous(), pre.contiguous()};
+  if (!is_channels_last(x_in)) return {as_nchw(out), as_nchw(pre)};
   return {out, pre};
 }
 
@@ -279,7 +285,7 @@ at::Tensor depthwise_dgrad(const at::Tensor& grad_in, const at::Tensor& weight,
   TILESMITH_CHECK_LAUNCH(grad.scalar_type() == at::kBFloat16
                              ? run_depthwise_dgrad_bf16(p, stream_of(grad))
                              : run_depthwise_dgrad_fp16(p, stream_of(grad)));
-  return want_channels_last ? dx : dx.contiguous();
+  return want_channels_last ? dx : as_nchw(dx);
 }
 
 at::Tensor depthwise_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
@@ -369,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
       TILESMITH_CHECK_LAUNCH(error);
     }
   }
-  if (!is_channels_last(x_in)) return {out.contiguous(), pre.contiguous()};
+  if (!is_channels_last(x_in)) return {as_nchw(out), as_nchw(pre)};
   return {out, pre};
 }
 
@@ -419,7 +425,7 @@ at::Tensor conv2d_dgrad_cuda(const at::Tensor& grad_in, const at::Tensor& weight
       TILESMITH_CHECK_LAUNCH(error);
     }
   }
-  return want_channels_last ? dx : dx.contiguous();
+  return want_channels_last ? dx : as_nchw(dx);
 }
 
 at::Tensor conv2d_wgrad_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,

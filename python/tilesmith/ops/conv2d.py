@@ -43,8 +43,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not (
-        t.is_contiguous())
+    """Laid out channels-last: contiguous that way, and for a tensor contiguous both ways
+    (one channel, or 1x1 pixels), with the strides PyTorch reads as channels-last."""
+    return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            and suggest_memory_format(t) == torch.channels_last)
 
 
 def _output_channels_last(input: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -513,9 +515,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                              dilation, groups, activation)
     channels_last = _output_channels_last(input, weight)
     if channels_last and not _is_channels_last(input):
-        # As PyTorch's own convolutions do, the kernels then run in channels-last (a copy of
-        # an NCHW input; a no-op for an input that is contiguous both ways).
-        input = input.contiguous(memory_format=torch.channels_last)
+        # As PyTorch's own convolutions do, the kernels then run in channels-last (a copy
+        # of the input, which also gives one contiguous both ways channels-last strides).
+        input = input.clone(memory_format=torch.channels_last)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
     save_pre = bool(activation is not None and needs_grad)
@@ -536,8 +538,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             save_pre)
     if any(crop):  # (autograd pads the gradient back)
         out = out[:, :, crop[0]:, crop[1]:]
-    # A copy only after a crop, or where the kernels' output (in the input's layout) is not
-    # the format PyTorch gives (a one-channel input contiguous both ways).
+    # A copy only after a crop.
     return out.contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -603,7 +604,8 @@ def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation,
     if _is_channels_last(x):
         return real.flatten(3, 4).permute(0, 3, 1, 2).contiguous(
             memory_format=torch.channels_last)
-    return real.permute(0, 3, 4, 1, 2).flatten(1, 2).contiguous()
+    # (One copy, with NCHW strides also for 1x1 pixels, where .contiguous() keeps others.)
+    return real.permute(0, 3, 4, 1, 2).clone(memory_format=torch.contiguous_format).flatten(1, 2)
 
 
 def kernel_limits(input, weight, groups=1) -> dict[str, str | None]:
