@@ -816,7 +816,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     top-left within each sequence, as in scaled_dot_product_attention. kv_heads may divide
     heads (grouped-query attention). ``dropout_p`` as in scaled_dot_product_attention
     (sequence i's mask is that of batch entry i of attention_dropout_mask, over its own
-    positions)."""
+    positions). ``max_seqlen_q`` and ``max_seqlen_k`` must be at least the longest sequence's
+    lengths: the kernels launch for them and read cu_seqlens on the device, so neither is
+    checked against the other (that would need a host sync); as in flash-attn, wrong values
+    give wrong results."""
     fn = "varlen_attention"
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = autocast_inputs(q, k, v)
