@@ -221,6 +221,28 @@ def test_float8_linear_matches_linear_shapes_and_grads(backend, scaling, feature
 
 
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
+def test_float8_linear_runs_both_passes_on_its_backend(backend, monkeypatch):
+    """convert(fp8=True, backend=...) (and Float8Linear(backend=...)): every quantization and
+    scaled_gemm of the forward and of the backward runs on that backend."""
+    picked = []
+    pick = tilesmith.backend.pick
+
+    def spy(op, *args, **kwargs):
+        name = pick(op, *args, **kwargs)
+        picked.append((op, name))
+        return name
+
+    monkeypatch.setattr(tilesmith.backend, "pick", spy)
+    model = tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(32, 16)), fp8=True,
+                                 backend=backend).to(DEVICE, torch.bfloat16)
+    assert model[0].backend == backend
+    x = torch.randn(4, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    torch.autograd.grad(model(x).float().square().sum(), (x, model[0].weight))
+    # Row-wise: x and W quantized, one GEMM; then dO twice, W and x once each, two GEMMs.
+    assert picked == [("fp8", backend)] * 9
+
+
+@pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
 @pytest.mark.parametrize("scaling", ["row", "tensor", "block"])
 def test_float8_linear_trains_within_one_percent_of_bf16(backend, scaling):
     """A 2-layer MLP classifier, 30 Adam steps at batch 256 from the same initialisation:

@@ -66,12 +66,11 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
                 report.skipped.append((name or "<root>", why))
                 continue
             module.__class__ = our_class
+            module.backend = backend
             if our_class is Float8Linear:
                 module.scaling = fp8_scaling
-            else:
-                module.backend = backend
-                if kind != "attention":
-                    module.activation = None
+            elif kind != "attention":
+                module.activation = None
             report.converted.append(name or "<root>")
     if report.skipped:
         warnings.warn("tilesmith.nn.convert left these modules as they were: "

@@ -25,53 +25,61 @@ Master weights, bias and the returned gradients stay in the parameters' dtype.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 from ..ops.fp8 import SCALE_BLOCK, quantize_fp8, scaled_gemm
 
 
-def _rowwise(t, dtype):
-    return quantize_fp8(t, dtype=dtype, granularity="row")
+def _rowwise(t, dtype, backend):
+    return quantize_fp8(t, dtype=dtype, granularity="row", backend=backend)
 
 
 class _Float8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias):
+    def forward(ctx, x2d, weight, bias, backend):
+        ctx.backend = backend
+        gemm = functools.partial(scaled_gemm, backend=backend)
         e4m3 = torch.float8_e4m3fn
-        x_q, x_s = _rowwise(x2d, e4m3)
-        w_q, w_s = _rowwise(weight, e4m3)  # (N, K), scale per output feature
-        out = scaled_gemm(x_q, w_q.t(), x_s, w_s.t(), bias=bias, out_dtype=x2d.dtype)
+        x_q, x_s = _rowwise(x2d, e4m3, backend)
+        w_q, w_s = _rowwise(weight, e4m3, backend)  # (N, K), scale per output feature
+        out = gemm(x_q, w_q.t(), x_s, w_s.t(), bias=bias, out_dtype=x2d.dtype)
         ctx.save_for_backward(x2d, weight)
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        backend = ctx.backend
+        gemm = functools.partial(scaled_gemm, backend=backend)
         x2d, weight = ctx.saved_tensors
         e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
         grad_out = grad_out.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            g_q, g_s = _rowwise(grad_out, e5m2)                    # (M, N), per row
-            wt_q, wt_s = _rowwise(weight.t(), e4m3)                # (K, N), per input feature
-            grad_x = scaled_gemm(g_q, wt_q.t(), g_s, wt_s.t(), out_dtype=x2d.dtype)
+            g_q, g_s = _rowwise(grad_out, e5m2, backend)        # (M, N), per row
+            wt_q, wt_s = _rowwise(weight.t(), e4m3, backend)    # (K, N), per input feature
+            grad_x = gemm(g_q, wt_q.t(), g_s, wt_s.t(), out_dtype=x2d.dtype)
         if ctx.needs_input_grad[1]:
-            gt_q, gt_s = _rowwise(grad_out.t(), e5m2)              # (N, M), per output feature
-            xt_q, xt_s = _rowwise(x2d.t(), e4m3)                   # (K, M), per input feature
-            grad_w = scaled_gemm(gt_q, xt_q.t(), gt_s, xt_s.t(), out_dtype=weight.dtype)
+            gt_q, gt_s = _rowwise(grad_out.t(), e5m2, backend)  # (N, M), per output feature
+            xt_q, xt_s = _rowwise(x2d.t(), e4m3, backend)       # (K, M), per input feature
+            grad_w = gemm(gt_q, xt_q.t(), gt_s, xt_s.t(), out_dtype=weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 class _Float8LinearTensorwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias):
+    def forward(ctx, x2d, weight, bias, backend):
+        ctx.backend = backend
+        gemm = functools.partial(scaled_gemm, backend=backend)
         e4m3 = torch.float8_e4m3fn
-        x_q, x_s = quantize_fp8(x2d, dtype=e4m3, granularity="tensor")
-        w_q, w_s = quantize_fp8(weight, dtype=e4m3, granularity="tensor")  # (N, K)
-        out = scaled_gemm(x_q, w_q.t(), x_s, w_s, bias=bias, out_dtype=x2d.dtype)
+        x_q, x_s = quantize_fp8(x2d, dtype=e4m3, granularity="tensor", backend=backend)
+        w_q, w_s = quantize_fp8(weight, dtype=e4m3, granularity="tensor",
+                                backend=backend)  # (N, K)
+        out = gemm(x_q, w_q.t(), x_s, w_s, bias=bias, out_dtype=x2d.dtype)
         ctx.save_for_backward(x_q, x_s, w_q, w_s)
         ctx.has_bias = bias is not None
         ctx.dtypes = (x2d.dtype, weight.dtype)
@@ -79,33 +87,37 @@ class _Float8LinearTensorwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        backend = ctx.backend
+        gemm = functools.partial(scaled_gemm, backend=backend)
         x_q, x_s, w_q, w_s = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         g_q, g_s = quantize_fp8(grad_out.contiguous(), dtype=torch.float8_e5m2,
-                                granularity="tensor")
+                                granularity="tensor", backend=backend)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = scaled_gemm(g_q, w_q, g_s, w_s, out_dtype=x_dtype)          # (M, K)
+            grad_x = gemm(g_q, w_q, g_s, w_s, out_dtype=x_dtype)      # (M, K)
         if ctx.needs_input_grad[1]:
-            grad_w = scaled_gemm(g_q.t(), x_q, g_s, x_s, out_dtype=w_dtype)      # (N, K)
+            grad_w = gemm(g_q.t(), x_q, g_s, x_s, out_dtype=w_dtype)      # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0, dtype=torch.float32).to(w_dtype)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def _blocks(t, dtype, square=False):
+def _blocks(t, dtype, backend, square=False):
     """t quantized per 1 x 128 block along its rows, or per 128 x 128 block."""
     size = (SCALE_BLOCK, SCALE_BLOCK) if square else SCALE_BLOCK
-    return quantize_fp8(t, dtype=dtype, granularity="block", block_size=size)
+    return quantize_fp8(t, dtype=dtype, granularity="block", block_size=size, backend=backend)
 
 
 class _Float8LinearBlockwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias):
+    def forward(ctx, x2d, weight, bias, backend):
+        ctx.backend = backend
+        gemm = functools.partial(scaled_gemm, backend=backend)
         e4m3 = torch.float8_e4m3fn
-        x_q, x_s = _blocks(x2d, e4m3)                  # (M, K), scales (M, K/128)
-        w_q, w_s = _blocks(weight, e4m3, square=True)  # (N, K), scales (N/128, K/128)
-        out = scaled_gemm(x_q, w_q.t(), x_s, w_s.t(), bias=bias, out_dtype=x2d.dtype)
+        x_q, x_s = _blocks(x2d, e4m3, backend)                  # (M, K), scales (M, K/128)
+        w_q, w_s = _blocks(weight, e4m3, backend, square=True)  # (N, K), scales (N/128, K/128)
+        out = gemm(x_q, w_q.t(), x_s, w_s.t(), bias=bias, out_dtype=x2d.dtype)
         ctx.save_for_backward(x2d, w_q, w_s)
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
@@ -113,20 +125,22 @@ class _Float8LinearBlockwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        backend = ctx.backend
+        gemm = functools.partial(scaled_gemm, backend=backend)
         x2d, w_q, w_s = ctx.saved_tensors
         e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
         grad_out = grad_out.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            g_q, g_s = _blocks(grad_out, e5m2)                         # (M, N), (M, N/128)
-            grad_x = scaled_gemm(g_q, w_q, g_s, w_s, out_dtype=x2d.dtype)  # W as (N, K)
+            g_q, g_s = _blocks(grad_out, e5m2, backend)             # (M, N), (M, N/128)
+            grad_x = gemm(g_q, w_q, g_s, w_s, out_dtype=x2d.dtype)  # W as (N, K)
         if ctx.needs_input_grad[1]:
-            gt_q, gt_s = _blocks(grad_out.t(), e5m2)                   # (N, M), (N, M/128)
-            xb_q, xb_s = _blocks(x2d, e4m3, square=True)               # (M/128, K/128)
-            grad_w = scaled_gemm(gt_q, xb_q, gt_s, xb_s, out_dtype=ctx.weight_dtype)
+            gt_q, gt_s = _blocks(grad_out.t(), e5m2, backend)       # (N, M), (N, M/128)
+            xb_q, xb_s = _blocks(x2d, e4m3, backend, square=True)   # (M/128, K/128)
+            grad_w = gemm(gt_q, xb_q, gt_s, xb_s, out_dtype=ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0, dtype=torch.float32).to(ctx.weight_dtype)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 _FUNCTIONS = {"row": _Float8LinearFunction, "tensor": _Float8LinearTensorwise,
@@ -136,16 +150,20 @@ _FUNCTIONS = {"row": _Float8LinearFunction, "tensor": _Float8LinearTensorwise,
 class Float8Linear(torch.nn.Linear):
     """``torch.nn.Linear`` (same constructor, parameters and state_dict keys) whose forward
     and backward products run in FP8 with dynamic scaling, ``scaling="row"`` (default),
-    ``"tensor"`` or ``"block"`` (module docstring). Inputs of any leading shape; parameters in
+    ``"tensor"`` or ``"block"`` (module docstring), on ``backend`` (default: tilesmith's
+    choice). Inputs of any leading shape; parameters in
     bf16/fp16/fp32. ``from_linear`` converts an existing layer."""
 
+    backend: str | None = None  # (for modules made before it existed, e.g. unpickled)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None, *, scaling: str = "row"):
+                 dtype=None, *, scaling: str = "row", backend: str | None = None):
         if scaling not in _FUNCTIONS:
             raise ValueError(f"Float8Linear: scaling must be 'row', 'tensor' or 'block', "
                              f"got {scaling!r}")
         super().__init__(in_features, out_features, bias, device, dtype)
         self.scaling = scaling
+        self.backend = backend
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.scaling}"
@@ -164,13 +182,15 @@ class Float8Linear(torch.nn.Linear):
         if x2d.dtype != compute_dtype:
             x2d = x2d.to(compute_dtype)
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias)
+            out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias, self.backend)
         return out.view(*x.shape[:-1], self.out_features)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, *, scaling: str = "row") -> "Float8Linear":
+    def from_linear(cls, linear: torch.nn.Linear, *, scaling: str = "row",
+                    backend: str | None = None) -> "Float8Linear":
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  device=linear.weight.device, dtype=linear.weight.dtype, scaling=scaling)
+                  device=linear.weight.device, dtype=linear.weight.dtype, scaling=scaling,
+                  backend=backend)
         with torch.no_grad():
             new.weight.copy_(linear.weight)
             if linear.bias is not None:
