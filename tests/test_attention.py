@@ -757,6 +757,43 @@ def test_opcheck(backend, name):
     torch.library.opcheck(op, (q, k, v, mask, causal, 0.125, 0.25, seed))
 
 
+def _backward_and_varlen_opchecks(backend, device, test_utils=None):
+    """opcheck of the backward ops (with a float mask and its gradient, and with a gradient
+    of the log-sum-exp) and of both packed ops (three sequences, one of them empty)."""
+    kwargs = {} if test_utils is None else {"test_utils": test_utils}
+    sample = _sample("float_mask_1_h_sq_sk", torch.bfloat16)
+    q, k, v = (t.detach() for t in sample.args)
+    mask = attention_ops._prepare_mask(sample.kwargs["attn_mask"], q, k, "test")
+    out, lse = getattr(torch.ops.tilesmith, f"attention_fwd_{backend}")(
+        q, k, v, mask, False, 0.125, 0.0, None)
+    grad_out = torch.randn_like(out)
+    backward = getattr(torch.ops.tilesmith, f"attention_bwd_{backend}")
+    torch.library.opcheck(backward, (grad_out, q, k, v, mask, out, lse, False, 0.125, True,
+                                     0.0, None), **kwargs)
+    torch.library.opcheck(backward, (grad_out, q, k, v, None, out, lse, False, 0.125, False,
+                                     0.0, None, torch.randn_like(lse)), **kwargs)
+    q, k, v = (torch.randn(14, 2, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 5, 5, 14], device=device, dtype=torch.int32)
+    packed = (q, k, v, cu_seqlens, cu_seqlens, 9, 9, True, 0.125, 0.0, None)
+    forward = getattr(torch.ops.tilesmith, f"varlen_attention_fwd_{backend}")
+    torch.library.opcheck(forward, packed, **kwargs)
+    out, lse = forward(*packed)
+    torch.library.opcheck(getattr(torch.ops.tilesmith, f"varlen_attention_bwd_{backend}"),
+                          (torch.randn_like(out), q, k, v, out, lse, *packed[3:]), **kwargs)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+def test_backward_and_varlen_opcheck(backend):
+    _backward_and_varlen_opchecks(backend, DEVICE)
+
+
+def test_backward_and_varlen_opcheck_schemas():
+    """The same calls on the Triton backend, checked against the schemas only (inputs left
+    unmutated, outputs unaliased): the fake-tensor checks cannot run under the interpreter."""
+    _backward_and_varlen_opchecks("triton", DEVICE, test_utils=("test_schema",))
+
+
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
 def test_torch_compile_fullgraph(backend):
