@@ -1,6 +1,7 @@
 """tilesmith.ops.scaled_dot_product_attention / attention / varlen_attention against
 PyTorch's scaled_dot_product_attention in float64 (GUIDE §3), outputs and every gradient."""
 
+import functools
 import importlib
 
 import pytest
@@ -591,6 +592,34 @@ def test_triton_forward_unpacked_gqa_matches_float64(backend, dtype, name, monke
     monkeypatch.setattr(attention_ops, "_packs_gqa", never)
     _check_sample(backend, dtype, name)
     assert asked
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+def test_output_is_laid_out_as_sequence_major_queries(backend):
+    """q, k and v as models that project them together have them, (batch, seq, heads, dim)
+    memory seen as (batch, heads, seq, dim): the output comes back laid out the same way,
+    as PyTorch's SDPA returns it, so out.transpose(1, 2) needs no copy before the output
+    projection. Contiguous (batch, heads, seq, dim) queries give a contiguous output."""
+    qkv = torch.randn(2, 9, 3, 4, 64, device=DEVICE, dtype=torch.bfloat16)
+
+    def attention(qkv, sdpa):
+        qkv = qkv.detach().requires_grad_(True)
+        out = sdpa(*(t.transpose(1, 2) for t in qkv.unbind(2)), is_causal=True)
+        return qkv, out
+
+    ours = functools.partial(tilesmith.ops.scaled_dot_product_attention, backend=backend)
+    (qkv_in, out), (ref_in, ref), (base_in, base) = (
+        attention(qkv, ours), attention(qkv.double(), F.scaled_dot_product_attention),
+        attention(qkv, F.scaled_dot_product_attention))
+    assert out.transpose(1, 2).is_contiguous()
+    testing.assert_close_to_reference(out, ref, base)
+    grad_out = torch.randn_like(out)
+    grads = [torch.autograd.grad(o, t, grad_out.to(o.dtype))[0]
+             for o, t in ((out, qkv_in), (ref, ref_in), (base, base_in))]
+    testing.assert_close_to_reference(*grads, name="grad")
+    contiguous = [t.transpose(1, 2).contiguous() for t in qkv.unbind(2)]
+    assert tilesmith.ops.scaled_dot_product_attention(*contiguous, backend=backend
+                                                      ).is_contiguous()
 
 
 def _float64_cuda_forward(monkeypatch):

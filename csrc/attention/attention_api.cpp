@@ -345,7 +345,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       int64_t keys_per_split) {
   c10::cuda::CUDAGuard guard(q.device());
   check_operand(q, "query", q);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  // Laid out as q where q is (batch, seq, heads, dim) memory seen as (batch, heads, seq,
+  // dim), as PyTorch's SDPA returns it (ops/attention.py's _new_attention_output, which the
+  // fake implementation calls); the kernels write through out's strides.
+  at::Tensor out = q.stride(1) < q.stride(2)
+                       ? at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options())
+                             .transpose(1, 2)
+                       : at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   forward(q, k, v, mask, out, lse, causal, scale, Dropout{dropout_p, seed}, nullptr,
           keys_per_split);

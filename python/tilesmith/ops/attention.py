@@ -265,6 +265,18 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
     return keep.bool()
 
 
+def _new_attention_output(q, head_dim_v):
+    """The (batch, heads, seq_q, head_dim_v) output of a dense call, laid out as q where q is
+    a (batch, seq, heads, dim) tensor seen as (batch, heads, seq, dim) (its heads stride
+    below its sequence stride), as models that project q, k and v together have it and as
+    PyTorch's SDPA returns it: out.transpose(1, 2) is then contiguous. Both backends (the
+    cuda op's C++ makes the same choice)."""
+    batch, heads, seqlen_q = q.shape[:3]
+    if q.stride(1) < q.stride(2):
+        return new_output((batch, seqlen_q, heads, head_dim_v), like=q).transpose(1, 2)
+    return new_output((batch, heads, seqlen_q, head_dim_v), like=q)
+
+
 def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale, varlen,
              dropout_p=0.0, seed=None):
     """Shared by the dense and packed forward ops: allocate, launch, return (out, lse)."""
@@ -283,7 +295,7 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
     else:
         heads, head_dim = q.shape[1], q.shape[3]
         heads_kv, head_dim_v = k.shape[1], v.shape[3]
-        out = new_output((batch, heads, seqlen_q, head_dim_v), like=q)
+        out = _new_attention_output(q, head_dim_v)
         lse = new_output((batch, heads, seqlen_q), like=q, dtype=_lse_dtype(q.dtype))
         layout = _dense_strides
         lse_strides = (lse.stride(0), lse.stride(1))
@@ -365,7 +377,9 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
         layout = _dense_strides
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
         if grad_lse is not None:
-            delta = (delta - grad_lse.to(lse.dtype)).contiguous()
+            delta = delta - grad_lse.to(lse.dtype)
+        # In lse's (contiguous) layout, whatever out's: a copy into a new tensor.
+        delta = lse.new_empty(lse.shape).copy_(delta)
         lse_strides = (lse.stride(0), lse.stride(1))
     # No query rows or no keys: zero gradients. (No query/key head dims alone is not such a
     # case: each row then averages the values, and dV is not zero.)
@@ -473,7 +487,7 @@ def _varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: tor
 
 @torch.library.register_fake("tilesmith::attention_fwd_cuda")
 def _attention_fwd_cuda_fake(q, k, v, mask, causal, scale, dropout_p, seed, keys_per_split=0):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _new_attention_output(q, q.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("tilesmith::attention_bwd_cuda")
