@@ -97,7 +97,7 @@ class _Float8LinearTensorwise(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = gemm(g_q, w_q, g_s, w_s, out_dtype=x_dtype)      # (M, K)
         if ctx.needs_input_grad[1]:
-            grad_w = gemm(g_q.t(), x_q, g_s, x_s, out_dtype=w_dtype)      # (N, K)
+            grad_w = gemm(g_q.t(), x_q, g_s, x_s, out_dtype=w_dtype)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0, dtype=torch.float32).to(w_dtype)
         return grad_x, grad_w, grad_b, None
@@ -151,8 +151,8 @@ class Float8Linear(torch.nn.Linear):
     """``torch.nn.Linear`` (same constructor, parameters and state_dict keys) whose forward
     and backward products run in FP8 with dynamic scaling, ``scaling="row"`` (default),
     ``"tensor"`` or ``"block"`` (module docstring), on ``backend`` (default: tilesmith's
-    choice). Inputs of any leading shape; parameters in
-    bf16/fp16/fp32. ``from_linear`` converts an existing layer."""
+    choice). Inputs of any leading shape; parameters in bf16/fp16/fp32. ``from_linear``
+    converts an existing layer."""
 
     backend: str | None = None  # (for modules made before it existed, e.g. unpickled)
 
