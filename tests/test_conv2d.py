@@ -159,7 +159,7 @@ def test_gradcheck_float64(backend, case):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))
-def test_pointwise_dx_channels_lastcheck(backend):
+def test_pointwise_channels_last_gradcheck(backend):
     """A channels-last 1x1 convolution with stride 1: on triton its forward and dgrad run on
     the gemm kernel (a GEMM over the pixels), through the fused activation."""
     g = torch.Generator().manual_seed(5)
