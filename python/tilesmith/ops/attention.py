@@ -378,8 +378,8 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
         if grad_lse is not None:
             delta = delta - grad_lse.to(lse.dtype)
-        # In lse's (contiguous) layout, whatever out's: a copy into a new tensor.
-        delta = lse.new_empty(lse.shape).copy_(delta)
+        if delta.stride() != lse.stride():  # (out laid out (batch, seq, heads, dim))
+            delta = lse.new_empty(lse.shape).copy_(delta)  # into lse's layout
         lse_strides = (lse.stride(0), lse.stride(1))
     # No query rows or no keys: zero gradients. (No query/key head dims alone is not such a
     # case: each row then averages the values, and dV is not zero.)
