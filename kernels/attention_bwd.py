@@ -106,7 +106,7 @@ def attention_bwd_dkdv_kernel(
         do_base = do_ptr + b64 * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
         lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
         delta_base = delta_ptr + b64 * stride_lb + h * stride_lh + q_start
-        mask_base = mask_ptr + b64 * stride_mb + h * stride_mh
+        mask_base = mask_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen_q
@@ -151,6 +151,7 @@ def attention_bwd_dq_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb, stride_mh, stride_mq, stride_mk,
+    stride_dmb, stride_dmh, stride_dmq, stride_dmk,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_lb, stride_lh,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
@@ -180,8 +181,11 @@ def attention_bwd_dq_kernel(
     k_base = k_ptr + b64 * stride_kb + h_kv * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh + k_start.to(tl.int64) * stride_vs
     lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
-    mask_base = mask_ptr + b64 * stride_mb + h * stride_mh
-    dmask_base = dmask_ptr + b64 * stride_mb + h * stride_mh
+    # The mask and its gradient: (batch, heads, seq_q, seq_k), each with its own strides (0
+    # where it broadcasts); 64-bit head offsets (a bias of 64 heads of 8k x 8k passes 2^31).
+    h64 = h.to(tl.int64)
+    mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
+    dmask_base = dmask_ptr + b64 * stride_dmb + h64 * stride_dmh
 
     q = load_block(q_base, rows, seqlen_q, stride_qs, offs_d, head_dim, stride_qd, UPCAST,
                    ACC_DTYPE)
@@ -203,10 +207,9 @@ def attention_bwd_dq_kernel(
                          ACC_DTYPE)
         v_t = load_block(v_base, offs_dv, head_dim_v, stride_vd, cols, seqlen_k, stride_vs,
                          UPCAST, ACC_DTYPE)
-        mask_offsets = rows[:, None] * stride_mq + cols[None, :] * stride_mk
         p, valid = probabilities(q, k_t, rows, cols, lse_base, seqlen_q, seqlen_k,
-                                 mask_base + mask_offsets, qk_scale, MASK_KIND, CAUSAL,
-                                 INPUT_PRECISION, ACC_DTYPE)
+                                 mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk,
+                                 qk_scale, MASK_KIND, CAUSAL, INPUT_PRECISION, ACC_DTYPE)
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if DROPOUT:
             keep = dropout_keep(seed, bh, rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
@@ -216,8 +219,8 @@ def attention_bwd_dq_kernel(
                      out_dtype=ACC_DTYPE)
         if MASK_GRAD:
             in_bounds = row_ok[:, None] & (cols[None, :] < seqlen_k)
-            tl.atomic_add(dmask_base + mask_offsets, ds.to(dmask_ptr.dtype.element_ty),
-                          mask=in_bounds)
+            tl.atomic_add(dmask_base + rows[:, None] * stride_dmq + cols[None, :] * stride_dmk,
+                          ds.to(dmask_ptr.dtype.element_ty), mask=in_bounds)
 
     dq = dq * scale
     dq_base = dq_ptr + b64 * stride_dqb + h * stride_dqh + q_start.to(tl.int64) * stride_dqs

@@ -164,7 +164,8 @@ def attention_fwd_kernel(
     # Row pointers of q, the mask, out and lse ([BLOCK_M] each).
     tokens = q_start.to(tl.int64) + rows
     q_rows = q_ptr + b64 * stride_qb + heads * stride_qh + tokens * stride_qs
-    mask_rows = mask_ptr + b64 * stride_mb + heads * stride_mh + rows * stride_mq
+    # (64-bit head offsets: a bias of 64 heads of 8k x 8k passes 2^31 elements.)
+    mask_rows = mask_ptr + b64 * stride_mb + heads.to(tl.int64) * stride_mh + rows * stride_mq
     k_base = k_ptr + b64 * stride_kb + h_kv * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh + k_start.to(tl.int64) * stride_vs
 

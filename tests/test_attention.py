@@ -1,6 +1,7 @@
 """tilesmith.ops.scaled_dot_product_attention / attention / varlen_attention against
 PyTorch's scaled_dot_product_attention in float64 (GUIDE §3), outputs and every gradient."""
 
+import contextlib
 import functools
 import importlib
 
@@ -69,7 +70,8 @@ def _check_sample(backend, dtype, name):
     q, k, v = testing.grad_views(sample.args)
     inputs = [q, k, v]
     if mask is not None and mask.is_floating_point():
-        kwargs["attn_mask"] = mask = mask.detach().clone().requires_grad_(True)
+        # The sample's own tensor, strides and all (a clone would make some views dense).
+        kwargs["attn_mask"] = mask = mask.detach().requires_grad_(True)
         inputs.append(mask)
 
     with testing.poison_outputs():
@@ -283,6 +285,61 @@ def test_forward_is_deterministic(backend):
         again = tilesmith.ops.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                            enable_gqa=True, backend=backend)
         assert torch.equal(first, again)
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+# A learnable bias broadcast over batch (and heads, rows): the kernels sum its gradient with
+# atomic adds unless deterministic algorithms are asked for.
+BROADCAST_BIAS_SHAPES = {"per_head": (1, 2, 19, 23), "shared": (19, 23),
+                         "per_key": (3, 1, 1, 23), "full": (3, 2, 19, 23)}
+
+
+@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))
+@pytest.mark.parametrize("bias", list(BROADCAST_BIAS_SHAPES))
+def test_deterministic_algorithms_sum_a_broadcast_mask_gradient_in_torch(backend, dtype, bias,
+                                                                         monkeypatch):
+    q, k, v = (torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+               for shape in ((3, 2, 19, 16), (3, 2, 23, 16), (3, 2, 23, 16)))
+    mask = torch.randn(BROADCAST_BIAS_SHAPES[bias], device=DEVICE).to(dtype).requires_grad_()
+    grad_out = torch.randn(3, 2, 19, 16, device=DEVICE).to(dtype)
+    expanded_to, shape_for = [], attention_ops._deterministic_mask_grad_shape
+
+    def recording(*args):
+        expanded_to.append(shape_for(*args))
+        return expanded_to[-1]
+
+    monkeypatch.setattr(attention_ops, "_deterministic_mask_grad_shape", recording)
+    with _deterministic_algorithms():
+        runs = []
+        for _ in range(2):
+            out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                             backend=backend)
+            runs.append(torch.autograd.grad(out, (q, k, v, mask), grad_out))
+    assert expanded_to == [None if bias == "full" else (3, 2, 19, 23)] * 2
+    for first, again in zip(*runs):
+        assert torch.equal(first, again)
+
+    # Against float64 (outside deterministic mode: cuBLAS matmuls refuse it without a
+    # workspace setting).
+    def reference(compute_dtype):
+        xs = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v, mask)]
+        out = F.scaled_dot_product_attention(*xs[:3], attn_mask=xs[3])
+        return torch.autograd.grad(out, xs, grad_out.to(compute_dtype))
+
+    for got, want, baseline, what in zip(runs[0], reference(torch.float64), reference(dtype),
+                                         ["dq", "dk", "dv", "dmask"]):
+        assert got.shape == want.shape
+        _check(got, want, baseline, what)
 
 
 @pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))

@@ -227,8 +227,8 @@ def attention_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
                             ) -> list[SampleInput]:
     """One list for every attention test: lengths 1..1023, causal with seq_q < seq_k and
     seq_q > seq_k, grouped-query heads (with masks, and decoding), head dims 40..256, value
-    head dim != query's, boolean and additive masks of every broadcastable shape, a fully
-    masked row, strided views.
+    head dim != query's, boolean and additive masks of every broadcastable shape and as
+    views (transposed, sliced, expanded), a fully masked row, strided views.
     Each sample's args are (query, key, value); kwargs are scaled_dot_product_attention's."""
     g = torch.Generator().manual_seed(seed)
     device = torch.device(device)
@@ -279,6 +279,13 @@ def attention_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
                                    {"attn_mask": keep.to(device)}))
         samples.append(SampleInput(f"float_mask_{name}", qkv(b, h, h, sq, sk, 32),
                                    {"attn_mask": r(*shape)}))
+    # Float masks as views: their gradients are written through strides of their own.
+    samples.append(SampleInput("float_mask_transposed", qkv(b, h, h, sq, sk, 32),
+                               {"attn_mask": r(sk, sq).t()}))
+    samples.append(SampleInput("float_mask_sliced", qkv(b, h, h, sq, sk, 32),
+                               {"attn_mask": r(b, h, sq, 2 * sk)[..., 1::2]}))
+    samples.append(SampleInput("float_mask_expanded", qkv(b, h, h, sq, sk, 32),
+                               {"attn_mask": r(1, h, sq, sk).expand(b, h, sq, sk)}))
     keep = torch.rand(b, 1, sq, sk, generator=g) > 0.3
     keep[:, :, 4] = False  # query row 4 sees no key at all
     samples.append(SampleInput("fully_masked_row_bool", qkv(b, h, h, sq, sk, 32),

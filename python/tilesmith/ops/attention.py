@@ -359,7 +359,7 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
     dv = new_output(v.shape, like=v)
     # The additive mask's gradient accumulates (atomically) in fp32 (fp64 for fp64 inputs),
     # in the mask's own (broadcast) shape: a (1, H, S, S) bias gets a (1, H, S, S) gradient,
-    # summed over batch.
+    # summed over batch. Contiguous whatever the mask's strides: the kernel takes its own.
     dmask = (torch.zeros(mask.shape, dtype=_lse_dtype(q.dtype), device=q.device) if mask_grad
              else q.new_empty(0))
     if varlen:
@@ -416,7 +416,8 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
     kernel, tiles = _kernel_and_tiles("dq", head_dim, head_dim_v, longest)
     wrap_triton(kernel)[grid_q](
         q, k, v, mask_ptr, grad_out, lse, delta, dq, dmask_arg, cu_q, cu_k, seed_ptr,
-        *qkv_strides, *mask_strides, *layout(grad_out), *lse_strides, *layout(dq),
+        *qkv_strides, *mask_strides, *_mask_strides(dmask if mask_grad else None),
+        *layout(grad_out), *lse_strides, *layout(dq),
         heads, heads // heads_kv, *sizes, MASK_GRAD=mask_grad, **common, **tiles)
     return dq, dk, dv, dmask
 
@@ -519,15 +520,30 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _deterministic_mask_grad_shape(q, k, mask):
+    """Under ``torch.use_deterministic_algorithms(True)``, the full (batch, heads, seq_q,
+    seq_k) shape for a mask that broadcasts, else None. The kernels sum a broadcast mask's
+    gradient with atomic adds, in an order that varies between runs; handed the mask
+    expanded to the full shape, each of its gradient's elements is written by one kernel
+    program, and the sum over the broadcast dimensions is torch's, in a fixed order (an fp32
+    buffer of the full size, as PyTorch's memory-efficient backend allocates)."""
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if not torch.are_deterministic_algorithms_enabled() or tuple(mask.shape) == full:
+        return None
+    return full
+
+
 def _make_fwd_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, mask, out, lse, seed = ctx.saved_tensors
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
         mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
-        dq, dk, dv, dmask = bwd_op(grad_out, q, k, v, mask, out, lse, ctx.causal, ctx.scale,
-                                   mask_grad, ctx.dropout_p, seed, grad_lse)
-        dmask = dmask.to(mask.dtype) if mask_grad else None
+        grad_mask_shape = _deterministic_mask_grad_shape(q, k, mask) if mask_grad else None
+        mask_seen = mask if grad_mask_shape is None else mask.expand(grad_mask_shape)
+        dq, dk, dv, dmask = bwd_op(grad_out, q, k, v, mask_seen, out, lse, ctx.causal,
+                                   ctx.scale, mask_grad, ctx.dropout_p, seed, grad_lse)
+        dmask = dmask.sum_to_size(mask.shape).to(mask.dtype) if mask_grad else None
         return dq, dk, dv, dmask, *[None] * (len(ctx.needs_input_grad) - 4)
     return backward
 
