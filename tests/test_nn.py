@@ -208,6 +208,54 @@ def test_convert_keeps_parameters_and_reports_skips():
         tilesmith.nn.convert(net, include=("lstm",))
 
 
+def test_convert_parametrized_lazy_subclassed_and_converted_modules():
+    from torch.nn.utils import parametrizations, parametrize
+
+    class DoubledLinear(torch.nn.Linear):  # a user's subclass: its own forward
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        parametrizations.weight_norm(torch.nn.Linear(8, 18)), torch.nn.Unflatten(1, (2, 3, 3)),
+        parametrizations.spectral_norm(torch.nn.Conv2d(2, 4, 3, padding=1)),
+        torch.nn.Flatten(), DoubledLinear(36, 5), torch.nn.MultiheadAttention(5, 1)).eval()
+    x = torch.randn(3, 8, device=DEVICE)
+    net.to(DEVICE)
+
+    def run():
+        y = net[:5](x)
+        return net[5](y, y, y, need_weights=False)[0]
+
+    want, keys, params = run(), list(net.state_dict()), list(net.parameters())
+    want_grads = torch.autograd.grad(want.square().sum(), params)
+    with pytest.warns(UserWarning, match=r"4 \(a subclass of torch.nn.Linear \(DoubledLinear\)"):
+        _, report = tilesmith.nn.convert(net, backend=KERNELS, return_report=True)
+    # Parametrized modules keep their parametrizations on tilesmith's class; the attention's
+    # out_proj (torch's own subclass of Linear) is passed over without a word.
+    assert report.converted == ["0", "2", "5"] and [n for n, _ in report.skipped] == ["4"]
+    assert isinstance(net[0], tilesmith.nn.Linear) and parametrize.is_parametrized(net[0])
+    assert isinstance(net[2], tilesmith.nn.Conv2d) and parametrize.is_parametrized(net[2])
+    assert list(net.state_dict()) == keys and list(net.parameters()) == params
+    got = run()
+    _close(got, want)
+    for got_grad, want_grad in zip(torch.autograd.grad(got.square().sum(), params),
+                                   want_grads):
+        _close(got_grad, want_grad, rtol=1e-4, name="grad")
+    parametrize.remove_parametrizations(net[0], "weight")
+    assert type(net[0]) is tilesmith.nn.Linear
+
+    # Converting again: converted modules take the new backend; lazy modules wait for a forward.
+    with pytest.warns(UserWarning, match="DoubledLinear"):
+        tilesmith.nn.convert(net, backend="torch")
+    assert net[0].backend == net[2].backend == net[5].backend == "torch"
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(3))
+    with pytest.warns(UserWarning, match="lazy module"):
+        tilesmith.nn.convert(lazy)
+    lazy(torch.randn(2, 4))
+    assert type(tilesmith.nn.convert(lazy)[0]) is tilesmith.nn.Linear
+
+
 def test_patch_sdpa_routes_and_restores(monkeypatch):
     original = F.scaled_dot_product_attention
     calls = []

@@ -9,10 +9,19 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from .. import ops
 from .float8 import Float8Linear
 from .modules import Conv2d, Linear, MultiheadAttention
+
+
+# Modules convert() passes over without a word: MultiheadAttention's out_proj (torch's
+# subclass of Linear, only a marker for quantization tools), whose weight the attention
+# module reads itself.
+_LEFT_ALONE = (torch.nn.modules.linear.NonDynamicallyQuantizableLinear,)
+_TILESMITH_CLASSES = (Linear, Float8Linear, Conv2d, MultiheadAttention)
 
 
 @dataclasses.dataclass
@@ -30,6 +39,29 @@ def _why_not(module: torch.nn.Module, kind: str) -> str | None:
     return None
 
 
+def _parametrized_class(our_class: type, parametrized: type) -> type:
+    """torch.nn.utils.parametrize's class for a module (a subclass of torch's class that holds
+    the parametrized tensors' properties) made again over tilesmith's class: the module
+    keeps its parametrizations, and remove_parametrizations, which restores the class's
+    base, leaves it tilesmith's."""
+    kept = {name: value for name, value in vars(parametrized).items()
+            if name not in ("__module__", "__doc__", "__dict__", "__weakref__")}
+    return type(f"Parametrized{our_class.__name__}", (our_class,), kept)
+
+
+def _class_for(module: torch.nn.Module, torch_class: type, our_class: type):
+    """(the class ``module`` becomes, None) or (None, why it cannot)."""
+    cls = type(module)
+    if cls is torch_class:
+        return our_class, None
+    if parametrize.is_parametrized(module) and cls.__bases__ == (torch_class,):
+        return _parametrized_class(our_class, cls), None
+    if isinstance(module, LazyModuleMixin):
+        return None, "a lazy module whose parameters are not initialized: run a forward first"
+    return None, (f"a subclass of torch.nn.{torch_class.__name__} ({cls.__name__}), which "
+                  f"keeps its own forward")
+
+
 def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention"),
             backend: str | None = None, fp8: bool | str = False,
             return_report: bool = False):
@@ -37,8 +69,12 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     in place: each module's class is switched to tilesmith's subclass, so its parameters
     (the same Parameter objects an optimizer may hold), buffers, device, dtype, hooks and
     state_dict keys are untouched. ``fp8=True`` (or ``"row"``, ``"tensor"`` or ``"block"``:
-    the scaling) makes Linear layers Float8Linear.
-    Modules that cannot be converted are left as they are and reported (a warning, and the
+    the scaling) makes Linear layers Float8Linear. A module with parametrizations
+    (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``, ...) keeps them.
+    Modules converted before stay what they are and take this call's ``backend``.
+    Modules that cannot be converted (subclasses of torch's classes other than
+    parametrized ones, which keep their own forward; lazy modules not yet initialized;
+    the options named in the report) are left as they are and reported (a warning, and the
     returned report when ``return_report``). Returns the model (and the report)."""
     unknown = set(include) - {"linear", "conv2d", "attention"}
     if unknown:
@@ -58,14 +94,18 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
         targets.append(("attention", torch.nn.MultiheadAttention, MultiheadAttention))
     for name, module in model.named_modules():
         for kind, torch_class, our_class in targets:
-            # Exact class only: a user's own subclass keeps its own forward.
-            if type(module) is not torch_class:
+            if not isinstance(module, torch_class) or type(module) in _LEFT_ALONE:
                 continue
-            why = _why_not(module, kind)
+            if isinstance(module, _TILESMITH_CLASSES):  # converted before: takes this backend
+                module.backend = backend
+                report.converted.append(name or "<root>")
+                continue
+            new_class, why = _class_for(module, torch_class, our_class)
+            why = why or _why_not(module, kind)
             if why:
                 report.skipped.append((name or "<root>", why))
                 continue
-            module.__class__ = our_class
+            module.__class__ = new_class
             module.backend = backend
             if our_class is Float8Linear:
                 module.scaling = fp8_scaling
