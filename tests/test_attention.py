@@ -448,26 +448,35 @@ def test_float64_gradients_are_float64_accurate(backend, mask_shape):
         assert testing.rel_error(got, want) < 1e-12, name
 
 
-@pytest.mark.parametrize("backend", ["torch", *kernel_backends("attention", torch.float32)])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32),
+                                           *_params([torch.bfloat16, torch.float32])])
 @pytest.mark.parametrize("boolean", [False, True], ids=["float", "bool"])
-def test_one_dimensional_mask_broadcasts_over_batch_heads_and_rows(backend, boolean):
+def test_one_dimensional_mask_broadcasts_over_batch_heads_and_rows(backend, dtype, boolean):
     """A (seq_k,) mask broadcasts as PyTorch documents (PyTorch's own SDPA fails on it, so
     the reference takes it as (1, seq_k)); every backend, the torch one included, takes it."""
-    q = torch.randn(2, 2, 3, 16, device=DEVICE, requires_grad=True)
-    k, v = (torch.randn(2, 2, 17, 16, device=DEVICE) for _ in range(2))
+    q = torch.randn(2, 2, 3, 16, device=DEVICE).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 17, 16, device=DEVICE).to(dtype) for _ in range(2))
     if boolean:
         mask = torch.arange(17, device=DEVICE) % 3 != 1
     else:
-        mask = torch.randn(17, device=DEVICE, requires_grad=True)
+        mask = torch.randn(17, device=DEVICE).to(dtype).requires_grad_()
     out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(1, 17))
     inputs = (q,) if boolean else (q, mask)
-    grad = torch.randn_like(ref)
-    testing.assert_fp32_close(out, ref)
-    for got, want in zip(torch.autograd.grad(out, inputs, grad),
-                         torch.autograd.grad(ref, inputs, grad)):
+    grad = torch.randn_like(out)
+
+    def reference(compute_dtype):
+        xs = [t.detach().to(compute_dtype).requires_grad_() for t in inputs]
+        m = mask if boolean else xs[1]
+        ref = F.scaled_dot_product_attention(xs[0], k.to(compute_dtype), v.to(compute_dtype),
+                                             attn_mask=m.view(1, 17))
+        return ref, torch.autograd.grad(ref, xs, grad.to(compute_dtype))
+
+    (ref, ref_grads), (base, base_grads) = reference(torch.float64), reference(dtype)
+    _check(out, ref, base, "out")
+    for got, want, baseline, name in zip(torch.autograd.grad(out, inputs, grad), ref_grads,
+                                         base_grads, ("dq", "dmask")):
         assert got.shape == want.shape
-        testing.assert_fp32_close(got, want)
+        _check(got, want, baseline, name)
 
 
 @pytest.mark.parametrize("backend", ["torch", *kernel_backends("attention", torch.bfloat16)])
