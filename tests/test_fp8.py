@@ -2,6 +2,7 @@
 dequantized float64 product (SQNR >= 28 dB, torchao's bar), Float8Linear training."""
 
 import functools
+import threading
 
 import pytest
 import torch
@@ -240,6 +241,30 @@ def test_float8_linear_runs_both_passes_on_its_backend(backend, monkeypatch):
     torch.autograd.grad(model(x).float().square().sum(), (x, model[0].weight))
     # Row-wise: x and W quantized, one GEMM; then dO twice, W and x once each, two GEMMs.
     assert picked == [("fp8", backend)] * 9
+
+
+@pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
+def test_float8_linear_backward_keeps_the_forwards_use_backend_block(backend, monkeypatch):
+    """A Float8Linear without a backend of its own, run in a use_backend block: its
+    backward, run after the block and in another thread (as autograd's device threads run
+    it), takes the block's backend too."""
+    picked = []
+    pick = tilesmith.backend.pick
+
+    def spy(op, *args, **kwargs):
+        picked.append(pick(op, *args, **kwargs))
+        return picked[-1]
+
+    monkeypatch.setattr(tilesmith.backend, "pick", spy)
+    layer = tilesmith.nn.Float8Linear(32, 16, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(4, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    with tilesmith.use_backend(backend):
+        out = layer(x)
+    backward = threading.Thread(target=lambda: out.float().square().sum().backward())
+    backward.start()
+    backward.join(300)
+    assert x.grad is not None and layer.weight.grad is not None
+    assert picked == [backend] * 9
 
 
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -323,6 +324,41 @@ def test_use_backend_context_and_per_call_precedence(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with tilesmith.use_backend("cublas"):
             pass
+
+
+def test_use_backend_blocks_belong_to_their_thread():
+    """Two threads' blocks, interleaved (the first enters, the second enters, the first
+    leaves, the second leaves): each thread's calls take its own block's backend, and the
+    default once out of it."""
+    a = torch.randn(8, 8, device=DEVICE)
+    other = "triton" if "triton" in tilesmith.available_backends("matmul", DEVICE) else "torch"
+    default = tilesmith.backend.pick("matmul", a)
+    entered_first, entered_second, left_first = (threading.Event() for _ in range(3))
+    picked = {}
+
+    def first():
+        with tilesmith.use_backend("torch"):
+            entered_first.set()
+            entered_second.wait(10)
+            picked["first"] = [tilesmith.backend.pick("matmul", a)]
+        picked["first"].append(tilesmith.backend.pick("matmul", a))
+        left_first.set()
+
+    def second():
+        entered_first.wait(10)
+        with tilesmith.use_backend(other):
+            entered_second.set()
+            left_first.wait(10)
+            picked["second"] = [tilesmith.backend.pick("matmul", a)]
+            tilesmith.ops.matmul(a, a)
+        picked["second"].append(tilesmith.backend.pick("matmul", a))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert picked == {"first": ["torch", default], "second": [other, default]}
 
 
 def test_unavailable_backend_says_why():

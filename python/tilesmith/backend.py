@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 
 import torch
 
@@ -171,8 +172,16 @@ def _env_backend() -> str | None:
     return name
 
 
+class _BackendStack(threading.local):
+    """use_backend's blocks, innermost last: one stack per thread, so that threads serving
+    calls side by side neither see nor pop each other's blocks."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+
 _ENV_BACKEND = _env_backend()
-_STACK: list[str] = []
+_STACK = _BackendStack()
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
@@ -185,13 +194,20 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops in this block on ``name`` unless a call names its own backend."""
+    """Run the ops in this block on ``name`` unless a call names its own backend (in this
+    thread: other threads keep their own)."""
     _check_name(name)
-    _STACK.append(name)
+    _STACK.names.append(name)
     try:
         yield
     finally:
-        _STACK.pop()
+        _STACK.names.pop()
+
+
+def requested_backend(backend: str | None = None) -> str | None:
+    """The backend asked for: ``backend``, else the innermost use_backend block of this
+    thread, else ``TILESMITH_BACKEND``; None when none is (the default then decides)."""
+    return backend or (_STACK.names[-1] if _STACK.names else None) or _ENV_BACKEND
 
 
 def _check_name(name: str) -> None:
@@ -269,7 +285,7 @@ def pick(op: str, tensor: torch.Tensor, backend: str | None = None,
             return kernels_cannot.get(name)
         return kernels_cannot
 
-    requested = backend or (_STACK[-1] if _STACK else None) or _ENV_BACKEND
+    requested = requested_backend(backend)
     if requested is not None:
         why = unavailable_reason(requested, op, tensor.device, tensor.dtype) or cannot(requested)
         if why is not None:

@@ -29,6 +29,7 @@ import functools
 
 import torch
 
+from ..backend import requested_backend
 from ..ops.fp8 import SCALE_BLOCK, quantize_fp8, scaled_gemm
 
 
@@ -182,7 +183,10 @@ class Float8Linear(torch.nn.Linear):
         if x2d.dtype != compute_dtype:
             x2d = x2d.to(compute_dtype)
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias, self.backend)
+            # The backend asked for now, kept for the backward: it may run after the
+            # use_backend block, or in autograd's device thread, which has blocks of its own.
+            out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias,
+                                                 requested_backend(self.backend))
         return out.view(*x.shape[:-1], self.out_features)
 
     @classmethod
