@@ -249,6 +249,7 @@ def test_convert_parametrized_lazy_subclassed_and_converted_modules():
     with pytest.warns(UserWarning, match="DoubledLinear"):
         tilesmith.nn.convert(net, backend="torch")
     assert net[0].backend == net[2].backend == net[5].backend == "torch"
+    assert all("backend='torch'" in repr(net[i]) for i in (0, 2, 5))
     lazy = torch.nn.Sequential(torch.nn.LazyLinear(3))
     with pytest.warns(UserWarning, match="lazy module"):
         tilesmith.nn.convert(lazy)

@@ -167,7 +167,8 @@ class Float8Linear(torch.nn.Linear):
         self.backend = backend
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scaling={self.scaling}"
+        backend = f", backend={self.backend!r}" if self.backend is not None else ""
+        return f"{super().extra_repr()}, scaling={self.scaling}{backend}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

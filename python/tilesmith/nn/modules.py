@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from .. import ops
 
 
+def _options_repr(module) -> str:
+    """tilesmith's options of a module where they are set, for its repr."""
+    return "".join(f", {name}={getattr(module, name)!r}" for name in ("activation", "backend")
+                   if getattr(module, name, None) is not None)
+
+
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on ``tilesmith.ops.gemm``, with an optional fused ``activation``
     ("relu", "gelu", "gelu_tanh", "silu") applied after the bias in the same kernel."""
@@ -30,8 +36,7 @@ class Linear(torch.nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", activation={self.activation!r}"
-                                       if self.activation else "")
+        return super().extra_repr() + _options_repr(self)
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -53,8 +58,7 @@ class Conv2d(torch.nn.Conv2d):
                           self.groups, activation=self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", activation={self.activation!r}"
-                                       if self.activation else "")
+        return super().extra_repr() + _options_repr(self)
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -67,6 +71,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     tiles), unless a ``key_padding_mask`` is merged into that mask."""
 
     backend: str | None = None
+
+    def extra_repr(self) -> str:
+        return _options_repr(self).removeprefix(", ")
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
