@@ -257,6 +257,16 @@ def test_convert_parametrized_lazy_subclassed_and_converted_modules():
     assert type(tilesmith.nn.convert(lazy)[0]) is tilesmith.nn.Linear
 
 
+def test_torch_export_of_a_converted_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
+    tilesmith.nn.convert(model, backend="torch")
+    x = torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=0)
+
+
 def test_patch_sdpa_routes_and_restores(monkeypatch):
     original = F.scaled_dot_product_attention
     calls = []
