@@ -1330,6 +1330,18 @@ MASK_KERNELS = [pytest.param(case, kernel, id=f"{case}-{kernel}")
 
 @pytest.mark.parametrize("case,kernel", MASK_KERNELS)
 def test_attention_kernels_with_masks(case, kernel):
+    _check_masked_attention_kernels(case, kernel)
+
+
+@pytest.mark.parametrize("kernel", ["sm80", "sm90a"])
+def test_attention_backward_with_a_broadcast_mask_expanded(kernel):
+    """Under torch.use_deterministic_algorithms(True), ops/attention.py hands the backward a
+    broadcast mask expanded to (batch, heads, seq_q, seq_k) and a full-size gradient: the
+    kernels read the mask through its zero strides and write each gradient element once."""
+    _check_masked_attention_kernels("additive_qk_neg_inf_row", kernel, expanded=True)
+
+
+def _check_masked_attention_kernels(case, kernel, expanded=False):
     b, h, hk, sq, sk, d, causal, shape, boolean, masked_row = MASK_CASES[case]
     hopper = kernel == "sm90a"
     dtype = torch.bfloat16
@@ -1345,9 +1357,12 @@ def test_attention_kernels_with_masks(case, kernel):
     scale = d ** -0.5
     out, lse = run_attention_fwd(q, k, v, causal, scale, mask, hopper=hopper)
     grad_out = torch.randn(out.shape).to(dtype)
-    dmask = None if boolean else torch.zeros(shape, dtype=torch.float32)
-    grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask, dmask,
+    seen = mask.expand(b, h, sq, sk) if expanded else mask
+    dmask = None if boolean else torch.zeros(seen.shape, dtype=torch.float32)
+    grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, seen, dmask,
                               hopper=hopper)
+    if expanded:
+        dmask = dmask.sum_to_size(shape)
 
     leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
     if not boolean:
