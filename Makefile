@@ -13,6 +13,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 # torchvision only for tests (converting a ResNet-18); the release built for that torch.
 TORCHVISION_SPEC ?= torchvision==0.29.1
+# matplotlib draws make bench's and the examples' PNG plots; installed so the tests run
+# that code here too (the GPU machine has it, and a plot that breaks there would end a report).
 OUT_DIR ?= bench/out
 MAX_JOBS ?= $(shell nproc)
 # /usr/local/bin/nvcc is a wrapper script on our machines: point at the real toolkit.
@@ -27,7 +29,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" numpy pytest setuptools \
-	  wheel ninja
+	  wheel ninja matplotlib
 	touch $@
 
 build: $(VENV)/.deps

@@ -3,7 +3,10 @@ timings themselves need a GPU; this keeps the code that formats them from breaki
 unnoticed between GPU sessions)."""
 
 import argparse
+import dataclasses
 import json
+
+import pytest
 
 from bench import harness
 from bench import run as bench_run
@@ -38,3 +41,15 @@ def test_markdown_report_shows_targets_and_rows(tmp_path):
     assert ("| attention bwd | triton | bfloat16 | 16×16×1024×128×False | ≥ 0.6 | not run |"
             in report)
     assert report.count("| matmul | fwd |") == 2
+
+
+def test_ratio_plot_is_written(tmp_path):
+    """make bench's bar chart of ratios (matplotlib is installed by `make test`, and is on
+    the GPU machine, where a plot that raised would end the benchmark stage)."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "matmul.png"
+    assert harness.plot_ratios(_rows(), path, "matmul vs cuBLAS (same run)")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    untimed = [dataclasses.replace(row, ratio=None) for row in _rows()]
+    assert not harness.plot_ratios(untimed, tmp_path / "none.png", "nothing timed")
+    assert not (tmp_path / "none.png").exists()

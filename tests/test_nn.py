@@ -1,6 +1,7 @@
 """tilesmith.nn: drop-in modules, convert(), patch_sdpa(), autocast, the examples, DDP."""
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # handling and every layer of dispatch.
 KERNELS = "triton"
 MODELS = "triton" if HAS_GPU else "torch"
+# The examples draw their loss curves where matplotlib is installed (`make test` installs it).
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def _close(got, want, rtol=1e-5, name="output"):
@@ -324,6 +327,7 @@ def test_cifar_example_trains_a_few_steps(tmp_path):
                                        "--backend", MODELS, "--out", str(tmp_path)])
     assert len(results["tilesmith"]["losses"]) == 3 and same
     assert (tmp_path / "cifar_resnet.json").exists()
+    assert (tmp_path / "cifar_resnet.png").exists() == HAS_MATPLOTLIB  # the loss curves
     # The generated data set is in CIFAR-10's own format, readable as the real one is.
     data = cifar_resnet.write_synthetic_cifar(tmp_path / "cifar", images_per_batch=10)
     x, y = cifar_resnet.load_cifar(data)
@@ -339,6 +343,7 @@ def test_gpt_example_trains_a_few_steps(tmp_path):
                                    "--max-chars", "20000", "--device", str(DEVICE),
                                    "--backend", MODELS, "--out", str(tmp_path)])
     assert len(results["native"]["losses"]) == 3 and same
+    assert (tmp_path / "gpt_char.png").exists() == HAS_MATPLOTLIB
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
