@@ -80,12 +80,13 @@ def _check_sample(backend, dtype, name):
         grads = (torch.autograd.grad(out, inputs, grad_out) if out.numel()
                  else [None] * len(inputs))
 
+    # PyTorch's SDPA (pytorch_sdpa: the samples with no heads would crash torch 2.11's).
     ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
     ref_kwargs = dict(kwargs, attn_mask=ref_inputs[3]) if len(inputs) == 4 else kwargs
-    ref = F.scaled_dot_product_attention(*ref_inputs[:3], **ref_kwargs)
+    ref = attention_ops.pytorch_sdpa(*ref_inputs[:3], **ref_kwargs)
     base_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     base_kwargs = dict(kwargs, attn_mask=base_inputs[3]) if len(inputs) == 4 else kwargs
-    base = F.scaled_dot_product_attention(*base_inputs[:3], **base_kwargs)
+    base = attention_ops.pytorch_sdpa(*base_inputs[:3], **base_kwargs)
 
     assert out.shape == ref.shape and out.dtype == dtype
     _check(out, ref, base, "out")
@@ -604,7 +605,7 @@ def test_forward_split_over_keys_matches_float64(backend, dtype, name, monkeypat
 
 
 @pytest.mark.parametrize("backend,dtype", SPLIT_PARAMS)
-@pytest.mark.parametrize("name", VARLEN_NAMES)
+@pytest.mark.parametrize("name", [n for n in VARLEN_NAMES if n != "no_heads"])  # (no work)
 def test_varlen_forward_split_over_keys_matches_float64(backend, dtype, name, monkeypatch):
     # (On a GPU these sequences are shorter than one split of 128 keys.)
     chosen = _forced_splits(monkeypatch, _split_size(0))

@@ -93,8 +93,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2),
               "attention: key and value shapes differ: ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: query heads (",
-              q.size(1), ") must be a multiple of key/value heads (", k.size(1), ")");
+  // No heads at all is an empty call, as in PyTorch's SDPA (the runners launch nothing).
+  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0,
+              "attention: query heads (", q.size(1), ") must be a multiple of key/value heads (",
+              k.size(1), ")");
   TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535,
               "attention (cuda backend): batch and heads must each be at most 65535, got ",
               q.sizes());

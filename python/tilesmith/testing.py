@@ -324,7 +324,8 @@ def varlen_sample_inputs(device, dtype, *, seed: int = 0) -> list[SampleInput]:
              ("causal_gqa", [3, 17, 30, 1], [5, 2, 30, 9], 4, 2, 64, {"causal": True}),
              ("with_empty_sequence", [4, 0, 9], [4, 3, 0], 2, 1, 40, {}),
              # One query token in all (a lone decode step): (heads, 1) row constants.
-             ("single_token", [1], [6], 2, 2, 32, {})]
+             ("single_token", [1], [6], 2, 2, 32, {}),
+             ("no_heads", [3, 4], [5, 2], 0, 0, 32, {})]
     for name, lens_q, lens_k, h, hk, d, kwargs in cases:
         cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
         cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
