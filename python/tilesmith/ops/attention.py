@@ -797,7 +797,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if name == "torch":
         # The mask as 4-D: PyTorch's own SDPA (2.14, CPU) fails on a 1-D one.
         return pytorch_sdpa(query, key, value, attn_mask=mask, dropout_p=dropout_p,
-                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     out, _ = _kernel_attention(name, query, key, value, mask, is_causal, scale, dropout_p)
     return out
 
@@ -830,7 +830,7 @@ def _torch_attention_with_lse(q, k, v, mask, causal, scale):
     log-sum-exp from the explicit (quadratic-memory) scores."""
     group = _group_size(q.shape[1], k.shape[1])
     out = pytorch_sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                      enable_gqa=group > 1)
+                       enable_gqa=group > 1)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys = k.to(compute).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(compute), keys.transpose(-1, -2)) * scale
@@ -911,7 +911,7 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0):
         ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
         vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
         oi = pytorch_sdpa(qi, ki, vi, dropout_p=dropout_p, is_causal=causal, scale=scale,
-                         enable_gqa=group > 1)
+                          enable_gqa=group > 1)
         outs.append(oi[0].transpose(0, 1))
     if not outs:
         return q.new_empty((0, q.shape[1], v.shape[2]))
