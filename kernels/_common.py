@@ -23,3 +23,10 @@ def to_output(x, out_ptr, UPCAST: tl.constexpr):
         if out_ptr.dtype.element_ty == tl.bfloat16:
             x = round_to_bfloat16(x.to(tl.float32))
     return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def spilled_program_id():
+    """This program's index along a logical axis laid over grid axes 1 and 2 by
+    tilesmith.ops._library.spill_grid (64-bit: 65535 * 65535 passes 2**31)."""
+    return tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)

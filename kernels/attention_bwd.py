@@ -11,7 +11,8 @@ rowsum(dout * out) is still rowsum(dp * p).
 Two kernels, so neither needs atomics for q, k or v: one program per key block computes
 dk and dv (looping over every query block of every query head that shares the key/value
 head), one program per query block computes dq and, when asked, the mask gradient (atomic
-adds: a broadcast mask sums over the dimensions it is broadcast along).
+adds: a broadcast mask sums over the dimensions it is broadcast along). Grids are laid out
+(block, head, batch) as the forward's.
 """
 
 import triton
@@ -72,9 +73,8 @@ def attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_kv_heads
-    h_kv = bh % num_kv_heads
+    h_kv = tl.program_id(1)
+    b = tl.program_id(2)
     q_start, seqlen_q = sequence_bounds(cu_seqlens_q_ptr, b, seqlen_q, VARLEN)
     k_start, seqlen_k = sequence_bounds(cu_seqlens_k_ptr, b, seqlen_k, VARLEN)
     b64 = b.to(tl.int64)
@@ -163,9 +163,8 @@ def attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     h_kv = h // group_size
     q_start, seqlen_q = sequence_bounds(cu_seqlens_q_ptr, b, seqlen_q, VARLEN)
     k_start, seqlen_k = sequence_bounds(cu_seqlens_k_ptr, b, seqlen_k, VARLEN)
@@ -212,7 +211,8 @@ def attention_bwd_dq_kernel(
                                  qk_scale, MASK_KIND, CAUSAL, INPUT_PRECISION, ACC_DTYPE)
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, rows, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, b * num_heads + h, rows, start_n, dropout_threshold,
+                                BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=INPUT_PRECISION,

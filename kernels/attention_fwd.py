@@ -1,7 +1,9 @@
 """Flash-style attention forward: online softmax over key blocks, never forming the full
 score matrix; saves the log-sum-exp of every query row for the backward.
 
-One program computes BLOCK_M query rows of one (batch, head). Scores live in the log2
+One program computes BLOCK_M query rows of one (batch, head): program (m, head, batch), an
+axis each, as flash-attention lays its grid out (CUDA allows 65535 programs along axes 1 and
+2, so batch * heads on one axis would cap the product there). Scores live in the log2
 domain (qk_scale = scale * log2(e)) so the exponentials are exp2. Optional pieces are
 compile-time switches: a boolean or additive mask (strides of 0 broadcast it), causal
 masking aligned top-left as in torch.nn.functional.scaled_dot_product_attention, grouped
@@ -9,13 +11,13 @@ key/value heads, packed variable-length batches (cu_seqlens), and dropout of the
 probabilities (dropout_keep: Philox, so the backward regenerates the same mask).
 
 Calls with too few query blocks to fill the GPU (decoding) split the keys (SPLIT): program
-(m, bh, i) walks keys i * split_keys .. (i + 1) * split_keys - 1 only and writes its rows'
-output, normalised over those keys, and their log-sum-exp to fp32 partials;
-attention_split_combine_kernel then weighs each split by exp(lse_i - lse). Flash-decoding's
-scheme; the result and lse are those of one pass, up to rounding.
+(m * splits + i, head, batch) walks keys i * split_keys .. (i + 1) * split_keys - 1 only and
+writes its rows' output, normalised over those keys, and their log-sum-exp to fp32
+partials; attention_split_combine_kernel then weighs each split by exp(lse_i - lse).
+Flash-decoding's scheme; the result and lse are those of one pass, up to rounding.
 
 Grouped-query calls with short queries pack each key/value head's group of query heads into
-one block's rows (PACK_GQA): program (m, b * kv_heads + h_kv) takes packed rows m * BLOCK_M
+one block's rows (PACK_GQA): program (m, h_kv, batch) takes packed rows m * BLOCK_M
 onwards, packed row r being query row r // group_size of query head h_kv * group_size +
 r % group_size. The group then reads each K and V block once instead of once per query head
 (decoding with 8 query heads per kv head reads an eighth of the cache), and its rows fill the
@@ -139,18 +141,19 @@ def attention_fwd_kernel(
     # o_ptr and lse_ptr are the partials, split i stride_o_split / stride_l_split further on,
     # and split_keys is a multiple of every BLOCK_N.
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    if SPLIT:  # axis 0 holds (query block, split) pairs; seqlen_k is still the launch's here
+        splits = tl.cdiv(seqlen_k, split_keys)
+        split = start_m % splits
+        start_m = start_m // splits
+    b = tl.program_id(2)
     # rows: each block row's query row; heads: its query head (a scalar unless PACK_GQA).
     if PACK_GQA:
-        kv_heads = num_heads // group_size
-        b = bh // kv_heads
-        h_kv = bh % kv_heads
+        h_kv = tl.program_id(1)
         packed = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = packed // group_size
         heads = h_kv * group_size + packed % group_size
     else:
-        b = bh // num_heads
-        heads = bh % num_heads
+        heads = tl.program_id(1)
         h_kv = heads // group_size
         rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_start, seqlen_q = sequence_bounds(cu_seqlens_q_ptr, b, seqlen_q, VARLEN)
@@ -191,7 +194,6 @@ def attention_fwd_kernel(
     hi = tl.where(tl.min(rows) < seqlen_q, hi, 0)
     lo = 0
     if SPLIT:
-        split = tl.program_id(2)
         lo = split * split_keys
         hi = tl.minimum(hi, lo + split_keys)
         o_ptr += split.to(tl.int64) * stride_o_split
@@ -245,7 +247,7 @@ def attention_split_combine_kernel(
     stride_pb, stride_ph, stride_ps, stride_pd, stride_p_split,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_l_split,
-    num_splits, num_heads, seqlen_q, head_dim_v,
+    num_splits, seqlen_q, head_dim_v,
     VARLEN: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -254,9 +256,8 @@ def attention_split_combine_kernel(
     lse's layout (split i stride_l_split further on); a row that no split saw keeps zeros and
     lse = -inf."""
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     q_start, seqlen_q = sequence_bounds(cu_seqlens_q_ptr, b, seqlen_q, VARLEN)
     b64 = b.to(tl.int64)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -296,12 +297,14 @@ def attention_split_combine_kernel(
 def dropout_mask_kernel(seed_ptr, keep_ptr, seqlen_q, seqlen_k, threshold,
                         stride_stream, stride_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep mask the attention kernels use, written out (for tests and debugging):
-    keep[stream, row, key] for one BLOCK_M x BLOCK_N tile per program."""
+    keep[stream, row, key] for BLOCK_M query rows of one (batch, head) per program, laid
+    out (m, head, batch) as the attention kernels' grids; stream = batch * heads + head."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    start_n = tl.program_id(1) * BLOCK_N
-    stream = tl.program_id(2)
-    keep = dropout_keep(tl.load(seed_ptr), stream, rows, start_n, threshold, BLOCK_M, BLOCK_N)
-    cols = start_n + tl.arange(0, BLOCK_N)
-    tl.store(keep_ptr + stream.to(tl.int64) * stride_stream + rows[:, None] * stride_row
-             + cols[None, :], keep.to(tl.uint8),
-             mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+    stream = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    seed = tl.load(seed_ptr)
+    row_ptrs = keep_ptr + stream.to(tl.int64) * stride_stream + rows[:, None] * stride_row
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        keep = dropout_keep(seed, stream, rows, start_n, threshold, BLOCK_M, BLOCK_N)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        tl.store(row_ptrs + cols[None, :], keep.to(tl.uint8),
+                 mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))

@@ -14,7 +14,7 @@ BLOCK_M x BLOCK_K tile (weights).
 import triton
 import triton.language as tl
 
-from ._common import to_output
+from ._common import spilled_program_id, to_output
 from .matmul import grouped_tile
 
 
@@ -58,9 +58,10 @@ def _reciprocal_and_scale(amax, FP8_MAX: tl.constexpr):
 def amax_kernel(x_ptr, amax_ptr, M, K, stride_m, stride_k,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tensor-wise stage 1: max |x| of one tile, folded into *amax_ptr (zero-initialised)
-    with an atomic max. Stage 2 (quantize_kernel) reads it on the device: no host sync."""
+    with an atomic max. Stage 2 (quantize_kernel) reads it on the device: no host sync.
+    Column blocks lie over grid axes 1 and 2 (spill_grid); one past K loads only zeros."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = spilled_program_id() * BLOCK_K + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k,
                 mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
     tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
@@ -73,7 +74,11 @@ def quantize_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k,
                     MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """q (M, K contiguous) and scale. One program per BLOCK_M rows, or per tile
-    (granularity 2: BLOCK_M rows x one scale block; 3 and 0: one tile)."""
+    (granularity 2: BLOCK_M rows x one scale block; 3 and 0: one tile), the column blocks
+    over grid axes 1 and 2 (spill_grid)."""
+    block = spilled_program_id()  # 0 for row-wise scaling, whose programs walk whole rows
+    if block * BLOCK_K >= K:  # past the last column block of a spilled grid
+        return
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     if GRANULARITY == 1:
@@ -95,7 +100,6 @@ def quantize_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k,
             q = _cast(x * inverse[:, None], q_ptr, FP8_MAX, UPCAST, MANTISSA_BITS, MIN_EXPONENT)
             tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=ok)
     else:
-        block = tl.program_id(1)
         cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=ok,

@@ -11,7 +11,7 @@ import os
 import triton
 import triton.language as tl
 
-from ._common import to_output
+from ._common import spilled_program_id, to_output
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -97,7 +97,7 @@ def accumulate_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak,
 @triton.jit
 def matmul_kernel(
     a_ptr, b_ptr, c_ptr,
-    M, N, K,
+    M, N, K, batch,
     stride_az, stride_am, stride_ak,
     stride_bz, stride_bk, stride_bn,
     stride_cz, stride_cm, stride_cn,
@@ -108,7 +108,9 @@ def matmul_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    z = tl.program_id(1).to(tl.int64)
+    z = spilled_program_id()  # the batch entry: grid axes 1 and 2 (spill_grid)
+    if z >= batch:
+        return
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # 64-bit row/column offsets: m * stride_am overflows int32 past 2**31 elements.
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

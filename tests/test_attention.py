@@ -35,8 +35,10 @@ def _params(dtypes):
 def _skip_if_backend_cannot(backend, args, kwargs=None):
     """Skip (with the reason) a call the backend's kernels do not take, e.g. a mask on cuda."""
     kwargs = kwargs or {}
+    packed = args[0].dim() == 3 and len(args) > 3  # varlen args: cu_seqlens_q is 4th
+    batch = args[3].numel() - 1 if packed else None
     why = attention_ops.kernel_limits(args[0], args[2], kwargs.get("dropout_p", 0.0),
-                                      kwargs.get("attn_mask"))[backend]
+                                      kwargs.get("attn_mask"), batch=batch)[backend]
     if why:
         pytest.skip(why)
 
@@ -1227,6 +1229,34 @@ def test_backends_name_what_their_kernels_do_not_take():
     with pytest.raises(tilesmith.BackendUnavailableError, match="multiple of 8|CUDA tensors"):
         tilesmith.ops.scaled_dot_product_attention(q[..., :36], q[..., :36], q[..., :36],
                                                    backend="cuda")
+
+
+def test_kernels_take_at_most_65535_sequences_and_heads():
+    """Batch and heads lie along a CUDA grid axis each (y, z: 65535 programs at most), which
+    the interpreter does not enforce: past that the kernels step aside by name."""
+    limit = 65535
+    for shape, fits in (((limit, 1, 1, 8), True), ((limit + 1, 1, 1, 8), False),
+                        ((1, limit + 1, 1, 8), False)):
+        q = torch.empty(shape, device="meta")
+        limits = attention_ops.kernel_limits(q, q)
+        for backend in ("triton", "cuda"):
+            assert (limits[backend] is None) == fits, (shape, limits)
+            assert fits or "at most 65535 sequences and 65535 heads" in limits[backend]
+    packed = torch.empty(10, 2, 8, device="meta")
+    assert attention_ops.kernel_limits(packed, packed, batch=limit)["triton"] is None
+    assert "65535" in attention_ops.kernel_limits(packed, packed, batch=limit + 1)["cuda"]
+    # Named explicitly, such a call raises; varlen counts its sequences from cu_seqlens.
+    q = torch.randn(limit + 1, 1, 1, 8)
+    with pytest.raises(tilesmith.BackendUnavailableError, match="65536 and 1"):
+        tilesmith.ops.scaled_dot_product_attention(q, q, q, backend="triton")
+    tokens = torch.randn(limit + 1, 1, 8)
+    cu_seqlens = torch.arange(limit + 2, dtype=torch.int32)
+    with pytest.raises(tilesmith.BackendUnavailableError, match="65536 and 1"):
+        tilesmith.ops.varlen_attention(tokens, tokens, tokens, cu_seqlens, cu_seqlens, 1, 1,
+                                       backend="triton")
+    with pytest.raises(ValueError, match="attention_dropout_mask: at most 65535"):
+        tilesmith.ops.attention_dropout_mask(torch.zeros(1, dtype=torch.int64), 1, limit + 1,
+                                             1, 1, 0.5)
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):

@@ -260,6 +260,35 @@ def test_cuda_zero_padding_fills_channels_and_filters_to_multiples_of_8():
     assert tilesmith.ops.conv2d_kernel_limits is conv2d_ops.kernel_limits
 
 
+def test_kernel_limits_keep_grid_axes_within_65535_and_name_zero_channels():
+    """The GEMM kernels launch a grid slice per group (the cuda wgrad one per group and
+    tap, the Triton depthwise wgrad one per tap), and a CUDA grid's y and z axes hold 65535:
+    past that a backend steps aside by name (the interpreter would not notice)."""
+    def limits(channels, weight_shape, groups):
+        return conv2d_ops.kernel_limits(torch.empty(1, channels, 8, 8, device="meta"),
+                                        torch.empty(weight_shape, device="meta"), groups)
+
+    assert limits(65535 * 2, (65535 * 2, 2, 1, 1), 65535) == {"triton": None, "cuda": None}
+    past = limits(65536 * 2, (65536 * 2, 2, 1, 1), 65536)
+    assert "one grid slice per group, 65536 here" in past["triton"]
+    assert "per group and filter tap in the weight gradient, 65536 here" in past["cuda"]
+    # cuda: 8192 groups of 3x3 filters are 73728 slices of the weight gradient's grid.
+    assert limits(8192 * 8, (8192 * 8, 8, 3, 3), 8192)["triton"] is None
+    assert "73728 here" in limits(8192 * 8, (8192 * 8, 8, 3, 3), 8192)["cuda"]
+    # Depthwise (and, on cuda, every one-channel-per-group conv) has no group axis; the
+    # Triton depthwise wgrad has a tap axis.
+    assert limits(70000, (70000, 1, 3, 3), 70000) == {"triton": None, "cuda": None}
+    assert limits(70000, (140000, 1, 3, 3), 70000)["cuda"] is None
+    wide = limits(16, (16, 1, 256, 257), 16)
+    assert "per filter tap in the weight gradient, 65792 here" in wide["triton"]
+    assert wide["cuda"] is None
+    # Nor does the cuda backend take a conv with no input channels.
+    assert "at least one input channel per group" in limits(0, (4, 0, 3, 3), 1)["cuda"]
+    with pytest.raises(tilesmith.BackendUnavailableError, match="65536 here"):
+        tilesmith.ops.conv2d(torch.randn(1, 65536 * 2, 1, 1), torch.randn(65536 * 2, 2, 1, 1),
+                             groups=65536, backend="triton")
+
+
 # (channels, filters, groups, stride, padding, dilation), and the (x, weight) shapes the
 # op is called with: a first layer, odd counts, filled groups, a depthwise conv gaining
 # channels, channel multipliers (x's channels repeated: depthwise, filled to 16 for 12).

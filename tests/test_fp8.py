@@ -51,6 +51,25 @@ def test_quantize_is_bit_exact(backend, dtype, gran, shape, source):
     assert torch.equal(scale, ref_scale), "scales differ"
 
 
+@pytest.mark.skipif("triton" not in tilesmith.available_backends("fp8", DEVICE),
+                    reason="triton backend unavailable here")
+@pytest.mark.parametrize("gran", GRANULARITIES, ids=_gran_id)
+def test_triton_column_blocks_past_the_grid_limit_spill_into_axis_2(gran, monkeypatch):
+    """A row wider than a grid axis holds column blocks of (65535; 2 here: a (1, 10M) x
+    has 78k) lays them over axes 1 and 2; the last slice's extra program writes nothing."""
+    from tilesmith.ops import _library
+
+    monkeypatch.setattr(_library, "MAX_GRID_YZ", 2)
+    x = (torch.randn(37, 300, generator=torch.Generator().manual_seed(3)) * 5).to(DEVICE)
+    with testing.poison_outputs():
+        q, scale = tilesmith.ops.quantize_fp8(x, granularity=gran[0], block_size=gran[1],
+                                              backend="triton")
+    ref_q, ref_scale = testing.quantize_fp8_reference(x, torch.float8_e4m3fn,
+                                                      *_reference_args(*gran))
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), "fp8 bits differ"
+    assert torch.equal(scale, ref_scale), "scales differ"
+
+
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
 @pytest.mark.parametrize("gran", GRANULARITIES, ids=_gran_id)
 @pytest.mark.parametrize("shape", [(64, 272), (40, 1040), (21, 130)],

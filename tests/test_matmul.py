@@ -123,6 +123,34 @@ def test_every_autotune_config_is_correct(config, layout):
     testing.assert_close_to_reference(c, _reference(a, b), torch.matmul(a, b))
 
 
+def test_spill_grid_stays_within_cudas_y_and_z_limits():
+    from tilesmith.ops._library import spill_grid
+
+    assert spill_grid(0) == (0, 0) and spill_grid(1) == (1, 1)
+    assert spill_grid(65535) == (65535, 1)
+    assert spill_grid(65536) == (65535, 2)  # one program of the second slice used
+    assert spill_grid(65535 * 65535) == (65535, 65535)
+
+
+@pytest.mark.skipif("triton" not in tilesmith.available_backends("matmul", DEVICE),
+                    reason="triton backend unavailable here")
+def test_triton_batch_past_the_grid_limit_spills_into_axis_2(monkeypatch):
+    """A batch larger than a grid axis holds (65535; 4 here) goes over axes 1 and 2; the
+    programs of the last slice past the batch write nothing (poisoned outputs would show
+    a batch entry left unwritten, or one written twice over the wrong data)."""
+    from tilesmith.ops import _library
+    from tilesmith.ops.matmul import triton_launch_args
+
+    monkeypatch.setattr(_library, "MAX_GRID_YZ", 4)
+    a = torch.randn(10, 19, 23, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(10, 23, 17, device=DEVICE, dtype=torch.bfloat16)
+    grid = triton_launch_args(a, b, torch.empty(10, 19, 17))[0]
+    assert grid({"BLOCK_M": 16, "BLOCK_N": 16})[1:] == (4, 3)
+    with testing.poison_outputs():
+        out = tilesmith.ops.matmul(a, b, backend="triton")
+    _check_against_reference(out, a, b)
+
+
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("matmul", torch.bfloat16))
 @pytest.mark.parametrize("name", ["17x17x17", "both_transposed", "batched_3d", "zero_k"])

@@ -31,6 +31,20 @@ def wrap_triton(kernel):
     return torch.library.wrap_triton(kernel)
 
 
+# CUDA's limit on a grid's y and z extents (x takes up to 2**31 - 1); the Triton
+# interpreter does not enforce it, so tests cannot see a launch that passes it.
+MAX_GRID_YZ = 65535
+
+
+def spill_grid(count: int) -> tuple[int, int]:
+    """(y, z) grid extents for ``count`` programs along one logical axis that may pass
+    MAX_GRID_YZ (a matmul's batch, a wide row's column blocks): y * z >= count, each within
+    the limit. The kernel reads its index with kernels/_common.py's spilled_program_id and
+    skips indices >= count (the last z slice may reach past it)."""
+    y = min(count, MAX_GRID_YZ)
+    return y, -(-count // max(y, 1))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Triton ``input_precision`` for dots on ``dtype`` inputs. fp32 follows
     torch.set_float32_matmul_precision, as torch.matmul does: "highest" (PyTorch's default)

@@ -21,8 +21,8 @@ import os
 import torch
 from torch.library import triton_op
 
-from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast,
-                       wrap_triton)
+from ._library import (LIBRARY, MAX_GRID_YZ, autocast_inputs, dot_precision, new_output,
+                       register_autocast, wrap_triton)
 
 # Both backends' ops end in (dropout_p, seed): seed is the Philox seed of the call, a
 # 1-element int64 tensor on q's device (draw_dropout_seed), None when dropout_p is 0. The
@@ -265,11 +265,14 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
 
     from tilesmith.kernels.attention_fwd import dropout_mask_kernel
 
+    if max(batch, heads) > MAX_GRID_YZ:
+        raise ValueError(f"attention_dropout_mask: at most {MAX_GRID_YZ} batch entries and "
+                         f"heads (a grid axis each), got batch {batch}, heads {heads}")
     keep = torch.zeros((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8,
                        device=seed.device)
     if keep.numel():
         block = 16 if seed.device.type == "cpu" else 64
-        grid = (triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * heads)
+        grid = (triton.cdiv(seqlen_q, block), heads, batch)
         dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, _dropout_args(dropout_p)[0],
                                   keep.stride(1), keep.stride(2), BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
@@ -333,7 +336,7 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
     strides = [layout(t) for t in (q, k, v)] + [_mask_strides(mask), out_layout]
 
     def grid(meta):
-        return (triton.cdiv(rows_per_head, meta["BLOCK_M"]), batch * row_heads, splits)
+        return (triton.cdiv(rows_per_head, meta["BLOCK_M"]) * splits, row_heads, batch)
 
     wrap_triton(kernel)[grid](
         q, k, v, _mask_pointer(mask, q), out_target, lse_target, cu_q, cu_k,
@@ -346,12 +349,11 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
     if splits > 1:
         block_m = 16 if INTERPRETING else 64
         wrap_triton(attention_split_combine_kernel)[
-            (triton.cdiv(seqlen_q, block_m), batch * heads)](
+            (triton.cdiv(seqlen_q, block_m), heads, batch)](
             out_target, lse_target, out, lse, cu_q, *out_layout, out_target.stride(0),
-            *layout(out), *lse_strides, lse_target.stride(0), splits,
-            heads, seqlen_q, head_dim_v, VARLEN=varlen, UPCAST=INTERPRETING,
-            ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_M=block_m, BLOCK_DV=tiles["BLOCK_DV"],
-            num_warps=4)
+            *layout(out), *lse_strides, lse_target.stride(0), splits, seqlen_q, head_dim_v,
+            VARLEN=varlen, UPCAST=INTERPRETING, ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_M=block_m,
+            BLOCK_DV=tiles["BLOCK_DV"], num_warps=4)
     return out, lse
 
 
@@ -410,10 +412,10 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
     mask_ptr = _mask_pointer(mask, q)
 
     def grid_kv(meta):
-        return (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)
+        return (triton.cdiv(seqlen_k, meta["BLOCK_N"]), heads_kv, batch)
 
     def grid_q(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)
 
     kernel, tiles = _kernel_and_tiles("dkdv", head_dim, head_dim_v, longest)
     wrap_triton(kernel)[grid_kv](
@@ -672,12 +674,19 @@ def _cuda_shared_memory_short(device: torch.device) -> str | None:
             f"allows {allowed // 1024} KiB")
 
 
-def kernel_limits(q, v, dropout_p=0.0, mask=None) -> dict[str, str | None]:
+def kernel_limits(q, v, dropout_p=0.0, mask=None, *, batch=None) -> dict[str, str | None]:
     """Why each of tilesmith's attention backends cannot run this call (None: it can).
-    Only the head dims limit them today: both take every mask and every dropout_p (the
-    arguments are part of the call's description all the same)."""
+    q: (batch, heads, seq, dim), or packed (tokens, heads, dim) holding ``batch`` sequences
+    (their count unchecked when not given). The head dims and the batch and head counts
+    limit them: both take every mask and every dropout_p (the arguments are part of the
+    call's description all the same)."""
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM} are not supported (got {q.shape[-1]})"
+        return {"triton": why, "cuda": why}
+    batch, heads = (q.shape[0], q.shape[1]) if q.dim() == 4 else (batch or 0, q.shape[1])
+    if max(batch, heads) > MAX_GRID_YZ:
+        why = (f"the attention kernels take at most {MAX_GRID_YZ} sequences and {MAX_GRID_YZ} "
+               f"heads (a CUDA grid axis each), got {batch} and {heads}")
         return {"triton": why, "cuda": why}
     cuda = None
     d = q.shape[-1]
@@ -884,7 +893,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
-    name = _backend.pick("attention", q, backend, kernel_limits(q, v, dropout_p))
+    name = _backend.pick("attention", q, backend,
+                         kernel_limits(q, v, dropout_p, batch=cu_seqlens_q.shape[0] - 1))
     if name == "torch":
         return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p)
     # Contents of cu_seqlens are not checked here: that would need a host sync. Offsets past

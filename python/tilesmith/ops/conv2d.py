@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 from torch.library import triton_op
 
-from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast,
-                       wrap_triton)
+from ._library import (LIBRARY, MAX_GRID_YZ, autocast_inputs, dot_precision, new_output,
+                       register_autocast, wrap_triton)
 
 LIBRARY.define("conv2d_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, int[] stride, "
                "int[] padding, int[] dilation, str activation, bool save_pre) "
@@ -217,9 +217,10 @@ def _conv2d_dgrad_triton(grad: torch.Tensor, weight: torch.Tensor, input_shape: 
         return dx
     # One GEMM per phase of the stride (kernels/conv2d.py); the grid fits the largest.
     phases = stride[0] * stride[1]
-    if phases > 65535:
+    if phases > MAX_GRID_YZ:
         raise ValueError(f"conv2d dgrad on the triton backend takes stride_h * stride_w up to "
-                         f"65535 (a grid slice per phase of the stride), got stride {stride}")
+                         f"{MAX_GRID_YZ} (a grid slice per phase of the stride), got stride "
+                         f"{stride}")
     rows = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
     blocks = _blocks(rows, c_group)
     grid = (triton.cdiv(rows, blocks["BLOCK_M"]) * triton.cdiv(c_group, blocks["BLOCK_N"]),
@@ -610,9 +611,34 @@ def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation,
 
 def kernel_limits(input, weight, groups=1) -> dict[str, str | None]:
     """Why each of tilesmith's conv2d backends cannot run this call (None: it can). Both
-    take every convolution ``conv2d`` accepts (the cuda backend zero-fills channel counts
-    its kernels do not take: cuda_zero_padding)."""
-    return {"triton": None, "cuda": None}
+    take every convolution ``conv2d`` accepts whose groups fit along a grid axis, which
+    CUDA caps at 65535 programs: the GEMM kernels launch a slice per group (the cuda weight
+    gradient one per group and filter tap), the Triton depthwise weight gradient one per
+    tap; only layers far larger than any model's reach that. The cuda backend zero-fills
+    channel counts its kernels do not take (cuda_zero_padding), but not zero channels."""
+    filters, per_group, r, s = weight.shape
+    taps = r * s
+    limits: dict[str, str | None] = {"triton": None, "cuda": None}
+
+    def too_many(what: str, count: int) -> str:
+        return (f"the conv2d kernels launch one grid slice per {what}, {count} here, and a "
+                f"CUDA grid axis holds at most {MAX_GRID_YZ}")
+
+    if _is_depthwise(groups, input.shape[1], filters):
+        if taps > MAX_GRID_YZ:
+            limits["triton"] = too_many("filter tap in the weight gradient", taps)
+    elif groups > MAX_GRID_YZ:
+        limits["triton"] = too_many("group", groups)
+    # The cuda backend runs a conv of one channel per group (and more than one group) in
+    # its depthwise kernel, whose grid has no group axis.
+    if per_group == 0:
+        limits["cuda"] = (f"the cuda conv2d kernels need at least one input channel per "
+                          f"group, got weight {tuple(weight.shape)}")
+    elif not (groups > 1 and per_group == 1) and groups * taps > MAX_GRID_YZ:
+        limits["cuda"] = too_many("group and filter tap in the weight gradient",
+                                  groups * taps)
+    return limits
+
 
 register_autocast("conv2d_fwd_triton")
 register_autocast("conv2d_fwd_cuda")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from ._library import LIBRARY, new_output, wrap_triton
+from ._library import LIBRARY, new_output, spill_grid, wrap_triton
 
 LIBRARY.define("quantize_fp8_cuda(Tensor x, ScalarType dtype, int granularity, int block_m, "
                "int block_k) -> (Tensor, Tensor)")
@@ -77,10 +77,11 @@ def _quantize_fp8_triton(x: torch.Tensor, dtype: torch.dtype, granularity: str,
                   UPCAST=INTERPRETING)
     tile_m = block_m if kind == 3 else (16 if INTERPRETING else 32)
     tile_k = block_k if kind in (2, 3) else (64 if INTERPRETING else 128)
+    column_blocks = spill_grid(triton.cdiv(k, tile_k))  # a (1, 10M) x has 78k of them
     if kind == 0:
-        wrap_triton(amax_kernel)[(triton.cdiv(m, tile_m), triton.cdiv(k, tile_k))](
+        wrap_triton(amax_kernel)[(triton.cdiv(m, tile_m), *column_blocks)](
             x, amax, m, k, x.stride(0), x.stride(1), BLOCK_M=tile_m, BLOCK_K=tile_k)
-    grid = (triton.cdiv(m, tile_m), 1 if kind == 1 else triton.cdiv(k, tile_k))
+    grid = (triton.cdiv(m, tile_m), *((1, 1) if kind == 1 else column_blocks))
     scale_strides = (scale.stride(0), scale.stride(1)) if scale.dim() == 2 else (0, 0)
     wrap_triton(quantize_kernel)[grid](
         x, q, scale, amax, m, k, x.stride(0), x.stride(1), *scale_strides, GRANULARITY=kind,

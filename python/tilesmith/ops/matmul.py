@@ -19,7 +19,7 @@ import torch
 from torch.library import triton_op
 
 from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output, register_autocast,
-                       wrap_triton)
+                       spill_grid, wrap_triton)
 
 LIBRARY.define("matmul_cuda(Tensor a, Tensor b) -> Tensor")
 
@@ -53,9 +53,10 @@ def triton_launch_args(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     acc_dtype = tl.float64 if a.dtype == torch.float64 else tl.float32
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+                *spill_grid(batch))
 
-    args = (a, b, c, m, n, k,
+    args = (a, b, c, m, n, k, batch,
             za, a.stride(-2), a.stride(-1),
             zb, b.stride(-2), b.stride(-1),
             zc, c.stride(-2), c.stride(-1))
