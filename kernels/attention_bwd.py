@@ -90,6 +90,7 @@ def attention_bwd_dkdv_kernel(
                      ACC_DTYPE)
     v_t = load_block(v_base, offs_dv, head_dim_v, stride_vd, cols, seqlen_k, stride_vs, UPCAST,
                      ACC_DTYPE)
+    mask_cols = cols.to(tl.int64) * stride_mk
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
     if DROPOUT:
@@ -106,6 +107,7 @@ def attention_bwd_dkdv_kernel(
         do_base = do_ptr + b64 * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
         lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
         delta_base = delta_ptr + b64 * stride_lb + h * stride_lh + q_start
+        # 64-bit mask offsets, as in the dQ kernel.
         mask_base = mask_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
@@ -116,7 +118,7 @@ def attention_bwd_dkdv_kernel(
                             stride_dod, UPCAST, ACC_DTYPE)
             p, valid = probabilities(
                 q, k_t, rows, cols, lse_base, seqlen_q, seqlen_k,
-                mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk, qk_scale,
+                mask_base + rows.to(tl.int64)[:, None] * stride_mq + mask_cols[None, :], qk_scale,
                 MASK_KIND, CAUSAL, INPUT_PRECISION, ACC_DTYPE)
             p_dropped = p
             if DROPOUT:
@@ -181,10 +183,12 @@ def attention_bwd_dq_kernel(
     v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh + k_start.to(tl.int64) * stride_vs
     lse_base = lse_ptr + b64 * stride_lb + h * stride_lh + q_start
     # The mask and its gradient: (batch, heads, seq_q, seq_k), each with its own strides (0
-    # where it broadcasts); 64-bit head offsets (a bias of 64 heads of 8k x 8k passes 2^31).
+    # where it broadcasts); 64-bit offsets (a bias of 64 heads of 8k x 8k passes 2^31
+    # elements, one 48k x 48k mask too).
     h64 = h.to(tl.int64)
-    mask_base = mask_ptr + b64 * stride_mb + h64 * stride_mh
-    dmask_base = dmask_ptr + b64 * stride_dmb + h64 * stride_dmh
+    rows64 = rows.to(tl.int64)
+    mask_rows = mask_ptr + b64 * stride_mb + h64 * stride_mh + rows64 * stride_mq
+    dmask_rows = dmask_ptr + b64 * stride_dmb + h64 * stride_dmh + rows64 * stride_dmq
 
     q = load_block(q_base, rows, seqlen_q, stride_qs, offs_d, head_dim, stride_qd, UPCAST,
                    ACC_DTYPE)
@@ -206,9 +210,10 @@ def attention_bwd_dq_kernel(
                          ACC_DTYPE)
         v_t = load_block(v_base, offs_dv, head_dim_v, stride_vd, cols, seqlen_k, stride_vs,
                          UPCAST, ACC_DTYPE)
+        cols64 = cols.to(tl.int64)
         p, valid = probabilities(q, k_t, rows, cols, lse_base, seqlen_q, seqlen_k,
-                                 mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk,
-                                 qk_scale, MASK_KIND, CAUSAL, INPUT_PRECISION, ACC_DTYPE)
+                                 mask_rows[:, None] + cols64[None, :] * stride_mk, qk_scale,
+                                 MASK_KIND, CAUSAL, INPUT_PRECISION, ACC_DTYPE)
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if DROPOUT:
             keep = dropout_keep(seed, b * num_heads + h, rows, start_n, dropout_threshold,
@@ -219,7 +224,7 @@ def attention_bwd_dq_kernel(
                      out_dtype=ACC_DTYPE)
         if MASK_GRAD:
             in_bounds = row_ok[:, None] & (cols[None, :] < seqlen_k)
-            tl.atomic_add(dmask_base + rows[:, None] * stride_dmq + cols[None, :] * stride_dmk,
+            tl.atomic_add(dmask_rows[:, None] + cols64[None, :] * stride_dmk,
                           ds.to(dmask_ptr.dtype.element_ty), mask=in_bounds)
 
     dq = dq * scale

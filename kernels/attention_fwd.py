@@ -167,8 +167,10 @@ def attention_fwd_kernel(
     # Row pointers of q, the mask, out and lse ([BLOCK_M] each).
     tokens = q_start.to(tl.int64) + rows
     q_rows = q_ptr + b64 * stride_qb + heads * stride_qh + tokens * stride_qs
-    # (64-bit head offsets: a bias of 64 heads of 8k x 8k passes 2^31 elements.)
-    mask_rows = mask_ptr + b64 * stride_mb + heads.to(tl.int64) * stride_mh + rows * stride_mq
+    # (64-bit offsets: a bias of 64 heads of 8k x 8k passes 2^31 elements, one 48k x 48k
+    # mask too.)
+    mask_rows = (mask_ptr + b64 * stride_mb + heads.to(tl.int64) * stride_mh
+                 + rows.to(tl.int64) * stride_mq)
     k_base = k_ptr + b64 * stride_kb + h_kv * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh + k_start.to(tl.int64) * stride_vs
 
@@ -204,8 +206,8 @@ def attention_fwd_kernel(
                          ACC_DTYPE)
         s = tl.dot(q, k_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         s, valid = masked_scores(s, rows, cols, seqlen_q, seqlen_k,
-                                 mask_rows[:, None] + cols[None, :] * stride_mk, MASK_KIND,
-                                 CAUSAL)
+                                 mask_rows[:, None] + cols.to(tl.int64)[None, :] * stride_mk,
+                                 MASK_KIND, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; exponentiate against 0 instead so
         # that exp2(-inf - (-inf)) never makes a NaN.
@@ -302,7 +304,8 @@ def dropout_mask_kernel(seed_ptr, keep_ptr, seqlen_q, seqlen_k, threshold,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     stream = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
     seed = tl.load(seed_ptr)
-    row_ptrs = keep_ptr + stream.to(tl.int64) * stride_stream + rows[:, None] * stride_row
+    row_ptrs = (keep_ptr + stream.to(tl.int64) * stride_stream
+                + rows.to(tl.int64)[:, None] * stride_row)
     for start_n in range(0, seqlen_k, BLOCK_N):
         keep = dropout_keep(seed, stream, rows, start_n, threshold, BLOCK_M, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)
