@@ -1259,6 +1259,28 @@ def test_kernels_take_at_most_65535_sequences_and_heads():
                                              1, 1, 0.5)
 
 
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
+def test_batch_times_heads_past_65535_launches_on_the_gpu(backend):
+    """2048 sequences x 32 heads = 65536 (batch, head) pairs, an inference-sized call: a grid
+    axis each, so it launches (the Triton kernels once put the product on one axis, which
+    the interpreter runs and a GPU refuses)."""
+    q, k, v = (torch.randn(2048, 32, 16, 64, device=DEVICE).to(torch.bfloat16)
+               .requires_grad_() for _ in range(3))
+    grad_out = torch.randn(2048, 32, 16, 64, device=DEVICE).to(torch.bfloat16)
+    out = tilesmith.ops.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    def pytorch(dtype):
+        xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = torch.nn.functional.scaled_dot_product_attention(*xs, is_causal=True)
+        return (o, *torch.autograd.grad(o, xs, grad_out.to(dtype)))
+
+    for got, want, baseline, name in zip((out, *grads), pytorch(torch.float64),
+                                         pytorch(torch.bfloat16), ("out", "dq", "dk", "dv")):
+        testing.assert_close_to_reference(got, want, baseline, name=name)
+
+
 def _t(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(shape, dtype=dtype, device=device)
 

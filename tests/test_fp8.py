@@ -70,6 +70,19 @@ def test_triton_column_blocks_past_the_grid_limit_spill_into_axis_2(gran, monkey
     assert torch.equal(scale, ref_scale), "scales differ"
 
 
+@requires_gpu
+@pytest.mark.parametrize("gran", [("tensor", 128), ("block", 128)], ids=_gran_id)
+def test_triton_quantize_of_a_ten_million_wide_row_on_the_gpu(gran):
+    """A (1, 10M) x: 78k column tiles, past one grid axis at the real limit."""
+    x = torch.randn(1, 10_000_000, device=DEVICE).to(torch.bfloat16)
+    q, scale = tilesmith.ops.quantize_fp8(x, granularity=gran[0], block_size=gran[1],
+                                          backend="triton")
+    ref_q, ref_scale = testing.quantize_fp8_reference(x, torch.float8_e4m3fn,
+                                                      *_reference_args(*gran))
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), "fp8 bits differ"
+    assert torch.equal(scale, ref_scale), "scales differ"
+
+
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
 @pytest.mark.parametrize("gran", GRANULARITIES, ids=_gran_id)
 @pytest.mark.parametrize("shape", [(64, 272), (40, 1040), (21, 130)],

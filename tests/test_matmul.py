@@ -153,6 +153,16 @@ def test_triton_batch_past_the_grid_limit_spills_into_axis_2(monkeypatch):
 
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("matmul", torch.bfloat16))
+def test_batch_past_65535_on_the_gpu(backend):
+    """70000 small matrices: past one grid axis (Triton spills into axis 2, cuda launches in
+    parts), at the real limit rather than a patched one."""
+    a = torch.randn(70000, 16, 24, device=DEVICE).to(torch.bfloat16)
+    b = torch.randn(70000, 24, 8, device=DEVICE).to(torch.bfloat16)
+    _check_against_reference(tilesmith.ops.matmul(a, b, backend=backend), a, b)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("matmul", torch.bfloat16))
 @pytest.mark.parametrize("name", ["17x17x17", "both_transposed", "batched_3d", "zero_k"])
 def test_opcheck(backend, name):
     sample = _sample(name, torch.bfloat16)
