@@ -10,7 +10,7 @@ below): dz = grad * act'(pre), after which dA, dB and dbias are plain products a
 import triton
 import triton.language as tl
 
-from ._common import to_output
+from ._common import spilled_program_id, to_output
 from .matmul import accumulate_tile, grouped_tile, matmul_configs
 
 ACT_NONE = 0
@@ -110,10 +110,11 @@ def activation_backward_kernel(grad_ptr, pre_ptr, dz_ptr, partials_ptr, M, N, st
                                COMPUTE_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr):
     """dz = grad * act'(pre), written contiguous (M, N) in dz's dtype; with BIAS_GRAD, this
-    block's column sums of dz (before rounding) as row program_id(0) of partials (., N)."""
+    block's column sums of dz (before rounding) as row program_id(0) of partials (., N).
+    Column blocks lie over grid axes 1 and 2 (spill_grid): N past 8M passes 65535 of them."""
     pid_m = tl.program_id(0)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = spilled_program_id() * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     grad = tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                    mask=in_bounds, other=0.0).to(COMPUTE_DTYPE)

@@ -143,6 +143,24 @@ def test_activation_backward_op(backend, activation, m, n, grad_dtype, transpose
     assert torch.equal(dz_alone, dz) and no_bias.numel() == 0
 
 
+@pytest.mark.skipif("triton" not in tilesmith.available_backends("gemm", DEVICE),
+                    reason="triton backend unavailable here")
+def test_triton_activation_backward_column_blocks_spill_into_axis_2(monkeypatch):
+    """Column blocks past a grid axis's 65535 (an output 8M wide; 2 here) lie over axes 1
+    and 2; the last slice's extra program writes nothing."""
+    from tilesmith.ops import _library
+
+    monkeypatch.setattr(_library, "MAX_GRID_YZ", 2)
+    pre = (torch.randn(70, 264, device=DEVICE) * 2).to(torch.bfloat16)
+    grad = torch.randn(70, 264, device=DEVICE).to(torch.bfloat16)
+    with testing.poison_outputs():
+        dz, bias_grad = torch.ops.tilesmith.activation_backward_triton(grad, pre, "gelu", True)
+    ref, torch_fp32 = (testing.activation_grad_reference("gelu", pre, grad, dtype)
+                       for dtype in (torch.float64, torch.float32))
+    testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
+    testing.assert_fp32_close(bias_grad, ref.sum(0), name="bias gradient")
+
+
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
 def test_opcheck_and_compile(backend):

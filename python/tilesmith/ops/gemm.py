@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.library import triton_op
 
 from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output,
-                       register_autocast, wrap_triton)
+                       register_autocast, spill_grid, wrap_triton)
 
 LIBRARY.define("gemm_cuda(Tensor a, Tensor b, Tensor? bias, Tensor? residual, str activation, "
                "float alpha, ScalarType out_dtype, bool save_pre) -> (Tensor, Tensor)")
@@ -101,7 +101,7 @@ def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activatio
     if dz.numel() == 0:
         return dz, pre.new_zeros((n,) if bias_grad else (0,), dtype=sum_dtype)
     block_m, block_n = (32, 32) if INTERPRETING else (64, 128)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, block_m), *spill_grid(triton.cdiv(n, block_n)))
     partials = pre.new_empty((grid[0], n) if bias_grad else (0,), dtype=sum_dtype)
     # Without a bias gradient the kernel never touches partials: dz stands in for the
     # empty tensor (whose null data pointer a GPU launch need not accept).
