@@ -70,6 +70,31 @@ def test_triton_column_blocks_past_the_grid_limit_spill_into_axis_2(gran, monkey
     assert torch.equal(scale, ref_scale), "scales differ"
 
 
+@pytest.mark.parametrize("width,granularity,block_k,too_wide", [
+    (65535 * 128, "block", 128, False), (65535 * 128 + 1, "block", 128, True),
+    (65535 * 256 - 1, "tensor", 1, False), (65535 * 256, "row", 1, True),
+    (65535 * 256, "block", 512, True),  # 32768 blocks, but too many groups of 256
+])
+def test_routing_knows_the_cuda_quantize_grid_limit(width, granularity, block_k, too_wide):
+    """ops/fp8.py's check mirrors csrc/fp8/fp8_api.cpp's, so that a named cuda backend
+    raises BackendUnavailableError (and routing could pass it by) before the C++ check."""
+    from tilesmith.ops.fp8 import _cuda_quantize_cannot
+
+    why = _cuda_quantize_cannot((3, width), granularity, block_k)
+    assert (why is not None) == too_wide
+    if too_wide:
+        assert f"(3, {width})" in why and "65535" in why
+
+
+@requires_hopper_kernels
+def test_cuda_quantize_past_its_grid_says_so():
+    x = torch.zeros(1, 65535 * 128 + 1, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(tilesmith.BackendUnavailableError, match="too wide for its grid"):
+        tilesmith.ops.quantize_fp8(x, granularity="block", block_size=128, backend="cuda")
+    q, _ = tilesmith.ops.quantize_fp8(x, granularity="block", block_size=128)  # triton
+    assert q.shape == x.shape
+
+
 @requires_gpu
 @pytest.mark.parametrize("gran", [("tensor", 128), ("block", 128)], ids=_gran_id)
 def test_triton_quantize_of_a_ten_million_wide_row_on_the_gpu(gran):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from ._library import LIBRARY, new_output, spill_grid, wrap_triton
+from ._library import LIBRARY, MAX_GRID_YZ, new_output, spill_grid, wrap_triton
 
 LIBRARY.define("quantize_fp8_cuda(Tensor x, ScalarType dtype, int granularity, int block_m, "
                "int block_k) -> (Tensor, Tensor)")
@@ -122,7 +122,8 @@ def quantize_fp8(x: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn,
             if not isinstance(b, int) or b < 16 or b & (b - 1):
                 raise ValueError(f"{fn}: block sizes must be powers of two >= 16, got "
                                  f"{block_size!r}")
-    name = _backend.pick("fp8", x, backend)
+    name = _backend.pick("fp8", x, backend,
+                         {"cuda": _cuda_quantize_cannot(x.shape, granularity, block_k)})
     if name == "torch":
         from ..testing import quantize_fp8_reference
 
@@ -131,6 +132,19 @@ def quantize_fp8(x: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn,
         return torch.ops.tilesmith.quantize_fp8_cuda(x, dtype, _GRANULARITY[granularity],
                                                      block_m, block_k)
     return torch.ops.tilesmith.quantize_fp8_triton(x, dtype, granularity, block_m, block_k)
+
+
+def _cuda_quantize_cannot(shape, granularity, block_k):
+    """Why the cuda quantize_fp8 cannot take an x of ``shape``, or None: as
+    csrc/fp8/fp8_api.cpp checks, its column groups (scale blocks, and groups of 256 columns)
+    go on grid axis y, which holds 65535."""
+    k = shape[1]
+    blocks = -(-k // block_k) if granularity in ("block", "block2d") else 1
+    if blocks <= MAX_GRID_YZ and k // 256 < MAX_GRID_YZ:
+        return None
+    return (f"x {tuple(shape)} is too wide for its grid ({blocks} column blocks of "
+            f"{block_k}, {k // 256} groups of 256; at most {MAX_GRID_YZ}); the triton backend "
+            "takes it")
 
 
 def _scale_kind(scale, rows, cols, blocks_k, blocks_other, operand):
