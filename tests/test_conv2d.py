@@ -262,8 +262,9 @@ def test_cuda_zero_padding_fills_channels_and_filters_to_multiples_of_8():
 
 def test_kernel_limits_keep_grid_axes_within_65535_and_name_zero_channels():
     """The GEMM kernels launch a grid slice per group (the cuda wgrad one per group and
-    tap, the Triton depthwise wgrad one per tap), and a CUDA grid's y and z axes hold 65535:
-    past that a backend steps aside by name (the interpreter would not notice)."""
+    tap, the Triton depthwise ones per block of channels and wgrad tap), and a CUDA grid's
+    y and z axes hold 65535: past that a backend steps aside by name (the interpreter would
+    not notice)."""
     def limits(channels, weight_shape, groups):
         return conv2d_ops.kernel_limits(torch.empty(1, channels, 8, 8, device="meta"),
                                         torch.empty(weight_shape, device="meta"), groups)
@@ -282,6 +283,10 @@ def test_kernel_limits_keep_grid_axes_within_65535_and_name_zero_channels():
     wide = limits(16, (16, 1, 256, 257), 16)
     assert "per filter tap in the weight gradient, 65792 here" in wide["triton"]
     assert wide["cuda"] is None
+    # The Triton depthwise kernels put blocks of (at most 64) channels on axis y.
+    assert limits(65535 * 16, (65535 * 16, 1, 3, 3), 65535 * 16)["triton"] is None
+    huge = limits(65535 * 64 + 1, (65535 * 64 + 1, 1, 3, 3), 65535 * 64 + 1)
+    assert "one grid slice per block of" in huge["triton"] and huge["cuda"] is None
     # Nor does the cuda backend take a conv with no input channels.
     assert "at least one input channel per group" in limits(0, (4, 0, 3, 3), 1)["cuda"]
     with pytest.raises(tilesmith.BackendUnavailableError, match="65536 here"):

@@ -613,8 +613,9 @@ def kernel_limits(input, weight, groups=1) -> dict[str, str | None]:
     """Why each of tilesmith's conv2d backends cannot run this call (None: it can). Both
     take every convolution ``conv2d`` accepts whose groups fit along a grid axis, which
     CUDA caps at 65535 programs: the GEMM kernels launch a slice per group (the cuda weight
-    gradient one per group and filter tap), the Triton depthwise weight gradient one per
-    tap; only layers far larger than any model's reach that. The cuda backend zero-fills
+    gradient one per group and filter tap), the Triton depthwise kernels one per block of
+    channels (and the weight gradient one per tap); only layers far larger than any
+    model's reach that. The cuda backend zero-fills
     channel counts its kernels do not take (cuda_zero_padding), but not zero channels."""
     filters, per_group, r, s = weight.shape
     taps = r * s
@@ -625,7 +626,10 @@ def kernel_limits(input, weight, groups=1) -> dict[str, str | None]:
                 f"CUDA grid axis holds at most {MAX_GRID_YZ}")
 
     if _is_depthwise(groups, input.shape[1], filters):
-        if taps > MAX_GRID_YZ:
+        block_c = _depthwise_blocks(filters)["BLOCK_C"]
+        if -(-filters // block_c) > MAX_GRID_YZ:
+            limits["triton"] = too_many(f"block of {block_c} channels", -(-filters // block_c))
+        elif taps > MAX_GRID_YZ:
             limits["triton"] = too_many("filter tap in the weight gradient", taps)
     elif groups > MAX_GRID_YZ:
         limits["triton"] = too_many("group", groups)
