@@ -163,6 +163,22 @@ def test_triton_activation_backward_column_blocks_spill_into_axis_2(monkeypatch)
 
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
+def test_activation_backward_of_an_output_past_65535_column_blocks_on_the_gpu(backend):
+    """3 rows of 8.4M columns: past one grid axis's column blocks of 128 (Triton spills into
+    axis 2; the cuda grid is 1-D), at the real limit rather than a patched one."""
+    n = 65535 * 128 + 1
+    pre = (torch.randn(3, n, device=DEVICE) * 2).to(torch.bfloat16)
+    grad = torch.randn(3, n, device=DEVICE).to(torch.bfloat16)
+    op = getattr(torch.ops.tilesmith, f"activation_backward_{backend}")
+    dz, bias_grad = op(grad, pre, "silu", True)
+    ref, torch_fp32 = (testing.activation_grad_reference("silu", pre, grad, dtype)
+                       for dtype in (torch.float64, torch.float32))
+    testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
+    testing.assert_fp32_close(bias_grad, ref.sum(0), name="bias gradient")
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
 def test_opcheck_and_compile(backend):
     sample = _sample("gelu_bias_residual_alpha", torch.bfloat16)
     a, b = (t.detach().clone().requires_grad_(True) for t in sample.args)
