@@ -615,8 +615,8 @@ def kernel_limits(input, weight, groups=1) -> dict[str, str | None]:
     CUDA caps at 65535 programs: the GEMM kernels launch a slice per group (the cuda weight
     gradient one per group and filter tap), the Triton depthwise kernels one per block of
     channels (and the weight gradient one per tap); only layers far larger than any
-    model's reach that. The cuda backend zero-fills
-    channel counts its kernels do not take (cuda_zero_padding), but not zero channels."""
+    model's reach that. The cuda backend zero-fills channel counts its kernels do not take
+    (cuda_zero_padding), but not zero channels."""
     filters, per_group, r, s = weight.shape
     taps = r * s
     limits: dict[str, str | None] = {"triton": None, "cuda": None}

@@ -139,12 +139,14 @@ def _cuda_quantize_cannot(shape, granularity, block_k):
     csrc/fp8/fp8_api.cpp checks, its column groups (scale blocks, and groups of 256 columns)
     go on grid axis y, which holds 65535."""
     k = shape[1]
-    blocks = -(-k // block_k) if granularity in ("block", "block2d") else 1
+    blocked = granularity in ("block", "block2d")
+    blocks = -(-k // block_k) if blocked else 1
     if blocks <= MAX_GRID_YZ and k // 256 < MAX_GRID_YZ:
         return None
-    return (f"x {tuple(shape)} is too wide for its grid ({blocks} column blocks of "
-            f"{block_k}, {k // 256} groups of 256; at most {MAX_GRID_YZ}); the triton backend "
-            "takes it")
+    blocks_rule = (f"at most {MAX_GRID_YZ} column blocks ({blocks} of {block_k} here) and "
+                   if blocked else "")
+    return (f"x {tuple(shape)} is too wide for its grid, which takes {blocks_rule}fewer than "
+            f"{MAX_GRID_YZ} * 256 columns; the triton backend takes it")
 
 
 def _scale_kind(scale, rows, cols, blocks_k, blocks_other, operand):
