@@ -119,6 +119,19 @@ def test_no_pre_activation_saved_without_grad(backend):
     assert pre.numel() == 0 and out.shape == (a.shape[0], b.shape[1])
 
 
+def _activation_backward_matches_float64(backend, activation, grad, pre):
+    """activation_backward_<backend> with the bias gradient: dz within one rounding of the
+    float64 product, the bias gradient (fused column sums) against float64. (dz, bias grad)."""
+    op = getattr(torch.ops.tilesmith, f"activation_backward_{backend}")
+    with testing.poison_outputs():
+        dz, bias_grad = op(grad, pre, activation, True)
+    ref, torch_fp32 = (testing.activation_grad_reference(activation, pre, grad, dtype)
+                       for dtype in (torch.float64, torch.float32))
+    testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
+    testing.assert_fp32_close(bias_grad, ref.sum(0), name="bias gradient")
+    return dz, bias_grad
+
+
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("m,n,grad_dtype,transposed", [
@@ -126,20 +139,15 @@ def test_no_pre_activation_saved_without_grad(backend):
     (129, 37, torch.float32, True),     # an fp32 gradient, column-major, odd width
 ], ids=["bf16_grad", "fp32_grad_transposed"])
 def test_activation_backward_op(backend, activation, m, n, grad_dtype, transposed):
-    """The backward's elementwise pass on its own: dz within one rounding of the float64
-    product, and the bias gradient (fused column sums) against float64."""
+    """The backward's elementwise pass on its own, with and without the bias gradient."""
     pre = (torch.randn(m, n, device=DEVICE) * 2).to(torch.bfloat16)
     grad = torch.randn(n, m, device=DEVICE).t() if transposed else torch.randn(m, n, device=DEVICE)
     grad = grad.to(grad_dtype)
-    op = getattr(torch.ops.tilesmith, f"activation_backward_{backend}")
-    with testing.poison_outputs():
-        dz, bias_grad = op(grad, pre, activation, True)
-        dz_alone, no_bias = op(grad, pre, activation, False)
-    ref, torch_fp32 = (testing.activation_grad_reference(activation, pre, grad, dtype)
-                       for dtype in (torch.float64, torch.float32))
+    dz, bias_grad = _activation_backward_matches_float64(backend, activation, grad, pre)
     assert dz.dtype == pre.dtype and dz.shape == (m, n) and bias_grad.dtype == torch.float32
-    testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
-    testing.assert_fp32_close(bias_grad, ref.sum(0), name="bias gradient")
+    with testing.poison_outputs():
+        dz_alone, no_bias = getattr(torch.ops.tilesmith, f"activation_backward_{backend}")(
+            grad, pre, activation, False)
     assert torch.equal(dz_alone, dz) and no_bias.numel() == 0
 
 
@@ -153,12 +161,7 @@ def test_triton_activation_backward_column_blocks_spill_into_axis_2(monkeypatch)
     monkeypatch.setattr(_library, "MAX_GRID_YZ", 2)
     pre = (torch.randn(70, 264, device=DEVICE) * 2).to(torch.bfloat16)
     grad = torch.randn(70, 264, device=DEVICE).to(torch.bfloat16)
-    with testing.poison_outputs():
-        dz, bias_grad = torch.ops.tilesmith.activation_backward_triton(grad, pre, "gelu", True)
-    ref, torch_fp32 = (testing.activation_grad_reference("gelu", pre, grad, dtype)
-                       for dtype in (torch.float64, torch.float32))
-    testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
-    testing.assert_fp32_close(bias_grad, ref.sum(0), name="bias gradient")
+    _activation_backward_matches_float64("triton", "gelu", grad, pre)
 
 
 @requires_gpu
@@ -169,12 +172,7 @@ def test_activation_backward_of_an_output_past_65535_column_blocks_on_the_gpu(ba
     n = 65535 * 128 + 1
     pre = (torch.randn(3, n, device=DEVICE) * 2).to(torch.bfloat16)
     grad = torch.randn(3, n, device=DEVICE).to(torch.bfloat16)
-    op = getattr(torch.ops.tilesmith, f"activation_backward_{backend}")
-    dz, bias_grad = op(grad, pre, "silu", True)
-    ref, torch_fp32 = (testing.activation_grad_reference("silu", pre, grad, dtype)
-                       for dtype in (torch.float64, torch.float32))
-    testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
-    testing.assert_fp32_close(bias_grad, ref.sum(0), name="bias gradient")
+    _activation_backward_matches_float64(backend, "silu", grad, pre)
 
 
 @requires_gpu
