@@ -84,9 +84,11 @@ def _blocks(m, n):
 
     if INTERPRETING:
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
-    # First choices for H100, to be tuned from bench/results.
+    # First choices for H100, to be tuned from bench/results. A tile 128 columns wide takes
+    # 8 warps: at 4, ptxas spills the gathered addresses (tools/compile_kernels.py).
     block_n = 128 if n > 64 else 64 if n > 32 else 32 if n > 16 else 16
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8,
+                num_warps=8 if block_n == 128 else 4, num_stages=3)
 
 
 def _out_size(size, pad, dil, kernel, stride):
@@ -110,14 +112,14 @@ def _pixels(t):
     return t.permute(0, 2, 3, 1).view(n * h * w, c)
 
 
-def _depthwise_blocks(channels):
+def _depthwise_blocks(channels, elements=4096):
     from tilesmith.kernels.matmul import INTERPRETING
 
     if INTERPRETING:
         return dict(BLOCK_M=16, BLOCK_C=16)
-    # First choices (pixels x channels, 4096 elements a program), to be tuned on a GPU.
+    # First choices (pixels x channels, `elements` a program), to be tuned on a GPU.
     block_c = min(64, max(16, 1 << (channels - 1).bit_length()))
-    return dict(BLOCK_M=4096 // block_c, BLOCK_C=block_c, num_warps=4)
+    return dict(BLOCK_M=elements // block_c, BLOCK_C=block_c, num_warps=4)
 
 
 def _acc_dtype(x):
@@ -200,7 +202,9 @@ def _conv2d_dgrad_triton(grad: torch.Tensor, weight: torch.Tensor, input_shape: 
         from tilesmith.kernels.conv2d import depthwise_dgrad_kernel
         from tilesmith.kernels.matmul import INTERPRETING
 
-        blocks = _depthwise_blocks(c)
+        # Half the forward's tile: at 4096 elements ptxas spills the per-tap phase checks
+        # (tools/compile_kernels.py).
+        blocks = _depthwise_blocks(c, elements=2048)
         grid = (triton.cdiv(n * h * w, blocks["BLOCK_M"]), triton.cdiv(c, blocks["BLOCK_C"]))
         wrap_triton(depthwise_dgrad_kernel)[grid](
             grad, weight, dx, n, c, h, w, p, q, r, s, *stride, *padding, *dilation,
