@@ -2,7 +2,13 @@
 a GPU: the launches that the ops make on representative inputs are recorded instead of run,
 and each (kernel, argument types, constexprs, config) is compiled ahead of time down to a
 cubin with Triton's own ptxas. Catches what the interpreter cannot: unsupported dtype
-combinations, layouts, shared-memory overflows, type errors in the compiled dialect.
+combinations, layouts, type errors in the compiled dialect; and, from each cubin's resource
+report, a fixed (not autotuned) launch on 16-bit or fp8 data that spills registers or needs
+more shared memory than the target has (see _compile for what is only noted).
+
+The arguments are specialised as on a GPU (alignment, divisibility by 16), so registers and
+shared memory are those of the real launch; the inputs are small, so a kernel whose tiles
+depend on the shape is covered for the shapes recorded here only.
 
     python tools/compile_kernels.py [--targets 80,90] [--jobs 2]
 
@@ -15,7 +21,6 @@ import argparse
 import concurrent.futures
 import os
 import sys
-import time
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -26,23 +31,6 @@ sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-          torch.float64: "fp64", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5",
-          torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
-
-
-def _arg_type(value):
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i64" if abs(value) >= 2**31 else "i32"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument {value!r}")
-
 
 class Recorder:
     """Stands in for torch.library.wrap_triton: records launches, runs nothing."""
@@ -131,6 +119,16 @@ def record_launches():
         depthwise = torch.randn(16, 1, 3, 3, dtype=dtype, requires_grad=True)
         grad(tilesmith.ops.conv2d(x, depthwise, bias[:16], stride=2, padding=1, groups=16,
                                   activation="silu", backend="triton"), x, depthwise)
+    # The widths of real CNN layers pick the wider tiles (BLOCK_N 128, 64 channels a block).
+    x = torch.randn(2, 128, 8, 8, dtype=bf16).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(128, 128, 3, 3, dtype=bf16, requires_grad=True)
+    bias = torch.randn(128, dtype=bf16, requires_grad=True)
+    grad(tilesmith.ops.conv2d(x, w, bias, stride=2, padding=1, activation="relu",
+                              backend="triton"), x, w, bias)
+    depthwise = torch.randn(128, 1, 3, 3, dtype=bf16, requires_grad=True)
+    grad(tilesmith.ops.conv2d(x, depthwise, padding=1, groups=128, backend="triton"),
+         x, depthwise)
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         x = torch.randn(256, 256, dtype=bf16)
         for gran, size in (("tensor", 128), ("row", 128), ("block", 128), ("block", (128, 128))):
@@ -147,7 +145,19 @@ def record_launches():
 
 
 def compile_jobs(launches):
-    """(name, module, signature, constexprs, options) for each distinct compilation."""
+    """(name, module, signature, constexprs, attrs, options, tuned) for each distinct
+    compilation; tuned: one config of an autotune space, not a fixed launch.
+
+    The arguments are specialised by Triton's own JIT binder, as a launch on a GPU would be:
+    16-byte aligned pointers and integers divisible by 16 are marked so (that is what lets
+    the compiler vectorise loads), integers equal to 1 become constants. Without that, every
+    load is scalar and the register counts reported below would be meaningless."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    # The specialisation rules are the same for every NVIDIA target.
+    backend = make_backend(GPUTarget("cuda", 90, 32))
     jobs, seen, all_configs_done = [], set(), set()
     for kernel, args, kwargs in launches:
         configs = [None]
@@ -160,47 +170,107 @@ def compile_jobs(launches):
             all_configs_done.add(id(kernel))
             kernel = kernel.fn
         fn = kernel
-        names = fn.arg_names
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
         for config in configs:
-            constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-            options = {"num_warps": kwargs.get("num_warps", 4),
-                       "num_stages": kwargs.get("num_stages", 3)}
+            launch_kwargs = dict(kwargs)
             if config is not None:
-                constexprs.update(config.kwargs)
-                options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-            signature = {name: _arg_type(value) for name, value in zip(names, args)}
-            signature.update({name: "constexpr" for name in constexprs})
+                launch_kwargs.update(config.all_kwargs())
+            bound, specialization, options = binder(*args, **launch_kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(
+                backend, launch_kwargs, bound, specialization, options)
+            options = {"num_warps": options.num_warps, "num_stages": options.num_stages}
             key = (fn.__name__, tuple(signature.items()),
                    tuple((k, str(v)) for k, v in sorted(constexprs.items())),
+                   tuple(sorted((k, str(v)) for k, v in attrs.items())),
                    tuple(options.items()))
             if key in seen:
                 continue
             seen.add(key)
             # By name, re-imported in the worker process: JIT functions do not pickle.
-            jobs.append((fn.__name__, fn.fn.__module__, signature, constexprs, options))
+            jobs.append((fn.__name__, fn.fn.__module__, signature, constexprs, attrs, options,
+                         config is not None))
     return jobs
 
 
+# The most shared memory one block may opt into (CUDA programming guide, per compute
+# capability): a kernel that needs more cannot launch there.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
 def _compile(job, capability):
+    """(label, capability, strict, outcome): outcome is "skipped ...", "FAILED: ..." or a
+    dict of the cubin's shared memory, registers and stack (spills) in bytes.
+
+    Strict: a fixed launch (its tiles chosen by the op, not autotuned) on 16-bit or fp8
+    data, which must neither spill nor overflow shared memory. An autotune config that does
+    is only noted: the autotuner skips a config that cannot launch and times the rest.
+    So is fp32 and fp64 work: its IEEE products run on CUDA cores, a correctness path."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import importlib
 
-    name, module, signature, constexprs, options = job
+    name, module, signature, constexprs, attrs, options, tuned = job
     fn = getattr(importlib.import_module(module), name)
     fn = getattr(fn, "fn", fn) if isinstance(fn, triton.runtime.autotuner.Autotuner) else fn
+    pointee = next((v[1:] for v in signature.values() if v.startswith("*")), "")
+    # Constexprs are keyed by argument position, as Triton's binder packs them.
+    arg_names = [fn.arg_names[path[0]] for path in constexprs]
+    blocks = " ".join(f"{arg.removeprefix('BLOCK_')}={value}"
+                      for arg, value in zip(arg_names, constexprs.values())
+                      if arg.startswith("BLOCK_"))
+    label = f"{name} {pointee} {blocks} w{options['num_warps']} s{options['num_stages']}"
+    strict = not tuned and pointee in ("bf16", "fp16", "fp8e4nv", "fp8e5")
     if capability < 89 and any(v.startswith("*fp8") for v in signature.values()):
-        return name, capability, "skipped (fp8 needs sm_89+)", 0.0
-    start = time.perf_counter()
+        return label, capability, strict, "skipped (fp8 needs sm_89+)"
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                   target=GPUTarget("cuda", capability, 32), options=options)
-        return name, capability, f"ok, {compiled.metadata.shared} B shared", \
-            time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - every failure is reported, then fails the run
-        return name, capability, f"FAILED: {type(exc).__name__}: {str(exc)[:600]}", \
-            time.perf_counter() - start
+        return label, capability, strict, f"FAILED: {type(exc).__name__}: {str(exc)[:600]}"
+    return label, capability, strict, dict(shared=compiled.metadata.shared,
+                                          **_registers_and_stack(compiled.asm["cubin"]))
+
+
+def _registers_and_stack(cubin: bytes) -> dict:
+    """Registers per thread and stack bytes (where ptxas puts spilled registers) of a cubin,
+    as cuobjdump reads them; empty when Triton ships no cuobjdump."""
+    import re
+    import subprocess
+    import tempfile
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([str(cuobjdump), "--dump-resource-usage", file.name],
+                                capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK):(\d+)", report))
+    return {key: int(usage[field]) for key, field in (("registers", "REG"), ("stack", "STACK"))
+            if field in usage}
+
+
+def _judge(capability, strict, outcome):
+    """(line, problem): a strict launch that spills or needs more shared memory than the
+    target has is a problem; any other is only noted."""
+    if isinstance(outcome, str):
+        return outcome, outcome if outcome.startswith("FAILED") else None
+    line = (f"{outcome['shared']} B shared, {outcome.get('registers', '?')} registers, "
+            f"{outcome.get('stack', '?')} B stack")
+    issues = []
+    if outcome.get("stack"):
+        issues.append("spills registers to the stack")
+    limit = SHARED_MEMORY_LIMIT.get(capability)
+    if limit is not None and outcome["shared"] > limit:
+        issues.append(f"needs more than sm_{capability}'s {limit} B of shared memory")
+    if not issues:
+        return "ok, " + line, None
+    if not strict:
+        return f"ok, {line} (noted: {', '.join(issues)})", None
+    problem = f"FIXED LAUNCH {' and '.join(issues)}"
+    return f"{problem}: {line}", problem
 
 
 def main(argv=None) -> int:
@@ -216,9 +286,10 @@ def main(argv=None) -> int:
     failures = 0
     # Processes, not threads: Triton's compiler holds the GIL for long stretches.
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        for name, cap, status, seconds in pool.map(_compile_star, work):
-            failures += status.startswith("FAILED")
-            print(f"sm_{cap} {name:32s} {seconds:5.1f} s  {status}", flush=True)
+        for label, cap, strict, outcome in pool.map(_compile_star, work):
+            line, problem = _judge(cap, strict, outcome)
+            failures += problem is not None
+            print(f"sm_{cap} {label:64s} {line}", flush=True)
     print(f"{len(work) - failures} compiled, {failures} failed")
     return 1 if failures else 0
 
