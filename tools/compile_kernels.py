@@ -23,9 +23,6 @@ import os
 import sys
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("compile_kernels.py: unset TRITON_INTERPRET (this compiles for the GPU)")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 
@@ -279,6 +276,9 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="80,90")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    # Checked before tilesmith is imported: its kernels read the variable at import time.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("compile_kernels.py: unset TRITON_INTERPRET (this compiles for the GPU)")
     jobs = compile_jobs(record_launches())
     targets = [int(t) for t in args.targets.split(",")]
     work = [(job, cap) for cap in targets for job in jobs]
