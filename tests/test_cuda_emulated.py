@@ -143,6 +143,25 @@ def test_turn_orders_expose_a_missing_barrier(gather, monkeypatch):
                 assert got != right, (order, barrier)
 
 
+@pytest.mark.parametrize("fence", ["after_stores", "none", "before_stores"])
+def test_wgmma_of_stores_not_fenced_for_the_async_proxy_fails(fence):
+    """wgmma reads shared memory through the async proxy: operands stored by threads reach
+    it only after their fence.proxy.async. On a GPU a missing fence gives stale operands at
+    the hardware's whim; the emulator fails such a launch every time."""
+    lib = emulated("proxy_fence")
+    out, expected = (ctypes.c_float * 4096)(), (ctypes.c_float * 4096)()
+    error = ctypes.create_string_buffer(256)
+    status = lib.emulate_proxy_fence(["after_stores", "none", "before_stores"].index(fence),
+                                     out, expected, error, 256)
+    if fence == "after_stores":
+        assert status == 0, error.value.decode()
+        assert list(out) == list(expected)
+        assert any(list(expected))
+    else:
+        assert status == 1
+        assert "after the last fence.proxy.async" in error.value.decode()
+
+
 # --- matmul / gemm: csrc/matmul/matmul_sm80.cuh ------------------------------------------------
 
 class MatmulParams(ctypes.Structure):

@@ -143,6 +143,9 @@ struct Machine {
   // with TILESMITH_EMULATOR_COPIES=early).
   std::map<uint32_t, MBarrier> mbarriers;
   std::vector<std::function<std::string()>> bulk_copies;  // each returns "" or an error
+  // sm90a_emulator.h: the block's shared memory as the async proxy (wgmma) may see it: as
+  // it was at the latest fence.proxy.async, with the TMA's writes (async proxy) since.
+  std::vector<unsigned char> async_view;
   std::function<void()> body;
   std::string error;
 };
@@ -413,6 +416,7 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
         m.block_idx = {bx, by, bz};
         // Shared memory starts as garbage on a GPU; here as a NaN-ish pattern.
         std::memset(smem, 0xff, smem_bytes);
+        m.async_view.assign(smem, smem + smem_bytes);
         m.block_barrier = Barrier{threads, 0, 0};
         for (Barrier& b : m.named_barriers) b = Barrier{};
         m.mbarriers.clear();

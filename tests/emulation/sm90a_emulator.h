@@ -9,7 +9,13 @@
 // open group, wgmma_commit closes the group, and wgmma_wait<N> runs the oldest committed
 // groups until N remain, only then reading shared memory and the accumulators. So a kernel
 // that refills a stage while a wgmma may still read it, or reads accumulators before the
-// wait, computes wrong values here. The fences are no-ops: missing fences cannot be seen.
+// wait, computes wrong values here. wgmma reads shared memory through the async proxy, which
+// sees a thread's stores (and its cp.async copies, generic proxy too) only after that
+// thread's fence.proxy.async: here each fence copies the block's shared memory into the
+// async proxy's view (TMA loads write both), and a wgmma that reads a byte differing from
+// that view fails the launch. This finds a missing fence, and a store after the last fence;
+// not a fence missing in some threads only (any thread's fence takes every thread's stores
+// so far), nor a store of the byte already there. The other fences are no-ops.
 //
 // The TMA and mbarriers (csrc/common/tma_sm90a.cuh): a tile map is the TileMapShape it was
 // encoded from; a TMA load copies its box into shared memory in the 128-byte swizzle (by
@@ -67,6 +73,11 @@ inline const unsigned char* descriptor_element(uint64_t desc, int row, int k, in
   const uint32_t physical = logical ^ (((logical >> 7) & 7) << 4);
   if (physical + element_bytes > machine->smem_bytes) {
     fail("wgmma: descriptor reads past shared memory");
+  }
+  if (std::memcmp(machine->smem + physical, machine->async_view.data() + physical,
+                  element_bytes) != 0) {
+    fail("wgmma: reads shared memory at offset " + std::to_string(physical) +
+         " written by a store or cp.async after the last fence.proxy.async");
   }
   return machine->smem + physical;
 }
@@ -147,6 +158,11 @@ inline void wgmma_commit() {
   Fiber& fiber = self();
   fiber.async_committed.push_back(std::move(fiber.async_open));
   fiber.async_open.clear();
+}
+
+// fence.proxy.async.shared::cta: the stores so far become visible to the async proxy.
+inline void fence_proxy_async_shared() {
+  std::memcpy(machine->async_view.data(), machine->smem, machine->smem_bytes);
 }
 
 inline void wgmma_wait(int pending_groups) {
@@ -240,9 +256,12 @@ inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, 
       for (int c = 0; c < row_elements; ++c) {
         const int64_t x = int64_t{inner} + c, y = int64_t{outer} + r;
         const uint32_t logical = base + r * 128 + c * s.element_bytes;
-        unsigned char* out = machine->smem + (logical ^ (((logical >> 7) & 7) << 4));
+        const uint32_t physical = logical ^ (((logical >> 7) & 7) << 4);
+        unsigned char* out = machine->smem + physical;
+        unsigned char* async_out = machine->async_view.data() + physical;
         if (x < 0 || x >= s.inner || y < 0 || y >= s.outer) {
           std::memset(out, 0, s.element_bytes);
+          std::memset(async_out, 0, s.element_bytes);
           continue;
         }
         const unsigned char* src =
@@ -253,6 +272,7 @@ inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, 
           return "TMA: reads " + hex(src) + " outside every buffer";
         }
         std::memcpy(out, src, s.element_bytes);
+        std::memcpy(async_out, src, s.element_bytes);
       }
     }
     landed->tx_bytes -= static_cast<int64_t>(box_bytes);
@@ -376,5 +396,5 @@ template <int kPending>
 inline void wgmma_wait() {
   tilesmith_emu::wgmma_wait(kPending);
 }
-inline void fence_proxy_async_shared() {}
+inline void fence_proxy_async_shared() { tilesmith_emu::fence_proxy_async_shared(); }
 }  // namespace tilesmith
