@@ -143,23 +143,30 @@ def test_turn_orders_expose_a_missing_barrier(gather, monkeypatch):
                 assert got != right, (order, barrier)
 
 
-@pytest.mark.parametrize("fence", ["after_stores", "none", "before_stores"])
-def test_wgmma_of_stores_not_fenced_for_the_async_proxy_fails(fence):
+WGMMA_FENCES = ["both", "no_proxy_fence", "proxy_fence_before_stores", "no_wgmma_fence"]
+
+
+@pytest.mark.parametrize("fences", WGMMA_FENCES)
+def test_wgmma_without_its_fences_fails(fences):
     """wgmma reads shared memory through the async proxy: operands stored by threads reach
-    it only after their fence.proxy.async. On a GPU a missing fence gives stale operands at
-    the hardware's whim; the emulator fails such a launch every time."""
-    lib = emulated("proxy_fence")
+    it only after their fence.proxy.async; and a wgmma.fence must precede the first wgmma.
+    On a GPU a missing fence gives wrong results at the hardware's whim; the emulator fails
+    such a launch every time."""
+    lib = emulated("wgmma_fences")
     out, expected = (ctypes.c_float * 4096)(), (ctypes.c_float * 4096)()
     error = ctypes.create_string_buffer(256)
-    status = lib.emulate_proxy_fence(["after_stores", "none", "before_stores"].index(fence),
-                                     out, expected, error, 256)
-    if fence == "after_stores":
-        assert status == 0, error.value.decode()
+    status = lib.emulate_wgmma_fences(WGMMA_FENCES.index(fences), out, expected, error, 256)
+    message = error.value.decode()
+    if fences == "both":
+        assert status == 0, message
         assert list(out) == list(expected)
         assert any(list(expected))
+    elif fences == "no_wgmma_fence":
+        assert status == 1
+        assert "without a wgmma.fence" in message
     else:
         assert status == 1
-        assert "after the last fence.proxy.async" in error.value.decode()
+        assert "after the last fence.proxy.async" in message
 
 
 # --- matmul / gemm: csrc/matmul/matmul_sm80.cuh ------------------------------------------------

@@ -109,6 +109,7 @@ struct Fiber {
   // retires their group, so that they read shared memory as late as the hardware may.
   std::vector<std::function<void()>> async_open;
   std::deque<std::vector<std::function<void()>>> async_committed;
+  bool wgmma_fenced = false;  // a wgmma.fence since the last wgmma.commit_group
 };
 
 // What one warp's lanes deposit for a collective instruction.
@@ -432,6 +433,7 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
           f.committed.clear();
           f.async_open.clear();
           f.async_committed.clear();
+          f.wgmma_fenced = false;
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = f.stack.get();
           f.context.uc_stack.ss_size = kStackBytes;

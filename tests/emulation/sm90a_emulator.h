@@ -15,7 +15,9 @@
 // async proxy's view (TMA loads write both), and a wgmma that reads a byte differing from
 // that view fails the launch. This finds a missing fence, and a store after the last fence;
 // not a fence missing in some threads only (any thread's fence takes every thread's stores
-// so far), nor a store of the byte already there. The other fences are no-ops.
+// so far), nor a store of the byte already there. A group of wgmma whose first was issued
+// without a wgmma.fence since the thread's last commit fails too (wgmma_fence below). The
+// other fences are no-ops.
 //
 // The TMA and mbarriers (csrc/common/tma_sm90a.cuh): a tile map is the TileMapShape it was
 // encoded from; a TMA load copies its box into shared memory in the 128-byte swizzle (by
@@ -131,6 +133,20 @@ void run_wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int
       [&](int col, int k) { return descriptor_float<T>(desc_b, col, k, kMnMajorB); });
 }
 
+// wgmma.fence must come before the first wgmma, and between a thread's own access to
+// registers (accumulators, A fragments) and a wgmma that uses them. The emulator cannot see
+// register accesses, so it asks for the fence before every group's first wgmma, as our
+// kernels issue them.
+inline void wgmma_fence() { self().wgmma_fenced = true; }
+
+inline void issue(std::function<void()> wgmma) {
+  Fiber& fiber = self();
+  if (fiber.async_open.empty() && !fiber.wgmma_fenced) {
+    fail("wgmma: a group's first wgmma issued without a wgmma.fence since the last commit");
+  }
+  fiber.async_open.push_back(std::move(wgmma));
+}
+
 // wgmma with A from registers: the warp's lanes exchange their A fragments at issue (the
 // instruction is warp-synchronous), and the product runs at the wait like any wgmma. The
 // registers are read at issue here; on the GPU they are read later, and a kernel that
@@ -147,7 +163,7 @@ void issue_wgmma_m64nk16_a_registers(float (&d)[kN / 2], const uint32_t (&a)[4],
   } rows;
   fragment_a_matrix<T>(w, rows.values);
   arrive_and_wait(w.barrier);
-  self().async_open.push_back([&d, rows, desc_b, accumulate] {
+  issue([&d, rows, desc_b, accumulate] {
     run_wgmma<kN, 16>(
         d, accumulate, [&](int row, int k) { return rows.values[row % 16][k]; },
         [&](int col, int k) { return descriptor_float<T>(desc_b, col, k, kMnMajorB); });
@@ -158,6 +174,7 @@ inline void wgmma_commit() {
   Fiber& fiber = self();
   fiber.async_committed.push_back(std::move(fiber.async_open));
   fiber.async_open.clear();
+  fiber.wgmma_fenced = false;
 }
 
 // fence.proxy.async.shared::cta: the stores so far become visible to the async proxy.
@@ -367,19 +384,19 @@ inline void named_barrier_arrive() {
 
 template <typename A, typename B>
 inline void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
+  tilesmith_emu::issue([&d, desc_a, desc_b, accumulate] {
     tilesmith_emu::run_wgmma_m64nk32<128, A, B>(d, desc_a, desc_b, accumulate);
   });
 }
 template <typename A, typename B>
 inline void wgmma_m64n256k32(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
+  tilesmith_emu::issue([&d, desc_a, desc_b, accumulate] {
     tilesmith_emu::run_wgmma_m64nk32<256, A, B>(d, desc_a, desc_b, accumulate);
   });
 }
 template <int kN, typename T, int kMnMajorA, int kMnMajorB>
 inline void wgmma_m64nk16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  tilesmith_emu::self().async_open.push_back([&d, desc_a, desc_b, accumulate] {
+  tilesmith_emu::issue([&d, desc_a, desc_b, accumulate] {
     tilesmith_emu::run_wgmma_m64nk16<kN, T, kMnMajorA, kMnMajorB>(d, desc_a, desc_b, accumulate);
   });
 }
@@ -388,7 +405,7 @@ inline void wgmma_m64nk16_a_registers(float (&d)[kN / 2], const uint32_t (&a)[4]
                                       uint64_t desc_b, int accumulate) {
   tilesmith_emu::issue_wgmma_m64nk16_a_registers<kN, T, kMnMajorB>(d, a, desc_b, accumulate);
 }
-inline void wgmma_fence() {}
+inline void wgmma_fence() { tilesmith_emu::wgmma_fence(); }
 template <int kCount>
 inline void fence_registers(float (&)[kCount]) {}  // compiler ordering only
 inline void wgmma_commit() { tilesmith_emu::wgmma_commit(); }

@@ -1,7 +1,8 @@
 // One warpgroup stores a 64x16 A and a 64x16 B (bf16, K-major, 128-byte swizzle) into shared
 // memory with plain stores and multiplies them with one wgmma, for tests/test_cuda_emulated.py's
 // check that the emulator (sm90a_emulator.h) rejects a wgmma whose operands were stored
-// after the last fence.proxy.async: with no fence, or with the fence before the stores.
+// after the last fence.proxy.async (no fence, or the fence before the stores), and one
+// issued without a wgmma.fence.
 #include "sm90a_emulator.h"
 // The emulator must come first: it replaces the inline PTX of wgmma_sm90a.cuh.
 #include "../../csrc/common/wgmma_sm90a.cuh"
@@ -12,7 +13,7 @@ constexpr int kThreads = 128, kRows = 64, kK = 16;
 constexpr int kTileBytes = kRows * 128;  // 64 rows of 128 bytes, K along each row
 alignas(1024) unsigned char shared_bytes[2 * kTileBytes];
 
-enum Fence { kAfterStores = 0, kNone = 1, kBeforeStores = 2 };
+enum Fences { kBoth = 0, kNoProxyFence = 1, kProxyFenceBeforeStores = 2, kNoWgmmaFence = 3 };
 
 float a_value(int row, int k) { return static_cast<float>((row + 2 * k) % 7 - 3); }
 float b_value(int col, int k) { return static_cast<float>((3 * col + k) % 5 - 2); }
@@ -23,11 +24,11 @@ __nv_bfloat16* element(unsigned char* tile, int row, int k) {
   return reinterpret_cast<__nv_bfloat16*>(tile + (logical ^ (((logical >> 7) & 7) << 4)));
 }
 
-void product_kernel(int fence, float* out) {
+void product_kernel(int fences, float* out) {
   using namespace tilesmith;
   unsigned char* a_tile = shared_bytes;
   unsigned char* b_tile = shared_bytes + kTileBytes;
-  if (fence == kBeforeStores) fence_proxy_async_shared();
+  if (fences == kProxyFenceBeforeStores) fence_proxy_async_shared();
   const int row = threadIdx.x % kRows;  // threads 0-63 store a row of A, 64-127 one of B
   for (int k = 0; k < kK; ++k) {
     if (threadIdx.x < kRows) {
@@ -36,10 +37,10 @@ void product_kernel(int fence, float* out) {
       *element(b_tile, row, k) = __float2bfloat16(b_value(row, k));
     }
   }
-  if (fence == kAfterStores) fence_proxy_async_shared();
+  if (fences == kBoth || fences == kNoWgmmaFence) fence_proxy_async_shared();
   __syncthreads();
   float d[kRows / 2];
-  wgmma_fence();
+  if (fences != kNoWgmmaFence) wgmma_fence();
   wgmma_m64nk16<kRows, __nv_bfloat16, 0, 0>(d, smem_descriptor_sw128(shared_address(a_tile)),
                                             smem_descriptor_sw128(shared_address(b_tile)), 0);
   wgmma_commit();
@@ -56,8 +57,8 @@ void product_kernel(int fence, float* out) {
 
 // Runs one block; `out` holds the 64x64 product (row-major); `expected` receives A B^T
 // computed here. Returns 0, or 1 with the emulator's message in `error`.
-extern "C" int emulate_proxy_fence(int fence, float* out, float* expected, char* error,
-                                   int error_capacity) {
+extern "C" int emulate_wgmma_fences(int fences, float* out, float* expected, char* error,
+                                    int error_capacity) {
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kRows; ++c) {
       float sum = 0.0f;
@@ -67,7 +68,7 @@ extern "C" int emulate_proxy_fence(int fence, float* out, float* expected, char*
   }
   const std::string message = tilesmith_emu::launch(
       dim3(1), dim3(kThreads), sizeof shared_bytes, shared_bytes, {},
-      [&] { product_kernel(fence, out); });
+      [&] { product_kernel(fences, out); });
   std::snprintf(error, error_capacity, "%s", message.c_str());
   return message.empty() ? 0 : 1;
 }
