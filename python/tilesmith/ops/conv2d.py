@@ -117,9 +117,11 @@ def _depthwise_blocks(channels, elements=4096):
 
     if INTERPRETING:
         return dict(BLOCK_M=16, BLOCK_C=16)
-    # First choices (pixels x channels, `elements` a program), to be tuned on a GPU.
+    # First choices (pixels x channels, `elements` a program), to be tuned on a GPU. 16
+    # elements a thread: at 32 (4096 on 4 warps) Triton 3.6 spilled the bf16 forward of
+    # 16-channel blocks on sm_80 (tools/compile_kernels.py).
     block_c = min(64, max(16, 1 << (channels - 1).bit_length()))
-    return dict(BLOCK_M=elements // block_c, BLOCK_C=block_c, num_warps=4)
+    return dict(BLOCK_M=elements // block_c, BLOCK_C=block_c, num_warps=elements // 512)
 
 
 def _acc_dtype(x):
