@@ -169,6 +169,35 @@ def test_wgmma_without_its_fences_fails(fences):
         assert "after the last fence.proxy.async" in message
 
 
+MBARRIER_PUBLICATIONS = ["published", "no_fence", "no_syncthreads"]
+
+
+@pytest.mark.parametrize("publication", MBARRIER_PUBLICATIONS)
+def test_mbarrier_used_before_its_init_is_published_fails(publication):
+    """An mbarrier.init reaches the TMA only through a fence.mbarrier_init, and the other
+    threads only through a __syncthreads after it. On a GPU either missing may hang or count
+    on a stale barrier at the hardware's whim; the emulator fails such a launch every time
+    (in reverse order a waiting thread comes before the init itself)."""
+    lib = emulated("mbarrier_init")
+    source = (ctypes.c_uint16 * 4096)(*[(7 * i + 3) % 65521 for i in range(4096)])
+    out = (ctypes.c_uint16 * 4096)()
+    error = ctypes.create_string_buffer(256)
+    status = lib.emulate_mbarrier_init(MBARRIER_PUBLICATIONS.index(publication), source, out,
+                                       error, 256)
+    message = error.value.decode()
+    if publication == "published":
+        assert status == 0, message
+        assert list(out) == list(source)
+    elif publication == "no_fence":
+        assert status == 1
+        assert "has not fenced it (fence.mbarrier_init)" in message
+    else:
+        assert status == 1
+        assert "mbarrier used before" in message
+        if os.environ["TILESMITH_EMULATOR_ORDER"] == "forward":
+            assert "before a __syncthreads published" in message
+
+
 # --- matmul / gemm: csrc/matmul/matmul_sm80.cuh ------------------------------------------------
 
 class MatmulParams(ctypes.Structure):

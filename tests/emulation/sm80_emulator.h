@@ -89,6 +89,11 @@ struct MBarrier {
   int count = 0, pending = 0;
   int64_t tx_bytes = 0;
   uint32_t completed = 0;
+  // Its publication: the thread that initialised it, the block barrier's generation then,
+  // and whether that thread has fenced the init for the TMA (fence.mbarrier_init) since.
+  int init_thread = -1;
+  uint64_t init_generation = 0;
+  bool init_fenced = false;
   // Whether the phase of parity `parity` has completed (mbarrier.try_wait.parity): the
   // latest completed phase has that parity; before the first, "phase -1" (parity 1) has.
   bool completed_parity(uint32_t parity) const { return ((completed - 1) & 1) == parity; }

@@ -24,7 +24,11 @@
 // address bits, as the hardware does), zero outside the matrix, and counts its bytes on the
 // mbarrier. It lands when no thread can run without it (or at issue with
 // TILESMITH_EMULATOR_COPIES=early). A thread waiting on an mbarrier phase sleeps until the
-// phase completes; a phase that never completes is reported as a deadlock. Named barriers
+// phase completes; a phase that never completes is reported as a deadlock. An mbarrier's
+// init must be published: a thread other than the one that initialised it may use it only
+// after a __syncthreads completed since the init, and the TMA may count bytes on it only
+// after the initialising thread's fence.mbarrier_init (the TMA may otherwise see the
+// barrier's memory as it was before the init). Named barriers
 // (bar.sync, bar.arrive) count arrivals per phase; a block that exits with a phase part-way
 // counted is an error (the turns of a kernel that take them do not balance).
 #pragma once
@@ -207,7 +211,12 @@ inline MBarrier& mbarrier_at(const uint64_t* barrier) {
       reinterpret_cast<const unsigned char*>(barrier) - machine->smem);
   auto found = machine->mbarriers.find(offset);
   if (found == machine->mbarriers.end()) fail("mbarrier used before mbarrier.init");
-  return found->second;
+  MBarrier& b = found->second;
+  if (thread_rank() != b.init_thread && machine->block_barrier.generation == b.init_generation) {
+    fail("mbarrier used before a __syncthreads published its mbarrier.init (by thread " +
+         std::to_string(b.init_thread) + ")");
+  }
+  return b;
 }
 
 inline void complete_phase_if_done(MBarrier& b) {
@@ -224,7 +233,16 @@ inline void mbarrier_init(uint64_t* barrier, int count) {
   if (count < 1) fail("mbarrier.init: count " + std::to_string(count));
   const uint32_t offset = static_cast<uint32_t>(
       reinterpret_cast<const unsigned char*>(barrier) - machine->smem);
-  machine->mbarriers[offset] = MBarrier{count, count, 0, 0};
+  machine->mbarriers[offset] =
+      MBarrier{count, count, 0, 0, thread_rank(), machine->block_barrier.generation, false};
+}
+
+// fence.mbarrier_init: the thread's mbarrier.init so far become visible to the TMA, which
+// counts its bytes on them through the async proxy.
+inline void fence_barrier_init() {
+  for (auto& [offset, b] : machine->mbarriers) {
+    if (b.init_thread == thread_rank()) b.init_fenced = true;
+  }
 }
 
 inline void mbarrier_arrive(uint64_t* barrier, uint32_t expect_bytes) {
@@ -265,6 +283,10 @@ inline void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* barrier, 
   }
   const uint32_t base = static_cast<uint32_t>(static_cast<unsigned char*>(dst) - machine->smem);
   MBarrier* landed = &mbarrier_at(barrier);  // must exist at issue
+  if (!landed->init_fenced) {
+    fail("TMA: counts its bytes on an mbarrier whose init thread " +
+         std::to_string(landed->init_thread) + " has not fenced it (fence.mbarrier_init)");
+  }
   // Returns "" or what went wrong (it may run in the scheduler, outside any thread).
   auto land_copy = [tile_map, base, landed, inner, outer, batch, group, row_elements,
                     box_bytes]() -> std::string {
@@ -352,7 +374,7 @@ inline bool encode_tile_map(CUtensorMap* map, const TileMapShape& s) {
 inline void mbarrier_init(uint64_t* barrier, int count) {
   tilesmith_emu::mbarrier_init(barrier, count);
 }
-inline void fence_barrier_init() {}
+inline void fence_barrier_init() { tilesmith_emu::fence_barrier_init(); }
 inline void mbarrier_arrive(uint64_t* barrier) { tilesmith_emu::mbarrier_arrive(barrier, 0); }
 inline void mbarrier_arrive_expect_tx(uint64_t* barrier, uint32_t bytes) {
   tilesmith_emu::mbarrier_arrive(barrier, bytes);
