@@ -1339,3 +1339,47 @@ def test_varlen_bad_input():
         tilesmith.ops.varlen_attention(q, q, q, cu, cu[:2], 6, 6)
     with pytest.raises(ValueError, match="3-D"):
         tilesmith.ops.varlen_attention(q[None], q[None], q[None], cu, cu, 6, 6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entries,max_seqlen,match", [
+    ([0, 4, 12], 8, "must run from 0 to q's token count \\(10\\).*last 12"),  # past the tokens
+    ([0, 4, 8], 6, "must run from 0 to q's token count \\(10\\).*last 8"),  # tokens left out
+    ([2, 4, 10], 6, "first entry 2"),
+    ([0, 7, 4, 10], 6, "decreasing somewhere"),
+    ([0, 4, 10], 5, "max_seqlen_q=5 is less than the longest sequence in cu_seqlens_q \\(6\\)"),
+], ids=["past_the_tokens", "tokens_left_out", "not_from_0", "decreasing", "max_seqlen_short"])
+def test_varlen_checks_cu_seqlens_contents(backend, entries, max_seqlen, match):
+    """The kernels read cu_seqlens on the device: entries that would take them past the
+    tensors, or leave tokens (and their output rows) unwritten, raise first."""
+    q, kv = _t(10, 2, 8), _t(10, 2, 8)
+    cu_q = torch.tensor(entries, dtype=torch.int32)
+    cu_k = torch.tensor([0] * (len(entries) - 1) + [10], dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        tilesmith.ops.varlen_attention(q, kv, kv, cu_q, cu_k, max_seqlen, 10, backend=backend)
+    # The same entries as cu_seqlens_k, named as such.
+    with pytest.raises(ValueError, match=match.replace("q's", "k's").replace("_q", "_k")):
+        tilesmith.ops.varlen_attention(kv, q, q, cu_k, cu_q, 10, max_seqlen, backend=backend)
+
+
+def test_varlen_reads_each_cu_seqlens_once_while_unchanged(monkeypatch):
+    """The host read (a sync on a GPU) happens once per cu_seqlens tensor, again after an
+    in-place change, and for an inference tensor once (it has no version counter)."""
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist",
+                        lambda self: reads.append(self.numel()) or real_tolist(self))
+    q = _t(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for _ in range(3):
+        tilesmith.ops.varlen_attention(q, q, q, cu, cu, 6, 6, backend="triton")
+    assert reads == [3]
+    cu[1] = 12  # now decreasing: seen again, and refused
+    with pytest.raises(ValueError, match="decreasing somewhere"):
+        tilesmith.ops.varlen_attention(q, q, q, cu, cu, 6, 6, backend="triton")
+    assert reads == [3, 3]
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 4, 10], dtype=torch.int32)
+        for _ in range(2):
+            tilesmith.ops.varlen_attention(q, q, q, frozen, frozen, 6, 6, backend="triton")
+    assert reads == [3, 3, 3]

@@ -861,14 +861,20 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      dropout_p=0.0, causal=False, scale=None, backend=None) -> torch.Tensor:
     """Attention over packed variable-length sequences: q is (total_q, heads, head_dim), k
     and v (total_k, kv_heads, head_dim[_v]); sequence i owns tokens cu_seqlens[i] to
-    cu_seqlens[i + 1] (int32, batch + 1 entries, starting at 0). ``causal`` is aligned
-    top-left within each sequence, as in scaled_dot_product_attention. kv_heads may divide
-    heads (grouped-query attention). ``dropout_p`` as in scaled_dot_product_attention
-    (sequence i's mask is that of batch entry i of attention_dropout_mask, over its own
-    positions). ``max_seqlen_q`` and ``max_seqlen_k`` must be at least the longest sequence's
-    lengths: the kernels launch for them and read cu_seqlens on the device, so neither is
-    checked against the other (that would need a host sync); as in flash-attn, wrong values
-    give wrong results."""
+    cu_seqlens[i + 1] (int32, batch + 1 entries, from 0 to the token count, never
+    decreasing: every token belongs to a sequence). ``causal`` is aligned top-left within
+    each sequence, as in scaled_dot_product_attention. kv_heads may divide heads
+    (grouped-query attention). ``dropout_p`` as in scaled_dot_product_attention (sequence
+    i's mask is that of batch entry i of attention_dropout_mask, over its own positions).
+    ``max_seqlen_q`` and ``max_seqlen_k`` must be at least the longest sequence's lengths:
+    the kernels launch for them.
+
+    The kernels read cu_seqlens on the device; this function checks them on the host first
+    (a ValueError for entries that would read or write past the tensors or leave tokens
+    unwritten), which takes a host sync the first time it sees a cu_seqlens tensor and none
+    while that tensor is unchanged. Under torch.compile and CUDA graph capture an unseen
+    tensor is not checked (no sync is allowed there): wrong entries then give wrong results
+    or out-of-bounds accesses, as in flash-attn."""
     fn = "varlen_attention"
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = autocast_inputs(q, k, v)
@@ -886,10 +892,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
         raise ValueError(f"{fn}: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_seqlens_k.shape)} must both have batch + 1 entries")
-    # The kernels read entry i at i: a strided view is copied (batch + 1 integers).
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         raise ValueError(f"{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
+    _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, "q", q.shape[0], "max_seqlen_q",
+                      max_seqlen_q)
+    _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, "k", k.shape[0], "max_seqlen_k",
+                      max_seqlen_k)
+    # The kernels read entry i at i: a strided view is copied (batch + 1 integers).
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
@@ -897,8 +907,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                          kernel_limits(q, v, dropout_p, batch=cu_seqlens_q.shape[0] - 1))
     if name == "torch":
         return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p)
-    # Contents of cu_seqlens are not checked here: that would need a host sync. Offsets past
-    # the tensors are the caller's contract, as in flash-attn's varlen API.
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal,
             scale, float(dropout_p), seed)
@@ -909,6 +917,49 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     else:
         out, _ = torch.ops.tilesmith.varlen_attention_fwd_triton(*args)
     return out
+
+
+# What the host read of each cu_seqlens tensor: tensor -> (its version counter then, or None
+# for an inference tensor, which has none; (first entry, last entry, whether the entries
+# never decrease, longest sequence)). Keyed by identity and dropped with the tensor.
+_CU_SEQLENS_SEEN = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _cu_seqlens_summary(cu):
+    """(first, last, nondecreasing, longest) of cu's entries, read on the host once while cu
+    is unchanged; None where nothing may be read (tracing, CUDA graph capture)."""
+    if torch.compiler.is_compiling():
+        return None
+    version = None if cu.is_inference() else cu._version
+    seen = _CU_SEQLENS_SEEN.get(cu)
+    if seen is not None and seen[0] == version:
+        return seen[1]
+    if (cu.device.type == "meta" or isinstance(cu, torch._subclasses.FakeTensor)
+            or (cu.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return None
+    entries = cu.tolist()  # the host sync
+    lengths = [end - start for start, end in zip(entries, entries[1:])]
+    summary = (entries[0], entries[-1], min(lengths, default=0) >= 0, max(lengths, default=0))
+    _CU_SEQLENS_SEEN[cu] = (version, summary)
+    return summary
+
+
+def _check_cu_seqlens(fn, name, cu, tokens_name, tokens, max_name, max_seqlen):
+    """Entries that the kernels could follow past the tensors, or that leave tokens
+    unwritten (their rows of the output and gradients would be garbage), raise."""
+    summary = _cu_seqlens_summary(cu)
+    if summary is None:
+        return
+    first, last, nondecreasing, longest = summary
+    if first != 0 or last != tokens or not nondecreasing:
+        raise ValueError(
+            f"{fn}: {name} must run from 0 to {tokens_name}'s token count ({tokens}) without "
+            f"decreasing, got first entry {first}, last {last}"
+            f"{'' if nondecreasing else ', decreasing somewhere'} (put padding tokens in a "
+            f"sequence of their own)")
+    if longest > max_seqlen:
+        raise ValueError(f"{fn}: {max_name}={max_seqlen} is less than the longest sequence "
+                         f"in {name} ({longest})")
 
 
 def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0):
