@@ -1339,6 +1339,19 @@ def test_varlen_bad_input():
         tilesmith.ops.varlen_attention(q, q, q, cu, cu[:2], 6, 6)
     with pytest.raises(ValueError, match="3-D"):
         tilesmith.ops.varlen_attention(q[None], q[None], q[None], cu, cu, 6, 6)
+    with pytest.raises(TypeError, match="max_seqlen_q and max_seqlen_k must be ints, got 6.5"):
+        tilesmith.ops.varlen_attention(q, q, q, cu, cu, 6.5, 6)
+
+
+def test_dropout_mask_bad_input():
+    seed = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"attention_dropout_mask: dropout_p must be in \[0, 1\), "
+                                         "got 1.2"):
+        tilesmith.ops.attention_dropout_mask(seed, 1, 2, 3, 4, 1.2)
+    with pytest.raises(ValueError, match="sizes must be >= 0, got batch 1, heads 2, seqlen_q -3"):
+        tilesmith.ops.attention_dropout_mask(seed, 1, 2, -3, 4, 0.5)
+    with pytest.raises(TypeError, match="seed must be a 1-element int64 tensor"):
+        tilesmith.ops.attention_dropout_mask(seed.float(), 1, 2, 3, 4, 0.5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -216,8 +216,12 @@ def test_scaled_gemm_takes_a_strided_bias(backend):
 
 def test_scaled_gemm_bad_input():
     qa, qb, sa, sb = _quantized_operands(8, 256, 16, "row")
-    with pytest.raises(ValueError, match=r"scale_a has shape \(3, 1\)"):
+    with pytest.raises(ValueError, match=r"scale_a has shape \(3, 1\); expected \(\) per "
+                                         r"tensor, \(8, 1\) per row or \(8, 2\) per block"):
         tilesmith.ops.scaled_gemm(qa, qb, torch.ones(3, 1, device=DEVICE), sb)
+    with pytest.raises(ValueError, match=r"scale_b has shape \(3,\); expected \(\) per "
+                                         r"tensor, \(1, 16\) per column or \(2, 1\) per block"):
+        tilesmith.ops.scaled_gemm(qa, qb, sa, torch.ones(3, device=DEVICE))
     with pytest.raises(TypeError, match="a_fp8 must be float8"):
         tilesmith.ops.scaled_gemm(qa.float(), qb, sa, sb)
     with pytest.raises(ValueError, match="inner dimensions differ"):

@@ -265,6 +265,15 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen_q: int,
 
     from tilesmith.kernels.attention_fwd import dropout_mask_kernel
 
+    fn = "attention_dropout_mask"
+    if not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
+        raise TypeError(f"{fn}: seed must be a 1-element int64 tensor (draw_dropout_seed), got "
+                        f"{seed.dtype if isinstance(seed, torch.Tensor) else type(seed)}")
+    if min(batch, heads, seqlen_q, seqlen_k) < 0:
+        raise ValueError(f"{fn}: sizes must be >= 0, got batch {batch}, heads {heads}, "
+                         f"seqlen_q {seqlen_q}, seqlen_k {seqlen_k}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if max(batch, heads) > MAX_GRID_YZ:
         raise ValueError(f"attention_dropout_mask: at most {MAX_GRID_YZ} batch entries and "
                          f"heads (a grid axis each), got batch {batch}, heads {heads}")
@@ -892,6 +901,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
         raise ValueError(f"{fn}: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_seqlens_k.shape)} must both have batch + 1 entries")
+    if not all(hasattr(type(n), "__index__") for n in (max_seqlen_q, max_seqlen_k)):
+        raise TypeError(f"{fn}: max_seqlen_q and max_seqlen_k must be ints, got "
+                        f"{max_seqlen_q!r} and {max_seqlen_k!r}")
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         raise ValueError(f"{fn}: max_seqlen_q and max_seqlen_k must be >= 0")
     _check_cu_seqlens(fn, "cu_seqlens_q", cu_seqlens_q, "q", q.shape[0], "max_seqlen_q",

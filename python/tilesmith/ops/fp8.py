@@ -159,13 +159,14 @@ def _scale_kind(scale, rows, cols, blocks_k, blocks_other, operand):
             return 1
         if shape == (rows, blocks_k):
             return 2
-        expected = f"(), ({rows}, 1) or ({rows}, {blocks_k})"
+        expected = f"() per tensor, ({rows}, 1) per row or ({rows}, {blocks_k}) per block"
     else:
         if shape == (1, cols):
             return 1
         if shape == (blocks_k, blocks_other):
             return 2
-        expected = f"(), (1, {cols}) or ({blocks_k}, {blocks_other})"
+        expected = (f"() per tensor, (1, {cols}) per column or ({blocks_k}, {blocks_other}) "
+                    "per block")
     raise ValueError(f"scaled_gemm: scale_{operand} has shape {shape}; expected {expected}")
 
 
