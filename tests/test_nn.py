@@ -209,6 +209,28 @@ def test_convert_keeps_parameters_and_reports_skips():
         tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), fp8="column")
     with pytest.raises(ValueError, match="include may name"):
         tilesmith.nn.convert(net, include=("lstm",))
+    with pytest.raises(TypeError, match="convert: model must be a torch.nn.Module, got str"):
+        tilesmith.nn.convert("net")
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: tilesmith.nn.Linear(4, 4, activation="tanh"),
+     "Linear: activation must be one of .*'gelu_tanh'.*, got 'tanh'"),
+    (lambda: tilesmith.nn.Conv2d(3, 4, 3, activation="gelu_tanh"),
+     "Conv2d: activation must be one of .*'silu'\\), got 'gelu_tanh'"),
+    (lambda: tilesmith.nn.Linear(4, 4, backend="gpu"), "Linear: backend must be one of"),
+    (lambda: tilesmith.nn.Conv2d(3, 4, 3, backend="cudnn"), "Conv2d: backend must be one of"),
+    (lambda: tilesmith.nn.Float8Linear(32, 32, backend="x"), "Float8Linear: backend must be"),
+    (lambda: tilesmith.nn.convert(torch.nn.Linear(4, 4), backend="x"), "convert: backend must"),
+    (lambda: tilesmith.nn.patch_sdpa(backend="x"), "patch_sdpa: backend must be one of"),
+], ids=["linear_activation", "conv2d_activation", "linear_backend", "conv2d_backend",
+        "float8_backend", "convert_backend", "patch_sdpa_backend"])
+def test_module_options_are_checked_when_given(make, match):
+    """A misspelt option fails where it is written, not at the first forward."""
+    original_sdpa = torch.nn.functional.scaled_dot_product_attention
+    with pytest.raises(ValueError, match=match):
+        make()
+    assert torch.nn.functional.scaled_dot_product_attention is original_sdpa
 
 
 def test_convert_parametrized_lazy_subclassed_and_converted_modules():

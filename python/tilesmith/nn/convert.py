@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from .. import ops
 from .float8 import Float8Linear
-from .modules import Conv2d, Linear, MultiheadAttention
+from .modules import Conv2d, Linear, MultiheadAttention, check_backend_option
 
 
 # Modules convert() passes over without a word: MultiheadAttention's out_proj (torch's
@@ -76,6 +76,9 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     parametrized ones, which keep their own forward; lazy modules not yet initialized;
     the options named in the report) are left as they are and reported (a warning, and the
     returned report when ``return_report``). Returns the model (and the report)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_backend_option("convert", backend)
     unknown = set(include) - {"linear", "conv2d", "attention"}
     if unknown:
         raise ValueError(f"convert: include may name 'linear', 'conv2d', 'attention', got "
@@ -144,6 +147,7 @@ class patch_sdpa:
     4-D go to torch's own function."""
 
     def __init__(self, backend: str | None = None):
+        check_backend_option("patch_sdpa", backend)
         self._previous = F.scaled_dot_product_attention
         F.scaled_dot_product_attention = _make_patched_sdpa(backend)
 

@@ -31,6 +31,7 @@ import torch
 
 from ..backend import requested_backend
 from ..ops.fp8 import SCALE_BLOCK, quantize_fp8, scaled_gemm
+from .modules import check_backend_option
 
 
 def _rowwise(t, dtype, backend):
@@ -162,6 +163,7 @@ class Float8Linear(torch.nn.Linear):
         if scaling not in _FUNCTIONS:
             raise ValueError(f"Float8Linear: scaling must be 'row', 'tensor' or 'block', "
                              f"got {scaling!r}")
+        check_backend_option("Float8Linear", backend)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.scaling = scaling
         self.backend = backend

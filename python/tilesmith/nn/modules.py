@@ -8,6 +8,22 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..backend import BACKENDS
+from ..ops.conv2d import ACTIVATION_NAMES as CONV2D_ACTIVATIONS
+from ..ops.gemm import ACTIVATION_NAMES as GEMM_ACTIVATIONS
+
+
+def check_backend_option(owner: str, backend) -> None:
+    """A module's (or convert's) backend option, checked where it is given rather than at
+    the first forward."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{owner}: backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def _check_options(owner: str, activation, activations: tuple, backend) -> None:
+    if activation not in activations:
+        raise ValueError(f"{owner}: activation must be one of {activations}, got {activation!r}")
+    check_backend_option(owner, backend)
 
 
 def _options_repr(module) -> str:
@@ -22,6 +38,7 @@ class Linear(torch.nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
                  activation=None, backend=None):
+        _check_options("Linear", activation, GEMM_ACTIVATIONS, backend)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.activation = activation
         self.backend = backend
@@ -45,6 +62,7 @@ class Conv2d(torch.nn.Conv2d):
     pads with F.pad first, as torch does."""
 
     def __init__(self, *args, activation=None, backend=None, **kwargs):
+        _check_options("Conv2d", activation, CONV2D_ACTIVATIONS, backend)
         super().__init__(*args, **kwargs)
         self.activation = activation
         self.backend = backend
