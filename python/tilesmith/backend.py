@@ -210,9 +210,11 @@ def requested_backend(backend: str | None = None) -> str | None:
     return backend or (_STACK.names[-1] if _STACK.names else None) or _ENV_BACKEND
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, owner: str = "") -> None:
+    """``owner``, when given, names who was handed the name (a module, convert...)."""
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        where = f"{owner}: " if owner else ""
+        raise ValueError(f"{where}backend must be one of {BACKENDS}, got {name!r}")
 
 
 def unavailable_reason(backend: str, op: str, device: torch.device,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..backend import BACKENDS
+from ..backend import _check_name as check_backend_name
 from ..ops.conv2d import ACTIVATION_NAMES as CONV2D_ACTIVATIONS
 from ..ops.gemm import ACTIVATION_NAMES as GEMM_ACTIVATIONS
 
@@ -16,8 +16,8 @@ from ..ops.gemm import ACTIVATION_NAMES as GEMM_ACTIVATIONS
 def check_backend_option(owner: str, backend) -> None:
     """A module's (or convert's) backend option, checked where it is given rather than at
     the first forward."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"{owner}: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is not None:
+        check_backend_name(backend, owner)
 
 
 def _check_options(owner: str, activation, activations: tuple, backend) -> None:
