@@ -90,12 +90,12 @@ def _resource_usage(so: str) -> dict[tuple[str, str], dict[str, int]]:
 # types x 2 layouts of a x 2 of b x 2 load paths; attention: 2 dtypes x 3 head dims x causal
 # or not x dropout or not, for each of its three kernels, and the dK/dV kernel twice over at
 # head dim 256 (a dK and a dV variant); conv2d and depthwise: 2 dtypes for each of three;
-# activation backward: 2 dtypes x 2 gradient dtypes x 2 load widths.
+# activation backward: 2 dz dtypes x 3 (grad, pre) dtype pairs x 2 load widths.
 KERNEL_INSTANCES = {"matmul_kernel": 32, "attention_fwd_kernel": 24,
                     "attention_bwd_dkdv_kernel": 32, "attention_bwd_dq_kernel": 24,
                     "conv2d_fwd_kernel": 2, "conv2d_dgrad_kernel": 2, "conv2d_wgrad_kernel": 2,
                     "depthwise_fwd_kernel": 2, "depthwise_dgrad_kernel": 2,
-                    "depthwise_wgrad_kernel": 2, "activation_backward_kernel": 8}
+                    "depthwise_wgrad_kernel": 2, "activation_backward_kernel": 12}
 
 
 @needs_extension

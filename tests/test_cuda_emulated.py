@@ -250,7 +250,7 @@ def run_matmul(a, b, *, vector_loads=None, out_fp32=False, alpha=1.0, bias=None,
     n = b.shape[2]
     out_dtype = torch.float32 if out_fp32 else a.dtype
     c, c_storage = guarded_empty((batch, m, n), out_dtype)
-    pre, pre_storage = guarded_empty((batch, m, n), a.dtype) if want_pre else (None, None)
+    pre, pre_storage = guarded_empty((batch, m, n), out_dtype) if want_pre else (None, None)
     p = MatmulParams(a=a.data_ptr(), b=b.data_ptr(), c=c.data_ptr(), batch=batch, m=m, n=n, k=k,
                      a_batch_stride=a.stride(0), a_row_stride=a.stride(1),
                      a_col_stride=a.stride(2),
@@ -319,7 +319,8 @@ def matmul_operand(rows, cols, dtype, contiguous_dim, *, batch=1, misalign=False
 
 def reference_and_baseline(a, b, alpha=1.0, bias=None, residual=None, activation=None,
                            out_dtype=None):
-    """(float64 result, the same expression with fp32 accumulation rounded to out_dtype)."""
+    """(float64 result and pre-activation, the same two with fp32 accumulation rounded to
+    out_dtype, which is also the pre-activation's)."""
     results = []
     for dt in (torch.float64, torch.float32):
         x = alpha * (a.to(dt) @ b.to(dt))
@@ -331,7 +332,7 @@ def reference_and_baseline(a, b, alpha=1.0, bias=None, residual=None, activation
             x = x + residual.to(dt)
         results.append((x, pre))
     (ref, ref_pre), (base, base_pre) = results
-    return ref, ref_pre, base.to(out_dtype), base_pre.to(a.dtype)
+    return ref, ref_pre, base.to(out_dtype), base_pre.to(out_dtype)
 
 
 LAYOUTS = [(2, 2), (2, 1), (1, 2), (1, 1)]  # contiguous dim of a, of b
@@ -442,19 +443,22 @@ def test_hopper_matmul_kernel_256_wide_tiles(layout, kernel):
 
 
 @pytest.mark.parametrize("kernel", list(HOPPER_MATMUL_KERNELS))
-@pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=str)
-def test_hopper_gemm_epilogue_and_batch(activation, kernel):
+@pytest.mark.parametrize("activation,out_fp32", [(act, False) for act in ACTIVATIONS]
+                         + [("silu", True)], ids=str)
+def test_hopper_gemm_epilogue_and_batch(activation, out_fp32, kernel):
     # A batch of 2 with b broadcast over it (batch stride 0), the whole fused epilogue.
     dtype = torch.float16
+    out_dtype = torch.float32 if out_fp32 else dtype
     m, n, k = 72, 136, 40
     a = matmul_operand(m, k, dtype, 2, batch=2)
     b = matmul_operand(k, n, dtype, 2)
     bias = torch.randn(n, dtype=torch.float32)
-    residual = torch.randn(2, m, n + 8, dtype=dtype)[:, :, :n]  # a row stride != n
-    c, pre = run_matmul(a, b, alpha=0.75, bias=bias, residual=residual, activation=activation,
-                        want_pre=True, hopper=True, tma_blocks=HOPPER_MATMUL_KERNELS[kernel])
+    residual = torch.randn(2, m, n + 8, dtype=out_dtype)[:, :, :n]  # a row stride != n
+    c, pre = run_matmul(a, b, out_fp32=out_fp32, alpha=0.75, bias=bias, residual=residual,
+                        activation=activation, want_pre=True, hopper=True,
+                        tma_blocks=HOPPER_MATMUL_KERNELS[kernel])
     ref, ref_pre, base, base_pre = reference_and_baseline(
-        a, b, 0.75, bias, residual, activation, dtype)
+        a, b, 0.75, bias, residual, activation, out_dtype)
     assert_close_to_reference(c, ref, base)
     assert_close_to_reference(pre, ref_pre, base_pre, name="pre-activation")
 
@@ -1619,14 +1623,15 @@ class ActivationBackwardParams(ctypes.Structure):
                 ("bias_partials", ctypes.c_void_p), ("m", ctypes.c_int64), ("n", ctypes.c_int64),
                 ("grad_row_stride", ctypes.c_int64), ("grad_col_stride", ctypes.c_int64),
                 ("pre_row_stride", ctypes.c_int64), ("pre_col_stride", ctypes.c_int64),
-                ("activation", ctypes.c_int), ("pre_bf16", ctypes.c_bool),
-                ("grad_fp32", ctypes.c_bool)]
+                ("activation", ctypes.c_int), ("dz_bf16", ctypes.c_bool),
+                ("grad_fp32", ctypes.c_bool), ("pre_fp32", ctypes.c_bool)]
 
 
 ACTIVATION_CODES = {"relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}  # csrc/matmul/matmul.h
 ROWS_PER_BLOCK = 128  # kActivationBackwardRows
 ACTIVATION_BACKWARD_CASES = {
-    # name: (m, n, pre dtype, grad dtype, activation, layout, bias, columns per thread)
+    # name: (m, n, dz dtype, grad dtype, activation, layout, bias, columns per thread[,
+    # pre dtype: default dz's])
     # Three row blocks (the last of 44 rows), two column strips (the second 8 wide).
     "bf16_gelu_row_and_column_tails": (300, 264, torch.bfloat16, torch.bfloat16, "gelu",
                                        "contiguous", True, 8),
@@ -1640,6 +1645,13 @@ ACTIVATION_BACKWARD_CASES = {
     "bf16_relu_padded_rows_n_20": (33, 20, torch.bfloat16, torch.bfloat16, "relu", "padded", True,
                                    1),
     "fp16_relu_no_bias": (140, 16, torch.float16, torch.float16, "relu", "contiguous", False, 8),
+    # An fp32 pre-activation (a gemm with an fp32 output keeps it so) and fp32 grad.
+    "bf16_gelu_fp32_pre": (300, 264, torch.bfloat16, torch.float32, "gelu", "contiguous", True,
+                           8, torch.float32),
+    "fp16_silu_fp32_pre_padded_rows": (17, 24, torch.float16, torch.float32, "silu", "padded",
+                                       True, 8, torch.float32),
+    "bf16_gelu_tanh_fp32_pre_transposed": (129, 40, torch.bfloat16, torch.float32, "gelu_tanh",
+                                           "transposed", True, 1, torch.float32),
 }
 
 
@@ -1663,10 +1675,12 @@ def strided_in_nan_storage(x, layout):
 def test_activation_backward_kernels(case):
     """dz within one rounding of the float64 product (computed in fp32 from the same inputs),
     and each block's bias partial sums those of its own rows."""
-    m, n, dtype, grad_dtype, activation, layout, bias, width = ACTIVATION_BACKWARD_CASES[case]
+    m, n, dtype, grad_dtype, activation, layout, bias, width, *wider_pre = (
+        ACTIVATION_BACKWARD_CASES[case])
+    pre_dtype = wider_pre[0] if wider_pre else dtype
     lib = emulated("activation_backward")
     assert lib.activation_backward_params_size() == ctypes.sizeof(ActivationBackwardParams)
-    pre = strided_in_nan_storage((torch.randn(m, n) * 2).to(dtype), layout)
+    pre = strided_in_nan_storage((torch.randn(m, n) * 2).to(pre_dtype), layout)
     grad = strided_in_nan_storage(torch.randn(m, n).to(grad_dtype), layout)
     ref, torch_fp32 = (testing.activation_grad_reference(activation, pre, grad, dtype)
                        for dtype in (torch.float64, torch.float32))
@@ -1678,8 +1692,8 @@ def test_activation_backward_kernels(case):
         bias_partials=partials.data_ptr() if bias else None, m=m, n=n,
         grad_row_stride=grad.stride(0), grad_col_stride=grad.stride(1),
         pre_row_stride=pre.stride(0), pre_col_stride=pre.stride(1),
-        activation=ACTIVATION_CODES[activation], pre_bf16=dtype == torch.bfloat16,
-        grad_fp32=grad_dtype == torch.float32)
+        activation=ACTIVATION_CODES[activation], dz_bf16=dtype == torch.bfloat16,
+        grad_fp32=grad_dtype == torch.float32, pre_fp32=pre_dtype == torch.float32)
     vector_width = ctypes.c_int()
     error = ctypes.create_string_buffer(512)
     status = lib.emulate_activation_backward(ctypes.byref(p), ctypes.byref(vector_width), error,

@@ -190,14 +190,19 @@ def test_registered_cuda_ops_reject_bad_input():
         ops.conv2d_fwd_cuda(x, torch.randn(8, 5, 3, 3, device="cuda", dtype=torch.bfloat16),
                             None, [1, 1], [1, 1], [1, 1], "none", False)
     pre = torch.randn(16, 24, device="cuda", dtype=torch.bfloat16)
+    bf16 = torch.bfloat16
     with pytest.raises(RuntimeError, match="2-D of one shape"):
-        ops.activation_backward_cuda(pre[:, :8], pre, "gelu", True)
-    with pytest.raises(RuntimeError, match="pre must be float16 or bfloat16"):
-        ops.activation_backward_cuda(pre.float(), pre.float(), "gelu", True)
+        ops.activation_backward_cuda(pre[:, :8], pre, "gelu", True, bf16)
+    with pytest.raises(RuntimeError, match="dz_dtype must be float16 or bfloat16"):
+        ops.activation_backward_cuda(pre.float(), pre.float(), "gelu", True, torch.float32)
+    with pytest.raises(RuntimeError, match="pre must be float32 or dz_dtype"):
+        ops.activation_backward_cuda(pre, pre.half(), "gelu", True, bf16)
     with pytest.raises(RuntimeError, match="grad must be float32 or pre's dtype"):
-        ops.activation_backward_cuda(pre.half(), pre, "gelu", True)
+        ops.activation_backward_cuda(pre.half(), pre, "gelu", True, bf16)
+    with pytest.raises(RuntimeError, match="grad must be float32 or pre's dtype"):
+        ops.activation_backward_cuda(pre, pre.float(), "gelu", True, bf16)
     with pytest.raises(RuntimeError, match="activation must be none, relu"):
-        ops.activation_backward_cuda(pre, pre, "tanh", True)
+        ops.activation_backward_cuda(pre, pre, "tanh", True, bf16)
     if backend._C_SM90A is not None:
         a = torch.randn(16, 48, device="cuda").to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda")

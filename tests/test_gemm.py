@@ -119,12 +119,13 @@ def test_no_pre_activation_saved_without_grad(backend):
     assert pre.numel() == 0 and out.shape == (a.shape[0], b.shape[1])
 
 
-def _activation_backward_matches_float64(backend, activation, grad, pre):
-    """activation_backward_<backend> with the bias gradient: dz within one rounding of the
-    float64 product, the bias gradient (fused column sums) against float64. (dz, bias grad)."""
+def _activation_backward_matches_float64(backend, activation, grad, pre, dz_dtype=None):
+    """activation_backward_<backend> with the bias gradient: dz (in dz_dtype, default pre's)
+    within one rounding of the float64 product, the bias gradient (fused column sums)
+    against float64. (dz, bias grad)."""
     op = getattr(torch.ops.tilesmith, f"activation_backward_{backend}")
     with testing.poison_outputs():
-        dz, bias_grad = op(grad, pre, activation, True)
+        dz, bias_grad = op(grad, pre, activation, True, dz_dtype or pre.dtype)
     ref, torch_fp32 = (testing.activation_grad_reference(activation, pre, grad, dtype)
                        for dtype in (torch.float64, torch.float32))
     testing.assert_pointwise_close(dz, ref, torch_fp32, name="dz")
@@ -134,20 +135,24 @@ def _activation_backward_matches_float64(backend, activation, grad, pre):
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
-@pytest.mark.parametrize("m,n,grad_dtype,transposed", [
-    (300, 264, torch.bfloat16, False),  # row and column tails of both backends' blocks
-    (129, 37, torch.float32, True),     # an fp32 gradient, column-major, odd width
-], ids=["bf16_grad", "fp32_grad_transposed"])
-def test_activation_backward_op(backend, activation, m, n, grad_dtype, transposed):
-    """The backward's elementwise pass on its own, with and without the bias gradient."""
-    pre = (torch.randn(m, n, device=DEVICE) * 2).to(torch.bfloat16)
+@pytest.mark.parametrize("m,n,grad_dtype,pre_dtype,transposed", [
+    # row and column tails of both backends' blocks
+    (300, 264, torch.bfloat16, torch.bfloat16, False),
+    (129, 37, torch.float32, torch.bfloat16, True),  # an fp32 gradient, column-major, odd width
+    (130, 72, torch.float32, torch.float32, False),  # and pre fp32: a gemm with an fp32 output
+], ids=["bf16_grad", "fp32_grad_transposed", "fp32_grad_and_pre"])
+def test_activation_backward_op(backend, activation, m, n, grad_dtype, pre_dtype, transposed):
+    """The backward's elementwise pass on its own, with and without the bias gradient; dz
+    in bf16 (the GEMM inputs' dtype) whatever grad's and pre's."""
+    pre = (torch.randn(m, n, device=DEVICE) * 2).to(pre_dtype)
     grad = torch.randn(n, m, device=DEVICE).t() if transposed else torch.randn(m, n, device=DEVICE)
     grad = grad.to(grad_dtype)
-    dz, bias_grad = _activation_backward_matches_float64(backend, activation, grad, pre)
-    assert dz.dtype == pre.dtype and dz.shape == (m, n) and bias_grad.dtype == torch.float32
+    dz, bias_grad = _activation_backward_matches_float64(backend, activation, grad, pre,
+                                                         torch.bfloat16)
+    assert dz.dtype == torch.bfloat16 and dz.shape == (m, n) and bias_grad.dtype == torch.float32
     with testing.poison_outputs():
         dz_alone, no_bias = getattr(torch.ops.tilesmith, f"activation_backward_{backend}")(
-            grad, pre, activation, False)
+            grad, pre, activation, False, torch.bfloat16)
     assert torch.equal(dz_alone, dz) and no_bias.numel() == 0
 
 

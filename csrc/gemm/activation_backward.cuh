@@ -69,8 +69,9 @@ __device__ __forceinline__ void load(const X* row, int64_t col, int64_t col_stri
   }
 }
 
-// T: pre's and dz's dtype; G: grad's (T or float); kVec: columns per thread.
-template <typename T, typename G, int kVec>
+// T: dz's dtype; G: grad's (T or float); P: pre's (T, or float with G float); kVec:
+// columns per thread.
+template <typename T, typename G, typename P, int kVec>
 __global__ void __launch_bounds__(kThreads) activation_backward_kernel(
     const ActivationBackwardParams p) {
   constexpr int kWidth = kLanes * kVec;  // columns per strip
@@ -88,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) activation_backward_kernel(
       float grad[kVec], pre[kVec];
       load<G, kVec>(static_cast<const G*>(p.grad) + row * p.grad_row_stride, col,
                     p.grad_col_stride, grad);
-      load<T, kVec>(static_cast<const T*>(p.pre) + row * p.pre_row_stride, col,
+      load<P, kVec>(static_cast<const P*>(p.pre) + row * p.pre_row_stride, col,
                     p.pre_col_stride, pre);
       alignas(16) T dz[kVec];
 #pragma unroll
@@ -121,8 +122,9 @@ __global__ void __launch_bounds__(kThreads) activation_backward_kernel(
   }
 }
 
-// Columns per thread: a 16-byte vector of T when every row of grad, pre and dz allows it.
-template <typename T, typename G>
+// Columns per thread: a 16-byte vector of T when every row of grad, pre and dz allows it
+// (fp32 grad and pre rows are then read as two 16-byte words).
+template <typename T>
 __host__ __device__ inline int vector_width(const ActivationBackwardParams& p) {
   constexpr int kVec = 16 / sizeof(T);
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
@@ -143,18 +145,18 @@ constexpr size_t smem_bytes() {
 }
 
 #ifndef TILESMITH_CPU_EMULATION  // the emulator launches the kernel itself
-template <typename T, typename G, int kVec>
+template <typename T, typename G, typename P, int kVec>
 cudaError_t launch(const ActivationBackwardParams& p, cudaStream_t stream) {
-  activation_backward_kernel<T, G, kVec>
+  activation_backward_kernel<T, G, P, kVec>
       <<<static_cast<unsigned>(blocks<kVec>(p)), kThreads, smem_bytes<kVec>(), stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, typename G>
+template <typename T, typename G, typename P>
 cudaError_t run(const ActivationBackwardParams& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  return vector_width<T, G>(p) == kVec ? launch<T, G, kVec>(p, stream)
-                                       : launch<T, G, 1>(p, stream);
+  return vector_width<T>(p) == kVec ? launch<T, G, P, kVec>(p, stream)
+                                    : launch<T, G, P, 1>(p, stream);
 }
 #endif  // TILESMITH_CPU_EMULATION
 

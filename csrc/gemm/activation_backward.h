@@ -15,7 +15,8 @@ namespace tilesmith {
 constexpr int kActivationBackwardRows = 128;
 
 // dz[i][j] = grad[i][j] * act'(pre[i][j]) for i < m, j < n, computed in fp32 and stored
-// contiguous (row stride n) in pre's dtype. With bias_partials set, also
+// contiguous (row stride n) in fp16 or bf16 (the GEMM inputs' dtype; pre is that or fp32,
+// which a gemm with an fp32 output keeps, and then grad is fp32). With bias_partials set, also
 // bias_partials[r][j] = the sum over block r's rows of the fp32 products (before rounding).
 struct ActivationBackwardParams {
   const void* grad;
@@ -26,8 +27,9 @@ struct ActivationBackwardParams {
   int64_t grad_row_stride, grad_col_stride;
   int64_t pre_row_stride, pre_col_stride;
   Activation activation;
-  bool pre_bf16;    // pre and dz: bfloat16, else float16
-  bool grad_fp32;   // grad: float32, else pre's dtype
+  bool dz_bf16;     // dz: bfloat16, else float16
+  bool grad_fp32;   // grad: float32, else dz's dtype
+  bool pre_fp32;    // pre: float32 (grad_fp32 too), else dz's dtype
 };
 
 cudaError_t run_activation_backward(const ActivationBackwardParams& params, cudaStream_t stream);

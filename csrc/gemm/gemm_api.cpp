@@ -34,7 +34,10 @@ std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tens
 
   c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
-  at::Tensor pre = at::empty({save_pre ? m : 0, save_pre ? n : 0}, a.options());
+  // The pre-activation in the output's dtype (fp32 for an fp32 output, as the epilogue
+  // computes it; python/tilesmith/ops/gemm.py's pre_activation_dtype).
+  at::Tensor pre =
+      at::empty({save_pre ? m : 0, save_pre ? n : 0}, a.options().dtype(out_dtype));
   if (poison_outputs()) {
     out.fill_(NAN);
     pre.fill_(NAN);
@@ -91,23 +94,27 @@ std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tens
 std::tuple<at::Tensor, at::Tensor> activation_backward_cuda(const at::Tensor& grad,
                                                             const at::Tensor& pre,
                                                             c10::string_view activation,
-                                                            bool bias_grad) {
+                                                            bool bias_grad,
+                                                            at::ScalarType dz_dtype) {
   TILESMITH_CHECK_CUDA_TENSOR(grad);
   TILESMITH_CHECK_CUDA_TENSOR(pre);
   TORCH_CHECK(grad.device() == pre.device(), "activation_backward: grad and pre must be on the ",
               "same device, got ", grad.device(), " and ", pre.device());
   TORCH_CHECK(pre.dim() == 2 && grad.sizes() == pre.sizes(), "activation_backward: grad and ",
               "pre must be 2-D of one shape, got ", grad.sizes(), " and ", pre.sizes());
-  TORCH_CHECK(pre.scalar_type() == at::kBFloat16 || pre.scalar_type() == at::kHalf,
-              "activation_backward (cuda backend): pre must be float16 or bfloat16, got ",
-              pre.scalar_type());
+  TORCH_CHECK(dz_dtype == at::kBFloat16 || dz_dtype == at::kHalf,
+              "activation_backward (cuda backend): dz_dtype must be float16 or bfloat16, got ",
+              dz_dtype);
+  TORCH_CHECK(pre.scalar_type() == dz_dtype || pre.scalar_type() == at::kFloat,
+              "activation_backward (cuda backend): pre must be float32 or dz_dtype (", dz_dtype,
+              "), got ", pre.scalar_type());
   TORCH_CHECK(grad.scalar_type() == pre.scalar_type() || grad.scalar_type() == at::kFloat,
               "activation_backward (cuda backend): grad must be float32 or pre's dtype (",
               pre.scalar_type(), "), got ", grad.scalar_type());
   const int64_t m = pre.size(0), n = pre.size(1);
 
   c10::cuda::CUDAGuard guard(pre.device());
-  at::Tensor dz = at::empty({m, n}, pre.options());
+  at::Tensor dz = at::empty({m, n}, pre.options().dtype(dz_dtype));
   if (poison_outputs()) dz.fill_(NAN);
   const auto fp32 = pre.options().dtype(at::kFloat);
   if (dz.numel() == 0) return {dz, bias_grad ? at::zeros({n}, fp32) : at::empty({0}, fp32)};
@@ -127,8 +134,9 @@ std::tuple<at::Tensor, at::Tensor> activation_backward_cuda(const at::Tensor& gr
   params.pre_row_stride = pre.stride(0);
   params.pre_col_stride = pre.stride(1);
   params.activation = parse_activation(activation, "activation_backward");
-  params.pre_bf16 = pre.scalar_type() == at::kBFloat16;
+  params.dz_bf16 = dz_dtype == at::kBFloat16;
   params.grad_fp32 = grad.scalar_type() == at::kFloat;
+  params.pre_fp32 = pre.scalar_type() == at::kFloat;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pre.device().index()).stream();
   TILESMITH_CHECK_LAUNCH(run_activation_backward(params, stream));
   return {dz, bias_grad ? at::sum(partials, 0) : partials};

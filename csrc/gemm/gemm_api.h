@@ -17,11 +17,13 @@ std::tuple<at::Tensor, at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tens
                                              at::ScalarType out_dtype, bool save_pre);
 
 // The backward of a fused activation: (dz, bias gradient) with dz = grad * act'(pre) in
-// pre's dtype (fp16/bf16; grad in that dtype or float32), both 2-D of one shape, any
-// strides; the bias gradient is dz summed over rows in fp32 when bias_grad, else empty.
+// dz_dtype (fp16/bf16; pre in that dtype or float32, grad in pre's dtype or float32), both
+// 2-D of one shape, any strides; the bias gradient is dz summed over rows in fp32 (before
+// dz's rounding) when bias_grad, else empty.
 std::tuple<at::Tensor, at::Tensor> activation_backward_cuda(const at::Tensor& grad,
                                                             const at::Tensor& pre,
                                                             c10::string_view activation,
-                                                            bool bias_grad);
+                                                            bool bias_grad,
+                                                            at::ScalarType dz_dtype);
 
 }  // namespace tilesmith

@@ -54,13 +54,14 @@ __device__ __forceinline__ void store_pair(OutT* out, float v0, float v1, bool p
   if (has1) out[1] = to_out<OutT>(v1);
 }
 
-// The epilogue of batch z's output. T: the operands' (and pre's) type; OutT: T or float.
+// The epilogue of batch z's output. T: the operands' type; OutT: T or float, the type of
+// c, residual and pre (an fp32 output keeps its pre-activation in fp32 for the backward).
 template <typename T, typename OutT>
 struct EpilogueWriter {
   const MatmulParams& params;
   OutT* c;
   const OutT* residual;
-  T* pre;
+  OutT* pre;
   bool paired_stores, paired_pre;  // row strides that keep column pairs 2-element aligned
 
   __device__ __forceinline__ EpilogueWriter(const MatmulParams& p, int64_t z)
@@ -69,7 +70,7 @@ struct EpilogueWriter {
         residual(p.residual == nullptr
                      ? nullptr
                      : static_cast<const OutT*>(p.residual) + z * p.residual_batch_stride),
-        pre(p.pre == nullptr ? nullptr : static_cast<T*>(p.pre) + z * p.pre_batch_stride),
+        pre(p.pre == nullptr ? nullptr : static_cast<OutT*>(p.pre) + z * p.pre_batch_stride),
         paired_stores(p.c_row_stride % 2 == 0),
         paired_pre(p.pre_row_stride % 2 == 0) {}
 
@@ -91,7 +92,8 @@ struct EpilogueWriter {
       if (has1) v[1] += params.bias[col + 1];
     }
     if (pre != nullptr) {
-      store_pair<T>(pre + row * params.pre_row_stride + col, v[0], v[1], paired_pre, has0, has1);
+      store_pair<OutT>(pre + row * params.pre_row_stride + col, v[0], v[1], paired_pre, has0,
+                       has1);
     }
 #pragma unroll
     for (int e = 0; e < 2; ++e) v[e] = activate(v[e], params.activation);

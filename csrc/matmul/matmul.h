@@ -27,7 +27,7 @@ struct MatmulParams {
   const float* bias = nullptr;           // (n,)
   const void* residual = nullptr;        // like c, unit column stride
   int64_t residual_batch_stride = 0, residual_row_stride = 0;
-  void* pre = nullptr;                   // alpha * acc + bias before the activation, in a's
+  void* pre = nullptr;                   // alpha * acc + bias before the activation, in c's
   int64_t pre_batch_stride = 0, pre_row_stride = 0;  // dtype (what the backward needs)
   Activation activation = Activation::kNone;
   bool out_fp32 = false;                 // c and residual are float, not a's dtype

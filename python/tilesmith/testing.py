@@ -384,6 +384,12 @@ def gemm_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         samples.append(SampleInput("out_fp32", (r(m, k), r(k, n)),
                                    {"bias": r(n), "activation": "gelu_tanh",
                                     "out_dtype": torch.float32}))
+        # An fp32 bias into an fp32 output: its gradient is as accurate as the epilogue's
+        # fp32 arithmetic only if the backward's act' reads an fp32 pre-activation.
+        samples.append(SampleInput("out_fp32_fp32_bias", (r(m, k), r(k, n)),
+                                   {"bias": r(n, dt=torch.float32), "activation": "silu",
+                                    "residual": r(m, n, dt=torch.float32),
+                                    "out_dtype": torch.float32}))
     if large:
         samples += [
             SampleInput("large_gelu", (r(1024, 4096), r(4096, 1024)),

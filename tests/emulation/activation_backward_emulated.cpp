@@ -14,24 +14,26 @@ namespace {
 using tilesmith::ActivationBackwardParams;
 namespace ab = tilesmith::activation_backward;
 
-template <typename T, typename G, int kVec>
+template <typename T, typename G, typename P, int kVec>
 std::string launch(const ActivationBackwardParams& p) {
   return tilesmith_emu::launch(dim3(static_cast<unsigned>(ab::blocks<kVec>(p))), dim3(ab::kThreads),
                                ab::smem_bytes<kVec>(),
                                reinterpret_cast<unsigned char*>(ab::column_sums), {},
-                               [&] { ab::activation_backward_kernel<T, G, kVec>(p); });
+                               [&] { ab::activation_backward_kernel<T, G, P, kVec>(p); });
 }
 
 // The vector width the launcher in activation_backward.cuh picks.
-template <typename T, typename G>
+template <typename T, typename G, typename P>
 std::string run(const ActivationBackwardParams& p, int* vector_width) {
-  *vector_width = ab::vector_width<T, G>(p);
-  return *vector_width > 1 ? launch<T, G, 16 / sizeof(T)>(p) : launch<T, G, 1>(p);
+  *vector_width = ab::vector_width<T>(p);
+  return *vector_width > 1 ? launch<T, G, P, 16 / sizeof(T)>(p) : launch<T, G, P, 1>(p);
 }
 
+// The dispatch of activation_backward.cu.
 template <typename T>
-std::string run_grad_type(const ActivationBackwardParams& p, int* vector_width) {
-  return p.grad_fp32 ? run<T, float>(p, vector_width) : run<T, T>(p, vector_width);
+std::string run_input_types(const ActivationBackwardParams& p, int* vector_width) {
+  if (p.pre_fp32) return run<T, float, float>(p, vector_width);
+  return p.grad_fp32 ? run<T, float, T>(p, vector_width) : run<T, T, T>(p, vector_width);
 }
 
 }  // namespace
@@ -41,8 +43,8 @@ std::string run_grad_type(const ActivationBackwardParams& p, int* vector_width) 
 extern "C" int emulate_activation_backward(const ActivationBackwardParams* params,
                                            int* vector_width, char* error, int error_capacity) {
   const ActivationBackwardParams& p = *params;
-  const std::string message = p.pre_bf16 ? run_grad_type<__nv_bfloat16>(p, vector_width)
-                                         : run_grad_type<__half>(p, vector_width);
+  const std::string message = p.dz_bf16 ? run_input_types<__nv_bfloat16>(p, vector_width)
+                                        : run_input_types<__half>(p, vector_width);
   std::snprintf(error, error_capacity, "%s", message.c_str());
   return message.empty() ? 0 : 1;
 }

@@ -24,8 +24,8 @@ from ._library import (LIBRARY, autocast_inputs, dot_precision, new_output,
 
 LIBRARY.define("gemm_cuda(Tensor a, Tensor b, Tensor? bias, Tensor? residual, str activation, "
                "float alpha, ScalarType out_dtype, bool save_pre) -> (Tensor, Tensor)")
-LIBRARY.define("activation_backward_cuda(Tensor grad, Tensor pre, str activation, bool bias_grad)"
-               " -> (Tensor, Tensor)")
+LIBRARY.define("activation_backward_cuda(Tensor grad, Tensor pre, str activation, bool bias_grad, "
+               "ScalarType dz_dtype) -> (Tensor, Tensor)")
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schema)
 
@@ -64,6 +64,13 @@ def _gemm_launch(a, b, out, bias, residual, pre, activation: str, alpha: float):
         ACC_DTYPE=_compute_dtype(a.dtype))
 
 
+def pre_activation_dtype(input_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward keeps the pre-activation in for act': the wider of the inputs'
+    and the output's, as eager PyTorch keeps ``act(y.float() + bias)``'s fp32 sum (a bf16
+    one would make an fp32 bias gradient as coarse as bf16)."""
+    return out_dtype if out_dtype.itemsize > input_dtype.itemsize else input_dtype
+
+
 def _compute_dtype(dtype):
     import triton.language as tl
 
@@ -77,8 +84,8 @@ def _gemm_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
     m, k = a.shape
     n = b.shape[1]
     out = new_output((m, n), like=a, dtype=out_dtype)
-    # The pre-activation, in the input dtype (what eager PyTorch would keep for act').
-    pre = new_output((m, n) if save_pre else (0,), like=a)
+    pre = new_output((m, n) if save_pre else (0,), like=a,
+                     dtype=pre_activation_dtype(a.dtype, out_dtype))
     if out.numel() == 0:
         return out, pre
     _gemm_launch(a, b, out, bias, residual, pre if save_pre else None, activation, alpha)
@@ -87,16 +94,18 @@ def _gemm_triton(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
 
 @triton_op("tilesmith::activation_backward_triton", mutates_args=())
 def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activation: str,
-                                bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dz, bias gradient): dz = grad * act'(pre) in pre's dtype, and with ``bias_grad`` dz
-    summed over rows (fp32, fp64 for fp64 inputs) from per-block partial sums; else empty."""
+                                bias_grad: bool, dz_dtype: torch.dtype
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, bias gradient): dz = grad * act'(pre) in ``dz_dtype`` (the GEMM inputs', which
+    pre's may be wider than), and with ``bias_grad`` dz summed over rows (fp32, fp64 for fp64
+    inputs) from per-block partial sums of the unrounded products; else empty."""
     import triton
 
     from tilesmith.kernels.gemm import ACTIVATIONS, activation_backward_kernel
     from tilesmith.kernels.matmul import INTERPRETING
 
     m, n = pre.shape
-    dz = new_output((m, n), like=pre)
+    dz = new_output((m, n), like=pre, dtype=dz_dtype)
     sum_dtype = torch.float64 if pre.dtype == torch.float64 else torch.float32
     if dz.numel() == 0:
         return dz, pre.new_zeros((n,) if bias_grad else (0,), dtype=sum_dtype)
@@ -117,22 +126,25 @@ def _activation_backward_triton(grad: torch.Tensor, pre: torch.Tensor, activatio
 def _gemm_cuda_fake(a, b, bias, residual, activation, alpha, out_dtype, save_pre):
     m, n = a.shape[0], b.shape[1]
     return (a.new_empty((m, n), dtype=out_dtype),
-            a.new_empty((m, n) if save_pre else (0, 0)))
+            a.new_empty((m, n) if save_pre else (0, 0),
+                        dtype=pre_activation_dtype(a.dtype, out_dtype)))
 
 
 @torch.library.register_fake("tilesmith::activation_backward_cuda")
-def _activation_backward_cuda_fake(grad, pre, activation, bias_grad):
+def _activation_backward_cuda_fake(grad, pre, activation, bias_grad, dz_dtype):
     n = pre.shape[1]
-    return pre.new_empty(pre.shape), pre.new_empty((n,) if bias_grad else (0,),
-                                                   dtype=torch.float32)
+    return pre.new_empty(pre.shape, dtype=dz_dtype), pre.new_empty((n,) if bias_grad else (0,),
+                                                                   dtype=torch.float32)
 
 
 def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str,
-                        bias_grad: bool, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dz, bias gradient or empty) for 2-D grad and pre, by the backend that ran forward."""
-    if cuda:
-        return torch.ops.tilesmith.activation_backward_cuda(grad, pre, activation, bias_grad)
-    return torch.ops.tilesmith.activation_backward_triton(grad, pre, activation, bias_grad)
+                        bias_grad: bool, cuda: bool, dz_dtype: torch.dtype | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, bias gradient or empty) for 2-D grad and pre, by the backend that ran forward;
+    dz in ``dz_dtype`` (default pre's)."""
+    op = (torch.ops.tilesmith.activation_backward_cuda if cuda
+          else torch.ops.tilesmith.activation_backward_triton)
+    return op(grad, pre, activation, bias_grad, dz_dtype or pre.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -159,7 +171,7 @@ def _backward(ctx, grad_out, gemm, cuda):
             raise RuntimeError("gemm: backward through the activation needs the forward's "
                                "pre-activation; call gemm with grad mode enabled")
         dz, dz_column_sums = activation_backward(grad_out, pre, ctx.activation,
-                                                 ctx.needs_input_grad[2], cuda)
+                                                 ctx.needs_input_grad[2], cuda, a.dtype)
     else:
         dz = grad_out.to(a.dtype)
         dz_column_sums = None
