@@ -576,12 +576,31 @@ def _cuda_forward(x, weight, bias, stride, padding, dilation, activation, save_p
                                                activation, save_pre)
 
 
+class _GradientInFormat(torch.autograd.Function):
+    """The identity, whose backward hands on the gradient laid out in ``memory_format``."""
+
+    @staticmethod
+    def forward(ctx, t, memory_format):
+        ctx.memory_format = memory_format
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.memory_format), None
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _is_channels_last(t) else torch.contiguous_format
+
+
 def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation, save_pre):
     """The cuda forward of any channel count: where the kernels need more channels or
     filters per group (cuda_zero_padding), x, weight and bias are copied zero-filled, in
     channels-last (the kernels' layout), and the output's real filters copied out into x's
     memory format. Differentiable: autograd takes the gradients back through the copies,
-    so the backward's dgrad and wgrad run on the filled shapes too."""
+    so the backward's dgrad and wgrad run on the filled shapes too, and hands each on in
+    its tensor's memory format, as PyTorch's convolutions do (the copies' own backward
+    would leave strided views of the filled gradients)."""
     channels = x.shape[1]
     filters, per_group = weight.shape[:2]
     filters_per_group = filters // groups
@@ -590,6 +609,10 @@ def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation,
         out, _ = _cuda_forward(x, weight, bias, stride, padding, dilation, activation,
                                save_pre)
         return out
+    x = _GradientInFormat.apply(x, _format_of(x))
+    weight = _GradientInFormat.apply(weight, _format_of(weight))
+    if bias is not None:
+        bias = _GradientInFormat.apply(bias, torch.contiguous_format)
     more_groups = wide_groups - groups
     more_channels = wide_channels - per_group
     more_filters = wide_filters - filters_per_group
