@@ -11,12 +11,13 @@ and makes the cuda backend available there, for the duration of a ``with`` block
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
 import torch.nn.functional as F
 
-from tilesmith import backend
+from tilesmith import backend, testing
 
 ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
                "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
@@ -183,6 +184,194 @@ def conv2d_wgrad_cuda(grad, x, weight_shape, stride, padding, dilation):
     return dw.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
+# --- attention: csrc/attention/attention_api.cpp ------------------------------------------------
+
+def _check_attention_operand(t, name, q):
+    check(t.dtype == q.dtype, f"attention: {name} has dtype {t.dtype}, query {q.dtype}")
+    check(t.dim() == 4, f"attention: {name} must be 4-D (batch, heads, seq, head_dim), got "
+          f"{tuple(t.shape)}")
+
+
+def _check_attention_inputs(q, k, v):
+    for t, name in ((q, "query"), (k, "key"), (v, "value")):
+        _check_attention_operand(t, name, q)
+    check(q.dtype in TENSOR_CORE_DTYPES, f"attention (cuda backend): dtype must be float16 or "
+          f"bfloat16, got {q.dtype}")
+    d = q.shape[3]
+    check(0 < d <= 256 and d % 8 == 0 and k.shape[3] == d and v.shape[3] == d,
+          "attention (cuda backend): query, key and value head dims must be equal, a "
+          "multiple of 8 and at most 256")
+    check(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0], "attention: batch sizes differ")
+    check(k.shape[1:3] == v.shape[1:3], "attention: key and value shapes differ")
+    check(q.shape[1] % k.shape[1] == 0 if k.shape[1] else q.shape[1] == 0,
+          "attention: query heads must be a multiple of key/value heads")
+    check(q.shape[0] <= 65535 and q.shape[1] <= 65535, "attention (cuda backend): batch and "
+          "heads must each be at most 65535")
+
+
+def _check_attention_mask(mask, q, k):
+    if mask is None:
+        return
+    check(mask.dim() == 4 and mask.dtype in (torch.bool, q.dtype),
+          f"attention: attn_mask must be a 4-D bool or {q.dtype} tensor, got {mask.dtype} "
+          f"{tuple(mask.shape)}")
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    check(all(m in (1, f) for m, f in zip(mask.shape, full)), f"attention: attn_mask "
+          f"{tuple(mask.shape)} does not broadcast to (batch, heads, seq_q, seq_k) = {full}")
+
+
+def _dropout_scale(dropout_p, seed, batch, heads, seqlen_q, seqlen_k):
+    """The kept probabilities' factor (0 or 1 / (1 - p)) of the kernels' dropout mask, or 1."""
+    check(0.0 <= dropout_p < 1.0, f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return 1.0
+    check(seed is not None and seed.dtype == torch.int64 and seed.numel() == 1,
+          "attention: dropout_p > 0 needs seed: a 1-element int64 tensor")
+    keep = testing.attention_dropout_keep_reference(int(seed.item()), batch, heads, seqlen_q,
+                                                    seqlen_k, dropout_p)
+    return keep.to(seed.device).float() / (1.0 - dropout_p)
+
+
+def _grouped(t, heads):
+    """A (batch, kv_heads, seq, dim) operand repeated for each of ``heads`` query heads."""
+    return t.float().repeat_interleave(heads // t.shape[1], 1) if t.shape[1] else t.float()
+
+
+def _probabilities(q, k, mask, causal, scale, lse=None):
+    """(P, lse) in fp32: the softmax of the scores, rows with no visible key all 0 (lse
+    -inf); with ``lse`` given, P = exp(S - lse) from it, as the backward kernels recompute
+    it."""
+    s = (q.float() @ _grouped(k, q.shape[1]).transpose(-1, -2)) * scale
+    if causal:  # aligned top-left, as scaled_dot_product_attention
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~visible, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    if lse is None:
+        lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.view(*s.shape[:3], 1)).nan_to_num(nan=0.0)
+    return p, lse
+
+
+def _attention_layout(q, shape):
+    """An empty (batch, heads, seq_q, dim) output laid out as the C++ lays it out: as q
+    where q is (batch, seq, heads, dim) memory, else contiguous."""
+    if q.stride(1) < q.stride(2):
+        return q.new_empty((shape[0], shape[2], shape[1], shape[3])).transpose(1, 2)
+    return q.new_empty(shape)
+
+
+def _dense_forward(q, k, v, mask, causal, scale, dropout):
+    p, lse = _probabilities(q, k, mask, causal, scale)
+    return (p * dropout) @ _grouped(v, q.shape[1]), lse
+
+
+def _dense_backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout, grad_lse):
+    """(dq, dk, dv, dS) in fp32 from the forward's lse: dS = P (dP - (rowsum(dO O) - g))."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    p, _ = _probabilities(q, k, mask, causal, scale, lse)
+    d_o = grad_out.float()
+    dp = (d_o @ _grouped(v, heads).transpose(-1, -2)) * dropout
+    delta = (d_o * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    ds = p * (dp - delta[..., None])
+
+    def per_kv_head(t):  # the query heads' sums for each kv head
+        return t.unflatten(1, (kv_heads, -1)).sum(2) if kv_heads else t[:, :0]
+
+    dq = (ds @ _grouped(k, heads)) * scale
+    dk = per_kv_head(ds.transpose(-1, -2) @ q.float()) * scale
+    dv = per_kv_head((p * dropout).transpose(-1, -2) @ d_o)
+    return dq, dk, dv, ds
+
+
+def attention_fwd_cuda(q, k, v, mask, causal, scale, dropout_p, seed, keys_per_split=0):
+    _check_attention_inputs(q, k, v)
+    _check_attention_mask(mask, q, k)
+    check(keys_per_split >= 0 and keys_per_split % 64 == 0, "attention (cuda backend): "
+          "keys_per_split must be a multiple of 64 (0: no split)")
+    dropout = _dropout_scale(dropout_p, seed, *q.shape[:3], k.shape[2])
+    out, lse = _dense_forward(q, k, v, mask, causal, scale, dropout)
+    return _attention_layout(q, out.shape).copy_(out), lse.contiguous()
+
+
+def attention_bwd_cuda(grad_out, q, k, v, mask, out, lse, causal, scale, mask_grad, dropout_p,
+                       seed, grad_lse=None):
+    _check_attention_inputs(q, k, v)
+    _check_attention_mask(mask, q, k)
+    check(not mask_grad or (mask is not None and mask.is_floating_point()),
+          "attention backward: mask_grad needs an additive (floating-point) mask")
+    check(grad_lse is None or grad_lse.shape == lse.shape, "attention backward: grad_lse must "
+          "have lse's shape")
+    for t, name in ((grad_out, "grad_out"), (out, "out")):
+        _check_attention_operand(t, name, q)
+        check(t.shape == q.shape, f"attention backward: {name} must have the query's shape")
+    check(lse.dtype == torch.float32 and lse.is_contiguous()
+          and lse.numel() == q.shape[0] * q.shape[1] * q.shape[2],
+          "attention backward: lse must be the forward's contiguous float32 tensor")
+    dropout = _dropout_scale(dropout_p, seed, *q.shape[:3], k.shape[2])
+    dq, dk, dv, ds = _dense_backward(grad_out, q, k, v, mask, out, lse.view(q.shape[:3]),
+                                     causal, scale, dropout, grad_lse)
+    dmask = ds.sum_to_size(mask.shape) if mask_grad else q.new_empty((0,), dtype=torch.float32)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def _check_packing(q, k, v, cu_q, cu_k, max_q, max_k):
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check(t.dim() == 3, f"varlen_attention: {name} must be 3-D (tokens, heads, head_dim)")
+    _check_attention_inputs(*(t.transpose(0, 1)[None] for t in (q, k, v)))
+    for cu in (cu_q, cu_k):
+        check(cu.dtype == torch.int32 and cu.dim() == 1 and cu.is_contiguous(),
+              "varlen_attention: cu_seqlens must be contiguous 1-D int32 tensors")
+    check(cu_q.shape == cu_k.shape and cu_q.shape[0] >= 1 and cu_q.shape[0] - 1 <= 65535,
+          "varlen_attention: cu_seqlens_q and cu_seqlens_k need batch + 1 entries")
+    check(max_q >= 0 and max_k >= 0, "varlen_attention: max_seqlen_q and max_seqlen_k must be "
+          ">= 0")
+
+
+def _sequences(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, seed):
+    """Per packed sequence: its query and key token ranges, its q, k, v as a dense batch of
+    one, and its share of the dropout mask (batch entry i's, over its own positions)."""
+    batch = cu_q.shape[0] - 1
+    dropout = _dropout_scale(dropout_p, seed, batch, q.shape[1], max_q, max_k)
+    for i in range(batch):
+        rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
+        keys = slice(int(cu_k[i]), int(cu_k[i + 1]))
+        dense = [t[span].transpose(0, 1)[None] for t, span in ((q, rows), (k, keys), (v, keys))]
+        share = dropout if dropout_p == 0.0 else dropout[i:i + 1, :, :rows.stop - rows.start,
+                                                         :keys.stop - keys.start]
+        yield rows, keys, dense, share
+
+
+def varlen_attention_fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
+                              seed, keys_per_split=0):
+    _check_packing(q, k, v, cu_q, cu_k, max_q, max_k)
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    for rows, _, dense, dropout in _sequences(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p,
+                                              seed):
+        o, l_ = _dense_forward(*dense, None, causal, scale, dropout)
+        out[rows] = o[0].transpose(0, 1).to(q.dtype)
+        lse[:, rows] = l_[0]
+    return out, lse
+
+
+def varlen_attention_bwd_cuda(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
+                              scale, dropout_p, seed):
+    _check_packing(q, k, v, cu_q, cu_k, max_q, max_k)
+    dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+    for rows, keys, dense, dropout in _sequences(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p,
+                                                 seed):
+        def as_dense(t):
+            return t[rows].transpose(0, 1)[None]
+
+        grads = _dense_backward(as_dense(grad_out), *dense, None, as_dense(out),
+                                lse[:, rows][None], causal, scale, dropout, None)
+        dq[rows], dk[keys], dv[keys] = (g[0].transpose(0, 1) for g in grads[:3])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 STANDINS = {
     "matmul_cuda": matmul_cuda,
     "gemm_cuda": gemm_cuda,
@@ -190,16 +379,28 @@ STANDINS = {
     "conv2d_fwd_cuda": conv2d_fwd_cuda,
     "conv2d_dgrad_cuda": conv2d_dgrad_cuda,
     "conv2d_wgrad_cuda": conv2d_wgrad_cuda,
+    "attention_fwd_cuda": attention_fwd_cuda,
+    "attention_bwd_cuda": attention_bwd_cuda,
+    "varlen_attention_fwd_cuda": varlen_attention_fwd_cuda,
+    "varlen_attention_bwd_cuda": varlen_attention_bwd_cuda,
 }
 
 
 @contextlib.contextmanager
 def enabled():
-    """The stand-ins registered for CPU tensors, and the cuda backend available for them
-    (for the ops with a stand-in), until the block ends."""
+    """The stand-ins registered for CPU tensors, and the cuda backend available for them,
+    until the block ends; yields a Counter of the calls each op receives."""
+    calls = collections.Counter()
+
+    def counted(name, function):
+        def run(*args):
+            calls[name] += 1
+            return function(*args)
+        return run
+
     library = torch.library.Library("tilesmith", "IMPL")
     for name, function in STANDINS.items():
-        library.impl(name, function, "CPU")
+        library.impl(name, counted(name, function), "CPU")
     real = backend.unavailable_reason
 
     def unavailable_reason(name, op, device, dtype=None):
@@ -211,7 +412,7 @@ def enabled():
 
     backend.unavailable_reason = unavailable_reason
     try:
-        yield
+        yield calls
     finally:
         backend.unavailable_reason = real
         library._destroy()

@@ -1,18 +1,18 @@
 """The cuda backend's Python, on the CPU: the op tests' own checks (float64 references, the
 2x rule, memory formats), run with backend="cuda" on CPU tensors whose registered cuda ops
 are tests/cuda_standins.py's PyTorch stand-ins. What this covers is everything around the
-kernels: argument marshalling, zero-filled channels, layouts, the autograd formulas and
-the backward ops they call, each stand-in checking the C++ function's preconditions. The
-kernels themselves: test_cuda_emulated and the GPU run."""
+kernels: argument marshalling, zero-filled channels, packed GQA rows, layouts, the autograd
+formulas and the backward ops they call, each stand-in checking the C++ function's
+preconditions. The kernels themselves: test_cuda_emulated and the GPU run."""
 
 import pytest
 import torch
+import test_attention as attention_tests
 import test_conv2d as conv2d_tests
 import test_gemm as gemm_tests
 import test_matmul as matmul_tests
 from conftest import HAS_GPU
 
-import tilesmith
 from tilesmith import testing
 
 import cuda_standins
@@ -23,46 +23,105 @@ pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the op tests run the c
 LOW_PRECISION = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
-@pytest.fixture(autouse=True)
-def standins():
-    with cuda_standins.enabled():
-        yield
+def through_cuda_ops(check, *args):
+    """An op test's ``check(*args)`` with the stand-ins in place; it must have reached them
+    (not another backend)."""
+    with cuda_standins.enabled() as calls:
+        check(*args)
+    assert calls, "no cuda op ran: the call did not reach the cuda backend"
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("name", matmul_tests.SAMPLE_NAMES)
 def test_matmul_forward(dtype, name):
-    matmul_tests.test_forward_matches_float64("cuda", dtype, name)
+    through_cuda_ops(matmul_tests.test_forward_matches_float64, "cuda", dtype, name)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("name", matmul_tests.GRAD_SAMPLES)
 def test_matmul_gradients(dtype, name):
-    matmul_tests.test_gradients_match_float64("cuda", dtype, name)
+    through_cuda_ops(matmul_tests.test_gradients_match_float64, "cuda", dtype, name)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("name", [s.name for s in testing.gemm_sample_inputs("cpu", torch.float16)])
 def test_gemm_forward_and_gradients(dtype, name):
-    gemm_tests.test_forward_and_gradients_match_float64("cuda", dtype, name)
+    through_cuda_ops(gemm_tests.test_forward_and_gradients_match_float64, "cuda", dtype, name)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("name", conv2d_tests.SAMPLE_NAMES)
 def test_conv2d_forward_and_gradients(dtype, name):
-    conv2d_tests.test_forward_and_gradients_match_float64("cuda", dtype, name)
+    through_cuda_ops(conv2d_tests.test_forward_and_gradients_match_float64, "cuda", dtype, name)
 
 
-def test_standins_are_what_runs():
-    """The cuda backend is picked and reaches the stand-ins (not the torch backend)."""
-    calls = []
-    real = cuda_standins.STANDINS["conv2d_fwd_cuda"]
-    x = torch.randn(1, 8, 5, 5, dtype=torch.bfloat16)
-    w = torch.randn(8, 8, 3, 3, dtype=torch.bfloat16)
-    library = torch.library.Library("tilesmith", "IMPL")
-    library.impl("conv2d_fwd_cuda", lambda *args: calls.append(1) or real(*args), "CPU")
-    try:
-        tilesmith.ops.conv2d(x, w, backend="cuda")
-    finally:
-        library._destroy()
-    assert calls == [1]
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("name", attention_tests.SAMPLE_NAMES)
+def test_attention_forward_and_gradients(dtype, name):
+    through_cuda_ops(attention_tests._check_sample, "cuda", dtype, name)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("name", attention_tests.VARLEN_NAMES)
+def test_varlen_attention_forward_and_gradients(dtype, name):
+    through_cuda_ops(attention_tests._check_varlen_sample, "cuda", dtype, name)
+
+
+@pytest.mark.parametrize("case", list(attention_tests.DROPOUT_CASES))
+def test_attention_dropout(case):
+    through_cuda_ops(attention_tests._check_against_float64, "cuda", torch.bfloat16,
+                     attention_tests.DROPOUT_CASES[case], 0.3)
+
+
+@pytest.mark.parametrize("name", ["causal_gqa", "with_empty_sequence"])
+def test_varlen_attention_dropout(name):
+    through_cuda_ops(attention_tests.test_varlen_dropout_matches_float64_with_the_kernels_mask,
+                     "cuda", torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("uses_out", [True, False], ids=["out_and_lse", "lse_only"])
+@pytest.mark.parametrize("case", list(attention_tests.LSE_GRAD_CASES))
+def test_attention_logsumexp_and_its_gradient(case, uses_out):
+    through_cuda_ops(attention_tests.test_logsumexp_gradient_matches_float64, "cuda",
+                     torch.bfloat16, case, uses_out)
+
+
+@pytest.mark.parametrize("bias", list(attention_tests.BROADCAST_BIAS_SHAPES))
+def test_attention_deterministic_broadcast_mask_gradient(bias, monkeypatch):
+    through_cuda_ops(
+        attention_tests.test_deterministic_algorithms_sum_a_broadcast_mask_gradient_in_torch,
+        "cuda", torch.bfloat16, bias, monkeypatch)
+
+
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_attention_masks(kind):
+    through_cuda_ops(attention_tests.test_fully_masked_row_gives_zeros_and_finite_grads,
+                     "cuda", kind)
+    through_cuda_ops(attention_tests.test_one_dimensional_mask_broadcasts_over_batch_heads_and_rows,
+                     "cuda", torch.bfloat16, kind == "bool")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_returns_logsumexp(causal):
+    through_cuda_ops(attention_tests.test_attention_returns_logsumexp, "cuda", torch.bfloat16,
+                     causal)
+
+
+def test_attention_layouts():
+    through_cuda_ops(attention_tests.test_float32_mask_with_low_precision_queries, "cuda")
+    through_cuda_ops(attention_tests.test_varlen_takes_strided_cu_seqlens, "cuda")
+    through_cuda_ops(attention_tests.test_output_is_laid_out_as_sequence_major_queries, "cuda")
+
+
+def test_standins_check_what_the_cpp_checks():
+    """A call that the C++ function would refuse is refused by its stand-in too, so that
+    glue passing it would fail here rather than first on a GPU."""
+    with cuda_standins.enabled():
+        x = torch.randn(1, 12, 5, 5, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="multiples of 8"):
+            torch.ops.tilesmith.conv2d_fwd_cuda(x, torch.randn(8, 12, 3, 3).bfloat16(), None,
+                                                [1, 1], [0, 0], [1, 1], "none", False)
+        q = torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="attn_mask must be a 4-D bool or"):
+            torch.ops.tilesmith.attention_fwd_cuda(q, q, q, torch.zeros(4, 4), False, 1.0, 0.0,
+                                                   None)
