@@ -372,6 +372,77 @@ def varlen_attention_bwd_cuda(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, ma
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+# --- fp8: csrc/fp8/fp8_api.cpp ------------------------------------------------------------------
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+GRANULARITIES = ("tensor", "row", "block", "block2d")  # the ops' granularity codes
+
+
+def quantize_fp8_cuda(x, dtype, granularity, block_m, block_k):
+    check(x.dim() == 2, f"quantize_fp8: x must be 2-D, got {tuple(x.shape)}")
+    check(x.dtype in (torch.bfloat16, torch.float16, torch.float32), "quantize_fp8: x must be "
+          f"bfloat16, float16 or float32, got {x.dtype}")
+    check(dtype in FP8_DTYPES, f"quantize_fp8: dtype must be float8_e4m3fn or float8_e5m2, got "
+          f"{dtype}")
+    check(0 <= granularity <= 3, f"quantize_fp8: bad granularity {granularity}")
+    name = GRANULARITIES[granularity]
+
+    def power_of_two(b):
+        return 16 <= b <= 2**30 and b & (b - 1) == 0
+
+    check(not name.startswith("block") or (power_of_two(block_k) and (
+        name == "block" or power_of_two(block_m))), "quantize_fp8: block sizes must be powers "
+          "of two >= 16")
+    blocks_k = -(-x.shape[1] // block_k) if name.startswith("block") else 1
+    check(blocks_k <= 65535 and x.shape[1] // 256 < 65535, "quantize_fp8 (cuda backend): x "
+          "has too many column blocks")
+    return testing.quantize_fp8_reference(x, dtype, name, block_m, block_k)
+
+
+def _dequantized(t, scale, kind, per_row_axis):
+    """t (rows, cols) in fp64 times its scales as the kernels read them: the scale tensor's
+    elements in row-major order (the C++ makes it contiguous) as one value (kind 0), one per
+    row of a or column of b (1), or 128-wide blocks: (rows, ceil(cols / 128)) for a,
+    (ceil(k / 128), ceil(n / 128)) for b (2)."""
+    values = scale.float().contiguous().view(-1).double()
+    t = t.double()
+    if kind == 0:
+        return t * values
+    if kind == 1:
+        return t * (values.view(-1, 1) if per_row_axis == 0 else values.view(1, -1))
+    rows, cols = t.shape
+    if per_row_axis == 0:  # a: 1 x 128 blocks
+        blocks = values.view(rows, -1).repeat_interleave(128, 1)[:, :cols]
+    else:  # b: 128 x 128 blocks
+        blocks = values.view(-(-rows // 128), -1).repeat_interleave(128, 0).repeat_interleave(
+            128, 1)[:rows, :cols]
+    return t * blocks
+
+
+def scaled_gemm_cuda(a, b, scale_a, scale_b, bias, out_dtype, scale_a_kind, scale_b_kind):
+    check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0], "scaled_gemm: a and b "
+          "must be (m, k) and (k, n)")
+    check(a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES, "scaled_gemm: a and b must be "
+          "float8_e4m3fn or float8_e5m2")
+    check(out_dtype in (torch.bfloat16, torch.float16, torch.float32), "scaled_gemm: out_dtype "
+          "must be bfloat16, float16 or float32")
+    check(0 <= scale_a_kind <= 2 and 0 <= scale_b_kind <= 2
+          and (scale_a_kind == 2) == (scale_b_kind == 2), "scaled_gemm: bad scale kinds")
+    (m, k), n = a.shape, b.shape[1]
+    blocks_k, blocks_n = -(-k // 128), -(-n // 128)
+    want_a = (1, m, m * blocks_k)[scale_a_kind]
+    want_b = (1, n, blocks_k * blocks_n)[scale_b_kind]
+    check(scale_a.numel() == want_a and scale_b.numel() == want_b, "scaled_gemm: scale shapes "
+          "do not match their kinds")
+    check(bias is None or tuple(bias.shape) == (n,), f"scaled_gemm: bias must be a ({n},) "
+          "tensor")
+    out = (_dequantized(a, scale_a, scale_a_kind, 0)
+           @ _dequantized(b, scale_b, scale_b_kind, 1)).float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
 STANDINS = {
     "matmul_cuda": matmul_cuda,
     "gemm_cuda": gemm_cuda,
@@ -383,6 +454,8 @@ STANDINS = {
     "attention_bwd_cuda": attention_bwd_cuda,
     "varlen_attention_fwd_cuda": varlen_attention_fwd_cuda,
     "varlen_attention_bwd_cuda": varlen_attention_bwd_cuda,
+    "quantize_fp8_cuda": quantize_fp8_cuda,
+    "scaled_gemm_cuda": scaled_gemm_cuda,
 }
 
 

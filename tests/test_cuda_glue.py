@@ -9,6 +9,7 @@ import pytest
 import torch
 import test_attention as attention_tests
 import test_conv2d as conv2d_tests
+import test_fp8 as fp8_tests
 import test_gemm as gemm_tests
 import test_matmul as matmul_tests
 from conftest import HAS_GPU
@@ -111,6 +112,34 @@ def test_attention_layouts():
     through_cuda_ops(attention_tests.test_float32_mask_with_low_precision_queries, "cuda")
     through_cuda_ops(attention_tests.test_varlen_takes_strided_cu_seqlens, "cuda")
     through_cuda_ops(attention_tests.test_output_is_laid_out_as_sequence_major_queries, "cuda")
+
+
+@pytest.mark.parametrize("gran", fp8_tests.GRANULARITIES, ids=fp8_tests._gran_id)
+@pytest.mark.parametrize("dtype", fp8_tests.FP8, ids=["e4m3", "e5m2"])
+def test_quantize_fp8(dtype, gran):
+    for shape in fp8_tests.SHAPES:
+        through_cuda_ops(fp8_tests.test_quantize_is_bit_exact, "cuda", dtype, gran, shape,
+                         torch.bfloat16)
+    for shape in [(64, 272), (21, 130)]:
+        through_cuda_ops(fp8_tests.test_quantize_of_transposed_views_is_bit_exact, "cuda", gran,
+                         shape)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+def test_scaled_gemm(granularity):
+    for shape in [(70, 300, 90), (129, 17, 130), (0, 64, 8)]:
+        through_cuda_ops(fp8_tests.test_scaled_gemm_sqnr, "cuda", granularity, shape,
+                         torch.bfloat16)
+    through_cuda_ops(fp8_tests.test_scaled_gemm_mixed_e5m2_e4m3, "cuda")
+    through_cuda_ops(fp8_tests.test_scaled_gemm_takes_a_strided_bias, "cuda")
+
+
+@pytest.mark.parametrize("scaling,features,tokens", [
+    ("row", (48, 24), 5), ("tensor", (48, 24), 5), ("block", (48, 24), 5),
+    ("block", (300, 200), 70)], ids=["row", "tensor", "block", "block_300x200"])
+def test_float8_linear(scaling, features, tokens):
+    through_cuda_ops(fp8_tests.test_float8_linear_matches_linear_shapes_and_grads, "cuda",
+                     scaling, features, tokens)
 
 
 def test_standins_check_what_the_cpp_checks():
