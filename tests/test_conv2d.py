@@ -225,18 +225,20 @@ def test_opcheck_and_compile(backend):
     # a generic and a depthwise conv in both memory formats.
     for name in ("gelu_channels_last", "relu", "depthwise", "depthwise_c16_k5_stride2_silu"):
         sample = _sample(name, torch.bfloat16)
-        x, w, _ = sample.args
+        sample_x, sample_w, _ = sample.args
         geometry = [[v] * 2 if isinstance(v, int) else list(v) for v in (
             sample.kwargs.get("stride", 1), sample.kwargs["padding"], 1)]
-        grad = torch.nn.functional.conv2d(x, w, None, *geometry, sample.kwargs["groups"])
+        grad = torch.nn.functional.conv2d(sample_x, sample_w, None, *geometry,
+                                          sample.kwargs["groups"])
         groups = [] if backend == "cuda" else [sample.kwargs["groups"]]
-        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = sample_x.is_contiguous(memory_format=torch.channels_last)
         for dx_channels_last in (channels_last, not channels_last):
             dgrad = getattr(torch.ops.tilesmith, f"conv2d_dgrad_{backend}")
-            torch.library.opcheck(dgrad, (grad, w, list(x.shape), *geometry, *groups,
-                                          dx_channels_last))
+            torch.library.opcheck(dgrad, (grad, sample_w, list(sample_x.shape), *geometry,
+                                          *groups, dx_channels_last))
         wgrad = getattr(torch.ops.tilesmith, f"conv2d_wgrad_{backend}")
-        torch.library.opcheck(wgrad, (grad, x, list(w.shape), *geometry, *groups))
+        torch.library.opcheck(wgrad, (grad, sample_x, list(sample_w.shape), *geometry,
+                                      *groups))
 
     def f(x, w, b):
         return tilesmith.ops.conv2d(x, w, b, padding=1, activation="gelu",

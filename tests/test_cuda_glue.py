@@ -156,6 +156,49 @@ def test_standins_check_what_the_cpp_checks():
                                                    None)
 
 
+# opcheck (schema, fake implementations against the outputs' shapes, dtypes and strides,
+# autograd registration, AOT dispatch) of every cuda op, and torch.compile(fullgraph=True)
+# of gemm and conv2d: the op tests' GPU checks, which the Triton interpreter cannot run.
+
+@pytest.mark.parametrize("name", ["17x17x17", "both_transposed", "batched_3d", "zero_k"])
+def test_matmul_opcheck(name):
+    through_cuda_ops(matmul_tests.test_opcheck, "cuda", name)
+
+
+def test_gemm_opcheck_and_compile():
+    through_cuda_ops(gemm_tests.test_opcheck_and_compile, "cuda")
+
+
+def test_conv2d_opcheck_and_compile():
+    through_cuda_ops(conv2d_tests.test_opcheck_and_compile, "cuda")
+
+
+@pytest.mark.parametrize("name", ["basic_b2h3s17", "float_mask_1_h_sq_sk"])
+def test_attention_opcheck(name):
+    through_cuda_ops(attention_tests.test_opcheck, "cuda", name)
+
+
+def test_attention_backward_and_varlen_opcheck():
+    through_cuda_ops(attention_tests._backward_and_varlen_opchecks, "cuda", "cpu")
+
+
+def test_fp8_opcheck():
+    def check():
+        x = torch.randn(64, 256, dtype=torch.bfloat16)
+        for granularity, block_m, block_k in ((0, 1, 1), (1, 1, 1), (2, 1, 128), (3, 32, 64)):
+            torch.library.opcheck(torch.ops.tilesmith.quantize_fp8_cuda,
+                                  (x, torch.float8_e4m3fn, granularity, block_m, block_k))
+            torch.library.opcheck(torch.ops.tilesmith.quantize_fp8_cuda,
+                                  (x.t(), torch.float8_e5m2, granularity, block_m, block_k))
+        for granularity, kind in (("tensor", 0), ("row", 1), ("block", 2)):
+            qa, qb, sa, sb = fp8_tests._quantized_operands(64, 256, 128, granularity)
+            fp8_tests.scaled_gemm_opcheck(torch.ops.tilesmith.scaled_gemm_cuda,
+                                          (qa, qb, sa, sb, torch.randn(128), torch.bfloat16,
+                                           kind, kind))
+
+    through_cuda_ops(check)
+
+
 def _model_check(native, make_input, what):
     """A bf16 model converted with backend="cuda": its output and every parameter's
     gradient within twice the error of the native bf16 model, against the same model in

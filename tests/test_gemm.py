@@ -190,7 +190,11 @@ def test_opcheck_and_compile(backend):
                           (a, b, kw["bias"], kw["residual"], "gelu", 0.5, torch.bfloat16, True))
     pre = torch.randn(70, 136, device=DEVICE, dtype=torch.bfloat16)
     torch.library.opcheck(getattr(torch.ops.tilesmith, f"activation_backward_{backend}"),
-                          (torch.randn_like(pre), pre, "gelu", True))
+                          (torch.randn_like(pre), pre, "gelu", True, pre.dtype))
+    # An fp32 output's: pre and grad in fp32, dz in the inputs' bf16.
+    torch.library.opcheck(getattr(torch.ops.tilesmith, f"activation_backward_{backend}"),
+                          (torch.randn_like(pre).float(), pre.float(), "gelu", True,
+                           torch.bfloat16))
 
     def f(a, b):
         return tilesmith.ops.gemm(a, b, backend=backend, **kw).float().square().sum()
