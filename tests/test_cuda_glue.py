@@ -14,6 +14,7 @@ import test_gemm as gemm_tests
 import test_matmul as matmul_tests
 from conftest import HAS_GPU
 
+import tilesmith
 from tilesmith import testing
 
 import cuda_standins
@@ -182,6 +183,42 @@ def test_attention_backward_and_varlen_opcheck():
     through_cuda_ops(attention_tests._backward_and_varlen_opchecks, "cuda", "cpu")
 
 
+def test_attention_compile():
+    through_cuda_ops(attention_tests.test_torch_compile_fullgraph, "cuda")
+
+
+@pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
+def test_conv2d_zero_filled_compile(memory_format):
+    """An RGB first layer (channels zero-filled to 8 around the op) compiles whole, with
+    the gradients' values and strides of eager mode; the input's gradient has PyTorch's
+    strides (the weight's has the weight's own format, as on the unfilled path)."""
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+
+    def check():
+        x = torch.randn(2, 3, 9, 9).to(torch.bfloat16).contiguous(memory_format=fmt)
+        w = torch.randn(16, 3, 3, 3).to(torch.bfloat16)
+        b = torch.randn(16).to(torch.bfloat16)
+        inputs = [t.requires_grad_() for t in (x, w, b)]
+
+        def loss(conv2d, x, w, b):
+            return conv2d(x, w, b, padding=1).relu().float().square().sum()
+
+        def ours(x, w, b, padding):
+            return tilesmith.ops.conv2d(x, w, b, padding=padding, backend="cuda")
+
+        torch._dynamo.reset()
+        compiled = torch.autograd.grad(
+            torch.compile(lambda *t: loss(ours, *t), fullgraph=True)(*inputs), inputs)
+        eager = torch.autograd.grad(loss(ours, *inputs), inputs)
+        pytorch = torch.autograd.grad(loss(torch.nn.functional.conv2d, *inputs), inputs)
+        for got, want in zip(compiled, eager):
+            torch.testing.assert_close(got, want)
+            assert got.stride() == want.stride()
+        assert compiled[0].stride() == pytorch[0].stride()
+
+    through_cuda_ops(check)
+
+
 def test_fp8_opcheck():
     def check():
         x = torch.randn(64, 256, dtype=torch.bfloat16)
@@ -240,3 +277,4 @@ def test_converted_transformer_encoder():
                                              batch_first=True, dtype=torch.bfloat16)
     native = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     through_cuda_ops(_model_check, native, lambda: torch.randn(2, 11, 32), "transformer")
+

@@ -15,8 +15,8 @@ namespace tilesmith {
 constexpr int kActivationBackwardRows = 128;
 
 // dz[i][j] = grad[i][j] * act'(pre[i][j]) for i < m, j < n, computed in fp32 and stored
-// contiguous (row stride n) in fp16 or bf16 (the GEMM inputs' dtype; pre is that or fp32,
-// which a gemm with an fp32 output keeps, and then grad is fp32). With bias_partials set, also
+// contiguous (row stride n) in fp16 or bf16, the GEMM inputs' dtype. pre is in that dtype
+// or, from a gemm with an fp32 output, in fp32 (grad then too). With bias_partials set, also
 // bias_partials[r][j] = the sum over block r's rows of the fp32 products (before rounding).
 struct ActivationBackwardParams {
   const void* grad;
