@@ -278,3 +278,19 @@ def test_converted_transformer_encoder():
     native = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     through_cuda_ops(_model_check, native, lambda: torch.randn(2, 11, 32), "transformer")
 
+
+
+def test_gpu_smoke_script(monkeypatch, capsys):
+    """tools/sanitize_cuda.py, the first thing `make gpu-report` runs on a GPU (and the
+    compute-sanitizer workload), on CPU tensors through the stand-ins: every call it
+    makes is well-formed and every check it applies passes on correct results."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("TILESMITH_SMOKE_DEVICE", "cpu")
+    path = Path(__file__).resolve().parent.parent / "tools" / "sanitize_cuda.py"
+    spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    through_cuda_ops(lambda: (smoke.probe_tma_kernels(), smoke.main()))
+    assert smoke.FAILURES == [], capsys.readouterr().out

@@ -4,10 +4,15 @@ checked against PyTorch: the workload tools/sanitize.sh runs under compute-sanit
 
     python tools/sanitize_cuda.py               (exit 1 if any result is off)
     python tools/sanitize_cuda.py --tma-probe   (the TMA-fed kernels only)
+
+TILESMITH_SMOKE_DEVICE=cpu runs the same calls on CPU tensors, for tests/test_cuda_glue.py,
+where the cuda ops are PyTorch stand-ins: the script's own mistakes then show up in CI
+rather than in the first minutes of a GPU run.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -17,6 +22,12 @@ import tilesmith
 from tilesmith import testing
 
 FAILURES = []
+DEVICE = torch.device(os.environ.get("TILESMITH_SMOKE_DEVICE", "cuda"))
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        synchronize()
 
 
 def check(name, got, want, bar=2e-2):
@@ -38,7 +49,7 @@ def check_matmul(kernel_sets):
     """matmul in the four layouts (rows of 8-element multiples: 128- and 256-wide wgmma
     tiles) and a batch with b broadcast (the TMA's batch coordinate, a persistent block
     walking tiles of both entries), under hopper_kernels(**kernels) for each set."""
-    dev, bf16 = "cuda", torch.bfloat16
+    dev, bf16 = DEVICE, torch.bfloat16
     for kernels in kernel_sets:
         label = ",".join(f"{key}={value}" for key, value in kernels.items()) or "default"
         for ta in (False, True):
@@ -62,11 +73,11 @@ def check_scaled_gemm(kernel_sets):
     """scaled_gemm (sm_90a only) with row-wise and per-block scales, n = 200 (128-wide tiles)
     and 264 (256-wide where the scales allow), under hopper_kernels(**kernels) for each set."""
     quant = testing.quantize_fp8_reference
-    a = torch.randn(130, 272, device="cuda")
+    a = torch.randn(130, 272, device=DEVICE)
     for kernels in kernel_sets:
         label = ",".join(f"{key}={value}" for key, value in kernels.items()) or "default"
         for n in (200, 264):
-            w = torch.randn(n, 272, device="cuda")
+            w = torch.randn(n, 272, device=DEVICE)
             for granularity in ("row", "block"):
                 if granularity == "row":
                     qa, sa = quant(a, torch.float8_e4m3fn, "row")
@@ -82,7 +93,7 @@ def check_scaled_gemm(kernel_sets):
 
 
 def fp8_runs_here() -> bool:
-    return tilesmith.backend.unavailable_reason("cuda", "fp8", torch.device("cuda"),
+    return tilesmith.backend.unavailable_reason("cuda", "fp8", DEVICE,
                                                 torch.float8_e4m3fn) is None
 
 
@@ -90,7 +101,7 @@ def check_attention(kernel_sets):
     """attention at every kernel head dim, causal with seq_q != seq_k, GQA, forward and
     backward, under hopper_kernels(**kernels) for each set (520 keys: more key blocks than
     the TMA-fed forward has stages)."""
-    dev, bf16 = "cuda", torch.bfloat16
+    dev, bf16 = DEVICE, torch.bfloat16
     for kernels in kernel_sets:
         label = ",".join(f"{key}={value}" for key, value in kernels.items()) or "default"
         for d, causal, (sq, sk), heads_kv in ((64, False, (70, 90), 2),
@@ -120,7 +131,7 @@ def check_varlen_attention(kernel_sets, split=False):
     backward, under hopper_kernels(**kernels) for each set (on an H100 at the defaults the
     TMA-fed forward, one tile map over all the tokens); with `split`, also the forward split
     over the keys in 64-key ranges (the first sequence's second split is empty)."""
-    dev, bf16 = "cuda", torch.bfloat16
+    dev, bf16 = DEVICE, torch.bfloat16
     cu = torch.tensor([0, 37, 37, 107], device=dev, dtype=torch.int32)
     q = torch.randn(107, 4, 64, device=dev, dtype=bf16, requires_grad=True)
     k = torch.randn(107, 2, 64, device=dev, dtype=bf16, requires_grad=True)
@@ -153,14 +164,14 @@ def probe_tma_kernels() -> int:
     check_varlen_attention(({},))
     if fp8_runs_here():
         check_scaled_gemm(({},))
-    torch.cuda.synchronize()
+    synchronize()
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all ok")
     return 1 if FAILURES else 0
 
 
 def main() -> int:
     torch.manual_seed(0)
-    dev, bf16 = "cuda", torch.bfloat16
+    dev, bf16 = DEVICE, torch.bfloat16
 
     # matmul / gemm: the four layouts, odd sizes, a misaligned view (element-wise loads); on
     # an H100 on each wgmma kernel (TMA and cp.async) and on the sm_80 ones.
@@ -323,7 +334,7 @@ def main() -> int:
         for name, got, want in zip(("dx", "dw"), grads,
                                    torch.autograd.grad(ref.square().sum(), leaves)):
             check(f"Float8Linear block {name}", got, want, bar=0.09)
-    torch.cuda.synchronize()
+    synchronize()
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all ok")
     return 1 if FAILURES else 0
 
