@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
 
 import torch
 import torch.nn.functional as F
 
 from tilesmith import backend, testing
+
+# The C++ reads "the input's memory format" by the Python's rule (conv2d_api.cpp).
+_is_channels_last = importlib.import_module("tilesmith.ops.conv2d")._is_channels_last
 
 ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
                "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
@@ -134,11 +138,6 @@ def _conv_geometry(c, k, c_group, stride, padding, dilation, depthwise):
           f"conv2d (cuda backend): input channels and filters per group must be multiples of "
           f"8 (16-byte rows), got {c_group} and {k // groups} (groups {groups})")
     return groups
-
-
-def _is_channels_last(t):
-    return (t.is_contiguous(memory_format=torch.channels_last)
-            and torch._prims_common.suggest_memory_format(t) == torch.channels_last)
 
 
 def _in_layout(t, channels_last):
