@@ -49,6 +49,11 @@ def _is_channels_last(t: torch.Tensor) -> bool:
             and suggest_memory_format(t) == torch.channels_last)
 
 
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format a tensor is laid out in, by _is_channels_last."""
+    return torch.channels_last if _is_channels_last(t) else torch.contiguous_format
+
+
 def _output_channels_last(input: torch.Tensor, weight: torch.Tensor) -> bool:
     """PyTorch's choice of a convolution's output format: channels-last when the input's or
     the weight's strides are channels-last-like (Tensor.suggest_memory_format), so also for
@@ -398,8 +403,7 @@ def _backward(ctx, grad_out, _grad_pre):
         else:
             grad_w = torch.ops.tilesmith.conv2d_wgrad_triton(dz, x, list(weight.shape), stride,
                                                              padding, dilation, groups)
-        grad_w = grad_w.contiguous(memory_format=torch.channels_last if _is_channels_last(
-            weight) else torch.contiguous_format)
+        grad_w = grad_w.contiguous(memory_format=_format_of(weight))
     if ctx.has_bias and ctx.needs_input_grad[2]:
         if dz_channel_sums is None:
             dz_channel_sums = dz.sum((0, 2, 3), dtype=torch.float32 if dz.dtype !=
@@ -587,10 +591,6 @@ class _GradientInFormat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.contiguous(memory_format=ctx.memory_format), None
-
-
-def _format_of(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _is_channels_last(t) else torch.contiguous_format
 
 
 def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation, save_pre):
