@@ -29,7 +29,16 @@ from tilesmith import testing
 
 TOKENS = 16384
 WIDTH = 2048
-SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
+# The sweeps, full and quick (make gpu-report's ten minutes go to the targets first).
+SEQLENS = {"full": [512, 1024, 2048, 4096, 8192, 16384], "quick": [1024, 4096, 16384]}
+HEAD_DIMS = {"full": [64, 128], "quick": [128]}
+DROPOUT_SEQLENS = {"full": [1024, 4096, 16384], "quick": [4096]}  # head dim 128
+MASK_SEQLENS = {"full": [1024, 2048, 4096], "quick": []}  # head dim 128
+# Decoding, 32 query heads over 32 kv heads and (Llama-style GQA) over 8:
+# (batch, keys, kv heads, key padding mask)
+DECODE_CASES = {"full": [(1, 8192, 32, False), (1, 65536, 32, False), (8, 8192, 32, False),
+                         (1, 8192, 8, False), (8, 8192, 8, False), (8, 8192, 8, True)],
+                "quick": []}
 TORCH_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                   "sdpa_flash": SDPBackend.FLASH_ATTENTION,
                   "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
@@ -49,6 +58,20 @@ def _contender(name):
         q, k, v, mask, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1], backend=name)
 
 
+def _refuses(name, fn, *args) -> bool:
+    """Whether SDPA backend ``name`` refuses ``fn(*args)`` (this shape, mask or GPU): it sits
+    out, as SDPA's dispatcher would pass it over. Our backends never sit out: a call of
+    theirs that raises is a failure, reported in its row (harness.contender)."""
+    if name not in TORCH_BACKENDS:
+        return False
+    try:
+        fn(*args)
+    except RuntimeError as exc:
+        print(f"  {name}: {str(exc).splitlines()[0][:100]}")
+        return True
+    return False
+
+
 def _measure(fn, q, k, v, causal, mode):
     out = fn(q, k, v, causal)
     grad = torch.randn_like(out)
@@ -63,12 +86,11 @@ def _measure(fn, q, k, v, causal, mode):
 
 def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=None):
     rows = [] if rows is None else rows
-    seqlens = [1024, 4096, 16384] if quick else SEQLENS
-    head_dims = [128] if quick else [64, 128]
+    sweep = "quick" if quick else "full"
     dtype = torch.bfloat16
-    for head_dim in head_dims:
+    for head_dim in HEAD_DIMS[sweep]:
         heads = WIDTH // head_dim
-        for seqlen in seqlens:
+        for seqlen in SEQLENS[sweep]:
             batch = TOKENS // seqlen
             for causal in (False, True):
                 q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
@@ -87,17 +109,17 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
                     if name == "sdpa_math" and seqlen > MATH_MAX_SEQLEN:
                         continue
                     fn = _contender(backend)
-                    with tilesmith.backend.hopper_kernels(**switches):  # set outside the timing
-                        try:
-                            out = fn(q, k, v, causal)
-                        except RuntimeError as exc:  # a backend that refuses this shape/GPU
-                            print(f"  {name}: {str(exc).splitlines()[0][:100]}")
-                            continue
-                        err = (testing.rel_error(fn(q[:1, :1, :ERROR_ROWS], k[:1, :1],
-                                                    v[:1, :1], causal), ref)
-                               if ref is not None else None)
-                        del out
-                        for mode, factor in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
+                    if _refuses(name, fn, q, k, v, causal):
+                        continue
+                    err = None
+                    for mode, factor in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
+                        with (harness.contender(rows, op="attention", mode=mode, backend=name,
+                                                baseline="sdpa_cudnn", dtype="bfloat16",
+                                                shape=dict(shape, causal=causal)),
+                              tilesmith.backend.hopper_kernels(**switches)):  # outside timing
+                            if mode == "fwd" and ref is not None:
+                                err = testing.rel_error(fn(q[:1, :1, :ERROR_ROWS], k[:1, :1],
+                                                           v[:1, :1], causal), ref)
                             ms, mem = _measure(fn, q, k, v, causal, mode)
                             timings[(name, mode)] = (ms, mem, flops_fwd * factor, err)
                 for (name, mode), (ms, mem, flops, err) in timings.items():
@@ -115,20 +137,16 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None, rows=
                 if checkpoint:
                     checkpoint(rows)
                 del q, k, v
-    for seqlen in ([4096] if quick else [1024, 4096, 16384]):
+    for seqlen in DROPOUT_SEQLENS[sweep]:
         _dropout_row(rows, seqlen, 128, dtype, backends)
         if checkpoint:
             checkpoint(rows)
-    # Not in the quick sweep (make gpu-report's ten minutes go to the targets first).
-    for seqlen in ([] if quick else [1024, 2048, 4096]):
+    for seqlen in MASK_SEQLENS[sweep]:
         for mask_kind in ("bias_grad", "key_padding"):
             _mask_row(rows, seqlen, 128, dtype, mask_kind, backends)
             if checkpoint:
                 checkpoint(rows)
-    # Decoding, 32 query heads over 32 kv heads and (Llama-style GQA) over 8.
-    for batch, seqlen, kv_heads, padded in ([] if quick else [
-            (1, 8192, 32, False), (1, 65536, 32, False), (8, 8192, 32, False),
-            (1, 8192, 8, False), (8, 8192, 8, False), (8, 8192, 8, True)]):
+    for batch, seqlen, kv_heads, padded in DECODE_CASES[sweep]:
         _decode_row(rows, batch, seqlen, 128, dtype, backends, kv_heads=kv_heads,
                     padded=padded)
         if checkpoint:
@@ -156,23 +174,23 @@ def _decode_row(rows, batch, seqlen, head_dim, dtype, backends, heads=32, kv_hea
                                          v[:1, :1].double(), first, enable_gqa=True)
     contenders = list(harness.contenders("attention", backends, q.device, dtype))
     contenders += [(name, name, {}) for name in TORCH_BACKENDS if name != "sdpa_math"]
-    timings = {}
-    for name, backend, switches in contenders:
-        fn = _contender(backend)
-        with tilesmith.backend.hopper_kernels(**switches):
-            try:
-                err = testing.rel_error(fn(q[:1, :group], k[:1, :1], v[:1, :1], False, first),
-                                        ref)
-            except RuntimeError as exc:
-                print(f"  {name}: {str(exc).splitlines()[0][:100]}")
-                continue
-            timings[name] = (harness.median_ms(lambda: fn(q, k, v, False, mask)), err)
     baseline = "sdpa_efficient" if padded else "sdpa_flash"
-    base_ms = timings.get(baseline, (None,))[0]
-    flops = 4 * batch * heads * seqlen * head_dim
     shape = {"B": batch, "H": heads, "Hkv": kv_heads, "Sq": 1, "Sk": seqlen, "D": head_dim}
     if padded:
         shape["mask"] = "key_padding"
+    timings = {}
+    for name, backend, switches in contenders:
+        fn = _contender(backend)
+        if _refuses(name, fn, q[:1, :group], k[:1, :1], v[:1, :1], False, first):
+            continue
+        with (harness.contender(rows, op="attention", mode="decode", backend=name,
+                                baseline=baseline, dtype=str(dtype).removeprefix("torch."),
+                                shape=shape),
+              tilesmith.backend.hopper_kernels(**switches)):
+            err = testing.rel_error(fn(q[:1, :group], k[:1, :1], v[:1, :1], False, first), ref)
+            timings[name] = (harness.median_ms(lambda: fn(q, k, v, False, mask)), err)
+    base_ms = timings.get(baseline, (None,))[0]
+    flops = 4 * batch * heads * seqlen * head_dim
     for name, (ms, err) in timings.items():
         rows.append(harness.Row(
             op="attention", mode="decode", backend=name,
@@ -190,17 +208,17 @@ def _training_rows(rows, what, shape, step, torch_backends, backends, dtype):
     and "cuda-sm80", mma.sync) and the given SDPA backends, against the first of those."""
     contenders = [(name, name, {}) for name in torch_backends]
     contenders += harness.contenders("attention", backends, torch.device("cuda"), dtype)
+    baseline = torch_backends[0]
     timings = {}
     for name, backend, switches in contenders:
-        with tilesmith.backend.hopper_kernels(**switches):  # set outside the timing
-            try:
-                step(backend)
-            except (RuntimeError, tilesmith.BackendUnavailableError) as exc:
-                print(f"  {what} {name}: {str(exc).splitlines()[0][:100]}")
-                continue
+        if _refuses(name, step, backend):
+            continue
+        with (harness.contender(rows, op="attention", mode="fwd+bwd", backend=name,
+                                baseline=baseline, dtype="bfloat16", shape=shape),
+              tilesmith.backend.hopper_kernels(**switches)):  # set outside the timing
+            step(backend)
             timings[name] = (harness.median_ms(lambda: step(backend)),
                              harness.peak_memory(lambda: step(backend)))
-    baseline = torch_backends[0]
     base_ms = timings.get(baseline, (None,))[0]
     flops = 3.5 * 4 * shape["B"] * shape["H"] * shape["S"] ** 2 * shape["D"]
     for name, (ms, mem) in timings.items():

@@ -114,18 +114,21 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                     def fn(b=backend, m=mode):
                         return ours[m](b)
 
-                    with tilesmith.backend.hopper_kernels(**switches):  # set outside the timing
+                    with (harness.contender(rows, op="conv2d", mode=mode, backend=label,
+                                            baseline=base_label, dtype=str(dtype)[6:],
+                                            shape=shape, baseline_ms=base_ms),
+                          tilesmith.backend.hopper_kernels(**switches)):  # outside the timing
                         out = fn()
                         ms = harness.median_ms(fn)
-                        peak_mem = harness.peak_memory(fn)
-                    err = (testing.rel_error(out[:1], refs["fwd"]) if mode == "fwd" else None)
-                    rows.append(harness.Row(
-                        op="conv2d", mode=mode, backend=label, baseline=base_label,
-                        dtype=str(dtype)[6:], shape=shape, ms=ms, tflops=flops / ms / 1e9,
-                        baseline_ms=base_ms, ratio=base_ms / ms, rel_err=err,
-                        peak_mem_bytes=peak_mem, joules=None))
+                        rows.append(harness.Row(
+                            op="conv2d", mode=mode, backend=label, baseline=base_label,
+                            dtype=str(dtype)[6:], shape=shape, ms=ms, tflops=flops / ms / 1e9,
+                            baseline_ms=base_ms, ratio=base_ms / ms,
+                            rel_err=(testing.rel_error(out[:1], refs["fwd"]) if mode == "fwd"
+                                     else None),
+                            peak_mem_bytes=harness.peak_memory(fn), joules=None))
             print(f"conv2d {name} N={batch} {str(dtype)[6:]}: " + ", ".join(
-                f"{r.mode} {r.ratio:.2f}x" for r in rows
+                harness.brief(r, "{backend}/{mode} {ratio:.2f}x") for r in rows
                 if r.shape == shape and r.backend != "torch" and r.dtype == str(dtype)[6:]),
                 flush=True)
             if checkpoint:

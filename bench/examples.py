@@ -28,22 +28,26 @@ def run(quick: bool = False, checkpoint=None, out_dir: Path = Path("bench/out"))
     for name, module, unit, extra in (
             ("train_cifar_resnet", cifar_resnet, "images", []),
             ("train_gpt_char", gpt_char, "tokens", [])):
-        results, _ = module.main(["--steps", steps, "--out", str(out_dir), *extra])
-        native, ours = results["native"], results["tilesmith"]
-        tail = max(1, len(native["losses"]) // 10)
-        final_native = sum(native["losses"][-tail:]) / tail
-        final_ours = sum(ours["losses"][-tail:]) / tail
-        rows.append(harness.Row(
-            op=name, mode="fwd+bwd", backend="tilesmith", baseline="native_eager",
-            dtype="bfloat16", shape={"steps": int(steps)}, ms=ours["step_s"] * 1e3, tflops=None,
-            baseline_ms=native["step_s"] * 1e3, ratio=native["step_s"] / ours["step_s"],
-            rel_err=abs(final_ours - final_native) / abs(final_native),
-            peak_mem_bytes=ours["peak_mem_bytes"], joules=None,
-            note=f"final loss {final_ours:.4f} vs native {final_native:.4f}",
-            extra={f"{unit}_per_s": ours["items_per_s"],
-                   f"native_{unit}_per_s": native["items_per_s"],
-                   "native_peak_mem_bytes": native["peak_mem_bytes"],
-                   "losses": ours["losses"], "native_losses": native["losses"]}))
+        with harness.contender(rows, op=name, mode="fwd+bwd", backend="tilesmith",
+                               baseline="native_eager", dtype="bfloat16",
+                               shape={"steps": int(steps)}):
+            results, _ = module.main(["--steps", steps, "--out", str(out_dir), *extra])
+            native, ours = results["native"], results["tilesmith"]
+            tail = max(1, len(native["losses"]) // 10)
+            final_native = sum(native["losses"][-tail:]) / tail
+            final_ours = sum(ours["losses"][-tail:]) / tail
+            rows.append(harness.Row(
+                op=name, mode="fwd+bwd", backend="tilesmith", baseline="native_eager",
+                dtype="bfloat16", shape={"steps": int(steps)}, ms=ours["step_s"] * 1e3,
+                tflops=None, baseline_ms=native["step_s"] * 1e3,
+                ratio=native["step_s"] / ours["step_s"],
+                rel_err=abs(final_ours - final_native) / abs(final_native),
+                peak_mem_bytes=ours["peak_mem_bytes"], joules=None,
+                note=f"final loss {final_ours:.4f} vs native {final_native:.4f}",
+                extra={f"{unit}_per_s": ours["items_per_s"],
+                       f"native_{unit}_per_s": native["items_per_s"],
+                       "native_peak_mem_bytes": native["peak_mem_bytes"],
+                       "losses": ours["losses"], "native_losses": native["losses"]}))
         if checkpoint:
             checkpoint(rows)
     return rows

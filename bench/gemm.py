@@ -22,18 +22,20 @@ from bench import harness
 from tilesmith import testing
 from tilesmith.ops.gemm import _torch_gemm, activation_backward
 
-SQUARES = [2048, 4096, 8192]
-LLM = [(m, n, k) for m in (16, 512, 4096, 16384) for (n, k) in ((14336, 4096), (4096, 14336))]
+# The sweeps, full and quick. Quick: the target shape and one LLM up-projection, bias + GELU
+# only (each torch.compile of the baseline expression costs seconds).
+SQUARES = {"full": [2048, 4096, 8192], "quick": [8192]}
+LLM = {"full": [(m, n, k) for m in (16, 512, 4096, 16384)
+                for (n, k) in ((14336, 4096), (4096, 14336))],
+       "quick": [(16384, 14336, 4096)]}
 EPILOGUES = {"bias_gelu": {"activation": "gelu", "bias": True},
              "bias_residual": {"bias": True, "residual": True}}
 ERROR_ROWS = 64
 
 
 def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
-    # quick: the target shape and one LLM up-projection, bias + GELU only (each torch.compile
-    # of the baseline expression costs seconds).
-    shapes = [(n, n, n) for n in ([8192] if quick else SQUARES)] + (
-        [(16384, 14336, 4096)] if quick else LLM)
+    sweep = "quick" if quick else "full"
+    shapes = [(n, n, n) for n in SQUARES[sweep]] + LLM[sweep]
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
     epilogues = {"bias_gelu": EPILOGUES["bias_gelu"]} if quick else EPILOGUES
     rows = []
@@ -67,27 +69,31 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                             a, b, backend=name, **kwargs))
                 shape = {"M": m, "N": n, "K": k, "epilogue": epilogue}
                 for name, fn in contenders.items():
-                    fn()
-                    ms = base_ms if name == "torch" else harness.median_ms(fn)
-                    rows.append(harness.Row(
-                        op="gemm", mode="fwd", backend=name, baseline="cublas+eager",
-                        dtype=str(dtype)[6:], shape=shape, ms=ms, tflops=flops / ms / 1e9,
-                        baseline_ms=base_ms, ratio=base_ms / ms,
-                        rel_err=testing.rel_error(fn()[:ERROR_ROWS], ref),
-                        peak_mem_bytes=harness.peak_memory(fn), joules=None))
+                    with harness.contender(rows, op="gemm", mode="fwd", backend=name,
+                                           baseline="cublas+eager", dtype=str(dtype)[6:],
+                                           shape=shape, baseline_ms=base_ms):
+                        fn()
+                        ms = base_ms if name == "torch" else harness.median_ms(fn)
+                        rows.append(harness.Row(
+                            op="gemm", mode="fwd", backend=name, baseline="cublas+eager",
+                            dtype=str(dtype)[6:], shape=shape, ms=ms, tflops=flops / ms / 1e9,
+                            baseline_ms=base_ms, ratio=base_ms / ms,
+                            rel_err=testing.rel_error(fn()[:ERROR_ROWS], ref),
+                            peak_mem_bytes=harness.peak_memory(fn), joules=None))
                 print(f"gemm {str(dtype)[6:]} {m}x{n}x{k} {epilogue}: " + ", ".join(
-                    f"{r.backend} {r.tflops:.0f} TF/s ({r.ratio:.2f}x)" for r in rows
+                    harness.brief(r, "{backend} {tflops:.0f} TF/s ({ratio:.2f}x)") for r in rows
                     if r.shape == shape and r.dtype == str(dtype)[6:]), flush=True)
                 if checkpoint:
                     checkpoint(rows)
-    for (m, n, k) in TRAINING_SHAPES[:1] if quick else TRAINING_SHAPES:
+    for (m, n, k) in TRAINING_SHAPES[sweep]:
         rows += _training_rows(m, n, k, torch.bfloat16, backends)
         if checkpoint:
             checkpoint(rows)
     return rows
 
 
-TRAINING_SHAPES = [(8192, 8192, 8192), (16384, 14336, 4096)]
+TRAINING_SHAPES = {"full": [(8192, 8192, 8192), (16384, 14336, 4096)],
+                   "quick": [(8192, 8192, 8192)]}
 
 
 def _training_rows(m, n, k, dtype, backends):
@@ -113,11 +119,14 @@ def _training_rows(m, n, k, dtype, backends):
     shape = {"M": m, "N": n, "K": k, "epilogue": "bias_gelu"}
     rows = []
     for name, fn in contenders.items():
-        ms = base_ms if name == "torch" else harness.median_ms(fn)
-        rows.append(harness.Row(op="gemm", mode="fwd+bwd", backend=name,
-                                baseline="cublas+eager", dtype=str(dtype)[6:], shape=shape,
-                                ms=ms, tflops=3 * 2 * m * n * k / ms / 1e9, baseline_ms=base_ms,
-                                ratio=base_ms / ms, rel_err=None))
+        with harness.contender(rows, op="gemm", mode="fwd+bwd", backend=name,
+                               baseline="cublas+eager", dtype=str(dtype)[6:], shape=shape,
+                               baseline_ms=base_ms):
+            ms = base_ms if name == "torch" else harness.median_ms(fn)
+            rows.append(harness.Row(op="gemm", mode="fwd+bwd", backend=name,
+                                    baseline="cublas+eager", dtype=str(dtype)[6:], shape=shape,
+                                    ms=ms, tflops=3 * 2 * m * n * k / ms / 1e9,
+                                    baseline_ms=base_ms, ratio=base_ms / ms, rel_err=None))
 
     pre = torch.randn(m, n, device="cuda", dtype=dtype)
 
@@ -128,21 +137,27 @@ def _training_rows(m, n, k, dtype, backends):
     eager_ms = harness.median_ms(eager)
     moved = 3 * pre.numel() * pre.element_size()
     for name in ours:
-        ms = harness.median_ms(lambda name=name: activation_backward(
-            grad, pre, "gelu", True, cuda=name == "cuda"))
-        rows.append(harness.Row(op="activation_backward", mode="bwd", backend=name,
-                                baseline="torch_eager", dtype=str(dtype)[6:],
-                                shape={"M": m, "N": n, "activation": "gelu"}, ms=ms,
-                                tflops=None, baseline_ms=eager_ms, ratio=eager_ms / ms,
-                                rel_err=None, note=f"{moved / ms / 1e6:.0f} GB/s (eager "
-                                                   f"{moved / eager_ms / 1e6:.0f})"))
+        with harness.contender(rows, op="activation_backward", mode="bwd", backend=name,
+                               baseline="torch_eager", dtype=str(dtype)[6:],
+                               shape={"M": m, "N": n, "activation": "gelu"},
+                               baseline_ms=eager_ms):
+            ms = harness.median_ms(lambda name=name: activation_backward(
+                grad, pre, "gelu", True, cuda=name == "cuda"))
+            rows.append(harness.Row(op="activation_backward", mode="bwd", backend=name,
+                                    baseline="torch_eager", dtype=str(dtype)[6:],
+                                    shape={"M": m, "N": n, "activation": "gelu"}, ms=ms,
+                                    tflops=None, baseline_ms=eager_ms, ratio=eager_ms / ms,
+                                    rel_err=None, note=f"{moved / ms / 1e6:.0f} GB/s (eager "
+                                                       f"{moved / eager_ms / 1e6:.0f})"))
     print(f"gemm training step {m}x{n}x{k} bias_gelu: " + ", ".join(
-        f"{r.op}/{r.backend} {r.ratio:.2f}x" for r in rows), flush=True)
+        harness.brief(r, "{op}/{backend} {ratio:.2f}x") for r in rows), flush=True)
     return rows
 
 
-FP8_SHAPES = [(8192, 8192, 4096)] + [(m, n, k) for m in (16, 1024, 16384)
-                                     for (n, k) in ((14336, 4096), (4096, 14336))]
+FP8_SHAPES = {"full": [(8192, 8192, 4096)] + [(m, n, k) for m in (16, 1024, 16384)
+                                              for (n, k) in ((14336, 4096), (4096, 14336))],
+              "quick": [(8192, 8192, 4096), (16, 14336, 4096)]}
+FLOAT8_LINEAR_SIZE = {"full": 8192, "quick": 4096}  # M = N = K of its training step
 
 
 def _scaled_mm(qa, qb, sa, sb):
@@ -154,9 +169,9 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
     (tensor-wise and row-wise) and against bf16 cuBLAS on the same shapes; then Float8Linear
     forward+backward against a bf16 Linear."""
     rows = []
-    shapes = FP8_SHAPES[:2] if quick else FP8_SHAPES
+    sweep = "quick" if quick else "full"
     e4m3 = torch.float8_e4m3fn
-    for (m, n, k) in shapes:
+    for (m, n, k) in FP8_SHAPES[sweep]:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         flops = 2 * m * n * k
@@ -168,12 +183,15 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                                 ms=bf16_ms, tflops=flops / bf16_ms / 1e9, baseline_ms=bf16_ms,
                                 ratio=1.0, rel_err=None, peak_mem_bytes=None, joules=None))
         for granularity in ("tensor", "row", "block"):
+            # The operands quantized by plain PyTorch (bit-exact with quantize_fp8, tested),
+            # so that a fault in our quantize kernels cannot cost the GEMM rows.
+            quantize = testing.quantize_fp8_reference
             if granularity == "block":
-                qa, sa = tilesmith.ops.quantize_fp8(a, granularity="block", block_size=128)
-                qw, sw = tilesmith.ops.quantize_fp8(w, granularity="block", block_size=(128, 128))
+                qa, sa = quantize(a, e4m3, "block", block_k=128)
+                qw, sw = quantize(w, e4m3, "block2d", block_m=128, block_k=128)
             else:
-                qa, sa = tilesmith.ops.quantize_fp8(a, granularity=granularity)
-                qw, sw = tilesmith.ops.quantize_fp8(w, granularity=granularity)
+                qa, sa = quantize(a, e4m3, granularity)
+                qw, sw = quantize(w, e4m3, granularity)
             sb = sw.t() if sw.dim() == 2 else sw
             base_name, base_ms = None, None
             if granularity != "block":
@@ -194,25 +212,29 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                 def fn(be=backend):
                     return tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sb, backend=be)
 
-                with tilesmith.backend.hopper_kernels(**switches):  # set outside the timing
+                with (harness.contender(rows, op="fp8_gemm", mode="fwd", backend=label,
+                                        baseline=base_name or "cublas_bf16",
+                                        dtype=f"e4m3_{granularity}", shape=shape,
+                                        baseline_ms=base_ms or bf16_ms),
+                      tilesmith.backend.hopper_kernels(**switches)):  # set outside the timing
                     fn()
                     ms = harness.median_ms(fn)
-                    rel_err = testing.rel_error(fn()[:ERROR_ROWS], ref)
-                rows.append(harness.Row(
-                    op="fp8_gemm", mode="fwd", backend=label,
-                    baseline=base_name or "cublas_bf16", dtype=f"e4m3_{granularity}",
-                    shape=shape, ms=ms, tflops=flops / ms / 1e9,
-                    baseline_ms=base_ms or bf16_ms, ratio=(base_ms or bf16_ms) / ms,
-                    rel_err=rel_err, peak_mem_bytes=None, joules=None,
-                    extra={"vs_bf16": bf16_ms / ms}))
+                    rows.append(harness.Row(
+                        op="fp8_gemm", mode="fwd", backend=label,
+                        baseline=base_name or "cublas_bf16", dtype=f"e4m3_{granularity}",
+                        shape=shape, ms=ms, tflops=flops / ms / 1e9,
+                        baseline_ms=base_ms or bf16_ms, ratio=(base_ms or bf16_ms) / ms,
+                        rel_err=testing.rel_error(fn()[:ERROR_ROWS], ref), peak_mem_bytes=None,
+                        joules=None, extra={"vs_bf16": bf16_ms / ms}))
         print(f"fp8 {m}x{n}x{k}: " + ", ".join(
-            f"{r.backend}/{r.dtype} {r.tflops:.0f} TF/s" for r in rows if r.shape == shape),
+            harness.brief(r, "{backend}/{dtype} {tflops:.0f} TF/s") for r in rows
+            if r.shape == shape),
             flush=True)
         if checkpoint:
             checkpoint(rows)
 
     # Float8Linear forward + backward against bf16 Linear.
-    size = 4096 if quick else 8192
+    size = FLOAT8_LINEAR_SIZE[sweep]
     x = torch.randn(size, size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     linear = torch.nn.Linear(size, size, device="cuda", dtype=torch.bfloat16)
     fp8_linears = {scaling: tilesmith.nn.Float8Linear.from_linear(linear, scaling=scaling)
@@ -234,14 +256,17 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
         (f"float8_linear_{name}_{scaling}", on_backend(step(module), name))
         for name in backends for scaling, module in fp8_linears.items()
         if not tilesmith.backend.unavailable_reason(name, "fp8", x.device, torch.bfloat16)]
+    shape = {"M": size, "N": size, "K": size}
     for name, fn in candidates:
-        ms = base_ms if name == "torch_bf16" else harness.median_ms(fn)
-        rows.append(harness.Row(op="float8_linear", mode="fwd+bwd", backend=name,
-                                baseline="linear_bf16", dtype="bfloat16",
-                                shape={"M": size, "N": size, "K": size}, ms=ms,
-                                tflops=flops / ms / 1e9, baseline_ms=base_ms,
-                                ratio=base_ms / ms, rel_err=None, peak_mem_bytes=None,
-                                joules=None))
+        with harness.contender(rows, op="float8_linear", mode="fwd+bwd", backend=name,
+                               baseline="linear_bf16", dtype="bfloat16", shape=shape,
+                               baseline_ms=base_ms):
+            ms = base_ms if name == "torch_bf16" else harness.median_ms(fn)
+            rows.append(harness.Row(op="float8_linear", mode="fwd+bwd", backend=name,
+                                    baseline="linear_bf16", dtype="bfloat16", shape=shape,
+                                    ms=ms, tflops=flops / ms / 1e9, baseline_ms=base_ms,
+                                    ratio=base_ms / ms, rel_err=None, peak_mem_bytes=None,
+                                    joules=None))
 
     # quantize_fp8 (memory-bound: GB/s of x read once and q written) against the same
     # arithmetic in eager PyTorch (what a model without a fused kernel runs).
@@ -262,13 +287,16 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
 
             def fn(be=name, g=granularity):
                 return tilesmith.ops.quantize_fp8(x.detach(), granularity=g, backend=be)
-            ms = harness.median_ms(fn)
-            rows.append(harness.Row(op="quantize_fp8", mode="fwd", backend=name,
-                                    baseline="torch_eager", dtype=f"bf16->e4m3_{granularity}",
-                                    shape={"M": size, "K": size}, ms=ms, tflops=None,
-                                    baseline_ms=eager_ms, ratio=eager_ms / ms, rel_err=None,
-                                    note=f"{moved / ms / 1e6:.0f} GB/s (eager "
-                                         f"{moved / eager_ms / 1e6:.0f})"))
+
+            with harness.contender(rows, op="quantize_fp8", mode="fwd", backend=name,
+                                   baseline="torch_eager", dtype=f"bf16->e4m3_{granularity}",
+                                   shape={"M": size, "K": size}, baseline_ms=eager_ms):
+                ms = harness.median_ms(fn)
+                rows.append(harness.Row(
+                    op="quantize_fp8", mode="fwd", backend=name, baseline="torch_eager",
+                    dtype=f"bf16->e4m3_{granularity}", shape={"M": size, "K": size}, ms=ms,
+                    tflops=None, baseline_ms=eager_ms, ratio=eager_ms / ms, rel_err=None,
+                    note=f"{moved / ms / 1e6:.0f} GB/s (eager {moved / eager_ms / 1e6:.0f})"))
     if checkpoint:
         checkpoint(rows)
     return rows

@@ -8,6 +8,7 @@ error against float64, peak memory, and joules per call where NVML reports energ
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import json
@@ -126,6 +127,54 @@ def joules_per_call(fn, meter: EnergyMeter, min_seconds: float = 1.0) -> float |
     return (end_j - start_j) / calls
 
 
+# ---- failures -------------------------------------------------------------------------------
+
+def cuda_context_usable() -> bool:
+    """Whether this process can still run CUDA work. After a kernel fault (an illegal
+    address, say) the context is lost and every later launch fails too."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return True
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").add_(1).item() == 2
+    except RuntimeError:
+        return False
+
+
+def failure_row(exc: Exception, **fields) -> Row:
+    """The row of a contender that raised: no timing, the error in its note, so that the
+    report says what failed where. ``fields``: op, mode, backend, baseline, dtype, shape and
+    any others of Row. Raises ``exc`` again if it left the CUDA context unusable: nothing
+    more can be measured in this process (bench.run then loses only this op family)."""
+    if not cuda_context_usable():
+        raise exc
+    text = " ".join(str(exc).split())[:240]
+    print(f"  FAILED {fields['op']} {fields['mode']} {fields['backend']}: "
+          f"{type(exc).__name__}: {text}", flush=True)
+    return Row(**{"ms": None, "tflops": None, "baseline_ms": None, "ratio": None,
+                  "rel_err": None, **fields, "note": f"FAILED {type(exc).__name__}: {text}"})
+
+
+@contextlib.contextmanager
+def contender(rows: list[Row], **fields):
+    """The block that measures one contender and appends its row to ``rows``. It says what
+    it starts (so that a run that hangs shows where), and if it raises, appends
+    ``failure_row`` instead: one contender that fails costs its own row, not the sweep."""
+    print(f"  .. {fields['op']} {fields['mode']} {fields['backend']} "
+          f"{fields.get('dtype', '')} {shape_text(fields.get('shape', {}))}", flush=True)
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - reported in the row; KeyboardInterrupt passes
+        rows.append(failure_row(exc, **fields))
+
+
+def brief(row: Row, template: str) -> str:
+    """``template`` filled from the row's fields for a progress line, or "<backend> FAILED"."""
+    if row.ms is None:
+        return f"{row.backend} {row.mode} FAILED"
+    return template.format(**asdict(row))
+
+
 # ---- timing ----------------------------------------------------------------------------------
 
 def median_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -179,14 +228,35 @@ def measured_peak_tflops(dtype: torch.dtype) -> float:
 
 # ---- output ----------------------------------------------------------------------------------
 
-def write_results(rows: list[Row], env: dict, out_dir: Path, peaks: dict) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """path's new text, or its old one: never half a file, whenever the process is killed."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def write_results(rows: list[Row], env: dict, out_dir: Path, peaks: dict,
+                  **more) -> None:
+    """out_dir/results.json: env, measured_peaks_tflops, rows, and the entries of ``more``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"env": env, "measured_peaks_tflops": peaks, "rows": [asdict(r) for r in rows]}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    payload = {"env": env, "measured_peaks_tflops": peaks, "rows": [asdict(r) for r in rows],
+               **more}
+    write_text_atomically(out_dir / "results.json", json.dumps(payload, indent=1))
+
+
+def read_results(path: Path) -> tuple[list[Row], dict, dict]:
+    """(rows, measured peaks, env) of a results.json that write_results wrote."""
+    data = json.loads(path.read_text())
+    return ([Row(**row) for row in data["rows"]], data["measured_peaks_tflops"],
+            data["env"])
 
 
 def _fmt(value, spec):
     return "—" if value is None else format(value, spec)
+
+
+def shape_text(shape: dict) -> str:
+    return "×".join(str(v) for v in shape.values())
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -195,7 +265,7 @@ def markdown_table(rows: list[Row]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        shape = "×".join(str(v) for v in r.shape.values())
+        shape = shape_text(r.shape)
         mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
         lines.append(
             f"| {r.op} | {r.mode} | {r.backend} | {r.dtype} | {shape} | {_fmt(r.ms, '.4f')} "
@@ -237,8 +307,7 @@ def plot_ratios(rows: list[Row], path: Path, title: str) -> bool:
     timed = [r for r in rows if r.ratio is not None]
     if not timed:
         return False
-    labels = [f"{r.backend} {r.dtype} " + "×".join(str(v) for v in r.shape.values())
-              for r in timed]
+    labels = [f"{r.backend} {r.dtype} {shape_text(r.shape)}" for r in timed]
     fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(timed)), 5))
     colors = {"cuda": "tab:green", "triton": "tab:blue"}
     ax.bar(range(len(timed)), [r.ratio for r in timed],

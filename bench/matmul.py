@@ -50,7 +50,10 @@ def bench_shape(m, n, k, dtype, backends, meter, peak_tflops, kind):
         joules=harness.joules_per_call(base_fn, meter) if meter else None, extra={"kind": kind})]
     for label, name, switches in harness.contenders("matmul", backends, a.device, dtype):
         fn = lambda name=name: tilesmith.ops.matmul(a, b, backend=name)  # noqa: E731
-        with tilesmith.backend.hopper_kernels(**switches):  # the switch is set outside the timing
+        with (harness.contender(rows, op="matmul", mode="fwd", backend=label,
+                                baseline="cublas", dtype=str(dtype)[6:], shape=shape,
+                                baseline_ms=base_ms, extra={"kind": kind}),
+              tilesmith.backend.hopper_kernels(**switches)):  # set outside the timing
             fn()  # autotune / first launch outside the timing
             ms = harness.median_ms(fn)
             rows.append(harness.Row(
@@ -80,7 +83,7 @@ def run(quick: bool = False, backends=("cuda", "triton"), checkpoint=None
             rows += bench_shape(m, n, k, dtype, backends, meter, peaks[str(dtype)[6:]], kind)
             last = rows[-1]
             print(f"matmul {str(dtype)[6:]:8s} {m}x{n}x{k}: " + ", ".join(
-                f"{r.backend} {r.tflops:.0f} TF/s ({r.ratio:.2f}x)" for r in rows
+                harness.brief(r, "{backend} {tflops:.0f} TF/s ({ratio:.2f}x)") for r in rows
                 if r.shape == last.shape and r.dtype == last.dtype), flush=True)
             if checkpoint:
                 checkpoint(rows, peaks)

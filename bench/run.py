@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,7 +61,22 @@ TARGETS = [
 ]
 
 
+FAMILIES = ("matmul", "attention", "gemm", "fp8", "conv2d", "examples")  # in this order
+
+
 def gpu_main(args) -> int:
+    families = args.ops.split(",")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise SystemExit(f"--ops: unknown op families {unknown}; known: {', '.join(FAMILIES)}")
+    if len(families) == 1:
+        return run_family(args, families[0])
+    return run_families(args, families)
+
+
+def run_family(args, family: str) -> int:
+    """One op family's sweep in this process: args.out gets its results.json, report.md and
+    plot, rewritten after each shape so that a run cut short still leaves what it measured."""
     from bench import attention as attention_bench
     from bench import conv2d as conv2d_bench
     from bench import examples as examples_bench
@@ -70,47 +86,150 @@ def gpu_main(args) -> int:
 
     env = harness.environment()
     peaks: dict = {}
-    rows: list = []
 
-    def write(current_rows, current_peaks=None):
+    def write(rows, current_peaks=None):
         peaks.update(current_peaks or {})
-        harness.write_results(current_rows, env, args.out, peaks)
-        (args.out / "report.md").write_text(render_report(current_rows, peaks, env, args))
+        harness.write_results(rows, env, args.out, peaks)
+        harness.write_text_atomically(args.out / "report.md",
+                                      render_report(rows, peaks, env, args))
 
-    # In order of priority: a time limit that cuts the run short leaves the first ones.
-    ops = args.ops.split(",")
-    if "matmul" in ops:
-        matmul_rows, _ = matmul_bench.run(
-            quick=args.quick, checkpoint=lambda r, p: write(rows + r, p))
-        rows += matmul_rows
-        harness.plot_ratios([r for r in matmul_rows if r.backend != "torch"],
+    if family == "matmul":
+        rows, _ = matmul_bench.run(quick=args.quick, checkpoint=write)
+        harness.plot_ratios([r for r in rows if r.backend != "torch"],
                             args.out / "matmul.png", f"matmul vs cuBLAS, {env['gpu']} (same run)")
-    if "attention" in ops:
-        attention_rows = attention_bench.run(quick=args.quick,
-                                             checkpoint=lambda r: write(rows + r))
-        rows += attention_rows
-        harness.plot_ratios([r for r in attention_rows if r.ratio is not None
+    elif family == "attention":
+        rows = attention_bench.run(quick=args.quick, checkpoint=write)
+        harness.plot_ratios([r for r in rows if r.ratio is not None
                              and r.baseline == "sdpa_cudnn" and r.backend != "sdpa_cudnn"],
                             args.out / "attention.png",
                             f"attention vs SDPA cuDNN, {env['gpu']} (same run)")
-    if "gemm" in ops:
-        gemm_rows = gemm_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
-        rows += gemm_rows
-    if "fp8" in ops:
-        fp8_rows = gemm_bench.run_fp8(quick=args.quick, checkpoint=lambda r: write(rows + r))
-        rows += fp8_rows
-    if "conv2d" in ops:
-        conv_rows = conv2d_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r))
-        rows += conv_rows
-    if "examples" in ops:
-        rows += examples_bench.run(quick=args.quick, checkpoint=lambda r: write(rows + r),
-                                   out_dir=args.out)
+    elif family == "gemm":
+        rows = gemm_bench.run(quick=args.quick, checkpoint=write)
+    elif family == "fp8":
+        rows = gemm_bench.run_fp8(quick=args.quick, checkpoint=write)
+    elif family == "conv2d":
+        rows = conv2d_bench.run(quick=args.quick, checkpoint=write)
+    else:
+        rows = examples_bench.run(quick=args.quick, checkpoint=write, out_dir=args.out)
     write(rows)
     print((args.out / "report.md").read_text())
     return 0
 
 
-def render_report(rows, peaks, env, args) -> str:
+def _family_command(family: str, out: Path, quick: bool) -> list[str]:
+    return ([sys.executable, "-m", "bench.run", "--ops", family, "--out", str(out)]
+            + (["--quick"] if quick else []))
+
+
+def run_families(args, families, family_command=_family_command) -> int:
+    """Each op family in a process of its own (``python -m bench.run --ops FAMILY``), one
+    after another: a kernel fault that loses a process's CUDA context, a crash or a hang then
+    costs the rest of that family's rows, not the other families'. A family that prints
+    nothing for args.silence_limit seconds (each contender says when it starts) is stopped.
+    Their rows are merged into args.out (results.json, report.md, the plots), rewritten
+    after each family; an interrupt (make gpu-report's time limit) stops the family running
+    and starts no other."""
+    import shutil
+    import tempfile
+
+    from bench import harness
+
+    work = Path(tempfile.mkdtemp(prefix="tilesmith-bench-"))
+    rows, peaks, env, processes = [], {}, None, {}
+    try:
+        for index, family in enumerate(families):
+            out = work / family
+            start = time.monotonic()
+            try:
+                how, rc = _run_watched(family_command(family, out, args.quick),
+                                       args.silence_limit)
+            except KeyboardInterrupt:
+                how, rc = "interrupted", None
+            seconds = time.monotonic() - start
+            try:
+                family_rows, family_peaks, family_env = harness.read_results(
+                    out / "results.json")
+                rows += family_rows
+                peaks.update(family_peaks)
+                env = env or family_env
+                kept = f"{len(family_rows)} rows"
+            except FileNotFoundError:
+                kept = "no rows"
+            except (ValueError, KeyError, TypeError) as exc:
+                kept = f"no rows (its results.json is unreadable: {exc})"
+            for path in out.glob("*"):  # plots, the examples' curves
+                if path.is_file() and path.name not in ("results.json", "report.md"):
+                    shutil.move(path, args.out / path.name)
+            processes[family] = {
+                "exited": f"exited with rc {rc} after {seconds:.0f} s, {kept}" if rc
+                          else f"ok in {seconds:.0f} s, {kept}",
+                "silent": f"printed nothing for {args.silence_limit:.0f} s: stopped after "
+                          f"{seconds:.0f} s, {kept}",
+                "interrupted": f"stopped by the time limit after {seconds:.0f} s, {kept}",
+            }[how]
+            if how == "interrupted":
+                processes.update({later: "not run: the time limit came first"
+                                  for later in families[index + 1:]})
+            harness.write_results(rows, env or {}, args.out, peaks, processes=processes)
+            harness.write_text_atomically(
+                args.out / "report.md", render_report(rows, peaks, env or {}, args, processes))
+            if how == "interrupted":
+                return 130
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print((args.out / "report.md").read_text())
+    return 0 if all(how.startswith("ok") for how in processes.values()) else 1
+
+
+def _run_watched(command, silence_limit: float) -> tuple[str, int | None]:
+    """Runs ``command``, echoing its output, until it exits: ("exited", its return code),
+    or ("silent", None) when it printed nothing for ``silence_limit`` seconds (then it gets
+    SIGINT, and SIGKILL 10 s later). On KeyboardInterrupt, which the child received too
+    (same process group), waits 10 s for it to write what it measured, then kills it."""
+    import signal
+    import subprocess
+    import threading
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                               cwd=Path(__file__).resolve().parent.parent)  # where bench/ is
+    last_output = [time.monotonic()]
+
+    def echo():
+        for line in process.stdout:
+            last_output[0] = time.monotonic()
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+
+    def stop():
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        reader.join(timeout=5)
+
+    try:
+        while process.poll() is None:
+            if time.monotonic() - last_output[0] > silence_limit:
+                process.send_signal(signal.SIGINT)
+                stop()
+                return "silent", None
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        stop()
+        raise
+    reader.join(timeout=5)
+    return "exited", process.returncode
+
+
+def render_report(rows, peaks, env, args, processes=None) -> str:
+    """report.md: the environment, the build and test summaries, how each op family's
+    process ended (``processes``, from run_families), the targets, what failed, and a table
+    of every row per op."""
     from bench import harness
 
     report = ["# tilesmith GPU report\n\n",
@@ -123,15 +242,28 @@ def render_report(rows, peaks, env, args) -> str:
             summary = [line for line in text if re.search(
                 r"(passed|failed|error|rc=)", line)][-3:]
             report.append(f"\n## {title}\n\n```\n" + "\n".join(summary) + "\n```\n")
+    if processes:
+        report.append("\n## Benchmark processes\n\n| op family | how it ended |\n|---|---|\n"
+                      + "".join(f"| {family} | {how} |\n" for family, how in processes.items()))
     report.append("\n## Targets\n\n| op | backend | dtype | shape | target | measured |\n"
                   "|---|---|---|---|---|---|\n")
     for op, backend, dtype, shape, minimum, mode in TARGETS:
         found = [r for r in rows if (r.op, r.backend, r.dtype, r.shape, r.mode)
-                 == (op, backend, dtype, shape, mode) and r.ratio is not None]
-        got = f"{found[0].ratio:.3f}" if found else "not run"
-        verdict = "" if not found else (" ✅" if found[0].ratio >= minimum else " ❌")
+                 == (op, backend, dtype, shape, mode)]
+        timed = [r for r in found if r.ratio is not None]
+        if timed:
+            got = f"{timed[0].ratio:.3f}" + (" ✅" if timed[0].ratio >= minimum else " ❌")
+        else:
+            got = "FAILED ❌" if any(r.ms is None for r in found) else "not run"
         report.append(f"| {op} {mode} | {backend} | {dtype} | "
-                      f"{'×'.join(map(str, shape.values()))} | ≥ {minimum} | {got}{verdict} |\n")
+                      f"{harness.shape_text(shape)} | ≥ {minimum} | {got} |\n")
+    failed = [r for r in rows if r.ms is None]
+    if failed:
+        report.append(f"\n## Failures ({len(failed)})\n\n| op | mode | backend | dtype | shape "
+                      "| error |\n|---|---|---|---|---|---|\n" + "".join(
+                          f"| {r.op} | {r.mode} | {r.backend} | {r.dtype} | "
+                          f"{harness.shape_text(r.shape)} | {r.note.replace('|', '/')} |\n"
+                          for r in failed))
     for op in dict.fromkeys(r.op for r in rows):
         report.append(f"\n## {op}\n\n" + harness.markdown_table([r for r in rows
                                                                     if r.op == op]))
@@ -223,6 +355,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--pytest-log")
     parser.add_argument("--build-log")
+    parser.add_argument("--silence-limit", type=float, default=120,
+                        help="seconds an op family's process may print nothing before it is "
+                             "stopped (a hang)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
