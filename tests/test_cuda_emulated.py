@@ -18,7 +18,13 @@ threads their turns between barriers in thread order, the second in reverse, so 
 missing barrier between a write to shared memory and another thread's read of it shows
 as stale data in one of the two whichever thread writes first.
 TILESMITH_EMULATOR_ORDER=shuffle in the environment gives both runs a random order at
-every turn instead (TILESMITH_EMULATOR_SEED picks it; sm80_emulator.h)."""
+every turn instead (TILESMITH_EMULATOR_SEED picks it; sm80_emulator.h).
+
+The emulator also meters what it can of speed (MemoryTraffic in sm80_emulator.h): the
+shared-memory bank conflicts of ldmatrix and cp.async, and the global-memory sectors that
+cp.async reads. No launch in any test here may have a bank conflict
+(conflict_free_shared_memory), and full tiles of realistic shapes must read only whole
+sectors (test_full_tiles_read_whole_sectors)."""
 
 import ctypes
 import functools
@@ -32,6 +38,7 @@ import shutil
 import subprocess
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -75,6 +82,9 @@ def copy_timing(request, monkeypatch):
     return copies
 
 
+LOADED: dict[str, ctypes.CDLL] = {}  # the emulated libraries built and loaded so far
+
+
 @functools.cache
 def emulated(name: str) -> ctypes.CDLL:
     """tests/emulation/<name>_emulated.cpp built into a shared library (cached by content)."""
@@ -90,7 +100,49 @@ def emulated(name: str) -> ctypes.CDLL:
         subprocess.run([CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing",
                         "-I", INCLUDE, str(sources[0]), "-o", str(partial)], check=True)
         partial.rename(library)
-    return ctypes.CDLL(str(library))
+    LOADED[name] = ctypes.CDLL(str(library))
+    return LOADED[name]
+
+
+class MemoryTraffic(NamedTuple):
+    """sm80_emulator.h's MemoryTraffic: what the emulated launches cost in shared-memory
+    wavefronts (one per phase when it has no bank conflict) and global-memory sectors."""
+    ldmatrix_phases: int
+    ldmatrix_wavefronts: int
+    cp_async_phases: int
+    cp_async_wavefronts: int
+    cp_async_instructions: int
+    cp_async_bytes: int
+    cp_async_sectors: int
+    cp_async_unmatched_lanes: int
+
+    def assert_conflict_free(self):
+        assert self.ldmatrix_wavefronts == self.ldmatrix_phases, \
+            f"ldmatrix bank conflicts: {self}"
+        assert self.cp_async_wavefronts == self.cp_async_phases, \
+            f"cp.async shared-memory bank conflicts: {self}"
+        # The meter pairs a warp's copies by their order of issue in each lane.
+        assert self.cp_async_unmatched_lanes == 0, f"lanes issued different copies: {self}"
+
+
+def memory_traffic() -> MemoryTraffic:
+    """The counters of every emulated library loaded so far, summed; then zeroed."""
+    total = [0] * len(MemoryTraffic._fields)
+    for lib in LOADED.values():
+        counters = (ctypes.c_uint64 * len(total))()
+        lib.tilesmith_emulator_traffic(counters)
+        lib.tilesmith_emulator_traffic_reset()
+        total = [t + c for t, c in zip(total, counters)]
+    return MemoryTraffic(*total)
+
+
+@pytest.fixture(autouse=True)
+def conflict_free_shared_memory():
+    """Every kernel every test here launches reads and fills shared memory without bank
+    conflicts. (The meter's own tests read, and so zero, the conflicts they make.)"""
+    memory_traffic()
+    yield
+    memory_traffic().assert_conflict_free()
 
 
 def guarded_empty(shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +193,51 @@ def test_turn_orders_expose_a_missing_barrier(gather, monkeypatch):
                 assert got == right, (order, barrier)
             elif order == stale_in:
                 assert got != right, (order, barrier)
+
+
+# --- the emulator's memory-traffic meter -------------------------------------------------------
+
+LDMATRIX_PATTERNS = {
+    # name: (row pitch in bytes, swizzled, wavefronts for the four 8-row phases)
+    "rows_128_bytes_apart": (128, False, 32),  # one bank quad per phase: 8-way conflicts
+    "swizzled": (128, True, 4),
+    "rows_padded_to_144_bytes": (144, False, 4),
+    "rows_64_bytes_apart": (64, False, 16),  # two quads per phase: 4-way
+    "one_row_per_phase": (0, False, 4),  # 8 lanes, one address: a broadcast
+}
+
+
+@pytest.mark.parametrize("pattern", list(LDMATRIX_PATTERNS))
+def test_meter_counts_ldmatrix_bank_conflicts(pattern):
+    pitch, swizzle, wavefronts = LDMATRIX_PATTERNS[pattern]
+    error = ctypes.create_string_buffer(256)
+    assert emulated("memory_traffic").emulate_ldmatrix_pattern(pitch, int(swizzle), error,
+                                                               256) == 0, error.value.decode()
+    traffic = memory_traffic()
+    assert (traffic.ldmatrix_phases, traffic.ldmatrix_wavefronts) == (4, wavefronts)
+
+
+CP_ASYNC_PATTERNS = {
+    # name: (shared step, global step, global offset, lanes with an extra copy) per lane:
+    #       (wavefronts, sectors, unmatched lanes) of 4 phases, 512 bytes
+    "contiguous": ((16, 16, 0, 0), (4, 16, 0)),
+    "shared_128_bytes_apart": ((128, 16, 0, 0), (32, 16, 0)),  # each phase in one bank quad
+    "global_32_bytes_apart": ((16, 32, 0, 0), (4, 32, 0)),  # half of every sector unused
+    "global_off_a_sector_boundary": ((16, 16, 16, 0), (4, 17, 0)),
+    "half_the_lanes_copy_more": ((16, 16, 0, 16), (4, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("pattern", list(CP_ASYNC_PATTERNS))
+def test_meter_counts_cp_async_conflicts_and_sectors(pattern):
+    arguments, (wavefronts, sectors, unmatched) = CP_ASYNC_PATTERNS[pattern]
+    error = ctypes.create_string_buffer(256)
+    assert emulated("memory_traffic").emulate_cp_async_pattern(*arguments, error, 256) == 0, \
+        error.value.decode()
+    assert memory_traffic() == MemoryTraffic(
+        ldmatrix_phases=0, ldmatrix_wavefronts=0, cp_async_phases=4,
+        cp_async_wavefronts=wavefronts, cp_async_instructions=1, cp_async_bytes=512,
+        cp_async_sectors=sectors, cp_async_unmatched_lanes=unmatched)
 
 
 WGMMA_FENCES = ["both", "no_proxy_fence", "proxy_fence_before_stores", "no_wgmma_fence"]
@@ -901,6 +998,10 @@ CONV_CASES = {
     # 264 channels: the same for the wgmma dgrad and wgrad.
     "3x3_264_filters": (1, 8, 5, 5, 264, 3, 3, (1, 1), (1, 1), (1, 1)),
     "3x3_s2_264_channels": (1, 264, 6, 5, 16, 3, 3, (2, 2), (1, 1), (1, 1)),
+    # 64 and 128 channels: every chunk of every 128-byte stage-tile row read, as in the
+    # layers of a ResNet (test_full_tiles_read_whole_sectors meters them).
+    "3x3_64_channels": (2, 64, 8, 8, 64, 3, 3, (1, 1), (1, 1), (1, 1)),
+    "1x1_s2_128_channels": (2, 128, 8, 8, 64, 1, 1, (2, 2), (0, 0), (1, 1)),
 }
 
 
@@ -1709,3 +1810,59 @@ def test_activation_backward_kernels(case):
     for r in range(row_blocks):
         rows = ref[r * ROWS_PER_BLOCK:(r + 1) * ROWS_PER_BLOCK]
         testing.assert_fp32_close(partials[r], rows.sum(0), name=f"bias partials {r}")
+
+
+# --- whole sectors: the global-memory side of the meter -----------------------------------------
+
+def _matmul_full_tiles(layout, hopper):
+    a = matmul_operand(256, 128, torch.bfloat16, layout[0])
+    b = matmul_operand(128, 256, torch.bfloat16, layout[1])
+    c, _ = run_matmul(a, b, hopper=hopper)
+    assert c is not None, "the wgmma kernel did not take the operands"
+
+
+def _attention_full_tiles(head_dim, hopper):
+    q, k, v = attention_inputs(1, 2, 2, 128, 128, head_dim, torch.bfloat16)
+    out, lse = run_attention_fwd(q, k, v, False, head_dim ** -0.5, hopper=hopper)
+    run_attention_bwd(torch.randn(out.shape).to(q.dtype), q, k, v, out, lse, False,
+                      head_dim ** -0.5, hopper=hopper)
+
+
+def _scaled_gemm_full_tiles():
+    a, b, scale_a, scale_b = fp8_operands(128, 256, 256, torch.float8_e4m3fn,
+                                          torch.float8_e4m3fn, "row", 0)
+    run_scaled_gemm(a, b, scale_a, scale_b, None, torch.bfloat16, "row")
+
+
+# Aligned shapes whose tiles lie wholly inside the operands, each kernel's cp.async path
+# (the TMA kernels' copies are the hardware's); conv2d through its tests (results checked).
+FULL_TILE_CASES = {
+    **{f"matmul_{kernel}_{name}": functools.partial(_matmul_full_tiles, layout, hopper)
+       for kernel, hopper in (("sm80", False), ("sm90a", True))
+       for layout, name in zip(LAYOUTS, ("a_rm-b_rm", "a_rm-b_cm", "a_cm-b_rm", "a_cm-b_cm"))},
+    **{f"attention_sm80_d{d}": functools.partial(_attention_full_tiles, d, False)
+       for d in (64, 128, 256)},
+    "attention_sm90a_d128": functools.partial(_attention_full_tiles, 128, True),
+    **{f"conv2d_{kernel}_{name}_{case}": functools.partial(test, case, torch.bfloat16,
+                                                           *extra, kernel)
+       for kernel in ("sm80", "sm90a")
+       for name, test, extra in (("forward", test_conv2d_forward_kernel, (None,)),
+                                 ("dgrad", test_conv2d_dgrad_kernel, ()),
+                                 ("wgrad", test_conv2d_wgrad_kernel, (1,)))
+       for case in ("3x3_64_channels", "1x1_s2_128_channels")},
+    "scaled_gemm_sm90a_row": _scaled_gemm_full_tiles,
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_TILE_CASES))
+def test_full_tiles_read_whole_sectors(case):
+    """Each warp-wide cp.async of a full tile reads whole 32-byte sectors only: no sector is
+    fetched for part of its bytes (what a misaligned or strided copy layout would cost)."""
+    memory_traffic()
+    FULL_TILE_CASES[case]()
+    traffic = memory_traffic()
+    traffic.assert_conflict_free()
+    assert traffic.cp_async_instructions > 0, "the meter saw no copies"
+    if "sm80" in case:
+        assert traffic.ldmatrix_phases > 0, "the meter saw no ldmatrix"
+    assert traffic.cp_async_sectors * 32 == traffic.cp_async_bytes, traffic

@@ -24,7 +24,10 @@
 // in one of the first two orders (the reader ran first), so running a test under both
 // finds it.
 //
-// What it cannot show: speed, races between threads other than through the turn order
+// What it meters of speed: how the warp-wide accesses it sees use shared memory's banks and
+// global memory's sectors (MemoryTraffic below: ldmatrix, and cp.async paired across a
+// warp's lanes by their order of issue).
+// What it cannot show: speed itself, races between threads other than through the turn order
 // (fibers never interleave between barriers, nor inside a turn), register pressure or
 // spills (read the ptxas report for those), and mistakes in
 // my reading of the PTX ISA: it implements the ISA as I read it, so it checks the kernels
@@ -109,12 +112,21 @@ struct Fiber {
   const MBarrier* waiting_on_mbarrier = nullptr;  // with the parity it waits for
   uint32_t waiting_parity = 0;
   std::vector<CopyOp> open_group;                // cp.async issued since the last commit
+  uint64_t cp_async_issued = 0;                  // in this block: the next one's ordinal
   std::deque<std::vector<CopyOp>> committed;     // oldest first
   // Asynchronous operations of sm90a_emulator.h (wgmma): queued at issue, run when a wait
   // retires their group, so that they read shared memory as late as the hardware may.
   std::vector<std::function<void()>> async_open;
   std::deque<std::vector<std::function<void()>>> async_committed;
   bool wgmma_fenced = false;  // a wgmma.fence since the last wgmma.commit_group
+};
+
+// The n-th cp.async of each lane of a warp: one warp-wide instruction on the GPU.
+struct WarpCopies {
+  uint32_t lanes = 0;  // those that have issued it
+  uint32_t smem_offset[32];
+  const unsigned char* src[32];
+  int bytes[32];
 };
 
 // What one warp's lanes deposit for a collective instruction.
@@ -124,6 +136,7 @@ struct WarpSlots {
   uint32_t a[32][4];
   uint32_t b[32][2];
   uint64_t value[32];
+  std::map<uint64_t, WarpCopies> copies;  // by ordinal, until every lane has issued it
 };
 
 struct Buffer {
@@ -214,6 +227,74 @@ inline std::string hex(const void* ptr) {
   return text;
 }
 
+// ---- shared-memory banks and global-memory sectors ----------------------------------------
+
+// Summed over this library's launches until tilesmith_emulator_traffic_reset() (static: each
+// emulated kernel library keeps its own). Shared memory has 32 banks of 4 bytes; a 16-byte
+// access covers the 4 of its "bank quad" (address / 16 mod 8). ldmatrix.x4 reads its four
+// matrices in four phases of 8 row addresses, and a warp's 16-byte cp.async stores go in
+// four phases of 8 lanes: a phase takes one wavefront per distinct 16-byte chunk in its most
+// crowded bank quad, so one when it is conflict-free. Global memory moves 32-byte sectors:
+// a warp's cp.async reads every sector its lanes' bytes touch, at best (contiguous, aligned)
+// bytes / 32 of them.
+struct MemoryTraffic {
+  uint64_t ldmatrix_phases = 0, ldmatrix_wavefronts = 0;
+  uint64_t cp_async_phases = 0, cp_async_wavefronts = 0;
+  uint64_t cp_async_instructions = 0, cp_async_bytes = 0, cp_async_sectors = 0;
+  // Lanes whose n-th cp.async had no partner in some other lane of the warp: a warp whose
+  // lanes issue different numbers of copies, which the matching above cannot pair.
+  uint64_t cp_async_unmatched_lanes = 0;
+};
+static MemoryTraffic traffic;
+
+// Wavefronts for one phase of 16-byte shared-memory accesses at these offsets.
+inline int bank_wavefronts(const uint32_t* offsets, int count) {
+  uint32_t chunks[8][8];
+  int distinct[8] = {};
+  for (int i = 0; i < count; ++i) {
+    const uint32_t chunk = offsets[i] / 16;
+    uint32_t* quad = chunks[chunk % 8];
+    int& n = distinct[chunk % 8];
+    if (std::find(quad, quad + n, chunk) == quad + n) quad[n++] = chunk;
+  }
+  return std::max(1, *std::max_element(distinct, distinct + 8));
+}
+
+inline void count_warp_copies(const WarpCopies& c) {
+  traffic.cp_async_instructions += 1;
+  for (int phase = 0; phase < 4; ++phase) {
+    uint32_t offsets[8];
+    int count = 0;
+    for (int lane = 8 * phase; lane < 8 * phase + 8; ++lane) {
+      if (c.lanes >> lane & 1) offsets[count++] = c.smem_offset[lane];
+    }
+    if (count == 0) continue;
+    traffic.cp_async_phases += 1;
+    traffic.cp_async_wavefronts += bank_wavefronts(offsets, count);
+  }
+  std::vector<uintptr_t> sectors;
+  for (int lane = 0; lane < 32; ++lane) {
+    if (!(c.lanes >> lane & 1) || c.bytes[lane] == 0) continue;
+    const uintptr_t first = reinterpret_cast<uintptr_t>(c.src[lane]);
+    traffic.cp_async_bytes += c.bytes[lane];
+    for (uintptr_t s = first / 32; s <= (first + c.bytes[lane] - 1) / 32; ++s) {
+      sectors.push_back(s);
+    }
+  }
+  std::sort(sectors.begin(), sectors.end());
+  traffic.cp_async_sectors += std::unique(sectors.begin(), sectors.end()) - sectors.begin();
+}
+
+// A block's copies that never found all 32 lanes: counted as unmatched, then forgotten.
+inline void forget_unmatched_copies(std::vector<WarpSlots>& warps) {
+  for (WarpSlots& w : warps) {
+    for (const auto& entry : w.copies) {
+      traffic.cp_async_unmatched_lanes += __builtin_popcount(entry.second.lanes);
+    }
+    w.copies.clear();
+  }
+}
+
 // ---- cp.async ---------------------------------------------------------------------------
 
 inline void land(const CopyOp& op) {
@@ -232,7 +313,18 @@ inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
          " bytes) outside every buffer or not 16-byte aligned");
   }
   if (machine->copies_land_at_issue) land(CopyOp{smem, gmem, src_bytes});
-  self().open_group.push_back({smem, gmem, src_bytes});
+  Fiber& fiber = self();
+  fiber.open_group.push_back({smem, gmem, src_bytes});
+  WarpCopies& c = warp_slots().copies[fiber.cp_async_issued++];
+  const int lane = lane_id();
+  c.lanes |= 1u << lane;
+  c.smem_offset[lane] = static_cast<uint32_t>(static_cast<unsigned char*>(smem) - machine->smem);
+  c.src[lane] = static_cast<const unsigned char*>(gmem);
+  c.bytes[lane] = src_bytes;
+  if (c.lanes == 0xffffffffu) {
+    count_warp_copies(c);
+    warp_slots().copies.erase(fiber.cp_async_issued - 1);
+  }
 }
 
 inline void cp_async_commit() {
@@ -270,6 +362,16 @@ inline void ldmatrix(uint32_t (&frag)[4], const void* smem, bool transpose) {
   }
   w.address[lane] = static_cast<const unsigned char*>(smem);
   arrive_and_wait(w.barrier);
+  if (lane == 0) {
+    for (int m = 0; m < 4; ++m) {
+      uint32_t offsets[8];
+      for (int r = 0; r < 8; ++r) {
+        offsets[r] = static_cast<uint32_t>(w.address[8 * m + r] - machine->smem);
+      }
+      traffic.ldmatrix_phases += 1;
+      traffic.ldmatrix_wavefronts += bank_wavefronts(offsets, 8);
+    }
+  }
   for (int m = 0; m < 4; ++m) {
     uint16_t half[2];
     for (int j = 0; j < 2; ++j) {
@@ -427,6 +529,7 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
         for (Barrier& b : m.named_barriers) b = Barrier{};
         m.mbarriers.clear();
         m.bulk_copies.clear();
+        forget_unmatched_copies(m.warps);
         for (WarpSlots& w : m.warps) w.barrier = Barrier{32, 0, 0};
         for (int i = 0; i < threads; ++i) {
           Fiber& f = m.fibers[i];
@@ -435,6 +538,7 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
           f.waiting_on = nullptr;
           f.waiting_on_mbarrier = nullptr;
           f.open_group.clear();
+          f.cp_async_issued = 0;
           f.committed.clear();
           f.async_open.clear();
           f.async_committed.clear();
@@ -494,11 +598,19 @@ inline std::string launch(dim3 grid, dim3 block, size_t smem_bytes, unsigned cha
       }
     }
   }
+  forget_unmatched_copies(m.warps);
   machine = nullptr;
   return m.error;
 }
 
 }  // namespace tilesmith_emu
+
+// MemoryTraffic for the tests: its eight counters in declaration order, and its reset.
+extern "C" void tilesmith_emulator_traffic(uint64_t* counters) {
+  static_assert(sizeof(tilesmith_emu::MemoryTraffic) == 8 * sizeof(uint64_t));
+  std::memcpy(counters, &tilesmith_emu::traffic, sizeof tilesmith_emu::traffic);
+}
+extern "C" void tilesmith_emulator_traffic_reset() { tilesmith_emu::traffic = {}; }
 
 // The CUDA built-ins the kernels read.
 #define threadIdx (::tilesmith_emu::self().thread_idx)
