@@ -218,8 +218,9 @@ def test_meter_counts_ldmatrix_bank_conflicts(pattern):
 
 
 CP_ASYNC_PATTERNS = {
-    # name: (shared step, global step, global offset, lanes with an extra copy) per lane:
-    #       (wavefronts, sectors, unmatched lanes) of 4 phases, 512 bytes
+    # name: ((bytes between lanes in shared memory, bytes between lanes in global memory,
+    #         global offset, lanes that issue one more copy),
+    #        (wavefronts of the 4 phases, sectors for the 512 bytes, unmatched lanes))
     "contiguous": ((16, 16, 0, 0), (4, 16, 0)),
     "shared_128_bytes_apart": ((128, 16, 0, 0), (32, 16, 0)),  # each phase in one bank quad
     "global_32_bytes_apart": ((16, 32, 0, 0), (4, 32, 0)),  # half of every sector unused
