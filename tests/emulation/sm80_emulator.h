@@ -315,7 +315,9 @@ inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   if (machine->copies_land_at_issue) land(CopyOp{smem, gmem, src_bytes});
   Fiber& fiber = self();
   fiber.open_group.push_back({smem, gmem, src_bytes});
-  WarpCopies& c = warp_slots().copies[fiber.cp_async_issued++];
+  std::map<uint64_t, WarpCopies>& copies = warp_slots().copies;
+  const auto entry = copies.try_emplace(fiber.cp_async_issued++).first;
+  WarpCopies& c = entry->second;
   const int lane = lane_id();
   c.lanes |= 1u << lane;
   c.smem_offset[lane] = static_cast<uint32_t>(static_cast<unsigned char*>(smem) - machine->smem);
@@ -323,7 +325,7 @@ inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   c.bytes[lane] = src_bytes;
   if (c.lanes == 0xffffffffu) {
     count_warp_copies(c);
-    warp_slots().copies.erase(fiber.cp_async_issued - 1);
+    copies.erase(entry);
   }
 }
 
