@@ -226,9 +226,9 @@ def _check_attention_inputs(q, k, v):
 def _check_attention_mask(mask, q, k):
     if mask is None:
         return
-    check(mask.dim() == 4 and mask.dtype in (torch.bool, q.dtype),
-          f"attention: attn_mask must be a 4-D bool or {q.dtype} tensor, got {mask.dtype} "
-          f"{tuple(mask.shape)}")
+    check(mask.dim() == 4 and mask.dtype in (torch.bool, q.dtype, torch.float32),
+          f"attention: attn_mask must be a 4-D bool, {q.dtype} or float32 tensor, got "
+          f"{mask.dtype} {tuple(mask.shape)}")
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     check(all(m in (1, f) for m, f in zip(mask.shape, full)), f"attention: attn_mask "
           f"{tuple(mask.shape)} does not broadcast to (batch, heads, seq_q, seq_k) = {full}")

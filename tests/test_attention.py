@@ -482,32 +482,36 @@ def test_one_dimensional_mask_broadcasts_over_batch_heads_and_rows(backend, dtyp
         _check(got, want, baseline, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("backend", ["torch", *kernel_backends("attention", torch.bfloat16)])
-def test_float32_mask_with_low_precision_queries(backend):
-    """PyTorch's SDPA takes a float32 additive mask with fp16/bf16 queries; so does every
-    backend here, the mask's gradient coming back in float32."""
-    q, k, v = (torch.randn(2, 2, n, 32, device=DEVICE).to(torch.bfloat16).requires_grad_()
+def test_float32_mask_with_low_precision_queries(backend, dtype):
+    """PyTorch's SDPA takes a float32 additive mask with fp16/bf16 queries and adds it in
+    float32; so does every backend here, the mask's gradient coming back in float32. Its
+    values sit around -300, whose fractions fp16 (steps of 0.25) and bf16 (steps of 2) would
+    lose. (test_cuda_emulated's twin adds a row near -7e4, which fp16 would make -inf.)"""
+    q, k, v = (torch.randn(2, 2, n, 32, device=DEVICE).to(dtype).requires_grad_()
                for n in (9, 20, 20))
-    mask = torch.randn(2, 1, 9, 20, device=DEVICE, requires_grad=True)
+    mask = (torch.randn(2, 1, 9, 20, device=DEVICE) * 2 - 300).requires_grad_()
     out = tilesmith.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
-    grad = torch.randn(out.shape, device=DEVICE).to(torch.bfloat16)
+    grad = torch.randn(out.shape, device=DEVICE).to(dtype)
     grads = torch.autograd.grad(out, (q, k, v, mask), grad)
     assert grads[3].dtype == torch.float32
 
     def expression(compute):
-        leaves = [t.detach().to(compute).requires_grad_() for t in (q, mask, k, v)]
-        y = F.scaled_dot_product_attention(leaves[0], *leaves[2:], attn_mask=leaves[1])
-        dq, dmask, dk, dv = torch.autograd.grad(y, leaves, grad.to(compute))
-        return y, (dq, dk, dv, dmask)
+        leaves = [t.detach().to(compute).requires_grad_() for t in (q, k, v)]
+        mask_leaf = mask.detach().to(torch.float64 if compute == torch.float64 else
+                                     torch.float32).requires_grad_()
+        y = F.scaled_dot_product_attention(*leaves, attn_mask=mask_leaf)
+        return y, torch.autograd.grad(y, [*leaves, mask_leaf], grad.to(compute))
 
-    # The baseline is PyTorch's at the queries' precision, its mask in bf16 too: a flash-
-    # style backward's dmask carries the bf16 rounding of the output (through rowsum(dO*O))
-    # whatever the mask's dtype, while PyTorch's CPU math runs a float32 mask in float32.
-    (ref, ref_grads), (base, base_grads) = expression(torch.float64), expression(torch.bfloat16)
+    (ref, ref_grads), (base, base_grads) = expression(torch.float64), expression(dtype)
     testing.assert_close_to_reference(out, ref, base)
+    # The mask's gradient at the queries' precision, PyTorch's too: a flash-style backward's
+    # dmask carries the rounding of the output (through rowsum(dO * O)) whatever the mask's
+    # dtype, while PyTorch's CPU math runs a float32 mask's gradient in float32.
     for got, want, baseline, name in zip(grads, ref_grads, base_grads,
                                          ("dq", "dk", "dv", "dmask")):
-        testing.assert_close_to_reference(got.to(baseline.dtype), want, baseline, name=name)
+        testing.assert_close_to_reference(got.to(dtype), want, baseline.to(dtype), name=name)
 
 
 @pytest.mark.parametrize("backend", ["torch", *kernel_backends("attention", torch.bfloat16)])

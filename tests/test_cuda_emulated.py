@@ -639,7 +639,8 @@ def broadcast_strides(t):
 def set_mask(p, mask):
     if mask is not None:
         p.mask = mask.data_ptr()
-        p.mask_kind = 1 if mask.dtype == torch.bool else 2
+        # MaskKind (csrc/attention/attention.h): bool, additive in q's dtype, additive fp32.
+        p.mask_kind = {torch.bool: 1, torch.float32: 3}.get(mask.dtype, 2)
         p.mask_strides = broadcast_strides(mask)
 
 
@@ -1491,7 +1492,7 @@ MASK_KERNELS = [pytest.param(case, kernel, id=f"{case}-{kernel}")
 
 @pytest.mark.parametrize("case,kernel", MASK_KERNELS)
 def test_attention_kernels_with_masks(case, kernel):
-    _check_masked_attention_kernels(case, kernel)
+    _check_masked_attention_kernels(MASK_CASES[case][:7], _case_mask(case), kernel)
 
 
 @pytest.mark.parametrize("kernel", ["sm80", "sm90a"])
@@ -1499,22 +1500,45 @@ def test_attention_backward_with_a_broadcast_mask_expanded(kernel):
     """Under torch.use_deterministic_algorithms(True), ops/attention.py hands the backward a
     broadcast mask expanded to (batch, heads, seq_q, seq_k) and a full-size gradient: the
     kernels read the mask through its zero strides and write each gradient element once."""
-    _check_masked_attention_kernels("additive_qk_neg_inf_row", kernel, expanded=True)
+    case = "additive_qk_neg_inf_row"
+    _check_masked_attention_kernels(MASK_CASES[case][:7], _case_mask(case), kernel,
+                                    expanded=True)
 
 
-def _check_masked_attention_kernels(case, kernel, expanded=False):
-    b, h, hk, sq, sk, d, causal, shape, boolean, masked_row = MASK_CASES[case]
-    hopper = kernel == "sm90a"
-    dtype = torch.bfloat16
-    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kernel", ["sm80", "sm90a"])
+def test_attention_kernels_read_a_float32_mask_as_it_is(kernel, dtype):
+    """An fp32 additive mask beside fp16/bf16 queries, as PyTorch's SDPA takes it, is read
+    in fp32 (MaskKind::kAdditiveFloat32): around -300 its fractions would be lost in fp16
+    (steps of 0.25) and bf16 (steps of 2), and a row near -7e4 would become -inf in fp16,
+    a fully masked row of zeros where PyTorch gives that row's softmax (a constant added
+    to a whole row does not change it)."""
+    geometry = (1, 2, 2, 65, 130, 64, False)
+    mask = torch.randn(1, 2, 65, 130) * 2 - 300
+    mask[:, :, 7] -= 7e4
+    _check_masked_attention_kernels(geometry, mask, kernel, dtype)
+
+
+def _case_mask(case):
+    """The mask of MASK_CASES[case], in the queries' dtype (bf16) when additive."""
+    *_, shape, boolean, masked_row = MASK_CASES[case]
     if boolean:
         mask = torch.rand(shape) > 0.3
         if masked_row:
             mask[:, :, 4] = False
     else:
-        mask = torch.randn(shape).to(dtype)
+        mask = torch.randn(shape).to(torch.bfloat16)
         if masked_row:
             mask[:, :, 7] = float("-inf")
+    return mask
+
+
+def _check_masked_attention_kernels(geometry, mask, kernel, dtype=torch.bfloat16,
+                                    expanded=False):
+    b, h, hk, sq, sk, d, causal = geometry
+    shape, boolean = tuple(mask.shape), mask.dtype == torch.bool
+    hopper = kernel == "sm90a"
+    q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype)
     scale = d ** -0.5
     out, lse = run_attention_fwd(q, k, v, causal, scale, mask, hopper=hopper)
     grad_out = torch.randn(out.shape).to(dtype)
@@ -1548,7 +1572,11 @@ def _check_masked_attention_kernels(case, kernel, expanded=False):
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
     assert torch.isneginf(lse[~finite]).all()
+    # The mask's gradient at the queries' precision, PyTorch's too: a flash-style backward's
+    # dmask carries the rounding of the output (through rowsum(dO * O)) whatever the mask's
+    # dtype, while PyTorch's CPU math runs an fp32 mask's gradient in fp32.
     got = list(grads) + ([] if boolean else [dmask.to(dtype)])
+    base_grads = list(base_grads[:3]) + [g.to(dtype) for g in base_grads[3:]]
     for g, want, baseline, name in zip(got, ref_grads, base_grads, ("dq", "dk", "dv", "dmask")):
         assert torch.isfinite(g).all() and torch.isfinite(baseline).all(), name
         assert_close_to_reference(g, want, baseline, name=name)

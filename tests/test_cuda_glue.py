@@ -110,7 +110,9 @@ def test_attention_returns_logsumexp(causal):
 
 
 def test_attention_layouts():
-    through_cuda_ops(attention_tests.test_float32_mask_with_low_precision_queries, "cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        through_cuda_ops(attention_tests.test_float32_mask_with_low_precision_queries, "cuda",
+                         dtype)
     through_cuda_ops(attention_tests.test_varlen_takes_strided_cu_seqlens, "cuda")
     through_cuda_ops(attention_tests.test_output_is_laid_out_as_sequence_major_queries, "cuda")
 
@@ -152,9 +154,9 @@ def test_standins_check_what_the_cpp_checks():
             torch.ops.tilesmith.conv2d_fwd_cuda(x, torch.randn(8, 12, 3, 3).bfloat16(), None,
                                                 [1, 1], [0, 0], [1, 1], "none", False)
         q = torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)
-        with pytest.raises(RuntimeError, match="attn_mask must be a 4-D bool or"):
-            torch.ops.tilesmith.attention_fwd_cuda(q, q, q, torch.zeros(4, 4), False, 1.0, 0.0,
-                                                   None)
+        for mask in (torch.zeros(4, 4), torch.zeros(1, 1, 4, 4, dtype=torch.float16)):
+            with pytest.raises(RuntimeError, match="attn_mask must be a 4-D bool, "):
+                torch.ops.tilesmith.attention_fwd_cuda(q, q, q, mask, False, 1.0, 0.0, None)
 
 
 # opcheck (schema, fake implementations against the outputs' shapes, dtypes and strides,

@@ -200,28 +200,32 @@ def main() -> int:
     # on an H100 the forward on each wgmma kernel (TMA and cp.async).
     check_attention(({}, {"tma": False}))
 
-    # attention with an additive (1, heads, seq_q, seq_k) mask, and its gradient, through a
-    # loss of out and lse: on Hopper through the wgmma kernels (several query and key
-    # blocks) and the sm_80 ones.
+    # attention with an additive (1, heads, seq_q, seq_k) mask in the queries' dtype and in
+    # fp32 (read as it is, 4 bytes an entry), and its gradient, through a loss of out and
+    # lse: on Hopper through the wgmma kernels (several query and key blocks) and the sm_80
+    # ones.
     q = torch.randn(2, 2, 150, 64, device=dev, dtype=bf16, requires_grad=True)
     k = torch.randn(2, 2, 260, 64, device=dev, dtype=bf16, requires_grad=True)
     v = torch.randn(2, 2, 260, 64, device=dev, dtype=bf16, requires_grad=True)
-    bias = torch.randn(1, 2, 150, 260, device=dev, dtype=bf16, requires_grad=True)
     lse_weights = torch.randn(2, 2, 150, device=dev)
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
-    scores = leaves[0] @ leaves[1].transpose(-1, -2) * 64 ** -0.5 + leaves[3]
-    ref = torch.softmax(scores, -1) @ leaves[2]
-    ref_lse = torch.logsumexp(scores, -1)
-    ref_grads = torch.autograd.grad(ref.square().sum() + (ref_lse * lse_weights).sum(), leaves)
-    for hopper in (True, False):
-        with tilesmith.backend.hopper_kernels(hopper):
-            out, lse = tilesmith.ops.attention(q, k, v, attn_mask=bias, backend="cuda")
-            grads = torch.autograd.grad(out.float().square().sum() + (lse * lse_weights).sum(),
-                                        (q, k, v, bias))
-        check(f"attention additive mask hopper={hopper}", out, ref)
-        check(f"attention additive mask hopper={hopper} lse", lse, ref_lse)
-        for name, got, want in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
-            check(f"attention additive mask hopper={hopper} {name}", got, want, bar=5e-2)
+    for mask_dtype in (bf16, torch.float32):
+        bias = torch.randn(1, 2, 150, 260, device=dev, dtype=mask_dtype, requires_grad=True)
+        leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
+        scores = leaves[0] @ leaves[1].transpose(-1, -2) * 64 ** -0.5 + leaves[3]
+        ref = torch.softmax(scores, -1) @ leaves[2]
+        ref_lse = torch.logsumexp(scores, -1)
+        ref_grads = torch.autograd.grad(ref.square().sum() + (ref_lse * lse_weights).sum(),
+                                        leaves)
+        for hopper in (True, False):
+            what = f"attention additive {mask_dtype} mask hopper={hopper}"
+            with tilesmith.backend.hopper_kernels(hopper):
+                out, lse = tilesmith.ops.attention(q, k, v, attn_mask=bias, backend="cuda")
+                grads = torch.autograd.grad(
+                    out.float().square().sum() + (lse * lse_weights).sum(), (q, k, v, bias))
+            check(what, out, ref)
+            check(f"{what} lse", lse, ref_lse)
+            for name, got, want in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
+                check(f"{what} {name}", got, want, bar=5e-2)
 
     # attention with dropout (against the mask's definition, testing's plain-PyTorch
     # Philox), causal, at head dim 80: zero-padded in the head-dim-128 kernels; on Hopper

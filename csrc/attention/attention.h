@@ -17,7 +17,10 @@ struct MaskStrides {
   int64_t batch, head, row, key;
 };
 
-enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+// kAdditive: in q's dtype; kAdditiveFloat32: fp32 beside fp16/bf16 queries, read as it is
+// (cast to q's dtype, a bias of a few hundred would lose its fractions, and fp16 would make
+// -1e5 -inf), as PyTorch's SDPA adds it.
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2, kAdditiveFloat32 = 3 };
 
 struct AttentionParams {
   const void* q;
@@ -44,7 +47,7 @@ struct AttentionParams {
   float scale;
 
   // Optional mask (dense batches only): bool (1 byte, nonzero keeps the score) or additive
-  // (q's dtype, added to the scaled scores), broadcast through zero strides.
+  // (q's dtype or fp32, added to the scaled scores), broadcast through zero strides.
   const void* mask = nullptr;
   MaskKind mask_kind = MaskKind::kNone;
   MaskStrides mask_strides{};

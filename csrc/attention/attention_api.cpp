@@ -197,15 +197,16 @@ MaskStrides broadcast_strides(const at::Tensor& t) {
 }
 
 // A (batch, heads, seq_q, seq_k) mask whose dimensions are 1 or full (ops/attention.py's
-// _prepare_mask makes that view): bool, or additive in q's dtype.
+// _prepare_mask makes that view): bool, or additive in q's dtype or fp32.
 void set_mask(AttentionParams& p, const std::optional<at::Tensor>& mask, const at::Tensor& q,
               const at::Tensor& k) {
   if (!mask.has_value()) return;
   const at::Tensor& m = *mask;
+  const at::ScalarType type = m.scalar_type();
   TORCH_CHECK(m.dim() == 4 && m.device() == q.device() &&
-                  (m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type()),
-              "attention: attn_mask must be a 4-D bool or ", q.scalar_type(), " tensor on ",
-              q.device(), ", got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
+                  (type == at::kBool || type == q.scalar_type() || type == at::kFloat),
+              "attention: attn_mask must be a 4-D bool, ", q.scalar_type(), " or float32 ",
+              "tensor on ", q.device(), ", got ", type, " ", m.sizes(), " on ", m.device());
   const int64_t full[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
   for (int i = 0; i < 4; ++i) {
     TORCH_CHECK(m.size(i) == 1 || m.size(i) == full[i], "attention: attn_mask ", m.sizes(),
@@ -213,7 +214,10 @@ void set_mask(AttentionParams& p, const std::optional<at::Tensor>& mask, const a
                 full[1], ", ", full[2], ", ", full[3], ")");
   }
   p.mask = m.data_ptr();
-  p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+  // q is fp16 or bf16 (check_inputs), so an fp32 mask is never in q's dtype.
+  p.mask_kind = type == at::kBool    ? MaskKind::kBool
+                : type == at::kFloat ? MaskKind::kAdditiveFloat32
+                                     : MaskKind::kAdditive;
   p.mask_strides = broadcast_strides(m);
 }
 

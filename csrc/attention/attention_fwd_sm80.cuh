@@ -67,16 +67,21 @@ __device__ __forceinline__ T* row_pointer(Pointer base, const AttentionStrides& 
 constexpr float kLog2e = 1.44269504088896341f;
 
 // What the mask does to the score of (row, key), both in range, in the log2 domain: 0 keeps
-// it, -inf drops it, an additive mask adds its value * log2(e).
+// it, -inf drops it, an additive mask adds its value * log2(e). Read through the read-only
+// path (__ldg): with the third mask kind's plain loads, ptxas spilled the sm_90 build of the
+// d256 dK kernel with dropout (8 bytes); with __ldg nothing spills.
 template <typename T>
 __device__ __forceinline__ float mask_log2(const AttentionParams& p, int64_t b, int64_t h,
                                            int64_t row, int64_t key) {
   const int64_t at = b * p.mask_strides.batch + h * p.mask_strides.head +
                      row * p.mask_strides.row + key * p.mask_strides.key;
   if (p.mask_kind == MaskKind::kBool) {
-    return static_cast<const uint8_t*>(p.mask)[at] != 0 ? 0.0f : -INFINITY;
+    return __ldg(static_cast<const uint8_t*>(p.mask) + at) != 0 ? 0.0f : -INFINITY;
   }
-  return to_float<T>(static_cast<const T*>(p.mask)[at]) * kLog2e;
+  const float value = p.mask_kind == MaskKind::kAdditiveFloat32
+                          ? __ldg(static_cast<const float*>(p.mask) + at)
+                          : to_float<T>(__ldg(static_cast<const T*>(p.mask) + at));
+  return value * kLog2e;
 }
 
 // Rows row0 .. row0 + kRows of one sequence's (seq, head_dim) matrix into a swizzled tile

@@ -625,6 +625,11 @@ template <typename V>
 inline V __shfl_xor_sync(unsigned /*mask*/, V value, int lane_mask, int /*width*/ = 32) {
   return ::tilesmith_emu::shfl_xor(value, lane_mask);
 }
+// The read-only (non-coherent) load path: a plain load here.
+template <typename V>
+inline V __ldg(const V* address) {
+  return *address;
+}
 // Fibers never interleave between barriers: atomics are plain read-modify-writes here.
 inline float atomicAdd(float* address, float value) {
   const float old = *address;

@@ -742,10 +742,6 @@ def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 def _kernel_attention(name, query, key, value, mask, causal, scale, dropout_p=0.0):
     """(out, lse) from tilesmith's backend ``name``."""
-    if name == "cuda" and mask is not None and mask.dtype not in (torch.bool, query.dtype):
-        # A float32 additive mask for fp16/bf16 queries: the cuda kernels read masks in the
-        # query's dtype (the Triton ones read any float dtype as it is).
-        mask = mask.to(query.dtype)
     batch, heads, seqlen_q = query.shape[:3]
     kv_heads = key.shape[1]
     group = _group_size(heads, kv_heads)
