@@ -1505,16 +1505,24 @@ def test_attention_backward_with_a_broadcast_mask_expanded(kernel):
                                     expanded=True)
 
 
+# (batch, heads, kv heads, seq_q, seq_k, head dim, causal) for an fp32 mask per head; the
+# wgmma kernels take head dims up to 128.
+FLOAT32_MASK_KERNELS = [
+    pytest.param((1, 2, 2, 65, 130, 64, False), kernel, id=f"d64-{kernel}")
+    for kernel in ("sm80", "sm90a")] + [
+    pytest.param((1, 2, 1, 70, 90, 256, True), "sm80", id="d256_gqa_causal-sm80")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("kernel", ["sm80", "sm90a"])
-def test_attention_kernels_read_a_float32_mask_as_it_is(kernel, dtype):
+@pytest.mark.parametrize("geometry,kernel", FLOAT32_MASK_KERNELS)
+def test_attention_kernels_read_a_float32_mask_as_it_is(geometry, kernel, dtype):
     """An fp32 additive mask beside fp16/bf16 queries, as PyTorch's SDPA takes it, is read
     in fp32 (MaskKind::kAdditiveFloat32): around -300 its fractions would be lost in fp16
     (steps of 0.25) and bf16 (steps of 2), and a row near -7e4 would become -inf in fp16,
     a fully masked row of zeros where PyTorch gives that row's softmax (a constant added
-    to a whole row does not change it)."""
-    geometry = (1, 2, 2, 65, 130, 64, False)
-    mask = torch.randn(1, 2, 65, 130) * 2 - 300
+    to a whole row does not change it). (With dropout: test_attention_kernels_with_dropout.)"""
+    b, h, _, sq, sk, *_ = geometry
+    mask = torch.randn(1, h, sq, sk) * 2 - 300
     mask[:, :, 7] -= 7e4
     _check_masked_attention_kernels(geometry, mask, kernel, dtype)
 
@@ -1583,10 +1591,12 @@ def _check_masked_attention_kernels(geometry, mask, kernel, dtype=torch.bfloat16
 
 
 DROPOUT_CASES = {
-    # name: (batch, heads, kv heads, seq_q, seq_k, head dim, causal, float mask shape or None)
+    # name: (batch, heads, kv heads, seq_q, seq_k, head dim, causal,
+    #        float mask (shape, dtype) or None)
     "d64_gqa_causal": (2, 4, 2, 70, 90, 64, True, None),
     "d128_edges": (1, 2, 1, 65, 129, 128, False, None),
-    "d64_float_mask": (1, 2, 2, 40, 72, 64, False, (1, 2, 40, 72)),
+    "d64_float_mask": (1, 2, 2, 40, 72, 64, False, ((1, 2, 40, 72), torch.bfloat16)),
+    "d128_causal_float32_mask": (1, 2, 2, 40, 72, 128, True, ((1, 1, 40, 72), torch.float32)),
     "d256_gqa_causal": (1, 2, 1, 70, 90, 256, True, None),
     # The wgmma kernels: several query blocks (128 rows) and key steps (128 keys forward,
     # 64 queries a dK/dV step, 64 keys a dQ step), the two words of a forward step's bits.
@@ -1605,17 +1615,17 @@ def test_attention_kernels_with_dropout(case, kernel):
     """Forward and backward with dropout_p = 0.3 against float64 attention that drops what
     the documented Philox mask drops (tilesmith.testing's reference implementation: the
     same bits as the Triton kernels' ops.attention_dropout_mask), by the 2x rule."""
-    b, h, hk, sq, sk, d, causal, mask_shape = DROPOUT_CASES[case]
+    b, h, hk, sq, sk, d, causal, mask_spec = DROPOUT_CASES[case]
     hopper = kernel == "sm90a"
     dtype, dropout_p, seed_value = torch.bfloat16, 0.3, 0x0123456789ABCDEF
     q, k, v = attention_inputs(b, h, hk, sq, sk, d, dtype)
-    mask = None if mask_shape is None else torch.randn(mask_shape).to(dtype)
+    mask = None if mask_spec is None else torch.randn(mask_spec[0]).to(mask_spec[1])
     seed = torch.tensor([seed_value], dtype=torch.int64)
     keep = testing.attention_dropout_keep_reference(seed_value, b, h, sq, sk, dropout_p)
     scale = d ** -0.5
     out, lse = run_attention_fwd(q, k, v, causal, scale, mask, (seed, dropout_p), hopper=hopper)
     grad_out = torch.randn(out.shape).to(dtype)
-    dmask = None if mask is None else torch.zeros(mask_shape, dtype=torch.float32)
+    dmask = None if mask is None else torch.zeros(mask.shape, dtype=torch.float32)
     grads = run_attention_bwd(grad_out, q, k, v, out, lse, causal, scale, mask, dmask,
                               (seed, dropout_p), hopper=hopper)
 
