@@ -5,6 +5,10 @@ scale = amax / FP8_MAX. The cast uses x * (FP8_MAX / amax): the reciprocal is co
 fp64 and rounded once to fp32 (a correctly rounded fp32 division, so a plain PyTorch
 reference reproduces every bit), the product is clamped to +-FP8_MAX (saturation) and cast
 with round-to-nearest-even. A zero amax is raised to 1e-12 so zero inputs stay zero.
+A NaN or an infinity is never cast to a finite number: every max and the clamp here keep
+NaNs (Triton's tl.max and tl.maximum drop them on the GPU), so, as in the reference, a NaN
+makes its group's amax, scale and values NaN, and an infinity makes its group's scale inf
+and its own value NaN (inf * 0).
 
 Granularities (GRANULARITY, numbered as ops/fp8.py's _GRANULARITY): 0 one scale per tensor,
 1 one per row, 2 one per 1 x BLOCK_K block of a row (activations), 3 one per
@@ -38,17 +42,32 @@ def round_to_fp8_grid(v, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(x, axis):
+    """max |x| along axis, NaN where any is NaN (as torch.amax)."""
+    return tl.reduce(tl.abs(x), axis, _max_keeping_nan)
+
+
+@triton.jit
 def _cast(v, q_ptr, FP8_MAX: tl.constexpr, UPCAST: tl.constexpr,
           MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
-    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+    v = tl.clamp(v, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     if UPCAST:
         v = round_to_fp8_grid(v, MANTISSA_BITS, MIN_EXPONENT)
+        # The interpreter's cast also turns a NaN into a finite value (+-384 in e4m3):
+        # write NaN's bits, 0x7f in both formats, where the hardware cast gives them.
+        nan = tl.full(v.shape, 0x7F, tl.uint8).to(q_ptr.dtype.element_ty, bitcast=True)
+        return tl.where(v != v, nan, v.to(q_ptr.dtype.element_ty))
     return v.to(q_ptr.dtype.element_ty)
 
 
 @triton.jit
 def _reciprocal_and_scale(amax, FP8_MAX: tl.constexpr):
-    amax = tl.maximum(amax, 1e-12)
+    amax = _max_keeping_nan(amax, 1e-12)
     inverse = (FP8_MAX / amax.to(tl.float64)).to(tl.float32)
     scale = (amax.to(tl.float64) / FP8_MAX).to(tl.float32)
     return inverse, scale
@@ -64,7 +83,9 @@ def amax_kernel(x_ptr, amax_ptr, M, K, stride_m, stride_k,
     cols = spilled_program_id() * BLOCK_K + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k,
                 mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
-    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
+    # A NaN's bits (sign cleared by the abs) are above +inf's, so the float atomic max
+    # (a signed integer max for values with the sign bit clear) keeps it.
+    tl.atomic_max(amax_ptr, tl.reduce(_amax(x, 1), 0, _max_keeping_nan))
 
 
 @triton.jit
@@ -89,7 +110,7 @@ def quantize_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k,
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k,
                         mask=row_ok[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
+            amax = _max_keeping_nan(amax, _amax(x, 1))
         inverse, scale = _reciprocal_and_scale(amax, FP8_MAX)
         tl.store(scale_ptr + rows * stride_sm, scale, mask=row_ok)
         for k0 in range(0, K, BLOCK_K):
@@ -110,12 +131,13 @@ def quantize_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k,
             if (tl.program_id(0) == 0) & (block == 0):
                 tl.store(scale_ptr, scale)
         elif GRANULARITY == 2:
-            inverse, scale = _reciprocal_and_scale(tl.max(tl.abs(x), 1), FP8_MAX)
+            inverse, scale = _reciprocal_and_scale(_amax(x, 1), FP8_MAX)
             q = _cast(x * inverse[:, None], q_ptr, FP8_MAX, UPCAST, MANTISSA_BITS,
                       MIN_EXPONENT)
             tl.store(scale_ptr + rows * stride_sm + block * stride_sk, scale, mask=row_ok)
         else:
-            inverse, scale = _reciprocal_and_scale(tl.max(tl.max(tl.abs(x), 1), 0), FP8_MAX)
+            inverse, scale = _reciprocal_and_scale(
+                tl.reduce(_amax(x, 1), 0, _max_keeping_nan), FP8_MAX)
             q = _cast(x * inverse, q_ptr, FP8_MAX, UPCAST, MANTISSA_BITS, MIN_EXPONENT)
             tl.store(scale_ptr + tl.program_id(0) * stride_sm + block * stride_sk, scale)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=ok)

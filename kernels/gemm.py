@@ -35,7 +35,9 @@ def _tanh(x):
 @triton.jit
 def activation(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
-        z = tl.maximum(z, 0.0)
+        # Not tl.maximum, which on the GPU returns 0 for a NaN: torch.relu keeps the NaN
+        # (and -0.0).
+        z = tl.where(z < 0.0, 0.0, z)
     elif ACTIVATION == 2:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACTIVATION == 3:
@@ -48,7 +50,7 @@ def activation(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def activation_derivative(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
-        d = tl.where(z > 0.0, 1.0, 0.0)
+        d = tl.where(z <= 0.0, 0.0, 1.0)  # 1 at a NaN, as torch's threshold_backward
     elif ACTIVATION == 2:
         d = (0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
              + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)

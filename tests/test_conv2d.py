@@ -209,6 +209,27 @@ def test_unbatched_input_as_in_pytorch(backend):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.bfloat16))
+@pytest.mark.parametrize("groups", [1, 16], ids=["dense", "depthwise"])
+def test_fused_relu_keeps_a_nan_as_torch_relu(backend, groups):
+    """A NaN pixel makes NaNs in every output its taps reach, through the fused relu as
+    through torch.relu (whose max with 0 the GPU would make 0), in the implicit-GEMM and
+    the depthwise kernels."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 16, 9, 9, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(16, 16 // groups, 3, 3, generator=g).to(torch.bfloat16).to(DEVICE)
+    x[1, 3, 4, 6] = float("nan")
+    out = tilesmith.ops.conv2d(x, w, padding=1, groups=groups, activation="relu",
+                               backend=backend)
+    ref = F.relu(F.conv2d(x.double(), w.double(), padding=1, groups=groups))
+    assert ref.isnan().sum() == 9 * (16 if groups == 1 else 1)  # the case is what it says
+    assert torch.equal(out.isnan(), ref.isnan())
+    base = F.relu(F.conv2d(x, w, padding=1, groups=groups))
+    finite = ~ref.isnan()
+    testing.assert_close_to_reference(out[finite], ref[finite], base[finite])
+
+
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.bfloat16))
 def test_opcheck_and_compile(backend):

@@ -496,6 +496,22 @@ def test_gemm_epilogue(activation, out_fp32):
     assert_close_to_reference(pre, ref_pre, base_pre, name="pre-activation")
 
 
+@pytest.mark.parametrize("hopper", [False, True], ids=["sm80", "sm90a"])
+def test_gemm_epilogue_relu_keeps_a_nan(hopper):
+    """epilogue.cuh's relu keeps a NaN, as torch.relu does (fmaxf, which it took, gives 0):
+    a's NaN row is a NaN row of c, and of the pre-activation."""
+    a = matmul_operand(72, 40, torch.bfloat16, 2)
+    b = matmul_operand(40, 136, torch.bfloat16, 1)
+    a[0, 9] = float("nan")
+    c, pre = run_matmul(a, b, activation="relu", want_pre=True, hopper=hopper)
+    ref, ref_pre, base, base_pre = reference_and_baseline(a, b, activation="relu",
+                                                          out_dtype=torch.bfloat16)
+    assert ref[0, 9].isnan().all() and ref.isnan().sum() == 136
+    assert torch.equal(c.isnan(), ref.isnan()) and torch.equal(pre.isnan(), ref.isnan())
+    rows = [r for r in range(72) if r != 9]
+    assert_close_to_reference(c[:, rows], ref[:, rows], base[:, rows])
+
+
 # --- matmul / gemm on wgmma: csrc/matmul/matmul_sm90a.cuh (cp.async) and matmul_tma_sm90a.cuh
 # (TMA, warp-specialized, persistent; tma_blocks: its blocks, fewer than the tiles so that a
 # block walks several and its stage ring wraps across them) ----------------------------------
@@ -1322,22 +1338,21 @@ def quantize_input(m, k, dtype, layout):
     return view
 
 
-@pytest.mark.parametrize("case", list(QUANTIZE_CASES))
-def test_quantize_fp8_kernels(case):
-    """Bit for bit the reference's fp8 values and scales, through every path."""
+def emulate_quantize(case, x):
+    """(q as uint8, scale) of QUANTIZE_CASES[case]'s kernel for x (laid out by
+    quantize_input), checking the path it took and that it wrote only its outputs."""
     m, k, dtype, fp8, granularity, (block_m, block_k), layout, path = QUANTIZE_CASES[case]
     lib = emulated("quantize")
     assert lib.quantize_params_size() == ctypes.sizeof(QuantizeParams)
-    x = quantize_input(m, k, dtype, layout)
-    ref_q, ref_scale = testing.quantize_fp8_reference(x, fp8, granularity, block_m, block_k)
+    scale_shape = testing.quantize_fp8_reference(x, fp8, granularity, block_m, block_k)[1].shape
     # q: 0x7f (NaN in both formats) everywhere the kernel must not write, and before it does.
     q_storage = torch.full((m * k + 2 * GUARD,), 0x7F, dtype=torch.uint8)
     q = q_storage[GUARD:GUARD + m * k].view(m, k)
-    scale, scale_storage = guarded_empty(ref_scale.shape, torch.float32)
+    scale, scale_storage = guarded_empty(scale_shape, torch.float32)
     amax = torch.zeros(1)
     p = QuantizeParams(x=x.data_ptr(), m=m, k=k, x_row_stride=x.stride(0),
                        x_col_stride=x.stride(1), q=q.data_ptr(), scale=scale.data_ptr(),
-                       scale_row_stride=ref_scale.shape[-1] if granularity.startswith("block")
+                       scale_row_stride=scale_shape[-1] if granularity.startswith("block")
                        else 1, amax=amax.data_ptr(),
                        granularity=QUANTIZE_GRANULARITIES[granularity], block_m=block_m,
                        block_k=block_k, input=QUANTIZE_INPUTS[dtype],
@@ -1351,9 +1366,40 @@ def test_quantize_fp8_kernels(case):
     for band in (q_storage[:GUARD], q_storage[-GUARD:]):
         assert (band == 0x7F).all(), "q: the kernel wrote outside the output"
     assert_guards_untouched(scale_storage, "scale")
+    return q, scale
+
+
+@pytest.mark.parametrize("case", list(QUANTIZE_CASES))
+def test_quantize_fp8_kernels(case):
+    """Bit for bit the reference's fp8 values and scales, through every path."""
+    m, k, dtype, fp8, granularity, (block_m, block_k), layout, path = QUANTIZE_CASES[case]
+    x = quantize_input(m, k, dtype, layout)
+    ref_q, ref_scale = testing.quantize_fp8_reference(x, fp8, granularity, block_m, block_k)
+    q, scale = emulate_quantize(case, x)
     assert torch.equal(scale, ref_scale), (scale, ref_scale)
     assert torch.equal(q, ref_q.view(torch.uint8)), "fp8 bits differ"
     assert ref_q.float().abs().max() == torch.finfo(fp8).max  # the large value saturated
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")], ids=str)
+@pytest.mark.parametrize("case", ["row_bf16_rows_of_16_bytes", "tensor_bf16_two_column_groups",
+                                  "tensor_fp16_transposed", "row_bf16_column_major",
+                                  "block_fp16_1x128_column_major", "block2d_fp16_16x64_odd"])
+def test_quantize_fp8_kernels_keep_nan_and_inf_visible(case, special):
+    """A NaN or an infinity in x: NaN and infinite scales, and NaN values, where the
+    reference has them (test_fp8's rule), on every path; NaN compared by position, as the
+    hardware's NaN bits need not be the CPU cast's."""
+    m, k, dtype, fp8, granularity, (block_m, block_k), layout, path = QUANTIZE_CASES[case]
+    x = quantize_input(m, k, dtype, layout)
+    x[m // 2, k - 3] = special
+    ref_q, ref_scale = testing.quantize_fp8_reference(x, fp8, granularity, block_m, block_k)
+    q, scale = emulate_quantize(case, x)
+    q = q.view(fp8).float()
+    assert not torch.isfinite(ref_scale).all()  # the case is what it says
+    assert torch.equal(scale.isnan(), ref_scale.isnan()), "NaN scales differ"
+    assert torch.equal(scale.nan_to_num(), ref_scale.nan_to_num()), "scales differ"
+    assert torch.equal(q.isnan(), ref_q.float().isnan()), "NaN values differ"
+    assert torch.equal(q.nan_to_num(), ref_q.float().nan_to_num()), "values differ"
 
 
 def packed_strides(t):
@@ -1815,12 +1861,26 @@ def strided_in_nan_storage(x, layout):
 def test_activation_backward_kernels(case):
     """dz within one rounding of the float64 product (computed in fp32 from the same inputs),
     and each block's bias partial sums those of its own rows."""
+    check_activation_backward(case)
+
+
+@pytest.mark.parametrize("case", [c for c in ACTIVATION_BACKWARD_CASES if "relu" in c])
+def test_activation_backward_relu_passes_the_gradient_at_a_nan(case):
+    """relu' is 1 at a NaN pre-activation, as torch's (threshold_backward tests the output,
+    NaN, for <= 0): dz there is the gradient, not 0."""
+    check_activation_backward(case, pre_nan=True)
+
+
+def check_activation_backward(case, pre_nan=False):
     m, n, dtype, grad_dtype, activation, layout, bias, width, *wider_pre = (
         ACTIVATION_BACKWARD_CASES[case])
     pre_dtype = wider_pre[0] if wider_pre else dtype
     lib = emulated("activation_backward")
     assert lib.activation_backward_params_size() == ctypes.sizeof(ActivationBackwardParams)
-    pre = strided_in_nan_storage((torch.randn(m, n) * 2).to(pre_dtype), layout)
+    pre = torch.randn(m, n) * 2
+    if pre_nan:
+        pre[m // 2, n // 2:] = float("nan")
+    pre = strided_in_nan_storage(pre.to(pre_dtype), layout)
     grad = strided_in_nan_storage(torch.randn(m, n).to(grad_dtype), layout)
     ref, torch_fp32 = (testing.activation_grad_reference(activation, pre, grad, dtype)
                        for dtype in (torch.float64, torch.float32))

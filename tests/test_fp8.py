@@ -147,6 +147,29 @@ def test_quantize_saturates_and_handles_zero_and_tiny(backend, dtype, gran):
         assert testing.dequantize_fp8(q, scale, (1, gran[1])).abs().max() <= 1e-29
 
 
+@pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
+@pytest.mark.parametrize("dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("gran", GRANULARITIES, ids=_gran_id)
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_quantize_never_makes_nan_or_inf_finite(backend, dtype, gran, special):
+    """As the reference (torch.amax keeps NaNs): a NaN makes its group's scale and values
+    NaN, an infinity its group's scale inf, its own value NaN (inf * 0) and the group's
+    others 0, so the group dequantizes to NaN either way; the other groups are as without
+    it. (The Triton kernel's maxes and clamp dropped NaNs: it wrote -448 and finite
+    scales.)"""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 300, generator=g) * 5).to(torch.bfloat16).to(DEVICE)
+    x[20, 150] = special
+    q, scale = tilesmith.ops.quantize_fp8(x, dtype=dtype, granularity=gran[0],
+                                          block_size=gran[1], backend=backend)
+    ref_q, ref_scale = testing.quantize_fp8_reference(x, dtype, *_reference_args(*gran))
+    assert not torch.isfinite(ref_scale).all()  # the case is what it says
+    assert torch.equal(scale.isnan(), ref_scale.isnan()), "NaN scales differ"
+    assert torch.equal(scale.nan_to_num(), ref_scale.nan_to_num()), "scales differ"
+    assert torch.equal(q.float().isnan(), ref_q.float().isnan()), "NaN values differ"
+    assert torch.equal(q.float().nan_to_num(), ref_q.float().nan_to_num()), "values differ"
+
+
 def _quantized_operands(m, k, n, granularity, a_dtype=torch.float8_e4m3fn,
                         b_dtype=torch.float8_e4m3fn, seed=0):
     g = torch.Generator().manual_seed(seed)

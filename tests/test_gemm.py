@@ -111,6 +111,38 @@ def test_gradcheck_float64(backend, activation):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
+def test_fused_relu_keeps_a_nan_as_torch_relu(backend):
+    """torch.relu(NaN) is NaN, and its gradient there is the incoming one (threshold_backward
+    zeroes where the output <= 0). The fused epilogues took max(z, 0), which the GPU's max
+    makes 0 at a NaN: a NaN made upstream vanished from the output. Row 5 of a is NaN."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(40, 24, generator=g).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(24, 32, generator=g).to(torch.bfloat16).to(DEVICE)
+    bias = torch.randn(32, generator=g).to(torch.bfloat16).to(DEVICE)
+    grad = torch.randn(40, 32, generator=g).to(torch.bfloat16).to(DEVICE)
+    a[5] = float("nan")
+    results = {}
+    for name, dtype in ((backend, torch.bfloat16), ("torch", torch.bfloat16),
+                        ("torch", torch.float64)):
+        inputs = [t.to(dtype, copy=True).requires_grad_() for t in (a, b, bias)]
+        out = tilesmith.ops.gemm(inputs[0], inputs[1], bias=inputs[2], activation="relu",
+                                 backend=name)
+        out.backward(grad.to(dtype))
+        results[name, dtype] = [out.detach()] + [t.grad for t in inputs]
+    got, base, ref = (results[backend, torch.bfloat16], results["torch", torch.bfloat16],
+                      results["torch", torch.float64])
+    names = ("output", "grad a", "grad b", "grad bias")
+    for name, got_t, ref_t in zip(names, got, ref):
+        assert torch.equal(got_t.isnan(), ref_t.isnan()), f"{name}: NaNs differ"
+    assert got[0][5].isnan().all() and got[2].isnan().all()  # grad b: a's NaN row meets dz
+    rows = [r for r in range(40) if r != 5]
+    testing.assert_close_to_reference(got[0][rows], ref[0][rows], base[0][rows])
+    # relu' is 1 at the NaN: a's row 5 gets grad[5] @ b^T, and the bias all of grad[5].
+    for name, got_t, base_t, ref_t in list(zip(names, got, base, ref))[1::2]:
+        testing.assert_close_to_reference(got_t, ref_t, base_t, name=name)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
 def test_no_pre_activation_saved_without_grad(backend):
     a, b = _sample("gelu_only", torch.bfloat16).args
     with torch.no_grad():

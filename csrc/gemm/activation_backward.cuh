@@ -31,7 +31,7 @@ constexpr int kRows = kActivationBackwardRows;
 __device__ __forceinline__ float derivative(float z, Activation activation) {
   switch (activation) {
     case Activation::kRelu:
-      return z > 0.0f ? 1.0f : 0.0f;
+      return z <= 0.0f ? 0.0f : 1.0f;  // 1 at a NaN, as torch's threshold_backward
     case Activation::kGelu:
       return 0.5f * (1.0f + erff(z * 0.70710678118654752f)) +
              z * expf(-0.5f * z * z) * 0.39894228040143268f;

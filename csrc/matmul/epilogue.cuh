@@ -15,7 +15,7 @@ namespace tilesmith {
 __device__ __forceinline__ float activate(float v, Activation activation) {
   switch (activation) {
     case Activation::kRelu:
-      return fmaxf(v, 0.0f);
+      return v < 0.0f ? 0.0f : v;  // a NaN stays NaN, as in torch.relu (fmaxf gives 0)
     case Activation::kGelu:
       return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
     case Activation::kGeluTanh:

@@ -93,8 +93,11 @@ def quantize_fp8(x: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn,
                  granularity: str = "tensor", block_size=128, backend: str | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_fp8, scale) with x ~ x_fp8 * scale; scale = amax / max(dtype) per tensor, row, or
-    block (see the module docstring for shapes). x: 2-D (M, K), fp16/bf16/fp32, finite.
-    Values saturate at the format's max; all-zero input gives zeros. Tensor-wise scaling
+    block (see the module docstring for shapes). x: 2-D (M, K), fp16/bf16/fp32.
+    Values saturate at the format's max; all-zero input gives zeros. A NaN makes its
+    group's scale and values NaN, an infinity its group's scale inf and its own value NaN
+    (the group dequantizes to NaN either way), as a torch.amax-based reference does; no
+    backend makes them finite. Tensor-wise scaling
     reduces in two kernels (tile amax with an atomic max into a device scalar, then scale
     and cast reading it), so nothing waits on the host."""
     fn = "quantize_fp8"
