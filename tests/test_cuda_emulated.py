@@ -1567,7 +1567,7 @@ def test_attention_kernels_read_a_float32_mask_as_it_is(geometry, kernel, dtype)
     (steps of 0.25) and bf16 (steps of 2), and a row near -7e4 would become -inf in fp16,
     a fully masked row of zeros where PyTorch gives that row's softmax (a constant added
     to a whole row does not change it). (With dropout: test_attention_kernels_with_dropout.)"""
-    b, h, _, sq, sk, *_ = geometry
+    _, h, _, sq, sk, *_ = geometry
     mask = torch.randn(1, h, sq, sk) * 2 - 300
     mask[:, :, 7] -= 7e4
     _check_masked_attention_kernels(geometry, mask, kernel, dtype)
