@@ -102,6 +102,27 @@ def test_multihead_attention_matches_torch(batch_first, masks):
         _close(g, w, rtol=1e-5, name="grad")
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_multihead_attention_float32_mask_with_key_padding(dtype):
+    """torch adds a float32 attn_mask and a key_padding_mask in float32 beside fp16/bf16
+    queries; so does ours (it cast the sum to the queries' dtype: its relative error against
+    float64 was 42x torch's in fp16, 28x in bf16, with this mask near -300)."""
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(32, 2, batch_first=True, device=DEVICE, dtype=dtype)
+    ours = tilesmith.nn.convert(copy.deepcopy(ref), backend=KERNELS)
+    q = torch.randn(3, 5, 32, device=DEVICE, dtype=dtype)
+    kv = torch.randn(3, 7, 32, device=DEVICE, dtype=dtype)
+    attn_mask = torch.randn(5, 7, device=DEVICE) * 3 - 300
+    padding = torch.zeros(3, 7, dtype=torch.bool, device=DEVICE)
+    padding[0, -2:] = True
+    kwargs = dict(attn_mask=attn_mask, key_padding_mask=padding, need_weights=False)
+    want = ref(q, kv, kv, **kwargs)[0]
+    exact = copy.deepcopy(ref).double()(q.double(), kv.double(), kv.double(),
+                                        **{**kwargs, "attn_mask": attn_mask.double()})[0]
+    testing.assert_close_to_reference(ours(q, kv, kv, **kwargs)[0], exact, want)
+
+
 def test_multihead_attention_is_causal_hint_as_torch_reads_it():
     """is_causal=True stands for the attn_mask given with it (torch computes causal attention
     whatever that mask holds, unless a key_padding_mask is merged in), and needs one."""

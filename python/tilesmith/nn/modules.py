@@ -152,12 +152,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _combined_mask(self, attn_mask, key_padding_mask, bsz, tgt_len, src_len, dtype):
         """torch.nn.MultiheadAttention's masks (bool: True = masked out; float: added) as
         one SDPA mask (bool: True = attend; float: added), broadcastable to
-        (bsz, heads, tgt_len, src_len)."""
+        (bsz, heads, tgt_len, src_len). As torch merges them: a boolean mask becomes -inf in
+        the queries' dtype, a float one keeps its own, so a float32 mask beside fp16/bf16
+        queries is added in float32 (cast to theirs it would move by up to half their ulp,
+        0.125 near -300 in fp16)."""
         def as_additive(mask):
             if mask.dtype == torch.bool:
                 return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
                     mask, float("-inf"))
-            return mask.to(dtype)
+            return mask
 
         combined = None
         if attn_mask is not None:
