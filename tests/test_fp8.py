@@ -166,10 +166,9 @@ def test_quantize_never_makes_nan_or_inf_finite(backend, dtype, gran, special):
                                           block_size=gran[1], backend=backend)
     ref_q, ref_scale = testing.quantize_fp8_reference(x, dtype, *_reference_args(*gran))
     assert not torch.isfinite(ref_scale).all()  # the case is what it says
-    assert torch.equal(scale.isnan(), ref_scale.isnan()), "NaN scales differ"
-    assert torch.equal(scale.nan_to_num(), ref_scale.nan_to_num()), "scales differ"
-    assert torch.equal(q.float().isnan(), ref_q.float().isnan()), "NaN values differ"
-    assert torch.equal(q.float().nan_to_num(), ref_q.float().nan_to_num()), "values differ"
+    exactly = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(scale, ref_scale, **exactly)
+    torch.testing.assert_close(q.float(), ref_q.float(), **exactly)
 
 
 def _quantized_operands(m, k, n, granularity, a_dtype=torch.float8_e4m3fn,
@@ -256,6 +255,13 @@ def test_scaled_gemm_bad_input():
         tilesmith.ops.scaled_gemm(qa, qb, blocks, sb)
     with pytest.raises(TypeError, match="scale_b must be a float32 tensor"):
         tilesmith.ops.scaled_gemm(qa, qb, sa, sb.double())
+    bias = torch.ones(16, device=DEVICE)
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor, got torch.int64"):
+        tilesmith.ops.scaled_gemm(qa, qb, sa, sb, bias=bias.long())
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\), got \(8,\)"):
+        tilesmith.ops.scaled_gemm(qa, qb, sa, sb, bias=bias[:8])
+    with pytest.raises(ValueError, match="bias is on meta"):
+        tilesmith.ops.scaled_gemm(qa, qb, sa, sb, bias=bias.to("meta"))
 
 
 def test_float8_linear_bad_scaling():

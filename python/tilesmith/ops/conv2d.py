@@ -485,6 +485,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_channels,):
             raise ValueError(f"{fn}: bias must have shape ({out_channels},), got "
                              f"{None if not isinstance(bias, torch.Tensor) else tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"{fn}: bias must be a floating-point tensor, got {bias.dtype}")
         if bias.device != input.device:
             raise ValueError(f"{fn}: bias is on {bias.device}, input on {input.device}")
     if activation not in ACTIVATION_NAMES:

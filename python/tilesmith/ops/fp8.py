@@ -263,8 +263,14 @@ def scaled_gemm(a_fp8: torch.Tensor, b_fp8: torch.Tensor, scale_a: torch.Tensor,
         raise TypeError(f"{fn}: out_dtype must be bfloat16, float16 or float32")
     m, k = a_fp8.shape
     n = b_fp8.shape[1]
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"{fn}: bias must be a floating-point tensor, got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
+        if bias.device != a_fp8.device:
+            raise ValueError(f"{fn}: bias is on {bias.device}, a_fp8 on {a_fp8.device}")
     kind_a, kind_b = _scale_kinds(scale_a, scale_b, m, n, k)
     name = _backend.pick("fp8", a_fp8, backend)
     if name == "torch":
