@@ -48,7 +48,7 @@ def _max_keeping_nan(a, b):
 
 @triton.jit
 def _amax(x, axis):
-    """max |x| along axis, NaN where any is NaN (as torch.amax)."""
+    """max |x| along axis (None: all of x), NaN where any is NaN (as torch.amax)."""
     return tl.reduce(tl.abs(x), axis, _max_keeping_nan)
 
 
@@ -85,7 +85,7 @@ def amax_kernel(x_ptr, amax_ptr, M, K, stride_m, stride_k,
                 mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
     # A NaN's bits (sign cleared by the abs) are above +inf's, so the float atomic max
     # (a signed integer max for values with the sign bit clear) keeps it.
-    tl.atomic_max(amax_ptr, tl.reduce(_amax(x, 1), 0, _max_keeping_nan))
+    tl.atomic_max(amax_ptr, _amax(x, None))
 
 
 @triton.jit
@@ -136,8 +136,7 @@ def quantize_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k,
                       MIN_EXPONENT)
             tl.store(scale_ptr + rows * stride_sm + block * stride_sk, scale, mask=row_ok)
         else:
-            inverse, scale = _reciprocal_and_scale(
-                tl.reduce(_amax(x, 1), 0, _max_keeping_nan), FP8_MAX)
+            inverse, scale = _reciprocal_and_scale(_amax(x, None), FP8_MAX)
             q = _cast(x * inverse, q_ptr, FP8_MAX, UPCAST, MANTISSA_BITS, MIN_EXPONENT)
             tl.store(scale_ptr + tl.program_id(0) * stride_sm + block * stride_sk, scale)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q, mask=ok)

@@ -1396,10 +1396,9 @@ def test_quantize_fp8_kernels_keep_nan_and_inf_visible(case, special):
     q, scale = emulate_quantize(case, x)
     q = q.view(fp8).float()
     assert not torch.isfinite(ref_scale).all()  # the case is what it says
-    assert torch.equal(scale.isnan(), ref_scale.isnan()), "NaN scales differ"
-    assert torch.equal(scale.nan_to_num(), ref_scale.nan_to_num()), "scales differ"
-    assert torch.equal(q.isnan(), ref_q.float().isnan()), "NaN values differ"
-    assert torch.equal(q.nan_to_num(), ref_q.float().nan_to_num()), "values differ"
+    exactly = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(scale, ref_scale, **exactly)
+    torch.testing.assert_close(q, ref_q.float(), **exactly)
 
 
 def packed_strides(t):
