@@ -230,6 +230,10 @@ def test_convert_keeps_parameters_and_reports_skips():
         tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), fp8="column")
     with pytest.raises(ValueError, match="include may name"):
         tilesmith.nn.convert(net, include=("lstm",))
+    only_linear = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(1, 1, 1))
+    tilesmith.nn.convert(only_linear, include="linear")  # one name: not its letters
+    assert type(only_linear[0]) is tilesmith.nn.Linear
+    assert type(only_linear[1]) is torch.nn.Conv2d
     with pytest.raises(TypeError, match="convert: model must be a torch.nn.Module, got str"):
         tilesmith.nn.convert("net")
 

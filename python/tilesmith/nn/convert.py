@@ -68,7 +68,8 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     """Make ``model``'s nn.Linear, nn.Conv2d and nn.MultiheadAttention modules tilesmith's,
     in place: each module's class is switched to tilesmith's subclass, so its parameters
     (the same Parameter objects an optimizer may hold), buffers, device, dtype, hooks and
-    state_dict keys are untouched. ``fp8=True`` (or ``"row"``, ``"tensor"`` or ``"block"``:
+    state_dict keys are untouched. ``include`` names the kinds converted, one name or
+    several of "linear", "conv2d", "attention". ``fp8=True`` (or ``"row"``, ``"tensor"`` or ``"block"``:
     the scaling) makes Linear layers Float8Linear. A module with parametrizations
     (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``, ...) keeps them.
     Modules converted before stay what they are and take this call's ``backend``.
@@ -79,6 +80,8 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     check_backend_option("convert", backend)
+    if isinstance(include, str):  # one kind, not its letters
+        include = (include,)
     unknown = set(include) - {"linear", "conv2d", "attention"}
     if unknown:
         raise ValueError(f"convert: include may name 'linear', 'conv2d', 'attention', got "
