@@ -405,6 +405,8 @@ BAD_INPUTS = [
                             {}), TypeError, "bias must be a floating-point tensor, got torch.bool"),
     ("bias_device", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), _t(4, device="meta")), {}),
      ValueError, "bias is on meta, input on cpu"),
+    ("padding_string", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"padding": "SAME"}),
+     ValueError, "padding strings are 'same' and 'valid'.*got 'SAME'"),
     ("same_strided", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"padding": "same", "stride": 2}),
      ValueError, "not supported for strided"),
     ("kernel_too_large", lambda: ((_t(1, 3, 4, 4), _t(4, 3, 7, 7)), {}), ValueError,

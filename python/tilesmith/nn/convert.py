@@ -69,9 +69,10 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     in place: each module's class is switched to tilesmith's subclass, so its parameters
     (the same Parameter objects an optimizer may hold), buffers, device, dtype, hooks and
     state_dict keys are untouched. ``include`` names the kinds converted, one name or
-    several of "linear", "conv2d", "attention". ``fp8=True`` (or ``"row"``, ``"tensor"`` or ``"block"``:
-    the scaling) makes Linear layers Float8Linear. A module with parametrizations
-    (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``, ...) keeps them.
+    several of "linear", "conv2d", "attention". ``fp8=True`` (or ``"row"``, ``"tensor"``
+    or ``"block"``: the scaling) makes Linear layers Float8Linear. A module with
+    parametrizations (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
+    ...) keeps them.
     Modules converted before stay what they are and take this call's ``backend``.
     Modules that cannot be converted (subclasses of torch's classes other than
     parametrized ones, which keep their own forward; lazy modules not yet initialized;

@@ -511,6 +511,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         # i - total // 2, as PyTorch's does.
         padding = [-(-t // 2) for t in total]
         crop = [t % 2 for t in total]
+    elif isinstance(padding, str):
+        raise ValueError(f"{fn}: padding strings are 'same' and 'valid' (lower case, as in "
+                         f"PyTorch), got {padding!r}")
     else:
         padding = _pair(padding, "padding")
         if min(padding) < 0:
