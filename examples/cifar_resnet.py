@@ -115,7 +115,11 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--amp", choices=["bfloat16", "float16", "none"],
                         default="bfloat16" if default_device == "cuda" else "none")
-    parser.add_argument("--no-channels-last", action="store_true")
+    # channels_last is what the GPU kernels want. On the CPU the default is NCHW: torch
+    # 2.14's oneDNN (v3.12, AVX2 CPUs) can crash or hang in a channels_last 1x1 stride-2
+    # convolution's weight gradient with few channels (the shortcut of --width 4 does it).
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: on a GPU, yes; on the CPU, no")
     parser.add_argument("--backend", default="triton" if default_device == "cuda" else "torch",
                         help="tilesmith backend (default: triton on a GPU; torch on the CPU, "
                         "where the Triton interpreter would take minutes per step)")
@@ -133,7 +137,9 @@ def main(argv=None):
         if rank == 0:
             print(f"no --data-dir: generated a synthetic CIFAR-10-format dataset in {data_dir}")
     x, y = load_cifar(data_dir)
-    channels_last = not args.no_channels_last
+    channels_last = args.channels_last
+    if channels_last is None:
+        channels_last = args.device.startswith("cuda")
 
     torch.manual_seed(args.seed)
     native = CifarResNet(args.width, args.blocks).to(device)
