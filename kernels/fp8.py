@@ -48,8 +48,13 @@ def _max_keeping_nan(a, b):
 
 @triton.jit
 def _amax(x, axis):
-    """max |x| along axis (None: all of x), NaN where any is NaN (as torch.amax)."""
-    return tl.reduce(tl.abs(x), axis, _max_keeping_nan)
+    """max |x| along axis (None: all of x), NaN where any is NaN (as torch.amax).
+    tl.max does not promise to keep a NaN, so a second reduction flags them; this is also
+    what keeps the interpreter fast (a reduction with a custom combine function runs there
+    as a Python loop over the elements, seconds per tile)."""
+    magnitude = tl.abs(x)
+    has_nan = tl.max((magnitude != magnitude).to(tl.int32), axis)
+    return tl.where(has_nan != 0, float("nan"), tl.max(magnitude, axis))
 
 
 @triton.jit
