@@ -981,6 +981,35 @@ def test_attention_backward_kernels_keys_no_query_sees(hopper):
     assert dk[:, :, :10].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kernel", [False, True, "tma"], ids=["sm80", "sm90a", "sm90a_tma"])
+def test_attention_kernels_read_broadcast_inputs(kernel):
+    """Inputs with stride-0 dimensions, as ops.scaled_dot_product_attention passes the ones
+    it broadcasts (here a query with one head for every query head, key and value shared
+    by the batch, two query heads per kv head): read in place by every kernel, forward and
+    backward, whose gradients are full-size (autograd then sums them)."""
+    b, h, hk, sq, sk, d = 2, 4, 2, 40, 70, 64
+    q = torch.randn(b, 1, sq, d).to(torch.bfloat16).expand(b, h, sq, d)
+    k, v = (torch.randn(1, hk, sk, d).to(torch.bfloat16).expand(b, hk, sk, d)
+            for _ in range(2))
+    scale = d ** -0.5
+    out, lse = run_attention_fwd(q, k, v, False, scale, hopper=kernel)
+    grad_out = torch.randn(out.shape).to(torch.bfloat16)
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]  # full-size copies
+    ref, ref_lse = attention_reference(*leaves, False, scale)
+    base_leaves = [t.contiguous().requires_grad_(True) for t in (q, k, v)]
+    base = torch.nn.functional.scaled_dot_product_attention(*base_leaves, scale=scale,
+                                                            enable_gqa=True)
+    assert_close_to_reference(out, ref, base)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    if kernel == "tma":  # the backward has no TMA kernel
+        return
+    grads = run_attention_bwd(grad_out, q, k, v, out, lse, False, scale, hopper=kernel)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    base_grads = torch.autograd.grad(base, base_leaves, grad_out)
+    for got, want, baseline, name in zip(grads, ref_grads, base_grads, ("dq", "dk", "dv")):
+        assert_close_to_reference(got, want, baseline, name=name)
+
+
 # --- conv2d: csrc/conv2d/conv2d_sm80.cuh (mma.sync) and conv2d_sm90a.cuh (wgmma) ----------------
 
 class ConvParams(ctypes.Structure):

@@ -327,10 +327,11 @@ def test_patch_sdpa_routes_and_restores(monkeypatch):
     with tilesmith.nn.patch_sdpa(backend=KERNELS):
         assert F.scaled_dot_product_attention is not original
         out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        F.scaled_dot_product_attention(q[0], q[0], q[0])  # 3-D: torch's own
+        out_3d = F.scaled_dot_product_attention(q[0], q[0], q[0])  # (heads, seq, dim)
     assert F.scaled_dot_product_attention is original
-    assert calls == [KERNELS]
+    assert calls == [KERNELS, KERNELS]
     torch.testing.assert_close(out, original(q, q, q, is_causal=True))
+    torch.testing.assert_close(out_3d, original(q[0], q[0], q[0]))
     tilesmith.nn.patch_sdpa()
     assert F.scaled_dot_product_attention is not original
     tilesmith.nn.unpatch_sdpa()

@@ -228,7 +228,8 @@ def attention_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
     """One list for every attention test: lengths 1..1023, causal with seq_q < seq_k and
     seq_q > seq_k, grouped-query heads (with masks, and decoding), head dims 40..256, value
     head dim != query's, boolean and additive masks of every broadcastable shape and as
-    views (transposed, sliced, expanded), a fully masked row, strided views.
+    views (transposed, sliced, expanded), a fully masked row, strided views, ranks 3 and 5
+    and leading dimensions (batch, heads) that broadcast.
     Each sample's args are (query, key, value); kwargs are scaled_dot_product_attention's."""
     g = torch.Generator().manual_seed(seed)
     device = torch.device(device)
@@ -304,6 +305,18 @@ def attention_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
     keep[:, :, 4] = False
     samples.append(SampleInput("gqa_bool_mask_masked_row", qkv(2, 4, 1, 9, 30, 32),
                                {"enable_gqa": True, "attn_mask": keep.to(device)}))
+    # PyTorch's other ranks and broadcast leading dimensions: (heads, seq, dim) with a
+    # (heads, seq_q, seq_k) bias; two batch dimensions, key and value broadcast over the
+    # first and a bias over it and the heads; one kv head without enable_gqa; one query head
+    # for three kv heads, and key and value broadcast over the batch.
+    samples.append(SampleInput("rank3", (r(3, 17, 32), r(3, 20, 32), r(3, 20, 32)),
+                               {"attn_mask": r(3, 17, 20)}))
+    samples.append(SampleInput("rank5_kv_broadcast", (r(2, 3, 2, 9, 32), r(1, 3, 2, 12, 32),
+                                                      r(1, 3, 2, 12, 32)),
+                               {"attn_mask": r(3, 1, 9, 12)}))
+    samples.append(SampleInput("kv_one_head_broadcast", qkv(2, 4, 1, 9, 12, 32)))
+    samples.append(SampleInput("query_one_head_broadcast",
+                               (r(2, 1, 9, 32), r(1, 3, 12, 32), r(1, 3, 12, 32))))
     if large:
         samples += [
             SampleInput("large_causal_2k", qkv(2, 8, 8, 2048, 2048, 128), {"is_causal": True}),

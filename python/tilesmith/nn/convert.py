@@ -132,10 +132,6 @@ def _make_patched_sdpa(backend):
     @functools.wraps(_ORIGINAL_SDPA)
     def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                 scale=None, enable_gqa=False):
-        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-            # torch accepts any number of leading dimensions; ours take (B, H, S, D).
-            return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         return ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
                                                 is_causal, scale, enable_gqa, backend=backend)
 
@@ -147,8 +143,7 @@ class patch_sdpa:
     """Route ``torch.nn.functional.scaled_dot_product_attention`` to tilesmith's (on
     ``backend``, default: tilesmith's choice), for models that call it directly.
     ``patch_sdpa()`` patches at once; used as ``with patch_sdpa():`` it restores what was
-    there on exit; ``unpatch_sdpa()`` restores torch's own explicitly. Inputs that are not
-    4-D go to torch's own function."""
+    there on exit; ``unpatch_sdpa()`` restores torch's own explicitly."""
 
     def __init__(self, backend: str | None = None):
         check_backend_option("patch_sdpa", backend)

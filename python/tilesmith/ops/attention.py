@@ -603,13 +603,14 @@ torch.library.register_autograd(
 
 # ---- public functions -----------------------------------------------------------------------
 
-def _check_qkv(q, k, v, fn: str, rank: int, layout: str) -> None:
+def _check_qkv(q, k, v, fn: str, rank: int | None, layout: str) -> None:
+    """Types, dtypes, devices and head dims; ranks exactly ``rank``, or at least 2 where it
+    is None."""
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != rank:
-            raise ValueError(f"{fn}: {name} must be {rank}-D {layout}, got shape "
-                             f"{tuple(t.shape)}")
+        if t.dim() != rank if rank else t.dim() < 2:
+            raise ValueError(f"{fn}: {name} must be {layout}, got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got "
                             f"{t.dtype}")
@@ -718,13 +719,82 @@ def _group_size(heads: int, kv_heads: int) -> int:
     return heads // kv_heads if kv_heads else 1
 
 
-def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
-             fn):
-    _check_qkv(query, key, value, fn, 4, "(batch, heads, seq, head_dim)")
+def _as_batch_heads(query, key, value, attn_mask, enable_gqa, fn):
+    """PyTorch's SDPA takes (..., heads, seq, head_dim) tensors of any rank from 2 whose
+    leading dimensions broadcast against each other (the heads too: key and value with one
+    head serve every query head, a query with one head meets every kv head); the kernels
+    take (batch, heads, seq, head_dim). Returns query, key, value and attn_mask in that
+    form, enable_gqa as the kernels should see it, and the output's leading dimensions.
+
+    Broadcast dimensions are expanded (stride 0: read in place, autograd sums their
+    gradients); flattening several leading dimensions into the batch is a view, except
+    where some of them are broadcast and others not (then a copy). One kv head for several
+    query heads runs as grouped-query attention with one group, as it computes the same."""
+    _check_qkv(query, key, value, fn, None, "at least 2-D (..., heads, seq, head_dim)")
+    rank = max(query.dim(), key.dim(), value.dim(), 4)
+
+    def leading(t):
+        return (1,) * (rank - t.dim()) + tuple(t.shape[:-2])
+
     shapes = (f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
               f"{tuple(value.shape)}")
-    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
-        raise ValueError(f"{fn}: batch sizes differ: {shapes}")
+    (*batch_q, heads_q), (*batch_k, heads_k), (*batch_v, heads_v) = map(
+        leading, (query, key, value))
+    try:
+        batch = tuple(torch.broadcast_shapes(batch_q, batch_k, batch_v))
+    except RuntimeError:
+        raise ValueError(f"{fn}: batch sizes differ (and do not broadcast): {shapes}") from None
+    if heads_k != heads_v and 1 in (heads_k, heads_v):
+        heads_k = heads_v = max(heads_k, heads_v)  # else _check_heads reports them
+    if heads_k == 1 and heads_q > 1:
+        enable_gqa = True
+    elif heads_q == 1 and heads_k > 1 and not enable_gqa:
+        heads_q = heads_k
+    out_leading = (*batch, heads_q)[len(batch) + 3 - max(query.dim(), key.dim(), value.dim()):]
+
+    def as_4d(t, heads):
+        full = (*batch, heads, *t.shape[-2:])
+        if t.shape != full:
+            t = t.expand(full)
+        return t if t.dim() == 4 else t.reshape(math.prod(batch), *full[-3:])
+
+    query, key, value = as_4d(query, heads_q), as_4d(key, heads_k), as_4d(value, heads_v)
+    if isinstance(attn_mask, torch.Tensor) and (
+            attn_mask.dim() > 4 or (attn_mask.dim() == 4 and len(batch) > 1)):
+        attn_mask = _flatten_mask_batch(attn_mask, batch, fn)
+    return query, key, value, attn_mask, enable_gqa, out_leading
+
+
+def _flatten_mask_batch(mask, batch, fn):
+    """A mask of more than 4 dimensions as a 4-D one whose first is the flattened ``batch``
+    (or 1): its leading dimensions broadcast against ``batch`` (dimensions beyond the
+    scores' rank of size 1, as PyTorch allows). The rest is _prepare_mask's to check."""
+    extra = mask.dim() - 3 - len(batch)
+    if extra > 0:
+        if any(size != 1 for size in mask.shape[:extra]):
+            raise ValueError(f"{fn}: attn_mask of shape {tuple(mask.shape)} has more "
+                             f"dimensions than the scores ({len(batch) + 3}) that are not 1")
+        mask = mask.reshape(mask.shape[extra:])
+    mask_batch = (1,) * (len(batch) + 3 - mask.dim()) + tuple(mask.shape[:-3])
+    if any(size not in (1, full) for size, full in zip(mask_batch, batch)):
+        raise ValueError(f"{fn}: attn_mask of shape {tuple(mask.shape)} does not broadcast "
+                         f"over the batch dimensions {batch}")
+    rows = mask.shape[-3:]
+    if all(size == 1 for size in mask_batch):
+        return mask.reshape(1, *rows)
+    return mask.expand(*batch, *rows).reshape(math.prod(batch), *rows)
+
+
+def _with_leading(t, leading):
+    """A (batch, heads, ...) result of _as_batch_heads's tensors with the caller's leading
+    dimensions."""
+    return t if t.shape[:2] == leading else t.reshape(*leading, *t.shape[2:])
+
+
+def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
+             fn):
+    shapes = (f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+              f"{tuple(value.shape)}")
     if key.shape[2] != value.shape[2]:
         raise ValueError(f"{fn}: key and value sequence lengths differ: {shapes}")
     _check_heads(query.shape[1], key.shape[1], value.shape[1], enable_gqa, fn, shapes)
@@ -796,24 +866,29 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  backend=None) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` on the chosen backend.
 
-    (batch, heads, seq, head_dim) layout; ``is_causal`` aligned top-left when seq_q != seq_k
-    (as PyTorch); a boolean ``attn_mask`` keeps the True positions, a float one is added to
-    the scores and receives a gradient when it requires one; ``enable_gqa`` for grouped- and
-    multi-query attention; a fully masked query row gives zeros. ``dropout_p > 0`` drops
-    probabilities inside the kernels, cuda and Triton alike (Philox, seeded from torch's
-    generator; the backward regenerates the same mask, attention_dropout_mask writes it
-    out); the torch backend calls PyTorch's SDPA with dropout_p, PyTorch's own mask."""
+    (batch, heads, seq, head_dim) layout, or any rank from 2 (..., heads, seq, head_dim)
+    with leading dimensions that broadcast, as PyTorch's; ``is_causal`` aligned top-left
+    when seq_q != seq_k (as PyTorch); a boolean ``attn_mask`` keeps the True positions, a
+    float one is added to the scores and receives a gradient when it requires one;
+    ``enable_gqa`` for grouped- and multi-query attention; a fully masked query row gives
+    zeros. ``dropout_p > 0`` drops probabilities inside the kernels, cuda and Triton alike
+    (Philox, seeded from torch's generator; the backward regenerates the same mask,
+    attention_dropout_mask writes it out); the torch backend calls PyTorch's SDPA with
+    dropout_p, PyTorch's own mask."""
     fn = "scaled_dot_product_attention"
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    query, key, value, attn_mask, enable_gqa, leading = _as_batch_heads(
+        query, key, value, attn_mask, enable_gqa, fn)
     name, mask, scale = _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                  enable_gqa, backend, fn)
     if name == "torch":
         # The mask as 4-D: PyTorch's own SDPA (2.14, CPU) fails on a 1-D one.
-        return pytorch_sdpa(query, key, value, attn_mask=mask, dropout_p=dropout_p,
-                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    out, _ = _kernel_attention(name, query, key, value, mask, is_causal, scale, dropout_p)
-    return out
+        out = pytorch_sdpa(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    else:
+        out, _ = _kernel_attention(name, query, key, value, mask, is_causal, scale, dropout_p)
+    return _with_leading(out, leading)
 
 
 def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
@@ -825,11 +900,15 @@ def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
     fn = "attention"
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    query, key, value, attn_mask, enable_gqa, leading = _as_batch_heads(
+        query, key, value, attn_mask, enable_gqa, fn)
     name, mask, scale = _resolve(query, key, value, attn_mask, 0.0, causal, scale, enable_gqa,
                                  backend, fn)
     if name == "torch":
-        return _torch_attention_with_lse(query, key, value, mask, causal, scale)
-    return _kernel_attention(name, query, key, value, mask, causal, scale)
+        out, lse = _torch_attention_with_lse(query, key, value, mask, causal, scale)
+    else:
+        out, lse = _kernel_attention(name, query, key, value, mask, causal, scale)
+    return _with_leading(out, leading), _with_leading(lse, leading)
 
 
 def _autocast(query, key, value, attn_mask):
@@ -883,7 +962,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     fn = "varlen_attention"
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = autocast_inputs(q, k, v)
-    _check_qkv(q, k, v, fn, 3, "(total_tokens, heads, head_dim)")
+    _check_qkv(q, k, v, fn, 3, "3-D (total_tokens, heads, head_dim)")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"{fn}: k and v token counts differ: {shapes}")
