@@ -372,8 +372,10 @@ def varlen_attention_fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, 
 
 
 def varlen_attention_bwd_cuda(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
-                              scale, dropout_p, seed):
+                              scale, dropout_p, seed, grad_lse=None):
     _check_packing(q, k, v, cu_q, cu_k, max_q, max_k)
+    check(grad_lse is None or grad_lse.shape == lse.shape, "varlen_attention backward: "
+          "grad_lse must have lse's shape")
     dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
     for rows, keys, dense, dropout in _sequences(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p,
                                                  seed):
@@ -381,7 +383,8 @@ def varlen_attention_bwd_cuda(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, ma
             return t[rows].transpose(0, 1)[None]
 
         grads = _dense_backward(as_dense(grad_out), *dense, None, as_dense(out),
-                                lse[:, rows][None], causal, scale, dropout, None)
+                                lse[:, rows][None], causal, scale, dropout,
+                                None if grad_lse is None else grad_lse[:, rows][None])
         dq[rows], dk[keys], dv[keys] = (g[0].transpose(0, 1) for g in grads[:3])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

@@ -562,6 +562,63 @@ def _check_varlen_sample(backend, dtype, name):
         _check(got, want, baseline, what)
 
 
+@pytest.mark.parametrize("backend,dtype", _params([torch.bfloat16, torch.float32]))
+@pytest.mark.parametrize("uses_out", [True, False], ids=["out_and_lse", "lse_only"])
+@pytest.mark.parametrize("name", ["causal_gqa", "with_empty_sequence"])
+def test_varlen_logsumexp_and_its_gradient_match_float64(backend, dtype, name, uses_out):
+    _check_varlen_lse(backend, dtype, name, uses_out)
+
+
+def _check_varlen_lse(backend, dtype, name, uses_out):
+    """varlen_attention(return_lse=True): lse is (heads, total_q), each sequence's that of
+    the dense attention over it alone (-inf for the queries of a sequence with no keys),
+    and differentiable: a loss of out and lse (or of lse alone) gives the gradients that
+    float64 does."""
+    sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, dtype)}[name]
+    _skip_if_backend_cannot(backend, sample.args)
+    q, k, v, cu_q, cu_k, max_q, max_k = sample.args
+    causal = sample.kwargs.get("causal", False)
+
+    def run(backend_, tensors):
+        return tilesmith.ops.varlen_attention(*tensors, cu_q, cu_k, max_q, max_k,
+                                              return_lse=True, backend=backend_, causal=causal)
+
+    def grads_of(backend_, tensors):
+        out, lse = run(backend_, tensors)
+        weights = torch.linspace(-1, 1, lse.numel(), device=lse.device).view(lse.shape)
+        total = (lse.masked_fill(torch.isneginf(lse), 0) * weights).sum()
+        if uses_out:
+            total = total + (out.float() * out.float()).sum()
+        return (out, lse), torch.autograd.grad(total, tensors, allow_unused=True,
+                                               materialize_grads=True)
+
+    inputs = testing.grad_views((q, k, v))
+    with testing.poison_outputs():
+        (out, lse), grads = grads_of(backend, inputs)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    (ref_out, ref_lse), ref_grads = grads_of("torch", ref_inputs)
+    base_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    _, base_grads = grads_of("torch", base_inputs)
+
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[1], q.shape[0])
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(starts_q) - 1):  # the float64 reference against dense attention
+        rows = slice(starts_q[i], starts_q[i + 1])
+        dense = [t[span].transpose(0, 1)[None] for t, span in (
+            (ref_inputs[0], rows), (ref_inputs[1], slice(starts_k[i], starts_k[i + 1])),
+            (ref_inputs[2], slice(starts_k[i], starts_k[i + 1])))]
+        _, dense_lse = tilesmith.ops.attention(*dense, causal=causal, enable_gqa=True,
+                                               backend="torch")
+        assert torch.equal(ref_lse[:, rows], dense_lse[0])
+    assert torch.isneginf(ref_lse).any() == (name == "with_empty_sequence")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    testing.assert_fp32_close(lse[finite], ref_lse[finite], name="lse")
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv"]):
+        assert torch.isfinite(got).all(), f"{what} has NaN/inf"
+        _check(got, want, baseline, what)
+
+
 # ---- the forward split over the keys (flash-decoding) -----------------------------------------
 
 def _split_size(longest):
@@ -1040,19 +1097,27 @@ def test_hopper_dropout_matches_float64_with_the_kernels_mask(case, hopper):
 @pytest.mark.parametrize("name", ["causal_gqa", "with_empty_sequence"])
 def test_varlen_dropout_matches_float64_with_the_kernels_mask(backend, dtype, name):
     """Packed sequences with dropout: sequence i drops what batch entry i of
-    attention_dropout_mask keeps out, over its own positions."""
+    attention_dropout_mask keeps out, over its own positions. The log-sum-exp is that of the
+    scores before dropout, and its gradient joins out's."""
     sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, dtype)}[name]
     q, k, v, cu_q, cu_k, max_q, max_k = sample.args
     dropout_p, causal = 0.25, sample.kwargs.get("causal", False)
+    scale = q.shape[-1] ** -0.5
     _skip_if_backend_cannot(backend, (q, k, v), {"dropout_p": dropout_p})
     q, k, v = testing.grad_views((q, k, v))
+
+    def loss(out, lse, grad_out):
+        weights = torch.linspace(-1, 1, lse.numel(), device=lse.device).view(lse.shape)
+        return ((out * grad_out).sum()
+                + (lse.masked_fill(torch.isneginf(lse), 0) * weights.to(lse.dtype)).sum())
+
     torch.manual_seed(11)
     with testing.poison_outputs():
-        out = tilesmith.ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k,
-                                             dropout_p=dropout_p, causal=causal,
-                                             backend=backend)
+        out, lse = tilesmith.ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k,
+                                                  dropout_p=dropout_p, causal=causal,
+                                                  return_lse=True, backend=backend)
         grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        grads = torch.autograd.grad(loss(out, lse, grad_out), (q, k, v))
     torch.manual_seed(11)
     seed = attention_ops.draw_dropout_seed(q.device)
     keep = tilesmith.ops.attention_dropout_mask(seed, cu_q.numel() - 1, q.shape[1], max_q, max_k,
@@ -1061,25 +1126,28 @@ def test_varlen_dropout_matches_float64_with_the_kernels_mask(backend, dtype, na
 
     def reference(compute_dtype):
         xs = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
-        outs = []
+        outs, lses = [], []
         for i in range(len(starts_q) - 1):
             qi, ki, vi = (x[lo:hi].transpose(0, 1)[None] for x, lo, hi in (
                 (xs[0], starts_q[i], starts_q[i + 1]), (xs[1], starts_k[i], starts_k[i + 1]),
                 (xs[2], starts_k[i], starts_k[i + 1])))
+            lses.append(attention_ops._torch_logsumexp(qi, ki, None, causal, scale)[0])
             if ki.shape[2] == 0:  # no keys: zeros, as the kernels give (softmax would be NaN)
                 outs.append(qi.new_zeros(qi.shape[2], qi.shape[1], vi.shape[3]))
                 continue
             keep_i = keep[i:i + 1, :, :qi.shape[2], :ki.shape[2]]
-            oi = _dropout_reference(qi, ki, vi, None, causal, q.shape[-1] ** -0.5, keep_i,
-                                    dropout_p)
+            oi = _dropout_reference(qi, ki, vi, None, causal, scale, keep_i, dropout_p)
             outs.append(oi[0].transpose(0, 1))
-        o = torch.cat(outs, 0)
-        return o, torch.autograd.grad(o, xs, grad_out.to(compute_dtype), allow_unused=True,
-                                      materialize_grads=True)
+        o, lse_ = torch.cat(outs, 0), torch.cat(lses, 1)
+        return o, lse_, torch.autograd.grad(loss(o, lse_, grad_out.to(compute_dtype)), xs,
+                                            allow_unused=True, materialize_grads=True)
 
-    ref, ref_grads = reference(torch.float64)
-    base, base_grads = reference(dtype)
+    ref, ref_lse, ref_grads = reference(torch.float64)
+    base, _, base_grads = reference(dtype)
     _check(out, ref, base, "out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    testing.assert_fp32_close(lse[finite], ref_lse[finite], name="lse")
     for got, want, baseline, what in zip(grads, ref_grads, base_grads, ["dq", "dk", "dv"]):
         _check(got, want, baseline, what)
 

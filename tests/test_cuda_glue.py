@@ -69,6 +69,11 @@ def test_varlen_attention_forward_and_gradients(dtype, name):
     through_cuda_ops(attention_tests._check_varlen_sample, "cuda", dtype, name)
 
 
+@pytest.mark.parametrize("name", ["causal_gqa", "with_empty_sequence"])
+def test_varlen_attention_logsumexp_gradient(name):
+    through_cuda_ops(attention_tests._check_varlen_lse, "cuda", torch.bfloat16, name, False)
+
+
 @pytest.mark.parametrize("case", list(attention_tests.DROPOUT_CASES))
 def test_attention_dropout(case):
     through_cuda_ops(attention_tests._check_against_float64, "cuda", torch.bfloat16,

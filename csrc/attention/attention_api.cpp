@@ -413,19 +413,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed,
+    const std::optional<at::Tensor>& grad_lse) {
   c10::cuda::CUDAGuard guard(q.device());
   const Packing packing{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   const at::Tensor q4 = as_dense(q, "q"), k4 = as_dense(k, "k"), v4 = as_dense(v, "v");
   check_inputs(q4, k4, v4);
   packing.check(q);
+  TORCH_CHECK(!grad_lse.has_value() || grad_lse->sizes() == lse.sizes(),
+              "varlen_attention backward: grad_lse ", grad_lse->sizes(),
+              " must have lse's shape ", lse.sizes());
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  const at::Tensor delta = row_delta(grad_out, out).t().contiguous();  // (heads, tokens)
+  at::Tensor delta = row_delta(grad_out, out).t();  // (heads, tokens), as lse
+  if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);  // as attention_bwd_cuda
   backward(as_dense(grad_out, "grad_out"), q4, k4, v4, std::nullopt, as_dense(out, "out"), lse,
-           delta, as_dense(dq, "dq"), as_dense(dk, "dk"), as_dense(dv, "dv"), nullptr, causal,
-           scale, Dropout{dropout_p, seed}, &packing);
+           delta.contiguous(), as_dense(dq, "dq"), as_dense(dk, "dk"), as_dense(dv, "dv"),
+           nullptr, causal, scale, Dropout{dropout_p, seed}, &packing);
   return {dq, dk, dv};
 }
 

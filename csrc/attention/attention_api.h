@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 
 // The same on packed (tokens, heads, head_dim) tensors, sequence b owning tokens
 // cu_seqlens[b] .. cu_seqlens[b + 1] (int32, on the device; max_seqlen_* at least the longest).
-// lse is (heads, tokens_q).
+// lse is (heads, tokens_q), and so is the backward's optional grad_lse.
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
@@ -46,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale, double dropout_p, const std::optional<at::Tensor>& seed);
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed,
+    const std::optional<at::Tensor>& grad_lse);
 
 }  // namespace tilesmith

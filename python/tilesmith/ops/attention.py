@@ -41,7 +41,8 @@ LIBRARY.define("varlen_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor c
 LIBRARY.define("varlen_attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
                "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
                "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
-               "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)")
+               "float dropout_p, Tensor? seed, Tensor? grad_lse=None) "
+               "-> (Tensor, Tensor, Tensor)")
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schemas)
 
@@ -368,8 +369,8 @@ def _forward(q, k, v, mask, cu_q, cu_k, batch, seqlen_q, seqlen_k, causal, scale
 
 def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, seqlen_k,
               causal, scale, mask_grad, varlen, dropout_p=0.0, seed=None, grad_lse=None):
-    """Shared by the dense and packed backward ops: (dq, dk, dv, dmask). grad_lse (dense
-    only): lse's gradient, which folds into delta (a score's gradient is P (dP - delta),
+    """Shared by the dense and packed backward ops: (dq, dk, dv, dmask). grad_lse: lse's
+    gradient (lse's shape), which folds into delta (a score's gradient is P (dP - delta),
     and lse's adds P grad_lse)."""
     import triton
 
@@ -391,6 +392,8 @@ def _backward(grad_out, q, k, v, mask, out, lse, cu_q, cu_k, batch, seqlen_q, se
         # tensor: .t().contiguous() keeps the transposed strides of a single token).
         delta = lse.new_empty(lse.shape)
         delta.copy_((grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).t())
+        if grad_lse is not None:
+            delta -= grad_lse.to(lse.dtype)
         lse_strides = (0, lse.stride(0))
     else:
         heads, head_dim = q.shape[1], q.shape[3]
@@ -463,12 +466,16 @@ def _attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
                           grad_lse: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_dropout_seed(dropout_p, seed, q)
-    if grad_lse is not None and grad_lse.shape != lse.shape:
-        raise ValueError(f"attention backward: grad_lse {tuple(grad_lse.shape)} must have "
-                         f"lse's shape {tuple(lse.shape)}")
+    _check_grad_lse(grad_lse, lse, "attention backward")
     return _backward(grad_out, q, k, v, mask, out, lse, q, q, q.shape[0], q.shape[2], k.shape[2],
                      causal, scale, mask_grad, varlen=False, dropout_p=dropout_p, seed=seed,
                      grad_lse=grad_lse)
+
+
+def _check_grad_lse(grad_lse, lse, fn):
+    if grad_lse is not None and grad_lse.shape != lse.shape:
+        raise ValueError(f"{fn}: grad_lse {tuple(grad_lse.shape)} must have lse's shape "
+                         f"{tuple(lse.shape)}")
 
 
 def _check_dropout_seed(dropout_p, seed, q):
@@ -498,12 +505,15 @@ def _varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: tor
                                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                  cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                                 scale: float, dropout_p: float, seed: torch.Tensor | None
+                                 scale: float, dropout_p: float, seed: torch.Tensor | None,
+                                 grad_lse: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_dropout_seed(dropout_p, seed, q)
+    _check_grad_lse(grad_lse, lse, "varlen_attention backward")
     dq, dk, dv, _ = _backward(grad_out, q, k, v, None, out, lse, cu_seqlens_q, cu_seqlens_k,
                               cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, causal,
-                              scale, False, varlen=True, dropout_p=dropout_p, seed=seed)
+                              scale, False, varlen=True, dropout_p=dropout_p, seed=seed,
+                              grad_lse=grad_lse)
     return dq, dk, dv
 
 
@@ -527,7 +537,7 @@ def _varlen_attention_fwd_cuda_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, s
 
 @torch.library.register_fake("tilesmith::varlen_attention_bwd_cuda")
 def _varlen_attention_bwd_cuda_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-                                    causal, scale, dropout_p, seed):
+                                    causal, scale, dropout_p, seed, grad_lse=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -574,13 +584,15 @@ def _varlen_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
     ctx.args = (max_q, max_k, causal, scale, dropout_p)
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # as the dense ops': lse's gradient is mostly None
 
 
 def _make_varlen_backward(bwd_op):
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, seed)
+        if grad_out is None:  # only lse was used
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, seed, grad_lse)
         return dq, dk, dv, *[None] * (len(ctx.needs_input_grad) - 3)
     return backward
 
@@ -921,9 +933,15 @@ def _autocast(query, key, value, attn_mask):
 def _torch_attention_with_lse(q, k, v, mask, causal, scale):
     """The torch backend of ``attention``: PyTorch's SDPA for the output, and the
     log-sum-exp from the explicit (quadratic-memory) scores."""
-    group = _group_size(q.shape[1], k.shape[1])
     out = pytorch_sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                       enable_gqa=group > 1)
+                       enable_gqa=_group_size(q.shape[1], k.shape[1]) > 1)
+    return out, _torch_logsumexp(q, k, mask, causal, scale)
+
+
+def _torch_logsumexp(q, k, mask, causal, scale):
+    """(batch, heads, seq_q) log-sum-exp of the scaled, masked scores, in fp32 (fp64 for
+    fp64 inputs); -inf, with no gradient, for a row that sees no key."""
+    group = _group_size(q.shape[1], k.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys = k.to(compute).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(compute), keys.transpose(-1, -2)) * scale
@@ -935,14 +953,15 @@ def _torch_attention_with_lse(q, k, v, mask, causal, scale):
                   else scores + mask.to(compute))
     # A fully masked row's lse is -inf, with no gradient: logsumexp's own backward would
     # give it NaN (exp(-inf - -inf)).
-    live = scores.amax(-1, keepdim=True) > float("-inf")
+    live = (scores > float("-inf")).any(-1, keepdim=True)  # (no keys: not live)
     lse = torch.logsumexp(scores.masked_fill(~live, 0.0), dim=-1)
     lse = torch.where(live.squeeze(-1), lse, float("-inf"))
-    return out, lse.to(_lse_dtype(q.dtype))
+    return lse.to(_lse_dtype(q.dtype))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                     dropout_p=0.0, causal=False, scale=None, backend=None) -> torch.Tensor:
+                     dropout_p=0.0, causal=False, scale=None, return_lse=False, backend=None
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed variable-length sequences: q is (total_q, heads, head_dim), k
     and v (total_k, kv_heads, head_dim[_v]); sequence i owns tokens cu_seqlens[i] to
     cu_seqlens[i + 1] (int32, batch + 1 entries, from 0 to the token count, never
@@ -951,7 +970,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     (grouped-query attention). ``dropout_p`` as in scaled_dot_product_attention (sequence
     i's mask is that of batch entry i of attention_dropout_mask, over its own positions).
     ``max_seqlen_q`` and ``max_seqlen_k`` must be at least the longest sequence's lengths:
-    the kernels launch for them.
+    the kernels launch for them. With ``return_lse``, returns ``(out, lse)``: lse is each
+    query token's natural log-sum-exp of its scaled (causally masked, not dropped) scores,
+    (heads, total_q) in float32 as flash-attn's varlen functions return it (-inf for a
+    token that sees no key), and differentiable, as attention's.
 
     The kernels read cu_seqlens on the device; this function checks them on the host first
     (a ValueError for entries that would read or write past the tensors or leave tokens
@@ -993,17 +1015,19 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     name = _backend.pick("attention", q, backend,
                          kernel_limits(q, v, dropout_p, batch=cu_seqlens_q.shape[0] - 1))
     if name == "torch":
-        return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p)
+        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p,
+                                 return_lse)
+        return (out, lse) if return_lse else out
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal,
             scale, float(dropout_p), seed)
     if name == "cuda":
         split = _keys_per_split(q, cu_seqlens_q.shape[0] - 1, q.shape[1], int(max_seqlen_q),
                                 int(max_seqlen_k))
-        out, _ = torch.ops.tilesmith.varlen_attention_fwd_cuda(*args, split)
+        out, lse = torch.ops.tilesmith.varlen_attention_fwd_cuda(*args, split)
     else:
-        out, _ = torch.ops.tilesmith.varlen_attention_fwd_triton(*args)
-    return out
+        out, lse = torch.ops.tilesmith.varlen_attention_fwd_triton(*args)
+    return (out, lse) if return_lse else out
 
 
 # What the host read of each cu_seqlens tensor: tensor -> (its version counter then, or None
@@ -1049,10 +1073,12 @@ def _check_cu_seqlens(fn, name, cu, tokens_name, tokens, max_name, max_seqlen):
                          f"in {name} ({longest})")
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0):
-    """Reference and fallback: one SDPA call per sequence (reads cu_seqlens on the host)."""
+def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0, with_lse=False):
+    """Reference and fallback: one SDPA call per sequence (reads cu_seqlens on the host).
+    (out, lse): lse (heads, total_q) from each sequence's explicit scores where with_lse,
+    else None."""
     group = _group_size(q.shape[1], k.shape[1])
-    outs = []
+    outs, lses = [], []
     starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
     for i in range(len(starts_q) - 1):
         qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
@@ -1061,9 +1087,14 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0):
         oi = pytorch_sdpa(qi, ki, vi, dropout_p=dropout_p, is_causal=causal, scale=scale,
                           enable_gqa=group > 1)
         outs.append(oi[0].transpose(0, 1))
-    if not outs:
-        return q.new_empty((0, q.shape[1], v.shape[2]))
-    return torch.cat(outs, 0)
+        if with_lse:
+            lses.append(_torch_logsumexp(qi, ki, None, causal, scale)[0])
+    out = torch.cat(outs, 0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
+    if not with_lse:
+        return out, None
+    lse = (torch.cat(lses, 1) if lses
+           else q.new_empty((q.shape[1], 0), dtype=_lse_dtype(q.dtype)))
+    return out, lse
 
 register_autocast("attention_fwd_triton")
 register_autocast("attention_fwd_cuda")
