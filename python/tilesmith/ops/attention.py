@@ -907,8 +907,9 @@ def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
               enable_gqa=False, backend=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Like ``scaled_dot_product_attention`` (no dropout), returning ``(out, lse)``: lse is
     the natural log-sum-exp of each query row's scaled, masked scores, (batch, heads, seq_q)
-    in float32 (-inf for a fully masked row). Both are differentiable (lse's gradient folds
-    into the backward's per-row constant, at no extra pass)."""
+    (the output's leading dimensions and seq_q) in float32 (-inf for a fully masked row).
+    Both are differentiable (lse's gradient folds into the backward's per-row constant, at
+    no extra pass)."""
     fn = "attention"
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
