@@ -734,9 +734,10 @@ def _group_size(heads: int, kv_heads: int) -> int:
 def _as_batch_heads(query, key, value, attn_mask, enable_gqa, fn):
     """PyTorch's SDPA takes (..., heads, seq, head_dim) tensors of any rank from 2 whose
     leading dimensions broadcast against each other (the heads too: key and value with one
-    head serve every query head, a query with one head meets every kv head); the kernels
-    take (batch, heads, seq, head_dim). Returns query, key, value and attn_mask in that
-    form, enable_gqa as the kernels should see it, and the output's leading dimensions.
+    head serve every query head; without enable_gqa, a query with one head meets every kv
+    head); the kernels take (batch, heads, seq, head_dim). Returns query, key, value and
+    attn_mask in that form, enable_gqa as the kernels should see it, and the output's
+    leading dimensions.
 
     Broadcast dimensions are expanded (stride 0: read in place, autograd sums their
     gradients); flattening several leading dimensions into the batch is a view, except
