@@ -193,6 +193,87 @@ def test_same_padding_even_kernel_gradcheck(backend):
     assert torch.autograd.gradcheck(f, (x, w))
 
 
+# Double backward (create_graph=True): (channels, filters, groups) and the call.
+DOUBLE_BACKWARD_CASES = {
+    "stride2": ((8, 16, 1), dict(stride=2, padding=1)),
+    "groups2_dilation2": ((8, 8, 2), dict(dilation=2, padding=2)),
+    "gelu": ((8, 16, 1), dict(padding=1, activation="gelu")),
+    "silu_stride2": ((8, 8, 1), dict(stride=2, padding=1, activation="silu")),
+    "relu": ((8, 16, 1), dict(padding=1, activation="relu")),
+    "depthwise_gelu": ((8, 8, 8), dict(padding=1, activation="gelu")),
+    "pointwise_silu_channels_last": ((8, 16, 1), dict(activation="silu")),
+}
+
+
+def _double_backward_inputs(case, dtype, device, batch=2, size=7):
+    (channels, filters, groups), kwargs = DOUBLE_BACKWARD_CASES[case]
+    taps = 1 if case.startswith("pointwise") else 3
+    g = torch.Generator().manual_seed(11)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+    x = r(batch, channels, size, size)
+    if case.endswith("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = r(filters, channels // groups, taps, taps) / (channels // groups * taps * taps) ** 0.5
+    return x, w, r(filters), dict(kwargs, groups=groups)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))
+@pytest.mark.parametrize("case", [c for c in DOUBLE_BACKWARD_CASES if c != "relu"])
+def test_double_backward_gradgradcheck_float64(backend, case):
+    """The backward is differentiable (a gradient penalty): dgrad and wgrad have derivatives
+    of their own (the other two convolutions) and the fused activation's backward its
+    second derivative, with the pre-activation computed again on the graph. (relu is left
+    out: gradgradcheck's finite differences would cross its kink; its act'' is 0.)
+    fast_mode: PyTorch's check of one random projection of the Jacobians."""
+    x, w, b, kwargs = _double_backward_inputs(case, torch.float64, DEVICE, batch=1, size=5)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+
+    def f(x, w, b):
+        return tilesmith.ops.conv2d(x, w, b, backend=backend, **kwargs)
+
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
+
+
+def _penalty_gradients(conv, x, w, b, grad_out):
+    """A gradient penalty (as WGAN-GP's): the squared norm of the gradients of conv(x, w, b)
+    along grad_out with respect to x and w, itself differentiated with respect to x, w, b."""
+    out = conv(x, w, b)
+    grad_x, grad_w = torch.autograd.grad(out, (x, w), grad_out, create_graph=True)
+    penalty = grad_x.double().square().sum() + grad_w.double().square().sum()
+    return torch.autograd.grad(penalty, (x, w, b), allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("backend,dtype", _params(LOW_PRECISION))
+@pytest.mark.parametrize("case", list(DOUBLE_BACKWARD_CASES))
+def test_double_backward_matches_float64(backend, dtype, case):
+    """A gradient penalty's gradients through the double backward, by the 2x rule against
+    PyTorch's own in the same dtype."""
+    x, w, b, kwargs = _double_backward_inputs(case, dtype, DEVICE)
+
+    def gradients(compute, conv):
+        leaves = [t.detach().to(compute).requires_grad_() for t in (x, w, b)]
+        out_shape = conv(*leaves).shape
+        grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(12),
+                               dtype=torch.float64).to(compute).to(DEVICE)
+        return _penalty_gradients(conv, *leaves, grad_out)
+
+    def ours(x, w, b):
+        return tilesmith.ops.conv2d(x, w, b, backend=backend, **kwargs)
+
+    def pytorch(x, w, b):
+        return _reference(x, w, b, kwargs)
+
+    with testing.poison_outputs():
+        got = gradients(dtype, ours)
+    refs, bases = gradients(torch.float64, pytorch), gradients(dtype, pytorch)
+    for out, ref, base, what in zip(got, refs, bases, ["input", "weight", "bias"]):
+        assert out.dtype == dtype, what
+        testing.assert_close_to_reference(out, ref, base, name=f"penalty grad_{what}")
+
+
 @pytest.mark.parametrize("backend", ["torch", *kernel_backends("conv2d", torch.float64)])
 def test_unbatched_input_as_in_pytorch(backend):
     """(C, H, W) input, as F.conv2d and nn.Conv2d take it: a batch of one, squeezed."""

@@ -58,6 +58,18 @@ def test_conv2d_forward_and_gradients(dtype, name):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_gemm_double_backward(dtype, activation):
+    through_cuda_ops(gemm_tests.test_double_backward_matches_float64, "cuda", dtype, activation)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("case", list(conv2d_tests.DOUBLE_BACKWARD_CASES))
+def test_conv2d_double_backward(dtype, case):
+    through_cuda_ops(conv2d_tests.test_double_backward_matches_float64, "cuda", dtype, case)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("name", attention_tests.SAMPLE_NAMES)
 def test_attention_forward_and_gradients(dtype, name):
     through_cuda_ops(attention_tests._check_sample, "cuda", dtype, name)

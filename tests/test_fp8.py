@@ -269,6 +269,21 @@ def test_float8_linear_bad_scaling():
         tilesmith.nn.Float8Linear(4, 4, scaling="column")
 
 
+@pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
+@pytest.mark.parametrize("scaling", ["row", "tensor", "block"])
+def test_float8_linear_refuses_a_double_backward(backend, scaling):
+    """Its backward's FP8 products have no derivatives: create_graph=True raises rather than
+    returning gradients cut off from x and W (tensor and block scaling would otherwise
+    return a constant, with no error)."""
+    layer = tilesmith.nn.Float8Linear(32, 16, scaling=scaling, backend=backend,
+                                      device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(8, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Float8Linear has no double backward"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    grad_x, = torch.autograd.grad(layer(x).sum(), x)  # the first-order one still works
+    assert grad_x.shape == x.shape and torch.isfinite(grad_x).all()
+
+
 def test_quantize_bad_input():
     x = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="2-D"):

@@ -92,6 +92,18 @@ def test_gradcheck_float64(backend, name):
         lambda x, y: tilesmith.ops.matmul(x, y, backend=backend), (a, b))
 
 
+@pytest.mark.parametrize("backend", [p for p in kernel_backends("matmul", torch.float64)])
+@pytest.mark.parametrize("name", ["tiny_3x5x4", "tiny_transposed", "tiny_broadcast"])
+def test_double_backward_gradgradcheck_float64(backend, name):
+    """matmul's backward is made of matmul calls, so it differentiates again
+    (create_graph=True). fast_mode: PyTorch's check of one random projection of the
+    Jacobians."""
+    sample = _sample(name, torch.float64)
+    a, b = (t.detach().clone().requires_grad_(True) for t in sample.args)
+    assert torch.autograd.gradgradcheck(
+        lambda x, y: tilesmith.ops.matmul(x, y, backend=backend), (a, b), fast_mode=True)
+
+
 def _config_id(config):
     kw = config.kwargs
     return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"

@@ -66,6 +66,43 @@ def test_conv2d_module_is_a_drop_in(padding_mode, channels_last):
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_gradient_penalty_through_converted_layers():
+    """WGAN-GP's penalty, ((|d critic / d x| - 1)^2).mean(), differentiated with respect to
+    the critic's parameters: the double backward through conv2d and gemm with fused
+    activations (the layers' second derivatives) matches torch's modules."""
+    torch.manual_seed(0)
+    native = torch.nn.ModuleDict(dict(
+        conv1=torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), conv2=torch.nn.Conv2d(8, 8, 3),
+        fc1=torch.nn.Linear(8 * 2 * 2, 16), fc2=torch.nn.Linear(16, 1))).to(DEVICE)
+    ours = torch.nn.ModuleDict(dict(
+        conv1=tilesmith.nn.Conv2d(3, 8, 3, stride=2, padding=1, activation="silu",
+                                  backend=KERNELS),
+        conv2=tilesmith.nn.Conv2d(8, 8, 3, backend=KERNELS),
+        fc1=tilesmith.nn.Linear(8 * 2 * 2, 16, activation="gelu", backend=KERNELS),
+        fc2=tilesmith.nn.Linear(16, 1, backend=KERNELS))).to(DEVICE)
+    ours.load_state_dict(native.state_dict())
+
+    def native_critic(x):
+        h = F.relu(native.conv2(F.silu(native.conv1(x))))
+        return native.fc2(F.gelu(native.fc1(h.flatten(1))))
+
+    def our_critic(x):
+        h = F.relu(ours.conv2(ours.conv1(x)))
+        return ours.fc2(ours.fc1(h.flatten(1)))
+
+    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    grads = []
+    for critic, model in ((our_critic, ours), (native_critic, native)):
+        x = x.detach().requires_grad_()
+        grad_x, = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+        penalty = (grad_x.flatten(1).norm(dim=1) - 1).square().mean()
+        # (the last bias does not reach grad_x: its gradient is 0)
+        grads.append(torch.autograd.grad(penalty, list(model.parameters()), allow_unused=True,
+                                         materialize_grads=True))
+    for (name, _), got, want in zip(ours.named_parameters(), *grads):
+        _close(got, want, rtol=1e-4, name=f"penalty grad {name}")
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("masks", ["none", "bool_attn", "float_attn", "key_padding", "both",
                                    "causal"])

@@ -38,6 +38,17 @@ def _rowwise(t, dtype, backend):
     return quantize_fp8(t, dtype=dtype, granularity="row", backend=backend)
 
 
+def _refuse_double_backward():
+    """The backward's FP8 products (quantize_fp8, scaled_gemm) have no derivatives: under
+    create_graph=True the gradients would lose their dependence on x and W without a word,
+    so the double backward is refused instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("Float8Linear has no double backward (create_graph=True, e.g. a "
+                           "gradient penalty): its FP8 products have no derivatives of their "
+                           "own. Use tilesmith.nn.Linear (gemm, which has them) for the "
+                           "layers such a penalty differentiates through.")
+
+
 class _Float8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, backend):
@@ -53,6 +64,7 @@ class _Float8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         backend = ctx.backend
         gemm = functools.partial(scaled_gemm, backend=backend)
         x2d, weight = ctx.saved_tensors
@@ -89,6 +101,7 @@ class _Float8LinearTensorwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         backend = ctx.backend
         gemm = functools.partial(scaled_gemm, backend=backend)
         x_q, x_s, w_q, w_s = ctx.saved_tensors
@@ -127,6 +140,7 @@ class _Float8LinearBlockwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward()
         backend = ctx.backend
         gemm = functools.partial(scaled_gemm, backend=backend)
         x2d, w_q, w_s = ctx.saved_tensors

@@ -17,6 +17,7 @@ PyTorch's output would be (a channels-last weight), so the output's format is Py
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -343,7 +344,8 @@ def _setup_context(ctx, inputs, output, cuda=False):
     else:
         x, weight, bias, stride, padding, dilation, groups, activation, save_pre = inputs
     _, pre = output
-    ctx.save_for_backward(x, weight, pre)
+    # bias only where a double backward computes pre again (_backward): no other pass reads it.
+    ctx.save_for_backward(x, weight, bias if activation not in ("none", "relu") else None, pre)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.activation = activation
     ctx.has_bias = bias is not None
@@ -359,11 +361,17 @@ def _cuda_setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_pre):
-    x, weight, pre = ctx.saved_tensors
+    x, weight, bias, pre = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     if ctx.activation != "none" and pre.numel() == 0 and grad_out.numel() != 0:
         raise RuntimeError("conv2d: backward through the activation needs the forward's "
                            "pre-activation; call conv2d with grad mode enabled")
+    if ctx.activation not in ("none", "relu") and torch.is_grad_enabled():
+        # A double backward (create_graph=True): the saved pre-activation is no part of the
+        # graph, so it is computed again (one more forward convolution), for the gradient
+        # through act'(pre) to reach x, weight and bias (relu's act'' is 0).
+        pre = _forward_op(ctx.cuda)(x, weight, bias, stride, padding, dilation,
+                                    *(() if ctx.cuda else (groups,)), "none", False)[0]
     dz_channel_sums = None  # the bias gradient, where the activation backward reduces it
     if ctx.activation != "none":
         # The elementwise kernels are 2-D: rows of channels (NHWC order), or for the Triton
@@ -419,6 +427,57 @@ torch.library.register_autograd("tilesmith::conv2d_fwd_cuda", _backward,
                                 setup_context=_cuda_setup_context)
 
 
+# The backward's own derivatives (double backward, e.g. a gradient penalty). dgrad and wgrad
+# are linear in each of their tensors, so each one's derivative is one of the three
+# convolutions: dgrad(grad, weight) -> (forward(g, weight), wgrad(grad, g)), and
+# wgrad(grad, x) -> (forward(x, g), dgrad(grad, g)), g the gradient reaching the result.
+
+def _forward_op(cuda):
+    return torch.ops.tilesmith.conv2d_fwd_cuda if cuda else torch.ops.tilesmith.conv2d_fwd_triton
+
+
+def _pass_setup_context(ctx, inputs, output, cuda):
+    grad, operand = inputs[:2]
+    ctx.save_for_backward(grad, operand)
+    ctx.conv = list(inputs[3:6])  # stride, padding, dilation
+    ctx.groups = () if cuda else (inputs[6],)  # the cuda ops read it off the shapes
+    ctx.cuda = cuda
+
+
+def _dgrad_backward(ctx, grad_dx):
+    grad, weight = ctx.saved_tensors
+    d_grad = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad = _forward_op(ctx.cuda)(grad_dx, weight, None, *ctx.conv, *ctx.groups, "none",
+                                       False)[0]
+    if ctx.needs_input_grad[1]:
+        wgrad = (torch.ops.tilesmith.conv2d_wgrad_cuda if ctx.cuda
+                 else torch.ops.tilesmith.conv2d_wgrad_triton)
+        d_weight = wgrad(grad, grad_dx, list(weight.shape), *ctx.conv, *ctx.groups)
+    return d_grad, d_weight, *(None,) * (5 if ctx.cuda else 6)
+
+
+def _wgrad_backward(ctx, grad_dw):
+    grad, x = ctx.saved_tensors
+    d_grad = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad = _forward_op(ctx.cuda)(x, grad_dw, None, *ctx.conv, *ctx.groups, "none",
+                                       False)[0]
+    if ctx.needs_input_grad[1]:
+        dgrad = (torch.ops.tilesmith.conv2d_dgrad_cuda if ctx.cuda
+                 else torch.ops.tilesmith.conv2d_dgrad_triton)
+        d_x = dgrad(grad, grad_dw, list(x.shape), *ctx.conv, *ctx.groups, _is_channels_last(x))
+    return d_grad, d_x, *(None,) * (4 if ctx.cuda else 5)
+
+
+for _cuda, _suffix in ((False, "triton"), (True, "cuda")):
+    _setup = functools.partial(_pass_setup_context, cuda=_cuda)
+    torch.library.register_autograd(f"tilesmith::conv2d_dgrad_{_suffix}", _dgrad_backward,
+                                    setup_context=_setup)
+    torch.library.register_autograd(f"tilesmith::conv2d_wgrad_{_suffix}", _wgrad_backward,
+                                    setup_context=_setup)
+
+
 def _pair(value, name):
     if isinstance(value, int) and not isinstance(value, bool):
         return [value, value]
@@ -448,7 +507,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     (N, C, H, W) in NCHW or channels_last, or unbatched (C, H, W); weight (K, C/groups, R,
     S); the output's memory format is PyTorch's: channels_last when the input or the weight
     is. padding: int, pair, "valid" or "same" (stride 1 only, as in PyTorch).
-    Differentiable in input, weight and bias, through the activation."""
+    Differentiable in input, weight and bias, through the activation, twice (create_graph)."""
     fn = "conv2d"
     if isinstance(input, torch.Tensor) and input.dim() == 3:
         # Unbatched (C, H, W), as F.conv2d takes it: a batch of one.

@@ -147,10 +147,62 @@ def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str,
     return op(grad, pre, activation, bias_grad, dz_dtype or pre.dtype)
 
 
+def activation_derivatives(z: torch.Tensor, activation: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act'(z), act''(z)) as differentiable torch ops, act' as the kernels' activation
+    backward computes it (relu's is 1 at a NaN, as torch's threshold_backward)."""
+    if activation == "relu":
+        return torch.where(z <= 0, 0.0, 1.0).to(z.dtype), torch.zeros_like(z)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * 0.5**0.5))
+        pdf = torch.exp(-0.5 * z * z) * (2.0 * torch.pi) ** -0.5
+        return cdf + z * pdf, pdf * (2.0 - z * z)
+    if activation == "gelu_tanh":
+        c, k = (2.0 / torch.pi) ** 0.5, 0.044715
+        t = torch.tanh(c * (z + k * z * z * z))
+        du = c * (1.0 + 3.0 * k * z * z)  # u = c (z + k z^3): u', u'' = 6 c k z
+        sech2 = 1.0 - t * t
+        return (0.5 * (1.0 + t) + 0.5 * z * sech2 * du,
+                sech2 * (du - z * t * du * du + 3.0 * c * k * z * z))
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s)), s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    raise ValueError(f"activation_derivatives: unknown activation {activation!r}")
+
+
+def _activation_backward_setup_context(ctx, inputs, output):
+    grad, pre, activation, bias_grad, _dz_dtype = inputs
+    ctx.save_for_backward(grad, pre)
+    ctx.activation, ctx.bias_grad = activation, bias_grad
+
+
+def _activation_backward_backward(ctx, grad_dz, grad_sums):
+    """The activation backward's own derivative (double backward through a fused
+    activation): dz = grad * act'(pre) and the bias gradient sum_rows(dz) give
+    d/dgrad = G act'(pre) and d/dpre = G grad act''(pre), G the gradient reaching dz (the
+    sums' broadcast over rows included). Torch ops, so differentiable once more."""
+    grad, pre = ctx.saved_tensors
+    compute = torch.float64 if pre.dtype == torch.float64 else torch.float32
+    incoming = grad_dz.to(compute)
+    if ctx.bias_grad:
+        incoming = incoming + grad_sums.to(compute)
+    first, second = activation_derivatives(pre.to(compute), ctx.activation)
+    grad_grad = (incoming * first).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_pre = ((incoming * grad.to(compute) * second).to(pre.dtype)
+                if ctx.needs_input_grad[1] else None)
+    return grad_grad, grad_pre, None, None, None
+
+
+for _name in ("activation_backward_triton", "activation_backward_cuda"):
+    torch.library.register_autograd(f"tilesmith::{_name}", _activation_backward_backward,
+                                    setup_context=_activation_backward_setup_context)
+
+
 def _setup_context(ctx, inputs, output):
     a, b, bias, residual, activation, alpha, out_dtype, save_pre = inputs
     _, pre = output
-    ctx.save_for_backward(a, b, pre)
+    # bias only where a double backward computes pre again (below): no other backward reads it.
+    ctx.save_for_backward(a, b, bias if activation not in ("none", "relu") else None, pre)
     ctx.activation, ctx.alpha = activation, alpha
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.residual_dtype = residual.dtype if residual is not None else None
@@ -165,11 +217,16 @@ def _make_backward(gemm, cuda: bool):
 
 
 def _backward(ctx, grad_out, gemm, cuda):
-    a, b, pre = ctx.saved_tensors
+    a, b, bias, pre = ctx.saved_tensors
     if ctx.activation != "none":
         if pre.numel() == 0 and grad_out.numel() != 0:
             raise RuntimeError("gemm: backward through the activation needs the forward's "
                                "pre-activation; call gemm with grad mode enabled")
+        if torch.is_grad_enabled() and ctx.activation != "relu":
+            # A double backward (create_graph=True): the saved pre-activation is no part of
+            # the graph, so it is computed again from a, b and bias (one more GEMM), for
+            # the gradient through act'(pre) to reach them (relu's act'' is 0).
+            pre = gemm(a, b, bias, None, "none", ctx.alpha, pre.dtype, False)[0]
         dz, dz_column_sums = activation_backward(grad_out, pre, ctx.activation,
                                                  ctx.needs_input_grad[2], cuda, a.dtype)
     else:
@@ -228,7 +285,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
     strides (all four transpose combinations without copies). fp16/bf16 (or fp32) inputs,
     fp32 accumulation, output ``out_dtype`` (fp16, bf16 or fp32; default a's dtype).
     ``activation``: None, "relu", "gelu", "gelu_tanh" or "silu". ``bias``: (N,).
-    ``residual``: (M, N). Differentiable in a, b, bias and residual."""
+    ``residual``: (M, N). Differentiable in a, b, bias and residual, twice (create_graph)."""
     fn = "gemm"
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         a, b, bias, residual = autocast_inputs(a, b, bias, residual)

@@ -140,7 +140,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None) -> t
     """``torch.matmul(a, b)`` on the chosen backend (see ``tilesmith.backend``): 1-D operands,
     2-D, and batched operands whose batch dimensions broadcast. fp16/bf16 accumulate in fp32;
     fp32 follows ``torch.set_float32_matmul_precision`` (IEEE by default, TF32 when allowed)
-    on the triton backend; the cuda backend takes fp16/bf16 only. Differentiable in a and b.
+    on the triton backend; the cuda backend takes fp16/bf16 only. Differentiable in a and b, twice.
     """
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         a, b = autocast_inputs(a, b)
