@@ -434,6 +434,99 @@ def test_gradcheck_float64(backend, case):
     assert torch.autograd.gradcheck(f, tuple(inputs))
 
 
+# Double backward: (q, k, v shapes, kwargs); a float mask that takes a gradient, with one
+# fully masked row, where named.
+DOUBLE_BACKWARD_CASES = {
+    "plain": (((2, 2, 5, 16), (2, 2, 7, 16), (2, 2, 7, 16)), {}),
+    "causal_q_longer": (((1, 2, 9, 16), (1, 2, 6, 16), (1, 2, 6, 16)), dict(is_causal=True)),
+    "causal_gqa": (((1, 4, 5, 16), (1, 2, 8, 16), (1, 2, 8, 16)),
+                   dict(is_causal=True, enable_gqa=True)),
+    "float_mask": (((2, 2, 5, 16), (2, 2, 6, 16), (2, 2, 6, 16)), dict(attn_mask=(2, 1, 5, 6))),
+}
+
+
+def _double_backward_inputs(case, dtype):
+    shapes, kwargs = DOUBLE_BACKWARD_CASES[case]
+    g = torch.Generator().manual_seed(13)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+
+    inputs = [r(*shape) for shape in shapes]
+    kwargs = dict(kwargs)
+    if "attn_mask" in kwargs:
+        mask = r(*kwargs.pop("attn_mask"))
+        mask[1, 0, 3] = float("-inf")  # a fully masked row: zeros, no NaN in any gradient
+        inputs.append(mask)
+    return inputs, kwargs
+
+
+def _sdpa_call(function, kwargs):
+    def call(q, k, v, mask=None):
+        return function(q, k, v, attn_mask=mask, **kwargs)
+    return call
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))
+@pytest.mark.parametrize("case", list(DOUBLE_BACKWARD_CASES))
+def test_double_backward_gradgradcheck_float64(backend, case):
+    """A double backward (create_graph=True) computes the first backward in PyTorch ops, on
+    the graph. fast_mode: PyTorch's check of one random projection of the Jacobians."""
+    inputs, kwargs = _double_backward_inputs(case, torch.float64)
+    inputs = [t.requires_grad_() for t in inputs]
+    function = functools.partial(tilesmith.ops.scaled_dot_product_attention, backend=backend)
+    assert torch.autograd.gradgradcheck(_sdpa_call(function, kwargs), inputs, fast_mode=True)
+
+
+def _penalty(call, inputs, grad_out):
+    """The first-order gradients along grad_out (create_graph=True), and a gradient
+    penalty's gradients: their squared norm differentiated with respect to the inputs."""
+    firsts = torch.autograd.grad(call(*inputs), inputs, grad_out, create_graph=True)
+    penalty = sum(grad.double().square().sum() for grad in firsts)
+    return firsts, torch.autograd.grad(penalty, inputs)
+
+
+@pytest.mark.parametrize("backend,dtype", _params(LOW_PRECISION))
+@pytest.mark.parametrize("case", list(DOUBLE_BACKWARD_CASES))
+def test_double_backward_matches_float64(backend, dtype, case):
+    """The first-order gradients under create_graph and a gradient penalty's gradients, by
+    the 2x rule against PyTorch's math backend in the same dtype (its flash and efficient
+    backends have no double backward)."""
+    inputs, kwargs = _double_backward_inputs(case, dtype)
+    grad_out = torch.randn(inputs[0].shape[:-1] + inputs[2].shape[-1:],
+                           generator=torch.Generator().manual_seed(14)).to(dtype).to(DEVICE)
+
+    def run(compute, function):
+        leaves = [t.detach().to(compute).requires_grad_() for t in inputs]
+        return _penalty(_sdpa_call(function, kwargs), leaves, grad_out.to(compute))
+
+    with testing.poison_outputs():
+        got = run(dtype, functools.partial(tilesmith.ops.scaled_dot_product_attention,
+                                           backend=backend))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = run(torch.float64, F.scaled_dot_product_attention)
+        base = run(dtype, F.scaled_dot_product_attention)
+    names = ["q", "k", "v", "mask"]
+    for order, ours, refs, bases in zip(["grad", "penalty grad"], got, ref, base):
+        for out, want, baseline, what in zip(ours, refs, bases, names):
+            assert out.dtype == dtype and torch.isfinite(out).all(), what
+            testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.float32))
+def test_double_backward_refused_with_dropout_and_for_varlen(backend):
+    q, k, v = (torch.randn(1, 2, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend=backend)
+    with pytest.raises(RuntimeError, match="no double backward .* dropout_p > 0"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    packed = [t[0].transpose(0, 1).detach().requires_grad_() for t in (q, k, v)]
+    cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=DEVICE)
+    out = tilesmith.ops.varlen_attention(*packed, cu, cu, 3, 3, backend=backend)
+    with pytest.raises(RuntimeError, match="varlen_attention has no double backward"):
+        torch.autograd.grad(out.sum(), packed[0], create_graph=True)
+
+
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))
 @pytest.mark.parametrize("mask_shape", [(2, 3, 5, 40), (1, 40)], ids=["full", "keys_only"])
 def test_float64_gradients_are_float64_accurate(backend, mask_shape):

@@ -257,8 +257,8 @@ def test_double_backward_matches_float64(backend, dtype, case):
         leaves = [t.detach().to(compute).requires_grad_() for t in (x, w, b)]
         out_shape = conv(*leaves).shape
         grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(12),
-                               dtype=torch.float64).to(compute).to(DEVICE)
-        return _penalty_gradients(conv, *leaves, grad_out)
+                               dtype=torch.float64).to(dtype)  # the same values for each
+        return _penalty_gradients(conv, *leaves, grad_out.to(compute).to(DEVICE))
 
     def ours(x, w, b):
         return tilesmith.ops.conv2d(x, w, b, backend=backend, **kwargs)

@@ -70,6 +70,12 @@ def test_conv2d_double_backward(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("case", list(attention_tests.DOUBLE_BACKWARD_CASES))
+def test_attention_double_backward(dtype, case):
+    through_cuda_ops(attention_tests.test_double_backward_matches_float64, "cuda", dtype, case)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("name", attention_tests.SAMPLE_NAMES)
 def test_attention_forward_and_gradients(dtype, name):
     through_cuda_ops(attention_tests._check_sample, "cuda", dtype, name)

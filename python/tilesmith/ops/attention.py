@@ -564,11 +564,36 @@ def _deterministic_mask_grad_shape(q, k, mask):
     return full
 
 
+def _differentiable_backward(ctx, q, k, v, mask, grad_out, grad_lse):
+    """attention's backward for a double backward (create_graph=True, a gradient penalty):
+    the backward kernels have no derivative of their own, so the attention is computed
+    again in PyTorch ops (explicit scores: memory quadratic in the sequence length, as
+    PyTorch's math backend) and differentiated by autograd on the graph."""
+    if ctx.dropout_p > 0:
+        raise RuntimeError("attention: no double backward (create_graph=True) with "
+                           f"dropout_p > 0 (got {ctx.dropout_p}): the math path that "
+                           "computes it cannot draw the kernels' dropout mask")
+    wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
+    out, lse = _math_attention(q, k, v, mask, ctx.causal, ctx.scale)  # (grad mode is on)
+    outputs, grads = [out], [grad_out]
+    if grad_lse is not None:
+        outputs.append(lse)
+        grads.append(grad_lse)
+    found = torch.autograd.grad(outputs, [(q, k, v, mask)[i] for i in wanted], grads,
+                                create_graph=True, allow_unused=True)
+    result = [None] * len(ctx.needs_input_grad)
+    for i, grad in zip(wanted, found):
+        result[i] = grad
+    return tuple(result)
+
+
 def _make_fwd_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, mask, out, lse, seed = ctx.saved_tensors
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, q, k, v, mask, grad_out, grad_lse)
         mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
         grad_mask_shape = _deterministic_mask_grad_shape(q, k, mask) if mask_grad else None
         mask_seen = mask if grad_mask_shape is None else mask.expand(grad_mask_shape)
@@ -589,6 +614,9 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _make_varlen_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():
+            raise RuntimeError("varlen_attention has no double backward (create_graph=True); "
+                               "attention and scaled_dot_product_attention have one")
         q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
@@ -940,9 +968,10 @@ def _torch_attention_with_lse(q, k, v, mask, causal, scale):
     return out, _torch_logsumexp(q, k, mask, causal, scale)
 
 
-def _torch_logsumexp(q, k, mask, causal, scale):
-    """(batch, heads, seq_q) log-sum-exp of the scaled, masked scores, in fp32 (fp64 for
-    fp64 inputs); -inf, with no gradient, for a row that sees no key."""
+def _scores_and_logsumexp(q, k, mask, causal, scale):
+    """The scaled, masked (batch, heads, seq_q, seq_k) scores in fp32 (fp64 for fp64
+    inputs), their rows' log-sum-exp (keepdim; a row that sees no key gets that of zeros,
+    with no gradient) and which rows see a key."""
     group = _group_size(q.shape[1], k.shape[1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys = k.to(compute).repeat_interleave(group, dim=1)
@@ -953,12 +982,28 @@ def _torch_logsumexp(q, k, mask, causal, scale):
     if mask is not None:
         scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                   else scores + mask.to(compute))
-    # A fully masked row's lse is -inf, with no gradient: logsumexp's own backward would
-    # give it NaN (exp(-inf - -inf)).
+    # A fully masked row: logsumexp's own backward would give it NaN (exp(-inf - -inf)).
     live = (scores > float("-inf")).any(-1, keepdim=True)  # (no keys: not live)
-    lse = torch.logsumexp(scores.masked_fill(~live, 0.0), dim=-1)
-    lse = torch.where(live.squeeze(-1), lse, float("-inf"))
+    return scores, torch.logsumexp(scores.masked_fill(~live, 0.0), dim=-1, keepdim=True), live
+
+
+def _torch_logsumexp(q, k, mask, causal, scale):
+    """(batch, heads, seq_q) log-sum-exp of the scaled, masked scores, in fp32 (fp64 for
+    fp64 inputs); -inf, with no gradient, for a row that sees no key."""
+    _, lse, live = _scores_and_logsumexp(q, k, mask, causal, scale)
+    lse = torch.where(live.squeeze(-1), lse.squeeze(-1), float("-inf"))
     return lse.to(_lse_dtype(q.dtype))
+
+
+def _math_attention(q, k, v, mask, causal, scale):
+    """(out, lse) of attention in differentiable PyTorch ops, for the double backward: a
+    fully masked row gives zeros and an lse of -inf, as the kernels do."""
+    scores, lse, live = _scores_and_logsumexp(q, k, mask, causal, scale)
+    probabilities = torch.exp(scores - lse).masked_fill(~live, 0.0)
+    values = v.to(scores.dtype).repeat_interleave(_group_size(q.shape[1], v.shape[1]), dim=1)
+    out = torch.matmul(probabilities, values).to(q.dtype)
+    lse = torch.where(live.squeeze(-1), lse.squeeze(-1), float("-inf"))
+    return out, lse.to(_lse_dtype(q.dtype))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
