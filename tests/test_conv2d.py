@@ -252,13 +252,12 @@ def test_double_backward_matches_float64(backend, dtype, case):
     """A gradient penalty's gradients through the double backward, by the 2x rule against
     PyTorch's own in the same dtype."""
     x, w, b, kwargs = _double_backward_inputs(case, dtype, DEVICE)
+    grad_out = torch.randn(_reference(x, w, b, kwargs).shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(12)).to(dtype).to(DEVICE)
 
     def gradients(compute, conv):
         leaves = [t.detach().to(compute).requires_grad_() for t in (x, w, b)]
-        out_shape = conv(*leaves).shape
-        grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(12),
-                               dtype=torch.float64).to(dtype)  # the same values for each
-        return _penalty_gradients(conv, *leaves, grad_out.to(compute).to(DEVICE))
+        return _penalty_gradients(conv, *leaves, grad_out.to(compute))
 
     def ours(x, w, b):
         return tilesmith.ops.conv2d(x, w, b, backend=backend, **kwargs)
