@@ -17,6 +17,8 @@ TORCHVISION_SPEC ?= torchvision==0.29.1
 # that code here too (the GPU machine has it, and a plot that breaks there would end a report).
 OUT_DIR ?= bench/out
 MAX_JOBS ?= $(shell nproc)
+# pytest-xdist runs the tests in a process per core (TEST_JOBS=0: in this process).
+TEST_JOBS ?= $(shell nproc)
 # /usr/local/bin/nvcc is a wrapper script on our machines: point at the real toolkit.
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME MAX_JOBS
@@ -28,8 +30,8 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" numpy pytest setuptools \
-	  wheel ninja matplotlib
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" numpy pytest pytest-xdist \
+	  setuptools wheel ninja matplotlib
 	touch $@
 
 build: $(VENV)/.deps
@@ -40,7 +42,8 @@ build: $(VENV)/.deps
 	echo "build: $$((SECONDS - start)) s (MAX_JOBS=$(MAX_JOBS), CUDA_HOME=$(CUDA_HOME))"
 
 test: build
-	$(PY) -m pytest -q
+	@$(PY) -c "import xdist" 2>/dev/null || $(PY) -m pip install -q pytest-xdist
+	$(PY) -m pytest -q -n $(TEST_JOBS)
 
 bench: build
 	$(PY) -m bench.run --out $(OUT_DIR)

@@ -12,6 +12,12 @@ if not HAS_GPU:
 
 from tilesmith import backend  # noqa: E402  (after TRITON_INTERPRET)
 
+# Under pytest-xdist (`make test` runs a worker per core) each worker gets its share of the
+# cores for torch's CPU ops, rather than every worker starting a thread per core.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
