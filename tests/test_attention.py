@@ -515,16 +515,73 @@ def test_double_backward_matches_float64(backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.float32))
-def test_double_backward_refused_with_dropout_and_for_varlen(backend):
+def test_double_backward_refused_with_dropout(backend):
     q, k, v = (torch.randn(1, 2, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     out = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend=backend)
     with pytest.raises(RuntimeError, match="no double backward .* dropout_p > 0"):
         torch.autograd.grad(out.sum(), q, create_graph=True)
     packed = [t[0].transpose(0, 1).detach().requires_grad_() for t in (q, k, v)]
     cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=DEVICE)
-    out = tilesmith.ops.varlen_attention(*packed, cu, cu, 3, 3, backend=backend)
-    with pytest.raises(RuntimeError, match="varlen_attention has no double backward"):
+    out = tilesmith.ops.varlen_attention(*packed, cu, cu, 3, 3, dropout_p=0.3, backend=backend)
+    with pytest.raises(RuntimeError, match="no double backward .* dropout_p > 0"):
         torch.autograd.grad(out.sum(), packed[0], create_graph=True)
+
+
+# varlen_attention's double backward: samples of testing.varlen_sample_inputs (GQA, causal,
+# sequences with no queries and with no keys).
+VARLEN_DOUBLE_BACKWARD_CASES = ["causal_gqa", "with_empty_sequence"]
+
+
+def _varlen_call(sample, backend):
+    """varlen_attention on the sample's packing, (out, lse) of (q, k, v)."""
+    _, _, _, cu_q, cu_k, max_q, max_k = sample.args
+
+    def call(q, k, v):
+        return tilesmith.ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k,
+                                              return_lse=True, backend=backend, **sample.kwargs)
+    return call
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))
+@pytest.mark.parametrize("case", VARLEN_DOUBLE_BACKWARD_CASES)
+def test_varlen_double_backward_gradgradcheck_float64(backend, case):
+    """As the dense double backward: the first backward in PyTorch ops, a sequence at a
+    time, on the graph; through out and the log-sum-exp."""
+    sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, torch.float64)}[case]
+    inputs = [t.detach().requires_grad_() for t in sample.args[:3]]
+    assert torch.autograd.gradgradcheck(_varlen_call(sample, backend), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend,dtype", _params(LOW_PRECISION))
+@pytest.mark.parametrize("case", VARLEN_DOUBLE_BACKWARD_CASES)
+def test_varlen_double_backward_matches_float64(backend, dtype, case):
+    """A gradient penalty through varlen_attention's out and lse, by the 2x rule against
+    the torch backend (SDPA's math backend per sequence)."""
+    sample = {s.name: s for s in testing.varlen_sample_inputs(DEVICE, dtype)}[case]
+    g = torch.Generator().manual_seed(14)
+    q, v = sample.args[0], sample.args[2]
+    grad_out = torch.randn(q.shape[:-1] + v.shape[-1:], generator=g).to(dtype).to(DEVICE)
+    grad_lse = torch.randn(q.shape[1], q.shape[0], generator=g).to(DEVICE)
+
+    def run(compute, backend_):
+        leaves = [t.detach().to(compute).requires_grad_() for t in sample.args[:3]]
+        out, lse = _varlen_call(sample, backend_)(*leaves)
+        firsts = torch.autograd.grad((out, lse), leaves,
+                                     (grad_out.to(compute), grad_lse.to(lse.dtype)),
+                                     create_graph=True)
+        penalty = sum(grad.double().square().sum() for grad in firsts)
+        return firsts, torch.autograd.grad(penalty, leaves)
+
+    with testing.poison_outputs():
+        got = run(dtype, backend)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = run(torch.float64, "torch")
+        base = run(dtype, "torch")
+    for order, ours, refs, bases in zip(["grad", "penalty grad"], got, ref, base):
+        for out, want, baseline, what in zip(ours, refs, bases, ["q", "k", "v"]):
+            assert out.dtype == dtype and torch.isfinite(out).all(), what
+            testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
 
 
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))

@@ -76,6 +76,13 @@ def test_attention_double_backward(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("case", attention_tests.VARLEN_DOUBLE_BACKWARD_CASES)
+def test_varlen_attention_double_backward(dtype, case):
+    through_cuda_ops(attention_tests.test_varlen_double_backward_matches_float64, "cuda", dtype,
+                     case)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("name", attention_tests.SAMPLE_NAMES)
 def test_attention_forward_and_gradients(dtype, name):
     through_cuda_ops(attention_tests._check_sample, "cuda", dtype, name)

@@ -564,24 +564,29 @@ def _deterministic_mask_grad_shape(q, k, mask):
     return full
 
 
-def _differentiable_backward(ctx, q, k, v, mask, grad_out, grad_lse):
+def _differentiable_backward(ctx, inputs, math_attention, grad_out, grad_lse):
     """attention's backward for a double backward (create_graph=True, a gradient penalty):
     the backward kernels have no derivative of their own, so the attention is computed
-    again in PyTorch ops (explicit scores: memory quadratic in the sequence length, as
-    PyTorch's math backend) and differentiated by autograd on the graph."""
+    again in PyTorch ops (``math_attention()``: (out, lse) from ``inputs``, with explicit
+    scores: memory quadratic in the sequence length, as PyTorch's math backend) and
+    differentiated by autograd on the graph. Returns the gradients of ``inputs`` (None for
+    those not wanted), then Nones for the op's other arguments."""
     if ctx.dropout_p > 0:
         raise RuntimeError("attention: no double backward (create_graph=True) with "
                            f"dropout_p > 0 (got {ctx.dropout_p}): the math path that "
                            "computes it cannot draw the kernels' dropout mask")
-    wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
-    out, lse = _math_attention(q, k, v, mask, ctx.causal, ctx.scale)  # (grad mode is on)
+    wanted = [i for i in range(len(inputs)) if ctx.needs_input_grad[i]]
+    out, lse = math_attention()  # (grad mode is on)
     outputs, grads = [out], [grad_out]
     if grad_lse is not None:
         outputs.append(lse)
         grads.append(grad_lse)
-    found = torch.autograd.grad(outputs, [(q, k, v, mask)[i] for i in wanted], grads,
-                                create_graph=True, allow_unused=True)
     result = [None] * len(ctx.needs_input_grad)
+    if not out.requires_grad:  # a packed batch of no sequences: no token, empty gradients
+        return tuple(torch.zeros_like(inputs[i]) if i in wanted else None
+                     for i in range(len(result)))
+    found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grads,
+                                create_graph=True, allow_unused=True)
     for i, grad in zip(wanted, found):
         result[i] = grad
     return tuple(result)
@@ -593,7 +598,10 @@ def _make_fwd_backward(bwd_op):
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
         if torch.is_grad_enabled():
-            return _differentiable_backward(ctx, q, k, v, mask, grad_out, grad_lse)
+            return _differentiable_backward(
+                ctx, (q, k, v, mask),
+                lambda: _math_attention(q, k, v, mask, ctx.causal, ctx.scale), grad_out,
+                grad_lse)
         mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
         grad_mask_shape = _deterministic_mask_grad_shape(q, k, mask) if mask_grad else None
         mask_seen = mask if grad_mask_shape is None else mask.expand(grad_mask_shape)
@@ -608,19 +616,23 @@ def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs[:11]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
-    ctx.args = (max_q, max_k, causal, scale, dropout_p)
+    ctx.max_seqlens = (max_q, max_k)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
     ctx.set_materialize_grads(False)  # as the dense ops': lse's gradient is mostly None
 
 
 def _make_varlen_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
-        if torch.is_grad_enabled():
-            raise RuntimeError("varlen_attention has no double backward (create_graph=True); "
-                               "attention and scaled_dot_product_attention have one")
         q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args, seed, grad_lse)
+        if torch.is_grad_enabled():
+            return _differentiable_backward(
+                ctx, (q, k, v),
+                lambda: _math_varlen_attention(q, k, v, cu_q, cu_k, ctx.causal, ctx.scale),
+                grad_out, grad_lse)
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens,
+                            ctx.causal, ctx.scale, ctx.dropout_p, seed, grad_lse)
         return dq, dk, dv, *[None] * (len(ctx.needs_input_grad) - 3)
     return backward
 
@@ -1120,17 +1132,34 @@ def _check_cu_seqlens(fn, name, cu, tokens_name, tokens, max_name, max_seqlen):
                          f"in {name} ({longest})")
 
 
+def _each_sequence(q, k, v, cu_q, cu_k):
+    """The packed sequences (read from cu_seqlens on the host), each as a (1, heads, seq,
+    head_dim) view of q, k and v."""
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(starts_q) - 1):
+        yield tuple(t[starts[i]:starts[i + 1]].transpose(0, 1)[None]
+                    for t, starts in ((q, starts_q), (k, starts_k), (v, starts_k)))
+
+
+def _math_varlen_attention(q, k, v, cu_q, cu_k, causal, scale):
+    """(out, lse) of varlen_attention in differentiable PyTorch ops, for the double backward:
+    _math_attention per sequence."""
+    outs, lses = [q.new_empty((0, q.shape[1], v.shape[2]))], [
+        q.new_empty((q.shape[1], 0), dtype=_lse_dtype(q.dtype))]
+    for qi, ki, vi in _each_sequence(q, k, v, cu_q, cu_k):
+        out, lse = _math_attention(qi, ki, vi, None, causal, scale)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
 def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0, with_lse=False):
     """Reference and fallback: one SDPA call per sequence (reads cu_seqlens on the host).
     (out, lse): lse (heads, total_q) from each sequence's explicit scores where with_lse,
     else None."""
     group = _group_size(q.shape[1], k.shape[1])
     outs, lses = [], []
-    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
-    for i in range(len(starts_q) - 1):
-        qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
-        ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
-        vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+    for qi, ki, vi in _each_sequence(q, k, v, cu_q, cu_k):
         oi = pytorch_sdpa(qi, ki, vi, dropout_p=dropout_p, is_causal=causal, scale=scale,
                           enable_gqa=group > 1)
         outs.append(oi[0].transpose(0, 1))
