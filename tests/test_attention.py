@@ -584,6 +584,21 @@ def test_varlen_double_backward_matches_float64(backend, dtype, case):
             testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
 
 
+@pytest.mark.parametrize("backend", [*kernel_backends("attention", torch.float64), "torch"])
+def test_varlen_batch_of_no_sequences_stays_on_the_graph(backend):
+    """cu_seqlens of one entry: no tokens; out (0, heads, dv) and lse (heads, 0), with
+    empty gradients of every input, first and second order, in every backend."""
+    q = torch.randn(0, 4, 16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    k = torch.randn(0, 2, 16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    v = torch.randn(0, 2, 24, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out, lse = tilesmith.ops.varlen_attention(q, k, v, cu, cu, 0, 0, return_lse=True,
+                                              backend=backend)
+    assert out.shape == (0, 4, 24) and lse.shape == (4, 0)
+    grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v), create_graph=True)
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
+
+
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))
 @pytest.mark.parametrize("mask_shape", [(2, 3, 5, 40), (1, 40)], ids=["full", "keys_only"])
 def test_float64_gradients_are_float64_accurate(backend, mask_shape):

@@ -581,12 +581,9 @@ def _differentiable_backward(ctx, inputs, math_attention, grad_out, grad_lse):
     if grad_lse is not None:
         outputs.append(lse)
         grads.append(grad_lse)
-    result = [None] * len(ctx.needs_input_grad)
-    if not out.requires_grad:  # a packed batch of no sequences: no token, empty gradients
-        return tuple(torch.zeros_like(inputs[i]) if i in wanted else None
-                     for i in range(len(result)))
     found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grads,
                                 create_graph=True, allow_unused=True)
+    result = [None] * len(ctx.needs_input_grad)
     for i, grad in zip(wanted, found):
         result[i] = grad
     return tuple(result)
@@ -1134,8 +1131,11 @@ def _check_cu_seqlens(fn, name, cu, tokens_name, tokens, max_name, max_seqlen):
 
 def _each_sequence(q, k, v, cu_q, cu_k):
     """The packed sequences (read from cu_seqlens on the host), each as a (1, heads, seq,
-    head_dim) view of q, k and v."""
+    head_dim) view of q, k and v. A batch of no sequences (no tokens) is one empty sequence:
+    what is computed from it stays on the graph of q, k and v, as the kernels' outputs do."""
     starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    if len(starts_q) == 1:
+        starts_q = starts_k = [0, 0]
     for i in range(len(starts_q) - 1):
         yield tuple(t[starts[i]:starts[i + 1]].transpose(0, 1)[None]
                     for t, starts in ((q, starts_q), (k, starts_k), (v, starts_k)))
@@ -1144,8 +1144,7 @@ def _each_sequence(q, k, v, cu_q, cu_k):
 def _math_varlen_attention(q, k, v, cu_q, cu_k, causal, scale):
     """(out, lse) of varlen_attention in differentiable PyTorch ops, for the double backward:
     _math_attention per sequence."""
-    outs, lses = [q.new_empty((0, q.shape[1], v.shape[2]))], [
-        q.new_empty((q.shape[1], 0), dtype=_lse_dtype(q.dtype))]
+    outs, lses = [], []
     for qi, ki, vi in _each_sequence(q, k, v, cu_q, cu_k):
         out, lse = _math_attention(qi, ki, vi, None, causal, scale)
         outs.append(out[0].transpose(0, 1))
@@ -1165,12 +1164,8 @@ def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0, with_lse=Fa
         outs.append(oi[0].transpose(0, 1))
         if with_lse:
             lses.append(_torch_logsumexp(qi, ki, None, causal, scale)[0])
-    out = torch.cat(outs, 0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
-    if not with_lse:
-        return out, None
-    lse = (torch.cat(lses, 1) if lses
-           else q.new_empty((q.shape[1], 0), dtype=_lse_dtype(q.dtype)))
-    return out, lse
+    return torch.cat(outs, 0), (torch.cat(lses, 1) if with_lse else None)
+
 
 register_autocast("attention_fwd_triton")
 register_autocast("attention_fwd_cuda")
