@@ -514,19 +514,6 @@ def test_double_backward_matches_float64(backend, dtype, case):
             testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
 
 
-@pytest.mark.parametrize("backend", kernel_backends("attention", torch.float32))
-def test_double_backward_refused_with_dropout(backend):
-    q, k, v = (torch.randn(1, 2, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
-    out = tilesmith.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend=backend)
-    with pytest.raises(RuntimeError, match="no double backward .* dropout_p > 0"):
-        torch.autograd.grad(out.sum(), q, create_graph=True)
-    packed = [t[0].transpose(0, 1).detach().requires_grad_() for t in (q, k, v)]
-    cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=DEVICE)
-    out = tilesmith.ops.varlen_attention(*packed, cu, cu, 3, 3, dropout_p=0.3, backend=backend)
-    with pytest.raises(RuntimeError, match="no double backward .* dropout_p > 0"):
-        torch.autograd.grad(out.sum(), packed[0], create_graph=True)
-
-
 # varlen_attention's double backward: samples of testing.varlen_sample_inputs (GQA, causal,
 # sequences with no queries and with no keys).
 VARLEN_DOUBLE_BACKWARD_CASES = ["causal_gqa", "with_empty_sequence"]
@@ -1353,6 +1340,83 @@ def test_dropout_gradcheck_float64(backend):
         return torch.ops.tilesmith.attention_fwd_triton(q, k, v, None, True, 0.5, 0.4, seed)[0]
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("backend", kernel_backends("attention", torch.float64))
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
+def test_dropout_double_backward_float64(backend, packed):
+    """With dropout, the double backward's math path drops what the kernels drop: its
+    first-order gradients (create_graph=True) equal the kernels' (create_graph=False) to
+    float64 rounding, and gradgradcheck passes, through the registered op with a fixed seed
+    (the public functions draw a new seed per call)."""
+    seed = torch.tensor([12345], dtype=torch.int64, device=DEVICE)
+    prefix = "varlen_" if packed else ""
+    forward = getattr(torch.ops.tilesmith, f"{prefix}attention_fwd_{backend}")
+    g = torch.Generator().manual_seed(3)
+    if packed:  # causal GQA over sequences of 3 and 5 queries, 4 and 6 keys
+        cu_q, cu_k = (torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+                      for cu in ([0, 3, 8], [0, 4, 10]))
+        inputs = [torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+                  for shape in ((8, 4, 8), (10, 2, 8), (10, 2, 5))]
+
+        def call(q, k, v):
+            return forward(q, k, v, cu_q, cu_k, 5, 6, True, 0.4, 0.3, seed)
+    else:  # causal GQA with a float mask that takes a gradient
+        inputs = [torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+                  for shape in ((1, 4, 6, 8), (1, 2, 9, 8), (1, 2, 9, 5), (1, 4, 6, 9))]
+
+        def call(q, k, v, mask):
+            return forward(q, k, v, mask, True, 0.4, 0.3, seed)
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out, lse = call(*inputs)
+    g = torch.Generator().manual_seed(4)
+    grad_out, grad_lse = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE)
+                          for t in (out, lse))
+    kernels = torch.autograd.grad((out, lse), inputs, (grad_out, grad_lse), retain_graph=True)
+    math = torch.autograd.grad((out, lse), inputs, (grad_out, grad_lse), create_graph=True)
+    for got, want in zip(math, kernels):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradgradcheck(call, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend,dtype", _params(LOW_PRECISION))
+@pytest.mark.parametrize("case", ["causal_gqa", "float_mask_grad"])
+def test_dropout_double_backward_matches_float64(backend, dtype, case):
+    """A gradient penalty through attention with dropout, by the 2x rule against float64
+    attention that drops the probabilities the kernels drop (PyTorch's math backend would
+    draw a mask of its own)."""
+    spec, dropout_p = DROPOUT_CASES[case], 0.3
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(spec[n], generator=g).to(dtype).to(DEVICE) for n in "qkv"]
+    _skip_if_backend_cannot(backend, inputs, {"dropout_p": dropout_p})
+    if "float_mask" in spec:
+        inputs.append(torch.randn(spec["float_mask"], generator=g).to(dtype).to(DEVICE))
+    causal, scale = spec.get("causal", False), inputs[0].shape[-1] ** -0.5
+    grad_out = torch.randn(inputs[0].shape[:-1] + inputs[2].shape[-1:],
+                           generator=g).to(dtype).to(DEVICE)
+
+    def run(compute, call):
+        leaves = [t.detach().to(compute).requires_grad_() for t in inputs]
+        return _penalty(call, leaves, grad_out.to(compute))
+
+    torch.manual_seed(7)
+    with testing.poison_outputs():
+        got = run(dtype, lambda q, k, v, mask=None: tilesmith.ops.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=True,
+            backend=backend))
+    torch.manual_seed(7)
+    seed = attention_ops.draw_dropout_seed(inputs[0].device)
+    keep = tilesmith.ops.attention_dropout_mask(seed, *inputs[0].shape[:3],
+                                                inputs[1].shape[2], dropout_p)
+
+    def reference(q, k, v, mask=None):
+        return _dropout_reference(q, k, v, mask, causal, scale, keep, dropout_p)
+
+    ref, base = run(torch.float64, reference), run(dtype, reference)
+    for order, ours, refs, bases in zip(["grad", "penalty grad"], got, ref, base):
+        for out, want, baseline, what in zip(ours, refs, bases, ["q", "k", "v", "mask"]):
+            assert out.dtype == dtype and torch.isfinite(out).all(), what
+            testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
 
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])

@@ -76,6 +76,13 @@ def test_attention_double_backward(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("case", ["causal_gqa", "float_mask_grad"])
+def test_attention_dropout_double_backward(dtype, case):
+    through_cuda_ops(attention_tests.test_dropout_double_backward_matches_float64, "cuda",
+                     dtype, case)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("case", attention_tests.VARLEN_DOUBLE_BACKWARD_CASES)
 def test_varlen_attention_double_backward(dtype, case):
     through_cuda_ops(attention_tests.test_varlen_double_backward_matches_float64, "cuda", dtype,

@@ -568,13 +568,10 @@ def _differentiable_backward(ctx, inputs, math_attention, grad_out, grad_lse):
     """attention's backward for a double backward (create_graph=True, a gradient penalty):
     the backward kernels have no derivative of their own, so the attention is computed
     again in PyTorch ops (``math_attention()``: (out, lse) from ``inputs``, with explicit
-    scores: memory quadratic in the sequence length, as PyTorch's math backend) and
-    differentiated by autograd on the graph. Returns the gradients of ``inputs`` (None for
-    those not wanted), then Nones for the op's other arguments."""
-    if ctx.dropout_p > 0:
-        raise RuntimeError("attention: no double backward (create_graph=True) with "
-                           f"dropout_p > 0 (got {ctx.dropout_p}): the math path that "
-                           "computes it cannot draw the kernels' dropout mask")
+    scores: memory quadratic in the sequence length, as PyTorch's math backend; with
+    dropout, on the mask the kernels drew, which dropout_keep_mask regenerates from the
+    call's seed) and differentiated by autograd on the graph. Returns the gradients of
+    ``inputs`` (None for those not wanted), then Nones for the op's other arguments."""
     wanted = [i for i in range(len(inputs)) if ctx.needs_input_grad[i]]
     out, lse = math_attention()  # (grad mode is on)
     outputs, grads = [out], [grad_out]
@@ -595,10 +592,12 @@ def _make_fwd_backward(bwd_op):
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
         if torch.is_grad_enabled():
+            keep = (dropout_keep_mask(seed, *q.shape[:3], k.shape[2], ctx.dropout_p)
+                    if ctx.dropout_p > 0 else None)
             return _differentiable_backward(
                 ctx, (q, k, v, mask),
-                lambda: _math_attention(q, k, v, mask, ctx.causal, ctx.scale), grad_out,
-                grad_lse)
+                lambda: _math_attention(q, k, v, mask, ctx.causal, ctx.scale, keep,
+                                        ctx.dropout_p), grad_out, grad_lse)
         mask_grad = bool(mask is not None and ctx.needs_input_grad[3])
         grad_mask_shape = _deterministic_mask_grad_shape(q, k, mask) if mask_grad else None
         mask_seen = mask if grad_mask_shape is None else mask.expand(grad_mask_shape)
@@ -624,10 +623,12 @@ def _make_varlen_backward(bwd_op):
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
         if torch.is_grad_enabled():
+            keep = (dropout_keep_mask(seed, cu_q.shape[0] - 1, q.shape[1], *ctx.max_seqlens,
+                                      ctx.dropout_p) if ctx.dropout_p > 0 else None)
             return _differentiable_backward(
                 ctx, (q, k, v),
-                lambda: _math_varlen_attention(q, k, v, cu_q, cu_k, ctx.causal, ctx.scale),
-                grad_out, grad_lse)
+                lambda: _math_varlen_attention(q, k, v, cu_q, cu_k, ctx.causal, ctx.scale,
+                                               keep, ctx.dropout_p), grad_out, grad_lse)
         dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens,
                             ctx.causal, ctx.scale, ctx.dropout_p, seed, grad_lse)
         return dq, dk, dv, *[None] * (len(ctx.needs_input_grad) - 3)
@@ -1004,11 +1005,15 @@ def _torch_logsumexp(q, k, mask, causal, scale):
     return lse.to(_lse_dtype(q.dtype))
 
 
-def _math_attention(q, k, v, mask, causal, scale):
+def _math_attention(q, k, v, mask, causal, scale, keep=None, dropout_p=0.0):
     """(out, lse) of attention in differentiable PyTorch ops, for the double backward: a
-    fully masked row gives zeros and an lse of -inf, as the kernels do."""
+    fully masked row gives zeros and an lse of -inf, as the kernels do. With dropout,
+    ``keep`` is the (batch, heads, seq_q, seq_k) mask of the probabilities kept (the lse is
+    that of the scores before dropout, as the kernels')."""
     scores, lse, live = _scores_and_logsumexp(q, k, mask, causal, scale)
     probabilities = torch.exp(scores - lse).masked_fill(~live, 0.0)
+    if keep is not None:
+        probabilities = probabilities.masked_fill(~keep, 0.0) * (1.0 / (1.0 - dropout_p))
     values = v.to(scores.dtype).repeat_interleave(_group_size(q.shape[1], v.shape[1]), dim=1)
     out = torch.matmul(probabilities, values).to(q.dtype)
     lse = torch.where(live.squeeze(-1), lse.squeeze(-1), float("-inf"))
@@ -1141,12 +1146,16 @@ def _each_sequence(q, k, v, cu_q, cu_k):
                     for t, starts in ((q, starts_q), (k, starts_k), (v, starts_k)))
 
 
-def _math_varlen_attention(q, k, v, cu_q, cu_k, causal, scale):
+def _math_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, keep=None, dropout_p=0.0):
     """(out, lse) of varlen_attention in differentiable PyTorch ops, for the double backward:
-    _math_attention per sequence."""
+    _math_attention per sequence; with dropout, sequence i keeps what batch entry i of
+    ``keep`` (dropout_keep_mask at max_seqlen_q x max_seqlen_k) keeps over its positions."""
     outs, lses = [], []
-    for qi, ki, vi in _each_sequence(q, k, v, cu_q, cu_k):
-        out, lse = _math_attention(qi, ki, vi, None, causal, scale)
+    for i, (qi, ki, vi) in enumerate(_each_sequence(q, k, v, cu_q, cu_k)):
+        keep_i = None
+        if keep is not None and qi.numel() and ki.numel():
+            keep_i = keep[i:i + 1, :, :qi.shape[2], :ki.shape[2]]
+        out, lse = _math_attention(qi, ki, vi, None, causal, scale, keep_i, dropout_p)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
