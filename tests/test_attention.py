@@ -479,11 +479,21 @@ def test_double_backward_gradgradcheck_float64(backend, case):
 
 
 def _penalty(call, inputs, grad_out):
-    """The first-order gradients along grad_out (create_graph=True), and a gradient
-    penalty's gradients: their squared norm differentiated with respect to the inputs."""
+    """The first-order gradients along grad_out (create_graph=True; a tuple where call
+    returns several outputs), and a gradient penalty's gradients: their squared norm
+    differentiated with respect to the inputs."""
     firsts = torch.autograd.grad(call(*inputs), inputs, grad_out, create_graph=True)
     penalty = sum(grad.double().square().sum() for grad in firsts)
     return firsts, torch.autograd.grad(penalty, inputs)
+
+
+def _check_penalty(got, ref, base, dtype, names=("q", "k", "v", "mask")):
+    """_penalty's two orders of gradients against float64 (ref) by the 2x rule (base:
+    PyTorch's own in dtype), finite and in dtype."""
+    for order, ours, refs, bases in zip(["grad", "penalty grad"], got, ref, base):
+        for out, want, baseline, what in zip(ours, refs, bases, names):
+            assert out.dtype == dtype and torch.isfinite(out).all(), what
+            testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
 
 
 @pytest.mark.parametrize("backend,dtype", _params(LOW_PRECISION))
@@ -507,11 +517,7 @@ def test_double_backward_matches_float64(backend, dtype, case):
     with sdpa_kernel(SDPBackend.MATH):
         ref = run(torch.float64, F.scaled_dot_product_attention)
         base = run(dtype, F.scaled_dot_product_attention)
-    names = ["q", "k", "v", "mask"]
-    for order, ours, refs, bases in zip(["grad", "penalty grad"], got, ref, base):
-        for out, want, baseline, what in zip(ours, refs, bases, names):
-            assert out.dtype == dtype and torch.isfinite(out).all(), what
-            testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
+    _check_penalty(got, ref, base, dtype)
 
 
 # varlen_attention's double backward: samples of testing.varlen_sample_inputs (GQA, causal,
@@ -552,12 +558,8 @@ def test_varlen_double_backward_matches_float64(backend, dtype, case):
 
     def run(compute, backend_):
         leaves = [t.detach().to(compute).requires_grad_() for t in sample.args[:3]]
-        out, lse = _varlen_call(sample, backend_)(*leaves)
-        firsts = torch.autograd.grad((out, lse), leaves,
-                                     (grad_out.to(compute), grad_lse.to(lse.dtype)),
-                                     create_graph=True)
-        penalty = sum(grad.double().square().sum() for grad in firsts)
-        return firsts, torch.autograd.grad(penalty, leaves)
+        return _penalty(_varlen_call(sample, backend_), leaves,
+                        (grad_out.to(compute), grad_lse.to(attention_ops._lse_dtype(compute))))
 
     with testing.poison_outputs():
         got = run(dtype, backend)
@@ -565,10 +567,7 @@ def test_varlen_double_backward_matches_float64(backend, dtype, case):
     with sdpa_kernel(SDPBackend.MATH):
         ref = run(torch.float64, "torch")
         base = run(dtype, "torch")
-    for order, ours, refs, bases in zip(["grad", "penalty grad"], got, ref, base):
-        for out, want, baseline, what in zip(ours, refs, bases, ["q", "k", "v"]):
-            assert out.dtype == dtype and torch.isfinite(out).all(), what
-            testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
+    _check_penalty(got, ref, base, dtype)
 
 
 @pytest.mark.parametrize("backend", [*kernel_backends("attention", torch.float64), "torch"])
@@ -1413,10 +1412,7 @@ def test_dropout_double_backward_matches_float64(backend, dtype, case):
         return _dropout_reference(q, k, v, mask, causal, scale, keep, dropout_p)
 
     ref, base = run(torch.float64, reference), run(dtype, reference)
-    for order, ours, refs, bases in zip(["grad", "penalty grad"], got, ref, base):
-        for out, want, baseline, what in zip(ours, refs, bases, ["q", "k", "v", "mask"]):
-            assert out.dtype == dtype and torch.isfinite(out).all(), what
-            testing.assert_close_to_reference(out, want, baseline, name=f"{order} {what}")
+    _check_penalty(got, ref, base, dtype)
 
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
