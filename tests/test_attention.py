@@ -1622,6 +1622,17 @@ BAD_INPUTS = [
                                   "is_causal": True}), ValueError, "not both"),
     ("dropout_out_of_range", lambda: ((_t(1, 2, 4, 8),) * 3, {"dropout_p": 1.5}), ValueError,
      r"dropout_p must be in \[0, 1\)"),
+    # A string would pass as a true flag, and float("x")'s error names no argument.
+    ("is_causal_not_bool", lambda: ((_t(1, 2, 4, 8),) * 3, {"is_causal": "yes"}), TypeError,
+     "scaled_dot_product_attention: is_causal must be a bool, got 'yes'"),
+    ("enable_gqa_not_bool", lambda: ((_t(1, 2, 4, 8),) * 3, {"enable_gqa": "no"}), TypeError,
+     "enable_gqa must be a bool, got 'no'"),
+    ("scale_not_number", lambda: ((_t(1, 2, 4, 8),) * 3, {"scale": "x"}), TypeError,
+     "scale must be a real number, got 'x'"),
+    ("dropout_not_number", lambda: ((_t(1, 2, 4, 8),) * 3, {"dropout_p": "0.1"}), TypeError,
+     "dropout_p must be a real number, got '0.1'"),
+    ("mask_not_tensor", lambda: ((_t(1, 2, 4, 8),) * 3, {"attn_mask": [[True] * 4] * 4}),
+     TypeError, "attn_mask must be a torch.Tensor or None, got list"),
 ]
 
 
@@ -1644,6 +1655,22 @@ def test_varlen_bad_input():
         tilesmith.ops.varlen_attention(q[None], q[None], q[None], cu, cu, 6, 6)
     with pytest.raises(TypeError, match="max_seqlen_q and max_seqlen_k must be ints, got 6.5"):
         tilesmith.ops.varlen_attention(q, q, q, cu, cu, 6.5, 6)
+    with pytest.raises(TypeError, match="varlen_attention: causal must be a bool, got 1"):
+        tilesmith.ops.varlen_attention(q, q, q, cu, cu, 6, 6, causal=1, backend="triton")
+    with pytest.raises(TypeError, match="return_lse must be a bool, got 'yes'"):
+        tilesmith.ops.varlen_attention(q, q, q, cu, cu, 6, 6, return_lse="yes")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_checks_argument_types(backend):
+    q = _t(1, 2, 4, 8)
+    with pytest.raises(TypeError, match="attention: causal must be a bool, got 'yes'"):
+        tilesmith.ops.attention(q, q, q, causal="yes", backend=backend)
+    with pytest.raises(TypeError, match="attention: scale must be a real number"):
+        tilesmith.ops.attention(q, q, q, scale=torch.tensor([0.5, 0.5]), backend=backend)
+    # A 0-d tensor is a number here, as in PyTorch's function.
+    out, _ = tilesmith.ops.attention(q, q, q, scale=torch.tensor(0.5), backend=backend)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, scale=0.5))
 
 
 def test_dropout_mask_bad_input():

@@ -495,6 +495,10 @@ BAD_INPUTS = [
      ValueError, "activation must be one of"),
     ("bad_stride", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"stride": (1, 2, 3)}), TypeError,
      "stride must be an int or a pair"),
+    ("groups_bool", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"groups": True}), TypeError,
+     "groups must be an int, got True"),
+    ("groups_float", lambda: ((_t(1, 4, 8, 8), _t(4, 2, 3, 3)), {"groups": 2.0}), TypeError,
+     "groups must be an int, got 2.0"),
 ]
 
 
@@ -504,3 +508,19 @@ def test_bad_input_raises_clear_error(backend, case, make, error, match):
     args, kwargs = make()
     with pytest.raises(error, match=match):
         tilesmith.ops.conv2d(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bias_of_another_float_dtype(backend):
+    """Every backend takes a bias whose float dtype differs from the input's (the kernels add
+    it in fp32; the torch backend casts it to the input's dtype, as F.conv2d requires), and
+    gives it a gradient in its own dtype."""
+    x, w = _t(2, 3, 9, 9), _t(4, 3, 3, 3)
+    bias = _t(4, dtype=torch.float64).requires_grad_()
+    out = tilesmith.ops.conv2d(x, w, bias, padding=1, activation="relu", backend=backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, w, bias.float(), padding=1)))
+    (grad_bias,) = torch.autograd.grad(out.sum(), bias)
+    assert grad_bias.dtype == torch.float64
+    want = (F.conv2d(x, w, bias.detach().float(), padding=1) > 0).sum((0, 2, 3))
+    torch.testing.assert_close(grad_bias, want.double())

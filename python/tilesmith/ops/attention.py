@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import os
 
 import torch
@@ -842,6 +843,24 @@ def _with_leading(t, leading):
     return t if t.shape[:2] == leading else t.reshape(*leading, *t.shape[2:])
 
 
+def _check_arguments(fn, attn_mask=None, dropout_p=0.0, scale=None, **flags):
+    """The types of the arguments that are not q, k and v, checked before anything uses
+    them: a string would pass as a true flag, and float("x")'s error names no argument."""
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got "
+                        f"{type(attn_mask).__name__}")
+    for name, flag in flags.items():
+        if not isinstance(flag, (bool, torch.SymBool)):
+            raise TypeError(f"{fn}: {name} must be a bool, got {flag!r}")
+    for name, number in (("dropout_p", dropout_p), ("scale", scale)):
+        # (PyTorch's function takes a 0-d tensor for either too.)
+        if number is None or isinstance(number, (numbers.Real, torch.SymFloat, torch.SymInt)):
+            continue
+        if not (isinstance(number, torch.Tensor) and number.dim() == 0
+                and not number.is_complex()):
+            raise TypeError(f"{fn}: {name} must be a real number, got {number!r}")
+
+
 def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
              fn):
     shapes = (f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
@@ -927,6 +946,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     attention_dropout_mask writes it out); the torch backend calls PyTorch's SDPA with
     dropout_p, PyTorch's own mask."""
     fn = "scaled_dot_product_attention"
+    _check_arguments(fn, attn_mask, dropout_p, scale, is_causal=is_causal,
+                     enable_gqa=enable_gqa)
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     query, key, value, attn_mask, enable_gqa, leading = _as_batch_heads(
@@ -950,6 +971,7 @@ def attention(query, key, value, *, attn_mask=None, causal=False, scale=None,
     Both are differentiable (lse's gradient folds into the backward's per-row constant, at
     no extra pass)."""
     fn = "attention"
+    _check_arguments(fn, attn_mask, 0.0, scale, causal=causal, enable_gqa=enable_gqa)
     if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     query, key, value, attn_mask, enable_gqa, leading = _as_batch_heads(
@@ -1043,6 +1065,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     tensor is not checked (no sync is allowed there): wrong entries then give wrong results
     or out-of-bounds accesses, as in flash-attn."""
     fn = "varlen_attention"
+    _check_arguments(fn, None, dropout_p, scale, causal=causal, return_lse=return_lse)
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = autocast_inputs(q, k, v)
     _check_qkv(q, k, v, fn, 3, "3-D (total_tokens, heads, head_dim)")

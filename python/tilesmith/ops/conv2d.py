@@ -488,7 +488,11 @@ def _pair(value, name):
 
 
 def _torch_conv2d(x, weight, bias, stride, padding, dilation, groups, activation):
-    """The torch backend and benchmark baseline: cuDNN, then the activation as an eager op."""
+    """The torch backend and benchmark baseline: cuDNN, then the activation as an eager op.
+    A bias of another float dtype is cast to x's, which F.conv2d requires (the kernels add
+    any float bias in fp32)."""
+    if bias is not None:
+        bias = bias.to(x.dtype)
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if activation == "relu":
         y = F.relu(y)
@@ -530,7 +534,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                         f"{weight.dtype}")
     if input.device != weight.device:
         raise ValueError(f"{fn}: input is on {input.device}, weight on {weight.device}")
-    if not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"{fn}: groups must be an int, got {groups!r}")
+    if groups < 1:
         raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
     channels, out_channels = input.shape[1], weight.shape[0]
     if channels % groups or out_channels % groups:
