@@ -178,6 +178,19 @@ def test_multihead_attention_is_causal_hint_as_torch_reads_it():
             module(x, x, x, need_weights=False, is_causal=True)
 
 
+def test_multihead_attention_built_directly_takes_a_backend():
+    """Built by its constructor, as tilesmith.nn.Linear and Conv2d are (convert is the
+    other way in): torch's arguments, plus backend."""
+    torch.manual_seed(0)
+    ours = tilesmith.nn.MultiheadAttention(16, 2, batch_first=True, device=DEVICE,
+                                           backend=KERNELS)
+    assert ours.backend == KERNELS and f"backend='{KERNELS}'" in repr(ours)
+    ref = torch.nn.MultiheadAttention(16, 2, batch_first=True, device=DEVICE)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    _close(ours(x, x, x, need_weights=False)[0], ref(x, x, x, need_weights=False)[0])
+
+
 def test_multihead_attention_need_weights_and_kdim_paths():
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(16, 2, kdim=12, vdim=10, batch_first=True, device=DEVICE)
@@ -283,10 +296,12 @@ def test_convert_keeps_parameters_and_reports_skips():
     (lambda: tilesmith.nn.Linear(4, 4, backend="gpu"), "Linear: backend must be one of"),
     (lambda: tilesmith.nn.Conv2d(3, 4, 3, backend="cudnn"), "Conv2d: backend must be one of"),
     (lambda: tilesmith.nn.Float8Linear(32, 32, backend="x"), "Float8Linear: backend must be"),
+    (lambda: tilesmith.nn.MultiheadAttention(8, 2, backend="x"),
+     "MultiheadAttention: backend must be one of"),
     (lambda: tilesmith.nn.convert(torch.nn.Linear(4, 4), backend="x"), "convert: backend must"),
     (lambda: tilesmith.nn.patch_sdpa(backend="x"), "patch_sdpa: backend must be one of"),
 ], ids=["linear_activation", "conv2d_activation", "linear_backend", "conv2d_backend",
-        "float8_backend", "convert_backend", "patch_sdpa_backend"])
+        "float8_backend", "mha_backend", "convert_backend", "patch_sdpa_backend"])
 def test_module_options_are_checked_when_given(make, match):
     """A misspelt option fails where it is written, not at the first forward."""
     original_sdpa = torch.nn.functional.scaled_dot_product_attention

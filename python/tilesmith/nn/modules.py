@@ -88,7 +88,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ``attn_mask`` and stands for it (the kernels' causal path, which skips the masked
     tiles), unless a ``key_padding_mask`` is merged into that mask."""
 
-    backend: str | None = None
+    backend: str | None = None  # (convert gives a converted module's, whose __init__ never ran)
+
+    def __init__(self, *args, backend=None, **kwargs):
+        check_backend_option("MultiheadAttention", backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
 
     def extra_repr(self) -> str:
         return _options_repr(self).removeprefix(", ")
