@@ -17,8 +17,9 @@ nvidia-smi > "$RAW/nvidia-smi.txt" 2>&1
 
 # The device tool stops a command at 600 s; the stages share 580 of them. A clean build is
 # 460-700 CPU-seconds (225-465 s on 2 cores), its slowest file 30-60 s: the two extensions
-# compile at once, so about a minute on the GPU machine's 16 cores, and up to 150 s are allowed; the tests then get half of what is left, at most 215 s, and the
-# benchmarks the rest, each keeping in reserve the 15 s it may take to stop after its SIGINT.
+# compile at once, so about a minute on the GPU machine's 16 cores, and up to 150 s are
+# allowed; the tests then get half of what is left, at most 215 s, and the benchmarks the
+# rest, each keeping in reserve the 15 s it may take to stop after its SIGINT.
 BUDGET=${GPU_REPORT_SECONDS:-580}
 begin=$SECONDS
 seconds_left() { echo $((BUDGET - (SECONDS - begin))); }

@@ -88,7 +88,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ``attn_mask`` and stands for it (the kernels' causal path, which skips the masked
     tiles), unless a ``key_padding_mask`` is merged into that mask."""
 
-    backend: str | None = None  # (convert gives a converted module's, whose __init__ never ran)
+    # Set by __init__, or by convert (which re-classes torch's module without calling it).
+    backend: str | None = None
 
     def __init__(self, *args, backend=None, **kwargs):
         check_backend_option("MultiheadAttention", backend)
