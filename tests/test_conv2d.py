@@ -481,6 +481,8 @@ BAD_INPUTS = [
      ValueError, "input is on cpu, weight on meta"),
     ("bias_shape", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), _t(3)), {}), ValueError,
      r"bias must have shape \(4,\)"),
+    ("bias_not_tensor", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), [0.0] * 4), {}), TypeError,
+     "bias must be a torch.Tensor or None, got list"),
     ("bias_dtype", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), torch.ones(4, dtype=torch.bool)),
                             {}), TypeError, "bias must be a floating-point tensor, got torch.bool"),
     ("bias_device", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3), _t(4, device="meta")), {}),

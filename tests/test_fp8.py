@@ -262,6 +262,8 @@ def test_scaled_gemm_bad_input():
         tilesmith.ops.scaled_gemm(qa, qb, sa, sb, bias=bias[:8])
     with pytest.raises(ValueError, match="bias is on meta"):
         tilesmith.ops.scaled_gemm(qa, qb, sa, sb, bias=bias.to("meta"))
+    with pytest.raises(ValueError, match="b_fp8 is on meta, a_fp8 on"):
+        tilesmith.ops.scaled_gemm(qa, qb.to("meta"), sa, sb)
 
 
 def test_float8_linear_bad_scaling():
@@ -288,6 +290,8 @@ def test_quantize_bad_input():
     x = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="2-D"):
         tilesmith.ops.quantize_fp8(x[None])
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        tilesmith.ops.quantize_fp8(x.tolist())
     with pytest.raises(TypeError, match="float8_e4m3fn or torch.float8_e5m2"):
         tilesmith.ops.quantize_fp8(x, dtype=torch.int8)
     with pytest.raises(ValueError, match="granularity"):

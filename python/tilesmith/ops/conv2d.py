@@ -547,9 +547,12 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                          f"({groups}) = {weight.shape[1] * groups} input channels, input has "
                          f"{channels}: {shapes}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_channels,):
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got "
+                            f"{type(bias).__name__}")
+        if tuple(bias.shape) != (out_channels,):
             raise ValueError(f"{fn}: bias must have shape ({out_channels},), got "
-                             f"{None if not isinstance(bias, torch.Tensor) else tuple(bias.shape)}")
+                             f"{tuple(bias.shape)}")
         if not bias.is_floating_point():
             raise TypeError(f"{fn}: bias must be a floating-point tensor, got {bias.dtype}")
         if bias.device != input.device:

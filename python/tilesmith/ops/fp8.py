@@ -101,9 +101,10 @@ def quantize_fp8(x: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn,
     reduces in two kernels (tile amax with an atomic max into a device scalar, then scale
     and cast reading it), so nothing waits on the host."""
     fn = "quantize_fp8"
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{fn}: x must be a 2-D tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: x must be a 2-D tensor, got {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{fn}: x must be float16, bfloat16 or float32, got {x.dtype}")
     if dtype not in FP8_DTYPES:
@@ -254,6 +255,8 @@ def scaled_gemm(a_fp8: torch.Tensor, b_fp8: torch.Tensor, scale_a: torch.Tensor,
     if a_fp8.shape[1] != b_fp8.shape[0]:
         raise ValueError(f"{fn}: inner dimensions differ: a {tuple(a_fp8.shape)} @ b "
                          f"{tuple(b_fp8.shape)}")
+    if b_fp8.device != a_fp8.device:
+        raise ValueError(f"{fn}: b_fp8 is on {b_fp8.device}, a_fp8 on {a_fp8.device}")
     for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
         if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
             raise TypeError(f"{fn}: {name} must be a float32 tensor")
