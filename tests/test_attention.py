@@ -1673,6 +1673,20 @@ def test_attention_checks_argument_types(backend):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, scale=0.5))
 
 
+def test_split_keys_bad_counts():
+    """A negative count reached the kernels and gave garbage: refused on entry, as are
+    non-integers; a count that is not a whole number of key blocks at the call."""
+    for keys in (-16, "x", True, 2.0):
+        with pytest.raises(ValueError, match="split_keys: keys must be None or an int >= 0"):
+            with tilesmith.ops.attention_split_keys(keys):
+                pass
+    q, k = _t(1, 2, 3, 16, device=DEVICE), _t(1, 2, 100, 16, device=DEVICE)
+    with tilesmith.ops.attention_split_keys(40):
+        with pytest.raises(ValueError, match=r"40 keys per split is not a multiple of the "
+                                             r"forward's \d+-key blocks"):
+            tilesmith.ops.scaled_dot_product_attention(q, k, k, backend="triton")
+
+
 def test_dropout_mask_bad_input():
     seed = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"attention_dropout_mask: dropout_p must be in \[0, 1\), "

@@ -325,6 +325,14 @@ def test_bad_input_raises_clear_error(backend, case, make, error, match):
         tilesmith.ops.matmul(a, b, backend=backend)
 
 
+def test_hopper_kernels_switch_takes_bools_only():
+    # A string would have switched them on (truthy) whatever it said.
+    with pytest.raises(TypeError, match="hopper_kernels: enabled and tma must be bools, got "
+                                        "'no' and"):
+        with tilesmith.backend.hopper_kernels("no"):
+            pass
+
+
 def test_cuda_backend_refuses_float32_with_reason():
     a = torch.randn(4, 4, device=DEVICE)
     with pytest.raises(tilesmith.BackendUnavailableError, match="supports float16, bfloat16"):

@@ -138,6 +138,9 @@ def hopper_kernels(enabled: bool = True, *, tma: bool = _TMA_DEFAULT):
     operands; ``hopper_kernels(tma=False)`` runs their cp.async wgmma kernels instead (and
     so does every call with TILESMITH_TMA_KERNELS=0 in the environment at import). For
     tests and benchmarks of each kernel; process-wide, not thread-safe."""
+    if not isinstance(enabled, bool) or not isinstance(tma, bool):
+        raise TypeError(f"hopper_kernels: enabled and tma must be bools, got {enabled!r} "
+                        f"and {tma!r}")
     _install_hopper_kernels(enabled, tma)
     try:
         yield

@@ -97,6 +97,9 @@ def split_keys(keys: int | None):
     as tests do: a multiple of the forward's key block (Triton under the interpreter 16 up to
     128 tokens, else 64; on a GPU 128 covers every tuned tile; CUDA 64). None restores the
     default, 0 never splits."""
+    if keys is not None and (isinstance(keys, bool) or not isinstance(keys, int) or keys < 0):
+        # (A negative count reached the kernels as such and gave garbage.)
+        raise ValueError(f"split_keys: keys must be None or an int >= 0, got {keys!r}")
     previous = _FORCED_SPLIT_KEYS[0]
     _FORCED_SPLIT_KEYS[0] = keys
     try:
