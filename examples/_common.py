@@ -3,6 +3,7 @@ torch and tilesmith from the same seed), the report, the plot."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -11,6 +12,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+BACKENDS = ("cuda", "triton", "torch")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the step counts and sizes: a bad one is a usage error, not a
+    traceback halfway through training."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def existing_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return path
 
 
 def setup_distributed(device: str):

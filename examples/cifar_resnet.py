@@ -107,11 +107,11 @@ def main(argv=None):
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--data-dir", type=_common.existing_path)
+    parser.add_argument("--steps", type=_common.positive_int, default=200)
+    parser.add_argument("--batch-size", type=_common.positive_int, default=512)
+    parser.add_argument("--width", type=_common.positive_int, default=16)
+    parser.add_argument("--blocks", type=_common.positive_int, default=3)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--amp", choices=["bfloat16", "float16", "none"],
                         default="bfloat16" if default_device == "cuda" else "none")
@@ -120,7 +120,8 @@ def main(argv=None):
     # convolution's weight gradient with few channels (the shortcut of --width 4 does it).
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on a GPU, yes; on the CPU, no")
-    parser.add_argument("--backend", default="triton" if default_device == "cuda" else "torch",
+    parser.add_argument("--backend", choices=_common.BACKENDS,
+                        default="triton" if default_device == "cuda" else "torch",
                         help="tilesmith backend (default: triton on a GPU; torch on the CPU, "
                         "where the Triton interpreter would take minutes per step)")
     parser.add_argument("--device", default=default_device)

@@ -93,18 +93,20 @@ def main(argv=None):
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", type=Path, help="a text file (default: Python's stdlib)")
-    parser.add_argument("--max-chars", type=int, default=2_000_000)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--text", type=_common.existing_path,
+                        help="a text file (default: Python's stdlib)")
+    parser.add_argument("--max-chars", type=_common.positive_int, default=2_000_000)
+    parser.add_argument("--steps", type=_common.positive_int, default=200)
+    parser.add_argument("--batch-size", type=_common.positive_int, default=8)
+    parser.add_argument("--seq-len", type=_common.positive_int, default=1024)
+    parser.add_argument("--d-model", type=_common.positive_int, default=768)
+    parser.add_argument("--heads", type=_common.positive_int, default=12)
+    parser.add_argument("--layers", type=_common.positive_int, default=6)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--amp", choices=["bfloat16", "float16", "none"],
                         default="bfloat16" if default_device == "cuda" else "none")
-    parser.add_argument("--backend", default="triton" if default_device == "cuda" else "torch",
+    parser.add_argument("--backend", choices=_common.BACKENDS,
+                        default="triton" if default_device == "cuda" else "torch",
                         help="tilesmith backend (default: triton on a GPU; torch on the CPU, "
                         "where the Triton interpreter would take minutes per step)")
     parser.add_argument("--device", default=default_device)
@@ -112,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.d_model % args.heads:
+        parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
 
     rank, world = _common.setup_distributed(args.device)
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else args.device

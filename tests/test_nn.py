@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -444,6 +445,26 @@ def test_gpt_example_trains_a_few_steps(tmp_path):
                                    "--backend", MODELS, "--out", str(tmp_path)])
     assert len(results["native"]["losses"]) == 3 and same
     assert (tmp_path / "gpt_char.png").exists() == HAS_MATPLOTLIB
+
+
+@pytest.mark.parametrize("example,argv,message", [
+    ("cifar_resnet", ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    ("cifar_resnet", ["--backend", "cudnn"], "argument --backend: invalid choice: 'cudnn'"),
+    ("cifar_resnet", ["--data-dir", "/no/such/dir"], "argument --data-dir: /no/such/dir does "
+     "not exist"),
+    ("gpt_char", ["--d-model", "10", "--heads", "3"], "--d-model \\(10\\) must be a multiple"),
+    ("gpt_char", ["--text", "/no/such/file"], "argument --text: /no/such/file does not exist"),
+], ids=["steps", "backend", "data_dir", "heads", "text"])
+def test_examples_refuse_bad_arguments_before_training(example, argv, message, capsys):
+    """A usage error from argparse (exit status 2), not a traceback halfway through: --steps
+    0 used to end in an IndexError after training, a missing --data-dir in a
+    FileNotFoundError."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    module = importlib.import_module(example)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(argv)
+    assert stopped.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
