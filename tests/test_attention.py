@@ -1128,6 +1128,36 @@ def test_torch_compile_fullgraph(backend):
             assert torch.isfinite(grad).all()
 
 
+# torch.compile of the kernels' triton_op cannot run under the interpreter: GPU only.
+@pytest.mark.parametrize("backend", ["torch", *(kernel_backends("attention", torch.bfloat16)
+                                                if HAS_GPU else [])])
+def test_torch_compile_dynamic_shapes(backend):
+    """torch.compile(dynamic=True): the shapes are symbolic, and so is what tilesmith derives
+    from them (enable_gqa for one kv head). The torch backend handed PyTorch's SDPA such a
+    SymBool, which it refuses. Three sequence lengths through one compiled graph, output,
+    lse and gradients against eager."""
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+
+    def f(q, k, v):
+        out, lse = tilesmith.ops.attention(q, k, v, causal=True, enable_gqa=True,
+                                           backend=backend)
+        full = tilesmith.ops.scaled_dot_product_attention(q, k, v, enable_gqa=True,
+                                                          backend=backend)
+        return out.float().square().sum() + lse.sum() + full.float().sum()
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for seq in (17, 33, 64):
+        q = torch.randn(2, 4, seq, 64, device=DEVICE).to(dtype).requires_grad_()
+        k, v = (torch.randn(2, 1, seq + 3, 64, device=DEVICE).to(dtype).requires_grad_()
+                for _ in range(2))
+        loss = compiled(q, k, v)
+        want = f(q, k, v)
+        torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-3)
+        for got, expected in zip(torch.autograd.grad(loss, (q, k, v)),
+                                 torch.autograd.grad(want, (q, k, v))):
+            torch.testing.assert_close(got, expected)
+
+
 @requires_gpu
 @pytest.mark.parametrize("backend", kernel_backends("attention", torch.bfloat16))
 def test_memory_is_linear_in_sequence_length(backend):

@@ -61,6 +61,12 @@ def pytorch_sdpa(query, key, value, **kwargs):
     (pytorch/pytorch#141219); 2.14 returns early."""
     if key.dim() == 4 and key.shape[1] == 0:
         return torch.matmul(torch.matmul(query, key.transpose(-1, -2)), value)
+    # Its flags must be bools: under torch.compile with dynamic shapes a flag computed from
+    # shapes (enable_gqa from the head counts) is a SymBool, which it refuses. Branching on
+    # it specializes the graph to its value (a guard); bool() would stay symbolic.
+    for flag in ("is_causal", "enable_gqa"):
+        if flag in kwargs:
+            kwargs[flag] = True if kwargs[flag] else False
     return _builtin_sdpa(query, key, value, **kwargs)
 
 
