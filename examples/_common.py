@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-
-BACKENDS = ("cuda", "triton", "torch")
+from tilesmith.backend import BACKENDS  # noqa: F401  (the examples' --backend choices)
 
 
 def positive_int(text: str) -> int:
