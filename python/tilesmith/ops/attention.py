@@ -637,8 +637,9 @@ def _make_varlen_backward(bwd_op):
                                       ctx.dropout_p) if ctx.dropout_p > 0 else None)
             return _differentiable_backward(
                 ctx, (q, k, v),
-                lambda: _math_varlen_attention(q, k, v, cu_q, cu_k, ctx.causal, ctx.scale,
-                                               keep, ctx.dropout_p), grad_out, grad_lse)
+                lambda: _math_varlen_attention(q, k, v, cu_q, cu_k, *ctx.max_seqlens,
+                                               ctx.causal, ctx.scale, keep, ctx.dropout_p),
+                grad_out, grad_lse)
         dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens,
                             ctx.causal, ctx.scale, ctx.dropout_p, seed, grad_lse)
         return dq, dk, dv, *[None] * (len(ctx.needs_input_grad) - 3)
@@ -1108,8 +1109,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     name = _backend.pick("attention", q, backend,
                          kernel_limits(q, v, dropout_p, batch=cu_seqlens_q.shape[0] - 1))
     if name == "torch":
-        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, dropout_p,
-                                 return_lse)
+        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                 int(max_seqlen_k), causal, scale, dropout_p, return_lse)
         return (out, lse) if return_lse else out
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal,
@@ -1166,46 +1167,73 @@ def _check_cu_seqlens(fn, name, cu, tokens_name, tokens, max_name, max_seqlen):
                          f"in {name} ({longest})")
 
 
-def _each_sequence(q, k, v, cu_q, cu_k):
-    """The packed sequences (read from cu_seqlens on the host), each as a (1, heads, seq,
-    head_dim) view of q, k and v. A batch of no sequences (no tokens) is one empty sequence:
-    what is computed from it stays on the graph of q, k and v, as the kernels' outputs do."""
-    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
-    if len(starts_q) == 1:
-        starts_q = starts_k = [0, 0]
-    for i in range(len(starts_q) - 1):
-        yield tuple(t[starts[i]:starts[i + 1]].transpose(0, 1)[None]
-                    for t, starts in ((q, starts_q), (k, starts_k), (v, starts_k)))
+def _padded_positions(cu, tokens):
+    """Each packed token's (sequence, position within it), from cu_seqlens on the device:
+    no host read, so no sync and nothing that breaks a torch.compile graph."""
+    token = torch.arange(tokens, device=cu.device, dtype=cu.dtype)
+    sequence = torch.searchsorted(cu, token, right=True) - 1
+    return sequence.long(), (token - cu[sequence]).long()
 
 
-def _math_varlen_attention(q, k, v, cu_q, cu_k, causal, scale, keep=None, dropout_p=0.0):
+def _padded(packed, positions, batch, max_seqlen):
+    """(batch, heads, max_seqlen, dim) from a packed (tokens, heads, dim) tensor: token t at
+    its sequence's row and position, zeros past each sequence's end (on the graph of
+    ``packed``, through index_put)."""
+    padded = packed.new_zeros(batch, max_seqlen, *packed.shape[1:])
+    return padded.index_put(positions, packed).transpose(1, 2)
+
+
+def _as_padded_batch(q, k, v, cu_q, cu_k, max_q, max_k):
+    """q, k, v padded to (batch, heads, max_seqlen, dim), the (batch, 1, 1, max_k) mask of
+    each sequence's real keys, and q's token positions (to pack the results again)."""
+    batch = cu_q.shape[0] - 1
+    positions_q = _padded_positions(cu_q, q.shape[0])
+    positions_k = _padded_positions(cu_k, k.shape[0])
+    lengths_k = cu_k[1:] - cu_k[:-1]
+    real_keys = torch.arange(max_k, device=k.device) < lengths_k[:, None]
+    return (_padded(q, positions_q, batch, max_q), _padded(k, positions_k, batch, max_k),
+            _padded(v, positions_k, batch, max_k), real_keys[:, None, None, :], positions_q)
+
+
+def _packed(padded, positions):
+    """The inverse of _padded: (tokens, heads, dim) from (batch, heads, max_seqlen, dim)."""
+    return padded.transpose(1, 2)[positions]
+
+
+def _math_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, keep=None,
+                           dropout_p=0.0):
     """(out, lse) of varlen_attention in differentiable PyTorch ops, for the double backward:
-    _math_attention per sequence; with dropout, sequence i keeps what batch entry i of
-    ``keep`` (dropout_keep_mask at max_seqlen_q x max_seqlen_k) keeps over its positions."""
-    outs, lses = [], []
-    for i, (qi, ki, vi) in enumerate(_each_sequence(q, k, v, cu_q, cu_k)):
-        keep_i = None
-        if keep is not None and qi.numel() and ki.numel():
-            keep_i = keep[i:i + 1, :, :qi.shape[2], :ki.shape[2]]
-        out, lse = _math_attention(qi, ki, vi, None, causal, scale, keep_i, dropout_p)
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
-    return torch.cat(outs, 0), torch.cat(lses, 1)
+    _math_attention on the batch padded to max_seqlen_q x max_seqlen_k, where each
+    sequence's causal alignment is top-left as in the packed one; with dropout, ``keep``
+    (dropout_keep_mask at that size) applies as it is: sequence i's positions are those of
+    batch entry i."""
+    qp, kp, vp, real_keys, positions_q = _as_padded_batch(q, k, v, cu_q, cu_k, max_q, max_k)
+    out, lse = _math_attention(qp, kp, vp, real_keys, causal, scale, keep, dropout_p)
+    return _packed(out, positions_q), _packed(lse[..., None], positions_q)[..., 0].t()
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, causal, scale, dropout_p=0.0, with_lse=False):
-    """Reference and fallback: one SDPA call per sequence (reads cu_seqlens on the host).
-    (out, lse): lse (heads, total_q) from each sequence's explicit scores where with_lse,
-    else None."""
-    group = _group_size(q.shape[1], k.shape[1])
-    outs, lses = [], []
-    for qi, ki, vi in _each_sequence(q, k, v, cu_q, cu_k):
-        oi = pytorch_sdpa(qi, ki, vi, dropout_p=dropout_p, is_causal=causal, scale=scale,
-                          enable_gqa=group > 1)
-        outs.append(oi[0].transpose(0, 1))
-        if with_lse:
-            lses.append(_torch_logsumexp(qi, ki, None, causal, scale)[0])
-    return torch.cat(outs, 0), (torch.cat(lses, 1) if with_lse else None)
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0,
+                  with_lse=False):
+    """The torch backend: one call of PyTorch's SDPA on the batch padded to max_seqlen_q x
+    max_seqlen_k, with a mask of each sequence's real keys (and of the causal triangle:
+    then a bool tensor of batch x max_seqlen_q x max_seqlen_k). (out, lse): lse (heads,
+    total_q) from the explicit scores where with_lse, else None."""
+    qp, kp, vp, real_keys, positions_q = _as_padded_batch(q, k, v, cu_q, cu_k, max_q, max_k)
+    # A sequence with no keys attends to its padding (zeros) and its output is zeroed
+    # after: no row is fully masked, which PyTorch's SDPA backends and versions have
+    # answered differently (zeros, NaN).
+    no_keys = (cu_k[1:] == cu_k[:-1])[:, None, None, None]
+    mask = real_keys | no_keys
+    if causal:  # SDPA takes is_causal or a mask, not both
+        mask = mask & torch.ones(max_q, max_k, dtype=torch.bool, device=q.device).tril()
+    out = pytorch_sdpa(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                       enable_gqa=_group_size(q.shape[1], k.shape[1]) > 1)
+    out = out.masked_fill(no_keys, 0.0)
+    lse = None
+    if with_lse:
+        lse = _torch_logsumexp(qp, kp, real_keys, causal, scale)
+        lse = _packed(lse[..., None], positions_q)[..., 0].t()
+    return _packed(out, positions_q), lse
 
 
 register_autocast("attention_fwd_triton")
