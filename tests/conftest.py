@@ -54,6 +54,30 @@ def backend_dtype_params(op: str, dtypes) -> list:
             for dt in dtypes for b in kernel_backends(op, dt)]
 
 
+def compile_backends(op: str, dtype: torch.dtype) -> list:
+    """Backends for the torch.compile tests: the torch one, and on a GPU the kernels' (the
+    compiled graph of a triton_op cannot run under the Triton interpreter)."""
+    return ["torch", *(kernel_backends(op, dtype) if HAS_GPU else [])]
+
+
+def check_compiled_dynamic(f, calls):
+    """torch.compile(f, fullgraph=True, dynamic=True), called with each tuple of arguments in
+    ``calls`` (shapes differing between them, so symbolic): its result and the gradients of
+    the inputs that require grad against eager f."""
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for args in calls:
+        got, want = compiled(*args), f(*args)
+        tolerance = {} if got.dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-4,
+                                                                                   atol=1e-4)
+        torch.testing.assert_close(got, want, **tolerance)
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        if leaves:
+            grads = torch.autograd.grad(got.float().square().sum(), leaves)
+            for grad, expected in zip(grads, torch.autograd.grad(want.float().square().sum(),
+                                                                 leaves)):
+                torch.testing.assert_close(grad, expected, **tolerance)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
-from conftest import (DEVICE, HAS_GPU, backend_dtype_params, cuda_kernel_names, kernel_backends,
-                      requires_gpu, requires_hopper_kernels)
+from conftest import (DEVICE, HAS_GPU, backend_dtype_params, check_compiled_dynamic,
+                      compile_backends, cuda_kernel_names, kernel_backends, requires_gpu,
+                      requires_hopper_kernels)
 
 import tilesmith
 from tilesmith import testing
@@ -349,6 +350,29 @@ def test_opcheck_and_compile(backend):
     eager = torch.autograd.grad(f(x, w, b), (x, w, b))
     for got, want in zip(grads, eager):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", compile_backends("conv2d", torch.bfloat16))
+def test_torch_compile_dynamic_shapes(backend):
+    """torch.compile(fullgraph=True, dynamic=True): one graph over symbolic batch, channels
+    and spatial sizes, with a fused activation, stride 2 and channels_last inputs."""
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+
+    def r(*shape):
+        return torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+
+    def r_channels_last(*shape):
+        x = torch.randn(shape, device=DEVICE).to(dtype).to(memory_format=torch.channels_last)
+        return x.requires_grad_()
+
+    def f(x, w, b):
+        return tilesmith.ops.conv2d(x, w, b, stride=2, padding=1, activation="relu",
+                                    backend=backend)
+
+    check_compiled_dynamic(f, [(r(2, 8, 9, 9), r(16, 8, 3, 3), r(16)),
+                               (r(1, 16, 12, 7), r(8, 16, 3, 3), r(8))])
+    check_compiled_dynamic(f, [(r_channels_last(2, 8, 9, 9), r(16, 8, 3, 3), r(16)),
+                               (r_channels_last(3, 16, 6, 11), r(24, 16, 3, 3), r(24))])
 
 
 def test_cuda_zero_padding_fills_channels_and_filters_to_multiples_of_8():

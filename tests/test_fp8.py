@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (DEVICE, cuda_kernel_names, kernel_backends, requires_gpu,
-                      requires_hopper_kernels)
+from conftest import (DEVICE, check_compiled_dynamic, compile_backends, cuda_kernel_names,
+                      kernel_backends, requires_gpu, requires_hopper_kernels)
 
 import tilesmith
 from tilesmith import testing
@@ -447,6 +447,34 @@ def test_scaled_gemm_opcheck(backend):
     else:
         scaled_gemm_opcheck(torch.ops.tilesmith.scaled_gemm_triton,
                             (qa, qb, sa, sb, None, torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", compile_backends("fp8", torch.bfloat16))
+def test_torch_compile_dynamic_shapes(backend):
+    """torch.compile(fullgraph=True, dynamic=True), one graph over symbolic shapes each:
+    quantize_fp8 at every granularity (bytes and scales), scaled_gemm row-wise and a
+    Float8Linear forward and backward."""
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+
+    def r(*shape, grad=False):
+        return torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(grad)
+
+    for granularity in ("tensor", "row", "block"):
+        def quantized(x, granularity=granularity):
+            x_fp8, scale = tilesmith.ops.quantize_fp8(x, granularity=granularity,
+                                                      backend=backend)
+            return torch.cat([x_fp8.view(torch.uint8).flatten().float(), scale.flatten()])
+
+        check_compiled_dynamic(quantized, [(r(16, 256),), (r(40, 384),)])
+
+    def product(a, b):
+        qa, sa = tilesmith.ops.quantize_fp8(a, granularity="row", backend=backend)
+        qb, sb = tilesmith.ops.quantize_fp8(b.t(), granularity="row", backend=backend)
+        return tilesmith.ops.scaled_gemm(qa, qb.t(), sa, sb.t(), backend=backend)
+
+    check_compiled_dynamic(product, [(r(16, 128), r(128, 32)), (r(40, 256), r(256, 48))])
+    layer = tilesmith.nn.Float8Linear(128, 64, device=DEVICE, dtype=dtype, backend=backend)
+    check_compiled_dynamic(layer, [(r(16, 128, grad=True),), (r(2, 24, 128, grad=True),)])
 
 
 def test_cuda_fp8_says_why_it_cannot_run_here():

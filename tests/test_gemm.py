@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import (DEVICE, HAS_GPU, backend_dtype_params, kernel_backends, requires_gpu,
-                      requires_hopper_kernels)
+from conftest import (DEVICE, HAS_GPU, backend_dtype_params, check_compiled_dynamic,
+                      compile_backends, kernel_backends, requires_gpu, requires_hopper_kernels)
 
 import tilesmith
 from tilesmith import testing
@@ -312,6 +312,24 @@ def test_opcheck_and_compile(backend):
     eager = torch.autograd.grad(f(a, b), (a, b))
     for got, want in zip(grads, eager):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", compile_backends("gemm", torch.bfloat16))
+def test_torch_compile_dynamic_shapes(backend):
+    """torch.compile(fullgraph=True, dynamic=True) of gemm with every epilogue piece: one
+    graph over symbolic shapes, b transposed in one call."""
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+
+    def r(*shape):
+        return torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+
+    def f(a, b, bias, residual):
+        return tilesmith.ops.gemm(a, b, bias=bias, residual=residual, activation="gelu",
+                                  alpha=0.5, backend=backend)
+
+    check_compiled_dynamic(f, [(r(5, 7), r(7, 3), r(3), r(5, 3)),
+                               (r(33, 16), r(16, 24), r(24), r(33, 24)),
+                               (r(17, 40), r(9, 40).t(), r(9), r(17, 9))])
 
 
 def _t(*shape, dtype=torch.bfloat16):

@@ -7,8 +7,9 @@ import threading
 
 import pytest
 import torch
-from conftest import (DEVICE, HAS_GPU, backend_dtype_params, cuda_kernel_names, kernel_backends,
-                      requires_gpu, requires_hopper_kernels)
+from conftest import (DEVICE, HAS_GPU, backend_dtype_params, check_compiled_dynamic,
+                      compile_backends, cuda_kernel_names, kernel_backends, requires_gpu,
+                      requires_hopper_kernels)
 
 import tilesmith
 from tilesmith import testing
@@ -213,6 +214,22 @@ def test_torch_compile_fullgraph_dispatch_layer():
     compiled = torch.compile(lambda x, y: tilesmith.ops.matmul(x, y, backend=backend),
                              fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(a, b), torch.matmul(a, b))
+
+
+@pytest.mark.parametrize("backend", compile_backends("matmul", torch.bfloat16))
+def test_torch_compile_dynamic_shapes(backend):
+    """torch.compile(fullgraph=True, dynamic=True): one graph over symbolic shapes, 2-D and
+    batched with a broadcast batch."""
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+
+    def r(*shape):
+        return torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+
+    def f(a, b):
+        return tilesmith.ops.matmul(a, b, backend=backend)
+
+    check_compiled_dynamic(f, [(r(5, 7), r(7, 3)), (r(33, 16), r(16, 24)), (r(8, 40), r(40, 9))])
+    check_compiled_dynamic(f, [(r(2, 5, 7), r(7, 3)), (r(3, 9, 16), r(16, 24))])
 
 
 @requires_gpu

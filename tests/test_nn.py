@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_GPU, requires_gpu
+from conftest import (DEVICE, HAS_GPU, check_compiled_dynamic, compile_backends, requires_gpu)
 
 import tilesmith
 from tilesmith import testing
@@ -491,6 +491,35 @@ def test_ddp_gradients_equal_single_process(tmp_path):
         del os.environ["TILESMITH_TEST_BACKEND"]
     for got, want in zip(ddp_grads, single):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", compile_backends("attention", torch.bfloat16))
+def test_torch_compile_dynamic_shapes_of_the_modules(backend):
+    """torch.compile(fullgraph=True, dynamic=True) of tilesmith's Linear, Conv2d and
+    MultiheadAttention (self-attention with a key padding mask): one graph each over
+    symbolic batch and sequence or image sizes, outputs and input gradients against eager."""
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+    kw = dict(device=DEVICE, dtype=dtype, backend=backend)
+
+    def r(*shape):
+        return torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+
+    linear = tilesmith.nn.Linear(32, 48, activation="gelu", **kw)
+    check_compiled_dynamic(linear, [(r(5, 32),), (r(2, 9, 32),), (r(3, 4, 32),)])
+    conv = tilesmith.nn.Conv2d(8, 16, 3, padding=1, activation="relu", **kw)
+    check_compiled_dynamic(conv, [(r(2, 8, 9, 9),), (r(3, 8, 12, 7),)])
+    attention = tilesmith.nn.MultiheadAttention(32, 4, batch_first=True, **kw)
+
+    def self_attention(x, padding):
+        return attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+    def padding_mask(batch, seq):
+        mask = torch.zeros(batch, seq, dtype=torch.bool, device=DEVICE)
+        mask[0, -2:] = True
+        return mask
+
+    check_compiled_dynamic(self_attention, [(r(2, 7, 32), padding_mask(2, 7)),
+                                            (r(3, 12, 32), padding_mask(3, 12))])
 
 
 @requires_gpu
