@@ -12,6 +12,7 @@ import test_conv2d as conv2d_tests
 import test_fp8 as fp8_tests
 import test_gemm as gemm_tests
 import test_matmul as matmul_tests
+import test_nn as nn_tests
 from conftest import HAS_GPU
 
 import tilesmith
@@ -224,6 +225,21 @@ def test_attention_backward_and_varlen_opcheck():
 
 def test_attention_compile():
     through_cuda_ops(attention_tests.test_torch_compile_fullgraph, "cuda")
+
+
+# torch.compile(fullgraph=True, dynamic=True): the cuda ops' fake implementations and
+# argument handling with symbolic shapes (and the ints derived from them).
+@pytest.mark.parametrize("test", [matmul_tests.test_torch_compile_dynamic_shapes,
+                                  gemm_tests.test_torch_compile_dynamic_shapes,
+                                  conv2d_tests.test_torch_compile_dynamic_shapes,
+                                  attention_tests.test_torch_compile_dynamic_shapes,
+                                  attention_tests.test_varlen_torch_compile_fullgraph_dynamic,
+                                  fp8_tests.test_torch_compile_dynamic_shapes,
+                                  nn_tests.test_torch_compile_dynamic_shapes_of_the_modules],
+                         ids=["matmul", "gemm", "conv2d", "attention", "varlen_attention",
+                              "fp8", "nn_modules"])
+def test_compile_with_dynamic_shapes(test):
+    through_cuda_ops(test, "cuda")
 
 
 @pytest.mark.parametrize("memory_format", ["nchw", "channels_last"])
