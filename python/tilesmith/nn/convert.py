@@ -74,6 +74,8 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     parametrizations (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
     ...) keeps them.
     Modules converted before stay what they are and take this call's ``backend``.
+    TransformerEncoderLayer and TransformerEncoder modules holding converted ones lose
+    PyTorch's inference fast paths, which would bypass them (_run_submodules).
     Modules that cannot be converted (subclasses of torch's classes other than
     parametrized ones, which keep their own forward; lazy modules not yet initialized;
     the options named in the report) are left as they are and reported (a warning, and the
@@ -119,10 +121,34 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
             elif kind != "attention":
                 module.activation = None
             report.converted.append(name or "<root>")
+    _run_converted_modules_at_inference(model)
     if report.skipped:
         warnings.warn("tilesmith.nn.convert left these modules as they were: "
                       + "; ".join(f"{n} ({why})" for n, why in report.skipped), stacklevel=2)
     return (model, report) if return_report else model
+
+
+def _run_submodules(layer, args):
+    """A forward pre-hook that does nothing. PyTorch's TransformerEncoderLayer, in eval mode
+    without gradients, runs one fused op (torch._transformer_encoder_layer_fwd) on its
+    submodules' weights instead of calling them, unless a forward hook is attached to it
+    or to one of them (which that op would skip): this hook makes it call tilesmith's."""
+    return None
+
+
+def _run_converted_modules_at_inference(model: torch.nn.Module) -> None:
+    """Turn off PyTorch's inference fast paths where they would bypass converted modules:
+    TransformerEncoderLayer's fused op (through _run_submodules) and TransformerEncoder's
+    conversion of padded batches to nested tensors (which tilesmith's modules do not
+    take)."""
+    for module in model.modules():
+        if not any(isinstance(m, _TILESMITH_CLASSES) for m in module.modules()):
+            continue
+        if isinstance(module, torch.nn.TransformerEncoderLayer):
+            if _run_submodules not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_run_submodules)
+        elif isinstance(module, torch.nn.TransformerEncoder):
+            module.use_nested_tensor = False
 
 
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
