@@ -179,6 +179,42 @@ def test_multihead_attention_is_causal_hint_as_torch_reads_it():
             module(x, x, x, need_weights=False, is_causal=True)
 
 
+def _count_op_calls(monkeypatch, *names):
+    """A list that records the name of each tilesmith.ops function in ``names`` called."""
+    calls = []
+    for name in names:
+        monkeypatch.setattr(tilesmith.ops, name,
+                            lambda *a, _f=getattr(tilesmith.ops, name), _n=name, **k:
+                            calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_multihead_attention_packs_its_input_projections(batch_first, monkeypatch):
+    """Self-attention (query, key and value one tensor) projects in one GEMM against the
+    whole in_proj_weight, key-is-value attention (a decoder reading the encoder's memory)
+    k and v in one; outputs and every gradient as torch's module, in both layouts."""
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 2, batch_first=batch_first, device=DEVICE)
+    ours = tilesmith.nn.convert(copy.deepcopy(ref), backend=KERNELS)
+    calls = _count_op_calls(monkeypatch, "gemm")
+    shape = (2, 5, 16) if batch_first else (5, 2, 16)
+    x, memory, other = (torch.randn(shape, device=DEVICE, requires_grad=True)
+                        for _ in range(3))
+    for inputs, gemms in (((x, x, x), 2), ((x, memory, memory), 3), ((x, memory, other), 4)):
+        leaves = list({id(t): t for t in inputs}.values())
+        calls.clear()
+        got = ours(*inputs, need_weights=False)[0]
+        assert calls.count("gemm") == gemms
+        want = ref(*inputs, need_weights=False)[0]
+        _close(got, want)
+        probe = torch.randn(got.shape, device=DEVICE)
+        grads = torch.autograd.grad((got * probe).sum(), (*leaves, *ours.parameters()))
+        want_grads = torch.autograd.grad((want * probe).sum(), (*leaves, *ref.parameters()))
+        for g, w in zip(grads, want_grads):
+            _close(g, w, name="grad")
+
+
 def test_multihead_attention_built_directly_takes_a_backend():
     """Built by its constructor, as tilesmith.nn.Linear and Conv2d are (convert is the
     other way in): torch's arguments, plus backend."""
@@ -233,6 +269,33 @@ def test_convert_transformer_encoder_outputs_and_grads():
     want_grads = torch.autograd.grad((want * probe).sum(), (x, *native.parameters()))
     for g, w in zip(grads, want_grads):
         _close(g, w, rtol=1e-5, name="grad")
+
+
+def test_converted_transformer_encoder_runs_tilesmith_at_inference(monkeypatch):
+    """In eval mode without gradients PyTorch's TransformerEncoderLayer runs one fused op on
+    its submodules' weights, and TransformerEncoder packs a padded batch into nested
+    tensors; convert() turns both off where they would bypass converted modules, so that
+    tilesmith's attention and GEMMs run. Outputs as the native model's at the real tokens
+    (PyTorch's nested path writes zeros at the padding)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0,
+                                             batch_first=True, device=DEVICE)
+    native = torch.nn.TransformerEncoder(layer, 2).eval()  # enable_nested_tensor=True
+    ours = tilesmith.nn.convert(copy.deepcopy(native), backend=KERNELS)
+    tilesmith.nn.convert(ours, backend=KERNELS)  # again: still one hook per layer
+    assert all(len(layer._forward_pre_hooks) == 1 for layer in ours.layers)
+    calls = _count_op_calls(monkeypatch, "scaled_dot_product_attention", "gemm")
+    x = torch.randn(2, 7, 32, device=DEVICE)
+    padding = torch.zeros(2, 7, dtype=torch.bool, device=DEVICE)
+    padding[1, 5:] = True
+    with torch.no_grad():
+        for kwargs, real in (({}, ~torch.zeros_like(padding)),
+                             ({"src_key_padding_mask": padding}, ~padding)):
+            calls.clear()
+            out, want = ours(x, **kwargs), native(x, **kwargs)
+            assert calls.count("scaled_dot_product_attention") == 2
+            assert calls.count("gemm") == 2 * 4  # in_proj (q, k, v in one), out_proj, linear1, 2
+            _close(out[real], want[real], rtol=1e-5)
 
 
 def test_convert_resnet18_outputs_grads_and_state_dict():

@@ -118,39 +118,46 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        if self.batch_first and batched:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        # From here on (seq, batch, embed), as torch's functional implementation.
-        tgt_len, bsz, embed = query.shape
-        src_len = key.shape[0]
-        heads, head_dim = self.num_heads, self.head_dim
-        if self._qkv_same_embed_dim:
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        # The inputs stay in their own layout, (bsz, seq, embed) with batch_first, else
+        # (seq, bsz, embed): the projections read them in place as (rows, embed) matrices.
+        batch_major = self.batch_first and batched
+        seq_dim = 1 if batch_major else 0
+        bsz, tgt_len, src_len = query.shape[1 - seq_dim], query.shape[seq_dim], key.shape[seq_dim]
+        heads, head_dim, embed = self.num_heads, self.head_dim, self.embed_dim
+
+        def project(x, w, b, count=1):
+            """x's rows times w.t() + b as (bsz, heads, seq, head_dim) views, one for each
+            of the ``count`` projections stacked in w (one GEMM)."""
+            y = ops.gemm(x.reshape(-1, x.shape[-1]), w.t(), bias=b, backend=self.backend)
+            if batch_major:
+                y = y.view(bsz, x.shape[1], count, heads, head_dim).permute(2, 0, 3, 1, 4)
+            else:
+                y = y.view(x.shape[0], bsz, count, heads, head_dim).permute(2, 1, 3, 0, 4)
+            return y.unbind(0)
+
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if self._qkv_same_embed_dim and query is key and key is value:
+            q, k, v = project(query, w, b, 3)  # self-attention: one GEMM
         else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        b_q, b_k, b_v = (self.in_proj_bias.chunk(3) if self.in_proj_bias is not None
-                         else (None, None, None))
-
-        def project(x, w, b):
-            return ops.gemm(x.reshape(-1, x.shape[-1]), w.t(), bias=b, backend=self.backend)
-
-        def split_heads(x, length):
-            # (length * bsz, heads * head_dim) -> (bsz, heads, length, head_dim), a view.
-            return x.view(length, bsz, heads, head_dim).permute(1, 2, 0, 3)
-
-        q = split_heads(project(query, w_q, b_q), tgt_len)
-        k = split_heads(project(key, w_k, b_k), src_len)
-        v = split_heads(project(value, w_v, b_v), src_len)
+            weights = (w.chunk(3) if self._qkv_same_embed_dim
+                       else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight))
+            biases = b.chunk(3) if b is not None else (None, None, None)
+            q, = project(query, weights[0], biases[0])
+            if self._qkv_same_embed_dim and key is value:  # k and v in one GEMM
+                k, v = project(key, w[embed:], None if b is None else b[embed:], 2)
+            else:
+                (k,), (v,) = (project(key, weights[1], biases[1]),
+                              project(value, weights[2], biases[2]))
         mask = self._combined_mask(attn_mask, key_padding_mask, bsz, tgt_len, src_len,
                                    q.dtype)
         dropout = self.dropout if self.training else 0.0
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=is_causal, backend=self.backend)
-        out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed)
-        out = ops.gemm(out, self.out_proj.weight.t(), bias=self.out_proj.bias,
-                       backend=self.backend).view(tgt_len, bsz, embed)
-        if self.batch_first and batched:
-            out = out.transpose(0, 1)
+        # (bsz, heads, tgt_len, head_dim) -> the input's layout, heads side by side.
+        out = out.permute(0, 2, 1, 3) if batch_major else out.permute(2, 0, 1, 3)
+        out = ops.gemm(out.reshape(-1, embed), self.out_proj.weight.t(),
+                       bias=self.out_proj.bias, backend=self.backend)
+        out = out.view(bsz, tgt_len, embed) if batch_major else out.view(tgt_len, bsz, embed)
         if not batched:
             out = out.squeeze(1)
         return out, None
