@@ -681,24 +681,31 @@ def _check_qkv(q, k, v, fn: str, rank: int | None, layout: str) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"{fn}: query, key and value must be on one device, got {q.device}, "
                          f"{k.device}, {v.device}")
-    shapes = f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{fn}: query and key head dims differ ({q.shape[-1]} != "
-                         f"{k.shape[-1]}): {shapes}")
+                         f"{k.shape[-1]}): {_shapes(q, k, v)}")
+
+
+def _shapes(q, k, v, names=("query", "key", "value")) -> str:
+    """The three shapes, for error messages (formatted only when one is raised: this runs
+    at every call otherwise)."""
+    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(names, (q, k, v)))
 
 
 def _check_heads(num_heads, num_kv_heads, value_heads, enable_gqa, fn, shapes):
+    """Head counts that attention takes; ``shapes()`` describes the inputs in an error."""
     if num_kv_heads != value_heads:
-        raise ValueError(f"{fn}: key and value must have the same number of heads: {shapes}")
+        raise ValueError(f"{fn}: key and value must have the same number of heads: "
+                         f"{shapes()}")
     if num_heads == num_kv_heads:
         return
     if not enable_gqa:
         raise ValueError(f"{fn}: query has {num_heads} heads and key/value {num_kv_heads}; "
-                         f"pass enable_gqa=True for grouped-query attention: {shapes}")
+                         f"pass enable_gqa=True for grouped-query attention: {shapes()}")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ValueError(f"{fn}: the query heads ({num_heads}) must be a multiple of the "
                          f"key/value heads ({num_kv_heads}) for grouped-query attention: "
-                         f"{shapes}")
+                         f"{shapes()}")
 
 
 def _prepare_mask(attn_mask, q, k, fn):
@@ -798,14 +805,15 @@ def _as_batch_heads(query, key, value, attn_mask, enable_gqa, fn):
     def leading(t):
         return (1,) * (rank - t.dim()) + tuple(t.shape[:-2])
 
-    shapes = (f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
-              f"{tuple(value.shape)}")
     (*batch_q, heads_q), (*batch_k, heads_k), (*batch_v, heads_v) = map(
         leading, (query, key, value))
-    try:
-        batch = tuple(torch.broadcast_shapes(batch_q, batch_k, batch_v))
-    except RuntimeError:
-        raise ValueError(f"{fn}: batch sizes differ (and do not broadcast): {shapes}") from None
+    batch = tuple(batch_q)
+    if not batch_q == batch_k == batch_v:
+        try:
+            batch = tuple(torch.broadcast_shapes(batch_q, batch_k, batch_v))
+        except RuntimeError:
+            raise ValueError(f"{fn}: batch sizes differ (and do not broadcast): "
+                             f"{_shapes(query, key, value)}") from None
     if heads_k != heads_v and 1 in (heads_k, heads_v):
         heads_k = heads_v = max(heads_k, heads_v)  # else _check_heads reports them
     if heads_k == 1 and heads_q > 1:
@@ -873,11 +881,11 @@ def _check_arguments(fn, attn_mask=None, dropout_p=0.0, scale=None, **flags):
 
 def _resolve(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
              fn):
-    shapes = (f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
-              f"{tuple(value.shape)}")
     if key.shape[2] != value.shape[2]:
-        raise ValueError(f"{fn}: key and value sequence lengths differ: {shapes}")
-    _check_heads(query.shape[1], key.shape[1], value.shape[1], enable_gqa, fn, shapes)
+        raise ValueError(f"{fn}: key and value sequence lengths differ: "
+                         f"{_shapes(query, key, value)}")
+    _check_heads(query.shape[1], key.shape[1], value.shape[1], enable_gqa, fn,
+                 lambda: _shapes(query, key, value))
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if is_causal and attn_mask is not None:
@@ -1079,9 +1087,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = autocast_inputs(q, k, v)
     _check_qkv(q, k, v, fn, 3, "3-D (total_tokens, heads, head_dim)")
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    def shapes():
+        return _shapes(q, k, v, ("q", "k", "v"))
+
     if k.shape[0] != v.shape[0]:
-        raise ValueError(f"{fn}: k and v token counts differ: {shapes}")
+        raise ValueError(f"{fn}: k and v token counts differ: {shapes()}")
     _check_heads(q.shape[1], k.shape[1], v.shape[1], True, fn, shapes)
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
                             ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
