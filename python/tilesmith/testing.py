@@ -335,18 +335,23 @@ def varlen_sample_inputs(device, dtype, *, seed: int = 0) -> list[SampleInput]:
     cases = [("self_lengths_1_17_5_40", [1, 17, 5, 40], [1, 17, 5, 40], 4, 4, 32, {}),
              ("cross_gqa", [3, 17, 30, 1], [5, 2, 30, 9], 4, 2, 64, {}),
              ("causal_gqa", [3, 17, 30, 1], [5, 2, 30, 9], 4, 2, 64, {"causal": True}),
+             # Self-attention over one packing: cu_seqlens_k is cu_seqlens_q, one tensor.
+             ("causal_self_one_packing", [7, 1, 20, 0, 12], None, 4, 2, 32, {"causal": True}),
              ("with_empty_sequence", [4, 0, 9], [4, 3, 0], 2, 1, 40, {}),
              # One query token in all (a lone decode step): (heads, 1) row constants.
              ("single_token", [1], [6], 2, 2, 32, {}),
              ("no_heads", [3, 4], [5, 2], 0, 0, 32, {})]
     for name, lens_q, lens_k, h, hk, d, kwargs in cases:
-        cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
-        cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+        cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)),
+                            dtype=torch.int32).to(device)
+        cu_k = cu_q if lens_k is None else torch.tensor(
+            [0] + list(itertools.accumulate(lens_k)), dtype=torch.int32).to(device)
+        lens_k = lens_q if lens_k is None else lens_k
         q = _rand((sum(lens_q), h, d), dtype, device, g)
         k = _rand((sum(lens_k), hk, d), dtype, device, g)
         v = _rand((sum(lens_k), hk, d), dtype, device, g)
-        samples.append(SampleInput(name, (q, k, v, cu_q.to(device), cu_k.to(device),
-                                          max(lens_q), max(lens_k)), kwargs))
+        samples.append(SampleInput(name, (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k)),
+                                   kwargs))
     return samples
 
 

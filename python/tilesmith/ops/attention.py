@@ -1112,7 +1112,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_cu_seqlens(fn, "cu_seqlens_k", cu_seqlens_k, "k", k.shape[0], "max_seqlen_k",
                       max_seqlen_k)
     # The kernels read entry i at i: a strided view is copied (batch + 1 integers).
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if cu_seqlens_k is cu_seqlens_q:  # (one copy, still one tensor: see _torch_varlen)
+        cu_seqlens_q = cu_seqlens_k = cu_seqlens_q.contiguous()
+    else:
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
@@ -1226,19 +1229,26 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.
                   with_lse=False):
     """The torch backend: one call of PyTorch's SDPA on the batch padded to max_seqlen_q x
     max_seqlen_k, with a mask of each sequence's real keys (and of the causal triangle:
-    then a bool tensor of batch x max_seqlen_q x max_seqlen_k). (out, lse): lse (heads,
-    total_q) from the explicit scores where with_lse, else None."""
+    then a bool tensor of batch x max_seqlen_q x max_seqlen_k), or, for causal
+    self-attention (``cu_q is cu_k``), is_causal alone. (out, lse): lse (heads, total_q)
+    from the explicit scores where with_lse, else None."""
     qp, kp, vp, real_keys, positions_q = _as_padded_batch(q, k, v, cu_q, cu_k, max_q, max_k)
-    # A sequence with no keys attends to its padding (zeros) and its output is zeroed
-    # after: no row is fully masked, which PyTorch's SDPA backends and versions have
-    # answered differently (zeros, NaN).
-    no_keys = (cu_k[1:] == cu_k[:-1])[:, None, None, None]
-    mask = real_keys | no_keys
-    if causal:  # SDPA takes is_causal or a mask, not both
-        mask = mask & torch.ones(max_q, max_k, dtype=torch.bool, device=q.device).tril()
-    out = pytorch_sdpa(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-                       enable_gqa=_group_size(q.shape[1], k.shape[1]) > 1)
-    out = out.masked_fill(no_keys, 0.0)
+    enable_gqa = _group_size(q.shape[1], k.shape[1]) > 1
+    if causal and cu_q is cu_k:
+        # Causal self-attention over one packing: a real query sees only keys at or before
+        # its own position, all real, so the causal triangle alone masks the padding.
+        out = pytorch_sdpa(qp, kp, vp, dropout_p=dropout_p, is_causal=True, scale=scale,
+                           enable_gqa=enable_gqa)
+    else:
+        # A sequence with no keys attends to its padding (zeros) and its output is zeroed
+        # after: no row is fully masked, which PyTorch's SDPA backends and versions have
+        # answered differently (zeros, NaN).
+        no_keys = (cu_k[1:] == cu_k[:-1])[:, None, None, None]
+        mask = real_keys | no_keys
+        if causal:  # SDPA takes is_causal or a mask, not both
+            mask = mask & torch.ones(max_q, max_k, dtype=torch.bool, device=q.device).tril()
+        out = pytorch_sdpa(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                           enable_gqa=enable_gqa).masked_fill(no_keys, 0.0)
     lse = None
     if with_lse:
         lse = _torch_logsumexp(qp, kp, real_keys, causal, scale)
