@@ -142,13 +142,15 @@ def _run_converted_modules_at_inference(model: torch.nn.Module) -> None:
     conversion of padded batches to nested tensors (which tilesmith's modules do not
     take)."""
     for module in model.modules():
+        if not isinstance(module, (torch.nn.TransformerEncoderLayer,
+                                   torch.nn.TransformerEncoder)):
+            continue
         if not any(isinstance(m, _TILESMITH_CLASSES) for m in module.modules()):
             continue
-        if isinstance(module, torch.nn.TransformerEncoderLayer):
-            if _run_submodules not in module._forward_pre_hooks.values():
-                module.register_forward_pre_hook(_run_submodules)
-        elif isinstance(module, torch.nn.TransformerEncoder):
+        if isinstance(module, torch.nn.TransformerEncoder):
             module.use_nested_tensor = False
+        elif _run_submodules not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_run_submodules)
 
 
 _ORIGINAL_SDPA = F.scaled_dot_product_attention

@@ -81,8 +81,9 @@ class Conv2d(torch.nn.Conv2d):
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` whose ``need_weights=False`` path (the one
-    Transformers use) runs the projections on ``tilesmith.ops.gemm`` and attention on
-    ``tilesmith.ops.scaled_dot_product_attention``. ``need_weights=True`` (the averaged
+    Transformers use) runs the projections on ``tilesmith.ops.gemm`` (one GEMM for q, k and
+    v where query, key and value are one tensor; one for k and v where key is value) and
+    attention on ``tilesmith.ops.scaled_dot_product_attention``. ``need_weights=True`` (the averaged
     weights need the full attention matrix), ``add_bias_kv`` and ``add_zero_attn`` run
     torch's own implementation. ``is_causal=True`` is read as torch reads it: it needs an
     ``attn_mask`` and stands for it (the kernels' causal path, which skips the masked
