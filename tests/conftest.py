@@ -10,7 +10,7 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tilesmith import backend  # noqa: E402  (after TRITON_INTERPRET)
+from tilesmith import backend, testing  # noqa: E402  (after TRITON_INTERPRET)
 
 # Under pytest-xdist (`make test` runs a worker per core) each worker gets its share of the
 # cores for torch's CPU ops, rather than every worker starting a thread per core.
@@ -60,14 +60,19 @@ def compile_backends(op: str, dtype: torch.dtype) -> list:
     return ["torch", *(kernel_backends(op, dtype) if HAS_GPU else [])]
 
 
-def check_compiled_dynamic(f, calls):
+def check_compiled_dynamic(f, calls, min_sqnr_db=None):
     """torch.compile(f, fullgraph=True, dynamic=True), called with each tuple of arguments in
     ``calls`` (shapes differing between them, so symbolic): its result and the gradients of
     the inputs that require grad against eager f. In fp16/bf16 to about an ulp of the
     tensor's largest value: inductor keeps the PyTorch ops around ours in fp32 where eager
-    rounds each one's result."""
+    rounds each one's result (and autotunes Triton kernels on its own, so their tiles, and
+    the order of their sums, may differ). With ``min_sqnr_db``, to that signal-to-noise
+    ratio instead: for FP8, where an ulp's difference before a quantization can move a
+    value by a whole fp8 step."""
     def check(got, want):
-        if got.dtype in (torch.float16, torch.bfloat16):
+        if min_sqnr_db is not None:
+            assert testing.sqnr_db(got, want) >= min_sqnr_db
+        elif got.dtype in (torch.float16, torch.bfloat16):
             ulp = torch.finfo(got.dtype).eps * want.abs().max().float().item()
             torch.testing.assert_close(got, want, rtol=2 * torch.finfo(got.dtype).eps,
                                        atol=ulp)

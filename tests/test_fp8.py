@@ -474,7 +474,8 @@ def test_torch_compile_dynamic_shapes(backend):
 
     check_compiled_dynamic(product, [(r(16, 128), r(128, 32)), (r(40, 256), r(256, 48))])
     layer = tilesmith.nn.Float8Linear(128, 64, device=DEVICE, dtype=dtype, backend=backend)
-    check_compiled_dynamic(layer, [(r(16, 128, grad=True),), (r(2, 24, 128, grad=True),)])
+    check_compiled_dynamic(layer, [(r(16, 128, grad=True),), (r(2, 24, 128, grad=True),)],
+                           min_sqnr_db=None if backend == "torch" else 20)
 
 
 def test_cuda_fp8_says_why_it_cannot_run_here():
