@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (DEVICE, HAS_GPU, check_compiled_dynamic, compile_backends, requires_gpu)
+from conftest import DEVICE, HAS_GPU, check_compiled_dynamic, compile_backends, requires_gpu
 
 import tilesmith
 from tilesmith import testing
@@ -283,7 +283,7 @@ def test_converted_transformer_encoder_runs_tilesmith_at_inference(monkeypatch):
     native = torch.nn.TransformerEncoder(layer, 2).eval()  # enable_nested_tensor=True
     ours = tilesmith.nn.convert(copy.deepcopy(native), backend=KERNELS)
     tilesmith.nn.convert(ours, backend=KERNELS)  # again: still one hook per layer
-    assert all(len(layer._forward_pre_hooks) == 1 for layer in ours.layers)
+    assert all(len(converted._forward_pre_hooks) == 1 for converted in ours.layers)
     calls = _count_op_calls(monkeypatch, "scaled_dot_product_attention", "gemm")
     x = torch.randn(2, 7, 32, device=DEVICE)
     padding = torch.zeros(2, 7, dtype=torch.bool, device=DEVICE)
