@@ -227,6 +227,13 @@ def test_attention_compile():
     through_cuda_ops(attention_tests.test_torch_compile_fullgraph, "cuda")
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_multihead_attention_weights(dtype):
+    """nn.MultiheadAttention's need_weights=True path: cuda attention's log-sum-exp and
+    cuda matmul's scores make the weights."""
+    through_cuda_ops(nn_tests.test_multihead_attention_weights_in_low_precision, dtype, "cuda")
+
+
 # torch.compile(fullgraph=True, dynamic=True): the cuda ops' fake implementations and
 # argument handling with symbolic shapes (and the ints derived from them).
 @pytest.mark.parametrize("test", [matmul_tests.test_torch_compile_dynamic_shapes,

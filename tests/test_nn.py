@@ -104,10 +104,13 @@ def test_gradient_penalty_through_converted_layers():
         _close(got, want, rtol=1e-4, name=f"penalty grad {name}")
 
 
+@pytest.mark.parametrize("need_weights", [False, True], ids=["no_weights", "weights"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("masks", ["none", "bool_attn", "float_attn", "key_padding", "both",
                                    "causal"])
-def test_multihead_attention_matches_torch(batch_first, masks):
+def test_multihead_attention_matches_torch(batch_first, masks, need_weights):
+    """Outputs, the attention weights (need_weights=True: per head with batch_first, else
+    averaged over the heads) and every gradient, through both, as torch's module."""
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first, device=DEVICE)
     ours = copy.deepcopy(ref)
@@ -130,12 +133,21 @@ def test_multihead_attention_matches_torch(batch_first, masks):
         kwargs["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(
             L, device=DEVICE)
         kwargs["is_causal"] = True
-    out, weights = ours(q, kv, kv, need_weights=False, **kwargs)
-    want, _ = ref(q, kv, kv, need_weights=False, **kwargs)
-    assert weights is None
+    kwargs.update(need_weights=need_weights, average_attn_weights=not batch_first)
+    out, weights = ours(q, kv, kv, **kwargs)
+    want, want_weights = ref(q, kv, kv, **kwargs)
     _close(out, want, rtol=1e-5)
-    grads = torch.autograd.grad(out.square().sum(), (q, *ours.parameters()))
-    want_grads = torch.autograd.grad(want.square().sum(), (q, *ref.parameters()))
+    loss, want_loss = out.square().sum(), want.square().sum()
+    if need_weights:
+        assert weights.shape == want_weights.shape
+        _close(weights, want_weights, rtol=1e-5, name="weights")
+        probe = torch.randn(weights.shape, device=DEVICE)
+        loss, want_loss = loss + (weights * probe).sum(), want_loss + (want_weights * probe).sum()
+    else:
+        assert weights is None
+    leaves = list({id(t): t for t in (q, kv)}.values())
+    grads = torch.autograd.grad(loss, (*leaves, *ours.parameters()))
+    want_grads = torch.autograd.grad(want_loss, (*leaves, *ref.parameters()))
     for g, w in zip(grads, want_grads):
         _close(g, w, rtol=1e-5, name="grad")
 
@@ -228,21 +240,74 @@ def test_multihead_attention_built_directly_takes_a_backend():
     _close(ours(x, x, x, need_weights=False)[0], ref(x, x, x, need_weights=False)[0])
 
 
-def test_multihead_attention_need_weights_and_kdim_paths():
+def test_multihead_attention_need_weights_and_kdim_paths(monkeypatch):
     torch.manual_seed(0)
-    ref = torch.nn.MultiheadAttention(16, 2, kdim=12, vdim=10, batch_first=True, device=DEVICE)
+    ref = torch.nn.MultiheadAttention(16, 2, kdim=12, vdim=10, dropout=0.5, batch_first=True,
+                                      device=DEVICE).eval()
     ours = tilesmith.nn.convert(copy.deepcopy(ref), backend=KERNELS)
+    calls = _count_op_calls(monkeypatch, "attention", "scaled_dot_product_attention", "matmul")
     q = torch.randn(2, 5, 16, device=DEVICE)
     k = torch.randn(2, 6, 12, device=DEVICE)
     v = torch.randn(2, 6, 10, device=DEVICE)
     _close(ours(q, k, v, need_weights=False)[0], ref(q, k, v, need_weights=False)[0])
-    out, weights = ours(q, k, v)  # need_weights=True: torch's implementation
-    want, want_weights = ref(q, k, v)
-    torch.testing.assert_close(out, want)
-    torch.testing.assert_close(weights, want_weights)
-    # Unbatched input.
-    _close(ours(q[0], k[0], v[0], need_weights=False)[0],
-           ref(q[0], k[0], v[0], need_weights=False)[0])
+    assert calls == ["scaled_dot_product_attention"]
+    for inputs in ((q, k, v), (q[0], k[0], v[0])):  # batched and unbatched
+        calls.clear()
+        (out, weights), (want, want_weights) = ours(*inputs), ref(*inputs)  # need_weights=True
+        assert calls == ["attention", "matmul"]
+        _close(out, want)
+        _close(weights, want_weights, name="weights")
+    # Training with dropout: the weights returned are those after dropout, so they come
+    # from torch's implementation (without need_weights, the kernels draw the dropout).
+    ours.train()
+    calls.clear()
+    out, weights = ours(q, k, v)
+    assert calls == [] and weights.shape == (2, 5, 6)
+    assert ours(q, k, v, need_weights=False)[1] is None
+    assert calls == ["scaled_dot_product_attention"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_multihead_attention_weights_in_low_precision(dtype, backend=KERNELS):
+    """need_weights=True in fp16/bf16: the output, the weights (the log-sum-exp of the
+    attention kernel, which computes the scores in fp32, against the scores of a separate
+    matmul, rounded to the dtype) and the gradients through both, against float64 (the 2x
+    rule against torch's module in the same dtype)."""
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True, device=DEVICE, dtype=dtype)
+    ours = tilesmith.nn.convert(copy.deepcopy(ref), backend=backend)
+    exact = copy.deepcopy(ref).double()
+    x = torch.randn(2, 7, 32, device=DEVICE, dtype=dtype, requires_grad=True)
+    # A float key padding mask, added (in the queries' dtype: torch's module refuses
+    # another with need_weights=True).
+    padding = torch.randn(2, 7, device=DEVICE).to(dtype)
+    probe = torch.randn(2, 4, 7, 7, device=DEVICE)
+    results = []
+    for module, inputs, mask in ((ours, x, padding), (ref, x, padding),
+                                 (exact, x.double(), padding.double())):
+        out, weights = module(inputs, inputs, inputs, key_padding_mask=mask,
+                              average_attn_weights=False)
+        loss = out.double().square().sum() + (weights.double() * probe).sum()
+        results.append((out, weights, *torch.autograd.grad(loss, (x, module.in_proj_weight))))
+    for name, got, want, exact in zip(("output", "weights", "grad x", "grad in_proj_weight"),
+                                      *results):
+        testing.assert_close_to_reference(got, exact, want, name=name)
+
+
+def test_multihead_attention_weights_of_a_row_with_no_key():
+    """A query row whose keys are all masked: zero output and zero weights, and no NaN in
+    any gradient (torch's module gives NaN for the row's output, weights and gradients)."""
+    torch.manual_seed(0)
+    ours = tilesmith.nn.MultiheadAttention(8, 2, batch_first=True, device=DEVICE,
+                                           backend=KERNELS)
+    x = torch.randn(2, 5, 8, device=DEVICE, requires_grad=True)
+    no_key = torch.zeros(5, 5, dtype=torch.bool, device=DEVICE)  # True: masked out
+    no_key[1] = True
+    out, weights = ours(x, x, x, attn_mask=no_key, average_attn_weights=False)
+    assert not out[:, 1].any() and not weights[:, :, 1].any()
+    assert torch.allclose(weights[:, :, [0, 2, 3, 4]].sum(-1), torch.ones(()), atol=1e-6)
+    grads = torch.autograd.grad(out.sum() + weights.square().sum(), (x, *ours.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def _transformer():
@@ -474,6 +539,12 @@ def test_autocast_dtypes_match_native(module):
     with torch.autocast(device_type, dtype=dtype):
         got = ours(*inputs, **kwargs)
         want = native(*inputs, **kwargs)
+        if module == "attention":  # the weights: float32 under CUDA autocast, as torch's
+            weights, want_weights = ours(*inputs)[1], native(*inputs)[1]
+    if module == "attention":
+        assert weights.dtype == want_weights.dtype
+        exact = copy.deepcopy(native).double()(*(x.double() for x in inputs))[1]
+        testing.assert_close_to_reference(weights, exact, want_weights, name="weights")
     got, want = (got[0], want[0]) if module == "attention" else (got, want)
     assert got.dtype == want.dtype == dtype
     if module == "float8_linear":  # fp8 products (e4m3: 3 mantissa bits) of fp32 weights
@@ -559,8 +630,9 @@ def test_ddp_gradients_equal_single_process(tmp_path):
 @pytest.mark.parametrize("backend", compile_backends("attention", torch.bfloat16))
 def test_torch_compile_dynamic_shapes_of_the_modules(backend):
     """torch.compile(fullgraph=True, dynamic=True) of tilesmith's Linear, Conv2d and
-    MultiheadAttention (self-attention with a key padding mask): one graph each over
-    symbolic batch and sequence or image sizes, outputs and input gradients against eager."""
+    MultiheadAttention (self-attention with a key padding mask, with and without the
+    weights): one graph each over symbolic batch and sequence or image sizes, outputs and
+    input gradients against eager."""
     dtype = torch.float32 if backend == "torch" else torch.bfloat16
     kw = dict(device=DEVICE, dtype=dtype, backend=backend)
 
@@ -581,8 +653,13 @@ def test_torch_compile_dynamic_shapes_of_the_modules(backend):
         mask[0, -2:] = True
         return mask
 
-    check_compiled_dynamic(self_attention, [(r(2, 7, 32), padding_mask(2, 7)),
-                                            (r(3, 12, 32), padding_mask(3, 12))])
+    def with_weights(x, padding):  # need_weights=True: the output and the weights
+        out, weights = attention(x, x, x, key_padding_mask=padding)
+        return torch.cat([out, weights], dim=-1)
+
+    for f in (self_attention, with_weights):
+        check_compiled_dynamic(f, [(r(2, 7, 32), padding_mask(2, 7)),
+                                   (r(3, 12, 32), padding_mask(3, 12))])
 
 
 @requires_gpu

@@ -4,6 +4,8 @@ Being subclasses, they can also be made from an existing module in place (``conv
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -80,14 +82,17 @@ class Conv2d(torch.nn.Conv2d):
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
-    """``torch.nn.MultiheadAttention`` whose ``need_weights=False`` path (the one
-    Transformers use) runs the projections on ``tilesmith.ops.gemm`` (one GEMM for q, k and
-    v where query, key and value are one tensor; one for k and v where key is value) and
-    attention on ``tilesmith.ops.scaled_dot_product_attention``. ``need_weights=True`` (the averaged
-    weights need the full attention matrix), ``add_bias_kv`` and ``add_zero_attn`` run
-    torch's own implementation. ``is_causal=True`` is read as torch reads it: it needs an
-    ``attn_mask`` and stands for it (the kernels' causal path, which skips the masked
-    tiles), unless a ``key_padding_mask`` is merged into that mask."""
+    """``torch.nn.MultiheadAttention`` on tilesmith's ops: the projections on
+    ``tilesmith.ops.gemm`` (one GEMM for q, k and v where query, key and value are one
+    tensor; one for k and v where key is value), attention on
+    ``tilesmith.ops.scaled_dot_product_attention``, or with ``need_weights=True`` (torch's
+    default) on ``tilesmith.ops.attention``, whose log-sum-exp turns one batched
+    ``tilesmith.ops.matmul`` of q and k into the weights. Dropout in training together with
+    ``need_weights=True`` (the weights returned are those after dropout, the very mask the
+    kernel drew), ``add_bias_kv`` and ``add_zero_attn`` run torch's own implementation.
+    ``is_causal=True`` is read as torch reads it: it needs an ``attn_mask`` and stands for
+    it (the kernels' causal path, which skips the masked tiles), unless a
+    ``key_padding_mask`` is merged into that mask or the weights are asked for."""
 
     # Set by __init__, or by convert (which re-classes torch's module without calling it).
     backend: str | None = None
@@ -102,7 +107,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
-        if need_weights or self.bias_k is not None or self.add_zero_attn:
+        dropout = self.dropout if self.training else 0.0
+        if (self.bias_k is not None or self.add_zero_attn
+                or (need_weights and dropout > 0.0)):
             return super().forward(query, key, value, key_padding_mask, need_weights,
                                    attn_mask, average_attn_weights, is_causal)
         if is_causal:  # torch's rules for the hint
@@ -110,10 +117,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 raise RuntimeError("MultiheadAttention: is_causal=True needs the causal "
                                    "attn_mask it stands for, as torch.nn.MultiheadAttention "
                                    "does (nn.Transformer.generate_square_subsequent_mask)")
-            if key_padding_mask is None:
+            if key_padding_mask is None and not need_weights:
                 attn_mask = None  # the hint stands for the mask: the kernels' causal path
-            else:
-                is_causal = False  # merged with the padding, the mask is no longer causal
+            else:  # the weights are computed from the mask itself, as torch does; and
+                is_causal = False  # merged with the padding, it is no longer causal
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -151,9 +158,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                               project(value, weights[2], biases[2]))
         mask = self._combined_mask(attn_mask, key_padding_mask, bsz, tgt_len, src_len,
                                    q.dtype)
-        dropout = self.dropout if self.training else 0.0
-        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=is_causal, backend=self.backend)
+        weights = None
+        if need_weights:
+            scale = 1.0 / math.sqrt(head_dim)
+            out, lse = ops.attention(q, k, v, attn_mask=mask, scale=scale,
+                                     backend=self.backend)
+            weights = self._attention_weights(q, k, mask, scale, lse)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                   dropout_p=dropout, is_causal=is_causal,
+                                                   backend=self.backend)
         # (bsz, heads, tgt_len, head_dim) -> the input's layout, heads side by side.
         out = out.permute(0, 2, 1, 3) if batch_major else out.permute(2, 0, 1, 3)
         out = ops.gemm(out.reshape(-1, embed), self.out_proj.weight.t(),
@@ -161,7 +179,25 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = out.view(bsz, tgt_len, embed) if batch_major else out.view(tgt_len, bsz, embed)
         if not batched:
             out = out.squeeze(1)
-        return out, None
+        return out, weights
+
+    def _attention_weights(self, q, k, mask, scale, lse):
+        """The (bsz, heads, tgt_len, src_len) attention probabilities: the scaled scores
+        (one batched tilesmith matmul; memory quadratic in the sequence length, as torch's
+        own need_weights path) less the log-sum-exp the attention kernel returned,
+        exponentiated, with no softmax pass. In the dtype torch's module returns them in,
+        its softmax's: the queries', or float32 under CUDA autocast, whose policy computes
+        softmax in float32. A query row that sees no key gets zero weights, as its output
+        is zero (torch's module gives NaN for both)."""
+        scores = ops.matmul(q, k.transpose(-1, -2), backend=self.backend).to(lse.dtype) * scale
+        if mask is not None:
+            scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                      else scores + mask)
+        # lse is -inf on a row with no key, as are its scores: exp(scores - 0) is then 0
+        # with a zero gradient (exp(-inf - -inf) would be NaN, and so its gradient).
+        lse = lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)
+        softmax_dtype = torch.softmax(q.new_empty(0), dim=-1).dtype  # autocast decides
+        return torch.exp(scores - lse).to(softmax_dtype)
 
     def _combined_mask(self, attn_mask, key_padding_mask, bsz, tgt_len, src_len, dtype):
         """torch.nn.MultiheadAttention's masks (bool: True = masked out; float: added) as
