@@ -6,7 +6,8 @@ from the same seed, and compare loss curves, step time, tokens/s and peak memory
 
 The model calls torch.nn.functional.scaled_dot_product_attention itself (as most GPT code
 does): tilesmith takes it over with tilesmith.nn.patch_sdpa(), and the Linear layers with
-tilesmith.nn.convert(). Default corpus: the source files of Python's standard library.
+tilesmith.nn.convert(), which fuses the MLP's GELU into its first GEMM. Default corpus: the
+source files of Python's standard library.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class Block(torch.nn.Module):
         self.qkv = torch.nn.Linear(d_model, 3 * d_model)
         self.proj = torch.nn.Linear(d_model, d_model)
         self.ln2 = torch.nn.LayerNorm(d_model)
-        self.fc = torch.nn.Linear(d_model, 4 * d_model)
-        self.out = torch.nn.Linear(4 * d_model, d_model)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d_model, 4 * d_model), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * d_model, d_model))
 
     def forward(self, x):
         b, t, c = x.shape
@@ -59,7 +60,7 @@ class Block(torch.nn.Module):
         # Looked up on the module at call time, so patch_sdpa() applies.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+        return x + self.mlp(self.ln2(x))
 
 
 class GPT(torch.nn.Module):
@@ -128,7 +129,9 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     native = GPT(len(vocab), args.d_model, args.heads, args.layers, args.seq_len).to(device)
-    ours = tilesmith.nn.convert(copy.deepcopy(native), include=("linear",), backend=args.backend)
+    # The MLP's GELU runs in its first Linear's GEMM epilogue (fuse_activations).
+    ours = tilesmith.nn.convert(copy.deepcopy(native), include=("linear",), backend=args.backend,
+                                fuse_activations=True)
 
     def loss_fn(logits, targets):
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))

@@ -488,6 +488,47 @@ def test_convert_parametrized_lazy_subclassed_and_converted_modules():
     assert type(tilesmith.nn.convert(lazy)[0]) is tilesmith.nn.Linear
 
 
+def test_convert_fuses_activations_into_the_layers_before_them():
+    """fuse_activations=True: an activation module that follows a converted Linear or
+    Conv2d in an nn.Sequential becomes the layer's epilogue; what would change another
+    use's result (a shared layer, hooks) or that the layer cannot fuse stays as it was.
+    Outputs, gradients and state_dict keys as the native model's."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(16, 16)
+    hooked = torch.nn.ReLU()
+    hooked.register_forward_hook(lambda *args: None)
+    native = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(inplace=True),  # fused
+        torch.nn.Conv2d(8, 8, 3), torch.nn.GELU(approximate="tanh"),  # conv2d: no gelu_tanh
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 16), torch.nn.GELU(approximate="tanh"),  # fused
+        torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.SiLU()),  # fused (nested)
+        shared, torch.nn.GELU(), shared,  # shared: not fused
+        torch.nn.Linear(16, 16), hooked,  # a hook on the activation: not fused
+        torch.nn.Linear(16, 4), torch.nn.Tanh()).to(DEVICE)  # not an epilogue activation
+    ours, report = tilesmith.nn.convert(copy.deepcopy(native), backend=KERNELS,
+                                        fuse_activations=True, return_report=True)
+    assert report.fused == [("0", "1", "relu"), ("5", "6", "gelu_tanh"),
+                            ("7.0", "7.1", "silu")]
+    assert [type(m).__name__ for m in ours[:4]] == ["Conv2d", "Identity", "Conv2d", "GELU"]
+    assert ours[0].activation == "relu" and ours[2].activation is None
+    assert ours[5].activation == "gelu_tanh" and ours[7][0].activation == "silu"
+    assert ours[8].activation is None and ours[11].activation is None
+    assert list(ours.state_dict()) == list(native.state_dict())
+    x = torch.randn(2, 3, 6, 6, device=DEVICE)
+    got, want = ours(x), native(x)
+    _close(got, want)
+    for g, w in zip(torch.autograd.grad(got.square().sum(), list(ours.parameters())),
+                    torch.autograd.grad(want.square().sum(), list(native.parameters()))):
+        _close(g, w, rtol=1e-4, name="grad")
+    # Without the option, or again on a fused model: nothing (more) is fused.
+    assert not tilesmith.nn.convert(copy.deepcopy(native), return_report=True)[1].fused
+    assert not tilesmith.nn.convert(ours, fuse_activations=True, return_report=True)[1].fused
+    fp8 = tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU()),
+                               fp8=True, fuse_activations=True)
+    assert type(fp8[1]) is torch.nn.ReLU  # Float8Linear has no epilogue activation
+
+
 def test_torch_export_of_a_converted_model():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),

@@ -28,6 +28,9 @@ _TILESMITH_CLASSES = (Linear, Float8Linear, Conv2d, MultiheadAttention)
 class ConversionReport:
     converted: list[str] = dataclasses.field(default_factory=list)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, why)
+    # (layer, activation module, activation): each activation module of an nn.Sequential
+    # fused into the layer before it (fuse_activations=True), and replaced by nn.Identity.
+    fused: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
 
 
 def _why_not(module: torch.nn.Module, kind: str) -> str | None:
@@ -64,7 +67,7 @@ def _class_for(module: torch.nn.Module, torch_class: type, our_class: type):
 
 def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention"),
             backend: str | None = None, fp8: bool | str = False,
-            return_report: bool = False):
+            fuse_activations: bool = False, return_report: bool = False):
     """Make ``model``'s nn.Linear, nn.Conv2d and nn.MultiheadAttention modules tilesmith's,
     in place: each module's class is switched to tilesmith's subclass, so its parameters
     (the same Parameter objects an optimizer may hold), buffers, device, dtype, hooks and
@@ -73,6 +76,10 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     or ``"block"``: the scaling) makes Linear layers Float8Linear. A module with
     parametrizations (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
     ...) keeps them.
+    ``fuse_activations=True``: where an ``nn.Sequential`` runs a converted Linear or Conv2d
+    and then an ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU``, the activation moves into the
+    layer's epilogue (its ``activation``) and the activation module is replaced by
+    ``nn.Identity`` (state_dict keys unchanged: activations hold no parameters).
     Modules converted before stay what they are and take this call's ``backend``.
     TransformerEncoderLayer and TransformerEncoder modules holding converted ones lose
     PyTorch's inference fast paths, which would bypass them (_run_submodules).
@@ -121,11 +128,58 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
             elif kind != "attention":
                 module.activation = None
             report.converted.append(name or "<root>")
+    if fuse_activations:
+        _fuse_activations(model, report)
     _run_converted_modules_at_inference(model)
     if report.skipped:
         warnings.warn("tilesmith.nn.convert left these modules as they were: "
                       + "; ".join(f"{n} ({why})" for n, why in report.skipped), stacklevel=2)
     return (model, report) if return_report else model
+
+
+def _activation_name(module: torch.nn.Module, layer: torch.nn.Module) -> str | None:
+    """The epilogue activation that ``module`` computes, if ``layer`` has it in its list."""
+    if type(module) is torch.nn.ReLU:
+        name = "relu"
+    elif type(module) is torch.nn.SiLU:
+        name = "silu"
+    elif type(module) is torch.nn.GELU:
+        name = "gelu" if module.approximate == "none" else "gelu_tanh"
+    else:
+        return None
+    return name if name in type(layer).ACTIVATIONS else None
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _fuse_activations(model: torch.nn.Module, report: ConversionReport) -> None:
+    """Move each activation module that follows a converted Linear or Conv2d in a plain
+    nn.Sequential into that layer's epilogue. Left alone: a layer with an activation
+    already, or used at more than one place in the model (its other uses would get the
+    activation too); either module with hooks (which would see other values, or none);
+    a Sequential subclass with a forward of its own."""
+    uses: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    names = {id(module): name for name, module in model.named_modules()}
+    for sequential in model.modules():
+        if (not isinstance(sequential, torch.nn.Sequential)
+                or type(sequential).forward is not torch.nn.Sequential.forward):
+            continue
+        children = list(sequential.named_children())
+        for (_, layer), (act_key, act) in zip(children, children[1:]):
+            if (not isinstance(layer, (Linear, Conv2d)) or layer.activation is not None
+                    or uses[id(layer)] > 1 or _has_hooks(layer) or _has_hooks(act)):
+                continue
+            name = _activation_name(act, layer)
+            if name is None:
+                continue
+            layer.activation = name
+            setattr(sequential, act_key, torch.nn.Identity())
+            report.fused.append((names[id(layer)], names[id(act)], name))
 
 
 def _run_submodules(layer, args):

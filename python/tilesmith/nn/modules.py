@@ -38,9 +38,11 @@ class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on ``tilesmith.ops.gemm``, with an optional fused ``activation``
     ("relu", "gelu", "gelu_tanh", "silu") applied after the bias in the same kernel."""
 
+    ACTIVATIONS = GEMM_ACTIVATIONS
+
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
                  activation=None, backend=None):
-        _check_options("Linear", activation, GEMM_ACTIVATIONS, backend)
+        _check_options("Linear", activation, self.ACTIVATIONS, backend)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.activation = activation
         self.backend = backend
@@ -63,8 +65,10 @@ class Conv2d(torch.nn.Conv2d):
     ``activation`` ("relu", "gelu", "silu") after the bias. padding_mode other than "zeros"
     pads with F.pad first, as torch does."""
 
+    ACTIVATIONS = CONV2D_ACTIVATIONS
+
     def __init__(self, *args, activation=None, backend=None, **kwargs):
-        _check_options("Conv2d", activation, CONV2D_ACTIVATIONS, backend)
+        _check_options("Conv2d", activation, self.ACTIVATIONS, backend)
         super().__init__(*args, **kwargs)
         self.activation = activation
         self.backend = backend
