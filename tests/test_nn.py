@@ -240,6 +240,42 @@ def test_multihead_attention_built_directly_takes_a_backend():
     _close(ours(x, x, x, need_weights=False)[0], ref(x, x, x, need_weights=False)[0])
 
 
+@pytest.mark.parametrize("add_bias_kv,add_zero_attn", [(True, False), (False, True),
+                                                        (True, True)],
+                         ids=["bias_kv", "zero_attn", "both"])
+@pytest.mark.parametrize("need_weights", [False, True], ids=["no_weights", "weights"])
+def test_multihead_attention_extra_keys(add_bias_kv, add_zero_attn, need_weights):
+    """add_bias_kv (a learned key and value) and add_zero_attn (zeros) appended to every
+    sequence's keys, past its masks, as torch's module does: outputs, weights and every
+    gradient (bias_k and bias_v's too), with masks, and with the is_causal hint."""
+    torch.manual_seed(0)
+    kw = dict(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, device=DEVICE)
+    ref = torch.nn.MultiheadAttention(16, 2, **kw)
+    ours = tilesmith.nn.convert(copy.deepcopy(ref), backend=KERNELS)
+    assert type(ours) is tilesmith.nn.MultiheadAttention
+    L, S, B = 5, 6, 2
+    q = torch.randn(L, B, 16, device=DEVICE, requires_grad=True)
+    kv = torch.randn(S, B, 16, device=DEVICE, requires_grad=True)
+    masks = dict(attn_mask=torch.rand(L, S, device=DEVICE) > 0.7,
+                 key_padding_mask=torch.rand(B, S, device=DEVICE) > 0.7)
+    causal = dict(attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(
+        L, device=DEVICE), is_causal=True)
+    for inputs, kwargs in (((q, kv, kv), masks), ((q, q, q), causal)):
+        out, weights = ours(*inputs, need_weights=need_weights, **kwargs)
+        want, want_weights = ref(*inputs, need_weights=need_weights, **kwargs)
+        _close(out, want)
+        loss, want_loss = out.square().sum(), want.square().sum()
+        if need_weights:
+            assert weights.shape == want_weights.shape
+            _close(weights, want_weights, name="weights")
+            loss, want_loss = loss + weights.square().sum(), want_loss + want_weights.square().sum()
+        leaves = list({id(t): t for t in inputs}.values())
+        grads = torch.autograd.grad(loss, (*leaves, *ours.parameters()))
+        want_grads = torch.autograd.grad(want_loss, (*leaves, *ref.parameters()))
+        for g, w in zip(grads, want_grads):
+            _close(g, w, name="grad")
+
+
 def test_multihead_attention_need_weights_and_kdim_paths(monkeypatch):
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(16, 2, kdim=12, vdim=10, dropout=0.5, batch_first=True,
@@ -389,14 +425,15 @@ def test_convert_resnet18_outputs_grads_and_state_dict():
 
 
 def test_convert_keeps_parameters_and_reports_skips():
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4),
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LazyLinear(4),
                               torch.nn.MultiheadAttention(4, 2, add_bias_kv=True))
     params = list(net.parameters())
-    with pytest.warns(UserWarning, match="add_bias_kv"):
+    with pytest.warns(UserWarning, match="1 \\(a lazy module"):
         net, report = tilesmith.nn.convert(net, return_report=True)
     assert list(net.parameters()) == params  # the very same Parameter objects
-    assert report.converted == ["0"] and report.skipped[0][0] == "1"
-    assert type(net[0]) is tilesmith.nn.Linear and type(net[1]) is torch.nn.MultiheadAttention
+    assert report.converted == ["0", "2"] and report.skipped[0][0] == "1"
+    assert type(net[0]) is tilesmith.nn.Linear and type(net[1]) is torch.nn.LazyLinear
+    assert type(net[2]) is tilesmith.nn.MultiheadAttention
     for fp8, scaling in ((True, "row"), ("tensor", "tensor"), ("block", "block")):
         linear = torch.nn.Linear(16, 8)
         want = linear(torch.ones(3, 16))

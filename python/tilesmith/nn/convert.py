@@ -37,8 +37,6 @@ def _why_not(module: torch.nn.Module, kind: str) -> str | None:
     if kind == "conv2d" and module.padding_mode not in ("zeros", "reflect", "replicate",
                                                         "circular"):
         return f"padding_mode {module.padding_mode!r}"
-    if kind == "attention" and (module.bias_k is not None or module.add_zero_attn):
-        return "add_bias_kv / add_zero_attn (they run on torch's implementation anyway)"
     return None
 
 

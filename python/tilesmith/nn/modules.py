@@ -91,9 +91,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     tensor; one for k and v where key is value), attention on
     ``tilesmith.ops.scaled_dot_product_attention``, or with ``need_weights=True`` (torch's
     default) on ``tilesmith.ops.attention``, whose log-sum-exp turns one batched
-    ``tilesmith.ops.matmul`` of q and k into the weights. Dropout in training together with
-    ``need_weights=True`` (the weights returned are those after dropout, the very mask the
-    kernel drew), ``add_bias_kv`` and ``add_zero_attn`` run torch's own implementation.
+    ``tilesmith.ops.matmul`` of q and k into the weights. ``add_bias_kv`` and
+    ``add_zero_attn`` append their keys and values to every sequence's. Dropout in training
+    together with ``need_weights=True`` runs torch's own implementation (the weights
+    returned are those after dropout, the very mask the kernel drew).
     ``is_causal=True`` is read as torch reads it: it needs an ``attn_mask`` and stands for
     it (the kernels' causal path, which skips the masked tiles), unless a
     ``key_padding_mask`` is merged into that mask or the weights are asked for."""
@@ -112,8 +113,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         dropout = self.dropout if self.training else 0.0
-        if (self.bias_k is not None or self.add_zero_attn
-                or (need_weights and dropout > 0.0)):
+        if need_weights and dropout > 0.0:
             return super().forward(query, key, value, key_padding_mask, need_weights,
                                    attn_mask, average_attn_weights, is_causal)
         if is_causal:  # torch's rules for the hint
@@ -160,6 +160,22 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             else:
                 (k,), (v,) = (project(key, weights[1], biases[1]),
                               project(value, weights[2], biases[2]))
+        extra_keys = []  # (key, value) pairs every sequence attends to besides its own
+        if self.bias_k is not None:  # add_bias_kv: learned ones, heads side by side
+            extra_keys.append((self.bias_k.view(1, heads, 1, head_dim),
+                               self.bias_v.view(1, heads, 1, head_dim)))
+        if self.add_zero_attn:
+            zeros = k.new_zeros(1, heads, 1, head_dim)
+            extra_keys.append((zeros, zeros))
+        if extra_keys:  # appended after the sequence's keys, never masked, as torch does
+            k = torch.cat([k, *(e.expand(bsz, -1, -1, -1) for e, _ in extra_keys)], dim=2)
+            v = torch.cat([v, *(e.expand(bsz, -1, -1, -1) for _, e in extra_keys)], dim=2)
+            count = len(extra_keys)
+            # torch's masks (bool: True = masked out; float: added): False or 0 for them.
+            attn_mask, key_padding_mask = (
+                None if m is None else torch.cat([m, m.new_zeros(*m.shape[:-1], count)], -1)
+                for m in (attn_mask, key_padding_mask))
+            src_len += count
         mask = self._combined_mask(attn_mask, key_padding_mask, bsz, tgt_len, src_len,
                                    q.dtype)
         weights = None
