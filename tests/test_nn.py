@@ -293,14 +293,45 @@ def test_multihead_attention_need_weights_and_kdim_paths(monkeypatch):
         assert calls == ["attention", "matmul"]
         _close(out, want)
         _close(weights, want_weights, name="weights")
-    # Training with dropout: the weights returned are those after dropout, so they come
-    # from torch's implementation (without need_weights, the kernels draw the dropout).
+    # Training with dropout: the weights returned are those after dropout, so the output
+    # is their product with v (two matmuls); without need_weights the kernels draw it.
     ours.train()
     calls.clear()
     out, weights = ours(q, k, v)
-    assert calls == [] and weights.shape == (2, 5, 6)
+    assert calls == ["matmul", "matmul"] and weights.shape == (2, 5, 6)
     assert ours(q, k, v, need_weights=False)[1] is None
-    assert calls == ["scaled_dot_product_attention"]
+    assert calls[2:] == ["scaled_dot_product_attention"]
+
+
+def test_multihead_attention_weights_with_dropout():
+    """need_weights=True in training with dropout: the weights are the probabilities with
+    dropout applied (each 0, or kept and scaled by 1/(1-p)), the output is their product
+    with v as torch's module computes it, and the gradients are those of that expression
+    (gradcheck in float64, fast mode, the dropout mask held by reseeding)."""
+    torch.manual_seed(0)
+    p = 0.5
+    ref = torch.nn.MultiheadAttention(16, 2, dropout=p, batch_first=True, device=DEVICE)
+    ours = tilesmith.nn.convert(copy.deepcopy(ref), backend=KERNELS)
+    x = torch.randn(2, 6, 16, device=DEVICE)
+    padding = torch.tensor([[False] * 5 + [True], [False] * 6], device=DEVICE)
+    out, weights = ours(x, x, x, key_padding_mask=padding, average_attn_weights=False)
+    probabilities = ref.eval()(x, x, x, key_padding_mask=padding,
+                               average_attn_weights=False)[1]
+    kept = weights != 0
+    assert 0.3 < kept[probabilities != 0].float().mean() < 0.7
+    _close(weights[kept] * (1 - p), probabilities[kept], name="kept weights")
+    values = F.linear(x, *(t.chunk(3)[2] for t in (ref.in_proj_weight, ref.in_proj_bias)))
+    heads = weights @ values.view(2, 6, 2, 8).transpose(1, 2)  # (batch, heads, seq, dim)
+    _close(out, ref.out_proj(heads.transpose(1, 2).reshape(2, 6, 16)))
+
+    double = copy.deepcopy(ours).double()
+    x64 = x.double().requires_grad_()
+
+    def attention(x):
+        torch.manual_seed(1)  # the same dropout mask at every call
+        return double(x, x, x, key_padding_mask=padding, average_attn_weights=False)
+
+    assert torch.autograd.gradcheck(attention, (x64,), fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

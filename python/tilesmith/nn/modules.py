@@ -113,9 +113,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         dropout = self.dropout if self.training else 0.0
-        if need_weights and dropout > 0.0:
-            return super().forward(query, key, value, key_padding_mask, need_weights,
-                                   attn_mask, average_attn_weights, is_causal)
         if is_causal:  # torch's rules for the hint
             if attn_mask is None:
                 raise RuntimeError("MultiheadAttention: is_causal=True needs the causal "
@@ -181,9 +178,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         weights = None
         if need_weights:
             scale = 1.0 / math.sqrt(head_dim)
-            out, lse = ops.attention(q, k, v, attn_mask=mask, scale=scale,
-                                     backend=self.backend)
-            weights = self._attention_weights(q, k, mask, scale, lse)
+            if dropout > 0.0:
+                weights, out = self._dropped_out_attention(q, k, v, mask, scale, dropout)
+            else:
+                out, lse = ops.attention(q, k, v, attn_mask=mask, scale=scale,
+                                         backend=self.backend)
+                weights = self._attention_weights(q, k, mask, scale, lse)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if not batched:
@@ -201,23 +201,44 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             out = out.squeeze(1)
         return out, weights
 
+    def _scores(self, q, k, mask, scale):
+        """The scaled, masked (bsz, heads, tgt_len, src_len) scores in float32 (float64 for
+        float64 inputs), from one batched tilesmith matmul: memory quadratic in the
+        sequence length, as torch's own need_weights path."""
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scores = ops.matmul(q, k.transpose(-1, -2), backend=self.backend).to(compute) * scale
+        if mask is None:
+            return scores
+        if mask.dtype == torch.bool:
+            return scores.masked_fill(~mask, float("-inf"))
+        return scores + mask
+
+    @staticmethod
+    def _weights_dtype(q):
+        """The dtype torch's module returns the weights in, its softmax's: the queries', or
+        float32 under CUDA autocast, whose policy computes softmax in float32."""
+        return torch.softmax(q.new_empty(0), dim=-1).dtype
+
     def _attention_weights(self, q, k, mask, scale, lse):
-        """The (bsz, heads, tgt_len, src_len) attention probabilities: the scaled scores
-        (one batched tilesmith matmul; memory quadratic in the sequence length, as torch's
-        own need_weights path) less the log-sum-exp the attention kernel returned,
-        exponentiated, with no softmax pass. In the dtype torch's module returns them in,
-        its softmax's: the queries', or float32 under CUDA autocast, whose policy computes
-        softmax in float32. A query row that sees no key gets zero weights, as its output
-        is zero (torch's module gives NaN for both)."""
-        scores = ops.matmul(q, k.transpose(-1, -2), backend=self.backend).to(lse.dtype) * scale
-        if mask is not None:
-            scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
-                      else scores + mask)
+        """The attention probabilities: the scores less the log-sum-exp the attention
+        kernel returned, exponentiated (no softmax pass). A query row that sees no key gets
+        zero weights, as its output is zero (torch's module gives NaN for both)."""
         # lse is -inf on a row with no key, as are its scores: exp(scores - 0) is then 0
         # with a zero gradient (exp(-inf - -inf) would be NaN, and so its gradient).
         lse = lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)
-        softmax_dtype = torch.softmax(q.new_empty(0), dim=-1).dtype  # autocast decides
-        return torch.exp(scores - lse).to(softmax_dtype)
+        return torch.exp(self._scores(q, k, mask, scale) - lse).to(self._weights_dtype(q))
+
+    def _dropped_out_attention(self, q, k, v, mask, scale, dropout):
+        """(weights, output) of need_weights=True in training with dropout, where the
+        weights returned are those after dropout, so the output must be their product
+        with v: explicit softmax, dropout and two tilesmith matmuls, as torch's module
+        computes it (no flash kernel). A row that sees no key: zeros, as above."""
+        scores = self._scores(q, k, mask, scale)
+        live = (scores > float("-inf")).any(-1, keepdim=True)
+        probabilities = torch.softmax(scores.masked_fill(~live, 0.0), dim=-1)
+        weights = F.dropout(probabilities.masked_fill(~live, 0.0), dropout)
+        out = ops.matmul(weights.to(v.dtype), v, backend=self.backend)
+        return weights.to(self._weights_dtype(q)), out
 
     def _combined_mask(self, attn_mask, key_padding_mask, bsz, tgt_len, src_len, dtype):
         """torch.nn.MultiheadAttention's masks (bool: True = masked out; float: added) as
