@@ -276,6 +276,36 @@ def test_multihead_attention_extra_keys(add_bias_kv, add_zero_attn, need_weights
             _close(g, w, name="grad")
 
 
+_Q, _KV = (2, 5, 16), (2, 6, 16)  # batch_first: (batch, seq, embed)
+
+
+@pytest.mark.parametrize("shapes,kwargs,error,match", [
+    ((_Q, _KV, _KV), {"key_padding_mask": torch.zeros(2, 5, dtype=torch.bool)}, ValueError,
+     r"key_padding_mask must have shape \(2, 6\), got \(2, 5\) \(query \(2, 5, 16\)"),
+    ((_Q, _KV, _KV), {"attn_mask": torch.zeros(5, 5, dtype=torch.bool)}, ValueError,
+     r"attn_mask must have shape \(5, 6\) or \(4, 5, 6\), got \(5, 5\)"),
+    ((_Q, _KV, _KV), {"attn_mask": torch.zeros(3, 5, 6)}, ValueError,
+     r"attn_mask must have shape \(5, 6\) or \(4, 5, 6\), got \(3, 5, 6\)"),
+    ((_Q, _KV, _KV), {"attn_mask": torch.zeros(5, 6, dtype=torch.int32)}, TypeError,
+     "attn_mask must be bool or floating point, got torch.int32"),
+    (((2, 5, 12), _KV, _KV), {}, ValueError,
+     r"query must have 16 features in its last dimension, got query \(2, 5, 12\)"),
+    ((_Q, _KV, (2, 7, 16)), {}, ValueError, "key and value must have one sequence length"),
+    ((_Q, (3, 6, 16), (3, 6, 16)), {}, ValueError,
+     r"query, key and value must have one batch size \(batch_first=True\)"),
+    (((1, 2, 5, 16), _KV, _KV), {}, ValueError, "must all be 3-D .* or all 2-D"),
+    ((_Q, (6, 16), (6, 16)), {}, ValueError, "must all be 3-D .* or all 2-D"),
+], ids=["key_padding_mask", "attn_mask_2d", "attn_mask_3d", "int_mask", "embed_dim",
+        "key_value_lengths", "batch", "query_rank", "key_rank"])
+@pytest.mark.parametrize("need_weights", [False, True], ids=["no_weights", "weights"])
+def test_multihead_attention_bad_input(shapes, kwargs, error, match, need_weights):
+    """Arguments torch's module refuses: an error that names the argument and the shapes."""
+    attention = tilesmith.nn.MultiheadAttention(16, 2, batch_first=True, backend=KERNELS)
+    query, key, value = (torch.randn(shape) for shape in shapes)
+    with pytest.raises(error, match=match):
+        attention(query, key, value, need_weights=need_weights, **kwargs)
+
+
 def test_multihead_attention_need_weights_and_kdim_paths(monkeypatch):
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(16, 2, kdim=12, vdim=10, dropout=0.5, batch_first=True,

@@ -112,6 +112,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
+        self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         dropout = self.dropout if self.training else 0.0
         if is_causal:  # torch's rules for the hint
             if attn_mask is None:
@@ -200,6 +201,46 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if not batched:
             out = out.squeeze(1)
         return out, weights
+
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask):
+        """torch's module's argument rules, raised as errors that name the argument and
+        the shapes (rather than a failed view deep inside)."""
+        fn = "MultiheadAttention"
+
+        def shapes():  # formatted only for an error: this runs at every call
+            return (f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                    f"{tuple(value.shape)}")
+
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"{fn}: query, key and value must all be 3-D (batched) or all "
+                             f"2-D (unbatched), got {shapes()}")
+        for name, t, features in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                                  ("value", value, self.vdim)):
+            if t.shape[-1] != features:
+                raise ValueError(f"{fn}: {name} must have {features} features in its last "
+                                 f"dimension, got {shapes()}")
+        batched = query.dim() == 3
+        seq_dim = 1 if self.batch_first and batched else 0
+        if key.shape[seq_dim] != value.shape[seq_dim]:
+            raise ValueError(f"{fn}: key and value must have one sequence length, got {shapes()}")
+        bsz = query.shape[1 - seq_dim] if batched else None
+        if batched and not key.shape[1 - seq_dim] == value.shape[1 - seq_dim] == bsz:
+            raise ValueError(f"{fn}: query, key and value must have one batch size "
+                             f"(batch_first={self.batch_first}), got {shapes()}")
+        tgt_len, src_len = query.shape[seq_dim], key.shape[seq_dim]
+        masks = (("key_padding_mask", key_padding_mask,
+                  [(bsz, src_len)] if batched else [(src_len,)]),
+                 ("attn_mask", attn_mask,
+                  [(tgt_len, src_len), (self.num_heads * (bsz or 1), tgt_len, src_len)]))
+        for name, mask, allowed in masks:
+            if mask is None:
+                continue
+            if mask.dtype != torch.bool and not mask.is_floating_point():
+                raise TypeError(f"{fn}: {name} must be bool or floating point, got {mask.dtype}")
+            if tuple(mask.shape) not in allowed and not (name == "attn_mask" and mask.dim() == 4):
+                raise ValueError(f"{fn}: {name} must have shape "
+                                 f"{' or '.join(str(a) for a in allowed)}, got "
+                                 f"{tuple(mask.shape)} ({shapes()})")
 
     def _scores(self, q, k, mask, scale):
         """The scaled, masked (bsz, heads, tgt_len, src_len) scores in float32 (float64 for
