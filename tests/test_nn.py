@@ -644,12 +644,15 @@ def test_patch_sdpa_routes_and_restores(monkeypatch):
     monkeypatch.setattr(tilesmith.ops, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(k.get("backend")) or real(*a, **k))
     q = torch.randn(1, 2, 5, 8, device=DEVICE)
+    native_attention = torch.nn.MultiheadAttention(8, 2, device=DEVICE)
     with tilesmith.nn.patch_sdpa(backend=KERNELS):
         assert F.scaled_dot_product_attention is not original
         out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
         out_3d = F.scaled_dot_product_attention(q[0], q[0], q[0])  # (heads, seq, dim)
+        # torch's own module reaches it too (F.multi_head_attention_forward calls it).
+        native_attention(q[0], q[0], q[0], need_weights=False)
     assert F.scaled_dot_product_attention is original
-    assert calls == [KERNELS, KERNELS]
+    assert calls == [KERNELS, KERNELS, KERNELS]
     torch.testing.assert_close(out, original(q, q, q, is_causal=True))
     torch.testing.assert_close(out_3d, original(q[0], q[0], q[0]))
     tilesmith.nn.patch_sdpa()
