@@ -485,6 +485,35 @@ def test_convert_resnet18_outputs_grads_and_state_dict():
     torch.testing.assert_close(fresh_ours(x), out)
 
 
+def test_convert_vision_transformer_with_fused_mlp(monkeypatch):
+    """torchvision's ViT: its MLP blocks (torchvision.ops.MLP, an nn.Sequential) fuse their
+    GELU into the first Linear; its attention (nn.MultiheadAttention, need_weights=False)
+    runs tilesmith's SDPA; outputs and gradients as the native model's, training and at
+    inference (where converted encoder layers skip PyTorch's fused fast path)."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    native = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                               hidden_dim=32, mlp_dim=64, num_classes=10).to(DEVICE)
+    ours, report = tilesmith.nn.convert(copy.deepcopy(native), backend=MODELS,
+                                        fuse_activations=True, return_report=True)
+    assert [activation for _, _, activation in report.fused] == ["gelu", "gelu"]
+    assert not report.skipped
+    calls = _count_op_calls(monkeypatch, "scaled_dot_product_attention")
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    out, want = ours(x), native(x)
+    assert len(calls) == 2
+    _close(out, want, rtol=1e-4)
+    grads = torch.autograd.grad(out.square().sum(), list(ours.parameters()))
+    want_grads = torch.autograd.grad(want.square().sum(), list(native.parameters()))
+    for g, w in zip(grads, want_grads):
+        _close(g, w, rtol=1e-4, name="grad")
+    with torch.no_grad():
+        _close(ours.eval()(x), native.eval()(x), rtol=1e-4)
+    assert len(calls) == 4
+
+
 def test_convert_keeps_parameters_and_reports_skips():
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LazyLinear(4),
                               torch.nn.MultiheadAttention(4, 2, add_bias_kv=True))
