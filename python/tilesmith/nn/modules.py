@@ -92,9 +92,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ``tilesmith.ops.scaled_dot_product_attention``, or with ``need_weights=True`` (torch's
     default) on ``tilesmith.ops.attention``, whose log-sum-exp turns one batched
     ``tilesmith.ops.matmul`` of q and k into the weights. ``add_bias_kv`` and
-    ``add_zero_attn`` append their keys and values to every sequence's. Dropout in training
-    together with ``need_weights=True`` runs torch's own implementation (the weights
-    returned are those after dropout, the very mask the kernel drew).
+    ``add_zero_attn`` append their keys and values to every sequence's. In training with
+    dropout, ``need_weights=True`` returns the weights after dropout, as torch's module
+    does, and the output is their product with v (two matmuls, no flash kernel).
     ``is_causal=True`` is read as torch reads it: it needs an ``attn_mask`` and stands for
     it (the kernels' causal path, which skips the masked tiles), unless a
     ``key_padding_mask`` is merged into that mask or the weights are asked for."""
