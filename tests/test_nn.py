@@ -402,7 +402,8 @@ def test_multihead_attention_weights_of_a_row_with_no_key():
     no_key[1] = True
     out, weights = ours(x, x, x, attn_mask=no_key, average_attn_weights=False)
     assert not out[:, 1].any() and not weights[:, :, 1].any()
-    assert torch.allclose(weights[:, :, [0, 2, 3, 4]].sum(-1), torch.ones(()), atol=1e-6)
+    assert torch.allclose(weights[:, :, [0, 2, 3, 4]].sum(-1), torch.ones((), device=DEVICE),
+                          atol=1e-6)
     grads = torch.autograd.grad(out.sum() + weights.square().sum(), (x, *ours.parameters()))
     assert all(torch.isfinite(g).all() for g in grads)
 
