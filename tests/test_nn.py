@@ -616,6 +616,28 @@ def test_convert_parametrized_lazy_subclassed_and_converted_modules():
     assert type(tilesmith.nn.convert(lazy)[0]) is tilesmith.nn.Linear
 
 
+def test_convert_module_filter():
+    """module_filter(module, name) picks the modules converted: FP8 training with the
+    output head kept in full precision, as torchao's module_filter_fn does."""
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                              torch.nn.Sequential(torch.nn.Linear(32, 32)),
+                              torch.nn.Linear(32, 4))
+    seen = []
+
+    def not_the_head(module, name):
+        seen.append(name)
+        return name != "3"
+
+    _, report = tilesmith.nn.convert(net, fp8=True, module_filter=not_the_head,
+                                     return_report=True)
+    assert seen == ["0", "2.0", "3"]  # asked about the candidates only
+    assert report.converted == ["0", "2.0"] and not report.skipped
+    assert [type(m) for m in (net[0], net[2][0], net[3])] == [
+        tilesmith.nn.Float8Linear, tilesmith.nn.Float8Linear, torch.nn.Linear]
+    with pytest.raises(TypeError, match="module_filter must be a callable"):
+        tilesmith.nn.convert(net, module_filter="head")
+
+
 def test_convert_fuses_activations_into_the_layers_before_them():
     """fuse_activations=True: an activation module that follows a converted Linear or
     Conv2d in an nn.Sequential becomes the layer's epilogue; what would change another

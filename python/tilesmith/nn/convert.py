@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,9 @@ def _class_for(module: torch.nn.Module, torch_class: type, our_class: type):
 
 def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention"),
             backend: str | None = None, fp8: bool | str = False,
-            fuse_activations: bool = False, return_report: bool = False):
+            module_filter: Callable[[torch.nn.Module, str], bool] | None = None,
+            fuse_activations: bool = False,
+            return_report: bool = False):
     """Make ``model``'s nn.Linear, nn.Conv2d and nn.MultiheadAttention modules tilesmith's,
     in place: each module's class is switched to tilesmith's subclass, so its parameters
     (the same Parameter objects an optimizer may hold), buffers, device, dtype, hooks and
@@ -74,6 +77,9 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     or ``"block"``: the scaling) makes Linear layers Float8Linear. A module with
     parametrizations (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
     ...) keeps them.
+    ``module_filter(module, name) -> bool``, when given, picks the modules converted among
+    those ``include`` names (``name`` as in ``model.named_modules()``): say, every Linear
+    but the output head for FP8 training; the others are left as they are, unreported.
     ``fuse_activations=True``: where an ``nn.Sequential`` runs a converted Linear or Conv2d
     and then an ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU``, the activation moves into the
     layer's epilogue (its ``activation``) and the activation module is replaced by
@@ -94,6 +100,9 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     if unknown:
         raise ValueError(f"convert: include may name 'linear', 'conv2d', 'attention', got "
                          f"{sorted(unknown)}")
+    if module_filter is not None and not callable(module_filter):
+        raise TypeError(f"convert: module_filter must be a callable (module, name) -> bool, "
+                        f"got {type(module_filter).__name__}")
     fp8_scaling = "row" if fp8 is True else fp8
     if fp8_scaling not in (False, "row", "tensor", "block"):
         raise ValueError(f"convert: fp8 must be True, False, 'row', 'tensor' or 'block', got "
@@ -109,6 +118,8 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     for name, module in model.named_modules():
         for kind, torch_class, our_class in targets:
             if not isinstance(module, torch_class) or type(module) in _LEFT_ALONE:
+                continue
+            if module_filter is not None and not module_filter(module, name):
                 continue
             if isinstance(module, _TILESMITH_CLASSES):  # converted before: takes this backend
                 module.backend = backend
