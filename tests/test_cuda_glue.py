@@ -234,6 +234,11 @@ def test_multihead_attention_weights(dtype):
     through_cuda_ops(nn_tests.test_multihead_attention_weights_in_low_precision, dtype, "cuda")
 
 
+def test_activation_checkpointing_with_dropout():
+    """The cuda ops under torch.utils.checkpoint: the recomputed forward's dropout seed."""
+    through_cuda_ops(nn_tests.test_activation_checkpointing, False, "cuda", torch.bfloat16)
+
+
 # torch.compile(fullgraph=True, dynamic=True): the cuda ops' fake implementations and
 # argument handling with symbolic shapes (and the ints derived from them).
 @pytest.mark.parametrize("test", [matmul_tests.test_torch_compile_dynamic_shapes,

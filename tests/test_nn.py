@@ -616,6 +616,34 @@ def test_convert_parametrized_lazy_subclassed_and_converted_modules():
     assert type(tilesmith.nn.convert(lazy)[0]) is tilesmith.nn.Linear
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing(use_reentrant, backend=KERNELS, dtype=torch.float32):
+    """torch.utils.checkpoint over a converted encoder layer with attention dropout: the
+    recomputed forward draws the same dropout seed (checkpoint restores the RNG state the
+    kernels draw it from), so the output and every gradient equal those of the plain
+    run, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = tilesmith.nn.convert(
+        torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.3,
+                                         batch_first=True, device=DEVICE, dtype=dtype),
+        backend=backend)
+    x = torch.randn(2, 7, 16, device=DEVICE, dtype=dtype, requires_grad=True)
+    leaves = (x, *layer.parameters())
+
+    def run(checkpointed):
+        torch.manual_seed(5)
+        for t in leaves:
+            t.grad = None
+        y = checkpoint(layer, x, use_reentrant=use_reentrant) if checkpointed else layer(x)
+        y.float().square().sum().backward()  # (reentrant checkpoints refuse autograd.grad)
+        return [y, *(t.grad for t in leaves)]
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+
+
 def test_convert_module_filter():
     """module_filter(module, name) picks the modules converted: FP8 training with the
     output head kept in full precision, as torchao's module_filter_fn does."""
