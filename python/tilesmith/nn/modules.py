@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..backend import _check_name as check_backend_name
+from ..ops.attention import _shapes as attention_shapes
 from ..ops.conv2d import ACTIVATION_NAMES as CONV2D_ACTIVATIONS
 from ..ops.gemm import ACTIVATION_NAMES as GEMM_ACTIVATIONS
 
@@ -208,8 +209,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         fn = "MultiheadAttention"
 
         def shapes():  # formatted only for an error: this runs at every call
-            return (f"query {tuple(query.shape)}, key {tuple(key.shape)}, value "
-                    f"{tuple(value.shape)}")
+            return attention_shapes(query, key, value)
 
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(f"{fn}: query, key and value must all be 3-D (batched) or all "

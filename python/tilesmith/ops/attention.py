@@ -1213,6 +1213,11 @@ def _packed(padded, positions):
     return padded.transpose(1, 2)[positions]
 
 
+def _packed_lse(lse, positions):
+    """(heads, tokens), varlen's lse layout, from a padded (batch, heads, max_seqlen) lse."""
+    return _packed(lse[..., None], positions)[..., 0].t()
+
+
 def _math_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, keep=None,
                            dropout_p=0.0):
     """(out, lse) of varlen_attention in differentiable PyTorch ops, for the double backward:
@@ -1222,7 +1227,7 @@ def _math_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, kee
     batch entry i."""
     qp, kp, vp, real_keys, positions_q = _as_padded_batch(q, k, v, cu_q, cu_k, max_q, max_k)
     out, lse = _math_attention(qp, kp, vp, real_keys, causal, scale, keep, dropout_p)
-    return _packed(out, positions_q), _packed(lse[..., None], positions_q)[..., 0].t()
+    return _packed(out, positions_q), _packed_lse(lse, positions_q)
 
 
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0,
@@ -1251,8 +1256,7 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.
                            enable_gqa=enable_gqa).masked_fill(no_keys, 0.0)
     lse = None
     if with_lse:
-        lse = _torch_logsumexp(qp, kp, real_keys, causal, scale)
-        lse = _packed(lse[..., None], positions_q)[..., 0].t()
+        lse = _packed_lse(_torch_logsumexp(qp, kp, real_keys, causal, scale), positions_q)
     return _packed(out, positions_q), lse
 
 
