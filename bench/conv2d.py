@@ -6,11 +6,16 @@ batch 32 and 128) and of a CIFAR ResNet (32x32); channels_last, bf16 and fp16.
 
 Modes: fwd (conv + bias), fused (conv + bias + ReLU in one kernel, against cuDNN conv + bias
 followed by an eager ReLU), dgrad, wgrad. FLOPs 2*N*K*P*Q*C*R*S/groups for each.
+
+Then a whole model: torchvision's ResNet-50 at inference (batch 32, 224x224, bf16,
+channels_last) as ``tilesmith.nn.optimize_for_inference`` makes it (BatchNorms folded into
+the convolutions, the ReLUs after them fused), against the same model in eval mode on cuDNN
+and against PyTorch's own fold of its BatchNorms (torch.fx.experimental.optimization.fuse).
 """
 
 from __future__ import annotations
 
-
+import copy
 import importlib
 
 import torch
@@ -37,6 +42,16 @@ RESNET50 = [
     ("l4_1x1_512_2048", 512, 2048, 7, 1, 1), ("l4_down_1024_2048_s2", 1024, 2048, 14, 1, 2),
     ("l4_1x1_2048_512", 2048, 512, 7, 1, 1), ("l4_3x3_512", 512, 512, 7, 3, 1),
 ]
+
+
+def _resnet50() -> torch.nn.Module:
+    import torchvision  # raises ImportError where it is not installed
+
+    return torchvision.models.resnet50()
+
+
+# The model of the inference rows: its name, what makes it, the batch, the image size.
+INFERENCE = ("resnet50", _resnet50, 32, 224)
 CIFAR = [
     ("cifar_stem", 3, 16, 32, 3, 1), ("cifar_3x3_16", 16, 16, 32, 3, 1),
     ("cifar_3x3_16_32_s2", 16, 32, 32, 3, 2), ("cifar_3x3_32", 32, 32, 16, 3, 1),
@@ -133,6 +148,71 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                 flush=True)
             if checkpoint:
                 checkpoint(rows)
+    run_inference(rows, backends)
+    return rows
+
+
+def run_inference(rows: list, backends=("triton", "cuda")) -> list:
+    """Rows "<model>_inference": each of our backends running the model as
+    optimize_for_inference makes it, the eval model on cuDNN its baseline; the row
+    "torch_folded" is PyTorch's fold of the same BatchNorms on cuDNN (the ratio of ours to it
+    in ``extra``). rel_err: the first image's output against the float64 model."""
+    from torch.fx.experimental.optimization import fuse as torch_fold_batchnorm
+
+    name, make_model, batch, size = INFERENCE
+    op, dtype = f"{name}_inference", torch.bfloat16
+    shape = {"model": name, "N": batch, "H": size}
+    torch.manual_seed(0)
+    try:
+        model = make_model().eval()
+    except ImportError as exc:
+        print(f"conv2d: no inference rows ({exc})", flush=True)
+        return rows
+    with torch.no_grad():
+        for module in model.modules():  # statistics of their own, as a trained model's
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+        x = torch.randn(batch, 3, size, size, device="cuda")
+        ref = copy.deepcopy(model).to("cuda", torch.float64)(x[:1].double())
+        native = model.to("cuda", dtype).to(memory_format=torch.channels_last)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        base_ms = harness.median_ms(lambda: native(x))
+        base_err = testing.rel_error(native(x[:1]), ref)
+        rows.append(harness.Row(
+            op=op, mode="fwd", backend="torch", baseline="cudnn_eval", dtype="bfloat16",
+            shape=shape, ms=base_ms, tflops=None, baseline_ms=base_ms, ratio=1.0,
+            rel_err=base_err, peak_mem_bytes=harness.peak_memory(lambda: native(x)),
+            joules=None))
+        folded_ms = None
+        with harness.contender(rows, op=op, mode="fwd", backend="torch_folded",
+                               baseline="cudnn_eval", dtype="bfloat16", shape=shape,
+                               baseline_ms=base_ms):
+            folded = torch_fold_batchnorm(native)
+            folded_ms = harness.median_ms(lambda: folded(x))
+            rows.append(harness.Row(
+                op=op, mode="fwd", backend="torch_folded", baseline="cudnn_eval",
+                dtype="bfloat16", shape=shape, ms=folded_ms, tflops=None,
+                baseline_ms=base_ms, ratio=base_ms / folded_ms,
+                rel_err=testing.rel_error(folded(x[:1]), ref), baseline_rel_err=base_err,
+                peak_mem_bytes=harness.peak_memory(lambda: folded(x)), joules=None))
+        for label, backend, switches in harness.contenders("conv2d", backends, x.device,
+                                                         dtype):
+            with (harness.contender(rows, op=op, mode="fwd", backend=label,
+                                    baseline="cudnn_eval", dtype="bfloat16", shape=shape,
+                                    baseline_ms=base_ms),
+                  tilesmith.backend.hopper_kernels(**switches)):
+                ours = tilesmith.nn.optimize_for_inference(native, backend=backend)
+                ms = harness.median_ms(lambda: ours(x))
+                rows.append(harness.Row(
+                    op=op, mode="fwd", backend=label, baseline="cudnn_eval",
+                    dtype="bfloat16", shape=shape, ms=ms, tflops=None, baseline_ms=base_ms,
+                    ratio=base_ms / ms, rel_err=testing.rel_error(ours(x[:1]), ref),
+                    baseline_rel_err=base_err,
+                    peak_mem_bytes=harness.peak_memory(lambda: ours(x)), joules=None,
+                    extra={"ratio_vs_torch_folded": folded_ms / ms if folded_ms else None}))
+    print(f"{op} N={batch}: " + ", ".join(
+        harness.brief(r, "{backend} {ratio:.2f}x") for r in rows if r.op == op), flush=True)
     return rows
 
 

@@ -67,7 +67,13 @@ TINY_SWEEPS = {
              "FLOAT8_LINEAR_SIZE": {"full": 48, "quick": 32}},
     "conv2d": {"_layers": lambda quick: [
         (("stem_7x7", 3, 8, 12, 7, 2), 2), (("l1_3x3_64", 8, 8, 7, 3, 1), 2),
-        (("l3_1x1_1024_256", 16, 8, 5, 1, 1), 2), (("l3_3x3_256_s2", 8, 16, 6, 3, 2), 1)]},
+        (("l3_1x1_1024_256", 16, 8, 5, 1, 1), 2), (("l3_3x3_256_s2", 8, 16, 6, 3, 2), 1)],
+               "INFERENCE": ("tiny_cnn", lambda: torch.nn.Sequential(
+                   torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                   torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, bias=False),
+                   torch.nn.BatchNorm2d(16), torch.nn.ReLU(inplace=True),
+                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)),
+                   2, 9)},
 }
 EXAMPLE_SIZES = {"cifar_resnet": ["--batch-size", "8", "--width", "8", "--blocks", "1"],
                  "gpt_char": ["--batch-size", "2", "--seq-len", "32", "--d-model", "32",
@@ -127,6 +133,9 @@ def test_every_family_runs_its_sweep(family, quick, dry_run, tmp_path):
     ours = {r.backend for r in rows}
     if family == "examples":
         assert {r.op for r in rows} == {"train_cifar_resnet", "train_gpt_char"}
+    elif family == "conv2d":
+        inference = {r.backend for r in rows if r.op == "tiny_cnn_inference"}
+        assert inference == {"torch", "torch_folded", "triton", "cuda", "cuda-sm80"}, inference
     else:
         # Both of our backends ran (the cuda one as each of its kernel variants on Hopper).
         assert {"triton", "cuda"} <= {b.removeprefix("float8_linear_").split("_")[0]

@@ -338,6 +338,36 @@ def test_converted_resnet18_channels_last():
         memory_format=torch.channels_last), "resnet18")
 
 
+def test_resnet18_optimized_for_inference():
+    """optimize_for_inference with backend="cuda" on a bf16 channels-last ResNet-18 whose
+    BatchNorms hold statistics of their own: the folded convolutions with their fused ReLU
+    give the model's output within the GUIDE §3 rule against float64."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+    import copy
+
+    from tilesmith import nn as tnn
+
+    torch.manual_seed(0)
+    native = torchvision.models.resnet18(num_classes=10).eval()
+    for module in native.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor in (module.running_mean, module.bias):
+                tensor.data.uniform_(-0.5, 0.5)
+            for tensor in (module.running_var, module.weight):
+                tensor.data.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(native).double()
+    native = native.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+
+    def check():
+        ours = tnn.optimize_for_inference(native, backend="cuda")
+        with torch.no_grad():
+            testing.assert_close_to_reference(ours(x.bfloat16()), reference(x.double()),
+                                              native(x.bfloat16()), name="resnet18")
+
+    through_cuda_ops(check)
+
+
 def test_converted_transformer_encoder():
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0,

@@ -707,6 +707,135 @@ def test_convert_fuses_activations_into_the_layers_before_them():
     assert type(fp8[1]) is torch.nn.ReLU  # Float8Linear has no epilogue activation
 
 
+def _with_running_statistics(model):
+    """``model`` with each BatchNorm's statistics and affine parameters away from their
+    initial 0/1, as a trained model's are (a fold of the initial ones barely changes the
+    weights), in eval mode."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor, low, high in ((module.running_mean, -0.5, 0.5),
+                                      (module.running_var, 0.5, 2.0),
+                                      (module.weight, 0.5, 1.5), (module.bias, -0.5, 0.5)):
+                if tensor is not None:
+                    with torch.no_grad():
+                        tensor.copy_(torch.empty(tensor.shape).uniform_(low, high,
+                                                                        generator=generator))
+    return model.eval()
+
+
+class _ConvBatchNormNet(torch.nn.Module):
+    """Each way a forward applies BatchNorm and activations, with the cases that must be
+    left alone beside them."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem = conv(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = torch.nn.BatchNorm2d(8)
+        self.act = torch.nn.ReLU(inplace=True)  # one module, called after three layers
+        self.conv = conv(8, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8, affine=False)
+        self.twice = conv(8, 8, 1)  # called twice: neither folded nor fused
+        self.twice_bn = torch.nn.BatchNorm2d(8)
+        self.branch = conv(8, 8, 1)  # its output also feeds the sum: not folded
+        self.branch_bn = torch.nn.BatchNorm2d(8)
+        self.batch_stats = conv(8, 8, 1)  # BatchNorm without running statistics: not folded
+        self.batch_stats_bn = torch.nn.BatchNorm2d(8, track_running_stats=False)
+        self.tanh_conv = conv(8, 8, 1)  # conv2d's epilogue has no gelu_tanh: not fused
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.act(self.stem_bn(self.stem(x)))
+        x = F.silu(self.bn(self.conv(x)))
+        x = self.twice_bn(self.twice(x)) + self.twice(x)
+        branch = self.branch(x)
+        x = self.branch_bn(branch) + branch
+        x = torch.relu(self.batch_stats_bn(self.batch_stats(x)))
+        x = F.gelu(self.tanh_conv(x), approximate="tanh").mean((2, 3))
+        x = F.gelu(self.fc1(x), approximate="tanh")
+        x = self.fc2(x).relu()
+        return self.act(self.head(x))
+
+
+def test_optimize_for_inference_folds_batchnorm_and_fuses_activations():
+    """optimize_for_inference on a traced forward: BatchNorms after convolutions folded
+    into them, activations called as modules, functions and methods fused into the layers
+    before them; what would change another use's result left alone. Outputs as the
+    model's in eval mode, which stays as it was."""
+    torch.manual_seed(0)
+    native = _with_running_statistics(_ConvBatchNormNet().to(DEVICE))
+    before = copy.deepcopy(native.state_dict())
+    ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS,
+                                                       return_report=True)
+    assert isinstance(ours, torch.fx.GraphModule) and not ours.training
+    assert report.folded == [("stem", "stem_bn"), ("conv", "bn")]
+    assert report.fused == [("stem", "act", "relu"), ("conv", "silu", "silu"),
+                            ("fc1", "gelu_1", "gelu_tanh"), ("fc2", "relu_1", "relu"),
+                            ("head", "act", "relu")]
+    assert len(report.converted) == 9 and not report.skipped
+    assert ours.stem.activation == "relu" and ours.stem.bias is not None
+    assert ours.tanh_conv.activation is None and ours.twice.activation is None
+    kept = {name for name, module in ours.named_modules()
+            if isinstance(module, torch.nn.BatchNorm2d)}
+    assert kept == {"twice_bn", "branch_bn", "batch_stats_bn"}
+    x = torch.randn(2, 3, 7, 7, device=DEVICE)
+    with torch.no_grad():
+        _close(ours(x), native(x))
+    for name, tensor in native.state_dict().items():  # the model itself is untouched
+        assert torch.equal(tensor, before[name]), name
+    assert not any(isinstance(m, tilesmith.nn.Conv2d) for m in native.modules())
+    # Again on the result (tilesmith's modules, traced whole): nothing more to do.
+    again = tilesmith.nn.optimize_for_inference(ours, return_report=True)[1]
+    assert not again.folded and not again.fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_optimize_for_inference_resnet18(dtype):
+    """torchvision's ResNet-18 at inference: its 20 BatchNorms folded, the ReLU after each
+    block's first convolution (and the stem's) fused (those after the residual sums stay);
+    output within the GUIDE §3 rule against the float64 model (the folded weights are
+    rounded to the dtype once more than the model's); torch.export takes the result."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+    torch.manual_seed(0)
+    native = _with_running_statistics(torchvision.models.resnet18(num_classes=10).to(DEVICE))
+    ours, report = tilesmith.nn.optimize_for_inference(native.to(dtype), backend=MODELS,
+                                                       return_report=True)
+    assert len(report.folded) == 20 and len(report.fused) == 9
+    assert not any("bn" in key or "downsample.1" in key for key in ours.state_dict())
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        out, base = ours(x.to(dtype)), native(x.to(dtype))
+        ref = copy.deepcopy(native).double()(x.double())
+    if dtype == torch.float32:
+        _close(out, base, rtol=1e-5)
+        exported = torch.export.export(ours, (x,))  # a GraphModule exports as it is
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), out, rtol=0, atol=0)
+    else:
+        testing.assert_close_to_reference(out, ref, base)
+
+
+def test_optimize_for_inference_rejects_what_it_cannot_do():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="model is in training mode; call model.eval"):
+        tilesmith.nn.optimize_for_inference(model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        tilesmith.nn.optimize_for_inference(lambda x: x)
+    with pytest.raises(ValueError, match="backend"):
+        tilesmith.nn.optimize_for_inference(model.eval(), backend="cudnn")
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ValueError, match="torch.fx cannot trace DataDependent's forward "
+                                         ".*convert\\(model, fuse_activations=True\\)"):
+        tilesmith.nn.optimize_for_inference(DataDependent().eval())
+
+
 def test_torch_export_of_a_converted_model():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),

@@ -32,6 +32,9 @@ class ConversionReport:
     # (layer, activation module, activation): each activation module of an nn.Sequential
     # fused into the layer before it (fuse_activations=True), and replaced by nn.Identity.
     fused: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    # (convolution, BatchNorm): each BatchNorm folded into the convolution before it
+    # (optimize_for_inference).
+    folded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def _why_not(module: torch.nn.Module, kind: str) -> str | None:
@@ -146,17 +149,15 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     return (model, report) if return_report else model
 
 
-def _activation_name(module: torch.nn.Module, layer: torch.nn.Module) -> str | None:
-    """The epilogue activation that ``module`` computes, if ``layer`` has it in its list."""
+def _activation_name(module: torch.nn.Module) -> str | None:
+    """The epilogue activation that ``module`` computes, if it is one."""
     if type(module) is torch.nn.ReLU:
-        name = "relu"
-    elif type(module) is torch.nn.SiLU:
-        name = "silu"
-    elif type(module) is torch.nn.GELU:
-        name = "gelu" if module.approximate == "none" else "gelu_tanh"
-    else:
-        return None
-    return name if name in type(layer).ACTIVATIONS else None
+        return "relu"
+    if type(module) is torch.nn.SiLU:
+        return "silu"
+    if type(module) is torch.nn.GELU:
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    return None
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -183,8 +184,8 @@ def _fuse_activations(model: torch.nn.Module, report: ConversionReport) -> None:
             if (not isinstance(layer, (Linear, Conv2d)) or layer.activation is not None
                     or uses[id(layer)] > 1 or _has_hooks(layer) or _has_hooks(act)):
                 continue
-            name = _activation_name(act, layer)
-            if name is None:
+            name = _activation_name(act)
+            if name is None or name not in type(layer).ACTIVATIONS:
                 continue
             layer.activation = name
             setattr(sequential, act_key, torch.nn.Identity())

@@ -1,0 +1,182 @@
+"""optimize_for_inference(model): on a torch.fx trace of the forward, fold each BatchNorm
+that follows a convolution into the convolution's weight and bias, convert the layers to
+tilesmith's, and move the activations that follow them into their epilogues, however the
+forward calls them (modules, functions, tensor methods)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.nn.utils import parametrize
+
+from .convert import _activation_name, _has_hooks, convert
+from .float8 import Float8Linear
+from .modules import Conv2d, Linear, MultiheadAttention, check_backend_option
+
+# Calls that compute an activation of their first argument (extra arguments, such as
+# inplace=True, change where the result is stored, not its value); F.gelu is read apart.
+_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
+_SILU_FUNCTIONS = (F.silu,)
+_RELU_METHODS = ("relu", "relu_")
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, which keeps torch.nn's modules whole, keeping tilesmith's whole
+    too (a model converted before), so that their activation can be set."""
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return (isinstance(module, (Linear, Conv2d, Float8Linear, MultiheadAttention))
+                or super().is_leaf_module(module, qualified_name))
+
+
+def optimize_for_inference(model: torch.nn.Module, *,
+                           include=("linear", "conv2d", "attention"),
+                           backend: str | None = None, return_report: bool = False):
+    """A copy of ``model`` (in eval mode) for inference, as a ``torch.fx.GraphModule``:
+
+    * each ``nn.BatchNorm2d`` whose input is a ``Conv2d``'s output, used nowhere else, is
+      folded into that convolution (its weight scaled by gamma / sqrt(running_var + eps)
+      per filter, the bias made beta + (bias - running_mean) times that scale; computed in
+      float64, stored in the weight's dtype) and removed;
+    * the layers ``include`` names are converted as ``convert`` does, with ``backend``;
+    * a relu, gelu (exact or tanh) or silu applied to a converted Linear's or Conv2d's
+      output, and to nothing else, moves into the layer's epilogue (its ``activation``),
+      whether the forward calls a module (``self.relu``, shared by several layers or not),
+      a function (``F.relu``, ``torch.relu``, ``F.gelu(approximate=...)``, ``F.silu``) or
+      a tensor method (``.relu()``).
+
+    A layer called at more than one place in the forward, and modules with hooks, are left
+    as they are. ``model`` itself is not changed. The result's ``state_dict`` differs from
+    the model's where BatchNorms were folded (no BatchNorm entries; the convolutions have
+    a bias) and is not meant to be trained: in training mode a BatchNorm normalizes with the
+    batch's statistics, which no folding can know. The forward must be traceable by
+    ``torch.fx.symbolic_trace`` (no control flow on tensor values); where it is not,
+    ``convert(model, fuse_activations=True)`` needs no trace. Returns the GraphModule (and a
+    ``ConversionReport`` whose ``folded`` lists (convolution, BatchNorm) pairs and ``fused``
+    (layer, activation module or call, activation) triples, when ``return_report``)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize_for_inference: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    if model.training:
+        raise ValueError("optimize_for_inference: model is in training mode; call "
+                         "model.eval() first (a folded BatchNorm uses its running statistics, "
+                         "as it does in eval mode only)")
+    check_backend_option("optimize_for_inference", backend)
+    model = copy.deepcopy(model)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as error:  # fx raises many kinds; say which and what to do instead
+        raise ValueError(f"optimize_for_inference: torch.fx cannot trace "
+                         f"{type(model).__name__}'s forward ({type(error).__name__}: {error}); "
+                         f"tilesmith.nn.convert(model, fuse_activations=True) needs no "
+                         f"trace") from error
+    traced = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    traced.training = False
+    modules = dict(traced.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def called_once_alone(node) -> bool:
+        """A module call whose module runs nowhere else and whose output goes to one call."""
+        return (node.op == "call_module" and calls[node.target] == 1
+                and len(node.users) == 1 and not _has_hooks(modules[node.target]))
+
+    folded = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target],
+                                                      torch.nn.BatchNorm2d):
+            continue
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if (isinstance(source, fx.Node) and called_once_alone(source)
+                and _can_fold(modules[source.target], modules[node.target])):
+            _fold_batchnorm(modules[source.target], modules[node.target])
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            folded.append((source.target, node.target))
+
+    _, report = convert(traced, include=include, backend=backend, return_report=True)
+    report.folded = folded
+    for node in list(graph.nodes):
+        activation = _node_activation(node, modules)
+        if activation is None:
+            continue
+        name, source = activation
+        if not (isinstance(source, fx.Node) and called_once_alone(source)):
+            continue
+        layer = modules[source.target]
+        if (not isinstance(layer, (Linear, Conv2d)) or layer.activation is not None
+                or name not in type(layer).ACTIVATIONS):
+            continue
+        layer.activation = name
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+        report.fused.append((source.target,
+                             node.target if node.op == "call_module" else node.name, name))
+
+    graph.lint()
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    return (traced, report) if return_report else traced
+
+
+def _can_fold(conv: torch.nn.Module, batchnorm: torch.nn.BatchNorm2d) -> bool:
+    """Whether ``batchnorm(conv(x))`` is a convolution whose weight and bias can be written:
+    torch's or tilesmith's Conv2d (no epilogue activation, no parametrization) before a
+    BatchNorm in eval mode, without hooks, with running statistics of as many channels."""
+    return (type(conv) in (torch.nn.Conv2d, Conv2d) and getattr(conv, "activation", None) is None
+            and not parametrize.is_parametrized(conv)
+            and type(batchnorm) is torch.nn.BatchNorm2d and not batchnorm.training
+            and not _has_hooks(batchnorm)
+            and batchnorm.running_mean is not None and batchnorm.running_var is not None
+            and batchnorm.num_features == conv.out_channels)
+
+
+@torch.no_grad()
+def _fold_batchnorm(conv: torch.nn.Conv2d, batchnorm: torch.nn.BatchNorm2d) -> None:
+    """Make ``conv`` compute ``batchnorm(conv(x))``: in eval mode the BatchNorm is the
+    per-channel affine map y * scale + (beta - running_mean * scale), scale = gamma /
+    sqrt(running_var + eps), which commutes into the filters and the bias."""
+    scale = (batchnorm.running_var.double() + batchnorm.eps).rsqrt()
+    if batchnorm.weight is not None:
+        scale = scale * batchnorm.weight.double()
+    bias = -batchnorm.running_mean.double() * scale
+    if batchnorm.bias is not None:
+        bias = bias + batchnorm.bias.double()
+    if conv.bias is not None:
+        bias = bias + conv.bias.double() * scale
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    requires_grad = conv.weight.requires_grad
+    conv.weight = torch.nn.Parameter(weight.to(conv.weight.dtype), requires_grad=requires_grad)
+    conv.bias = torch.nn.Parameter(bias.to(device=conv.weight.device, dtype=conv.weight.dtype),
+                                   requires_grad=requires_grad)
+
+
+def _node_activation(node: fx.Node, modules: dict) -> tuple[str, object] | None:
+    """(the epilogue activation ``node`` computes, its input) or None: an nn.ReLU, nn.GELU
+    or nn.SiLU module without hooks, or a call of the functions and methods above."""
+    if not node.args:
+        return None
+    if node.op == "call_module":
+        module = modules[node.target]
+        if _has_hooks(module) or len(node.args) != 1 or node.kwargs:
+            return None
+        name = _activation_name(module)
+    elif node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        name = "relu"
+    elif node.op == "call_function" and node.target in _SILU_FUNCTIONS:
+        name = "silu"
+    elif node.op == "call_function" and node.target is F.gelu:
+        approximate = node.kwargs.get("approximate",
+                                      node.args[1] if len(node.args) > 1 else "none")
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+    elif node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1:
+        name = "relu"
+    else:
+        return None
+    return (name, node.args[0]) if name is not None else None
+
