@@ -129,6 +129,8 @@ def _check(a, b) -> None:
     if k_a != k_b:
         raise ValueError(f"matmul: inner dimensions differ: a {tuple(a.shape)} @ b "
                          f"{tuple(b.shape)} ({k_a} != {k_b})")
+    if a.dim() <= 2 or b.dim() <= 2:  # no batch dimensions to broadcast (and a cheap check)
+        return
     try:
         torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except RuntimeError:
