@@ -106,6 +106,23 @@ def train(model, batches, loss_fn, *, steps, lr, device, amp, label, rank, items
             "peak_mem_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def median_seconds(fn, device: str, repeats: int = 10) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after two warm-up calls, the GPU
+    synchronized around each."""
+    cuda = device.startswith("cuda")
+    times = []
+    for call in range(repeats + 2):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if call >= 2:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def report(native: dict, ours: dict, *, unit: str, tolerance: float, out_dir: Path | None,
            title: str, rank: int) -> bool:
     """Prints the loss curves side by side and the verdict; writes JSON and a PNG."""

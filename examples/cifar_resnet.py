@@ -1,5 +1,8 @@
 """Train a CIFAR ResNet (ResNet-20 layout) with native torch and with tilesmith, from the
-same seed, and compare loss curves, step time, images/s and peak memory.
+same seed, and compare loss curves, step time, images/s and peak memory. Then the trained
+tilesmith model at inference, as tilesmith.nn.optimize_for_inference makes it (BatchNorms
+folded into the convolutions, ReLUs fused into them): its logits against the same model in
+eval mode, its time per batch against the native model's in eval mode.
 
     python examples/cifar_resnet.py [--data-dir DIR] [--steps 200] [--batch-size 512]
     torchrun --nproc_per_node=2 examples/cifar_resnet.py ...   # DistributedDataParallel
@@ -103,6 +106,29 @@ def batches(x, y, batch_size, device, channels_last, rank, world, seed):
             yield images, y[idx].to(device)
 
 
+def compare_inference(native, ours, images, *, device, amp, backend, rank) -> dict:
+    """The trained models in eval mode on one batch: ``ours`` as optimize_for_inference makes
+    it against ``ours`` itself (the same weights: how much folding and fusing change the
+    logits, and whether the predicted classes stay), and its time against ``native``'s."""
+    native.eval()
+    ours.eval()
+    served = tilesmith.nn.optimize_for_inference(ours, backend=backend)
+    with torch.no_grad(), _common.autocast_context(device, amp):
+        want, got = ours(images).float(), served(images).float()
+        native_s = _common.median_seconds(lambda: native(images), device)
+        served_s = _common.median_seconds(lambda: served(images), device)
+    result = {"logits_rel_diff": ((got - want).norm() / want.norm()).item(),
+              "same_class": (got.argmax(1) == want.argmax(1)).float().mean().item(),
+              "native_eval_s": native_s, "optimized_s": served_s}
+    if rank == 0:
+        print(f"inference (eval mode, batch {len(images)}): native {native_s * 1e3:.2f} ms, "
+              f"tilesmith optimize_for_inference {served_s * 1e3:.2f} ms "
+              f"({native_s / served_s:.2f}x); its logits {result['logits_rel_diff']:.1e} "
+              f"from the unfolded model's, the same class for "
+              f"{result['same_class'] * 100:.1f}% of the images")
+    return result
+
+
 def main(argv=None):
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=__doc__,
@@ -160,6 +186,10 @@ def main(argv=None):
     same = _common.report(results["native"], results["tilesmith"], unit="images",
                           tolerance=args.tolerance, out_dir=args.out, title="cifar_resnet",
                           rank=rank)
+    images, _ = next(batches(x, y, args.batch_size, device, channels_last, rank, world,
+                             args.seed + 1))
+    results["inference"] = compare_inference(native, ours, images, device=device,
+                                             amp=args.amp, backend=args.backend, rank=rank)
     _common.finish(world)
     return results, same
 

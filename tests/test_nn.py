@@ -912,6 +912,9 @@ def test_cifar_example_trains_a_few_steps(tmp_path):
                                        "--blocks", "1", "--device", str(DEVICE),
                                        "--backend", MODELS, "--out", str(tmp_path)])
     assert len(results["tilesmith"]["losses"]) == 3 and same
+    # At inference the folded model gives the trained one's logits (fp32 on the CPU).
+    assert results["inference"]["logits_rel_diff"] < 1e-5
+    assert results["inference"]["same_class"] == 1.0
     assert (tmp_path / "cifar_resnet.json").exists()
     assert (tmp_path / "cifar_resnet.png").exists() == HAS_MATPLOTLIB  # the loss curves
     # The generated data set is in CIFAR-10's own format, readable as the real one is.
