@@ -713,7 +713,7 @@ def _with_running_statistics(model):
     weights), in eval mode."""
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             for tensor, low, high in ((module.running_mean, -0.5, 0.5),
                                       (module.running_var, 0.5, 2.0),
                                       (module.weight, 0.5, 1.5), (module.bias, -0.5, 0.5)):
@@ -735,7 +735,7 @@ class _ConvBatchNormNet(torch.nn.Module):
         self.stem_bn = torch.nn.BatchNorm2d(8)
         self.act = torch.nn.ReLU(inplace=True)  # one module, called after three layers
         self.conv = conv(8, 8, 3, padding=1)
-        self.bn = torch.nn.BatchNorm2d(8, affine=False)
+        self.bn = torch.nn.SyncBatchNorm(8, affine=False)  # in eval mode as BatchNorm2d
         self.twice = conv(8, 8, 1)  # called twice: neither folded nor fused
         self.twice_bn = torch.nn.BatchNorm2d(8)
         self.branch = conv(8, 8, 1)  # its output also feeds the sum: not folded

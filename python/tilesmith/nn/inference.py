@@ -21,6 +21,8 @@ from .modules import Conv2d, Linear, MultiheadAttention, check_backend_option
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _SILU_FUNCTIONS = (F.silu,)
 _RELU_METHODS = ("relu", "relu_")
+# In eval mode after a convolution both are the same per-channel affine map.
+_BATCHNORMS = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
 
 
 class _Tracer(fx.Tracer):
@@ -37,7 +39,8 @@ def optimize_for_inference(model: torch.nn.Module, *,
                            backend: str | None = None, return_report: bool = False):
     """A copy of ``model`` (in eval mode) for inference, as a ``torch.fx.GraphModule``:
 
-    * each ``nn.BatchNorm2d`` whose input is a ``Conv2d``'s output, used nowhere else, is
+    * each ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) whose input is a ``Conv2d``'s
+      output, used nowhere else, is
       folded into that convolution (its weight scaled by gamma / sqrt(running_var + eps)
       per filter, the bias made beta + (bias - running_mean) times that scale; computed in
       float64, stored in the weight's dtype) and removed;
@@ -88,8 +91,7 @@ def optimize_for_inference(model: torch.nn.Module, *,
 
     folded = []
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target],
-                                                      torch.nn.BatchNorm2d):
+        if node.op != "call_module" or type(modules[node.target]) not in _BATCHNORMS:
             continue
         source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         if (isinstance(source, fx.Node) and called_once_alone(source)
@@ -124,20 +126,20 @@ def optimize_for_inference(model: torch.nn.Module, *,
     return (traced, report) if return_report else traced
 
 
-def _can_fold(conv: torch.nn.Module, batchnorm: torch.nn.BatchNorm2d) -> bool:
+def _can_fold(conv: torch.nn.Module, batchnorm: torch.nn.Module) -> bool:
     """Whether ``batchnorm(conv(x))`` is a convolution whose weight and bias can be written:
     torch's or tilesmith's Conv2d (no epilogue activation, no parametrization) before a
     BatchNorm in eval mode, without hooks, with running statistics of as many channels."""
     return (type(conv) in (torch.nn.Conv2d, Conv2d) and getattr(conv, "activation", None) is None
             and not parametrize.is_parametrized(conv)
-            and type(batchnorm) is torch.nn.BatchNorm2d and not batchnorm.training
+            and not batchnorm.training
             and not _has_hooks(batchnorm)
             and batchnorm.running_mean is not None and batchnorm.running_var is not None
             and batchnorm.num_features == conv.out_channels)
 
 
 @torch.no_grad()
-def _fold_batchnorm(conv: torch.nn.Conv2d, batchnorm: torch.nn.BatchNorm2d) -> None:
+def _fold_batchnorm(conv: torch.nn.Conv2d, batchnorm: torch.nn.Module) -> None:
     """Make ``conv`` compute ``batchnorm(conv(x))``: in eval mode the BatchNorm is the
     per-channel affine map y * scale + (beta - running_mean * scale), scale = gamma /
     sqrt(running_var + eps), which commutes into the filters and the bias."""
