@@ -368,6 +368,35 @@ def test_resnet18_optimized_for_inference():
     through_cuda_ops(check)
 
 
+def test_gpt_optimized_for_inference():
+    """optimize_for_inference with backend="cuda" on the GPT example's bf16 model: its
+    MLP's GELU and four residual sums in the GEMM epilogues, its SDPA calls on tilesmith's;
+    the logits within the GUIDE §3 rule against float64."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    from tilesmith import nn as tnn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import gpt_char
+
+    torch.manual_seed(0)
+    native = gpt_char.GPT(vocab=40, d_model=32, heads=2, layers=2, seq_len=24).eval()
+    reference = copy.deepcopy(native).double()
+    native = native.to(torch.bfloat16)
+    idx = torch.randint(0, 40, (2, 24))
+
+    def check():
+        ours, report = tnn.optimize_for_inference(native, backend="cuda", return_report=True)
+        assert len(report.fused) == 2 and len(report.residuals) == 4
+        with torch.no_grad():
+            testing.assert_close_to_reference(ours(idx), reference(idx), native(idx),
+                                              name="gpt")
+
+    through_cuda_ops(check)
+
+
 def test_converted_transformer_encoder():
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0,

@@ -818,6 +818,86 @@ def test_optimize_for_inference_resnet18(dtype):
         testing.assert_close_to_reference(out, ref, base)
 
 
+class _ResidualNet(torch.nn.Module):
+    """The ways a forward adds a Linear's output to a residual, with dropout between them
+    and attention through F.scaled_dot_product_attention."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        linear = torch.nn.Linear
+        self.qkv, self.proj = linear(width, 3 * width), linear(width, width)
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc1, self.fc2, self.fc3, self.fc4, self.fc5 = (linear(width, width)
+                                                            for _ in range(5))
+        self.fc6 = linear(width, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.drop(self.proj(y.transpose(1, 2).flatten(2)))  # fused, dropout gone
+        x = F.dropout(F.gelu(self.fc1(x)), 0.5, training=self.training) + x  # fused
+        x = torch.add(self.fc2(x), x)  # fused
+        y = self.fc3(x)
+        y += x  # which the trace records as y + x: fused
+        y = self.fc4(y)
+        x = x + y + y  # the layer's output used twice: not fused
+        z = self.fc5(x) + x.sin()  # the residual comes after the layer: not fused
+        return self.fc6(z) + z  # (..., 1) + (..., 16): broadcast, added apart at run time
+
+
+def test_optimize_for_inference_residuals_dropout_and_sdpa():
+    """A transformer-style forward: eval-mode dropouts dropped, the GELU fused, residual
+    sums taken into the Linear epilogues where that computes the same, F.sdpa calls routed
+    to tilesmith's; outputs as the model's in eval mode."""
+    torch.manual_seed(0)
+    native = _ResidualNet().to(DEVICE).eval()
+    ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS,
+                                                       return_report=True)
+    assert report.fused == [("fc1", "gelu", "gelu")]
+    assert [layer for layer, _ in report.residuals] == ["proj", "fc1", "fc2", "fc3", "fc6"]
+    assert "scaled_dot_product_attention" in report.converted
+    targets = [node.target for node in ours.graph.nodes]
+    assert F.scaled_dot_product_attention not in targets
+    assert tilesmith.ops.scaled_dot_product_attention in targets
+    assert F.dropout not in targets and "drop" not in dict(ours.named_modules())
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    with torch.no_grad():
+        _close(ours(x), native(x))
+
+
+def test_linear_module_adds_a_residual():
+    """Linear.forward(x, residual): in the GEMM's epilogue where the residual has the
+    output's shape and dtype (outputs and all four gradients as torch's layer(x) + r; in
+    bf16 within the GUIDE §3 rule), else added apart with torch's broadcasting and type
+    promotion (under autocast an fp32 residual keeps the sum in fp32)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(20, 12, device=DEVICE)
+    ours = tilesmith.nn.Linear(20, 12, device=DEVICE, activation="gelu", backend=KERNELS)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, 20, device=DEVICE, requires_grad=True)
+    residual = torch.randn(3, 4, 12, device=DEVICE, requires_grad=True)
+    got, want = ours(x, residual), F.gelu(ref(x)) + residual
+    _close(got, want)
+    grads = torch.autograd.grad(got.square().sum(), (x, residual, ours.weight, ours.bias))
+    want_grads = torch.autograd.grad(want.square().sum(), (x, residual, ref.weight, ref.bias))
+    for g, w in zip(grads, want_grads):
+        _close(g, w, rtol=1e-5, name="grad")
+    low = copy.deepcopy(ours).to(torch.bfloat16)
+    ref64 = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        testing.assert_close_to_reference(
+            low(x.bfloat16(), residual.bfloat16()),
+            F.gelu(ref64(x.double())) + residual.double(),
+            F.gelu(copy.deepcopy(ref).to(torch.bfloat16)(x.bfloat16())) + residual.bfloat16())
+        broadcast = torch.randn(12, device=DEVICE)
+        _close(ours(x, broadcast), F.gelu(ref(x)) + broadcast)
+        with torch.autocast(DEVICE.type if isinstance(DEVICE, torch.device) else DEVICE,
+                            dtype=torch.bfloat16):
+            got, want = ours(x, residual), ours(x) + residual
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_optimize_for_inference_rejects_what_it_cannot_do():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="model is in training mode; call model.eval"):

@@ -35,6 +35,9 @@ class ConversionReport:
     # (convolution, BatchNorm): each BatchNorm folded into the convolution before it
     # (optimize_for_inference).
     folded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # (Linear, sum): each residual sum taken into the Linear's epilogue before it
+    # (optimize_for_inference).
+    residuals: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def _why_not(module: torch.nn.Module, kind: str) -> str | None:

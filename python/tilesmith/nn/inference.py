@@ -1,17 +1,20 @@
-"""optimize_for_inference(model): on a torch.fx trace of the forward, fold each BatchNorm
-that follows a convolution into the convolution's weight and bias, convert the layers to
-tilesmith's, and move the activations that follow them into their epilogues, however the
-forward calls them (modules, functions, tensor methods)."""
+"""optimize_for_inference(model): on a torch.fx trace of the forward, drop the dropouts,
+fold each BatchNorm that follows a convolution into the convolution's weight and bias,
+convert the layers to tilesmith's, and move the activations and residual sums that follow
+them into their epilogues, however the forward calls them (modules, functions, tensor
+methods)."""
 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.nn.utils import parametrize
 
+from .. import ops
 from .convert import _activation_name, _has_hooks, convert
 from .float8 import Float8Linear
 from .modules import Conv2d, Linear, MultiheadAttention, check_backend_option
@@ -23,6 +26,11 @@ _SILU_FUNCTIONS = (F.silu,)
 _RELU_METHODS = ("relu", "relu_")
 # In eval mode after a convolution both are the same per-channel affine map.
 _BATCHNORMS = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
+# Identities in eval mode (the functions: where called with training=False).
+_DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d,
+                    torch.nn.Dropout3d, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                      F.feature_alpha_dropout)
 
 
 class _Tracer(fx.Tracer):
@@ -39,27 +47,37 @@ def optimize_for_inference(model: torch.nn.Module, *,
                            backend: str | None = None, return_report: bool = False):
     """A copy of ``model`` (in eval mode) for inference, as a ``torch.fx.GraphModule``:
 
+    * dropout modules in eval mode, and dropout functions called with ``training=False``,
+      are removed (identities);
     * each ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) whose input is a ``Conv2d``'s
-      output, used nowhere else, is
-      folded into that convolution (its weight scaled by gamma / sqrt(running_var + eps)
-      per filter, the bias made beta + (bias - running_mean) times that scale; computed in
-      float64, stored in the weight's dtype) and removed;
-    * the layers ``include`` names are converted as ``convert`` does, with ``backend``;
+      output, used nowhere else, is folded into that convolution (its weight scaled by
+      gamma / sqrt(running_var + eps) per filter, the bias made beta + (bias -
+      running_mean) times that scale; computed in float64, stored in the weight's dtype)
+      and removed;
+    * the layers ``include`` names are converted as ``convert`` does, with ``backend``, and
+      with "attention", the forward's calls of ``F.scaled_dot_product_attention`` call
+      tilesmith's;
     * a relu, gelu (exact or tanh) or silu applied to a converted Linear's or Conv2d's
       output, and to nothing else, moves into the layer's epilogue (its ``activation``),
       whether the forward calls a module (``self.relu``, shared by several layers or not),
       a function (``F.relu``, ``torch.relu``, ``F.gelu(approximate=...)``, ``F.silu``) or
-      a tensor method (``.relu()``).
+      a tensor method (``.relu()``);
+    * a sum ``linear(x) + r`` (or ``r + linear(x)``, ``torch.add``; the trace records
+      ``+=`` as ``+``) of a converted Linear's output, used nowhere else, and a tensor
+      ``r`` computed before the layer becomes ``linear(x, residual=r)``: added in the
+      GEMM's epilogue where ``r`` has the output's shape and dtype (see ``Linear``).
 
     A layer called at more than one place in the forward, and modules with hooks, are left
     as they are. ``model`` itself is not changed. The result's ``state_dict`` differs from
     the model's where BatchNorms were folded (no BatchNorm entries; the convolutions have
     a bias) and is not meant to be trained: in training mode a BatchNorm normalizes with the
-    batch's statistics, which no folding can know. The forward must be traceable by
-    ``torch.fx.symbolic_trace`` (no control flow on tensor values); where it is not,
-    ``convert(model, fuse_activations=True)`` needs no trace. Returns the GraphModule (and a
-    ``ConversionReport`` whose ``folded`` lists (convolution, BatchNorm) pairs and ``fused``
-    (layer, activation module or call, activation) triples, when ``return_report``)."""
+    batch's statistics, which no folding can know, and the dropouts are gone. The forward
+    must be traceable by ``torch.fx.symbolic_trace`` (no control flow on tensor values);
+    where it is not, ``convert(model, fuse_activations=True)`` needs no trace. Returns the
+    GraphModule (and a ``ConversionReport`` whose ``folded`` lists (convolution, BatchNorm)
+    pairs, ``fused`` (layer, activation module or call, activation) triples and
+    ``residuals`` (Linear, sum) pairs, when ``return_report``; converted SDPA calls are
+    listed by their name in the graph)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize_for_inference: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
@@ -84,6 +102,11 @@ def optimize_for_inference(model: torch.nn.Module, *,
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
 
+    for node in list(graph.nodes):
+        if _is_inactive_dropout(node, modules):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
     def called_once_alone(node) -> bool:
         """A module call whose module runs nowhere else and whose output goes to one call."""
         return (node.op == "call_module" and calls[node.target] == 1
@@ -103,6 +126,12 @@ def optimize_for_inference(model: torch.nn.Module, *,
 
     _, report = convert(traced, include=include, backend=backend, return_report=True)
     report.folded = folded
+    if "attention" in include:
+        for node in graph.nodes:  # the forward's own calls of torch's SDPA: tilesmith's
+            if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+                node.target = ops.scaled_dot_product_attention
+                node.kwargs = {**node.kwargs, "backend": backend}
+                report.converted.append(node.name)
     for node in list(graph.nodes):
         activation = _node_activation(node, modules)
         if activation is None:
@@ -119,6 +148,21 @@ def optimize_for_inference(model: torch.nn.Module, *,
         graph.erase_node(node)
         report.fused.append((source.target,
                              node.target if node.op == "call_module" else node.name, name))
+
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        addends = _residual_sum(node)
+        if addends is None:
+            continue
+        for source, residual in (addends, addends[::-1]):
+            if (isinstance(source, fx.Node) and isinstance(residual, fx.Node)
+                    and called_once_alone(source) and type(modules[source.target]) is Linear
+                    and "residual" not in source.kwargs and order[residual] < order[source]):
+                source.kwargs = {**source.kwargs, "residual": residual}
+                node.replace_all_uses_with(source)
+                graph.erase_node(node)
+                report.residuals.append((source.target, node.name))
+                break
 
     graph.lint()
     traced.delete_all_unused_submodules()
@@ -156,6 +200,26 @@ def _fold_batchnorm(conv: torch.nn.Conv2d, batchnorm: torch.nn.Module) -> None:
     conv.weight = torch.nn.Parameter(weight.to(conv.weight.dtype), requires_grad=requires_grad)
     conv.bias = torch.nn.Parameter(bias.to(device=conv.weight.device, dtype=conv.weight.dtype),
                                    requires_grad=requires_grad)
+
+
+def _is_inactive_dropout(node: fx.Node, modules: dict) -> bool:
+    """A dropout module in eval mode, or a dropout function called with training=False."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        return (type(module) in _DROPOUT_MODULES and not module.training
+                and not _has_hooks(module) and len(node.args) == 1)
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS and node.args:
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return training is False
+    return False
+
+
+def _residual_sum(node: fx.Node) -> tuple[object, object] | None:
+    """The two addends of ``a + b`` (or ``torch.add`` without alpha), or None."""
+    if (node.op == "call_function" and node.target in (operator.add, torch.add)
+            and len(node.args) == 2 and not node.kwargs):
+        return node.args
+    return None
 
 
 def _node_activation(node: fx.Node, modules: dict) -> tuple[str, object] | None:

@@ -37,7 +37,11 @@ def _options_repr(module) -> str:
 
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on ``tilesmith.ops.gemm``, with an optional fused ``activation``
-    ("relu", "gelu", "gelu_tanh", "silu") applied after the bias in the same kernel."""
+    ("relu", "gelu", "gelu_tanh", "silu") applied after the bias in the same kernel.
+    ``forward(x, residual)`` returns ``layer(x) + residual`` (a residual connection), added
+    in the GEMM's epilogue where ``residual`` has the output's shape and dtype outside
+    autocast (the sum is then rounded once, from fp32), else by a separate add that
+    broadcasts and promotes as torch's ``+`` does."""
 
     ACTIVATIONS = GEMM_ACTIVATIONS
 
@@ -48,14 +52,21 @@ class Linear(torch.nn.Linear):
         self.activation = activation
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear: input has {x.shape[-1]} features, the layer expects "
                              f"{self.in_features} (input shape {tuple(x.shape)})")
         x2d = x.reshape(-1, self.in_features)
+        out_shape = (*x.shape[:-1], self.out_features)
+        # Under autocast the GEMM's output is in the autocast dtype, and torch's + would
+        # promote it to the residual's (an fp32 residual stream stays fp32): added apart.
+        fused = (isinstance(residual, torch.Tensor) and residual.shape == out_shape
+                 and residual.dtype == x.dtype == self.weight.dtype
+                 and not torch.is_autocast_enabled(x.device.type))
         out = ops.gemm(x2d, self.weight.t(), bias=self.bias, activation=self.activation,
-                       backend=self.backend)
-        return out.view(*x.shape[:-1], self.out_features)
+                       residual=residual.reshape(-1, self.out_features) if fused else None,
+                       backend=self.backend).view(out_shape)
+        return out + residual if residual is not None and not fused else out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _options_repr(self)
