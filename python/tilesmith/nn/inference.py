@@ -96,78 +96,104 @@ def optimize_for_inference(model: torch.nn.Module, *,
                          f"trace") from error
     traced = fx.GraphModule(model, graph, class_name=type(model).__name__)
     traced.training = False
-    modules = dict(traced.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-
-    for node in list(graph.nodes):
-        if _is_inactive_dropout(node, modules):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-
-    def called_once_alone(node) -> bool:
-        """A module call whose module runs nowhere else and whose output goes to one call."""
-        return (node.op == "call_module" and calls[node.target] == 1
-                and len(node.users) == 1 and not _has_hooks(modules[node.target]))
-
-    folded = []
-    for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules[node.target]) not in _BATCHNORMS:
-            continue
-        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if (isinstance(source, fx.Node) and called_once_alone(source)
-                and _can_fold(modules[source.target], modules[node.target])):
-            _fold_batchnorm(modules[source.target], modules[node.target])
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-            folded.append((source.target, node.target))
-
+    rewrite = _Rewrite(traced)
+    rewrite.drop_dropouts()
+    folded = rewrite.fold_batchnorms()
     _, report = convert(traced, include=include, backend=backend, return_report=True)
     report.folded = folded
     if "attention" in include:
-        for node in graph.nodes:  # the forward's own calls of torch's SDPA: tilesmith's
-            if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-                node.target = ops.scaled_dot_product_attention
-                node.kwargs = {**node.kwargs, "backend": backend}
-                report.converted.append(node.name)
-    for node in list(graph.nodes):
-        activation = _node_activation(node, modules)
-        if activation is None:
-            continue
-        name, source = activation
-        if not (isinstance(source, fx.Node) and called_once_alone(source)):
-            continue
-        layer = modules[source.target]
-        if (not isinstance(layer, (Linear, Conv2d)) or layer.activation is not None
-                or name not in type(layer).ACTIVATIONS):
-            continue
-        layer.activation = name
-        node.replace_all_uses_with(source)
-        graph.erase_node(node)
-        report.fused.append((source.target,
-                             node.target if node.op == "call_module" else node.name, name))
-
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    for node in list(graph.nodes):
-        addends = _residual_sum(node)
-        if addends is None:
-            continue
-        for source, residual in (addends, addends[::-1]):
-            if (isinstance(source, fx.Node) and isinstance(residual, fx.Node)
-                    and called_once_alone(source) and type(modules[source.target]) is Linear
-                    and "residual" not in source.kwargs and order[residual] < order[source]):
-                source.kwargs = {**source.kwargs, "residual": residual}
-                node.replace_all_uses_with(source)
-                graph.erase_node(node)
-                report.residuals.append((source.target, node.name))
-                break
-
+        report.converted += rewrite.route_sdpa(backend)
+    report.fused += rewrite.fuse_activations()
+    report.residuals += rewrite.fuse_residuals()
     graph.lint()
     traced.delete_all_unused_submodules()
     traced.recompile()
     return (traced, report) if return_report else traced
+
+
+class _Rewrite:
+    """The passes over a traced model's graph, each returning what it changed."""
+
+    def __init__(self, traced: fx.GraphModule):
+        self.graph = traced.graph
+        self.modules = dict(traced.named_modules())
+        self.calls: dict[str, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+
+    def lone_call(self, node) -> bool:
+        """A call of a module that runs nowhere else, has no hooks, and whose output goes to
+        one call only: what can change (its weights, its epilogue) without another use
+        seeing it."""
+        return (isinstance(node, fx.Node) and node.op == "call_module"
+                and self.calls[node.target] == 1 and len(node.users) == 1
+                and not _has_hooks(self.modules[node.target]))
+
+    def replace(self, node: fx.Node, by: fx.Node) -> None:
+        node.replace_all_uses_with(by)
+        self.graph.erase_node(node)
+
+    def drop_dropouts(self) -> None:
+        for node in list(self.graph.nodes):
+            if _is_inactive_dropout(node, self.modules):
+                self.replace(node, node.args[0])
+
+    def fold_batchnorms(self) -> list[tuple[str, str]]:
+        folded = []
+        for node in list(self.graph.nodes):
+            if node.op != "call_module" or type(self.modules[node.target]) not in _BATCHNORMS:
+                continue
+            conv = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+            if (self.lone_call(conv)
+                    and _can_fold(self.modules[conv.target], self.modules[node.target])):
+                _fold_batchnorm(self.modules[conv.target], self.modules[node.target])
+                self.replace(node, conv)
+                folded.append((conv.target, node.target))
+        return folded
+
+    def route_sdpa(self, backend) -> list[str]:
+        """The forward's own calls of torch's SDPA made calls of tilesmith's."""
+        routed = []
+        for node in self.graph.nodes:
+            if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+                node.target = ops.scaled_dot_product_attention
+                node.kwargs = {**node.kwargs, "backend": backend}
+                routed.append(node.name)
+        return routed
+
+    def fuse_activations(self) -> list[tuple[str, str, str]]:
+        fused = []
+        for node in list(self.graph.nodes):
+            activation = _node_activation(node, self.modules)
+            if activation is None or not self.lone_call(activation[1]):
+                continue
+            name, source = activation
+            layer = self.modules[source.target]
+            if (isinstance(layer, (Linear, Conv2d)) and layer.activation is None
+                    and name in type(layer).ACTIVATIONS):
+                layer.activation = name
+                self.replace(node, source)
+                fused.append((source.target,
+                              node.target if node.op == "call_module" else node.name, name))
+        return fused
+
+    def fuse_residuals(self) -> list[tuple[str, str]]:
+        """``linear(x) + r`` as ``linear(x, residual=r)`` where r is computed before the
+        layer (the layer's call cannot move before r's)."""
+        order = {node: index for index, node in enumerate(self.graph.nodes)}
+        fused = []
+        for node in list(self.graph.nodes):
+            addends = _residual_sum(node)
+            for source, residual in (addends, addends[::-1]) if addends else ():
+                if (self.lone_call(source) and type(self.modules[source.target]) is Linear
+                        and isinstance(residual, fx.Node) and "residual" not in source.kwargs
+                        and order[residual] < order[source]):
+                    source.kwargs = {**source.kwargs, "residual": residual}
+                    self.replace(node, source)
+                    fused.append((source.target, node.name))
+                    break
+        return fused
 
 
 def _can_fold(conv: torch.nn.Module, batchnorm: torch.nn.Module) -> bool:
@@ -175,10 +201,9 @@ def _can_fold(conv: torch.nn.Module, batchnorm: torch.nn.Module) -> bool:
     torch's or tilesmith's Conv2d (no epilogue activation, no parametrization) before a
     BatchNorm in eval mode, without hooks, with running statistics of as many channels."""
     return (type(conv) in (torch.nn.Conv2d, Conv2d) and getattr(conv, "activation", None) is None
-            and not parametrize.is_parametrized(conv)
-            and not batchnorm.training
-            and not _has_hooks(batchnorm)
-            and batchnorm.running_mean is not None and batchnorm.running_var is not None
+            and not parametrize.is_parametrized(conv) and not batchnorm.training
+            and not _has_hooks(batchnorm) and batchnorm.running_mean is not None
+            and batchnorm.running_var is not None
             and batchnorm.num_features == conv.out_channels)
 
 
