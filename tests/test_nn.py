@@ -865,6 +865,20 @@ def test_optimize_for_inference_residuals_dropout_and_sdpa():
         _close(ours(x), native(x))
 
 
+@pytest.mark.parametrize("backend", compile_backends("attention", torch.bfloat16))
+def test_optimize_for_inference_compiles_with_dynamic_shapes(backend):
+    """torch.compile(fullgraph=True, dynamic=True) of an optimized model (the residual
+    keyword of its Linear calls, the routed SDPA calls, the fused epilogues): one graph
+    over batch and sequence sizes that change, outputs as eager."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+    model = _ResidualNet().to(DEVICE, dtype).eval()
+    ours = tilesmith.nn.optimize_for_inference(model, backend=backend)
+    with torch.no_grad():
+        check_compiled_dynamic(ours, [(torch.randn(2, 5, 16, device=DEVICE, dtype=dtype),),
+                                      (torch.randn(3, 7, 16, device=DEVICE, dtype=dtype),)])
+
+
 def test_linear_module_adds_a_residual():
     """Linear.forward(x, residual): in the GEMM's epilogue where the residual has the
     output's shape and dtype (outputs and all four gradients as torch's layer(x) + r; in
