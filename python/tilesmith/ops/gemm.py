@@ -263,7 +263,7 @@ def _torch_gemm(a, b, bias, residual, activation, alpha, out_dtype):
     if alpha != 1.0:
         y = y * alpha
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
     if activation == "relu":
         y = F.relu(y)
     elif activation == "gelu":
@@ -273,8 +273,10 @@ def _torch_gemm(a, b, bias, residual, activation, alpha, out_dtype):
     elif activation == "silu":
         y = F.silu(y)
     if residual is not None:
-        y = y + residual.to(y.dtype)
-    return y.to(out_dtype)
+        y = y + (residual if residual.dtype == y.dtype else residual.to(y.dtype))
+    # (A .to() that changes nothing still costs a dispatch: this is every call's path on
+    # the CPU.)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
