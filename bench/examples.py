@@ -1,7 +1,8 @@
 """The two end-to-end examples as benchmark rows: training step time of the tilesmith model
 against the native one (same seed, same data, same run), and how far apart their losses end;
 the CIFAR ResNet's row also holds its inference comparison (``extra["inference"]``: the
-trained model as optimize_for_inference makes it against the native one in eval mode).
+trained model as optimize_for_inference makes it against the native one in eval mode), the
+GPT's its generation (``extra["generation"]``: tokens per second with a KV cache, both).
 
     python -m bench.examples [--quick] [--out DIR]
 
@@ -50,8 +51,10 @@ def run(quick: bool = False, checkpoint=None, out_dir: Path = Path("bench/out"))
                        f"native_{unit}_per_s": native["items_per_s"],
                        "native_peak_mem_bytes": native["peak_mem_bytes"],
                        "losses": ours["losses"], "native_losses": native["losses"],
-                       # the CIFAR ResNet's: its trained model at inference (one batch)
-                       "inference": results.get("inference")}))
+                       # the CIFAR ResNet's: its trained model at inference (one batch);
+                       # the GPT's: greedy generation with a KV cache
+                       "inference": results.get("inference"),
+                       "generation": results.get("generation")}))
         if checkpoint:
             checkpoint(rows)
     return rows

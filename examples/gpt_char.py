@@ -1,5 +1,8 @@
 """Train a GPT-style character-level Transformer with native torch and with tilesmith,
-from the same seed, and compare loss curves, step time, tokens/s and peak memory.
+from the same seed, and compare loss curves, step time, tokens/s and peak memory. Then
+generate text greedily from both with a KV cache (the decoding path of the attention
+kernels: one query against the cached keys), checking tilesmith's tokens against a full
+forward at each step, and compare tokens per second.
 
     python examples/gpt_char.py [--text FILE] [--steps 200] [--seq-len 1024] [--d-model 768]
     torchrun --nproc_per_node=2 examples/gpt_char.py ...   # DistributedDataParallel
@@ -42,6 +45,19 @@ def stdlib_text(max_chars: int) -> str:
     return "".join(parts)[:max_chars]
 
 
+class KVCache:
+    """One block's keys and values of the tokens seen so far, (batch, heads, tokens, dim)."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """Adds this step's keys and values; returns all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class Block(torch.nn.Module):
     def __init__(self, d_model, heads):
         super().__init__()
@@ -53,12 +69,20 @@ class Block(torch.nn.Module):
         self.mlp = torch.nn.Sequential(torch.nn.Linear(d_model, 4 * d_model), torch.nn.GELU(),
                                        torch.nn.Linear(4 * d_model, d_model))
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None):
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:  # generating: these t tokens follow the cached ones
+            first = cache.k is None
+            k, v = cache.append(k, v)
+            # A prompt (t > 1, nothing cached) attends causally; one new token (t == 1)
+            # attends to every key so far: one query row against the cache, the decoding
+            # case of the attention kernels.
+            if not first and t > 1:
+                raise ValueError("KVCache: feed one token at a time after the prompt")
         # Looked up on the module at call time, so patch_sdpa() applies.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln2(x))
 
@@ -80,6 +104,26 @@ class GPT(torch.nn.Module):
         x = self.blocks(self.tok(idx) + self.pos(positions))
         return self.head(self.ln(x))
 
+    @torch.no_grad()
+    def generate(self, prompt, new_tokens: int, *, cache: bool = True):
+        """``prompt`` (batch, length) continued greedily by ``new_tokens`` tokens. With
+        ``cache``, each step feeds only the newest token, whose query attends to the keys
+        and values kept from the steps before; without, each step runs the whole sequence
+        again (the same tokens, up to rounding, at quadratic cost)."""
+        if prompt.shape[1] + new_tokens > self.pos.num_embeddings:
+            raise ValueError(f"generate: {prompt.shape[1]} + {new_tokens} tokens exceed the "
+                             f"model's {self.pos.num_embeddings} positions")
+        idx, caches = prompt, [KVCache() for _ in self.blocks] if cache else None
+        for _ in range(new_tokens):
+            start = idx.shape[1] - 1 if caches and caches[0].k is not None else 0
+            x = self.tok(idx[:, start:]) + self.pos(
+                torch.arange(start, idx.shape[1], device=idx.device))
+            for i, block in enumerate(self.blocks):
+                x = block(x, caches[i] if caches else None)
+            next_token = self.head(self.ln(x[:, -1])).argmax(-1, keepdim=True)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx
+
 
 def batches(data, batch_size, seq_len, device, rank, world, seed):
     generator = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -88,6 +132,35 @@ def batches(data, batch_size, seq_len, device, rank, world, seed):
         x = torch.stack([data[s:s + seq_len] for s in starts]).to(device)
         y = torch.stack([data[s + 1:s + seq_len + 1] for s in starts]).to(device)
         yield x, y
+
+
+def compare_generation(native, ours, prompt, new_tokens, *, device, amp, backend, vocab,
+                       rank) -> dict:
+    """Greedy generation from the trained models: tilesmith's with a KV cache against itself
+    without one (the decoding path should pick the tokens the full forward picks), and its
+    tokens per second against the native model's, both with a KV cache."""
+    native.eval()
+    ours.eval()
+    with _common.autocast_context(device, amp):
+        with tilesmith.nn.patch_sdpa(backend):
+            cached = ours.generate(prompt, new_tokens)
+            full = ours.generate(prompt, new_tokens, cache=False)
+            ours_s = _common.median_seconds(lambda: ours.generate(prompt, new_tokens), device,
+                                            repeats=3)
+        native_s = _common.median_seconds(lambda: native.generate(prompt, new_tokens), device,
+                                          repeats=3)
+    generated = slice(prompt.shape[1], None)
+    tokens = prompt.shape[0] * new_tokens
+    result = {"same_tokens": (cached[:, generated] == full[:, generated]).float().mean().item(),
+              "tokens_per_s": tokens / ours_s, "native_tokens_per_s": tokens / native_s,
+              "text": "".join(vocab[i] for i in cached[0].tolist())}
+    if rank == 0:
+        print(f"generation (greedy, {new_tokens} tokens after {prompt.shape[1]}, KV cache): "
+              f"tilesmith {result['tokens_per_s']:.0f} tokens/s, native "
+              f"{result['native_tokens_per_s']:.0f} ({native_s / ours_s:.2f}x); with and "
+              f"without the cache the same token for {result['same_tokens'] * 100:.1f}% of "
+              f"the steps\nsample: {result['text'][-200:]!r}")
+    return result
 
 
 def main(argv=None):
@@ -150,6 +223,11 @@ def main(argv=None):
     same = _common.report(results["native"], results["tilesmith"], unit="tokens",
                           tolerance=args.tolerance, out_dir=args.out, title="gpt_char",
                           rank=rank)
+    prompt_len = min(64, args.seq_len // 2)
+    results["generation"] = compare_generation(
+        native, ours, data[:prompt_len].view(1, -1).to(device),
+        min(128, args.seq_len - prompt_len), device=device, amp=args.amp,
+        backend=args.backend, vocab=vocab, rank=rank)
     _common.finish(world)
     return results, same
 

@@ -1027,6 +1027,9 @@ def test_gpt_example_trains_a_few_steps(tmp_path):
                                    "--backend", MODELS, "--out", str(tmp_path)])
     assert len(results["native"]["losses"]) == 3 and same
     assert (tmp_path / "gpt_char.png").exists() == HAS_MATPLOTLIB
+    # Decoding with the KV cache picks the tokens of the full forward (fp32 on the CPU).
+    assert results["generation"]["same_tokens"] == 1.0
+    assert len(results["generation"]["text"]) == 32
 
 
 @pytest.mark.parametrize("example,argv,message", [
