@@ -183,6 +183,12 @@ def test_float8_linear(scaling, features, tokens):
                      scaling, features, tokens)
 
 
+@pytest.mark.parametrize("scaling", ["row", "tensor", "block"])
+def test_float8_linear_at_inference(scaling, monkeypatch):
+    through_cuda_ops(fp8_tests.test_float8_linear_quantizes_its_weight_once_at_inference,
+                     "cuda", scaling, monkeypatch)
+
+
 def test_standins_check_what_the_cpp_checks():
     """A call that the C++ function would refuse is refused by its stand-in too, so that
     glue passing it would fail here rather than first on a GPU."""

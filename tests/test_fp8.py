@@ -12,6 +12,7 @@ from conftest import (DEVICE, check_compiled_dynamic, compile_backends, cuda_ker
 
 import tilesmith
 from tilesmith import testing
+from tilesmith.nn import float8 as float8_module
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 GRANULARITIES = [("tensor", 128), ("row", 128), ("block", 128), ("block", 64),
@@ -330,6 +331,49 @@ def test_float8_linear_matches_linear_shapes_and_grads(backend, scaling, feature
     for got, expected in zip(grads, want_grads):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         assert testing.sqnr_db(got, expected) >= 21
+
+
+@pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))
+@pytest.mark.parametrize("scaling", ["row", "tensor", "block"])
+def test_float8_linear_quantizes_its_weight_once_at_inference(backend, scaling, monkeypatch):
+    """Without gradients the weight is quantized at the first call and reused while it is
+    unchanged; the output is the training forward's, bit for bit. An in-place change, new
+    data (``.data =``), another scaling or a new Parameter quantize it again."""
+    torch.manual_seed(0)
+    layer = tilesmith.nn.Float8Linear(160, 48, scaling=scaling, backend=backend,
+                                      device=DEVICE, dtype=torch.bfloat16)
+    quantized = []
+    quantize = float8_module.quantize_fp8
+    monkeypatch.setattr(float8_module, "quantize_fp8",
+                        lambda t, **kw: quantized.append(tuple(t.shape)) or quantize(t, **kw))
+    x = torch.randn(2, 5, 160, dtype=torch.bfloat16, device=DEVICE)
+
+    def check(quantizations):
+        quantized.clear()
+        with torch.no_grad():
+            got = layer(x)
+        assert quantized == quantizations
+        want = layer(x)  # the training forward (the weight requires grad)
+        assert want.requires_grad
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+
+    check([(10, 160), (48, 160)])  # x, then the weight
+    check([(10, 160)])  # the weight from the cache
+    with torch.inference_mode():
+        quantized.clear()
+        layer(x)
+        assert quantized == [(10, 160)]
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # in place: its version counter moves
+    check([(10, 160), (48, 160)])
+    layer.weight.data = torch.randn(48, 160, dtype=torch.bfloat16, device=DEVICE)
+    check([(10, 160), (48, 160)])
+    other = "row" if scaling != "row" else "tensor"
+    layer.scaling = other
+    check([(10, 160), (48, 160)])
+    layer.scaling = scaling
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    check([(10, 160), (48, 160)])
 
 
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.bfloat16))

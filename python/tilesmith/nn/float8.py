@@ -20,6 +20,11 @@ tokens) and the gradient transposed in 1 x 128 blocks. An outlier coarsens 128 v
 a row or a tensor.
 
 Master weights, bias and the returned gradients stay in the parameters' dtype.
+
+At inference (no gradient needed: torch.no_grad, torch.inference_mode, or parameters that
+do not require one) the forward quantizes the weight once and reuses it while the weight
+is unchanged, rather than at every call: a decoding step's matmul then reads the weight
+once, in fp8, instead of reading it in bf16, writing it in fp8 and reading that again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import contextlib
 import functools
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backend import requested_backend
 from ..ops.fp8 import SCALE_BLOCK, quantize_fp8, scaled_gemm
@@ -36,6 +42,52 @@ from .modules import check_backend_option
 
 def _rowwise(t, dtype, backend):
     return quantize_fp8(t, dtype=dtype, granularity="row", backend=backend)
+
+
+def _quantize_input(scaling, x2d, backend):
+    """x (M, K) in e4m3 for the forward product: per row, per tensor, or per 1 x 128 block
+    (the reduction runs along K)."""
+    if scaling == "row":
+        return _rowwise(x2d, torch.float8_e4m3fn, backend)
+    if scaling == "tensor":
+        return quantize_fp8(x2d, dtype=torch.float8_e4m3fn, granularity="tensor",
+                            backend=backend)
+    return _blocks(x2d, torch.float8_e4m3fn, backend)  # scales (M, K/128)
+
+
+def _quantize_weight(scaling, weight, backend):
+    """W (N, K) in e4m3 for the forward product: per output feature, per tensor, or per
+    128 x 128 block (which holds along both dimensions, for the backward's dX too)."""
+    if scaling == "row":
+        return _rowwise(weight, torch.float8_e4m3fn, backend)
+    if scaling == "tensor":
+        return quantize_fp8(weight, dtype=torch.float8_e4m3fn, granularity="tensor",
+                            backend=backend)
+    return _blocks(weight, torch.float8_e4m3fn, backend, square=True)  # (N/128, K/128)
+
+
+def _forward_product(x_q, x_s, w_q, w_s, bias, out_dtype, backend):
+    """x W^T + bias from the quantized operands (W's scales transposed with it)."""
+    return scaled_gemm(x_q, w_q.t(), x_s, w_s.t(), bias=bias, out_dtype=out_dtype,
+                       backend=backend)
+
+
+# The weights quantized for inference forwards, by weight (by identity; an entry goes with
+# its weight): (what it was quantized from, (w_q, w_s)).
+_INFERENCE_WEIGHTS = WeakIdKeyDictionary()
+
+
+def _inference_weight(weight, scaling, backend):
+    """_quantize_weight's result, computed again only when the weight has changed: modified
+    in place (its version counter), given new data (``.data =``, ``module.to``: its
+    storage), or asked for with another scaling or backend."""
+    key = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape),
+           weight.stride(), scaling, backend)
+    cached = _INFERENCE_WEIGHTS.get(weight)
+    if cached is None or cached[0] != key:
+        cached = key, _quantize_weight(scaling, weight, backend)
+        _INFERENCE_WEIGHTS[weight] = cached
+    return cached[1]
 
 
 def _refuse_double_backward():
@@ -53,11 +105,9 @@ class _Float8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, backend):
         ctx.backend = backend
-        gemm = functools.partial(scaled_gemm, backend=backend)
-        e4m3 = torch.float8_e4m3fn
-        x_q, x_s = _rowwise(x2d, e4m3, backend)
-        w_q, w_s = _rowwise(weight, e4m3, backend)  # (N, K), scale per output feature
-        out = gemm(x_q, w_q.t(), x_s, w_s.t(), bias=bias, out_dtype=x2d.dtype)
+        x_q, x_s = _quantize_input("row", x2d, backend)
+        w_q, w_s = _quantize_weight("row", weight, backend)
+        out = _forward_product(x_q, x_s, w_q, w_s, bias, x2d.dtype, backend)
         ctx.save_for_backward(x2d, weight)
         ctx.has_bias = bias is not None
         return out
@@ -88,12 +138,9 @@ class _Float8LinearTensorwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, backend):
         ctx.backend = backend
-        gemm = functools.partial(scaled_gemm, backend=backend)
-        e4m3 = torch.float8_e4m3fn
-        x_q, x_s = quantize_fp8(x2d, dtype=e4m3, granularity="tensor", backend=backend)
-        w_q, w_s = quantize_fp8(weight, dtype=e4m3, granularity="tensor",
-                                backend=backend)  # (N, K)
-        out = gemm(x_q, w_q.t(), x_s, w_s, bias=bias, out_dtype=x2d.dtype)
+        x_q, x_s = _quantize_input("tensor", x2d, backend)
+        w_q, w_s = _quantize_weight("tensor", weight, backend)  # (N, K)
+        out = _forward_product(x_q, x_s, w_q, w_s, bias, x2d.dtype, backend)
         ctx.save_for_backward(x_q, x_s, w_q, w_s)
         ctx.has_bias = bias is not None
         ctx.dtypes = (x2d.dtype, weight.dtype)
@@ -128,11 +175,9 @@ class _Float8LinearBlockwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, backend):
         ctx.backend = backend
-        gemm = functools.partial(scaled_gemm, backend=backend)
-        e4m3 = torch.float8_e4m3fn
-        x_q, x_s = _blocks(x2d, e4m3, backend)                  # (M, K), scales (M, K/128)
-        w_q, w_s = _blocks(weight, e4m3, backend, square=True)  # (N, K), scales (N/128, K/128)
-        out = gemm(x_q, w_q.t(), x_s, w_s.t(), bias=bias, out_dtype=x2d.dtype)
+        x_q, x_s = _quantize_input("block", x2d, backend)
+        w_q, w_s = _quantize_weight("block", weight, backend)
+        out = _forward_product(x_q, x_s, w_q, w_s, bias, x2d.dtype, backend)
         ctx.save_for_backward(x2d, w_q, w_s)
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
@@ -199,11 +244,20 @@ class Float8Linear(torch.nn.Linear):
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else self.weight.dtype
         if x2d.dtype != compute_dtype:
             x2d = x2d.to(compute_dtype)
+        backend = requested_backend(self.backend)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x2d, self.weight, self.bias))
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            # The backend asked for now, kept for the backward: it may run after the
-            # use_backend block, or in autograd's device thread, which has blocks of its own.
-            out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias,
-                                                 requested_backend(self.backend))
+            if needs_grad or torch.compiler.is_compiling():
+                # The backend asked for now, kept for the backward: it may run after the
+                # use_backend block, or in autograd's device thread, which has blocks of
+                # its own. (Compiled graphs quantize the weight each call: the cache is
+                # Python state that a graph cannot guard on.)
+                out = _FUNCTIONS[self.scaling].apply(x2d, self.weight, self.bias, backend)
+            else:  # inference: the weight quantized once (module docstring)
+                x_q, x_s = _quantize_input(self.scaling, x2d, backend)
+                w_q, w_s = _inference_weight(self.weight, self.scaling, backend)
+                out = _forward_product(x_q, x_s, w_q, w_s, self.bias, x2d.dtype, backend)
         return out.view(*x.shape[:-1], self.out_features)
 
     @classmethod
