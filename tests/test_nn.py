@@ -865,6 +865,22 @@ def test_optimize_for_inference_residuals_dropout_and_sdpa():
         _close(ours(x), native(x))
 
 
+def test_optimize_for_inference_in_fp8():
+    """fp8=True: the Linear layers become Float8Linear (row-wise e4m3), which take no
+    epilogue (their GELU and residual sums stay apart) and quantize their weights once;
+    the output within fp8's precision of the model's."""
+    torch.manual_seed(0)
+    native = _ResidualNet(width=32).to(DEVICE).eval()
+    ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS, fp8=True,
+                                                       return_report=True)
+    layers = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(type(m) is tilesmith.nn.Float8Linear for m in layers)
+    assert not report.fused and not report.residuals
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    with torch.no_grad():  # seeds 0-3 through the interpreter: 23.0-25.8 dB (7 fp8 layers)
+        assert testing.sqnr_db(ours(x), native(x)) >= 20
+
+
 @pytest.mark.parametrize("backend", compile_backends("attention", torch.bfloat16))
 def test_optimize_for_inference_compiles_with_dynamic_shapes(backend):
     """torch.compile(fullgraph=True, dynamic=True) of an optimized model (the residual

@@ -44,7 +44,8 @@ class _Tracer(fx.Tracer):
 
 def optimize_for_inference(model: torch.nn.Module, *,
                            include=("linear", "conv2d", "attention"),
-                           backend: str | None = None, return_report: bool = False):
+                           backend: str | None = None, fp8: bool | str = False,
+                           return_report: bool = False):
     """A copy of ``model`` (in eval mode) for inference, as a ``torch.fx.GraphModule``:
 
     * dropout modules in eval mode, and dropout functions called with ``training=False``,
@@ -54,9 +55,10 @@ def optimize_for_inference(model: torch.nn.Module, *,
       gamma / sqrt(running_var + eps) per filter, the bias made beta + (bias -
       running_mean) times that scale; computed in float64, stored in the weight's dtype)
       and removed;
-    * the layers ``include`` names are converted as ``convert`` does, with ``backend``, and
-      with "attention", the forward's calls of ``F.scaled_dot_product_attention`` call
-      tilesmith's;
+    * the layers ``include`` names are converted as ``convert`` does, with ``backend`` (and
+      ``fp8``: Linear layers become Float8Linear, which quantize their weights once at
+      inference and take no epilogue), and with "attention", the forward's calls of
+      ``F.scaled_dot_product_attention`` call tilesmith's;
     * a relu, gelu (exact or tanh) or silu applied to a converted Linear's or Conv2d's
       output, and to nothing else, moves into the layer's epilogue (its ``activation``),
       whether the forward calls a module (``self.relu``, shared by several layers or not),
@@ -99,7 +101,8 @@ def optimize_for_inference(model: torch.nn.Module, *,
     rewrite = _Rewrite(traced)
     rewrite.drop_dropouts()
     folded = rewrite.fold_batchnorms()
-    _, report = convert(traced, include=include, backend=backend, return_report=True)
+    _, report = convert(traced, include=include, backend=backend, fp8=fp8,
+                        return_report=True)
     report.folded = folded
     if "attention" in include:
         report.converted += rewrite.route_sdpa(backend)
