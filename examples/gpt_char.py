@@ -74,14 +74,12 @@ class Block(torch.nn.Module):
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         if cache is not None:  # generating: these t tokens follow the cached ones
-            first = cache.k is None
+            if cache.k is not None and t > 1:
+                raise ValueError("KVCache: after the prompt, feed one token at a time")
             k, v = cache.append(k, v)
-            # A prompt (t > 1, nothing cached) attends causally; one new token (t == 1)
-            # attends to every key so far: one query row against the cache, the decoding
-            # case of the attention kernels.
-            if not first and t > 1:
-                raise ValueError("KVCache: feed one token at a time after the prompt")
-        # Looked up on the module at call time, so patch_sdpa() applies.
+        # Looked up on the module at call time, so patch_sdpa() applies. A sequence (or a
+        # prompt) attends causally; one new token attends to every key so far: one query
+        # row against the cache, the decoding case of the attention kernels.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln2(x))

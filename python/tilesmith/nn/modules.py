@@ -40,8 +40,8 @@ class Linear(torch.nn.Linear):
     ("relu", "gelu", "gelu_tanh", "silu") applied after the bias in the same kernel.
     ``forward(x, residual)`` returns ``layer(x) + residual`` (a residual connection), added
     in the GEMM's epilogue where ``residual`` has the output's shape and dtype outside
-    autocast (the sum is then rounded once, from fp32), else by a separate add that
-    broadcasts and promotes as torch's ``+`` does."""
+    autocast (the kernels add it in fp32 and round the sum once), else by a separate add
+    that broadcasts and promotes as torch's ``+`` does."""
 
     ACTIVATIONS = GEMM_ACTIVATIONS
 
