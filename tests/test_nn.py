@@ -928,6 +928,34 @@ def test_linear_module_adds_a_residual():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_optimize_for_inference_with_concrete_args():
+    """concrete_args fixes an optional argument for the trace, as symbolic_trace's does: a
+    forward that branches on ``mask is None`` is traced with no mask (and fuses the ReLU
+    behind the branch); the result then refuses a mask, rather than ignoring it."""
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x, mask=None):
+            y = self.fc(x)
+            if mask is not None:
+                y = y.masked_fill(mask, 0.0)
+            return y.relu()
+
+    torch.manual_seed(0)
+    native = Masked().to(DEVICE).eval()
+    ours, report = tilesmith.nn.optimize_for_inference(
+        native, backend=KERNELS, concrete_args={"mask": None}, return_report=True)
+    assert report.fused == [("fc", "relu", "relu")]
+    x = torch.randn(3, 8, device=DEVICE)
+    with torch.no_grad():
+        _close(ours(x), native(x))
+        with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+            ours(x, torch.ones(3, 8, dtype=torch.bool, device=DEVICE))
+
+
 def test_optimize_for_inference_rejects_what_it_cannot_do():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="model is in training mode; call model.eval"):

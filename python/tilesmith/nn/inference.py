@@ -45,7 +45,7 @@ class _Tracer(fx.Tracer):
 def optimize_for_inference(model: torch.nn.Module, *,
                            include=("linear", "conv2d", "attention"),
                            backend: str | None = None, fp8: bool | str = False,
-                           return_report: bool = False):
+                           concrete_args: dict | None = None, return_report: bool = False):
     """A copy of ``model`` (in eval mode) for inference, as a ``torch.fx.GraphModule``:
 
     * dropout modules in eval mode, and dropout functions called with ``training=False``,
@@ -75,7 +75,10 @@ def optimize_for_inference(model: torch.nn.Module, *,
     a bias) and is not meant to be trained: in training mode a BatchNorm normalizes with the
     batch's statistics, which no folding can know, and the dropouts are gone. The forward
     must be traceable by ``torch.fx.symbolic_trace`` (no control flow on tensor values);
-    where it is not, ``convert(model, fuse_activations=True)`` needs no trace. Returns the
+    ``concrete_args`` fixes arguments for the trace as ``symbolic_trace``'s does (say
+    ``{"mask": None}`` for a forward that branches on ``mask is None``: the result then
+    takes no mask). Where it is not traceable, ``convert(model, fuse_activations=True)``
+    needs no trace. Returns the
     GraphModule (and a ``ConversionReport`` whose ``folded`` lists (convolution, BatchNorm)
     pairs, ``fused`` (layer, activation module or call, activation) triples and
     ``residuals`` (Linear, sum) pairs, when ``return_report``; converted SDPA calls are
@@ -90,7 +93,7 @@ def optimize_for_inference(model: torch.nn.Module, *,
     check_backend_option("optimize_for_inference", backend)
     model = copy.deepcopy(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=concrete_args)
     except Exception as error:  # fx raises many kinds; say which and what to do instead
         raise ValueError(f"optimize_for_inference: torch.fx cannot trace "
                          f"{type(model).__name__}'s forward ({type(error).__name__}: {error}); "
