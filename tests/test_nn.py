@@ -962,11 +962,12 @@ def test_optimize_for_inference_with_concrete_args():
     ("densenet121", 59, 59, 0),  # BatchNorms before convolutions stay
     ("convnext_tiny", 0, 18, 0),  # LayerNorm; the MLP's GELU
     ("vit_b_16", 0, 12, 12),  # the MLP's GELU and its residual sum
+    ("swin_t", 0, 12, 12),  # the same behind torchvision's stochastic depth (removed)
 ])
 def test_optimize_for_inference_on_torchvision_models(name, folded, fused, residuals):
     """Architectures beyond the ResNets trace, fold and fuse, and give the eval model's
-    output (random weights, BatchNorm statistics of their own). These and 14 more
-    torchvision models (resnet50, regnet, inception_v3, swin_t, maxvit_t, ...) were
+    output (random weights, BatchNorm statistics of their own). These and 13 more
+    torchvision models (resnet50, regnet, inception_v3, maxvit_t, ...) were
     checked by hand the same way, all within 1.3e-6 in fp32 with the torch backend."""
     torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
     torch.manual_seed(0)

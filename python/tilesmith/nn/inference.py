@@ -48,8 +48,8 @@ def optimize_for_inference(model: torch.nn.Module, *,
                            concrete_args: dict | None = None, return_report: bool = False):
     """A copy of ``model`` (in eval mode) for inference, as a ``torch.fx.GraphModule``:
 
-    * dropout modules in eval mode, and dropout functions called with ``training=False``,
-      are removed (identities);
+    * dropout modules in eval mode, and dropout functions (and torchvision's stochastic
+      depth) called with ``training=False``, are removed (identities);
     * each ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) whose input is a ``Conv2d``'s
       output, used nowhere else, is folded into that convolution (its weight scaled by
       gamma / sqrt(running_var + eps) per filter, the bias made beta + (bias -
@@ -234,7 +234,8 @@ def _fold_batchnorm(conv: torch.nn.Conv2d, batchnorm: torch.nn.Module) -> None:
 
 
 def _is_inactive_dropout(node: fx.Node, modules: dict) -> bool:
-    """A dropout module in eval mode, or a dropout function called with training=False."""
+    """A dropout module in eval mode, or a dropout (or torchvision's stochastic depth)
+    function called with training=False."""
     if node.op == "call_module":
         module = modules[node.target]
         return (type(module) in _DROPOUT_MODULES and not module.training
@@ -242,7 +243,18 @@ def _is_inactive_dropout(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS and node.args:
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         return training is False
+    if _is_stochastic_depth(node.target) and node.args:
+        # torchvision.ops.stochastic_depth(input, p, mode, training): a function the trace
+        # keeps whole (torchvision wraps it for fx), an identity when not training.
+        training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True)
+        return training is False
     return False
+
+
+def _is_stochastic_depth(target) -> bool:
+    """torchvision.ops.stochastic_depth, recognized without importing torchvision."""
+    return (getattr(target, "__module__", None) == "torchvision.ops.stochastic_depth"
+            and getattr(target, "__name__", None) == "stochastic_depth")
 
 
 def _residual_sum(node: fx.Node) -> tuple[object, object] | None:
