@@ -921,8 +921,7 @@ def test_linear_module_adds_a_residual():
             F.gelu(copy.deepcopy(ref).to(torch.bfloat16)(x.bfloat16())) + residual.bfloat16())
         broadcast = torch.randn(12, device=DEVICE)
         _close(ours(x, broadcast), F.gelu(ref(x)) + broadcast)
-        with torch.autocast(DEVICE.type if isinstance(DEVICE, torch.device) else DEVICE,
-                            dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             got, want = ours(x, residual), ours(x) + residual
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=0, atol=0)
