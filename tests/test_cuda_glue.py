@@ -354,13 +354,7 @@ def test_resnet18_optimized_for_inference():
     from tilesmith import nn as tnn
 
     torch.manual_seed(0)
-    native = torchvision.models.resnet18(num_classes=10).eval()
-    for module in native.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            for tensor in (module.running_mean, module.bias):
-                tensor.data.uniform_(-0.5, 0.5)
-            for tensor in (module.running_var, module.weight):
-                tensor.data.uniform_(0.5, 1.5)
+    native = nn_tests._with_running_statistics(torchvision.models.resnet18(num_classes=10))
     reference = copy.deepcopy(native).double()
     native = native.to(torch.bfloat16).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
