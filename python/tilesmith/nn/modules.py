@@ -56,7 +56,8 @@ class Linear(torch.nn.Linear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear: input has {x.shape[-1]} features, the layer expects "
                              f"{self.in_features} (input shape {tuple(x.shape)})")
-        x2d = x.reshape(-1, self.in_features)
+        flat = x.dim() == 2  # (a reshape and a view cost more than the GEMM when decoding)
+        x2d = x if flat else x.reshape(-1, self.in_features)
         out_shape = (*x.shape[:-1], self.out_features)
         # Under autocast the GEMM's output is in the autocast dtype, and torch's + would
         # promote it to the residual's (an fp32 residual stream stays fp32): added apart.
@@ -65,7 +66,8 @@ class Linear(torch.nn.Linear):
                  and not torch.is_autocast_enabled(x.device.type))
         out = ops.gemm(x2d, self.weight.t(), bias=self.bias, activation=self.activation,
                        residual=residual.reshape(-1, self.out_features) if fused else None,
-                       backend=self.backend).view(out_shape)
+                       backend=self.backend)
+        out = out if flat else out.view(out_shape)
         return out + residual if residual is not None and not fused else out
 
     def extra_repr(self) -> str:

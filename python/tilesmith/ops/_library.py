@@ -57,9 +57,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 def autocast_inputs(*tensors):
     """Under torch.autocast, cast floating-point tensors to the autocast dtype up front, as
     autocast does for matmul, conv and attention (so the checks that follow, which want one
-    dtype, see what the op will compute in). None passes through."""
-    first = next(t for t in tensors if isinstance(t, torch.Tensor))
-    device_type = first.device.type
+    dtype, see what the op will compute in). The first must be a tensor; None passes through."""
+    device_type = tensors[0].device.type  # the first is the op's first input, a tensor
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)

@@ -259,11 +259,12 @@ def _torch_gemm(a, b, bias, residual, activation, alpha, out_dtype):
     """The torch backend and benchmark baseline: cuBLAS, then the epilogue as eager ops."""
     if out_dtype.itemsize > a.dtype.itemsize:
         a, b = a.to(out_dtype), b.to(out_dtype)  # a wider output: compute in it, as ours
-    y = torch.matmul(a, b)
-    if alpha != 1.0:
-        y = y * alpha
-    if bias is not None:
-        y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
+    if bias is not None:  # one addmm, as F.linear: cuBLASLt adds the bias in its epilogue
+        y = torch.addmm(bias if bias.dtype == a.dtype else bias.to(a.dtype), a, b, alpha=alpha)
+    else:
+        y = torch.matmul(a, b)
+        if alpha != 1.0:
+            y = y * alpha
     if activation == "relu":
         y = F.relu(y)
     elif activation == "gelu":
