@@ -5,12 +5,15 @@ batch 32 and 128) and of a CIFAR ResNet (32x32); channels_last, bf16 and fp16.
     python -m bench.conv2d [--quick] [--out DIR]
 
 Modes: fwd (conv + bias), fused (conv + bias + ReLU in one kernel, against cuDNN conv + bias
-followed by an eager ReLU), dgrad, wgrad. FLOPs 2*N*K*P*Q*C*R*S/groups for each.
+followed by an eager ReLU), residual (on a bottleneck block's last layer, the 1x1 that
+widens 4x: relu(conv + bias + shortcut) in one kernel, against cuDNN conv + bias, then an
+eager add and ReLU), dgrad, wgrad. FLOPs 2*N*K*P*Q*C*R*S/groups for each.
 
 Then a whole model: torchvision's ResNet-50 at inference (batch 32, 224x224, bf16,
 channels_last) as ``tilesmith.nn.optimize_for_inference`` makes it (BatchNorms folded into
-the convolutions, the ReLUs after them fused), against the same model in eval mode on cuDNN
-and against PyTorch's own fold of its BatchNorms (torch.fx.experimental.optimization.fuse).
+the convolutions, the residual sums and ReLUs after them fused), against the same model in
+eval mode on cuDNN and against PyTorch's own fold of its BatchNorms
+(torch.fx.experimental.optimization.fuse).
 """
 
 from __future__ import annotations
@@ -84,9 +87,11 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                 memory_format=torch.channels_last)
             shape = {"layer": name, "N": batch, "C": c, "K": k, "H": h, "R": r, "stride": stride}
             args = ([stride] * 2, [pad] * 2, [1, 1], 1)
+            shortcut = torch.randn_like(grad)
             baselines = {
                 "fwd": lambda: F.conv2d(x, w, bias, stride, pad),
                 "fused": lambda: F.relu(F.conv2d(x, w, bias, stride, pad)),
+                "residual": lambda: F.relu(F.conv2d(x, w, bias, stride, pad) + shortcut),
                 "dgrad": lambda: torch.ops.aten.convolution_backward(
                     grad, x, w, None, args[0], args[1], args[2], False, [0, 0], 1,
                     [True, False, False])[0],
@@ -98,6 +103,9 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                 "fwd": lambda be: tilesmith.ops.conv2d(x, w, bias, stride, pad, backend=be),
                 "fused": lambda be: tilesmith.ops.conv2d(x, w, bias, stride, pad,
                                                          activation="relu", backend=be),
+                "residual": lambda be: tilesmith.ops.conv2d(x, w, bias, stride, pad,
+                                                            activation="relu",
+                                                            residual=shortcut, backend=be),
                 "dgrad": lambda be: (
                     torch.ops.tilesmith.conv2d_dgrad_cuda(grad, w, list(x.shape), *args[:3], True)
                     if be == "cuda" else
@@ -113,9 +121,12 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
             limits = conv2d_ops.kernel_limits(x, w)
             filled = conv2d_ops.cuda_zero_padding(c, k, 1) != (1, c, k)
             refs = {"fwd": F.conv2d(x[:1].double(), w.double(), bias.double(), stride, pad)}
+            if not (r == 1 and stride == 1 and k == 4 * c):  # where a ResNet adds its shortcut
+                del baselines["residual"]
             for mode, base_fn in baselines.items():
                 base_ms = harness.median_ms(base_fn)
-                base_label = "cudnn+eager_relu" if mode == "fused" else "cudnn"
+                base_label = {"fused": "cudnn+eager_relu",
+                              "residual": "cudnn+eager_add_relu"}.get(mode, "cudnn")
                 rows.append(harness.Row(
                     op="conv2d", mode=mode, backend="torch", baseline=base_label,
                     dtype=str(dtype)[6:], shape=shape, ms=base_ms, tflops=flops / base_ms / 1e9,

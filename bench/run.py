@@ -312,10 +312,11 @@ def _sweep_cases():
             kw = dict(s.kwargs)
             conv_args = (kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
                          kw.get("groups", 1), kw.get("activation"))
+            residual = kw.get("residual")
             yield ("conv2d", s.name, dtype, lambda s=s: tilesmith.ops.conv2d(
                 *s.args, backend="triton", **s.kwargs),
-                _torch_conv2d(x.double(), w.double(), double(b), *conv_args),
-                _torch_conv2d(x, w, b, *conv_args))
+                _torch_conv2d(x.double(), w.double(), double(b), *conv_args, double(residual)),
+                _torch_conv2d(x, w, b, *conv_args, residual))
 
 
 def interpreter_main(args) -> int:

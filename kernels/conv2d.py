@@ -6,7 +6,8 @@ which makes the gathers contiguous in NHWC.
 
     forward   out[n, k, p, q]  = sum_{c, r, s} x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]
                                                  * w[k, c, r, s]
-              GEMM (N*P*Q) x K, reduction C/groups * R * S, epilogue bias + activation.
+              GEMM (N*P*Q) x K, reduction C/groups * R * S, epilogue bias (+ residual)
+              + activation.
     dgrad     dx[n, c, h, w]   = sum_{k, r, s} dy[n, k, (h + ph - r*dh)/sh, ...] w[k, c, r, s]
               over the (r, s) for which that division is exact and in range. Which taps
               divide exactly depends only on the pixel's phase (h % sh, w % sw), so there is
@@ -28,11 +29,12 @@ from .matmul import grouped_tile
 
 @triton.jit
 def conv2d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr,
+    x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, pre_ptr,
     N, H, W, P, Q, R, S, C_GROUP, K_GROUP,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swk, swc, swr, sws, son, sok, sop, soq,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    sxn, sxc, sxh, sxw, swk, swc, swr, sws, son, sok, sop, soq, srn, srk, srp, srq,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -74,19 +76,25 @@ def conv2d_fwd_kernel(
 
     channel = g * K_GROUP + offs_k
     offsets = (n * son + p * sop + q * soq)[:, None] + channel[None, :].to(tl.int64) * sok
-    forward_epilogue(acc, bias_ptr, out_ptr, pre_ptr, channel, offsets, row_ok, col_ok,
-                     ACTIVATION, HAS_BIAS, STORE_PRE, UPCAST, ACC_DTYPE)
+    residual_offsets = (n * srn + p * srp + q * srq)[:, None] + channel[None, :].to(tl.int64) * srk
+    forward_epilogue(acc, bias_ptr, residual_ptr, out_ptr, pre_ptr, channel, offsets,
+                     residual_offsets, row_ok, col_ok, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+                     STORE_PRE, UPCAST, ACC_DTYPE)
 
 
 @triton.jit
-def forward_epilogue(acc, bias_ptr, out_ptr, pre_ptr, channel, offsets, row_ok, col_ok,
-                     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
-                     UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Both forward kernels' end: + bias[channel], the pre-activation copy the backward
-    needs, the activation, the store of the (pixels x channels) tile at `offsets`."""
+def forward_epilogue(acc, bias_ptr, residual_ptr, out_ptr, pre_ptr, channel, offsets,
+                     residual_offsets, row_ok, col_ok, ACTIVATION: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     STORE_PRE: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Both forward kernels' end: + bias[channel], + the residual (before the activation,
+    as a ResNet block's relu(conv + identity)), the pre-activation copy the backward needs,
+    the activation, the store of the (pixels x channels) tile at `offsets`."""
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + channel, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:
+        acc = acc + tl.load(residual_ptr + residual_offsets, mask=ok, other=0.0).to(ACC_DTYPE)
     if STORE_PRE:
         tl.store(pre_ptr + offsets, to_output(acc, pre_ptr, UPCAST), mask=ok)
     tl.store(out_ptr + offsets, to_output(activation(acc, ACTIVATION), out_ptr, UPCAST), mask=ok)
@@ -224,16 +232,17 @@ def conv2d_wgrad_kernel(
 
 @triton.jit
 def depthwise_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr,
+    x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, pre_ptr,
     N, C, H, W, P, Q, R, S,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swc, swr, sws, son, soc, sop, soq,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    sxn, sxc, sxh, sxw, swc, swr, sws, son, soc, sop, soq, srn, src, srp, srq,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """out[n, c, p, q] = act(sum_{r, s} x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw] w[c, r, s]
-    + bias[c]) for BLOCK_M output pixels x BLOCK_C channels."""
+    + bias[c] + residual[n, c, p, q]) for BLOCK_M output pixels x BLOCK_C channels."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = offs_m < N * P * Q
@@ -255,8 +264,10 @@ def depthwise_fwd_kernel(
             acc += xt.to(ACC_DTYPE) * wt.to(ACC_DTYPE)[None, :]
 
     offsets = (n * son + p * sop + q * soq)[:, None] + offs_c[None, :].to(tl.int64) * soc
-    forward_epilogue(acc, bias_ptr, out_ptr, pre_ptr, offs_c, offsets, row_ok, col_ok,
-                     ACTIVATION, HAS_BIAS, STORE_PRE, UPCAST, ACC_DTYPE)
+    residual_offsets = (n * srn + p * srp + q * srq)[:, None] + offs_c[None, :].to(tl.int64) * src
+    forward_epilogue(acc, bias_ptr, residual_ptr, out_ptr, pre_ptr, offs_c, offsets,
+                     residual_offsets, row_ok, col_ok, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+                     STORE_PRE, UPCAST, ACC_DTYPE)
 
 
 @triton.jit

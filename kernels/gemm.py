@@ -1,7 +1,8 @@
-"""GEMM with a fused epilogue: out = act(alpha * (a @ b) + bias) + residual, fp32
+"""GEMM with a fused epilogue: out = act(alpha * (a @ b) + bias) + residual (or, with
+RESIDUAL_FIRST, conv2d's act(alpha * (a @ b) + bias + residual)), fp32
 accumulation (fp64 for fp64 inputs, which exist for gradcheck), the epilogue in the same
 precision, one rounding to the output dtype. Optionally also
-stores the pre-activation (alpha * a @ b + bias) that the backward needs for act'.
+stores the pre-activation (what the activation is applied to) that the backward needs for act'.
 
 The backward's activation derivative runs as one elementwise pass (activation_backward_kernel
 below): dz = grad * act'(pre), after which dA, dB and dbias are plain products and a sum.
@@ -77,7 +78,7 @@ def gemm_kernel(
     stride_rm, stride_rn, stride_pm, stride_pn,
     A_K_UNIT: tl.constexpr, B_N_UNIT: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    STORE_PRE: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    RESIDUAL_FIRST: tl.constexpr, STORE_PRE: tl.constexpr, HAS_ALPHA: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -93,13 +94,16 @@ def gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)
         z = z + bias[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                           mask=in_bounds, other=0.0).to(ACC_DTYPE)
+        if RESIDUAL_FIRST:
+            z = z + residual
     if STORE_PRE:
         tl.store(pre_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                  to_output(z, pre_ptr, UPCAST), mask=in_bounds)
     y = activation(z, ACTIVATION)
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
-                           mask=in_bounds, other=0.0).to(ACC_DTYPE)
+    if HAS_RESIDUAL and not RESIDUAL_FIRST:
         y = y + residual
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              to_output(y, out_ptr, UPCAST), mask=in_bounds)

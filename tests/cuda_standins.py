@@ -146,7 +146,7 @@ def _in_layout(t, channels_last):
     return t if channels_last else t.clone(memory_format=torch.contiguous_format)
 
 
-def conv2d_fwd_cuda(x, weight, bias, stride, padding, dilation, activation, save_pre):
+def conv2d_fwd_cuda(x, weight, bias, residual, stride, padding, dilation, activation, save_pre):
     _check_conv_operand(x, "input", x)
     _check_conv_operand(weight, "weight", x)
     c, k = x.shape[1], weight.shape[0]
@@ -157,6 +157,11 @@ def conv2d_fwd_cuda(x, weight, bias, stride, padding, dilation, activation, save
     z = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), stride,
                  padding, dilation, groups)
     check(z.shape[2] > 0 and z.shape[3] > 0, "conv2d: empty output")
+    if residual is not None:
+        _check_conv_operand(residual, "residual", x)
+        check(residual.shape == z.shape, f"conv2d: residual must have the output's shape "
+              f"{tuple(z.shape)}, got {tuple(residual.shape)}")
+        z = z + residual.float()
     channels_last = _is_channels_last(x)
     pre = (_in_layout(z.to(x.dtype), channels_last) if save_pre
            else x.new_empty((0, 0, 0, 0)))

@@ -67,7 +67,8 @@ TINY_SWEEPS = {
              "FLOAT8_LINEAR_SIZE": {"full": 48, "quick": 32}},
     "conv2d": {"_layers": lambda quick: [
         (("stem_7x7", 3, 8, 12, 7, 2), 2), (("l1_3x3_64", 8, 8, 7, 3, 1), 2),
-        (("l3_1x1_1024_256", 16, 8, 5, 1, 1), 2), (("l3_3x3_256_s2", 8, 16, 6, 3, 2), 1)],
+        (("l3_1x1_1024_256", 16, 8, 5, 1, 1), 2), (("l3_3x3_256_s2", 8, 16, 6, 3, 2), 1),
+        (("l2_1x1_128_512", 8, 32, 5, 1, 1), 1)],  # 4x wider: the residual mode too
                "INFERENCE": ("tiny_cnn", lambda: torch.nn.Sequential(
                    torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
                    torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, bias=False),
@@ -136,6 +137,8 @@ def test_every_family_runs_its_sweep(family, quick, dry_run, tmp_path):
     elif family == "conv2d":
         inference = {r.backend for r in rows if r.op == "tiny_cnn_inference"}
         assert inference == {"torch", "torch_folded", "triton", "cuda", "cuda-sm80"}, inference
+        residual = {r.backend for r in rows if r.mode == "residual"}
+        assert residual == {"torch", "triton", "cuda", "cuda-sm80"}, residual
     else:
         # Both of our backends ran (the cuda one as each of its kernel variants on Hopper).
         assert {"triton", "cuda"} <= {b.removeprefix("float8_linear_").split("_")[0]

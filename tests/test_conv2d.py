@@ -39,10 +39,11 @@ def _skip_if_backend_cannot(backend, sample):
         pytest.skip(why)
 
 
-def _reference(x, weight, bias, kwargs):
+def _reference(x, weight, bias, kwargs, residual=None):
     kw = dict(kwargs)
     return _torch_conv2d(x, weight, bias, kw.get("stride", 1), kw.get("padding", 0),
-                         kw.get("dilation", 1), kw.get("groups", 1), kw.get("activation"))
+                         kw.get("dilation", 1), kw.get("groups", 1), kw.get("activation"),
+                         residual)
 
 
 def _check(got, ref, base, name):
@@ -57,16 +58,23 @@ def _check(got, ref, base, name):
 def test_forward_and_gradients_match_float64(backend, dtype, name):
     sample = _sample(name, dtype)
     _skip_if_backend_cannot(backend, sample)
-    x, weight, bias = testing.grad_views(sample.args)
-    inputs = [t for t in (x, weight, bias) if t is not None]
+    kwargs = dict(sample.kwargs)
+    x, weight, bias, residual = testing.grad_views((*sample.args, kwargs.pop("residual", None)))
+    inputs = [t for t in (x, weight, bias, residual) if t is not None]
+    names = [name for name, t in (("grad_input", x), ("grad_weight", weight),
+                                  ("grad_bias", bias), ("grad_residual", residual))
+             if t is not None]
     with testing.poison_outputs():
-        out = tilesmith.ops.conv2d(x, weight, bias, backend=backend, **sample.kwargs)
+        out = tilesmith.ops.conv2d(x, weight, bias, residual=residual, backend=backend,
+                                   **kwargs)
         grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
         grads = torch.autograd.grad(out, inputs, grad_out) if out.numel() else None
 
     def expression(compute):
         xs = [t.detach().to(compute).requires_grad_(True) for t in inputs]
-        y = _reference(xs[0], xs[1], xs[2] if bias is not None else None, sample.kwargs)
+        leaves = dict(zip(names, xs))
+        y = _reference(xs[0], xs[1], leaves.get("grad_bias"), kwargs,
+                       leaves.get("grad_residual"))
         return y, (torch.autograd.grad(y, xs, grad_out.to(compute)) if y.numel() else None)
 
     ref, ref_grads = expression(torch.float64)
@@ -79,8 +87,7 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
     if grads is None:
         return
     assert suggest_memory_format(grads[0]) == suggest_memory_format(base_grads[0]), "grad format"
-    for got, want, baseline, what in zip(grads, ref_grads, base_grads,
-                                         ["grad_input", "grad_weight", "grad_bias"]):
+    for got, want, baseline, what in zip(grads, ref_grads, base_grads, names):
         _check(got, want, baseline, what)
 
 
@@ -192,6 +199,47 @@ def test_same_padding_even_kernel_gradcheck(backend):
     assert f(x, w).shape == (1, 3, 5, 4)
     torch.testing.assert_close(f(x, w), F.silu(F.conv2d(x, w, padding="same")))
     assert torch.autograd.gradcheck(f, (x, w))
+
+
+# A residual added before the activation, on each path: (channels, filters, groups, taps),
+# channels-last input, and the call.
+RESIDUAL_GRADCHECK_CASES = {
+    "generic_gelu": ((2, 3, 1, 3), False, dict(padding=1, activation="gelu")),
+    "pointwise_silu_channels_last": ((3, 4, 1, 1), True, dict(activation="silu")),
+    "depthwise_gelu_stride2": ((3, 3, 3, 3), True, dict(stride=2, padding=1,
+                                                         activation="gelu")),
+    "same_even_kernel": ((2, 3, 1, 2), False, dict(padding="same")),
+}
+
+
+@pytest.mark.parametrize("backend", kernel_backends("conv2d", torch.float64))
+@pytest.mark.parametrize("case", list(RESIDUAL_GRADCHECK_CASES))
+def test_residual_gradcheck_float64(backend, case):
+    """activation(conv + bias + residual): gradcheck in x, weight, bias and the residual
+    (whose gradient is the activation's backward, dz), and gradgradcheck through the double
+    backward, which computes the pre-activation again with the residual."""
+    (channels, filters, groups, taps), channels_last, kwargs = RESIDUAL_GRADCHECK_CASES[case]
+    g = torch.Generator().manual_seed(6)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+    x = r(2, channels, 5, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = r(filters, channels // groups, taps, taps), r(filters)
+    geometry = {key: value for key, value in kwargs.items() if key != "activation"}
+    residual = r(*F.conv2d(x, w, groups=groups, **geometry).shape)
+    inputs = [t.requires_grad_() for t in (x, w, b, residual)]
+
+    def f(x, w, b, residual):
+        return tilesmith.ops.conv2d(x, w, b, groups=groups, residual=residual, backend=backend,
+                                    **kwargs)
+
+    want = _reference(x, w, b, dict(kwargs, groups=groups), residual)
+    torch.testing.assert_close(f(*inputs), want)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
 
 
 # Double backward (create_graph=True): (channels, filters, groups) and the call.
@@ -318,10 +366,10 @@ def test_opcheck_and_compile(backend):
                for t in _sample("gelu_channels_last", torch.bfloat16).args)
     if backend == "cuda":
         torch.library.opcheck(torch.ops.tilesmith.conv2d_fwd_cuda,
-                              (x, w, b, [1, 1], [1, 1], [1, 1], "gelu", True))
+                              (x, w, b, None, [1, 1], [1, 1], [1, 1], "gelu", True))
     else:
         torch.library.opcheck(torch.ops.tilesmith.conv2d_fwd_triton,
-                              (x, w, b, [1, 1], [1, 1], [1, 1], 1, "gelu", True))
+                              (x, w, b, None, [1, 1], [1, 1], [1, 1], 1, "gelu", True))
 
     # The backward ops too (their outputs' strides against the fake implementations'), on
     # a generic and a depthwise conv in both memory formats.
@@ -355,7 +403,8 @@ def test_opcheck_and_compile(backend):
 @pytest.mark.parametrize("backend", compile_backends("conv2d", torch.bfloat16))
 def test_torch_compile_dynamic_shapes(backend):
     """torch.compile(fullgraph=True, dynamic=True): one graph over symbolic batch, channels
-    and spatial sizes, with a fused activation, stride 2 and channels_last inputs."""
+    and spatial sizes, with a fused activation, stride 2 and channels_last inputs, and with
+    a residual (its gradient too)."""
     dtype = torch.float32 if backend == "torch" else torch.bfloat16
 
     def r(*shape):
@@ -373,6 +422,14 @@ def test_torch_compile_dynamic_shapes(backend):
                                (r(1, 16, 12, 7), r(8, 16, 3, 3), r(8))])
     check_compiled_dynamic(f, [(r_channels_last(2, 8, 9, 9), r(16, 8, 3, 3), r(16)),
                                (r_channels_last(3, 16, 6, 11), r(24, 16, 3, 3), r(24))])
+
+    def with_residual(x, w, b, residual):
+        return tilesmith.ops.conv2d(x, w, b, padding=1, activation="relu", residual=residual,
+                                    backend=backend)
+
+    check_compiled_dynamic(with_residual, [
+        (r_channels_last(2, 8, 9, 9), r(16, 8, 3, 3), r(16), r_channels_last(2, 16, 9, 9)),
+        (r_channels_last(1, 16, 6, 7), r(8, 16, 3, 3), r(8), r(1, 8, 6, 7))])
 
 
 def test_cuda_zero_padding_fills_channels_and_filters_to_multiples_of_8():
@@ -448,10 +505,10 @@ def test_cuda_conv2d_zero_fills_what_its_kernels_do_not_take(case, memory_format
         ZERO_FILLED[case]
     calls = []
 
-    def forward(x, weight, bias, stride_, padding_, dilation_, activation, save_pre):
+    def forward(x, weight, bias, residual, stride_, padding_, dilation_, activation, save_pre):
         calls.append((tuple(x.shape), tuple(weight.shape), tuple(bias.shape)))
         out = _torch_conv2d(x, weight, bias, stride_, padding_, dilation_,
-                            x.shape[1] // weight.shape[1], activation)
+                            x.shape[1] // weight.shape[1], activation, residual)
         # As the op's C++ returns it: computed channels-last, copied to NCHW for an input
         # that is not channels-last (with NCHW strides, also for 1x1 pixels).
         out = torch.empty_like(out, memory_format=torch.channels_last).copy_(out)
@@ -525,6 +582,23 @@ BAD_INPUTS = [
      "groups must be an int, got True"),
     ("groups_float", lambda: ((_t(1, 4, 8, 8), _t(4, 2, 3, 3)), {"groups": 2.0}), TypeError,
      "groups must be an int, got 2.0"),
+    # The residual: the output's shape (no broadcasting), the input's dtype and device.
+    ("residual_shape", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"residual": _t(1, 4, 8, 8)}),
+     ValueError, r"residual must have the output's shape \(1, 4, 6, 6\), got \(1, 4, 8, 8\)"),
+    ("residual_broadcast", lambda: ((_t(2, 3, 8, 8), _t(4, 3, 3, 3)),
+                                    {"residual": _t(1, 4, 6, 6)}), ValueError,
+     r"residual must have the output's shape \(2, 4, 6, 6\)"),
+    ("residual_same_even_kernel", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 2, 2)),
+                                           {"padding": "same", "residual": _t(1, 4, 9, 9)}),
+     ValueError, r"residual must have the output's shape \(1, 4, 8, 8\), got \(1, 4, 9, 9\)"),
+    ("residual_dtype", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)),
+                                {"residual": _t(1, 4, 6, 6, dtype=torch.float64)}), TypeError,
+     "residual must have the input's dtype torch.float32, got torch.float64"),
+    ("residual_device", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)),
+                                 {"residual": _t(1, 4, 6, 6, device="meta")}), ValueError,
+     "residual is on meta, input on cpu"),
+    ("residual_not_tensor", lambda: ((_t(1, 3, 8, 8), _t(4, 3, 3, 3)), {"residual": 1.0}),
+     TypeError, "residual must be a torch.Tensor or None, got float"),
 ]
 
 

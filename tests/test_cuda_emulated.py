@@ -314,7 +314,8 @@ class MatmulParams(ctypes.Structure):
                 ("residual_row_stride", ctypes.c_int64),
                 ("pre", ctypes.c_void_p), ("pre_batch_stride", ctypes.c_int64),
                 ("pre_row_stride", ctypes.c_int64),
-                ("activation", ctypes.c_int), ("out_fp32", ctypes.c_bool)]
+                ("activation", ctypes.c_int), ("out_fp32", ctypes.c_bool),
+                ("residual_before_activation", ctypes.c_bool)]
 
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -1091,10 +1092,14 @@ def nhwc(shape_nchw, dtype):
 
 
 @pytest.mark.parametrize("kernel", ["sm80", "sm90a"])
-@pytest.mark.parametrize("activation", [None, "relu", "gelu"], ids=str)
+@pytest.mark.parametrize("activation,residual", [(None, False), ("relu", False),
+                                                 ("gelu", False), ("relu", True)],
+                         ids=["None", "relu", "gelu", "residual_relu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv2d_forward_kernel(case, dtype, activation, kernel):
+def test_conv2d_forward_kernel(case, dtype, activation, residual, kernel):
+    """The forward's epilogue: bias, (the residual, added before the activation, each
+    group's columns of it), the pre-activation copy and the activation."""
     x, weight, cp, geometry = conv_problem(case, dtype)
     n, k, p, q = x.shape[0], weight.shape[0], cp.out_h, cp.out_w
     bias = torch.randn(k)
@@ -1103,11 +1108,19 @@ def test_conv2d_forward_kernel(case, dtype, activation, kernel):
     params = MatmulParams(c=out.data_ptr(), batch=1, m=n * p * q, n=cp.filters, c_row_stride=k,
                           alpha=1.0, bias=bias.data_ptr(), activation=ACTIVATIONS[activation],
                           pre=pre.data_ptr(), pre_row_stride=k)
+    shortcut = torch.zeros(n, k, p, q)
+    if residual:
+        shortcut = torch.randn(n, k, p, q).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        params.residual, params.residual_row_stride = shortcut.data_ptr(), k
+        params.residual_before_activation = True
     run_conv_pass(0, dtype, cp, params, [x, weight], kernel=kernel)
     assert_guards_untouched(out_storage, "out")
     assert_guards_untouched(pre_storage, "pre")
-    ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), **geometry)
-    base_pre = torch.nn.functional.conv2d(x.float(), weight.float(), bias, **geometry)
+    ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(),
+                                         **geometry) + shortcut.double()
+    base_pre = torch.nn.functional.conv2d(x.float(), weight.float(), bias,
+                                          **geometry) + shortcut.float()
     assert_close_to_reference(pre, ref_pre, base_pre.to(dtype), name="pre-activation")
     assert_close_to_reference(out, activate(ref_pre, activation),
                               activate(base_pre, activation).to(dtype))
@@ -1736,7 +1749,8 @@ class DepthwiseParams(ctypes.Structure):
     """csrc/conv2d/depthwise.h's DepthwiseParams (size checked against the C++ one)."""
     _fields_ = [("x", ctypes.c_void_p), ("weight", ctypes.c_void_p),
                 ("grad_out", ctypes.c_void_p), ("out", ctypes.c_void_p),
-                ("pre", ctypes.c_void_p), ("weight_grad", ctypes.c_void_p),
+                ("pre", ctypes.c_void_p), ("residual", ctypes.c_void_p),
+                ("weight_grad", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("activation", ctypes.c_int),
                 ("batch", ctypes.c_int64), ("height", ctypes.c_int64), ("width", ctypes.c_int64),
                 ("channels", ctypes.c_int64), ("kernel_h", ctypes.c_int64),
@@ -1781,10 +1795,12 @@ def run_depthwise(pass_index, dtype, params, splits=1):
     assert status == 0, error.value.decode()
 
 
-@pytest.mark.parametrize("activation", [None, "silu"], ids=str)
+@pytest.mark.parametrize("activation,residual", [(None, False), ("silu", False),
+                                                 ("silu", True)],
+                         ids=["None", "silu", "residual_silu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
-def test_depthwise_kernels(case, dtype, activation):
+def test_depthwise_kernels(case, dtype, activation, residual):
     x, weight, weight_rsc, params, geometry = depthwise_problem(case, dtype)
     n, c = x.shape[:2]
     p, q = params.out_h, params.out_w
@@ -1793,11 +1809,19 @@ def test_depthwise_kernels(case, dtype, activation):
     pre, pre_storage = nhwc((n, c, p, q), dtype)
     params.out, params.pre, params.bias = out.data_ptr(), pre.data_ptr(), bias.data_ptr()
     params.activation = ACTIVATIONS[activation]
+    shortcut = torch.zeros(n, c, p, q)
+    if residual:  # added before the activation
+        shortcut = torch.randn(n, c, p, q).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        params.residual = shortcut.data_ptr()
     run_depthwise(0, dtype, params)
+    params.residual = None
     for storage, name in ((out_storage, "out"), (pre_storage, "pre")):
         assert_guards_untouched(storage, name)
-    ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), **geometry)
-    base_pre = torch.nn.functional.conv2d(x.float(), weight.float(), bias, **geometry)
+    ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(),
+                                         **geometry) + shortcut.double()
+    base_pre = torch.nn.functional.conv2d(x.float(), weight.float(), bias,
+                                          **geometry) + shortcut.float()
     assert_close_to_reference(pre, ref_pre, base_pre.to(dtype), name="pre-activation")
     assert_close_to_reference(out, activate(ref_pre, activation),
                               activate(base_pre, activation).to(dtype))
@@ -1973,7 +1997,7 @@ FULL_TILE_CASES = {
     **{f"conv2d_{kernel}_{name}_{case}": functools.partial(test, case, torch.bfloat16,
                                                            *extra, kernel)
        for kernel in ("sm80", "sm90a")
-       for name, test, extra in (("forward", test_conv2d_forward_kernel, (None,)),
+       for name, test, extra in (("forward", test_conv2d_forward_kernel, (None, False)),
                                  ("dgrad", test_conv2d_dgrad_kernel, ()),
                                  ("wgrad", test_conv2d_wgrad_kernel, (1,)))
        for case in ("3x3_64_channels", "1x1_s2_128_channels")},

@@ -196,7 +196,7 @@ def test_standins_check_what_the_cpp_checks():
         x = torch.randn(1, 12, 5, 5, dtype=torch.bfloat16)
         with pytest.raises(RuntimeError, match="multiples of 8"):
             torch.ops.tilesmith.conv2d_fwd_cuda(x, torch.randn(8, 12, 3, 3).bfloat16(), None,
-                                                [1, 1], [0, 0], [1, 1], "none", False)
+                                                None, [1, 1], [0, 0], [1, 1], "none", False)
         q = torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)
         for mask in (torch.zeros(4, 4), torch.zeros(1, 1, 4, 4, dtype=torch.float16)):
             with pytest.raises(RuntimeError, match="attn_mask must be a 4-D bool, "):

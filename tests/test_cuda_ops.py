@@ -182,13 +182,13 @@ def test_registered_cuda_ops_reject_bad_input():
     x = torch.randn(1, 12, 8, 8, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="multiples of 8"):
         ops.conv2d_fwd_cuda(x, torch.randn(8, 12, 3, 3, device="cuda", dtype=torch.bfloat16),
-                            None, [1, 1], [1, 1], [1, 1], "none", False)
+                            None, None, [1, 1], [1, 1], [1, 1], "none", False)
     with pytest.raises(RuntimeError, match="depthwise channels must be a multiple of 8"):
         ops.conv2d_fwd_cuda(x, torch.randn(12, 1, 3, 3, device="cuda", dtype=torch.bfloat16),
-                            None, [1, 1], [1, 1], [1, 1], "none", False)
+                            None, None, [1, 1], [1, 1], [1, 1], "none", False)
     with pytest.raises(RuntimeError, match="do not split into groups"):
         ops.conv2d_fwd_cuda(x, torch.randn(8, 5, 3, 3, device="cuda", dtype=torch.bfloat16),
-                            None, [1, 1], [1, 1], [1, 1], "none", False)
+                            None, None, [1, 1], [1, 1], [1, 1], "none", False)
     pre = torch.randn(16, 24, device="cuda", dtype=torch.bfloat16)
     bf16 = torch.bfloat16
     with pytest.raises(RuntimeError, match="2-D of one shape"):

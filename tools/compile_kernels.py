@@ -126,6 +126,14 @@ def record_launches():
     depthwise = torch.randn(128, 1, 3, 3, dtype=bf16, requires_grad=True)
     grad(tilesmith.ops.conv2d(x, depthwise, padding=1, groups=128, backend="triton"),
          x, depthwise)
+    # A shortcut added before the activation, in each forward kernel (the gemm kernel's
+    # RESIDUAL_FIRST for the 1x1).
+    shortcut = x.detach()
+    pointwise = torch.randn(128, 128, 1, 1, dtype=bf16, requires_grad=True)
+    for weight, groups in ((w, 1), (depthwise, 128), (pointwise, 1)):
+        grad(tilesmith.ops.conv2d(x, weight, padding=weight.shape[-1] // 2, groups=groups,
+                                  activation="relu", residual=shortcut, backend="triton"),
+             x, weight)
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         x = torch.randn(256, 256, dtype=bf16)
         for gran, size in (("tensor", 128), ("row", 128), ("block", 128), ("block", (128, 128))):

@@ -226,6 +226,17 @@ cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
+// The residual the epilogue adds before the activation, shaped like the (N, K, P, Q) output,
+// in the kernels' channels-last layout; undefined when there is none.
+at::Tensor checked_residual(const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                            const at::Tensor& x) {
+  if (!residual.has_value()) return at::Tensor();
+  check_operand(*residual, "residual", x);
+  TORCH_CHECK(residual->sizes() == out.sizes(), "conv2d: residual must have the output's shape ",
+              out.sizes(), ", got ", residual->sizes());
+  return channels_last(*residual);
+}
+
 at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t k, const at::Tensor& x) {
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == k &&
                                     bias->device() == x.device()),
@@ -235,6 +246,7 @@ at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t k, const 
 
 std::tuple<at::Tensor, at::Tensor> depthwise_fwd(const at::Tensor& x_in, const at::Tensor& weight,
                                                  const std::optional<at::Tensor>& bias,
+                                                 const std::optional<at::Tensor>& residual,
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                                  at::IntArrayRef dilation,
                                                  c10::string_view activation, bool save_pre) {
@@ -251,10 +263,12 @@ std::tuple<at::Tensor, at::Tensor> depthwise_fwd(const at::Tensor& x_in, const a
     pre.fill_(NAN);
   }
   const at::Tensor bias_f32 = checked_bias(bias, c, x);
+  const at::Tensor residual_nhwc = checked_residual(residual, out, x);
   p.x = x.data_ptr();
   p.weight = w.data_ptr();
   p.out = out.data_ptr();
   p.pre = save_pre ? pre.data_ptr() : nullptr;
+  p.residual = residual_nhwc.defined() ? residual_nhwc.data_ptr() : nullptr;
   p.bias = bias.has_value() ? bias_f32.data_ptr<float>() : nullptr;
   p.activation = parse_activation(activation, "conv2d");
   TILESMITH_CHECK_LAUNCH(x.scalar_type() == at::kBFloat16
@@ -326,6 +340,7 @@ at::Tensor depthwise_wgrad(const at::Tensor& grad_in, const at::Tensor& x_in,
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
                                                    const at::Tensor& weight_in,
                                                    const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& residual,
                                                    at::IntArrayRef stride,
                                                    at::IntArrayRef padding,
                                                    at::IntArrayRef dilation,
@@ -335,7 +350,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
   c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t n = x_in.size(0), k = weight_in.size(0);
   if (is_depthwise(x_in.size(1), k, weight_in.size(1))) {
-    return depthwise_fwd(x_in, weight_in, bias, stride, padding, dilation, activation, save_pre);
+    return depthwise_fwd(x_in, weight_in, bias, residual, stride, padding, dilation, activation,
+                         save_pre);
   }
   ConvParams cp = geometry(n, x_in.size(1), x_in.size(2), x_in.size(3), k, weight_in.size(1),
                            weight_in.size(2), weight_in.size(3), stride, padding, dilation);
@@ -349,12 +365,18 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x_in,
     pre.fill_(NAN);
   }
   const at::Tensor bias_f32 = checked_bias(bias, k, x);
+  const at::Tensor residual_nhwc = checked_residual(residual, out, x);
   cp.x = x.data_ptr();
   cp.weight = weight.data_ptr();
   MatmulParams epilogue = plain_output(out.data_ptr(), n * cp.out_h * cp.out_w, k);
   epilogue.n = cp.filters;  // one group's columns; the kernel offsets to its group
   epilogue.bias = bias.has_value() ? bias_f32.data_ptr<float>() : nullptr;
   epilogue.activation = parse_activation(activation, "conv2d");
+  if (residual_nhwc.defined()) {
+    epilogue.residual = residual_nhwc.data_ptr();
+    epilogue.residual_row_stride = k;
+    epilogue.residual_before_activation = true;
+  }
   if (save_pre) {
     epilogue.pre = pre.data_ptr();
     epilogue.pre_row_stride = k;

@@ -12,9 +12,11 @@ namespace tilesmith {
 // of 8 (the groups are read off the weight's shape), or depthwise (one filter per channel,
 // channels a multiple of 8: direct kernels). Inputs in either memory format (NCHW ones are
 // copied to channels-last, the layout the kernels read); outputs in the input's memory
-// format. Returns (out, pre-activation), the latter empty unless save_pre.
+// format. out = act(conv + bias + residual), residual (optional) shaped like out, in x's
+// dtype. Returns (out, pre-activation), the latter empty unless save_pre.
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& residual,
                                                    at::IntArrayRef stride,
                                                    at::IntArrayRef padding,
                                                    at::IntArrayRef dilation,

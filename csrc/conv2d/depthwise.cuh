@@ -63,6 +63,12 @@ __global__ void __launch_bounds__(kThreads) depthwise_fwd_kernel(const Depthwise
     }
   }
   const int64_t at = pixel * p.channels + c0;
+  if (p.residual != nullptr) {
+    float rv[kVector];
+    load8<T>(rv, static_cast<const T*>(p.residual) + at);
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) acc[j] += rv[j];
+  }
   if (p.pre != nullptr) store8<T>(static_cast<T*>(p.pre) + at, acc);
 #pragma unroll
   for (int j = 0; j < kVector; ++j) acc[j] = activate(acc[j], p.activation);

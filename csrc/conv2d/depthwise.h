@@ -15,7 +15,8 @@ struct DepthwiseParams {
   const void* weight = nullptr;     // (R, S, C)
   const void* grad_out = nullptr;
   void* out = nullptr;              // forward: (N, P, Q, C); dgrad: (N, H, W, C)
-  void* pre = nullptr;              // forward: alpha-free pre-activation, like out, or nullptr
+  void* pre = nullptr;              // forward: the pre-activation, like out, or nullptr
+  const void* residual = nullptr;   // forward: added before the activation, like out, or nullptr
   float* weight_grad = nullptr;     // wgrad: fp32 partials (splits, R, S, C)
   const float* bias = nullptr;      // (C,) fp32 or nullptr
   Activation activation = Activation::kNone;

@@ -286,8 +286,8 @@ dim3 conv_grid(ConvPass pass, const ConvParams& cp, const MatmulParams& out, int
               pass == kDgrad ? static_cast<unsigned>(dgrad_phases(cp)) : 1u);
 }
 
-// Group `group`'s columns of the output, bias and pre-activation (`out` describes group 0's,
-// `columns` wide: filters for the forward, channels for dgrad).
+// Group `group`'s columns of the output, bias, residual and pre-activation (`out` describes
+// group 0's, `columns` wide: filters for the forward, channels for dgrad).
 template <typename T>
 __device__ __forceinline__ MatmulParams group_output(const MatmulParams& out, int64_t group,
                                                      int64_t columns) {
@@ -296,6 +296,7 @@ __device__ __forceinline__ MatmulParams group_output(const MatmulParams& out, in
   in_group.c = static_cast<T*>(out.c) + first;
   if (out.bias != nullptr) in_group.bias = out.bias + first;
   if (out.pre != nullptr) in_group.pre = static_cast<T*>(out.pre) + first;
+  if (out.residual != nullptr) in_group.residual = static_cast<const T*>(out.residual) + first;
   return in_group;
 }
 

@@ -2,7 +2,9 @@
 // main loops: mainloop_sm80.cuh (mma.sync) and matmul_sm90a.cuh (wgmma). Both hold their
 // fp32 accumulators in the mma m16n8 layout, so each thread owns pairs of neighbouring
 // columns of a row, and that pair is the unit written here:
-//   c = act(alpha * acc + bias) + residual,  pre = alpha * acc + bias (when params.pre is set).
+//   c = act(alpha * acc + bias) + residual,  pre = alpha * acc + bias (when params.pre is set),
+// or with params.residual_before_activation (conv2d)
+//   c = act(alpha * acc + bias + residual),  pre = alpha * acc + bias + residual.
 #pragma once
 
 #include <type_traits>
@@ -80,6 +82,13 @@ struct EpilogueWriter {
     return row < params.m ? row : -1;
   }
 
+  __device__ __forceinline__ void add_residual(int64_t row, int64_t col, bool has0, bool has1,
+                                               float (&v)[2]) const {
+    const OutT* r = residual + row * params.residual_row_stride + col;
+    if (has0) v[0] += to_float<OutT>(r[0]);
+    if (has1) v[1] += to_float<OutT>(r[1]);
+  }
+
   // Columns col (even) and col + 1 of output row `row` (place()'s answer) from their
   // accumulators; what lies outside the m x n output is skipped. The branches on params
   // are uniform across the block.
@@ -91,17 +100,15 @@ struct EpilogueWriter {
       if (has0) v[0] += params.bias[col];
       if (has1) v[1] += params.bias[col + 1];
     }
+    const bool residual_first = params.residual_before_activation;
+    if (residual != nullptr && residual_first) add_residual(row, col, has0, has1, v);
     if (pre != nullptr) {
       store_pair<OutT>(pre + row * params.pre_row_stride + col, v[0], v[1], paired_pre, has0,
                        has1);
     }
 #pragma unroll
     for (int e = 0; e < 2; ++e) v[e] = activate(v[e], params.activation);
-    if (residual != nullptr) {
-      const OutT* r = residual + row * params.residual_row_stride + col;
-      if (has0) v[0] += to_float<OutT>(r[0]);
-      if (has1) v[1] += to_float<OutT>(r[1]);
-    }
+    if (residual != nullptr && !residual_first) add_residual(row, col, has0, has1, v);
     store_pair<OutT>(c + row * params.c_row_stride + col, v[0], v[1], paired_stores, has0, has1);
   }
 };

@@ -12,7 +12,9 @@ namespace tilesmith {
 enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
 
 // c[z] = act(alpha * (a[z] @ b[z]) + bias) + residual[z] for z in [0, batch): a[z] is m x k,
-// b[z] is k x n, c[z] is m x n. With the epilogue fields at their defaults, the plain product.
+// b[z] is k x n, c[z] is m x n; or, with residual_before_activation (conv2d's epilogue, a
+// ResNet block's relu(conv + identity)), c[z] = act(alpha * (a[z] @ b[z]) + bias + residual[z]).
+// With the epilogue fields at their defaults, the plain product.
 struct MatmulParams {
   const void* a;
   const void* b;
@@ -27,10 +29,11 @@ struct MatmulParams {
   const float* bias = nullptr;           // (n,)
   const void* residual = nullptr;        // like c, unit column stride
   int64_t residual_batch_stride = 0, residual_row_stride = 0;
-  void* pre = nullptr;                   // alpha * acc + bias before the activation, in c's
-  int64_t pre_batch_stride = 0, pre_row_stride = 0;  // dtype (what the backward needs)
-  Activation activation = Activation::kNone;
+  void* pre = nullptr;                   // alpha * acc + bias (+ residual, added before the
+  int64_t pre_batch_stride = 0, pre_row_stride = 0;  // activation) in c's dtype: the
+  Activation activation = Activation::kNone;         // backward's act' reads it
   bool out_fp32 = false;                 // c and residual are float, not a's dtype
+  bool residual_before_activation = false;
 };
 
 // fp32 accumulation; each returns the launch's error code.

@@ -421,7 +421,8 @@ def gemm_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
 def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
                          ) -> list[SampleInput]:
     """One list for every conv2d test. args: (input, weight, bias); kwargs: stride, padding,
-    dilation, groups, activation. Inputs are NCHW unless the name says channels_last."""
+    dilation, groups, activation, residual. Inputs are NCHW unless the name says
+    channels_last; a residual is laid out as the output unless its name says otherwise."""
     g = torch.Generator().manual_seed(seed)
     device = torch.device(device)
 
@@ -429,7 +430,7 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
         return _rand(shape, dtype, device, g)
 
     def case(name, n, c, h, w, k, kh, kw=None, groups=1, bias=True, channels_last=False,
-             weight_channels_last=False, **kwargs):
+             weight_channels_last=False, residual=None, **kwargs):
         x = r(n, c, h, w)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -440,6 +441,15 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
             bias_values = r(k, 2)[:, 1]
         else:
             bias_values = r(k) if bias else None
+        if residual is not None:  # "same" or "other": the output's memory format or not
+            geometry = {key: kwargs[key] for key in ("stride", "padding", "dilation")
+                        if key in kwargs}
+            shape = torch.nn.functional.conv2d(x.to("meta"), weight.to("meta"),
+                                               groups=groups, **geometry).shape
+            same = residual == "same"
+            kwargs["residual"] = r(*shape).contiguous(
+                memory_format=torch.channels_last
+                if (channels_last or weight_channels_last) == same else torch.contiguous_format)
         return SampleInput(name, (x, weight, bias_values), dict(kwargs, groups=groups))
 
     samples = [
@@ -489,6 +499,22 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
              channels_last=True),
         case("depthwise_c16_k5_stride2_silu", 2, 16, 13, 11, 16, 5, groups=16, stride=2,
              padding=2, activation="silu", channels_last=True),
+        # A residual added before the activation (a ResNet block's shortcut), on every path.
+        case("residual_relu", 2, 8, 13, 13, 8, 3, padding=1, activation="relu",
+             residual="same"),
+        case("residual_nchw_gelu_stride2_channels_last", 1, 16, 13, 11, 24, 3, stride=2,
+             padding=1, activation="gelu", channels_last=True, residual="other"),
+        case("residual_pointwise_relu_channels_last", 2, 16, 7, 9, 24, 1, activation="relu",
+             channels_last=True, residual="same"),
+        case("residual_pointwise_channels_last_nchw", 2, 16, 5, 7, 8, 1, channels_last=True,
+             residual="other"),
+        case("residual_depthwise_silu_channels_last", 2, 16, 9, 11, 16, 3, groups=16,
+             padding=1, activation="silu", channels_last=True, residual="same"),
+        case("residual_groups2_c6_relu", 2, 6, 9, 9, 10, 3, groups=2, padding=1,
+             activation="relu", residual="same"),
+        case("residual_same_even_kernel", 1, 4, 7, 9, 6, 2, padding="same", residual="same"),
+        case("residual_channel_multiplier2", 1, 6, 9, 11, 12, 3, groups=6, padding=1,
+             residual="same"),
     ]
     base = r(2, 6, 15, 17)
     samples.append(SampleInput("noncontiguous_slice", (base[:, 1:5, 1:14, 2:15], r(5, 4, 3, 3),

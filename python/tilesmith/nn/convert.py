@@ -35,8 +35,8 @@ class ConversionReport:
     # (convolution, BatchNorm): each BatchNorm folded into the convolution before it
     # (optimize_for_inference).
     folded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    # (Linear, sum): each residual sum taken into the Linear's epilogue before it
-    # (optimize_for_inference).
+    # (layer, sum): each residual sum taken into the epilogue of the Linear or Conv2d
+    # before it (optimize_for_inference).
     residuals: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 

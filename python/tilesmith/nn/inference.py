@@ -64,10 +64,14 @@ def optimize_for_inference(model: torch.nn.Module, *,
       whether the forward calls a module (``self.relu``, shared by several layers or not),
       a function (``F.relu``, ``torch.relu``, ``F.gelu(approximate=...)``, ``F.silu``) or
       a tensor method (``.relu()``);
-    * a sum ``linear(x) + r`` (or ``r + linear(x)``, ``torch.add``; the trace records
-      ``+=`` as ``+``) of a converted Linear's output, used nowhere else, and a tensor
-      ``r`` computed before the layer becomes ``linear(x, residual=r)``: added in the
-      GEMM's epilogue where ``r`` has the output's shape and dtype (see ``Linear``).
+    * a sum ``layer(x) + r`` (or ``r + layer(x)``, ``torch.add``; the trace records
+      ``+=`` as ``+``) of a converted Linear's or Conv2d's output, used nowhere else, and
+      another tensor ``r`` becomes ``layer(x, residual=r)`` (the layer's call moved to the
+      sum's place): added in the epilogue where ``r`` has the output's shape and dtype (see
+      ``Linear``, ``Conv2d``). A Conv2d adds it before its activation, so a convolution
+      with an activation already fused keeps its sum apart, and an activation applied to
+      the sum alone then moves into the convolution: a ResNet block's ``relu(bn(conv(h)) +
+      identity)`` becomes one kernel.
 
     A layer called at more than one place in the forward, and modules with hooks, are left
     as they are. ``model`` itself is not changed. The result's ``state_dict`` differs from
@@ -81,7 +85,7 @@ def optimize_for_inference(model: torch.nn.Module, *,
     needs no trace. Returns the
     GraphModule (and a ``ConversionReport`` whose ``folded`` lists (convolution, BatchNorm)
     pairs, ``fused`` (layer, activation module or call, activation) triples and
-    ``residuals`` (Linear, sum) pairs, when ``return_report``; converted SDPA calls are
+    ``residuals`` (layer, sum) pairs, when ``return_report``; converted SDPA calls are
     listed by their name in the graph)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize_for_inference: model must be a torch.nn.Module, got "
@@ -111,6 +115,7 @@ def optimize_for_inference(model: torch.nn.Module, *,
         report.converted += rewrite.route_sdpa(backend)
     report.fused += rewrite.fuse_activations()
     report.residuals += rewrite.fuse_residuals()
+    report.fused += rewrite.fuse_activations()  # a conv's, applied to its residual sum
     graph.lint()
     traced.delete_all_unused_submodules()
     traced.recompile()
@@ -176,8 +181,10 @@ class _Rewrite:
                 continue
             name, source = activation
             layer = self.modules[source.target]
+            # A Linear adds its residual after the activation, a Conv2d before.
             if (isinstance(layer, (Linear, Conv2d)) and layer.activation is None
-                    and name in type(layer).ACTIVATIONS):
+                    and name in type(layer).ACTIVATIONS
+                    and (isinstance(layer, Conv2d) or "residual" not in source.kwargs)):
                 layer.activation = name
                 self.replace(node, source)
                 fused.append((source.target,
@@ -185,21 +192,29 @@ class _Rewrite:
         return fused
 
     def fuse_residuals(self) -> list[tuple[str, str]]:
-        """``linear(x) + r`` as ``linear(x, residual=r)`` where r is computed before the
-        layer (the layer's call cannot move before r's)."""
-        order = {node: index for index, node in enumerate(self.graph.nodes)}
+        """``layer(x) + r`` as ``layer(x, residual=r)``. The layer's call moves down to the
+        sum's place, after r's (a ResNet computes its downsampled shortcut after the block's
+        last convolution): its inputs are computed before it was, and the sum was its one
+        use."""
         fused = []
         for node in list(self.graph.nodes):
             addends = _residual_sum(node)
             for source, residual in (addends, addends[::-1]) if addends else ():
-                if (self.lone_call(source) and type(self.modules[source.target]) is Linear
-                        and isinstance(residual, fx.Node) and "residual" not in source.kwargs
-                        and order[residual] < order[source]):
+                if (self.lone_call(source) and isinstance(residual, fx.Node)
+                        and residual is not source and "residual" not in source.kwargs
+                        and _takes_residual(self.modules[source.target])):
+                    node.prepend(source)
                     source.kwargs = {**source.kwargs, "residual": residual}
                     self.replace(node, source)
                     fused.append((source.target, node.name))
                     break
         return fused
+
+
+def _takes_residual(layer: torch.nn.Module) -> bool:
+    """A layer whose forward(x, residual) computes its output + residual: tilesmith's
+    Linear, and its Conv2d without an activation (which it would apply after the sum)."""
+    return type(layer) is Linear or (type(layer) is Conv2d and layer.activation is None)
 
 
 def _can_fold(conv: torch.nn.Module, batchnorm: torch.nn.Module) -> bool:

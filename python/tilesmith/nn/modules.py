@@ -8,11 +8,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from .. import ops
 from ..backend import _check_name as check_backend_name
 from ..ops.attention import _shapes as attention_shapes
 from ..ops.conv2d import ACTIVATION_NAMES as CONV2D_ACTIVATIONS
+from ..ops.conv2d import torch_activation
 from ..ops.gemm import ACTIVATION_NAMES as GEMM_ACTIVATIONS
 
 
@@ -76,8 +78,12 @@ class Linear(torch.nn.Linear):
 
 class Conv2d(torch.nn.Conv2d):
     """``torch.nn.Conv2d`` on ``tilesmith.ops.conv2d``, with an optional fused
-    ``activation`` ("relu", "gelu", "silu") after the bias. padding_mode other than "zeros"
-    pads with F.pad first, as torch does."""
+    ``activation`` ("relu", "gelu", "silu") after the bias. ``forward(x, residual)`` returns
+    ``activation(conv(x) + residual)`` (a ResNet block's shortcut sum, before its ReLU),
+    added in the kernel's epilogue where ``residual`` has the output's shape and dtype
+    outside autocast, else by a separate add (broadcasting and promoting as torch's ``+``)
+    followed by the activation. padding_mode other than "zeros" pads with F.pad first, as
+    torch does."""
 
     ACTIVATIONS = CONV2D_ACTIVATIONS
 
@@ -87,13 +93,33 @@ class Conv2d(torch.nn.Conv2d):
         self.activation = activation
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        if residual is not None and not self._fuses(x, residual, padding):
+            out = ops.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
+                             self.groups, backend=self.backend)
+            return torch_activation(out + residual, self.activation)
         return ops.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
-                          self.groups, activation=self.activation, backend=self.backend)
+                          self.groups, activation=self.activation, residual=residual,
+                          backend=self.backend)
+
+    def _fuses(self, x: torch.Tensor, residual, padding) -> bool:
+        """Whether the kernel's epilogue can add ``residual``: a tensor of the output's shape
+        and dtype, outside autocast (where torch's + would promote the conv's output to an
+        fp32 residual's dtype)."""
+        if not (isinstance(residual, torch.Tensor) and residual.dtype == x.dtype
+                == self.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return False
+        size = x.shape[-2:]
+        if padding != "same":
+            padding = (0, 0) if padding == "valid" else _pair(padding)
+            size = [(length + 2 * pad - dilation * (taps - 1) - 1) // stride + 1
+                    for length, pad, dilation, taps, stride in zip(
+                        size, padding, self.dilation, self.kernel_size, self.stride)]
+        return residual.shape == (*x.shape[:-3], self.out_channels, *size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _options_repr(self)

@@ -1,5 +1,5 @@
-"""conv2d: ``torch.nn.functional.conv2d`` semantics plus a fused ``activation`` after the
-bias, on implicit-GEMM kernels (forward, dgrad, wgrad).
+"""conv2d: ``torch.nn.functional.conv2d`` semantics plus a fused epilogue, ``activation(conv +
+bias + residual)``, on implicit-GEMM kernels (forward, dgrad, wgrad).
 
 Layers: ``conv2d`` (validation, padding="same"/"valid", backend choice) ->
 ``tilesmith::conv2d_fwd_{triton,cuda}`` (also stores the pre-activation when a backward will
@@ -28,8 +28,8 @@ from torch.library import triton_op
 from ._library import (LIBRARY, MAX_GRID_YZ, autocast_inputs, dot_precision, new_output,
                        register_autocast, wrap_triton)
 
-LIBRARY.define("conv2d_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, int[] stride, "
-               "int[] padding, int[] dilation, str activation, bool save_pre) "
+LIBRARY.define("conv2d_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
+               "int[] stride, int[] padding, int[] dilation, str activation, bool save_pre) "
                "-> (Tensor, Tensor)")
 LIBRARY.define("conv2d_dgrad_cuda(Tensor grad, Tensor weight, int[] input_shape, int[] stride, "
                "int[] padding, int[] dilation, bool channels_last) -> Tensor")
@@ -138,8 +138,9 @@ def _acc_dtype(x):
 
 @triton_op("tilesmith::conv2d_fwd_triton", mutates_args=())
 def _conv2d_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                       activation: str, save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       residual: torch.Tensor | None, stride: list[int], padding: list[int],
+                       dilation: list[int], groups: int, activation: str,
+                       save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     import triton
 
     from tilesmith.kernels.conv2d import conv2d_fwd_kernel
@@ -156,6 +157,11 @@ def _conv2d_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     pre = _empty_like_format((n, k, p, q) if save_pre else (0, 0, 0, 0), x, channels_last)
     if out.numel() == 0:
         return out, pre
+    # The kernels read the residual through its own strides (any layout).
+    residual_strides = _strides4(residual) if residual is not None else (0, 0, 0, 0)
+    epilogue = dict(ACTIVATION=ACTIVATIONS[None if activation == "none" else activation],
+                    HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                    STORE_PRE=save_pre)
     if _is_depthwise(groups, c, k):
         from tilesmith.kernels.conv2d import depthwise_fwd_kernel
         from tilesmith.kernels.matmul import INTERPRETING
@@ -163,30 +169,32 @@ def _conv2d_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         blocks = _depthwise_blocks(c)
         grid = (triton.cdiv(n * p * q, blocks["BLOCK_M"]), triton.cdiv(c, blocks["BLOCK_C"]))
         wrap_triton(depthwise_fwd_kernel)[grid](
-            x, weight, bias if bias is not None else out, out, pre if save_pre else out,
+            x, weight, bias if bias is not None else out,
+            residual if residual is not None else out, out, pre if save_pre else out,
             n, c, h, w, p, q, r, s, *stride, *padding, *dilation, *_strides4(x),
             weight.stride(0), weight.stride(2), weight.stride(3), *_strides4(out),
-            ACTIVATION=ACTIVATIONS[None if activation == "none" else activation],
-            HAS_BIAS=bias is not None, STORE_PRE=save_pre, UPCAST=INTERPRETING,
-            ACC_DTYPE=_acc_dtype(x), **blocks)
+            *residual_strides, UPCAST=INTERPRETING, ACC_DTYPE=_acc_dtype(x), **epilogue,
+            **blocks)
         return out, pre
     if channels_last and _is_pointwise(weight.shape, stride, padding, groups):
         # The channels-last pixels times the weight seen as (C, K): the gemm kernel, its
         # tiles autotuned on the shape, with the same epilogue.
         from .gemm import _gemm_launch
 
-        _gemm_launch(_pixels(x), weight.reshape(k, c).t(), _pixels(out), bias, None,
-                     _pixels(pre) if save_pre else None, activation, 1.0)
+        _gemm_launch(_pixels(x), weight.reshape(k, c).t(), _pixels(out), bias,
+                     residual.permute(0, 2, 3, 1).reshape(n * p * q, k)
+                     if residual is not None else None,
+                     _pixels(pre) if save_pre else None, activation, 1.0, residual_first=True)
         return out, pre
     blocks = _blocks(n * p * q, k // groups)
     grid = (triton.cdiv(n * p * q, blocks["BLOCK_M"]) * triton.cdiv(k // groups,
                                                                     blocks["BLOCK_N"]), groups)
     wrap_triton(conv2d_fwd_kernel)[grid](
-        x, weight, bias if bias is not None else out, out, pre if save_pre else out,
+        x, weight, bias if bias is not None else out, residual if residual is not None else out,
+        out, pre if save_pre else out,
         n, h, w, p, q, r, s, c_group, k // groups, *stride, *padding, *dilation,
-        *_strides4(x), *_strides4(weight), *_strides4(out),
-        ACTIVATION=ACTIVATIONS[None if activation == "none" else activation],
-        HAS_BIAS=bias is not None, STORE_PRE=save_pre, **_constexprs(x), **blocks)
+        *_strides4(x), *_strides4(weight), *_strides4(out), *residual_strides,
+        **epilogue, **_constexprs(x), **blocks)
     return out, pre
 
 
@@ -319,7 +327,8 @@ def _out_shape(x, weight, stride, padding, dilation):
 
 
 @torch.library.register_fake("tilesmith::conv2d_fwd_cuda")
-def _conv2d_fwd_cuda_fake(x, weight, bias, stride, padding, dilation, activation, save_pre):
+def _conv2d_fwd_cuda_fake(x, weight, bias, residual, stride, padding, dilation, activation,
+                          save_pre):
     shape = _out_shape(x, weight, stride, padding, dilation)
     channels_last = _is_channels_last(x)
     return (_empty_like_format(shape, x, channels_last),
@@ -339,13 +348,16 @@ def _conv2d_wgrad_cuda_fake(grad, x, weight_shape, stride, padding, dilation):
 
 def _setup_context(ctx, inputs, output, cuda=False):
     if cuda:  # conv2d_fwd_cuda reads the groups off the weight's shape
-        x, weight, bias, stride, padding, dilation, activation, save_pre = inputs
+        x, weight, bias, residual, stride, padding, dilation, activation, save_pre = inputs
         groups = x.shape[1] // weight.shape[1]
     else:
-        x, weight, bias, stride, padding, dilation, groups, activation, save_pre = inputs
+        x, weight, bias, residual, stride, padding, dilation, groups, activation, save_pre = inputs
     _, pre = output
-    # bias only where a double backward computes pre again (_backward): no other pass reads it.
-    ctx.save_for_backward(x, weight, bias if activation not in ("none", "relu") else None, pre)
+    # bias and residual only where a double backward computes pre again (_backward): no
+    # other pass reads them.
+    recomputes_pre = activation not in ("none", "relu")
+    ctx.save_for_backward(x, weight, bias if recomputes_pre else None,
+                          residual if recomputes_pre else None, pre)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.activation = activation
     ctx.has_bias = bias is not None
@@ -361,7 +373,7 @@ def _cuda_setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_pre):
-    x, weight, bias, pre = ctx.saved_tensors
+    x, weight, bias, residual, pre = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     if ctx.activation != "none" and pre.numel() == 0 and grad_out.numel() != 0:
         raise RuntimeError("conv2d: backward through the activation needs the forward's "
@@ -370,7 +382,7 @@ def _backward(ctx, grad_out, _grad_pre):
         # A double backward (create_graph=True): the saved pre-activation is no part of the
         # graph, so it is computed again (one more forward convolution), for the gradient
         # through act'(pre) to reach x, weight and bias (relu's act'' is 0).
-        pre = _forward_op(ctx.cuda)(x, weight, bias, stride, padding, dilation,
+        pre = _forward_op(ctx.cuda)(x, weight, bias, residual, stride, padding, dilation,
                                     *(() if ctx.cuda else (groups,)), "none", False)[0]
     dz_channel_sums = None  # the bias gradient, where the activation backward reduces it
     if ctx.activation != "none":
@@ -417,8 +429,10 @@ def _backward(ctx, grad_out, _grad_pre):
             dz_channel_sums = dz.sum((0, 2, 3), dtype=torch.float32 if dz.dtype !=
                                      torch.float64 else torch.float64)
         grad_b = dz_channel_sums.to(weight.dtype)
+    # The residual is added before the activation: its gradient is dz.
+    grad_residual = dz if ctx.needs_input_grad[3] else None
     rest = (None,) * (5 if ctx.cuda else 6)  # stride .. save_pre
-    return grad_x, grad_w, grad_b, *rest
+    return grad_x, grad_w, grad_b, grad_residual, *rest
 
 
 torch.library.register_autograd("tilesmith::conv2d_fwd_triton", _backward,
@@ -448,8 +462,8 @@ def _dgrad_backward(ctx, grad_dx):
     grad, weight = ctx.saved_tensors
     d_grad = d_weight = None
     if ctx.needs_input_grad[0]:
-        d_grad = _forward_op(ctx.cuda)(grad_dx, weight, None, *ctx.conv, *ctx.groups, "none",
-                                       False)[0]
+        d_grad = _forward_op(ctx.cuda)(grad_dx, weight, None, None, *ctx.conv, *ctx.groups,
+                                       "none", False)[0]
     if ctx.needs_input_grad[1]:
         wgrad = (torch.ops.tilesmith.conv2d_wgrad_cuda if ctx.cuda
                  else torch.ops.tilesmith.conv2d_wgrad_triton)
@@ -461,8 +475,8 @@ def _wgrad_backward(ctx, grad_dw):
     grad, x = ctx.saved_tensors
     d_grad = d_x = None
     if ctx.needs_input_grad[0]:
-        d_grad = _forward_op(ctx.cuda)(x, grad_dw, None, *ctx.conv, *ctx.groups, "none",
-                                       False)[0]
+        d_grad = _forward_op(ctx.cuda)(x, grad_dw, None, None, *ctx.conv, *ctx.groups,
+                                       "none", False)[0]
     if ctx.needs_input_grad[1]:
         dgrad = (torch.ops.tilesmith.conv2d_dgrad_cuda if ctx.cuda
                  else torch.ops.tilesmith.conv2d_dgrad_triton)
@@ -487,38 +501,51 @@ def _pair(value, name):
     raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
 
 
-def _torch_conv2d(x, weight, bias, stride, padding, dilation, groups, activation):
-    """The torch backend and benchmark baseline: cuDNN, then the activation as an eager op.
-    A bias of another float dtype is cast to x's, which F.conv2d requires (the kernels add
-    any float bias in fp32)."""
+def torch_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``activation`` (one of ACTIVATION_NAMES) as torch's eager op."""
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "silu":
+        return F.silu(y)
+    return y
+
+
+def _torch_conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual=None):
+    """The torch backend and benchmark baseline: cuDNN, then the residual sum and the
+    activation as eager ops. A bias of another float dtype is cast to x's, which F.conv2d
+    requires (the kernels add any float bias in fp32)."""
     if bias is not None:
         bias = bias.to(x.dtype)
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if activation == "relu":
-        y = F.relu(y)
-    elif activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "silu":
-        y = F.silu(y)
-    return y
+    if residual is not None:
+        y = y + residual
+    return torch_activation(y, activation)
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride=1, padding=0, dilation=1, groups: int = 1, *, activation: str | None = None,
-           backend: str | None = None) -> torch.Tensor:
-    """``torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)``
-    followed by ``activation`` (None, "relu", "gelu", "silu") in the same kernel. input is
-    (N, C, H, W) in NCHW or channels_last, or unbatched (C, H, W); weight (K, C/groups, R,
-    S); the output's memory format is PyTorch's: channels_last when the input or the weight
-    is. padding: int, pair, "valid" or "same" (stride 1 only, as in PyTorch).
-    Differentiable in input, weight and bias, through the activation, twice (create_graph)."""
+           residual: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """``activation(torch.nn.functional.conv2d(input, weight, bias, stride, padding,
+    dilation, groups) + residual)`` in one kernel: ``activation`` None, "relu", "gelu" or
+    "silu"; ``residual`` None or a tensor of the output's shape and input's dtype, added
+    before the activation, as a ResNet block adds its shortcut (``relu(bn(conv(x)) +
+    identity)``, cuDNN's fused convolution's z; tilesmith's ``gemm`` adds its residual after
+    the activation, where a Transformer's sits). input is (N, C, H, W) in NCHW or
+    channels_last, or unbatched (C, H, W); weight (K, C/groups, R, S); the output's memory
+    format is PyTorch's: channels_last when the input or the weight is. padding: int, pair,
+    "valid" or "same" (stride 1 only, as in PyTorch). Differentiable in input, weight, bias
+    and residual, through the activation, twice (create_graph)."""
     fn = "conv2d"
     if isinstance(input, torch.Tensor) and input.dim() == 3:
         # Unbatched (C, H, W), as F.conv2d takes it: a batch of one.
+        if isinstance(residual, torch.Tensor):
+            residual = residual.unsqueeze(0)
         return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
-                      activation=activation, backend=backend).squeeze(0)
+                      activation=activation, residual=residual, backend=backend).squeeze(0)
     if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor):
-        input, weight, bias = autocast_inputs(input, weight, bias)
+        input, weight, bias, residual = autocast_inputs(input, weight, bias, residual)
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -592,18 +619,24 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"{fn}: the kernel ({r}x{s}, dilation {dilation}) is larger than "
                          f"the padded input ({input.shape[2]}x{input.shape[3]} + padding "
                          f"{padding}): {shapes}")
+    if residual is not None:
+        out_shape = (input.shape[0], out_channels, p - crop[0], q - crop[1])
+        _check_residual(residual, input, out_shape, shapes)
 
     name = _backend.pick("conv2d", input, backend, kernel_limits(input, weight, groups))
     if name == "torch":
         return _torch_conv2d(input, weight, bias, stride, "same" if any(crop) else padding,
-                             dilation, groups, activation)
+                             dilation, groups, activation, residual)
     channels_last = _output_channels_last(input, weight)
     if channels_last and not _is_channels_last(input):
         # As PyTorch's own convolutions do, the kernels then run in channels-last (a copy
         # of the input, which also gives one contiguous both ways channels-last strides).
         input = input.clone(memory_format=torch.channels_last)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
+        t is not None and t.requires_grad for t in (input, weight, bias, residual))
+    if residual is not None and any(crop):
+        # The kernels compute the rows and columns the crop drops too: zeros there.
+        residual = F.pad(residual, (crop[1], 0, crop[0], 0))
     save_pre = bool(activation is not None and needs_grad)
     filters_per_group = weight.shape[0] // groups
     if groups > 1 and weight.shape[1] == 1 and filters_per_group > 1:
@@ -614,17 +647,32 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         input = _repeat_channels(input, filters_per_group)
         groups = weight.shape[0]
     if name == "cuda":
-        out = _cuda_conv2d(input, weight, bias, stride, padding, dilation, groups,
+        out = _cuda_conv2d(input, weight, bias, residual, stride, padding, dilation, groups,
                            activation or "none", save_pre)
     else:
         out, _ = torch.ops.tilesmith.conv2d_fwd_triton(
-            input, weight, bias, stride, padding, dilation, groups, activation or "none",
-            save_pre)
+            input, weight, bias, residual, stride, padding, dilation, groups,
+            activation or "none", save_pre)
     if any(crop):  # (autograd pads the gradient back)
         out = out[:, :, crop[0]:, crop[1]:]
     # A copy only after a crop.
     return out.contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _check_residual(residual, input, out_shape, shapes):
+    fn = "conv2d"
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{fn}: residual must be a torch.Tensor or None, got "
+                        f"{type(residual).__name__}")
+    if tuple(residual.shape) != out_shape:
+        raise ValueError(f"{fn}: residual must have the output's shape {out_shape}, got "
+                         f"{tuple(residual.shape)} ({shapes})")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"{fn}: residual must have the input's dtype {input.dtype}, got "
+                        f"{residual.dtype}")
+    if residual.device != input.device:
+        raise ValueError(f"{fn}: residual is on {residual.device}, input on {input.device}")
 
 
 def _repeat_channels(x, times):
@@ -648,9 +696,9 @@ def cuda_zero_padding(channels: int, filters: int, groups: int) -> tuple[int, in
     return groups, -(-per_group // 8) * 8, -(-filters_per_group // 8) * 8
 
 
-def _cuda_forward(x, weight, bias, stride, padding, dilation, activation, save_pre):
-    return torch.ops.tilesmith.conv2d_fwd_cuda(x, weight, bias, stride, padding, dilation,
-                                               activation, save_pre)
+def _cuda_forward(x, weight, bias, residual, stride, padding, dilation, activation, save_pre):
+    return torch.ops.tilesmith.conv2d_fwd_cuda(x, weight, bias, residual, stride, padding,
+                                               dilation, activation, save_pre)
 
 
 class _GradientInFormat(torch.autograd.Function):
@@ -666,26 +714,29 @@ class _GradientInFormat(torch.autograd.Function):
         return grad.contiguous(memory_format=ctx.memory_format), None
 
 
-def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation, save_pre):
+def _cuda_conv2d(x, weight, bias, residual, stride, padding, dilation, groups, activation,
+                 save_pre):
     """The cuda forward of any channel count: where the kernels need more channels or
-    filters per group (cuda_zero_padding), x, weight and bias are copied zero-filled, in
-    channels-last (the kernels' layout), and the output's real filters copied out into x's
-    memory format. Differentiable: autograd takes the gradients back through the copies,
-    so the backward's dgrad and wgrad run on the filled shapes too, and hands each on in
-    its tensor's memory format, as PyTorch's convolutions do (the copies' own backward
-    would leave strided views of the filled gradients)."""
+    filters per group (cuda_zero_padding), x, weight, bias and residual are copied
+    zero-filled, in channels-last (the kernels' layout), and the output's real filters
+    copied out into x's memory format. Differentiable: autograd takes the gradients back
+    through the copies, so the backward's dgrad and wgrad run on the filled shapes too, and
+    hands each on in its tensor's memory format, as PyTorch's convolutions do (the copies'
+    own backward would leave strided views of the filled gradients)."""
     channels = x.shape[1]
     filters, per_group = weight.shape[:2]
     filters_per_group = filters // groups
     wide_groups, wide_channels, wide_filters = cuda_zero_padding(channels, filters, groups)
     if (wide_groups, wide_channels, wide_filters) == (groups, per_group, filters_per_group):
-        out, _ = _cuda_forward(x, weight, bias, stride, padding, dilation, activation,
-                               save_pre)
+        out, _ = _cuda_forward(x, weight, bias, residual, stride, padding, dilation,
+                               activation, save_pre)
         return out
     x = _GradientInFormat.apply(x, _format_of(x))
     weight = _GradientInFormat.apply(weight, _format_of(weight))
     if bias is not None:
         bias = _GradientInFormat.apply(bias, torch.contiguous_format)
+    if residual is not None:
+        residual = _GradientInFormat.apply(residual, _format_of(residual))
     more_groups = wide_groups - groups
     more_channels = wide_channels - per_group
     more_filters = wide_filters - filters_per_group
@@ -696,11 +747,14 @@ def _cuda_conv2d(x, weight, bias, stride, padding, dilation, groups, activation,
     taps = weight.permute(0, 2, 3, 1).unflatten(0, (groups, filters_per_group))
     wide_weight = F.pad(taps, (0, more_channels, 0, 0, 0, 0, 0, more_filters, 0, more_groups))
     wide_weight = wide_weight.flatten(0, 1).permute(0, 3, 1, 2)
-    wide_bias = None
+    wide_bias = wide_residual = None
     if bias is not None:
         wide_bias = F.pad(bias.view(groups, -1), (0, more_filters, 0, more_groups)).flatten()
-    out, _ = _cuda_forward(wide_x, wide_weight, wide_bias, stride, padding, dilation,
-                           activation, save_pre)
+    if residual is not None:  # (N, P, Q, groups, filters per group), as the output
+        wide_residual = F.pad(residual.permute(0, 2, 3, 1).unflatten(3, (groups, -1)),
+                              (0, more_filters, 0, more_groups)).flatten(3, 4).permute(0, 3, 1, 2)
+    out, _ = _cuda_forward(wide_x, wide_weight, wide_bias, wide_residual, stride, padding,
+                           dilation, activation, save_pre)
     # (N, P, Q, groups, filters per group) of the real groups and filters, copied out.
     real = out.permute(0, 2, 3, 1).unflatten(3, (wide_groups, wide_filters))
     real = real[:, :, :, :groups, :filters_per_group]

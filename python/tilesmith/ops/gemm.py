@@ -35,7 +35,8 @@ _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _gemm_launch(a, b, out, bias, residual, pre, activation: str, alpha: float):
+def _gemm_launch(a, b, out, bias, residual, pre, activation: str, alpha: float,
+                 residual_first: bool = False):
     import triton
 
     from tilesmith.kernels.gemm import ACTIVATIONS, gemm_kernel
@@ -59,7 +60,8 @@ def _gemm_launch(a, b, out, bias, residual, pre, activation: str, alpha: float):
         *strides(residual), *strides(pre),
         A_K_UNIT=a.stride(1) == 1, B_N_UNIT=b.stride(1) == 1,
         ACTIVATION=ACTIVATIONS[None if activation == "none" else activation],
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        RESIDUAL_FIRST=residual_first, STORE_PRE=pre is not None,
         HAS_ALPHA=alpha != 1.0, UPCAST=INTERPRETING, INPUT_PRECISION=dot_precision(a.dtype),
         ACC_DTYPE=_compute_dtype(a.dtype))
 
