@@ -167,7 +167,8 @@ def run_inference(rows: list, backends=("triton", "cuda")) -> list:
     """Rows "<model>_inference": each of our backends running the model as
     optimize_for_inference makes it, the eval model on cuDNN its baseline; the row
     "torch_folded" is PyTorch's fold of the same BatchNorms on cuDNN (the ratio of ours to it
-    in ``extra``). rel_err: the first image's output against the float64 model."""
+    in ``extra``, with how many BatchNorms, activations and residual sums ours took into
+    its convolutions). rel_err: the first image's output against the float64 model."""
     from torch.fx.experimental.optimization import fuse as torch_fold_batchnorm
 
     name, make_model, batch, size = INFERENCE
@@ -213,7 +214,8 @@ def run_inference(rows: list, backends=("triton", "cuda")) -> list:
                                     baseline="cudnn_eval", dtype="bfloat16", shape=shape,
                                     baseline_ms=base_ms),
                   tilesmith.backend.hopper_kernels(**switches)):
-                ours = tilesmith.nn.optimize_for_inference(native, backend=backend)
+                ours, report = tilesmith.nn.optimize_for_inference(native, backend=backend,
+                                                                   return_report=True)
                 ms = harness.median_ms(lambda: ours(x))
                 rows.append(harness.Row(
                     op=op, mode="fwd", backend=label, baseline="cudnn_eval",
@@ -221,7 +223,9 @@ def run_inference(rows: list, backends=("triton", "cuda")) -> list:
                     ratio=base_ms / ms, rel_err=testing.rel_error(ours(x[:1]), ref),
                     baseline_rel_err=base_err,
                     peak_mem_bytes=harness.peak_memory(lambda: ours(x)), joules=None,
-                    extra={"ratio_vs_torch_folded": folded_ms / ms if folded_ms else None}))
+                    extra={"ratio_vs_torch_folded": folded_ms / ms if folded_ms else None,
+                           "folded": len(report.folded), "fused": len(report.fused),
+                           "residuals": len(report.residuals)}))
     print(f"{op} N={batch}: " + ", ".join(
         harness.brief(r, "{backend} {ratio:.2f}x") for r in rows if r.op == op), flush=True)
     return rows

@@ -72,10 +72,24 @@ TINY_SWEEPS = {
                "INFERENCE": ("tiny_cnn", lambda: torch.nn.Sequential(
                    torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
                    torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2, bias=False),
-                   torch.nn.BatchNorm2d(16), torch.nn.ReLU(inplace=True),
+                   torch.nn.BatchNorm2d(16), torch.nn.ReLU(inplace=True), _ResidualBlock(16),
                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)),
                    2, 9)},
 }
+
+
+class _ResidualBlock(torch.nn.Module):
+    """relu(bn(conv(x)) + x): its sum and ReLU go into the conv's epilogue."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
 EXAMPLE_SIZES = {"cifar_resnet": ["--batch-size", "8", "--width", "8", "--blocks", "1"],
                  "gpt_char": ["--batch-size", "2", "--seq-len", "32", "--d-model", "32",
                               "--heads", "2", "--layers", "1", "--max-chars", "20000"]}
@@ -135,8 +149,11 @@ def test_every_family_runs_its_sweep(family, quick, dry_run, tmp_path):
     if family == "examples":
         assert {r.op for r in rows} == {"train_cifar_resnet", "train_gpt_char"}
     elif family == "conv2d":
-        inference = {r.backend for r in rows if r.op == "tiny_cnn_inference"}
-        assert inference == {"torch", "torch_folded", "triton", "cuda", "cuda-sm80"}, inference
+        inference = {r.backend: r for r in rows if r.op == "tiny_cnn_inference"}
+        assert set(inference) == {"torch", "torch_folded", "triton", "cuda", "cuda-sm80"}
+        for backend in ("triton", "cuda", "cuda-sm80"):
+            extra = inference[backend].extra
+            assert (extra["folded"], extra["fused"], extra["residuals"]) == (3, 3, 1), extra
         residual = {r.backend for r in rows if r.mode == "residual"}
         assert residual == {"torch", "triton", "cuda", "cuda-sm80"}, residual
     else:
