@@ -265,18 +265,16 @@ def main() -> int:
     # c=k=264: wgmma's 256-wide tiles in the forward, dgrad and wgrad (the 1x1 ones: the
     # matmul kernels'); 2x2 stride 3: dgrad's phases reached by one tap and by none; an RGB
     # 7x7 first layer and a 12-channel depthwise conv, zero-filled to 8 and 16 channels; a
-    # channel multiplier of 2 (run as the depthwise conv of x's channels repeated).
+    # channel multiplier of 2 (run as the depthwise conv of x's channels repeated). Cases 1,
+    # 2, 3, 6 and 8 add a residual before the ReLU (the 1x1 on the matmul kernels, groups,
+    # the 256-wide tiles, depthwise, and zero-filled channels).
+    cases = [((16, 24, 3, 2, 1, 1), True), ((72, 136, 1, 1, 0, 1), False),
+             ((32, 48, 3, 1, 1, 2), True), ((264, 264, 3, 1, 1, 1), True),
+             ((264, 264, 1, 1, 0, 1), True), ((16, 16, 2, 3, 1, 1), True),
+             ((24, 24, 5, 2, 2, 24), False), ((3, 16, 7, 2, 3, 1), False),
+             ((12, 12, 3, 1, 1, 12), True), ((8, 16, 3, 1, 1, 8), False)]
     for hopper in (True, False):
-        for (c, k, r, stride, pad, groups), channels_last in (((16, 24, 3, 2, 1, 1), True),
-                                                              ((72, 136, 1, 1, 0, 1), False),
-                                                              ((32, 48, 3, 1, 1, 2), True),
-                                                              ((264, 264, 3, 1, 1, 1), True),
-                                                              ((264, 264, 1, 1, 0, 1), True),
-                                                              ((16, 16, 2, 3, 1, 1), True),
-                                                              ((24, 24, 5, 2, 2, 24), False),
-                                                              ((3, 16, 7, 2, 3, 1), False),
-                                                              ((12, 12, 3, 1, 1, 12), True),
-                                                              ((8, 16, 3, 1, 1, 8), False)):
+        for case, ((c, k, r, stride, pad, groups), channels_last) in enumerate(cases):
             x = torch.randn(2, c, 13, 11, device=dev, dtype=bf16)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -285,16 +283,24 @@ def main() -> int:
             w = (torch.randn(k, c // groups, r, r, device=dev, dtype=bf16) / fan_in ** 0.5)
             w.requires_grad_(True)
             bias = torch.randn(k, device=dev, dtype=bf16, requires_grad=True)
+            inputs = [x, w, bias]
+            if case in (1, 2, 3, 6, 8):
+                shape = F.conv2d(x.detach(), w.detach(), None, stride, pad, groups=groups).shape
+                inputs.append(torch.randn(shape, device=dev, dtype=bf16, requires_grad=True))
             with tilesmith.backend.hopper_kernels(hopper):
-                out = tilesmith.ops.conv2d(x, w, bias, stride, pad, groups=groups,
-                                           activation="relu", backend="cuda")
-                grads = torch.autograd.grad(out.float().square().sum(), (x, w, bias))
-            leaves = [t.detach().double().requires_grad_(True) for t in (x, w, bias)]
-            ref = F.relu(F.conv2d(leaves[0], leaves[1], leaves[2], stride, pad, groups=groups))
+                out = tilesmith.ops.conv2d(*inputs[:3], stride, pad, groups=groups,
+                                           activation="relu",
+                                           residual=inputs[3] if len(inputs) > 3 else None,
+                                           backend="cuda")
+                grads = torch.autograd.grad(out.float().square().sum(), inputs)
+            leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+            ref = F.conv2d(leaves[0], leaves[1], leaves[2], stride, pad, groups=groups)
+            ref = F.relu(ref + leaves[3] if len(leaves) > 3 else ref)
             ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
-            label = f"conv2d hopper={hopper} {r}x{r} c={c} k={k}"
+            label = (f"conv2d hopper={hopper} {r}x{r} c={c} k={k}"
+                     + (" residual" if len(inputs) > 3 else ""))
             check(label, out, ref)
-            for name, got, want in zip(("dx", "dw", "dbias"), grads, ref_grads):
+            for name, got, want in zip(("dx", "dw", "dbias", "dresidual"), grads, ref_grads):
                 check(f"{label} {name}", got, want, bar=5e-2)
 
     # FP8 scaled GEMM (sm_90a only): on the TMA and the cp.async kernels.
