@@ -516,7 +516,7 @@ def _torch_conv2d(x, weight, bias, stride, padding, dilation, groups, activation
     """The torch backend and benchmark baseline: cuDNN, then the residual sum and the
     activation as eager ops. A bias of another float dtype is cast to x's, which F.conv2d
     requires (the kernels add any float bias in fp32)."""
-    if bias is not None:
+    if bias is not None and bias.dtype != x.dtype:  # (a .to() that changes nothing costs too)
         bias = bias.to(x.dtype)
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
@@ -555,7 +555,6 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got "
                             f"{t.dtype}")
-    shapes = f"input {tuple(input.shape)}, weight {tuple(weight.shape)}"
     if input.dtype != weight.dtype:
         raise TypeError(f"{fn}: input and weight must have one dtype, got {input.dtype} and "
                         f"{weight.dtype}")
@@ -568,11 +567,11 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     channels, out_channels = input.shape[1], weight.shape[0]
     if channels % groups or out_channels % groups:
         raise ValueError(f"{fn}: groups={groups} must divide the input channels ({channels}) "
-                         f"and the output channels ({out_channels}): {shapes}")
+                         f"and the output channels ({out_channels}): {_shapes(input, weight)}")
     if weight.shape[1] * groups != channels:
         raise ValueError(f"{fn}: channel mismatch: weight expects {weight.shape[1]} * groups "
                          f"({groups}) = {weight.shape[1] * groups} input channels, input has "
-                         f"{channels}: {shapes}")
+                         f"{channels}: {_shapes(input, weight)}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got "
@@ -618,10 +617,10 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if p < 1 or q < 1:
         raise ValueError(f"{fn}: the kernel ({r}x{s}, dilation {dilation}) is larger than "
                          f"the padded input ({input.shape[2]}x{input.shape[3]} + padding "
-                         f"{padding}): {shapes}")
+                         f"{padding}): {_shapes(input, weight)}")
     if residual is not None:
         out_shape = (input.shape[0], out_channels, p - crop[0], q - crop[1])
-        _check_residual(residual, input, out_shape, shapes)
+        _check_residual(residual, input, weight, out_shape)
 
     name = _backend.pick("conv2d", input, backend, kernel_limits(input, weight, groups))
     if name == "torch":
@@ -660,14 +659,20 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _check_residual(residual, input, out_shape, shapes):
+def _shapes(input, weight) -> str:
+    """The operands' shapes, for error messages (formatted only when one is raised: this is
+    every call's path)."""
+    return f"input {tuple(input.shape)}, weight {tuple(weight.shape)}"
+
+
+def _check_residual(residual, input, weight, out_shape):
     fn = "conv2d"
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"{fn}: residual must be a torch.Tensor or None, got "
                         f"{type(residual).__name__}")
     if tuple(residual.shape) != out_shape:
         raise ValueError(f"{fn}: residual must have the output's shape {out_shape}, got "
-                         f"{tuple(residual.shape)} ({shapes})")
+                         f"{tuple(residual.shape)} ({_shapes(input, weight)})")
     if residual.dtype != input.dtype:
         raise TypeError(f"{fn}: residual must have the input's dtype {input.dtype}, got "
                         f"{residual.dtype}")
