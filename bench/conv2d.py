@@ -87,7 +87,8 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                 memory_format=torch.channels_last)
             shape = {"layer": name, "N": batch, "C": c, "K": k, "H": h, "R": r, "stride": stride}
             args = ([stride] * 2, [pad] * 2, [1, 1], 1)
-            shortcut = torch.randn_like(grad)
+            widens = r == 1 and stride == 1 and k == 4 * c  # where a ResNet adds its shortcut
+            shortcut = torch.randn_like(grad) if widens else None
             baselines = {
                 "fwd": lambda: F.conv2d(x, w, bias, stride, pad),
                 "fused": lambda: F.relu(F.conv2d(x, w, bias, stride, pad)),
@@ -121,7 +122,7 @@ def run(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
             limits = conv2d_ops.kernel_limits(x, w)
             filled = conv2d_ops.cuda_zero_padding(c, k, 1) != (1, c, k)
             refs = {"fwd": F.conv2d(x[:1].double(), w.double(), bias.double(), stride, pad)}
-            if not (r == 1 and stride == 1 and k == 4 * c):  # where a ResNet adds its shortcut
+            if not widens:
                 del baselines["residual"]
             for mode, base_fn in baselines.items():
                 base_ms = harness.median_ms(base_fn)

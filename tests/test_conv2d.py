@@ -61,8 +61,8 @@ def test_forward_and_gradients_match_float64(backend, dtype, name):
     kwargs = dict(sample.kwargs)
     x, weight, bias, residual = testing.grad_views((*sample.args, kwargs.pop("residual", None)))
     inputs = [t for t in (x, weight, bias, residual) if t is not None]
-    names = [name for name, t in (("grad_input", x), ("grad_weight", weight),
-                                  ("grad_bias", bias), ("grad_residual", residual))
+    names = [label for label, t in (("grad_input", x), ("grad_weight", weight),
+                                    ("grad_bias", bias), ("grad_residual", residual))
              if t is not None]
     with testing.poison_outputs():
         out = tilesmith.ops.conv2d(x, weight, bias, residual=residual, backend=backend,

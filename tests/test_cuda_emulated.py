@@ -1815,7 +1815,6 @@ def test_depthwise_kernels(case, dtype, activation, residual):
             memory_format=torch.channels_last)
         params.residual = shortcut.data_ptr()
     run_depthwise(0, dtype, params)
-    params.residual = None
     for storage, name in ((out_storage, "out"), (pre_storage, "pre")):
         assert_guards_untouched(storage, name)
     ref_pre = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(),
