@@ -19,8 +19,10 @@ ACT_RELU = 1
 ACT_GELU = 2
 ACT_GELU_TANH = 3
 ACT_SILU = 4
+ACT_RELU6 = 5
+ACT_HARDSWISH = 6
 ACTIVATIONS = {None: ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH,
-               "silu": ACT_SILU}
+               "silu": ACT_SILU, "relu6": ACT_RELU6, "hardswish": ACT_HARDSWISH}
 
 SQRT_2_OVER_PI = 0.7978845608028654
 INV_SQRT_2 = 0.7071067811865476
@@ -45,7 +47,17 @@ def activation(z, ACTIVATION: tl.constexpr):
         z = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACTIVATION == 4:
         z = z * tl.sigmoid(z)
+    elif ACTIVATION == 5:
+        z = _relu6(z)
+    elif ACTIVATION == 6:
+        z = z * _relu6(z + 3.0) / 6.0
     return z
+
+
+@triton.jit
+def _relu6(z):
+    # As torch's hardtanh(z, 0, 6): a NaN stays NaN.
+    return tl.where(z <= 0.0, 0.0, tl.where(z >= 6.0, 6.0, z))
 
 
 @triton.jit
@@ -62,6 +74,10 @@ def activation_derivative(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 4:
         s = tl.sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == 5:
+        d = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)  # 0 at a NaN, as torch's hardtanh's
+    elif ACTIVATION == 6:
+        d = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, z / 3.0 + 0.5, 1.0))  # and hardswish's
     else:
         d = tl.full(z.shape, 1.0, z.dtype)
     return d

@@ -24,7 +24,8 @@ from tilesmith import backend, testing
 _is_channels_last = importlib.import_module("tilesmith.ops.conv2d")._is_channels_last
 
 ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
-               "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
+               "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
+               "relu6": F.relu6, "hardswish": F.hardswish}
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -48,12 +49,16 @@ def _derivative(z, name):
     if name == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
+    if name == "relu6":
+        return ((z > 0) & (z < 6)).float()
+    if name == "hardswish":
+        return torch.where(z <= -3, 0.0, torch.where(z < 3, z / 3 + 0.5, 1.0))
     return torch.ones_like(z)
 
 
 def _activation(name: str, op: str):
-    check(name in ACTIVATIONS, f"{op}: activation must be none, relu, gelu, gelu_tanh or silu, "
-          f"got {name}")
+    check(name in ACTIVATIONS, f"{op}: activation must be none, relu, gelu, gelu_tanh, silu, "
+          f"relu6 or hardswish, got {name}")
     return ACTIVATIONS[name]
 
 

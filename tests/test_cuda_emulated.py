@@ -318,7 +318,8 @@ class MatmulParams(ctypes.Structure):
                 ("residual_before_activation", ctypes.c_bool)]
 
 
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu6": 5,
+               "hardswish": 6}
 
 
 def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -1796,8 +1797,8 @@ def run_depthwise(pass_index, dtype, params, splits=1):
 
 
 @pytest.mark.parametrize("activation,residual", [(None, False), ("silu", False),
-                                                 ("silu", True)],
-                         ids=["None", "silu", "residual_silu"])
+                                                 ("silu", True), ("hardswish", False)],
+                         ids=["None", "silu", "residual_silu", "hardswish"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
 def test_depthwise_kernels(case, dtype, activation, residual):
@@ -1864,7 +1865,7 @@ class ActivationBackwardParams(ctypes.Structure):
                 ("grad_fp32", ctypes.c_bool), ("pre_fp32", ctypes.c_bool)]
 
 
-ACTIVATION_CODES = {"relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}  # csrc/matmul/matmul.h
+ACTIVATION_CODES = {name: code for name, code in ACTIVATIONS.items() if name}  # matmul.h
 ROWS_PER_BLOCK = 128  # kActivationBackwardRows
 ACTIVATION_BACKWARD_CASES = {
     # name: (m, n, dz dtype, grad dtype, activation, layout, bias, columns per thread[,
@@ -1889,6 +1890,9 @@ ACTIVATION_BACKWARD_CASES = {
                                        True, 8, torch.float32),
     "bf16_gelu_tanh_fp32_pre_transposed": (129, 40, torch.bfloat16, torch.float32, "gelu_tanh",
                                            "transposed", True, 1, torch.float32),
+    "bf16_relu6": (140, 16, torch.bfloat16, torch.bfloat16, "relu6", "contiguous", True, 8),
+    "fp16_hardswish_transposed": (129, 40, torch.float16, torch.float32, "hardswish",
+                                  "transposed", True, 1),
 }
 
 
@@ -1916,9 +1920,10 @@ def test_activation_backward_kernels(case):
 
 
 @pytest.mark.parametrize("case", [c for c in ACTIVATION_BACKWARD_CASES if "relu" in c])
-def test_activation_backward_relu_passes_the_gradient_at_a_nan(case):
-    """relu' is 1 at a NaN pre-activation, as torch's (threshold_backward tests the output,
-    NaN, for <= 0): dz there is the gradient, not 0."""
+def test_activation_backward_at_a_nan_pre_activation(case):
+    """At a NaN pre-activation, relu' is 1, as torch's (threshold_backward tests the output,
+    NaN, for <= 0): dz there is the gradient, not 0; relu6' is 0 there, as torch's
+    hardtanh_backward has it."""
     check_activation_backward(case, pre_nan=True)
 
 

@@ -59,7 +59,8 @@ def test_conv2d_forward_and_gradients(dtype, name):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu", "relu6",
+                                        "hardswish"])
 def test_gemm_double_backward(dtype, activation):
     through_cuda_ops(gemm_tests.test_double_backward_matches_float64, "cuda", dtype, activation)
 

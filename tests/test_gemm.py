@@ -93,7 +93,8 @@ def test_sm80_kernels_on_hopper(dtype, name):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.float64))
-@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu", "relu6",
+                                        "hardswish"])
 def test_gradcheck_float64(backend, activation):
     g = torch.Generator().manual_seed(2)
 
@@ -111,13 +112,15 @@ def test_gradcheck_float64(backend, activation):
     assert torch.autograd.gradcheck(f, (a, b, bias, residual))
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "relu6",
+                                        "hardswish"])
 def test_activation_derivatives_match_autograd(activation):
     """The first and second derivatives the double backward uses, against autograd through
-    PyTorch's own activations, in float64."""
+    PyTorch's own activations, in float64 (relu6's kinks at 0 and 6 on the grid)."""
     functions = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
                  "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
-                 "silu": torch.nn.functional.silu}
+                 "silu": torch.nn.functional.silu, "relu6": torch.nn.functional.relu6,
+                 "hardswish": torch.nn.functional.hardswish}
     z = torch.linspace(-8, 8, 1001, dtype=torch.float64).requires_grad_()
     first, = torch.autograd.grad(functions[activation](z).sum(), z, create_graph=True)
     second, = torch.autograd.grad(first.sum(), z, allow_unused=True, materialize_grads=True)
@@ -129,12 +132,13 @@ def test_activation_derivatives_match_autograd(activation):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.float64))
-@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "silu", "hardswish"])
 def test_double_backward_gradgradcheck_float64(backend, activation):
     """The backward is differentiable (create_graph=True): its GEMMs are gemm calls, the
     activation's backward has its second derivative, and the pre-activation is computed
-    again on the graph. (relu is left out: finite differences would cross its kink; its
-    act'' is 0.) fast_mode: PyTorch's check of one random projection of the Jacobians."""
+    again on the graph. (relu and relu6 are left out: finite differences would cross their
+    kinks; their act'' is 0.) fast_mode: PyTorch's check of one random projection of the
+    Jacobians."""
     g = torch.Generator().manual_seed(6)
 
     def r(*shape):
@@ -150,7 +154,8 @@ def test_double_backward_gradgradcheck_float64(backend, activation):
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params("gemm", LOW_PRECISION))
-@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu", "relu6",
+                                        "hardswish"])
 def test_double_backward_matches_float64(backend, dtype, activation):
     """A gradient penalty (the squared norm of the gradients of the output along grad_out
     with respect to a and b) differentiated with respect to a, b, bias and residual, by the
@@ -243,7 +248,8 @@ def _activation_backward_matches_float64(backend, activation, grad, pre, dz_dtyp
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "relu6",
+                                        "hardswish"])
 @pytest.mark.parametrize("m,n,grad_dtype,pre_dtype,transposed", [
     # row and column tails of both backends' blocks
     (300, 264, torch.bfloat16, torch.bfloat16, False),

@@ -877,6 +877,50 @@ def test_optimize_for_inference_fuses_resnet_blocks_on_the_kernels(dtype):
         testing.assert_close_to_reference(out, ref, base)
 
 
+class _InvertedResidual(torch.nn.Module):
+    """A MobileNet block: ReLU6 as a module, Hardswish and ReLU6 as functions, a residual
+    sum without an activation after it."""
+
+    def __init__(self, channels=8, expanded=16):
+        super().__init__()
+        conv, batchnorm = torch.nn.Conv2d, torch.nn.BatchNorm2d
+        self.expand, self.bn1 = conv(channels, expanded, 1, bias=False), batchnorm(expanded)
+        self.act = torch.nn.ReLU6(inplace=True)
+        self.depthwise = conv(expanded, expanded, 3, padding=1, groups=expanded, bias=False)
+        self.bn2 = batchnorm(expanded)
+        self.project, self.bn3 = conv(expanded, channels, 1, bias=False), batchnorm(channels)
+        self.head = torch.nn.Linear(channels, 4)
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.expand(x)))
+        y = F.hardswish(self.bn2(self.depthwise(y)))
+        y = self.bn3(self.project(y)) + x
+        return F.relu6(self.head(y.mean((2, 3))))
+
+
+def test_mobilenet_activations_fuse():
+    """ReLU6 and Hardswish, modules and functions, move into the epilogues (on the
+    kernels: Triton here) by optimize_for_inference and by convert's nn.Sequential rule;
+    outputs as the model's."""
+    torch.manual_seed(0)
+    native = _with_running_statistics(_InvertedResidual().to(DEVICE))
+    ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS,
+                                                       return_report=True)
+    assert sorted((layer, name) for layer, _, name in report.fused) == [
+        ("depthwise", "hardswish"), ("expand", "relu6"), ("head", "relu6")]
+    assert [layer for layer, _ in report.residuals] == ["project"]
+    x = torch.randn(2, 8, 7, 9, device=DEVICE) * 3  # past relu6's 6 and hardswish's +-3
+    with torch.no_grad():
+        _close(ours(x), native(x))
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Hardswish(),
+                              torch.nn.Linear(16, 8), torch.nn.ReLU6()).to(DEVICE)
+    want = mlp(x[:, :, 0, 0])
+    converted, report = tilesmith.nn.convert(mlp, backend=KERNELS, fuse_activations=True,
+                                             return_report=True)
+    assert [name for _, _, name in report.fused] == ["hardswish", "relu6"]
+    _close(converted(x[:, :, 0, 0]), want)
+
+
 def test_conv2d_module_adds_a_residual():
     """Conv2d.forward(x, residual) is activation(conv(x) + residual): in the kernel's epilogue
     where the residual has the output's shape and dtype (outputs and all four gradients as
@@ -1052,8 +1096,8 @@ def test_optimize_for_inference_with_concrete_args():
 
 
 @pytest.mark.parametrize("name,folded,fused,residuals", [
-    # Depthwise convolutions; Hardswish is no epilogue; the inverted residuals' sums.
-    ("mobilenet_v3_small", 34, 14, 6),
+    # Depthwise convolutions; ReLU and Hardswish; the inverted residuals' sums.
+    ("mobilenet_v3_small", 34, 33, 6),
     ("efficientnet_b0", 49, 49, 9),  # SiLU after the folded BatchNorms; the residual sums
     ("densenet121", 59, 59, 0),  # BatchNorms before convolutions stay
     ("convnext_tiny", 0, 18, 0),  # LayerNorm; the MLP's GELU

@@ -72,7 +72,7 @@ def record_launches():
         b = torch.randn(32, 48, dtype=dtype, requires_grad=True)
         grad(tilesmith.ops.matmul(a, b, backend="triton"), a, b)
         bias = torch.randn(48, dtype=dtype, requires_grad=True)
-        for act in (None, "relu", "gelu", "gelu_tanh", "silu"):
+        for act in (None, "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish"):
             grad(tilesmith.ops.gemm(a, b, bias=bias, activation=act,
                                     residual=torch.randn(64, 48, dtype=dtype), alpha=0.5,
                                     backend="triton"), a, b, bias)

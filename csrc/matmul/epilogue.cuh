@@ -14,6 +14,11 @@
 
 namespace tilesmith {
 
+// As torch's hardtanh(v, 0, 6): a NaN stays NaN.
+__device__ __forceinline__ float relu6(float v) {
+  return v <= 0.0f ? 0.0f : (v >= 6.0f ? 6.0f : v);
+}
+
 __device__ __forceinline__ float activate(float v, Activation activation) {
   switch (activation) {
     case Activation::kRelu:
@@ -24,6 +29,10 @@ __device__ __forceinline__ float activate(float v, Activation activation) {
       return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
     case Activation::kSilu:
       return v / (1.0f + expf(-v));
+    case Activation::kRelu6:
+      return relu6(v);
+    case Activation::kHardswish:
+      return v * relu6(v + 3.0f) * (1.0f / 6.0f);
     default:
       return v;
   }

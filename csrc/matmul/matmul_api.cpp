@@ -45,8 +45,10 @@ Activation parse_activation(c10::string_view name, const char* op) {
   if (name == "gelu") return Activation::kGelu;
   if (name == "gelu_tanh") return Activation::kGeluTanh;
   if (name == "silu") return Activation::kSilu;
-  TORCH_CHECK(false, op, ": activation must be none, relu, gelu, gelu_tanh or silu, got ",
-              std::string(name));
+  if (name == "relu6") return Activation::kRelu6;
+  if (name == "hardswish") return Activation::kHardswish;
+  TORCH_CHECK(false, op, ": activation must be none, relu, gelu, gelu_tanh, silu, relu6 or "
+              "hardswish, got ", std::string(name));
 }
 
 bool poison_outputs() { return std::getenv("TILESMITH_POISON_OUTPUTS") != nullptr; }

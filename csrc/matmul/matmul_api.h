@@ -14,7 +14,7 @@ void check_tensor_core_operands(const at::Tensor& a, const at::Tensor& b, const 
 // where they take the call (common/hopper_kernels.h), else the sm_80 ones.
 void launch_matmul(const MatmulParams& params, const at::Tensor& a);
 // The epilogue activation named in an op's schema ("none", "relu", "gelu", "gelu_tanh",
-// "silu"); `op` names the op in the error for any other name.
+// "silu", "relu6", "hardswish"); `op` names the op in the error for any other name.
 Activation parse_activation(c10::string_view name, const char* op);
 // Test hook (tilesmith.testing.poison_outputs): outputs start NaN-filled, so an element
 // the kernel fails to write is visible.

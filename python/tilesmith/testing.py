@@ -76,11 +76,13 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, baseline: to
 
 def activation_grad_reference(activation: str, pre: torch.Tensor, grad: torch.Tensor,
                               dtype: torch.dtype) -> torch.Tensor:
-    """grad * act'(pre) ("relu", "gelu", "gelu_tanh", "silu") by autograd through PyTorch's
-    own activation, computed in ``dtype``."""
+    """grad * act'(pre) (any epilogue activation: "relu", "gelu", "gelu_tanh", "silu",
+    "relu6", "hardswish") by autograd through PyTorch's own activation, computed in
+    ``dtype``."""
     functions = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
                  "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
-                 "silu": torch.nn.functional.silu}
+                 "silu": torch.nn.functional.silu, "relu6": torch.nn.functional.relu6,
+                 "hardswish": torch.nn.functional.hardswish}
     z = pre.detach().to(dtype).requires_grad_()
     return torch.autograd.grad(functions[activation](z), z, grad.to(dtype))[0]
 
@@ -369,7 +371,7 @@ def gemm_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
 
     samples = []
     m, k, n = 37, 50, 29
-    for act in ("relu", "gelu", "gelu_tanh", "silu"):
+    for act in ("relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish"):
         samples.append(SampleInput(f"{act}_bias_residual_alpha", (r(m, k), r(k, n)),
                                    {"activation": act, "bias": r(n), "residual": r(m, n),
                                     "alpha": 0.5}))
@@ -499,6 +501,13 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
              channels_last=True),
         case("depthwise_c16_k5_stride2_silu", 2, 16, 13, 11, 16, 5, groups=16, stride=2,
              padding=2, activation="silu", channels_last=True),
+        # MobileNets' activations (ReLU6 in v2, Hardswish in v3).
+        case("relu6_c16_k24_channels_last", 2, 16, 9, 9, 24, 3, padding=1,
+             activation="relu6", channels_last=True),
+        case("hardswish_depthwise_c16", 2, 16, 9, 11, 16, 3, groups=16, padding=1,
+             activation="hardswish"),
+        case("hardswish_pointwise_c16_k24_channels_last", 2, 16, 7, 9, 24, 1,
+             activation="hardswish", channels_last=True),
         # A residual added before the activation (a ResNet block's shortcut), on every path.
         case("residual_relu", 2, 8, 13, 13, 8, 3, padding=1, activation="relu",
              residual="same"),

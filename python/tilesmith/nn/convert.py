@@ -160,7 +160,10 @@ def _activation_name(module: torch.nn.Module) -> str | None:
         return "silu"
     if type(module) is torch.nn.GELU:
         return "gelu" if module.approximate == "none" else "gelu_tanh"
-    return None
+    return _MODULE_ACTIVATIONS.get(type(module))
+
+
+_MODULE_ACTIVATIONS = {torch.nn.ReLU6: "relu6", torch.nn.Hardswish: "hardswish"}
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:

@@ -22,7 +22,7 @@ from .modules import Conv2d, Linear, MultiheadAttention, check_backend_option
 # Calls that compute an activation of their first argument (extra arguments, such as
 # inplace=True, change where the result is stored, not its value); F.gelu is read apart.
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
-_SILU_FUNCTIONS = (F.silu,)
+_OTHER_FUNCTIONS = {F.silu: "silu", F.relu6: "relu6", F.hardswish: "hardswish"}
 _RELU_METHODS = ("relu", "relu_")
 # In eval mode after a convolution both are the same per-channel affine map.
 _BATCHNORMS = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
@@ -59,11 +59,12 @@ def optimize_for_inference(model: torch.nn.Module, *,
       ``fp8``: Linear layers become Float8Linear, which quantize their weights once at
       inference and take no epilogue), and with "attention", the forward's calls of
       ``F.scaled_dot_product_attention`` call tilesmith's;
-    * a relu, gelu (exact or tanh) or silu applied to a converted Linear's or Conv2d's
-      output, and to nothing else, moves into the layer's epilogue (its ``activation``),
-      whether the forward calls a module (``self.relu``, shared by several layers or not),
-      a function (``F.relu``, ``torch.relu``, ``F.gelu(approximate=...)``, ``F.silu``) or
-      a tensor method (``.relu()``);
+    * a relu, gelu (exact or tanh), silu, relu6 or hardswish applied to a converted
+      Linear's or Conv2d's output, and to nothing else, moves into the layer's epilogue
+      (its ``activation``), whether the forward calls a module (``self.relu``, shared by
+      several layers or not), a function (``F.relu``, ``torch.relu``,
+      ``F.gelu(approximate=...)``, ``F.silu``, ``F.relu6``, ``F.hardswish``) or a tensor
+      method (``.relu()``);
     * a sum ``layer(x) + r`` (or ``r + layer(x)``, ``torch.add``; the trace records
       ``+=`` as ``+``) of a converted Linear's or Conv2d's output, used nowhere else, and
       another tensor ``r`` becomes ``layer(x, residual=r)`` (the layer's call moved to the
@@ -292,8 +293,8 @@ def _node_activation(node: fx.Node, modules: dict) -> tuple[str, object] | None:
         name = _activation_name(module)
     elif node.op == "call_function" and node.target in _RELU_FUNCTIONS:
         name = "relu"
-    elif node.op == "call_function" and node.target in _SILU_FUNCTIONS:
-        name = "silu"
+    elif node.op == "call_function" and node.target in _OTHER_FUNCTIONS:
+        name = _OTHER_FUNCTIONS[node.target]
     elif node.op == "call_function" and node.target is F.gelu:
         approximate = node.kwargs.get("approximate",
                                       node.args[1] if len(node.args) > 1 else "none")

@@ -39,11 +39,11 @@ def _options_repr(module) -> str:
 
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on ``tilesmith.ops.gemm``, with an optional fused ``activation``
-    ("relu", "gelu", "gelu_tanh", "silu") applied after the bias in the same kernel.
-    ``forward(x, residual)`` returns ``layer(x) + residual`` (a residual connection), added
-    in the GEMM's epilogue where ``residual`` has the output's shape and dtype outside
-    autocast (the kernels add it in fp32 and round the sum once), else by a separate add
-    that broadcasts and promotes as torch's ``+`` does."""
+    ("relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish") applied after the bias in the
+    same kernel. ``forward(x, residual)`` returns ``layer(x) + residual`` (a residual
+    connection), added in the GEMM's epilogue where ``residual`` has the output's shape and
+    dtype outside autocast (the kernels add it in fp32 and round the sum once), else by a
+    separate add that broadcasts and promotes as torch's ``+`` does."""
 
     ACTIVATIONS = GEMM_ACTIVATIONS
 
@@ -78,12 +78,12 @@ class Linear(torch.nn.Linear):
 
 class Conv2d(torch.nn.Conv2d):
     """``torch.nn.Conv2d`` on ``tilesmith.ops.conv2d``, with an optional fused
-    ``activation`` ("relu", "gelu", "silu") after the bias. ``forward(x, residual)`` returns
-    ``activation(conv(x) + residual)`` (a ResNet block's shortcut sum, before its ReLU),
-    added in the kernel's epilogue where ``residual`` has the output's shape and dtype
-    outside autocast, else by a separate add (broadcasting and promoting as torch's ``+``)
-    followed by the activation. padding_mode other than "zeros" pads with F.pad first, as
-    torch does."""
+    ``activation`` ("relu", "gelu", "silu", "relu6", "hardswish") after the bias.
+    ``forward(x, residual)`` returns ``activation(conv(x) + residual)`` (a ResNet block's
+    shortcut sum, before its ReLU), added in the kernel's epilogue where ``residual`` has the
+    output's shape and dtype outside autocast, else by a separate add (broadcasting and
+    promoting as torch's ``+``) followed by the activation. padding_mode other than "zeros"
+    pads with F.pad first, as torch does."""
 
     ACTIVATIONS = CONV2D_ACTIVATIONS
 

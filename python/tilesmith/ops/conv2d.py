@@ -37,9 +37,9 @@ LIBRARY.define("conv2d_wgrad_cuda(Tensor grad, Tensor x, int[] weight_shape, int
                "int[] padding, int[] dilation) -> Tensor")
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schemas)
-from .gemm import activation_backward  # noqa: E402
+from .gemm import activation_backward, torch_activation  # noqa: E402
 
-ACTIVATION_NAMES = (None, "relu", "gelu", "silu")
+ACTIVATION_NAMES = (None, "relu", "gelu", "silu", "relu6", "hardswish")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -501,17 +501,6 @@ def _pair(value, name):
     raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
 
 
-def torch_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """``activation`` (one of ACTIVATION_NAMES) as torch's eager op."""
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "silu":
-        return F.silu(y)
-    return y
-
-
 def _torch_conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual=None):
     """The torch backend and benchmark baseline: cuDNN, then the residual sum and the
     activation as eager ops. A bias of another float dtype is cast to x's, which F.conv2d
@@ -528,15 +517,15 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
            stride=1, padding=0, dilation=1, groups: int = 1, *, activation: str | None = None,
            residual: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """``activation(torch.nn.functional.conv2d(input, weight, bias, stride, padding,
-    dilation, groups) + residual)`` in one kernel: ``activation`` None, "relu", "gelu" or
-    "silu"; ``residual`` None or a tensor of the output's shape and input's dtype, added
-    before the activation, as a ResNet block adds its shortcut (``relu(bn(conv(x)) +
-    identity)``, cuDNN's fused convolution's z; tilesmith's ``gemm`` adds its residual after
-    the activation, where a Transformer's sits). input is (N, C, H, W) in NCHW or
-    channels_last, or unbatched (C, H, W); weight (K, C/groups, R, S); the output's memory
-    format is PyTorch's: channels_last when the input or the weight is. padding: int, pair,
-    "valid" or "same" (stride 1 only, as in PyTorch). Differentiable in input, weight, bias
-    and residual, through the activation, twice (create_graph)."""
+    dilation, groups) + residual)`` in one kernel: ``activation`` None, "relu", "gelu",
+    "silu", "relu6" or "hardswish"; ``residual`` None or a tensor of the output's shape and
+    input's dtype, added before the activation, as a ResNet block adds its shortcut
+    (``relu(bn(conv(x)) + identity)``, cuDNN's fused convolution's z; tilesmith's ``gemm``
+    adds its residual after the activation, where a Transformer's sits). input is (N, C, H,
+    W) in NCHW or channels_last, or unbatched (C, H, W); weight (K, C/groups, R, S); the
+    output's memory format is PyTorch's: channels_last when the input or the weight is.
+    padding: int, pair, "valid" or "same" (stride 1 only, as in PyTorch). Differentiable in
+    input, weight, bias and residual, through the activation, twice (create_graph)."""
     fn = "conv2d"
     if isinstance(input, torch.Tensor) and input.dim() == 3:
         # Unbatched (C, H, W), as F.conv2d takes it: a batch of one.

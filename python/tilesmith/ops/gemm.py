@@ -29,7 +29,7 @@ LIBRARY.define("activation_backward_cuda(Tensor grad, Tensor pre, str activation
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schema)
 
-ACTIVATION_NAMES = (None, "relu", "gelu", "gelu_tanh", "silu")
+ACTIVATION_NAMES = (None, "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish")
 # float64 is accepted for gradcheck (through the interpreter on the CPU); it is not a fast path.
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -169,6 +169,12 @@ def activation_derivatives(z: torch.Tensor, activation: str
     if activation == "silu":
         s = torch.sigmoid(z)
         return s * (1.0 + z * (1.0 - s)), s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    if activation == "relu6":
+        return ((z > 0) & (z < 6)).to(z.dtype), torch.zeros_like(z)
+    if activation == "hardswish":
+        first = torch.where(z <= -3, 0.0, torch.where(z < 3, z / 3 + 0.5, 1.0))
+        second = ((z > -3) & (z < 3)).to(z.dtype) / 3
+        return first, second
     raise ValueError(f"activation_derivatives: unknown activation {activation!r}")
 
 
@@ -257,6 +263,18 @@ torch.library.register_autograd("tilesmith::gemm_cuda",
                                 setup_context=_setup_context)
 
 
+# Each epilogue activation as torch's eager op.
+_TORCH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "relu6": F.relu6,
+                      "hardswish": F.hardswish,
+                      "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
+
+
+def torch_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``activation`` (one of ACTIVATION_NAMES, or "none") as torch's eager op."""
+    function = _TORCH_ACTIVATIONS.get(activation)
+    return y if function is None else function(y)
+
+
 def _torch_gemm(a, b, bias, residual, activation, alpha, out_dtype):
     """The torch backend and benchmark baseline: cuBLAS, then the epilogue as eager ops."""
     if out_dtype.itemsize > a.dtype.itemsize:
@@ -267,14 +285,7 @@ def _torch_gemm(a, b, bias, residual, activation, alpha, out_dtype):
         y = torch.matmul(a, b)
         if alpha != 1.0:
             y = y * alpha
-    if activation == "relu":
-        y = F.relu(y)
-    elif activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    elif activation == "silu":
-        y = F.silu(y)
+    y = torch_activation(y, activation)
     if residual is not None:
         y = y + (residual if residual.dtype == y.dtype else residual.to(y.dtype))
     # (A .to() that changes nothing still costs a dispatch: this is every call's path on
@@ -289,7 +300,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
     """``activation(alpha * (a @ b) + bias) + residual`` for 2-D a (M, K) and b (K, N), any
     strides (all four transpose combinations without copies). fp16/bf16 (or fp32) inputs,
     fp32 accumulation, output ``out_dtype`` (fp16, bf16 or fp32; default a's dtype).
-    ``activation``: None, "relu", "gelu", "gelu_tanh" or "silu". ``bias``: (N,).
+    ``activation``: None, "relu", "gelu", "gelu_tanh", "silu", "relu6" or "hardswish".
+    ``bias``: (N,).
     ``residual``: (M, N). Differentiable in a, b, bias and residual, twice (create_graph)."""
     fn = "gemm"
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
