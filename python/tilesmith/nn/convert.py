@@ -152,18 +152,16 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     return (model, report) if return_report else model
 
 
+# The modules that compute an epilogue activation (by exact type: a subclass may differ).
+_MODULE_ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.ReLU6: "relu6",
+                       torch.nn.Hardswish: "hardswish"}
+
+
 def _activation_name(module: torch.nn.Module) -> str | None:
     """The epilogue activation that ``module`` computes, if it is one."""
-    if type(module) is torch.nn.ReLU:
-        return "relu"
-    if type(module) is torch.nn.SiLU:
-        return "silu"
     if type(module) is torch.nn.GELU:
         return "gelu" if module.approximate == "none" else "gelu_tanh"
     return _MODULE_ACTIVATIONS.get(type(module))
-
-
-_MODULE_ACTIVATIONS = {torch.nn.ReLU6: "relu6", torch.nn.Hardswish: "hardswish"}
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:

@@ -14,8 +14,8 @@ from .. import ops
 from ..backend import _check_name as check_backend_name
 from ..ops.attention import _shapes as attention_shapes
 from ..ops.conv2d import ACTIVATION_NAMES as CONV2D_ACTIVATIONS
-from ..ops.conv2d import torch_activation
 from ..ops.gemm import ACTIVATION_NAMES as GEMM_ACTIVATIONS
+from ..ops.gemm import torch_activation
 
 
 def check_backend_option(owner: str, backend) -> None:
