@@ -116,7 +116,7 @@ def test_gradcheck_float64(backend, activation):
                                         "hardswish"])
 def test_activation_derivatives_match_autograd(activation):
     """The first and second derivatives the double backward uses, against autograd through
-    PyTorch's own activations, in float64 (relu6's kinks at 0 and 6 on the grid)."""
+    PyTorch's own activations, in float64 (relu6's kink at 6 on the grid)."""
     functions = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
                  "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
                  "silu": torch.nn.functional.silu, "relu6": torch.nn.functional.relu6,
