@@ -550,7 +550,7 @@ def test_convert_keeps_parameters_and_reports_skips():
     (lambda: tilesmith.nn.Linear(4, 4, activation="tanh"),
      "Linear: activation must be one of .*'gelu_tanh'.*, got 'tanh'"),
     (lambda: tilesmith.nn.Conv2d(3, 4, 3, activation="gelu_tanh"),
-     "Conv2d: activation must be one of .*'silu'\\), got 'gelu_tanh'"),
+     "Conv2d: activation must be one of .*'hardswish'\\), got 'gelu_tanh'"),
     (lambda: tilesmith.nn.Linear(4, 4, backend="gpu"), "Linear: backend must be one of"),
     (lambda: tilesmith.nn.Conv2d(3, 4, 3, backend="cudnn"), "Conv2d: backend must be one of"),
     (lambda: tilesmith.nn.Float8Linear(32, 32, backend="x"), "Float8Linear: backend must be"),
