@@ -7,7 +7,9 @@ Shapes: squares 2048..8192 and LLM projections (M tokens = 16..16384; N, K in 40
 bf16 and fp16, bias + GELU (the MLP up-projection) and bias + residual (the down-projection).
 Then the up-projection's training step (forward + backward) against eager autograd, and the
 backward's fused elementwise pass (gelu' and the bias gradient) against aten's.
-Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS, Float8Linear
+Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS (row-wise also
+with the MLP's epilogue, bias + tanh GELU + residual, in the kernel against _scaled_mm with
+its bias and the rest as eager ops), Float8Linear
 forward + backward (each backend of ours; row-, tensor- and block-wise) against a bf16 Linear,
 and quantize_fp8 against the same arithmetic in eager PyTorch.
 """
@@ -20,7 +22,7 @@ import torch
 import tilesmith
 from bench import harness
 from tilesmith import testing
-from tilesmith.ops.gemm import _torch_gemm, activation_backward
+from tilesmith.ops.gemm import _torch_gemm, activation_backward, torch_activation
 
 # The sweeps, full and quick. Quick: the target shape and one LLM up-projection, bias + GELU
 # only (each torch.compile of the baseline expression costs seconds).
@@ -164,6 +166,45 @@ def _scaled_mm(qa, qb, sa, sb):
     return torch._scaled_mm(qa, qb, sa, sb, out_dtype=torch.bfloat16)
 
 
+def _fp8_epilogue_rows(qa, qb, sa, sb, shape, flops, backends):
+    """Row-wise scaled_gemm with an MLP's epilogue, gelu_tanh(a b + bias) + residual, in
+    one kernel, against torch._scaled_mm (which adds the bias itself) and the GELU and the
+    add as eager ops."""
+    bias = torch.randn(shape["N"], device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(shape["M"], shape["N"], device="cuda", dtype=torch.bfloat16)
+
+    def eager():
+        y = torch._scaled_mm(qa, qb, sa, sb, bias=bias, out_dtype=torch.bfloat16)
+        return torch_activation(y, "gelu_tanh") + residual
+
+    try:
+        base_ms = harness.median_ms(eager)
+    except RuntimeError as exc:
+        print(f"  torch._scaled_mm with a bias: {str(exc).splitlines()[0][:100]}")
+        return []
+    ref = torch_activation(testing.scaled_gemm_reference(qa[:ERROR_ROWS], qb, sa[:ERROR_ROWS],
+                                                         sb, bias), "gelu_tanh")
+    ref = ref + residual[:ERROR_ROWS].double()
+    rows = []
+    common = dict(op="fp8_gemm", mode="fwd_epilogue", baseline="scaled_mm_row+eager",
+                  dtype="e4m3_row", shape=shape, baseline_ms=base_ms)
+    for label, backend, switches in harness.contenders("fp8", backends, qa.device,
+                                                       torch.float8_e4m3fn):
+        def fn(be=backend):
+            return tilesmith.ops.scaled_gemm(qa, qb, sa, sb, bias=bias, activation="gelu_tanh",
+                                             residual=residual, backend=be)
+
+        with (harness.contender(rows, backend=label, **common),
+              tilesmith.backend.hopper_kernels(**switches)):
+            fn()
+            ms = harness.median_ms(fn)
+            rows.append(harness.Row(backend=label, ms=ms, tflops=flops / ms / 1e9,
+                                    ratio=base_ms / ms,
+                                    rel_err=testing.rel_error(fn()[:ERROR_ROWS], ref),
+                                    peak_mem_bytes=None, joules=None, **common))
+    return rows
+
+
 def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
     """scaled_gemm (tensor-wise, row-wise, 1x128/128x128 blocks) against torch._scaled_mm
     (tensor-wise and row-wise) and against bf16 cuBLAS on the same shapes; then Float8Linear
@@ -226,6 +267,8 @@ def run_fp8(quick: bool = False, backends=("triton", "cuda"), checkpoint=None):
                         baseline_ms=base_ms or bf16_ms, ratio=(base_ms or bf16_ms) / ms,
                         rel_err=testing.rel_error(fn()[:ERROR_ROWS], ref), peak_mem_bytes=None,
                         joules=None, extra={"vs_bf16": bf16_ms / ms}))
+            if granularity == "row":
+                rows += _fp8_epilogue_rows(qa, qw.t(), sa, sb, shape, flops, backends)
         print(f"fp8 {m}x{n}x{k}: " + ", ".join(
             harness.brief(r, "{backend}/{dtype} {tflops:.0f} TF/s") for r in rows
             if r.shape == shape),

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class Row:
     op: str
-    mode: str  # fwd | bwd | fwd+bwd; conv2d: fused, dgrad, wgrad; attention: decode
+    mode: str  # fwd | bwd | fwd+bwd; conv2d: fused, dgrad, wgrad; attention: decode;
+    #            fp8_gemm: fwd_epilogue (bias, activation and residual in the kernel)
     backend: str
     baseline: str
     dtype: str

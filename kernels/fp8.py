@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import spilled_program_id, to_output
+from .gemm import activation
 from .matmul import grouped_tile
 
 
@@ -149,17 +150,20 @@ def quantize_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, M, K, stride_m, stride_k,
 
 @triton.jit
 def scaled_gemm_kernel(
-    a_ptr, b_ptr, out_ptr, scale_a_ptr, scale_b_ptr, bias_ptr,
+    a_ptr, b_ptr, out_ptr, scale_a_ptr, scale_b_ptr, bias_ptr, residual_ptr, pre_ptr,
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on,
-    stride_sam, stride_sak, stride_sbk, stride_sbn,
+    stride_sam, stride_sak, stride_sbk, stride_sbn, stride_rm, stride_rn,
     A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out = (a * scale_a) @ (b * scale_b) + bias. A_SCALE / B_SCALE: 0 per tensor, 1 per
-    row of a / column of b, 2 per block (a: 1 x BLOCK_K, b: BLOCK_K x BLOCK_N; the launcher
-    makes BLOCK_K = BLOCK_N = the scale block). Per-block scales multiply each K step's
-    partial product as it is accumulated, the others multiply the finished sum."""
+    """out = act((a * scale_a) @ (b * scale_b) + bias) + residual (act numbered as gemm's
+    ACTIVATIONS); pre, the part inside act, stored where STORE_PRE (laid out as out).
+    A_SCALE / B_SCALE: 0 per tensor, 1 per row of a / column of b, 2 per block (a:
+    1 x BLOCK_K, b: BLOCK_K x BLOCK_N; the launcher makes BLOCK_K = BLOCK_N = the scale
+    block). Per-block scales multiply each K step's partial product as it is accumulated,
+    the others multiply the finished sum."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,5 +203,12 @@ def scaled_gemm_kernel(
         acc = acc * tl.load(scale_b_ptr + offs_n * stride_sbn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             to_output(acc, out_ptr, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+    in_bounds = m_ok[:, None] & n_ok[None, :]
+    out_offsets = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if STORE_PRE:
+        tl.store(pre_ptr + out_offsets, to_output(acc, pre_ptr, UPCAST), mask=in_bounds)
+    acc = activation(acc, ACTIVATION)
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                       mask=in_bounds, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offsets, to_output(acc, out_ptr, UPCAST), mask=in_bounds)

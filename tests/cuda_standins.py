@@ -447,7 +447,8 @@ def _dequantized(t, scale, kind, per_row_axis):
     return t * blocks
 
 
-def scaled_gemm_cuda(a, b, scale_a, scale_b, bias, out_dtype, scale_a_kind, scale_b_kind):
+def scaled_gemm_cuda(a, b, scale_a, scale_b, bias, residual, activation, out_dtype,
+                     scale_a_kind, scale_b_kind, save_pre):
     check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0], "scaled_gemm: a and b "
           "must be (m, k) and (k, n)")
     check(a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES, "scaled_gemm: a and b must be "
@@ -464,11 +465,17 @@ def scaled_gemm_cuda(a, b, scale_a, scale_b, bias, out_dtype, scale_a_kind, scal
           "do not match their kinds")
     check(bias is None or tuple(bias.shape) == (n,), f"scaled_gemm: bias must be a ({n},) "
           "tensor")
-    out = (_dequantized(a, scale_a, scale_a_kind, 0)
+    check(residual is None or tuple(residual.shape) == (m, n), f"scaled_gemm: residual must "
+          f"be an ({m}, {n}) tensor")
+    pre = (_dequantized(a, scale_a, scale_a_kind, 0)
            @ _dequantized(b, scale_b, scale_b_kind, 1)).float()
     if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)
+        pre = pre + bias.float()
+    out = _activation(activation, "scaled_gemm")(pre)
+    if residual is not None:
+        out = out + residual.to(out_dtype).float()
+    return out.to(out_dtype), (pre.to(out_dtype) if save_pre
+                               else pre.new_empty((0, 0), dtype=out_dtype))
 
 
 STANDINS = {

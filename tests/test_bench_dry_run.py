@@ -163,6 +163,9 @@ def test_every_family_runs_its_sweep(family, quick, dry_run, tmp_path):
         for op in OUR_OPS[family]:
             assert dry_run.calls[op] > 0, (op, dict(dry_run.calls))
         assert dry_run.timed
+    if family == "fp8":  # scaled_gemm with the MLP's epilogue, on both backends
+        epilogue = {r.backend.split("-")[0] for r in rows if r.mode == "fwd_epilogue"}
+        assert epilogue == {"triton", "cuda"}, epilogue
     assert "# tilesmith GPU report" in (tmp_path / "report.md").read_text()
 
 

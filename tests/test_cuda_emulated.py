@@ -1218,7 +1218,9 @@ class ScaledGemmParams(ctypes.Structure):
                 ("a_row_stride", ctypes.c_int64), ("b_row_stride", ctypes.c_int64),
                 ("scale_a_kind", ctypes.c_int), ("scale_b_kind", ctypes.c_int),
                 ("scale_a_row_stride", ctypes.c_int64), ("scale_b_row_stride", ctypes.c_int64),
-                ("out_dtype", ctypes.c_int)]
+                ("out_dtype", ctypes.c_int), ("activation", ctypes.c_int),
+                ("residual", ctypes.c_void_p), ("residual_row_stride", ctypes.c_int64),
+                ("pre", ctypes.c_void_p)]
 
 
 OUT_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -1252,8 +1254,10 @@ def fp8_operands(m, n, k, a_format, b_format, scaling, pad):
     return a, b, scale_a, scale_b
 
 
-def run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling, tma_blocks=0):
-    """The cp.async kernel, or with tma_blocks the TMA kernel on that many blocks."""
+def run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling, tma_blocks=0, *,
+                    activation=None, residual=None, want_pre=False):
+    """The cp.async kernel, or with tma_blocks the TMA kernel on that many blocks: out, or
+    (out, pre) with want_pre."""
     lib = emulated("fp8")
     assert lib.scaled_gemm_params_size() == ctypes.sizeof(ScaledGemmParams)
     m, k = a.shape
@@ -1268,7 +1272,12 @@ def run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling, tma_blocks
                          scale_a_kind=SCALE_KINDS[scaling], scale_b_kind=SCALE_KINDS[scaling],
                          scale_a_row_stride=scale_a.shape[-1] if scaling == "block" else 0,
                          scale_b_row_stride=scale_b.shape[-1] if scaling == "block" else 0,
-                         out_dtype=OUT_DTYPES[out_dtype])
+                         out_dtype=OUT_DTYPES[out_dtype], activation=ACTIVATIONS[activation])
+    if residual is not None:
+        p.residual, p.residual_row_stride = residual.data_ptr(), residual.stride(0)
+    pre, pre_storage = guarded_empty((m, n), out_dtype) if want_pre else (None, None)
+    if pre is not None:
+        p.pre = pre.data_ptr()
     ptrs, sizes, count = buffer_table([a, bt])
     error = ctypes.create_string_buffer(512)
     status = lib.emulate_scaled_gemm(ctypes.byref(p), int(a.dtype == torch.float8_e5m2),
@@ -1276,7 +1285,10 @@ def run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling, tma_blocks
                                      count, error, len(error))
     assert status == 0, error.value.decode()
     assert_guards_untouched(storage, "out")
-    return out
+    if pre is None:
+        return out
+    assert_guards_untouched(pre_storage, "pre")
+    return out, pre
 
 
 # The cp.async kernel (0), and the TMA kernel on one block (every tile's K steps through one
@@ -1303,6 +1315,31 @@ def test_scaled_gemm_wgmma_kernel(case, out_dtype, kernel):
     else:
         assert_close_to_reference(out, ref, ref.float().to(out_dtype))
     assert sqnr_db(out, ref) > 40
+
+
+@pytest.mark.parametrize("kernel", ["cp_async", "tma"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=str)
+@pytest.mark.parametrize("case", ["row_e4m3_e5m2", "block_e4m3_k_tail",
+                                  "tensor_n256_tiles_long_k"])
+def test_scaled_gemm_epilogue(case, activation, kernel):
+    """act(product + bias) + residual, the residual read through its row stride in the
+    output's dtype, and the pre-activation stored beside: on both kernels, on 128- and
+    256-wide tiles, with per-block scales (whose epilogue scales nothing), against the
+    float64 reference rounded once."""
+    from tilesmith.ops.gemm import torch_activation
+    from tilesmith.testing import scaled_gemm_reference
+
+    m, n, k, a_format, b_format, scaling, pad = FP8_CASES[case]
+    a, b, scale_a, scale_b = fp8_operands(m, n, k, a_format, b_format, scaling, pad)
+    bias = torch.randn(n)
+    residual = torch.randn(m, n + 8, dtype=torch.bfloat16)[:, :n]  # a row stride != n
+    out, pre = run_scaled_gemm(a, b, scale_a, scale_b, bias, torch.bfloat16, scaling,
+                               tma_blocks=FP8_KERNELS[kernel], activation=activation,
+                               residual=residual, want_pre=True)
+    ref_pre = scaled_gemm_reference(a, b, scale_a, scale_b, bias)
+    ref = torch_activation(ref_pre, activation) + residual.double()
+    assert_close_to_reference(pre, ref_pre, ref_pre.float().bfloat16(), name="pre-activation")
+    assert_close_to_reference(out, ref, ref.float().bfloat16())
 
 
 # --- FP8 quantization: csrc/fp8/quantize_sm90a.cuh --------------------------------------------

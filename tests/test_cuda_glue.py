@@ -304,8 +304,12 @@ def test_fp8_opcheck():
         for granularity, kind in (("tensor", 0), ("row", 1), ("block", 2)):
             qa, qb, sa, sb = fp8_tests._quantized_operands(64, 256, 128, granularity)
             fp8_tests.scaled_gemm_opcheck(torch.ops.tilesmith.scaled_gemm_cuda,
-                                          (qa, qb, sa, sb, torch.randn(128), torch.bfloat16,
-                                           kind, kind))
+                                          (qa, qb, sa, sb, torch.randn(128), None, "none",
+                                           torch.bfloat16, kind, kind, False))
+            fp8_tests.scaled_gemm_opcheck(torch.ops.tilesmith.scaled_gemm_cuda,
+                                          (qa, qb, sa, sb, torch.randn(128),
+                                           torch.randn(64, 128), "silu", torch.bfloat16,
+                                           kind, kind, True))
 
     through_cuda_ops(check)
 

@@ -207,10 +207,17 @@ def test_registered_cuda_ops_reject_bad_input():
         a = torch.randn(16, 48, device="cuda").to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda")
         with pytest.raises(RuntimeError, match="inner dimension|must be \\(m, k\\)"):
-            ops.scaled_gemm_cuda(a, a, one, one, None, torch.bfloat16, 0, 0)
+            ops.scaled_gemm_cuda(a, a, one, one, None, None, "none", torch.bfloat16, 0, 0,
+                                 False)
         with pytest.raises(RuntimeError, match="scale shapes|compute capability"):
-            ops.scaled_gemm_cuda(a, a.t(), torch.ones(3, device="cuda"), one, None,
-                                 torch.bfloat16, 1, 0)
+            ops.scaled_gemm_cuda(a, a.t(), torch.ones(3, device="cuda"), one, None, None,
+                                 "none", torch.bfloat16, 1, 0, False)
+        with pytest.raises(RuntimeError, match="activation must be none, relu|compute cap"):
+            ops.scaled_gemm_cuda(a, a.t(), one, one, None, None, "tanh", torch.bfloat16, 0, 0,
+                                 False)
+        with pytest.raises(RuntimeError, match=r"residual must be an \(16, 16\)|compute cap"):
+            ops.scaled_gemm_cuda(a, a.t(), one, one, None, one, "none", torch.bfloat16, 0, 0,
+                                 False)
         x = torch.randn(16, 48, device="cuda")
         with pytest.raises(RuntimeError, match="must be 2-D"):
             ops.quantize_fp8_cuda(x[None], torch.float8_e4m3fn, 1, 1, 1)

@@ -705,7 +705,7 @@ def test_convert_fuses_activations_into_the_layers_before_them():
     assert not tilesmith.nn.convert(ours, fuse_activations=True, return_report=True)[1].fused
     fp8 = tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU()),
                                fp8=True, fuse_activations=True)
-    assert type(fp8[1]) is torch.nn.ReLU  # Float8Linear has no epilogue activation
+    assert fp8[0].activation == "relu" and type(fp8[1]) is torch.nn.Identity
 
 
 def _with_running_statistics(model):
@@ -1006,16 +1006,18 @@ def test_optimize_for_inference_residuals_dropout_and_sdpa():
 
 
 def test_optimize_for_inference_in_fp8():
-    """fp8=True: the Linear layers become Float8Linear (row-wise e4m3), which take no
-    epilogue (their GELU and residual sums stay apart) and quantize their weights once;
-    the output within fp8's precision of the model's."""
+    """fp8=True: the Linear layers become Float8Linear (row-wise e4m3), which take the
+    GELU and the residual sums into their FP8 GEMM's epilogue as Linear does and quantize
+    their weights once; the output within fp8's precision of the model's."""
     torch.manual_seed(0)
     native = _ResidualNet(width=32).to(DEVICE).eval()
     ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS, fp8=True,
                                                        return_report=True)
     layers = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
     assert layers and all(type(m) is tilesmith.nn.Float8Linear for m in layers)
-    assert not report.fused and not report.residuals
+    assert report.fused == [("fc1", "gelu", "gelu")]
+    assert [layer for layer, _ in report.residuals] == ["proj", "fc1", "fc2", "fc3", "fc5",
+                                                        "fc6"]
     x = torch.randn(2, 5, 32, device=DEVICE)
     with torch.no_grad():  # seeds 0-3 through the interpreter: 23.0-25.8 dB (7 fp8 layers)
         assert testing.sqnr_db(ours(x), native(x)) >= 20

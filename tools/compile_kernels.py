@@ -54,6 +54,7 @@ def record_launches():
 
     import tilesmith
     from tilesmith import backend
+    from tilesmith.ops.fp8 import scaled_gemm_with_pre
 
     recorder = Recorder()
     # By module path: tilesmith.ops.matmul (the attribute) is the function, not the module.
@@ -146,6 +147,9 @@ def record_launches():
                                   backend="triton")
     tilesmith.ops.scaled_gemm(qa.to(e5m2), qa.t(), torch.ones(256, 1), torch.ones(1, 256),
                               backend="triton")
+    # Float8Linear's epilogue: activation and residual, the pre-activation kept.
+    scaled_gemm_with_pre(qa, qa.t(), torch.ones(256, 1), torch.ones(1, 256), None, "gelu",
+                         torch.randn(256, 256, dtype=bf16), bf16, "triton", save_pre=True)
     return recorder.launches
 
 

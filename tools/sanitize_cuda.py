@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import tilesmith
 from tilesmith import testing
+from tilesmith.ops.gemm import torch_activation
 
 FAILURES = []
 DEVICE = torch.device(os.environ.get("TILESMITH_SMOKE_DEVICE", "cuda"))
@@ -88,8 +89,16 @@ def check_scaled_gemm(kernel_sets):
                 with tilesmith.backend.hopper_kernels(**kernels):
                     out = tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sw.t(),
                                                     out_dtype=torch.float32, backend="cuda")
-                check(f"scaled_gemm {label} {granularity} n={n}", out,
-                      testing.scaled_gemm_reference(qa, qw.t(), sa, sw.t()), bar=1e-5)
+                ref = testing.scaled_gemm_reference(qa, qw.t(), sa, sw.t())
+                check(f"scaled_gemm {label} {granularity} n={n}", out, ref, bar=1e-5)
+                # The epilogue: gelu, then a residual read through its row stride.
+                residual = torch.randn(130, n + 8, device=DEVICE)[:, :n]
+                with tilesmith.backend.hopper_kernels(**kernels):
+                    out = tilesmith.ops.scaled_gemm(qa, qw.t(), sa, sw.t(), activation="gelu",
+                                                    residual=residual, out_dtype=torch.float32,
+                                                    backend="cuda")
+                check(f"scaled_gemm {label} {granularity} n={n} gelu+residual", out,
+                      torch_activation(ref, "gelu") + residual.double(), bar=1e-5)
 
 
 def fp8_runs_here() -> bool:

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../common/check.h"
+#include "../matmul/matmul_api.h"  // parse_activation
 #include "quantize.h"
 #include "scaled_gemm.h"
 
@@ -17,6 +18,19 @@ namespace tilesmith {
 namespace {
 
 bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
+
+// The epilogue's activation as ATen's op, for the k == 0 call that launches no kernel.
+at::Tensor activate_as_torch(const at::Tensor& z, Activation activation) {
+  switch (activation) {
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kGelu: return at::gelu(z);
+    case Activation::kGeluTanh: return at::gelu(z, "tanh");
+    case Activation::kSilu: return at::silu(z);
+    case Activation::kRelu6: return at::hardtanh(z, 0.0, 6.0);
+    case Activation::kHardswish: return at::hardswish(z);
+    default: return z;
+  }
+}
 
 // t (rows, k) with k contiguous, 16-byte aligned rows and k_padded columns: the layout
 // cp.async and the swizzled tiles need. Anything else is copied, zero-padded to k_padded
@@ -127,10 +141,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x_in,
   return {q, scale};
 }
 
-at::Tensor scaled_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
-                            const at::Tensor& scale_a_in, const at::Tensor& scale_b_in,
-                            const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
-                            int64_t scale_a_kind, int64_t scale_b_kind) {
+std::tuple<at::Tensor, at::Tensor> scaled_gemm_cuda(
+    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& scale_a_in,
+    const at::Tensor& scale_b_in, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, c10::string_view activation_name,
+    at::ScalarType out_dtype, int64_t scale_a_kind, int64_t scale_b_kind, bool save_pre) {
   TILESMITH_CHECK_CUDA_TENSOR(a_in);
   TILESMITH_CHECK_CUDA_TENSOR(b_in);
   TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && a_in.size(1) == b_in.size(0),
@@ -148,6 +163,7 @@ at::Tensor scaled_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   TORCH_CHECK(scale_a_kind >= 0 && scale_a_kind <= 2 && scale_b_kind >= 0 && scale_b_kind <= 2 &&
                   (scale_a_kind == 2) == (scale_b_kind == 2),
               "scaled_gemm: bad scale kinds ", scale_a_kind, ", ", scale_b_kind);
+  const Activation activation = parse_activation(activation_name, "scaled_gemm");
   c10::cuda::CUDAGuard guard(a_in.device());
   check_sm90(a_in.device(), "scaled_gemm");
   const int device = a_in.device().index();
@@ -170,12 +186,27 @@ at::Tensor scaled_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
                 "scaled_gemm: bias must be a (", n, ",) tensor on ", a.device());
     bias_f32 = bias->to(at::kFloat).contiguous();
   }
+  at::Tensor residual_out;  // read in the output's dtype, unit column stride
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n &&
+                    residual->device() == a.device(),
+                "scaled_gemm: residual must be an (", m, ", ", n, ") tensor on ", a.device(),
+                ", got ", residual->sizes(), " on ", residual->device());
+    residual_out = residual->to(out_dtype);
+    if (residual_out.stride(1) != 1) residual_out = residual_out.contiguous();
+  }
   at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
-  if (out.numel() == 0) return out;
-  if (k == 0) {  // an empty sum: the bias alone
-    out.zero_();
-    if (bias.has_value()) out.add_(bias_f32);
-    return out;
+  at::Tensor pre = at::empty(save_pre ? at::IntArrayRef{m, n} : at::IntArrayRef{0, 0},
+                             a.options().dtype(out_dtype));
+  if (out.numel() == 0) return {out, pre};
+  if (k == 0) {  // an empty sum: the epilogue of zeros, in torch ops
+    at::Tensor z = at::zeros({m, n}, a.options().dtype(at::kFloat));
+    if (bias.has_value()) z.add_(bias_f32);
+    if (save_pre) pre.copy_(z);
+    z = activate_as_torch(z, activation);
+    if (residual.has_value()) z.add_(residual_out);
+    out.copy_(z);
+    return {out, pre};
   }
 
   ScaledGemmParams p{};
@@ -197,12 +228,18 @@ at::Tensor scaled_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   p.out_dtype = out_dtype == at::kBFloat16 ? OutDtype::kBFloat16
                 : out_dtype == at::kHalf   ? OutDtype::kFloat16
                                            : OutDtype::kFloat32;
+  p.activation = activation;
+  if (residual.has_value()) {
+    p.residual = residual_out.data_ptr();
+    p.residual_row_stride = residual_out.stride(0);
+  }
+  p.pre = save_pre ? pre.data_ptr() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const bool b_e5m2 = b_in.scalar_type() == at::kFloat8_e5m2;
   TILESMITH_CHECK_LAUNCH(a.scalar_type() == at::kFloat8_e5m2
                              ? run_scaled_gemm_sm90a_a_e5m2(p, b_e5m2, stream)
                              : run_scaled_gemm_sm90a_a_e4m3(p, b_e5m2, stream));
-  return out;
+  return {out, pre};
 }
 
 }  // namespace tilesmith

@@ -1,4 +1,5 @@
-// FP8 scaled GEMM for Hopper (sm_90a): out = (a * scale_a) @ (b * scale_b) + bias.
+// FP8 scaled GEMM for Hopper (sm_90a):
+// out = act((a * scale_a) @ (b * scale_b) + bias) + residual, act one of gemm's activations.
 //
 // A 128 x kBlockN output tile per block of two warpgroups (64 rows each), kBlockN = 256
 // where n fills it (each tile of a is then reused over twice the columns: half the operand
@@ -29,6 +30,7 @@
 #include "../common/tiles_sm80.cuh"
 #include "../common/tiles_sm90a.cuh"
 #include "../common/wgmma_sm90a.cuh"
+#include "../matmul/epilogue.cuh"  // activate
 #include "scaled_gemm.h"
 
 namespace tilesmith {
@@ -55,6 +57,14 @@ struct Tiling {
 // scale of b per tile, and a second accumulator set that 256 columns would not fit).
 inline int tile_width(const ScaledGemmParams& p) {
   return p.scale_a_kind != ScaleKind::kBlock && p.n >= 256 ? 256 : 128;
+}
+
+__device__ __forceinline__ float load_value(const void* in, int64_t index, OutDtype dtype) {
+  if (dtype == OutDtype::kFloat32) return static_cast<const float*>(in)[index];
+  if (dtype == OutDtype::kBFloat16) {
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(in)[index]);
+  }
+  return __half2float(static_cast<const __half*>(in)[index]);
 }
 
 __device__ __forceinline__ void store_pair(void* out, int64_t index, float v0, float v1,
@@ -129,7 +139,8 @@ __device__ __forceinline__ void k_step(Accumulators<kBlockN, kBlockScaled>& d, u
   }
 }
 
-// The epilogue: per-tensor and per-row/column scales, then the bias, then the store of this
+// The epilogue: per-tensor and per-row/column scales, then the bias (the pre-activation,
+// stored where p.pre asks for it), the activation and the residual, then the store of this
 // thread's rows of the tile at block_n0.
 template <int kBlockN, bool kBlockScaled>
 __device__ __forceinline__ void store_output(const float (&acc)[kBlockN / 2],
@@ -155,6 +166,15 @@ __device__ __forceinline__ void store_output(const float (&acc)[kBlockN / 2],
         if (e == 1 && !has1) continue;
         if (!kBlockScaled && p.scale_b_kind == ScaleKind::kRow) v[e] *= p.scale_b[col + e];
         if (p.bias != nullptr) v[e] += p.bias[col + e];
+      }
+      if (p.pre != nullptr) store_pair(p.pre, row * p.n + col, v[0], v[1], has1, p.out_dtype);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (e == 1 && !has1) continue;
+        v[e] = activate(v[e], p.activation);
+        if (p.residual != nullptr) {
+          v[e] += load_value(p.residual, row * p.residual_row_stride + col + e, p.out_dtype);
+        }
       }
       store_pair(p.out, row * p.n + col, v[0], v[1], has1, p.out_dtype);
     }

@@ -39,18 +39,6 @@ void launch_matmul(const MatmulParams& params, const at::Tensor& a) {
   TILESMITH_CHECK_LAUNCH(error);
 }
 
-Activation parse_activation(c10::string_view name, const char* op) {
-  if (name == "none") return Activation::kNone;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "silu") return Activation::kSilu;
-  if (name == "relu6") return Activation::kRelu6;
-  if (name == "hardswish") return Activation::kHardswish;
-  TORCH_CHECK(false, op, ": activation must be none, relu, gelu, gelu_tanh, silu, relu6 or "
-              "hardswish, got ", std::string(name));
-}
-
 bool poison_outputs() { return std::getenv("TILESMITH_POISON_OUTPUTS") != nullptr; }
 
 at::Tensor matmul_cuda(const at::Tensor& a, const at::Tensor& b) {

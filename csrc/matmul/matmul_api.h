@@ -3,6 +3,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <string>
+
 #include "matmul.h"
 
 namespace tilesmith {
@@ -15,7 +17,19 @@ void check_tensor_core_operands(const at::Tensor& a, const at::Tensor& b, const 
 void launch_matmul(const MatmulParams& params, const at::Tensor& a);
 // The epilogue activation named in an op's schema ("none", "relu", "gelu", "gelu_tanh",
 // "silu", "relu6", "hardswish"); `op` names the op in the error for any other name.
-Activation parse_activation(c10::string_view name, const char* op);
+// Inline: tilesmith._C_sm90a (scaled_gemm's epilogue) reads these names too.
+inline Activation parse_activation(c10::string_view name, const char* op) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "relu6") return Activation::kRelu6;
+  if (name == "hardswish") return Activation::kHardswish;
+  TORCH_CHECK(false, op, ": activation must be none, relu, gelu, gelu_tanh, silu, relu6 or "
+              "hardswish, got ", std::string(name));
+}
+
 // Test hook (tilesmith.testing.poison_outputs): outputs start NaN-filled, so an element
 // the kernel fails to write is visible.
 bool poison_outputs();

@@ -86,8 +86,9 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     ``module_filter(module, name) -> bool``, when given, picks the modules converted among
     those ``include`` names (``name`` as in ``model.named_modules()``): say, every Linear
     but the output head for FP8 training; the others are left as they are, unreported.
-    ``fuse_activations=True``: where an ``nn.Sequential`` runs a converted Linear or Conv2d
-    and then an ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU``, the activation moves into the
+    ``fuse_activations=True``: where an ``nn.Sequential`` runs a converted Linear (or
+    Float8Linear) or Conv2d and then an ``nn.ReLU``, ``nn.GELU``, ``nn.SiLU``,
+    ``nn.ReLU6`` or ``nn.Hardswish``, the activation moves into the
     layer's epilogue (its ``activation``) and the activation module is replaced by
     ``nn.Identity`` (state_dict keys unchanged: activations hold no parameters).
     Modules converted before stay what they are and take this call's ``backend``.
@@ -140,7 +141,7 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
             module.backend = backend
             if our_class is Float8Linear:
                 module.scaling = fp8_scaling
-            elif kind != "attention":
+            if kind != "attention":
                 module.activation = None
             report.converted.append(name or "<root>")
     if fuse_activations:
@@ -170,8 +171,8 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 
 def _fuse_activations(model: torch.nn.Module, report: ConversionReport) -> None:
-    """Move each activation module that follows a converted Linear or Conv2d in a plain
-    nn.Sequential into that layer's epilogue. Left alone: a layer with an activation
+    """Move each activation module that follows a converted Linear, Float8Linear or Conv2d
+    in a plain nn.Sequential into that layer's epilogue. Left alone: a layer with an activation
     already, or used at more than one place in the model (its other uses would get the
     activation too); either module with hooks (which would see other values, or none);
     a Sequential subclass with a forward of its own."""
@@ -185,7 +186,8 @@ def _fuse_activations(model: torch.nn.Module, report: ConversionReport) -> None:
             continue
         children = list(sequential.named_children())
         for (_, layer), (act_key, act) in zip(children, children[1:]):
-            if (not isinstance(layer, (Linear, Conv2d)) or layer.activation is not None
+            if (not isinstance(layer, (Linear, Float8Linear, Conv2d))
+                    or layer.activation is not None
                     or uses[id(layer)] > 1 or _has_hooks(layer) or _has_hooks(act)):
                 continue
             name = _activation_name(act)

@@ -57,14 +57,15 @@ def optimize_for_inference(model: torch.nn.Module, *,
       and removed;
     * the layers ``include`` names are converted as ``convert`` does, with ``backend`` (and
       ``fp8``: Linear layers become Float8Linear, which quantize their weights once at
-      inference and take no epilogue), and with "attention", the forward's calls of
-      ``F.scaled_dot_product_attention`` call tilesmith's;
+      inference and take the activations and sums below as Linear does), and with
+      "attention", the forward's calls of ``F.scaled_dot_product_attention`` call
+      tilesmith's;
     * a relu, gelu (exact or tanh), silu, relu6 or hardswish applied to a converted
-      Linear's or Conv2d's output, and to nothing else, moves into the layer's epilogue
-      (its ``activation``), whether the forward calls a module (``self.relu``, shared by
-      several layers or not), a function (``F.relu``, ``torch.relu``,
-      ``F.gelu(approximate=...)``, ``F.silu``, ``F.relu6``, ``F.hardswish``) or a tensor
-      method (``.relu()``);
+      Linear's (Float8Linear's) or Conv2d's output, and to nothing else, moves into the
+      layer's epilogue (its ``activation``), whether the forward calls a module
+      (``self.relu``, shared by several layers or not), a function (``F.relu``,
+      ``torch.relu``, ``F.gelu(approximate=...)``, ``F.silu``, ``F.relu6``,
+      ``F.hardswish``) or a tensor method (``.relu()``);
     * a sum ``layer(x) + r`` (or ``r + layer(x)``, ``torch.add``; the trace records
       ``+=`` as ``+``) of a converted Linear's or Conv2d's output, used nowhere else, and
       another tensor ``r`` becomes ``layer(x, residual=r)`` (the layer's call moved to the
@@ -183,7 +184,7 @@ class _Rewrite:
             name, source = activation
             layer = self.modules[source.target]
             # A Linear adds its residual after the activation, a Conv2d before.
-            if (isinstance(layer, (Linear, Conv2d)) and layer.activation is None
+            if (isinstance(layer, (Linear, Float8Linear, Conv2d)) and layer.activation is None
                     and name in type(layer).ACTIVATIONS
                     and (isinstance(layer, Conv2d) or "residual" not in source.kwargs)):
                 layer.activation = name
@@ -214,8 +215,10 @@ class _Rewrite:
 
 def _takes_residual(layer: torch.nn.Module) -> bool:
     """A layer whose forward(x, residual) computes its output + residual: tilesmith's
-    Linear, and its Conv2d without an activation (which it would apply after the sum)."""
-    return type(layer) is Linear or (type(layer) is Conv2d and layer.activation is None)
+    Linear and Float8Linear, and its Conv2d without an activation (which it would apply
+    after the sum)."""
+    return (type(layer) in (Linear, Float8Linear)
+            or (type(layer) is Conv2d and layer.activation is None))
 
 
 def _can_fold(conv: torch.nn.Module, batchnorm: torch.nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """FP8 (float8_e4m3fn, float8_e5m2): ``quantize_fp8`` (amax, scale and cast on the device)
 and ``scaled_gemm`` (fp8 x fp8 -> bf16/fp16/fp32 with per-tensor, per-row/column or
-per-block scales, fp32 accumulation). Kernels: kernels/fp8.py (Triton: both ops) and
-csrc/fp8/ (CUDA, in tilesmith._C_sm90a: both ops on an H100/H200, scaled_gemm with wgmma).
+per-block scales, fp32 accumulation, gemm's epilogue: bias, activation, residual).
+Kernels: kernels/fp8.py (Triton: both ops) and csrc/fp8/ (CUDA, in tilesmith._C_sm90a:
+both ops on an H100/H200, scaled_gemm with wgmma).
 
 Scale shapes (dequantization multipliers, x ~ x_fp8 * scale, as torch._scaled_mm):
     quantize_fp8(x (M, K), granularity=)  "tensor": ()   "row": (M, 1)
@@ -20,11 +21,13 @@ import torch
 from torch.library import triton_op
 
 from ._library import LIBRARY, MAX_GRID_YZ, new_output, spill_grid, wrap_triton
+from .gemm import ACTIVATION_NAMES, torch_activation
 
 LIBRARY.define("quantize_fp8_cuda(Tensor x, ScalarType dtype, int granularity, int block_m, "
                "int block_k) -> (Tensor, Tensor)")
 LIBRARY.define("scaled_gemm_cuda(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, "
-               "Tensor? bias, ScalarType out_dtype, int scale_a_kind, int scale_b_kind) -> Tensor")
+               "Tensor? bias, Tensor? residual, str activation, ScalarType out_dtype, "
+               "int scale_a_kind, int scale_b_kind, bool save_pre) -> (Tensor, Tensor)")
 
 from .. import backend as _backend  # noqa: E402  (loads the extensions after the schema)
 
@@ -197,17 +200,22 @@ def _scale_kinds(scale_a, scale_b, m, n, k):
 
 
 @torch.library.register_fake("tilesmith::scaled_gemm_cuda")
-def _scaled_gemm_cuda_fake(a, b, scale_a, scale_b, bias, out_dtype, scale_a_kind, scale_b_kind):
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+def _scaled_gemm_cuda_fake(a, b, scale_a, scale_b, bias, residual, activation, out_dtype,
+                           scale_a_kind, scale_b_kind, save_pre):
+    m, n = a.shape[0], b.shape[1]
+    return (a.new_empty((m, n), dtype=out_dtype),
+            a.new_empty((m, n) if save_pre else (0, 0), dtype=out_dtype))
 
 
 @triton_op("tilesmith::scaled_gemm_triton", mutates_args=())
 def _scaled_gemm_triton(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
                         scale_b: torch.Tensor, bias: torch.Tensor | None,
-                        out_dtype: torch.dtype) -> torch.Tensor:
+                        residual: torch.Tensor | None, activation: str, out_dtype: torch.dtype,
+                        save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     import triton
 
     from tilesmith.kernels.fp8 import scaled_gemm_kernel
+    from tilesmith.kernels.gemm import ACTIVATIONS
     from tilesmith.kernels.matmul import INTERPRETING
 
     m, k = a.shape
@@ -216,8 +224,9 @@ def _scaled_gemm_triton(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
     if bias is not None:  # the kernel reads bias[n] at n (a strided or expanded one: copied)
         bias = bias.contiguous()
     out = new_output((m, n), like=a, dtype=out_dtype)
+    pre = new_output((m, n) if save_pre else (0, 0), like=a, dtype=out_dtype)
     if out.numel() == 0:
-        return out
+        return out, pre
     if kind_a == 2 or kind_b == 2:
         # Per-block scales need K steps and N tiles aligned with the 128-wide blocks.
         blocks = dict(BLOCK_M=32 if INTERPRETING else 128, BLOCK_N=SCALE_BLOCK,
@@ -230,22 +239,40 @@ def _scaled_gemm_triton(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
     sa = scale_a.reshape(1, 1) if scale_a.dim() < 2 else scale_a
     sb = scale_b.reshape(1, 1) if scale_b.dim() < 2 else scale_b
     wrap_triton(scaled_gemm_kernel)[grid](
-        a, b, out, sa, sb, bias if bias is not None else out, m, n, k,
+        a, b, out, sa, sb, bias if bias is not None else out,
+        residual if residual is not None else out, pre if save_pre else out, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
-        A_SCALE=kind_a, B_SCALE=kind_b, HAS_BIAS=bias is not None, UPCAST=INTERPRETING,
+        *((residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)),
+        A_SCALE=kind_a, B_SCALE=kind_b, HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATIONS[None if activation == "none" else activation],
+        HAS_RESIDUAL=residual is not None, STORE_PRE=save_pre, UPCAST=INTERPRETING,
         GROUP_M=8, **blocks)
-    return out
+    return out, pre
 
 
 def scaled_gemm(a_fp8: torch.Tensor, b_fp8: torch.Tensor, scale_a: torch.Tensor,
                 scale_b: torch.Tensor, *, bias: torch.Tensor | None = None,
+                activation: str | None = None, residual: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None
                 ) -> torch.Tensor:
-    """(a_fp8 * scale_a) @ (b_fp8 * scale_b) + bias with fp32 accumulation. a (M, K), b (K, N)
+    """``activation((a_fp8 * scale_a) @ (b_fp8 * scale_b) + bias) + residual`` with fp32
+    accumulation and the epilogue in fp32, rounded once to ``out_dtype``. a (M, K), b (K, N)
     in float8_e4m3fn or float8_e5m2 (they may differ: e5m2 gradients times e4m3 weights);
     the granularity of each scale is read from its shape (module docstring); per-block
-    scaling needs both operands per-block. K need not be a multiple of 128."""
+    scaling needs both operands per-block. K need not be a multiple of 128.
+    ``activation``: as gemm's (None, "relu", "gelu", "gelu_tanh", "silu", "relu6",
+    "hardswish"). ``bias``: (N,), read in fp32. ``residual``: (M, N), read in ``out_dtype``
+    (converted to it where it differs). No autograd (tilesmith.nn.Float8Linear trains)."""
+    return scaled_gemm_with_pre(a_fp8, b_fp8, scale_a, scale_b, bias, activation, residual,
+                                out_dtype, backend, save_pre=False)[0]
+
+
+def scaled_gemm_with_pre(a_fp8, b_fp8, scale_a, scale_b, bias, activation, residual,
+                         out_dtype, backend, save_pre: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scaled_gemm's (out, pre): pre (M, N) in out_dtype, the value the activation was
+    applied to, where ``save_pre`` (for Float8Linear's backward; else an empty tensor)."""
     fn = "scaled_gemm"
     for name, t in (("a_fp8", a_fp8), ("b_fp8", b_fp8)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
@@ -264,24 +291,40 @@ def scaled_gemm(a_fp8: torch.Tensor, b_fp8: torch.Tensor, scale_a: torch.Tensor,
             raise ValueError(f"{fn}: {name} is on {s.device}, a_fp8 on {a_fp8.device}")
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"{fn}: out_dtype must be bfloat16, float16 or float32")
+    if activation not in ACTIVATION_NAMES:
+        raise ValueError(f"{fn}: activation must be one of {ACTIVATION_NAMES}, got "
+                         f"{activation!r}")
     m, k = a_fp8.shape
     n = b_fp8.shape[1]
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(f"{fn}: bias must be a floating-point tensor, got "
-                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{fn}: bias must have shape ({n},), got {tuple(bias.shape)}")
-        if bias.device != a_fp8.device:
-            raise ValueError(f"{fn}: bias is on {bias.device}, a_fp8 on {a_fp8.device}")
+    for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (m, n))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{fn}: {name} must have shape {shape} for a "
+                             f"{tuple(a_fp8.shape)} @ b {tuple(b_fp8.shape)}, got "
+                             f"{tuple(t.shape)}")
+        if t.device != a_fp8.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, a_fp8 on {a_fp8.device}")
+    if residual is not None and residual.dtype != out_dtype:
+        residual = residual.to(out_dtype)
     kind_a, kind_b = _scale_kinds(scale_a, scale_b, m, n, k)
     name = _backend.pick("fp8", a_fp8, backend)
     if name == "torch":
         from ..testing import scaled_gemm_reference
 
-        return scaled_gemm_reference(a_fp8, b_fp8, scale_a, scale_b, bias).to(out_dtype)
+        z = scaled_gemm_reference(a_fp8, b_fp8, scale_a, scale_b, bias)
+        out = torch_activation(z, activation)
+        if residual is not None:
+            out = out + residual.double()
+        pre = z.to(out_dtype) if save_pre else out.new_empty((0, 0), dtype=out_dtype)
+        return out.to(out_dtype), pre
     if name == "cuda":
         return torch.ops.tilesmith.scaled_gemm_cuda(a_fp8, b_fp8, scale_a, scale_b, bias,
-                                                    out_dtype, kind_a, kind_b)
+                                                    residual, activation or "none", out_dtype,
+                                                    kind_a, kind_b, save_pre)
     return torch.ops.tilesmith.scaled_gemm_triton(a_fp8, b_fp8, scale_a, scale_b, bias,
-                                                  out_dtype)
+                                                  residual, activation or "none", out_dtype,
+                                                  save_pre)
