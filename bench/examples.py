@@ -7,7 +7,8 @@ GPT's its generation (``extra["generation"]``: tokens per second with a KV cache
     python -m bench.examples [--quick] [--out DIR]
 
 Default sizes are the examples' own (CIFAR ResNet: batch 512, bf16 autocast, channels_last;
-GPT: seq 1024, d_model 768, bf16); --quick trains fewer steps.
+GPT: seq 1024, d_model 768, bf16; and, in the full sweep, the GPT again with its blocks'
+Linear layers in FP8, train_gpt_char_fp8); --quick trains fewer steps.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def run(quick: bool = False, checkpoint=None, out_dir: Path = Path("bench/out"))
 
     steps = "40" if quick else "200"
     rows = []
-    for name, module, unit, extra in (
-            ("train_cifar_resnet", cifar_resnet, "images", []),
-            ("train_gpt_char", gpt_char, "tokens", [])):
+    runs = [("train_cifar_resnet", cifar_resnet, "images", []),
+            ("train_gpt_char", gpt_char, "tokens", [])]
+    if not quick:  # the GPT's blocks in FP8 (Float8Linear, row-wise) against native bf16
+        runs.append(("train_gpt_char_fp8", gpt_char, "tokens", ["--fp8", "row"]))
+    for name, module, unit, extra in runs:
         with harness.contender(rows, op=name, mode="fwd+bwd", backend="tilesmith",
                                baseline="native_eager", dtype="bfloat16",
                                shape={"steps": int(steps)}):

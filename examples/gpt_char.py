@@ -5,12 +5,15 @@ kernels: one query against the cached keys), checking tilesmith's tokens against
 forward at each step, and compare tokens per second.
 
     python examples/gpt_char.py [--text FILE] [--steps 200] [--seq-len 1024] [--d-model 768]
+    python examples/gpt_char.py --fp8 row   # the blocks' Linear layers train in FP8
     torchrun --nproc_per_node=2 examples/gpt_char.py ...   # DistributedDataParallel
 
 The model calls torch.nn.functional.scaled_dot_product_attention itself (as most GPT code
 does): tilesmith takes it over with tilesmith.nn.patch_sdpa(), and the Linear layers with
-tilesmith.nn.convert(), which fuses the MLP's GELU into its first GEMM. Default corpus: the
-source files of Python's standard library.
+tilesmith.nn.convert(), which fuses the MLP's GELU into its first GEMM. With --fp8 the
+blocks' Linear layers become Float8Linear (row-, tensor- or block-wise scaling; the GELU in
+their FP8 GEMM's epilogue) and the output head stays a bf16 tilesmith Linear, as FP8
+training recipes keep it. Default corpus: the source files of Python's standard library.
 """
 
 from __future__ import annotations
@@ -181,6 +184,9 @@ def main(argv=None):
                         default="triton" if default_device == "cuda" else "torch",
                         help="tilesmith backend (default: triton on a GPU; torch on the CPU, "
                         "where the Triton interpreter would take minutes per step)")
+    parser.add_argument("--fp8", choices=["row", "tensor", "block"], default=None,
+                        help="train the blocks' Linear layers as Float8Linear with this "
+                        "scaling (the output head stays in bf16)")
     parser.add_argument("--device", default=default_device)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=None)
@@ -201,7 +207,17 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     native = GPT(len(vocab), args.d_model, args.heads, args.layers, args.seq_len).to(device)
     # The MLP's GELU runs in its first Linear's GEMM epilogue (fuse_activations).
-    ours = tilesmith.nn.convert(copy.deepcopy(native), include=("linear",), backend=args.backend,
+    ours = copy.deepcopy(native)
+    if args.fp8:  # every Linear but the head in FP8; convert below makes the head ours
+        _, report = tilesmith.nn.convert(
+            ours, include=("linear",), backend=args.backend, fp8=args.fp8,
+            module_filter=lambda module, name: name != "head", fuse_activations=True,
+            return_report=True)
+        if rank == 0:
+            print(f"fp8: {len(report.converted)} Linear layers as Float8Linear "
+                  f"({args.fp8}-wise scaling; GELUs in their epilogue: {len(report.fused)}), "
+                  f"the output head in bf16")
+    ours = tilesmith.nn.convert(ours, include=("linear",), backend=args.backend,
                                 fuse_activations=True)
 
     def loss_fn(logits, targets):

@@ -147,7 +147,8 @@ def test_every_family_runs_its_sweep(family, quick, dry_run, tmp_path):
     assert rows and not [r for r in rows if r.ms is None], [r.note for r in rows]
     ours = {r.backend for r in rows}
     if family == "examples":
-        assert {r.op for r in rows} == {"train_cifar_resnet", "train_gpt_char"}
+        assert {r.op for r in rows} == {"train_cifar_resnet", "train_gpt_char",
+                                        "train_gpt_char_fp8"}
     elif family == "conv2d":
         inference = {r.backend: r for r in rows if r.op == "tiny_cnn_inference"}
         assert set(inference) == {"torch", "torch_folded", "triton", "cuda", "cuda-sm80"}

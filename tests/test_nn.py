@@ -1244,6 +1244,21 @@ def test_gpt_example_trains_a_few_steps(tmp_path):
     assert len(results["generation"]["text"]) == 32
 
 
+def test_gpt_example_trains_in_fp8(tmp_path, capsys):
+    """--fp8: the blocks' four Linear layers as Float8Linear (the MLP's GELU in the first's
+    epilogue), the head in bf16; a few steps train to the native model's loss."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import gpt_char
+
+    results, same = gpt_char.main(["--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                                   "--d-model", "32", "--heads", "2", "--layers", "1",
+                                   "--max-chars", "20000", "--device", str(DEVICE),
+                                   "--backend", MODELS, "--fp8", "row"])
+    assert len(results["tilesmith"]["losses"]) == 3 and same
+    assert ("fp8: 4 Linear layers as Float8Linear (row-wise scaling; GELUs in their "
+            "epilogue: 1), the output head in bf16") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("example,argv,message", [
     ("cifar_resnet", ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
     ("cifar_resnet", ["--backend", "cudnn"], "argument --backend: invalid choice: 'cudnn'"),
