@@ -534,6 +534,19 @@ def test_convert_keeps_parameters_and_reports_skips():
         assert converted[0].scaling == scaling
         # Runs (a switched class must carry every attribute its forward reads).
         assert testing.sqnr_db(converted(torch.ones(3, 16)), want) > 20
+    # Converted before: a Linear becomes a Float8Linear with its activation, a Float8Linear
+    # takes the new scaling; fp8=False leaves it.
+    model = tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU()),
+                                 fuse_activations=True)
+    assert type(model[0]) is tilesmith.nn.Linear and model[0].activation == "relu"
+    want = model(torch.ones(3, 16))
+    for fp8, kind, scaling in ((True, tilesmith.nn.Float8Linear, "row"),
+                               ("block", tilesmith.nn.Float8Linear, "block"),
+                               (False, tilesmith.nn.Float8Linear, "block")):
+        tilesmith.nn.convert(model, fp8=fp8, backend="torch")
+        assert type(model[0]) is kind and model[0].scaling == scaling
+        assert model[0].activation == "relu" and model[0].backend == "torch"
+        assert testing.sqnr_db(model(torch.ones(3, 16)), want) > 20
     with pytest.raises(ValueError, match="fp8 must be"):
         tilesmith.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), fp8="column")
     with pytest.raises(ValueError, match="include may name"):

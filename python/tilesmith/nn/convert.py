@@ -91,7 +91,10 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     ``nn.ReLU6`` or ``nn.Hardswish``, the activation moves into the
     layer's epilogue (its ``activation``) and the activation module is replaced by
     ``nn.Identity`` (state_dict keys unchanged: activations hold no parameters).
-    Modules converted before stay what they are and take this call's ``backend``.
+    Modules converted before stay what they are and take this call's ``backend``; with
+    ``fp8``, a Linear converted before becomes a Float8Linear (keeping its activation) and
+    a Float8Linear takes this scaling (``fp8=False`` leaves Float8Linear layers as they
+    are).
     TransformerEncoderLayer and TransformerEncoder modules holding converted ones lose
     PyTorch's inference fast paths, which would bypass them (_run_submodules).
     Modules that cannot be converted (subclasses of torch's classes other than
@@ -129,6 +132,10 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
             if module_filter is not None and not module_filter(module, name):
                 continue
             if isinstance(module, _TILESMITH_CLASSES):  # converted before: takes this backend
+                if fp8 and type(module) is Linear:  # and fp8: its activation goes along
+                    module.__class__ = Float8Linear
+                if fp8 and type(module) is Float8Linear:
+                    module.scaling = fp8_scaling
                 module.backend = backend
                 report.converted.append(name or "<root>")
                 continue
