@@ -1110,12 +1110,49 @@ def test_optimize_for_inference_with_concrete_args():
             ours(x, torch.ones(3, 8, dtype=torch.bool, device=DEVICE))
 
 
+class _LayerScaled(torch.nn.Module):
+    """Layer scales after Linear layers: timm's/CaiT's ``x * gamma`` and ConvNeXt's
+    ``gamma * permute(linear(x), [0, 3, 1, 2])``; and two that cannot fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = (torch.nn.Linear(8, 8) for _ in range(4))
+        self.gamma = torch.nn.Parameter(torch.rand(8) + 0.5)
+        self.register_buffer("beta", torch.rand(8, 1, 1) + 0.5)
+        self.one = torch.nn.Parameter(torch.rand(1) + 0.5)
+
+    def forward(self, x):  # (N, H, W, 8)
+        y = self.fc1(x) * self.gamma  # folded
+        y = torch.mul(self.beta, self.fc2(y).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # folded
+        y = self.fc3(y) * self.one  # one value for every feature: a broadcast, left
+        return self.fc4(y) * self.gamma + self.fc4(x)  # fc4 runs twice: left
+
+
+def test_optimize_for_inference_folds_layer_scales():
+    """A per-feature scale after a Linear goes into its weight and bias (in float64, stored
+    in the weight's dtype), directly or through the permute to channels first; the output
+    as the model's."""
+    torch.manual_seed(0)
+    native = _LayerScaled().to(DEVICE).eval()
+    weights = [layer.weight.clone() for layer in (native.fc1, native.fc2)]
+    ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS,
+                                                       return_report=True)
+    assert report.folded == [("fc1", "gamma"), ("fc2", "beta")]
+    muls = [n for n in ours.graph.nodes if n.target in (operator.mul, torch.mul)]
+    assert len(muls) == 2  # fc3's and fc4's
+    x = torch.randn(2, 3, 5, 8, device=DEVICE)
+    with torch.no_grad():
+        _close(ours(x), native(x))
+    assert all(torch.equal(layer.weight, weight)  # the model itself is unchanged
+               for layer, weight in zip((native.fc1, native.fc2), weights))
+
+
 @pytest.mark.parametrize("name,folded,fused,residuals", [
     # Depthwise convolutions; ReLU and Hardswish; the inverted residuals' sums.
     ("mobilenet_v3_small", 34, 33, 6),
     ("efficientnet_b0", 49, 49, 9),  # SiLU after the folded BatchNorms; the residual sums
     ("densenet121", 59, 59, 0),  # BatchNorms before convolutions stay
-    ("convnext_tiny", 0, 18, 0),  # LayerNorm; the MLP's GELU
+    ("convnext_tiny", 18, 18, 0),  # the layer scales (through a permute); the MLP's GELU
     ("vit_b_16", 0, 12, 12),  # the MLP's GELU and its residual sum
     ("swin_t", 0, 12, 12),  # the same behind torchvision's stochastic depth (removed)
 ])

@@ -32,8 +32,8 @@ class ConversionReport:
     # (layer, activation module, activation): each activation module of an nn.Sequential
     # fused into the layer before it (fuse_activations=True), and replaced by nn.Identity.
     fused: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
-    # (convolution, BatchNorm): each BatchNorm folded into the convolution before it
-    # (optimize_for_inference).
+    # (convolution, BatchNorm) and (Linear, layer scale): each BatchNorm folded into the
+    # convolution before it, each layer scale into the Linear (optimize_for_inference).
     folded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # (layer, sum): each residual sum taken into the epilogue of the Linear or Conv2d
     # before it (optimize_for_inference).

@@ -1,8 +1,8 @@
 """optimize_for_inference(model): on a torch.fx trace of the forward, drop the dropouts,
-fold each BatchNorm that follows a convolution into the convolution's weight and bias,
-convert the layers to tilesmith's, and move the activations and residual sums that follow
-them into their epilogues, however the forward calls them (modules, functions, tensor
-methods)."""
+fold each BatchNorm that follows a convolution into the convolution's weight and bias (and
+each layer scale that follows a Linear into the Linear's), convert the layers to
+tilesmith's, and move the activations and residual sums that follow them into their
+epilogues, however the forward calls them (modules, functions, tensor methods)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def optimize_for_inference(model: torch.nn.Module, *,
       gamma / sqrt(running_var + eps) per filter, the bias made beta + (bias -
       running_mean) times that scale; computed in float64, stored in the weight's dtype)
       and removed;
+    * a layer scale, ``linear(x) * scale`` with ``scale`` a parameter or buffer of one
+      value per output feature in the weight's dtype ((C,); ConvNeXt's (C, 1, 1) through
+      its permute to channels first), is folded into that Linear's weight and bias the
+      same way, the product removed;
     * the layers ``include`` names are converted as ``convert`` does, with ``backend`` (and
       ``fp8``: Linear layers become Float8Linear, which quantize their weights once at
       inference and take the activations and sums below as Linear does), and with
@@ -84,11 +88,10 @@ def optimize_for_inference(model: torch.nn.Module, *,
     ``concrete_args`` fixes arguments for the trace as ``symbolic_trace``'s does (say
     ``{"mask": None}`` for a forward that branches on ``mask is None``: the result then
     takes no mask). Where it is not traceable, ``convert(model, fuse_activations=True)``
-    needs no trace. Returns the
-    GraphModule (and a ``ConversionReport`` whose ``folded`` lists (convolution, BatchNorm)
-    pairs, ``fused`` (layer, activation module or call, activation) triples and
-    ``residuals`` (layer, sum) pairs, when ``return_report``; converted SDPA calls are
-    listed by their name in the graph)."""
+    needs no trace. Returns the GraphModule (and a ``ConversionReport`` whose ``folded``
+    lists (convolution, BatchNorm) and (Linear, scale) pairs, ``fused`` (layer, activation
+    module or call, activation) triples and ``residuals`` (layer, sum) pairs, when
+    ``return_report``; converted SDPA calls are listed by their name in the graph)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize_for_inference: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
@@ -109,7 +112,7 @@ def optimize_for_inference(model: torch.nn.Module, *,
     traced.training = False
     rewrite = _Rewrite(traced)
     rewrite.drop_dropouts()
-    folded = rewrite.fold_batchnorms()
+    folded = rewrite.fold_batchnorms() + rewrite.fold_layer_scales()
     _, report = convert(traced, include=include, backend=backend, fp8=fp8,
                         return_report=True)
     report.folded = folded
@@ -128,6 +131,7 @@ class _Rewrite:
     """The passes over a traced model's graph, each returning what it changed."""
 
     def __init__(self, traced: fx.GraphModule):
+        self.traced = traced
         self.graph = traced.graph
         self.modules = dict(traced.named_modules())
         self.calls: dict[str, int] = {}
@@ -163,6 +167,33 @@ class _Rewrite:
                 _fold_batchnorm(self.modules[conv.target], self.modules[node.target])
                 self.replace(node, conv)
                 folded.append((conv.target, node.target))
+        return folded
+
+    def fold_layer_scales(self) -> list[tuple[str, str]]:
+        """``linear(x) * scale`` (either order, ``torch.mul`` too), ``scale`` a parameter or
+        buffer of one value per output feature (a layer scale: CaiT's, timm's LayerScale),
+        folded into the Linear's weight and bias; also through the permute to channels
+        first that ConvNeXt's blocks end with, ``layer_scale * permute(linear(x),
+        [0, 3, 1, 2])`` with a (C, 1, 1) scale."""
+        folded = []
+        for node in list(self.graph.nodes):
+            if not (node.op == "call_function" and node.target in (operator.mul, torch.mul)
+                    and len(node.args) == 2 and not node.kwargs):
+                continue
+            for scale_node, value in (node.args, node.args[::-1]):
+                permute = value if _is_channels_first_permute(value) else None
+                source = permute.args[0] if permute is not None else value
+                if not (isinstance(scale_node, fx.Node) and scale_node.op == "get_attr"
+                        and (permute is None or len(permute.users) == 1)
+                        and self.lone_call(source)):
+                    continue
+                layer = self.modules[source.target]
+                scale = _attribute(self.traced, scale_node.target)
+                if _can_scale(layer, scale, channels_first=permute is not None):
+                    _fold_scale(layer, scale)
+                    self.replace(node, value)
+                    folded.append((source.target, scale_node.target))
+                    break
         return folded
 
     def route_sdpa(self, backend) -> list[str]:
@@ -250,6 +281,56 @@ def _fold_batchnorm(conv: torch.nn.Conv2d, batchnorm: torch.nn.Module) -> None:
     conv.weight = torch.nn.Parameter(weight.to(conv.weight.dtype), requires_grad=requires_grad)
     conv.bias = torch.nn.Parameter(bias.to(device=conv.weight.device, dtype=conv.weight.dtype),
                                    requires_grad=requires_grad)
+
+
+def _is_channels_first_permute(node) -> bool:
+    """``torch.permute(t, [0, 3, 1, 2])`` or ``t.permute(0, 3, 1, 2)`` (channels last to
+    first: the last dimension becomes dimension 1)."""
+    if not isinstance(node, fx.Node) or node.kwargs:
+        return False
+    if node.op == "call_function" and node.target is torch.permute and len(node.args) == 2:
+        dims = node.args[1]
+    elif node.op == "call_method" and node.target == "permute" and len(node.args) > 1:
+        dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+    else:
+        return False
+    return isinstance(dims, (list, tuple)) and list(dims) == [0, 3, 1, 2]
+
+
+def _attribute(module: torch.nn.Module, target: str):
+    """The object at a get_attr node's dotted path."""
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def _can_scale(layer: torch.nn.Module, scale, *, channels_first: bool) -> bool:
+    """Whether ``layer(x) * scale`` is the Linear ``layer`` with its weight and bias scaled:
+    torch's or tilesmith's Linear (no epilogue activation, no parametrization), ``scale``
+    one value per output feature in the weight's dtype and device, shaped to broadcast
+    along the features only: (C,), or (C, 1, 1) / (1, C, 1, 1) after the permute to
+    channels first."""
+    if (type(layer) not in (torch.nn.Linear, Linear) or getattr(layer, "activation", None)
+            or parametrize.is_parametrized(layer) or not isinstance(scale, torch.Tensor)
+            or scale.dtype != layer.weight.dtype or scale.device != layer.weight.device):
+        return False
+    c = layer.out_features
+    shapes = ((c, 1, 1), (1, c, 1, 1)) if channels_first else ((c,),)
+    return tuple(scale.shape) in shapes
+
+
+@torch.no_grad()
+def _fold_scale(linear: torch.nn.Linear, scale: torch.Tensor) -> None:
+    """Make ``linear`` compute its output times ``scale`` (per output feature), computed in
+    float64 and stored in the weight's dtype."""
+    scale = scale.double().flatten()
+    requires_grad = linear.weight.requires_grad
+    linear.weight = torch.nn.Parameter(
+        (linear.weight.double() * scale[:, None]).to(linear.weight.dtype),
+        requires_grad=requires_grad)
+    if linear.bias is not None:
+        linear.bias = torch.nn.Parameter((linear.bias.double() * scale).to(linear.bias.dtype),
+                                         requires_grad=linear.bias.requires_grad)
 
 
 def _is_inactive_dropout(node: fx.Node, modules: dict) -> bool:
