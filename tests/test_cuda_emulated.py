@@ -1317,29 +1317,37 @@ def test_scaled_gemm_wgmma_kernel(case, out_dtype, kernel):
     assert sqnr_db(out, ref) > 40
 
 
+# Each case with another output dtype: the residual is read, and out and pre written, in it.
+FP8_EPILOGUE_CASES = {"row_e4m3_e5m2": torch.float16, "block_e4m3_k_tail": torch.bfloat16,
+                      "tensor_n256_tiles_long_k": torch.float32}
+
+
 @pytest.mark.parametrize("kernel", ["cp_async", "tma"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=str)
-@pytest.mark.parametrize("case", ["row_e4m3_e5m2", "block_e4m3_k_tail",
-                                  "tensor_n256_tiles_long_k"])
+@pytest.mark.parametrize("case", list(FP8_EPILOGUE_CASES))
 def test_scaled_gemm_epilogue(case, activation, kernel):
     """act(product + bias) + residual, the residual read through its row stride in the
     output's dtype, and the pre-activation stored beside: on both kernels, on 128- and
-    256-wide tiles, with per-block scales (whose epilogue scales nothing), against the
-    float64 reference rounded once."""
+    256-wide tiles, with per-block scales (whose epilogue scales nothing), in fp16, bf16
+    and fp32, against the float64 reference (rounded once, for the 2x rule)."""
     from tilesmith.ops.gemm import torch_activation
     from tilesmith.testing import scaled_gemm_reference
 
     m, n, k, a_format, b_format, scaling, pad = FP8_CASES[case]
+    out_dtype = FP8_EPILOGUE_CASES[case]
     a, b, scale_a, scale_b = fp8_operands(m, n, k, a_format, b_format, scaling, pad)
     bias = torch.randn(n)
-    residual = torch.randn(m, n + 8, dtype=torch.bfloat16)[:, :n]  # a row stride != n
-    out, pre = run_scaled_gemm(a, b, scale_a, scale_b, bias, torch.bfloat16, scaling,
+    residual = torch.randn(m, n + 8).to(out_dtype)[:, :n]  # a row stride != n
+    out, pre = run_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, scaling,
                                tma_blocks=FP8_KERNELS[kernel], activation=activation,
                                residual=residual, want_pre=True)
     ref_pre = scaled_gemm_reference(a, b, scale_a, scale_b, bias)
     ref = torch_activation(ref_pre, activation) + residual.double()
-    assert_close_to_reference(pre, ref_pre, ref_pre.float().bfloat16(), name="pre-activation")
-    assert_close_to_reference(out, ref, ref.float().bfloat16())
+    for got, want, name in ((pre, ref_pre, "pre-activation"), (out, ref, "output")):
+        if out_dtype == torch.float32:  # fp32 summation error only
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        else:
+            assert_close_to_reference(got, want, want.float().to(out_dtype), name=name)
 
 
 # --- FP8 quantization: csrc/fp8/quantize_sm90a.cuh --------------------------------------------
