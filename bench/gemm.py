@@ -9,9 +9,9 @@ Then the up-projection's training step (forward + backward) against eager autogr
 backward's fused elementwise pass (gelu' and the bias gradient) against aten's.
 Then FP8 (run_fp8): scaled_gemm against torch._scaled_mm and bf16 cuBLAS (row-wise also
 with the MLP's epilogue, bias + tanh GELU + residual, in the kernel against _scaled_mm with
-its bias and the rest as eager ops), Float8Linear
-forward + backward (each backend of ours; row-, tensor- and block-wise) against a bf16 Linear,
-and quantize_fp8 against the same arithmetic in eager PyTorch.
+its bias and the rest as eager ops), Float8Linear forward + backward (each backend of ours;
+row-, tensor- and block-wise) against a bf16 Linear, and quantize_fp8 against the same
+arithmetic in eager PyTorch.
 """
 
 from __future__ import annotations

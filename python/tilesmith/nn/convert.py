@@ -88,9 +88,9 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
     but the output head for FP8 training; the others are left as they are, unreported.
     ``fuse_activations=True``: where an ``nn.Sequential`` runs a converted Linear (or
     Float8Linear) or Conv2d and then an ``nn.ReLU``, ``nn.GELU``, ``nn.SiLU``,
-    ``nn.ReLU6`` or ``nn.Hardswish``, the activation moves into the
-    layer's epilogue (its ``activation``) and the activation module is replaced by
-    ``nn.Identity`` (state_dict keys unchanged: activations hold no parameters).
+    ``nn.ReLU6`` or ``nn.Hardswish``, the activation moves into the layer's epilogue (its
+    ``activation``) and the activation module is replaced by ``nn.Identity`` (state_dict
+    keys unchanged: activations hold no parameters).
     Modules converted before stay what they are and take this call's ``backend``; with
     ``fp8``, a Linear converted before becomes a Float8Linear (keeping its activation) and
     a Float8Linear takes this scaling (``fp8=False`` leaves Float8Linear layers as they
@@ -179,10 +179,10 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 
 def _fuse_activations(model: torch.nn.Module, report: ConversionReport) -> None:
     """Move each activation module that follows a converted Linear, Float8Linear or Conv2d
-    in a plain nn.Sequential into that layer's epilogue. Left alone: a layer with an activation
-    already, or used at more than one place in the model (its other uses would get the
-    activation too); either module with hooks (which would see other values, or none);
-    a Sequential subclass with a forward of its own."""
+    in a plain nn.Sequential into that layer's epilogue. Left alone: a layer with an
+    activation already, or used at more than one place in the model (its other uses would
+    get the activation too); either module with hooks (which would see other values, or
+    none); a Sequential subclass with a forward of its own."""
     uses: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         uses[id(module)] = uses.get(id(module), 0) + 1

@@ -82,8 +82,8 @@ def _forward_product(x_q, x_s, w_q, w_s, bias, activation, residual, out_dtype, 
 
 
 def _save_epilogue(ctx, x_q, bias, residual, activation, backend):
-    """What the backward's epilogue part (_epilogue_backward) reads, but the pre-activation
-    (saved with the Function's tensors)."""
+    """What _epilogue_backward reads from ctx (the pre-activation, a tensor, is saved with
+    the Function's others)."""
     ctx.activation = activation
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.residual_dtype = residual.dtype if residual is not None else None
@@ -93,8 +93,9 @@ def _save_epilogue(ctx, x_q, bias, residual, activation, backend):
 
 def _epilogue_backward(ctx, grad_out, pre):
     """(dz, bias gradient, residual gradient) from the output's gradient: dz = grad_out *
-    act'(pre), the gradient of the product, in the compute dtype (bfloat16 for fp32 outputs:
-    it is quantized to e5m2 next), and the bias gradient its column sums in fp32."""
+    act'(pre), the gradient of the product (grad_out itself without an activation; with
+    one, in bfloat16 for an fp32 output, as gemm's activation backward writes it: it is
+    quantized to e5m2 next), and the bias gradient its column sums, in fp32."""
     grad_out = grad_out.contiguous()
     bias_grad = ctx.needs_input_grad[2]
     grad_residual = grad_out.to(ctx.residual_dtype) if ctx.needs_input_grad[3] else None

@@ -71,19 +71,21 @@ def optimize_for_inference(model: torch.nn.Module, *,
       ``torch.relu``, ``F.gelu(approximate=...)``, ``F.silu``, ``F.relu6``,
       ``F.hardswish``) or a tensor method (``.relu()``);
     * a sum ``layer(x) + r`` (or ``r + layer(x)``, ``torch.add``; the trace records
-      ``+=`` as ``+``) of a converted Linear's or Conv2d's output, used nowhere else, and
-      another tensor ``r`` becomes ``layer(x, residual=r)`` (the layer's call moved to the
-      sum's place): added in the epilogue where ``r`` has the output's shape and dtype (see
-      ``Linear``, ``Conv2d``). A Conv2d adds it before its activation, so a convolution
-      with an activation already fused keeps its sum apart, and an activation applied to
-      the sum alone then moves into the convolution: a ResNet block's ``relu(bn(conv(h)) +
-      identity)`` becomes one kernel.
+      ``+=`` as ``+``) of a converted Linear's (Float8Linear's) or Conv2d's output, used
+      nowhere else, and another tensor ``r`` becomes ``layer(x, residual=r)`` (the layer's
+      call moved to the sum's place): added in the epilogue where ``r`` has the output's
+      shape and dtype (see ``Linear``, ``Conv2d``). A Conv2d adds it before its
+      activation, so a convolution with an activation already fused keeps its sum apart,
+      and an activation applied to the sum alone then moves into the convolution: a ResNet
+      block's ``relu(bn(conv(h)) + identity)`` becomes one kernel.
 
     A layer called at more than one place in the forward, and modules with hooks, are left
     as they are. ``model`` itself is not changed. The result's ``state_dict`` differs from
     the model's where BatchNorms were folded (no BatchNorm entries; the convolutions have
-    a bias) and is not meant to be trained: in training mode a BatchNorm normalizes with the
-    batch's statistics, which no folding can know, and the dropouts are gone. The forward
+    a bias) and layer scales were (the Linear layers' weights and biases scaled; the
+    scales, unused, stay) and is not meant to be trained: in training mode a BatchNorm
+    normalizes with the batch's statistics, which no folding can know, and the dropouts are
+    gone. The forward
     must be traceable by ``torch.fx.symbolic_trace`` (no control flow on tensor values);
     ``concrete_args`` fixes arguments for the trace as ``symbolic_trace``'s does (say
     ``{"mask": None}`` for a forward that branches on ``mask is None``: the result then
