@@ -81,14 +81,13 @@ def optimize_for_inference(model: torch.nn.Module, *,
 
     A layer called at more than one place in the forward, and modules with hooks, are left
     as they are. ``model`` itself is not changed. The result's ``state_dict`` differs from
-    the model's where BatchNorms were folded (no BatchNorm entries; the convolutions have
-    a bias) and layer scales were (the Linear layers' weights and biases scaled; the
-    scales, unused, stay) and is not meant to be trained: in training mode a BatchNorm
-    normalizes with the batch's statistics, which no folding can know, and the dropouts are
-    gone. The forward
-    must be traceable by ``torch.fx.symbolic_trace`` (no control flow on tensor values);
-    ``concrete_args`` fixes arguments for the trace as ``symbolic_trace``'s does (say
-    ``{"mask": None}`` for a forward that branches on ``mask is None``: the result then
+    the model's where BatchNorms were folded (no BatchNorm entries; the convolutions have a
+    bias) and layer scales were (the Linear layers' weights and biases scaled; the scales,
+    unused, stay) and is not meant to be trained: in training mode a BatchNorm normalizes
+    with the batch's statistics, which no folding can know, and the dropouts are gone. The
+    forward must be traceable by ``torch.fx.symbolic_trace`` (no control flow on tensor
+    values); ``concrete_args`` fixes arguments for the trace as ``symbolic_trace``'s does
+    (say ``{"mask": None}`` for a forward that branches on ``mask is None``: the result then
     takes no mask). Where it is not traceable, ``convert(model, fuse_activations=True)``
     needs no trace. Returns the GraphModule (and a ``ConversionReport`` whose ``folded``
     lists (convolution, BatchNorm) and (Linear, scale) pairs, ``fused`` (layer, activation
