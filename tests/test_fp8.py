@@ -451,6 +451,18 @@ def test_float8_linear_adds_other_residuals_apart(backend):
             torch.testing.assert_close(got, alone + residual, rtol=0, atol=0)
 
 
+def test_float8_linear_from_a_linear_with_an_activation_keeps_it():
+    """from_linear of a tilesmith Linear(activation="relu") computes the relu too (unless
+    told another activation)."""
+    torch.manual_seed(0)
+    linear = tilesmith.nn.Linear(32, 16, activation="relu", backend="torch")
+    x = torch.randn(4, 32)
+    fp8 = tilesmith.nn.Float8Linear.from_linear(linear, backend="torch")
+    assert fp8.activation == "relu"
+    assert testing.sqnr_db(fp8(x), linear(x)) > 20
+    assert tilesmith.nn.Float8Linear.from_linear(linear, activation="gelu").activation == "gelu"
+
+
 def test_float8_linear_bad_activation():
     with pytest.raises(ValueError, match="Float8Linear: activation must be one of"):
         tilesmith.nn.Float8Linear(4, 4, activation="tanh")

@@ -320,6 +320,11 @@ class Float8Linear(torch.nn.Linear):
     def from_linear(cls, linear: torch.nn.Linear, *, scaling: str = "row",
                     activation: str | None = None, backend: str | None = None
                     ) -> "Float8Linear":
+        """A Float8Linear with ``linear``'s weight and bias (copied). ``activation``:
+        default ``linear``'s own (a tilesmith.nn.Linear's), so that the new layer computes
+        what ``linear`` did."""
+        if activation is None:
+            activation = getattr(linear, "activation", None)
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                   device=linear.weight.device, dtype=linear.weight.dtype, scaling=scaling,
                   activation=activation, backend=backend)
