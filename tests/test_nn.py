@@ -1145,12 +1145,60 @@ def test_optimize_for_inference_folds_layer_scales():
                for layer, weight in zip((native.fc1, native.fc2), weights))
 
 
+class _ChannelsFirstSum(torch.nn.Module):
+    """ConvNeXt's block ending, ``permute(linear(x), [0, 3, 1, 2]) + r``, with an addend
+    given as an argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 6)
+
+    def forward(self, x, r):  # x (N, H, W, 8)
+        return self.fc(x).permute(0, 3, 1, 2) + r
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((2, 6, 3, 5), torch.float32),  # the output's shape: the epilogue adds it
+    ((2, 6, 3, 5), torch.float64),  # promoted as torch's + promotes it: added apart
+    ((6, 1, 1), torch.float32),  # broadcasts along the channels
+    ((5,), torch.float32),  # and along the width
+    ((), torch.float64),  # a 0-d tensor promotes as a number does
+    ((4, 2, 6, 3, 5), torch.float32),  # the sum has more dimensions than the output
+])
+def test_optimize_for_inference_fuses_a_sum_behind_a_permute(shape, dtype, monkeypatch):
+    """The sum moves into the Linear's epilogue as its channels-last view of the addend
+    (and the permute after it): outputs as the model's for every addend that broadcasts,
+    with its dtype; the GEMM reads an addend of the output's shape and dtype in place
+    when it is channels-last in memory."""
+    gemm, residuals = tilesmith.ops.gemm, []
+    monkeypatch.setattr(tilesmith.ops, "gemm",
+                        lambda *a, **k: residuals.append(k["residual"]) or gemm(*a, **k))
+    torch.manual_seed(0)
+    native = _ChannelsFirstSum().to(DEVICE).eval()
+    ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS,
+                                                       return_report=True)
+    assert [layer for layer, _ in report.residuals] == ["fc"]
+    x = torch.randn(2, 3, 5, 8, device=DEVICE)
+    r = torch.randn(shape, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        want = native(x, r)
+        got = ours(x, r)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        _close(got, want)
+        fused = shape == (2, 6, 3, 5) and dtype == x.dtype  # the output's
+        assert (residuals[-1] is not None) == fused
+        if fused:
+            channels_last = r.to(memory_format=torch.channels_last)
+            _close(ours(x, channels_last), want)
+            assert residuals[-1].data_ptr() == channels_last.data_ptr()
+
+
 @pytest.mark.parametrize("name,folded,fused,residuals", [
     # Depthwise convolutions; ReLU and Hardswish; the inverted residuals' sums.
     ("mobilenet_v3_small", 34, 33, 6),
     ("efficientnet_b0", 49, 49, 9),  # SiLU after the folded BatchNorms; the residual sums
     ("densenet121", 59, 59, 0),  # BatchNorms before convolutions stay
-    ("convnext_tiny", 18, 18, 0),  # the layer scales (through a permute); the MLP's GELU
+    ("convnext_tiny", 18, 18, 18),  # the layer scales and sums (through a permute); GELU
     ("vit_b_16", 0, 12, 12),  # the MLP's GELU and its residual sum
     ("swin_t", 0, 12, 12),  # the same behind torchvision's stochastic depth (removed)
 ])

@@ -77,7 +77,9 @@ def optimize_for_inference(model: torch.nn.Module, *,
       shape and dtype (see ``Linear``, ``Conv2d``). A Conv2d adds it before its
       activation, so a convolution with an activation already fused keeps its sum apart,
       and an activation applied to the sum alone then moves into the convolution: a ResNet
-      block's ``relu(bn(conv(h)) + identity)`` becomes one kernel.
+      block's ``relu(bn(conv(h)) + identity)`` becomes one kernel. A Linear's sum is also
+      fused through the permute to channels first (ConvNeXt's ``permute(linear(x), [0, 3,
+      1, 2]) + r``): the Linear adds ``r``'s channels-last view, and the permute follows.
 
     A layer called at more than one place in the forward, and modules with hooks, are left
     as they are. ``model`` itself is not changed. The result's ``state_dict`` differs from
@@ -193,6 +195,8 @@ class _Rewrite:
                 if _can_scale(layer, scale, channels_first=permute is not None):
                     _fold_scale(layer, scale)
                     self.replace(node, value)
+                    if not scale_node.users:  # (the scale stays in the state_dict)
+                        self.graph.erase_node(scale_node)
                     folded.append((source.target, scale_node.target))
                     break
         return folded
@@ -229,20 +233,47 @@ class _Rewrite:
         """``layer(x) + r`` as ``layer(x, residual=r)``. The layer's call moves down to the
         sum's place, after r's (a ResNet computes its downsampled shortcut after the block's
         last convolution): its inputs are computed before it was, and the sum was its one
-        use."""
+        use. Also through the permute to channels first that ConvNeXt's blocks end with:
+        ``permute(linear(x), [0, 3, 1, 2]) + r`` as ``linear(x, residual=r')`` moved back to
+        channels first, r' being r's channels-last view (no copy where r is channels-last
+        in memory, as the previous block's output is)."""
         fused = []
         for node in list(self.graph.nodes):
             addends = _residual_sum(node)
-            for source, residual in (addends, addends[::-1]) if addends else ():
-                if (self.lone_call(source) and isinstance(residual, fx.Node)
-                        and residual is not source and "residual" not in source.kwargs
+            for value, residual in (addends, addends[::-1]) if addends else ():
+                permute = value if _is_channels_first_permute(value) else None
+                source = permute.args[0] if permute is not None else value
+                if not (self.lone_call(source) and isinstance(residual, fx.Node)
+                        and residual is not value and "residual" not in source.kwargs
+                        and (permute is None or len(permute.users) == 1)
                         and _takes_residual(self.modules[source.target])):
-                    node.prepend(source)
-                    source.kwargs = {**source.kwargs, "residual": residual}
-                    self.replace(node, source)
-                    fused.append((source.target, node.name))
-                    break
+                    continue
+                if permute is not None:
+                    with self.graph.inserting_before(node):
+                        residual = self.graph.call_function(_channels_last_addend, (residual,))
+                node.prepend(source)
+                source.kwargs = {**source.kwargs, "residual": residual}
+                if permute is not None:
+                    node.prepend(permute)
+                    # movedim, the same permute for the 4-D output; an addend of more
+                    # dimensions broadcasts the output to them, as the sum did.
+                    permute.target, permute.op = torch.movedim, "call_function"
+                    permute.args, permute.kwargs = (source, -1, -3), {}
+                self.replace(node, permute if permute is not None else source)
+                fused.append((source.target, node.name))
+                break
         return fused
+
+
+def _channels_last_addend(addend):
+    """The addend of a channels-first (N, C, H, W) sum, made one of the same sum taken
+    channels last (N, H, W, C): a tensor's channels dimension (third from the end, after
+    padding to three dimensions as broadcasting does) moved last, as a view."""
+    if not isinstance(addend, torch.Tensor) or addend.dim() == 0:
+        return addend  # (a 0-d tensor promotes dtypes as a number does: left 0-d)
+    if addend.dim() < 3:
+        addend = addend.reshape((1,) * (3 - addend.dim()) + tuple(addend.shape))
+    return addend.movedim(-3, -1)
 
 
 def _takes_residual(layer: torch.nn.Module) -> bool:
