@@ -21,8 +21,11 @@ ACT_GELU_TANH = 3
 ACT_SILU = 4
 ACT_RELU6 = 5
 ACT_HARDSWISH = 6
+ACT_SIGMOID = 7
+ACT_HARDSIGMOID = 8
 ACTIVATIONS = {None: ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH,
-               "silu": ACT_SILU, "relu6": ACT_RELU6, "hardswish": ACT_HARDSWISH}
+               "silu": ACT_SILU, "relu6": ACT_RELU6, "hardswish": ACT_HARDSWISH,
+               "sigmoid": ACT_SIGMOID, "hardsigmoid": ACT_HARDSIGMOID}
 
 SQRT_2_OVER_PI = 0.7978845608028654
 INV_SQRT_2 = 0.7071067811865476
@@ -51,6 +54,10 @@ def activation(z, ACTIVATION: tl.constexpr):
         z = _relu6(z)
     elif ACTIVATION == 6:
         z = z * _relu6(z + 3.0) / 6.0
+    elif ACTIVATION == 7:
+        z = tl.sigmoid(z)
+    elif ACTIVATION == 8:
+        z = _relu6(z + 3.0) / 6.0
     return z
 
 
@@ -78,6 +85,11 @@ def activation_derivative(z, ACTIVATION: tl.constexpr):
         d = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)  # 0 at a NaN, as torch's hardtanh's
     elif ACTIVATION == 6:
         d = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, z / 3.0 + 0.5, 1.0))  # and hardswish's
+    elif ACTIVATION == 7:
+        s = tl.sigmoid(z)
+        d = s * (1.0 - s)
+    elif ACTIVATION == 8:
+        d = tl.where((z > -3.0) & (z < 3.0), 1.0 / 6.0, 0.0)  # 0 at a NaN, as torch's
     else:
         d = tl.full(z.shape, 1.0, z.dtype)
     return d

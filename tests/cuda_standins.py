@@ -25,7 +25,8 @@ _is_channels_last = importlib.import_module("tilesmith.ops.conv2d")._is_channels
 
 ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu,
                "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
-               "relu6": F.relu6, "hardswish": F.hardswish}
+               "relu6": F.relu6, "hardswish": F.hardswish, "sigmoid": torch.sigmoid,
+               "hardsigmoid": F.hardsigmoid}
 TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -53,12 +54,17 @@ def _derivative(z, name):
         return ((z > 0) & (z < 6)).float()
     if name == "hardswish":
         return torch.where(z <= -3, 0.0, torch.where(z < 3, z / 3 + 0.5, 1.0))
+    if name == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    if name == "hardsigmoid":
+        return ((z > -3) & (z < 3)).float() / 6
     return torch.ones_like(z)
 
 
 def _activation(name: str, op: str):
     check(name in ACTIVATIONS, f"{op}: activation must be none, relu, gelu, gelu_tanh, silu, "
-          f"relu6 or hardswish, got {name}")
+          f"relu6, hardswish, sigmoid or hardsigmoid, got {name}")
     return ACTIVATIONS[name]
 
 

@@ -319,7 +319,7 @@ class MatmulParams(ctypes.Structure):
 
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "relu6": 5,
-               "hardswish": 6}
+               "hardswish": 6, "sigmoid": 7, "hardsigmoid": 8}
 
 
 def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -327,6 +327,8 @@ def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
         return x
     if activation == "gelu_tanh":
         return torch.nn.functional.gelu(x, approximate="tanh")
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
     return getattr(torch.nn.functional, activation)(x)
 
 
@@ -1938,6 +1940,9 @@ ACTIVATION_BACKWARD_CASES = {
     "bf16_relu6": (140, 16, torch.bfloat16, torch.bfloat16, "relu6", "contiguous", True, 8),
     "fp16_hardswish_transposed": (129, 40, torch.float16, torch.float32, "hardswish",
                                   "transposed", True, 1),
+    "bf16_sigmoid": (140, 16, torch.bfloat16, torch.bfloat16, "sigmoid", "contiguous", True, 8),
+    "fp16_hardsigmoid_transposed": (129, 40, torch.float16, torch.float32, "hardsigmoid",
+                                    "transposed", True, 1),
 }
 
 
@@ -1964,11 +1969,12 @@ def test_activation_backward_kernels(case):
     check_activation_backward(case)
 
 
-@pytest.mark.parametrize("case", [c for c in ACTIVATION_BACKWARD_CASES if "relu" in c])
+@pytest.mark.parametrize("case", [c for c in ACTIVATION_BACKWARD_CASES
+                                  if "relu" in c or "hardsigmoid" in c])
 def test_activation_backward_at_a_nan_pre_activation(case):
     """At a NaN pre-activation, relu' is 1, as torch's (threshold_backward tests the output,
-    NaN, for <= 0): dz there is the gradient, not 0; relu6' is 0 there, as torch's
-    hardtanh_backward has it."""
+    NaN, for <= 0): dz there is the gradient, not 0; relu6' and hardsigmoid' are 0 there, as
+    torch's hardtanh_backward and hardsigmoid_backward have them."""
     check_activation_backward(case, pre_nan=True)
 
 

@@ -16,6 +16,7 @@ import test_nn as nn_tests
 from conftest import HAS_GPU
 
 import tilesmith
+from tilesmith.ops.gemm import ACTIVATION_NAMES
 from tilesmith import testing
 
 import cuda_standins
@@ -59,8 +60,7 @@ def test_conv2d_forward_and_gradients(dtype, name):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu", "relu6",
-                                        "hardswish"])
+@pytest.mark.parametrize("activation", list(ACTIVATION_NAMES))
 def test_gemm_double_backward(dtype, activation):
     through_cuda_ops(gemm_tests.test_double_backward_matches_float64, "cuda", dtype, activation)
 

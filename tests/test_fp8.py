@@ -13,6 +13,7 @@ from conftest import (DEVICE, check_compiled_dynamic, compile_backends, cuda_ker
 import tilesmith
 from tilesmith import testing
 from tilesmith.nn import float8 as float8_module
+from tilesmith.ops.gemm import ACTIVATION_NAMES
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 GRANULARITIES = [("tensor", 128), ("row", 128), ("block", 128), ("block", 64),
@@ -239,12 +240,9 @@ def test_scaled_gemm_takes_a_strided_bias(backend):
     assert torch.equal(out, want)
 
 
-EPILOGUE_ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish"]
-
-
 @pytest.mark.parametrize("backend", kernel_backends("fp8", torch.float8_e4m3fn))
 @pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
-@pytest.mark.parametrize("activation", EPILOGUE_ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES, ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_scaled_gemm_epilogue(backend, granularity, activation, out_dtype):
     """act(product + bias) + residual in the GEMM's epilogue, one rounding to out_dtype:

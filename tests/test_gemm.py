@@ -7,7 +7,7 @@ from conftest import (DEVICE, HAS_GPU, backend_dtype_params, check_compiled_dyna
 
 import tilesmith
 from tilesmith import testing
-from tilesmith.ops.gemm import _torch_gemm, activation_derivatives
+from tilesmith.ops.gemm import ACTIVATION_NAMES, _torch_gemm, activation_derivatives
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _sample(name, dtype):
@@ -93,8 +93,7 @@ def test_sm80_kernels_on_hopper(dtype, name):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.float64))
-@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu", "relu6",
-                                        "hardswish"])
+@pytest.mark.parametrize("activation", list(ACTIVATION_NAMES))
 def test_gradcheck_float64(backend, activation):
     g = torch.Generator().manual_seed(2)
 
@@ -112,15 +111,17 @@ def test_gradcheck_float64(backend, activation):
     assert torch.autograd.gradcheck(f, (a, b, bias, residual))
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "relu6",
-                                        "hardswish"])
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES[1:])
 def test_activation_derivatives_match_autograd(activation):
     """The first and second derivatives the double backward uses, against autograd through
-    PyTorch's own activations, in float64 (relu6's kink at 6 on the grid)."""
+    PyTorch's own activations, in float64 (relu6's kink at 6, hardswish's and hardsigmoid's
+    at -3 and 3, on the grid)."""
     functions = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
                  "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
                  "silu": torch.nn.functional.silu, "relu6": torch.nn.functional.relu6,
-                 "hardswish": torch.nn.functional.hardswish}
+                 "hardswish": torch.nn.functional.hardswish, "sigmoid": torch.sigmoid,
+                 # (torch's hardsigmoid has no second derivative; relu6 keeps its kinks')
+                 "hardsigmoid": lambda z: torch.nn.functional.relu6(z + 3) / 6}
     z = torch.linspace(-8, 8, 1001, dtype=torch.float64).requires_grad_()
     first, = torch.autograd.grad(functions[activation](z).sum(), z, create_graph=True)
     second, = torch.autograd.grad(first.sum(), z, allow_unused=True, materialize_grads=True)
@@ -132,12 +133,13 @@ def test_activation_derivatives_match_autograd(activation):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.float64))
-@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "silu", "hardswish"])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "silu", "hardswish",
+                                        "sigmoid"])
 def test_double_backward_gradgradcheck_float64(backend, activation):
     """The backward is differentiable (create_graph=True): its GEMMs are gemm calls, the
     activation's backward has its second derivative, and the pre-activation is computed
-    again on the graph. (relu and relu6 are left out: finite differences would cross their
-    kinks; their act'' is 0.) fast_mode: PyTorch's check of one random projection of the
+    again on the graph. (relu, relu6 and hardsigmoid are left out: finite differences would
+    cross their kinks; their act'' is 0.) fast_mode: PyTorch's check of one random projection of the
     Jacobians."""
     g = torch.Generator().manual_seed(6)
 
@@ -154,12 +156,12 @@ def test_double_backward_gradgradcheck_float64(backend, activation):
 
 
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params("gemm", LOW_PRECISION))
-@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu", "relu6",
-                                        "hardswish"])
+@pytest.mark.parametrize("activation", list(ACTIVATION_NAMES))
 def test_double_backward_matches_float64(backend, dtype, activation):
     """A gradient penalty (the squared norm of the gradients of the output along grad_out
     with respect to a and b) differentiated with respect to a, b, bias and residual, by the
-    2x rule against PyTorch's own in the same dtype."""
+    2x rule against PyTorch's own in the same dtype (hardsigmoid written as relu6(z + 3) / 6:
+    PyTorch's has no second derivative)."""
     g = torch.Generator().manual_seed(7)
 
     def r(*shape):
@@ -182,6 +184,9 @@ def test_double_backward_matches_float64(backend, dtype, activation):
                                   alpha=0.7, backend=backend)
 
     def pytorch(a, b, bias, residual):
+        if activation == "hardsigmoid":
+            z = _torch_gemm(a, b, bias, None, None, 0.7, a.dtype)
+            return torch.nn.functional.relu6(z + 3) / 6 + residual
         return _torch_gemm(a, b, bias, residual, activation, 0.7, a.dtype)
 
     with testing.poison_outputs():
@@ -190,6 +195,17 @@ def test_double_backward_matches_float64(backend, dtype, activation):
     for out, ref, base, what in zip(got, refs, bases, ["a", "b", "bias", "residual"]):
         assert out.dtype == dtype, what
         testing.assert_close_to_reference(out, ref, base, name=f"penalty grad_{what}")
+
+
+def test_hardsigmoid_double_backward_on_the_torch_backend_is_pytorchs():
+    """The torch backend runs PyTorch's hardsigmoid, whose backward has no derivative: a
+    double backward raises PyTorch's own error there (the kernels' backends have one)."""
+    a = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 2, dtype=torch.float64)
+    out = tilesmith.ops.gemm(a, b, activation="hardsigmoid", backend="torch")
+    grad_a, = torch.autograd.grad(out.sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="hardsigmoid_backward is not implemented"):
+        torch.autograd.grad(grad_a.sum(), a)
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
@@ -248,8 +264,7 @@ def _activation_backward_matches_float64(backend, activation, grad, pre, dz_dtyp
 
 
 @pytest.mark.parametrize("backend", kernel_backends("gemm", torch.bfloat16))
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "relu6",
-                                        "hardswish"])
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES[1:])
 @pytest.mark.parametrize("m,n,grad_dtype,pre_dtype,transposed", [
     # row and column tails of both backends' blocks
     (300, 264, torch.bfloat16, torch.bfloat16, False),

@@ -561,7 +561,7 @@ def test_convert_keeps_parameters_and_reports_skips():
     (lambda: tilesmith.nn.Linear(4, 4, activation="tanh"),
      "Linear: activation must be one of .*'gelu_tanh'.*, got 'tanh'"),
     (lambda: tilesmith.nn.Conv2d(3, 4, 3, activation="gelu_tanh"),
-     "Conv2d: activation must be one of .*'hardswish'\\), got 'gelu_tanh'"),
+     "Conv2d: activation must be one of .*'hardsigmoid'\\), got 'gelu_tanh'"),
     (lambda: tilesmith.nn.Linear(4, 4, backend="gpu"), "Linear: backend must be one of"),
     (lambda: tilesmith.nn.Conv2d(3, 4, 3, backend="cudnn"), "Conv2d: backend must be one of"),
     (lambda: tilesmith.nn.Float8Linear(32, 32, backend="x"), "Float8Linear: backend must be"),
@@ -932,6 +932,47 @@ def test_mobilenet_activations_fuse():
     _close(converted(x[:, :, 0, 0]), want)
 
 
+class _SqueezeExcitation(torch.nn.Module):
+    """Squeeze-and-excitation gates as MobileNetV3 (Hardsigmoid) and EfficientNet (Sigmoid)
+    write them, as a module, a function and a tensor method."""
+
+    def __init__(self, channels=16, squeezed=8):
+        super().__init__()
+        self.fc1, self.fc2 = (torch.nn.Conv2d(channels, squeezed, 1),
+                              torch.nn.Conv2d(squeezed, channels, 1))
+        self.fc3, self.fc4 = (torch.nn.Conv2d(channels, squeezed, 1),
+                              torch.nn.Conv2d(squeezed, channels, 1))
+        self.gate = torch.nn.Sigmoid()
+        self.head = torch.nn.Linear(channels, 4)
+
+    def forward(self, x):
+        x = x * F.hardsigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        x = x * self.gate(self.fc4(F.silu(self.fc3(x.mean((2, 3), keepdim=True)))))
+        return self.head(x.mean((2, 3))).sigmoid()
+
+
+def test_squeeze_excitation_gates_fuse():
+    """Sigmoid and Hardsigmoid, module, function and method, move into the epilogues by
+    optimize_for_inference and by convert's nn.Sequential rule; outputs as the model's."""
+    torch.manual_seed(0)
+    native = _SqueezeExcitation().to(DEVICE).eval()
+    ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS,
+                                                       return_report=True)
+    assert sorted((layer, name) for layer, _, name in report.fused) == [
+        ("fc1", "relu"), ("fc2", "hardsigmoid"), ("fc3", "silu"), ("fc4", "sigmoid"),
+        ("head", "sigmoid")]
+    x = torch.randn(2, 16, 5, 7, device=DEVICE) * 4  # past hardsigmoid's +-3
+    with torch.no_grad():
+        _close(ours(x), native(x))
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Hardsigmoid(),
+                              torch.nn.Linear(16, 8), torch.nn.Sigmoid()).to(DEVICE)
+    want = mlp(x[:, :8, 0, 0])
+    converted, report = tilesmith.nn.convert(mlp, backend=KERNELS, fuse_activations=True,
+                                             return_report=True)
+    assert [name for _, _, name in report.fused] == ["hardsigmoid", "sigmoid"]
+    _close(converted(x[:, :8, 0, 0]), want)
+
+
 def test_conv2d_module_adds_a_residual():
     """Conv2d.forward(x, residual) is activation(conv(x) + residual): in the kernel's epilogue
     where the residual has the output's shape and dtype (outputs and all four gradients as
@@ -1194,9 +1235,10 @@ def test_optimize_for_inference_fuses_a_sum_behind_a_permute(shape, dtype, monke
 
 
 @pytest.mark.parametrize("name,folded,fused,residuals", [
-    # Depthwise convolutions; ReLU and Hardswish; the inverted residuals' sums.
-    ("mobilenet_v3_small", 34, 33, 6),
-    ("efficientnet_b0", 49, 49, 9),  # SiLU after the folded BatchNorms; the residual sums
+    # Depthwise convolutions; ReLU, Hardswish and the squeeze-excitations' Hardsigmoid; the
+    # inverted residuals' sums.
+    ("mobilenet_v3_small", 34, 42, 6),
+    ("efficientnet_b0", 49, 65, 9),  # SiLU after the folded BatchNorms, Sigmoid gates; sums
     ("densenet121", 59, 59, 0),  # BatchNorms before convolutions stay
     ("convnext_tiny", 18, 18, 18),  # the layer scales and sums (through a permute); GELU
     ("vit_b_16", 0, 12, 12),  # the MLP's GELU and its residual sum

@@ -55,6 +55,7 @@ def record_launches():
     import tilesmith
     from tilesmith import backend
     from tilesmith.ops.fp8 import scaled_gemm_with_pre
+    from tilesmith.ops.gemm import ACTIVATION_NAMES
 
     recorder = Recorder()
     # By module path: tilesmith.ops.matmul (the attribute) is the function, not the module.
@@ -73,7 +74,7 @@ def record_launches():
         b = torch.randn(32, 48, dtype=dtype, requires_grad=True)
         grad(tilesmith.ops.matmul(a, b, backend="triton"), a, b)
         bias = torch.randn(48, dtype=dtype, requires_grad=True)
-        for act in (None, "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish"):
+        for act in ACTIVATION_NAMES:
             grad(tilesmith.ops.gemm(a, b, bias=bias, activation=act,
                                     residual=torch.randn(64, 48, dtype=dtype), alpha=0.5,
                                     backend="triton"), a, b, bias)

@@ -28,6 +28,8 @@ at::Tensor activate_as_torch(const at::Tensor& z, Activation activation) {
     case Activation::kSilu: return at::silu(z);
     case Activation::kRelu6: return at::hardtanh(z, 0.0, 6.0);
     case Activation::kHardswish: return at::hardswish(z);
+    case Activation::kSigmoid: return at::sigmoid(z);
+    case Activation::kHardsigmoid: return at::hardsigmoid(z);
     default: return z;
   }
 }

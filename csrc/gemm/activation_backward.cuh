@@ -48,6 +48,12 @@ __device__ __forceinline__ float derivative(float z, Activation activation) {
       return (z > 0.0f && z < 6.0f) ? 1.0f : 0.0f;
     case Activation::kHardswish:  // as torch's hardswish_backward
       return z <= -3.0f ? 0.0f : (z < 3.0f ? z * (1.0f / 3.0f) + 0.5f : 1.0f);
+    case Activation::kSigmoid: {
+      const float s = 1.0f / (1.0f + expf(-z));
+      return s * (1.0f - s);
+    }
+    case Activation::kHardsigmoid:  // 0 at a NaN, as torch's hardsigmoid_backward
+      return (z > -3.0f && z < 3.0f) ? 1.0f / 6.0f : 0.0f;
     default:
       return 1.0f;
   }

@@ -33,6 +33,10 @@ __device__ __forceinline__ float activate(float v, Activation activation) {
       return relu6(v);
     case Activation::kHardswish:
       return v * relu6(v + 3.0f) * (1.0f / 6.0f);
+    case Activation::kSigmoid:
+      return 1.0f / (1.0f + expf(-v));
+    case Activation::kHardsigmoid:
+      return relu6(v + 3.0f) * (1.0f / 6.0f);
     default:
       return v;
   }

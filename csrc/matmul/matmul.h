@@ -10,7 +10,8 @@ namespace tilesmith {
 
 // The epilogue's activation; the numbering is kernels/gemm.py's ACTIVATIONS.
 enum class Activation : int {
-  kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kRelu6 = 5, kHardswish = 6
+  kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kRelu6 = 5, kHardswish = 6,
+  kSigmoid = 7, kHardsigmoid = 8
 };
 
 // c[z] = act(alpha * (a[z] @ b[z]) + bias) + residual[z] for z in [0, batch): a[z] is m x k,

@@ -16,7 +16,8 @@ void check_tensor_core_operands(const at::Tensor& a, const at::Tensor& b, const 
 // where they take the call (common/hopper_kernels.h), else the sm_80 ones.
 void launch_matmul(const MatmulParams& params, const at::Tensor& a);
 // The epilogue activation named in an op's schema ("none", "relu", "gelu", "gelu_tanh",
-// "silu", "relu6", "hardswish"); `op` names the op in the error for any other name.
+// "silu", "relu6", "hardswish", "sigmoid", "hardsigmoid"); `op` names the op in the error
+// for any other name.
 // Inline: tilesmith._C_sm90a (scaled_gemm's epilogue) reads these names too.
 inline Activation parse_activation(c10::string_view name, const char* op) {
   if (name == "none") return Activation::kNone;
@@ -26,8 +27,10 @@ inline Activation parse_activation(c10::string_view name, const char* op) {
   if (name == "silu") return Activation::kSilu;
   if (name == "relu6") return Activation::kRelu6;
   if (name == "hardswish") return Activation::kHardswish;
-  TORCH_CHECK(false, op, ": activation must be none, relu, gelu, gelu_tanh, silu, relu6 or "
-              "hardswish, got ", std::string(name));
+  if (name == "sigmoid") return Activation::kSigmoid;
+  if (name == "hardsigmoid") return Activation::kHardsigmoid;
+  TORCH_CHECK(false, op, ": activation must be none, relu, gelu, gelu_tanh, silu, relu6, "
+              "hardswish, sigmoid or hardsigmoid, got ", std::string(name));
 }
 
 // Test hook (tilesmith.testing.poison_outputs): outputs start NaN-filled, so an element

@@ -77,12 +77,13 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, baseline: to
 def activation_grad_reference(activation: str, pre: torch.Tensor, grad: torch.Tensor,
                               dtype: torch.dtype) -> torch.Tensor:
     """grad * act'(pre) (any epilogue activation: "relu", "gelu", "gelu_tanh", "silu",
-    "relu6", "hardswish") by autograd through PyTorch's own activation, computed in
-    ``dtype``."""
+    "relu6", "hardswish", "sigmoid", "hardsigmoid") by autograd through PyTorch's own
+    activation, computed in ``dtype``."""
     functions = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
                  "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
                  "silu": torch.nn.functional.silu, "relu6": torch.nn.functional.relu6,
-                 "hardswish": torch.nn.functional.hardswish}
+                 "hardswish": torch.nn.functional.hardswish, "sigmoid": torch.sigmoid,
+                 "hardsigmoid": torch.nn.functional.hardsigmoid}
     z = pre.detach().to(dtype).requires_grad_()
     return torch.autograd.grad(functions[activation](z), z, grad.to(dtype))[0]
 
@@ -371,7 +372,8 @@ def gemm_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
 
     samples = []
     m, k, n = 37, 50, 29
-    for act in ("relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish"):
+    for act in ("relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish", "sigmoid",
+                "hardsigmoid"):
         samples.append(SampleInput(f"{act}_bias_residual_alpha", (r(m, k), r(k, n)),
                                    {"activation": act, "bias": r(n), "residual": r(m, n),
                                     "alpha": 0.5}))
@@ -508,6 +510,11 @@ def conv2d_sample_inputs(device, dtype, *, large: bool = False, seed: int = 0
              activation="hardswish"),
         case("hardswish_pointwise_c16_k24_channels_last", 2, 16, 7, 9, 24, 1,
              activation="hardswish", channels_last=True),
+        # Squeeze-and-excitation gates: a 1x1 convolution of pooled (N, C, 1, 1) features
+        # (Hardsigmoid in MobileNetV3, Sigmoid in EfficientNet); and a 3x3 one.
+        case("hardsigmoid_pooled_c24_k16_channels_last", 3, 24, 1, 1, 16, 1,
+             activation="hardsigmoid", channels_last=True),
+        case("sigmoid_c8_k16", 2, 8, 9, 7, 16, 3, padding=1, activation="sigmoid"),
         # A residual added before the activation (a ResNet block's shortcut), on every path.
         case("residual_relu", 2, 8, 13, 13, 8, 3, padding=1, activation="relu",
              residual="same"),

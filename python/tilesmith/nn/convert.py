@@ -162,7 +162,8 @@ def convert(model: torch.nn.Module, *, include=("linear", "conv2d", "attention")
 
 # The modules that compute an epilogue activation (by exact type: a subclass may differ).
 _MODULE_ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.ReLU6: "relu6",
-                       torch.nn.Hardswish: "hardswish"}
+                       torch.nn.Hardswish: "hardswish", torch.nn.Sigmoid: "sigmoid",
+                       torch.nn.Hardsigmoid: "hardsigmoid"}
 
 
 def _activation_name(module: torch.nn.Module) -> str | None:

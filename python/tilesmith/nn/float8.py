@@ -255,8 +255,9 @@ class Float8Linear(torch.nn.Linear):
     and backward products run in FP8 with dynamic scaling, ``scaling="row"`` (default),
     ``"tensor"`` or ``"block"`` (module docstring), on ``backend`` (default: tilesmith's
     choice). Inputs of any leading shape; parameters in bf16/fp16/fp32. ``from_linear``
-    converts an existing layer. As tilesmith.nn.Linear: an optional ``activation`` ("relu",
-    "gelu", "gelu_tanh", "silu", "relu6", "hardswish") after the bias and ``forward(x,
+    converts an existing layer. As tilesmith.nn.Linear: an optional ``activation`` (gemm's:
+    "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish", "sigmoid", "hardsigmoid")
+    after the bias and ``forward(x,
     residual)`` = ``layer(x) + residual``, both in the FP8 GEMM's epilogue (the residual
     where it has the output's shape and dtype outside autocast, else added apart)."""
 

@@ -22,8 +22,10 @@ from .modules import Conv2d, Linear, MultiheadAttention, check_backend_option
 # Calls that compute an activation of their first argument (extra arguments, such as
 # inplace=True, change where the result is stored, not its value); F.gelu is read apart.
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
-_OTHER_FUNCTIONS = {F.silu: "silu", F.relu6: "relu6", F.hardswish: "hardswish"}
-_RELU_METHODS = ("relu", "relu_")
+_OTHER_FUNCTIONS = {F.silu: "silu", F.relu6: "relu6", F.hardswish: "hardswish",
+                    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+                    F.hardsigmoid: "hardsigmoid"}
+_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 # In eval mode after a convolution both are the same per-channel affine map.
 _BATCHNORMS = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)
 # Identities in eval mode (the functions: where called with training=False).
@@ -64,12 +66,13 @@ def optimize_for_inference(model: torch.nn.Module, *,
       inference and take the activations and sums below as Linear does), and with
       "attention", the forward's calls of ``F.scaled_dot_product_attention`` call
       tilesmith's;
-    * a relu, gelu (exact or tanh), silu, relu6 or hardswish applied to a converted
-      Linear's (Float8Linear's) or Conv2d's output, and to nothing else, moves into the
-      layer's epilogue (its ``activation``), whether the forward calls a module
-      (``self.relu``, shared by several layers or not), a function (``F.relu``,
-      ``torch.relu``, ``F.gelu(approximate=...)``, ``F.silu``, ``F.relu6``,
-      ``F.hardswish``) or a tensor method (``.relu()``);
+    * a relu, gelu (exact or tanh), silu, relu6, hardswish, sigmoid or hardsigmoid
+      applied to a converted Linear's (Float8Linear's) or Conv2d's output, and to nothing
+      else, moves into the layer's epilogue (its ``activation``), whether the forward
+      calls a module (``self.relu``, shared by several layers or not), a function
+      (``F.relu``, ``torch.relu``, ``F.gelu(approximate=...)``, ``F.silu``, ``F.relu6``,
+      ``F.hardswish``, ``torch.sigmoid``, ``F.hardsigmoid``) or a tensor method
+      (``.relu()``, ``.sigmoid()``);
     * a sum ``layer(x) + r`` (or ``r + layer(x)``, ``torch.add``; the trace records
       ``+=`` as ``+``) of a converted Linear's (Float8Linear's) or Conv2d's output, used
       nowhere else, and another tensor ``r`` becomes ``layer(x, residual=r)`` (the layer's
@@ -415,8 +418,8 @@ def _node_activation(node: fx.Node, modules: dict) -> tuple[str, object] | None:
         approximate = node.kwargs.get("approximate",
                                       node.args[1] if len(node.args) > 1 else "none")
         name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
-    elif node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1:
-        name = "relu"
+    elif node.op == "call_method" and node.target in _METHODS and len(node.args) == 1:
+        name = _METHODS[node.target]
     else:
         return None
     return (name, node.args[0]) if name is not None else None

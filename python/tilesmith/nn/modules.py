@@ -39,7 +39,8 @@ def _options_repr(module) -> str:
 
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on ``tilesmith.ops.gemm``, with an optional fused ``activation``
-    ("relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish") applied after the bias in the
+    ("relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish", "sigmoid", "hardsigmoid")
+    applied after the bias in the
     same kernel. ``forward(x, residual)`` returns ``layer(x) + residual`` (a residual
     connection), added in the GEMM's epilogue where ``residual`` has the output's shape and
     dtype outside autocast (the kernels add it in fp32 and round the sum once), else by a
@@ -78,7 +79,8 @@ class Linear(torch.nn.Linear):
 
 class Conv2d(torch.nn.Conv2d):
     """``torch.nn.Conv2d`` on ``tilesmith.ops.conv2d``, with an optional fused
-    ``activation`` ("relu", "gelu", "silu", "relu6", "hardswish") after the bias.
+    ``activation`` ("relu", "gelu", "silu", "relu6", "hardswish", "sigmoid",
+    "hardsigmoid") after the bias.
     ``forward(x, residual)`` returns ``activation(conv(x) + residual)`` (a ResNet block's
     shortcut sum, before its ReLU), added in the kernel's epilogue where ``residual`` has the
     output's shape and dtype outside autocast, else by a separate add (broadcasting and

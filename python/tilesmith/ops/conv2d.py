@@ -39,7 +39,8 @@ LIBRARY.define("conv2d_wgrad_cuda(Tensor grad, Tensor x, int[] weight_shape, int
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schemas)
 from .gemm import activation_backward, torch_activation  # noqa: E402
 
-ACTIVATION_NAMES = (None, "relu", "gelu", "silu", "relu6", "hardswish")
+ACTIVATION_NAMES = (None, "relu", "gelu", "silu", "relu6", "hardswish", "sigmoid",
+                    "hardsigmoid")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -518,7 +519,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
            residual: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """``activation(torch.nn.functional.conv2d(input, weight, bias, stride, padding,
     dilation, groups) + residual)`` in one kernel: ``activation`` None, "relu", "gelu",
-    "silu", "relu6" or "hardswish"; ``residual`` None or a tensor of the output's shape and
+    "silu", "relu6", "hardswish", "sigmoid" or "hardsigmoid"; ``residual`` None or a tensor of the output's shape and
     input's dtype, added before the activation, as a ResNet block adds its shortcut
     (``relu(bn(conv(x)) + identity)``, cuDNN's fused convolution's z; tilesmith's ``gemm``
     adds its residual after the activation, where a Transformer's sits). input is (N, C, H,

@@ -29,7 +29,8 @@ LIBRARY.define("activation_backward_cuda(Tensor grad, Tensor pre, str activation
 
 from .. import backend as _backend  # noqa: E402  (loads tilesmith._C after the schema)
 
-ACTIVATION_NAMES = (None, "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish")
+ACTIVATION_NAMES = (None, "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish", "sigmoid",
+                    "hardsigmoid")
 # float64 is accepted for gradcheck (through the interpreter on the CPU); it is not a fast path.
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -175,6 +176,11 @@ def activation_derivatives(z: torch.Tensor, activation: str
         first = torch.where(z <= -3, 0.0, torch.where(z < 3, z / 3 + 0.5, 1.0))
         second = ((z > -3) & (z < 3)).to(z.dtype) / 3
         return first, second
+    if activation == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1.0 - s), s * (1.0 - s) * (1.0 - 2.0 * s)
+    if activation == "hardsigmoid":
+        return ((z > -3) & (z < 3)).to(z.dtype) / 6, torch.zeros_like(z)
     raise ValueError(f"activation_derivatives: unknown activation {activation!r}")
 
 
@@ -265,7 +271,8 @@ torch.library.register_autograd("tilesmith::gemm_cuda",
 
 # Each epilogue activation as torch's eager op.
 _TORCH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "relu6": F.relu6,
-                      "hardswish": F.hardswish,
+                      "hardswish": F.hardswish, "sigmoid": torch.sigmoid,
+                      "hardsigmoid": F.hardsigmoid,
                       "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
 
 
@@ -300,7 +307,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
     """``activation(alpha * (a @ b) + bias) + residual`` for 2-D a (M, K) and b (K, N), any
     strides (all four transpose combinations without copies). fp16/bf16 (or fp32) inputs,
     fp32 accumulation, output ``out_dtype`` (fp16, bf16 or fp32; default a's dtype).
-    ``activation``: None, "relu", "gelu", "gelu_tanh", "silu", "relu6" or "hardswish".
+    ``activation``: None, "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish",
+    "sigmoid" or "hardsigmoid".
     ``bias``: (N,).
     ``residual``: (M, N). Differentiable in a, b, bias and residual, twice (create_graph)."""
     fn = "gemm"
