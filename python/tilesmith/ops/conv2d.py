@@ -519,14 +519,15 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
            residual: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """``activation(torch.nn.functional.conv2d(input, weight, bias, stride, padding,
     dilation, groups) + residual)`` in one kernel: ``activation`` None, "relu", "gelu",
-    "silu", "relu6", "hardswish", "sigmoid" or "hardsigmoid"; ``residual`` None or a tensor of the output's shape and
-    input's dtype, added before the activation, as a ResNet block adds its shortcut
-    (``relu(bn(conv(x)) + identity)``, cuDNN's fused convolution's z; tilesmith's ``gemm``
-    adds its residual after the activation, where a Transformer's sits). input is (N, C, H,
-    W) in NCHW or channels_last, or unbatched (C, H, W); weight (K, C/groups, R, S); the
-    output's memory format is PyTorch's: channels_last when the input or the weight is.
-    padding: int, pair, "valid" or "same" (stride 1 only, as in PyTorch). Differentiable in
-    input, weight, bias and residual, through the activation, twice (create_graph)."""
+    "silu", "relu6", "hardswish", "sigmoid" or "hardsigmoid"; ``residual`` None or a
+    tensor of the output's shape and input's dtype, added before the activation, as a
+    ResNet block adds its shortcut (``relu(bn(conv(x)) + identity)``, cuDNN's fused
+    convolution's z; tilesmith's ``gemm`` adds its residual after the activation, where a
+    Transformer's sits). input is (N, C, H, W) in NCHW or channels_last, or unbatched (C,
+    H, W); weight (K, C/groups, R, S); the output's memory format is PyTorch's:
+    channels_last when the input or the weight is. padding: int, pair, "valid" or "same"
+    (stride 1 only, as in PyTorch). Differentiable in input, weight, bias and residual,
+    through the activation, twice (create_graph)."""
     fn = "conv2d"
     if isinstance(input, torch.Tensor) and input.dim() == 3:
         # Unbatched (C, H, W), as F.conv2d takes it: a batch of one.

@@ -262,8 +262,9 @@ def scaled_gemm(a_fp8: torch.Tensor, b_fp8: torch.Tensor, scale_a: torch.Tensor,
     the granularity of each scale is read from its shape (module docstring); per-block
     scaling needs both operands per-block. K need not be a multiple of 128.
     ``activation``: as gemm's (None, "relu", "gelu", "gelu_tanh", "silu", "relu6",
-    "hardswish", "sigmoid", "hardsigmoid"). ``bias``: (N,), read in fp32. ``residual``: (M, N), read in ``out_dtype``
-    (converted to it where it differs). No autograd (tilesmith.nn.Float8Linear trains)."""
+    "hardswish", "sigmoid", "hardsigmoid"). ``bias``: (N,), read in fp32. ``residual``:
+    (M, N), read in ``out_dtype`` (converted to it where it differs). No autograd
+    (tilesmith.nn.Float8Linear trains)."""
     return scaled_gemm_with_pre(a_fp8, b_fp8, scale_a, scale_b, bias, activation, residual,
                                 out_dtype, backend, save_pre=False)[0]
 
