@@ -16,8 +16,8 @@ import test_nn as nn_tests
 from conftest import HAS_GPU
 
 import tilesmith
-from tilesmith.ops.gemm import ACTIVATION_NAMES
 from tilesmith import testing
+from tilesmith.ops.gemm import ACTIVATION_NAMES
 
 import cuda_standins
 

@@ -139,8 +139,8 @@ def test_double_backward_gradgradcheck_float64(backend, activation):
     """The backward is differentiable (create_graph=True): its GEMMs are gemm calls, the
     activation's backward has its second derivative, and the pre-activation is computed
     again on the graph. (relu, relu6 and hardsigmoid are left out: finite differences would
-    cross their kinks; their act'' is 0.) fast_mode: PyTorch's check of one random projection of the
-    Jacobians."""
+    cross their kinks; their act'' is 0.) fast_mode: PyTorch's check of one random
+    projection of the Jacobians."""
     g = torch.Generator().manual_seed(6)
 
     def r(*shape):

@@ -257,9 +257,9 @@ class Float8Linear(torch.nn.Linear):
     choice). Inputs of any leading shape; parameters in bf16/fp16/fp32. ``from_linear``
     converts an existing layer. As tilesmith.nn.Linear: an optional ``activation`` (gemm's:
     "relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish", "sigmoid", "hardsigmoid")
-    after the bias and ``forward(x,
-    residual)`` = ``layer(x) + residual``, both in the FP8 GEMM's epilogue (the residual
-    where it has the output's shape and dtype outside autocast, else added apart)."""
+    after the bias and ``forward(x, residual)`` = ``layer(x) + residual``, both in the FP8
+    GEMM's epilogue (the residual where it has the output's shape and dtype outside
+    autocast, else added apart)."""
 
     ACTIVATIONS = GEMM_ACTIVATIONS
     backend: str | None = None  # (for modules made before it existed, e.g. unpickled)

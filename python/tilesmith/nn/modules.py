@@ -40,11 +40,11 @@ def _options_repr(module) -> str:
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on ``tilesmith.ops.gemm``, with an optional fused ``activation``
     ("relu", "gelu", "gelu_tanh", "silu", "relu6", "hardswish", "sigmoid", "hardsigmoid")
-    applied after the bias in the
-    same kernel. ``forward(x, residual)`` returns ``layer(x) + residual`` (a residual
-    connection), added in the GEMM's epilogue where ``residual`` has the output's shape and
-    dtype outside autocast (the kernels add it in fp32 and round the sum once), else by a
-    separate add that broadcasts and promotes as torch's ``+`` does."""
+    applied after the bias in the same kernel. ``forward(x, residual)`` returns ``layer(x)
+    + residual`` (a residual connection), added in the GEMM's epilogue where ``residual``
+    has the output's shape and dtype outside autocast (the kernels add it in fp32 and round
+    the sum once), else by a separate add that broadcasts and promotes as torch's ``+``
+    does."""
 
     ACTIVATIONS = GEMM_ACTIVATIONS
 
