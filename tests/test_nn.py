@@ -1135,6 +1135,78 @@ def test_linear_module_adds_a_residual():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_adds_a_residual(batch_first, monkeypatch):
+    """MultiheadAttention.forward(..., residual=r): (output + r, weights), r added in the
+    output projection's epilogue where it has the output's shape and dtype (values and
+    gradients as torch's module followed by +; unbatched too), else added apart with
+    torch's broadcasting and promotion."""
+    gemm, residuals = tilesmith.ops.gemm, []
+    monkeypatch.setattr(tilesmith.ops, "gemm",
+                        lambda *a, **k: residuals.append(k.get("residual")) or gemm(*a, **k))
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 2, batch_first=batch_first, device=DEVICE)
+    ours = tilesmith.nn.MultiheadAttention(16, 2, batch_first=batch_first, device=DEVICE,
+                                           backend=KERNELS)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
+    residual = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
+    (got, got_weights), (want, want_weights) = (ours(x, x, x, residual=residual),
+                                                ref(x, x, x))
+    want = want + residual
+    assert residuals[-1] is not None  # the output projection's
+    _close(got, want)
+    _close(got_weights, want_weights)
+    leaves = (x, residual, ours.out_proj.weight, ours.in_proj_weight)
+    grads = torch.autograd.grad(got.square().sum(), leaves)
+    want_grads = torch.autograd.grad(want.square().sum(),
+                                     (x, residual, ref.out_proj.weight, ref.in_proj_weight))
+    for g, w in zip(grads, want_grads):
+        _close(g, w, rtol=1e-5, name="grad")
+    with torch.no_grad():
+        for r in (torch.randn(16, device=DEVICE),  # broadcast
+                  torch.randn(3, 5, 16, device=DEVICE, dtype=torch.float64)):  # promoted
+            got = ours(x, x, x, need_weights=False, residual=r)[0]
+            want = ref(x, x, x, need_weights=False)[0] + r
+            assert got.dtype == want.dtype and residuals[-1] is None
+            _close(got, want)
+        unbatched = x[0]
+        _close(ours(unbatched, unbatched, unbatched, residual=residual[0])[0],
+               ref(unbatched, unbatched, unbatched)[0] + residual[0])
+
+
+class _AttentionBlocks(torch.nn.Module):
+    """Transformer blocks around nn.MultiheadAttention: pre-norm (the sum fuses),
+    post-norm with the weights used too (fuses), and one whose residual is computed after
+    the attention call (left apart: the call does not move)."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn1, self.attn2, self.attn3 = (
+            torch.nn.MultiheadAttention(width, 2, batch_first=True) for _ in range(3))
+
+    def forward(self, x):
+        x = x + self.attn1(self.norm1(x), self.norm1(x), self.norm1(x),
+                           need_weights=False)[0]
+        out, weights = self.attn2(x, x, x)
+        x = self.norm2(out + x)
+        y = self.attn3(x, x, x, need_weights=False)[0]
+        return y + x.sin(), weights
+
+
+def test_optimize_for_inference_fuses_attention_residuals():
+    torch.manual_seed(0)
+    native = _AttentionBlocks().to(DEVICE).eval()
+    ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS,
+                                                       return_report=True)
+    assert [layer for layer, _ in report.residuals] == ["attn1", "attn2"]
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    with torch.no_grad():
+        for got, want in zip(ours(x), native(x)):
+            _close(got, want)
+
+
 def test_optimize_for_inference_with_concrete_args():
     """concrete_args fixes an optional argument for the trace, as symbolic_trace's does: a
     forward that branches on ``mask is None`` is traced with no mask (and fuses the ReLU
@@ -1255,7 +1327,7 @@ def test_optimize_for_inference_fuses_a_sum_behind_a_permute(shape, dtype, monke
     ("efficientnet_b0", 49, 65, 9),  # SiLU after the folded BatchNorms, Sigmoid gates; sums
     ("densenet121", 59, 59, 0),  # BatchNorms before convolutions stay
     ("convnext_tiny", 18, 18, 18),  # the layer scales and sums (through a permute); GELU
-    ("vit_b_16", 0, 12, 12),  # the MLP's GELU and its residual sum
+    ("vit_b_16", 0, 12, 24),  # the MLP's GELU, its residual sum and the attention's
     ("swin_t", 0, 12, 12),  # the same behind torchvision's stochastic depth (removed)
 ])
 def test_optimize_for_inference_on_torchvision_models(name, folded, fused, residuals):

@@ -83,6 +83,9 @@ def optimize_for_inference(model: torch.nn.Module, *,
       block's ``relu(bn(conv(h)) + identity)`` becomes one kernel. A Linear's sum is also
       fused through the permute to channels first (ConvNeXt's ``permute(linear(x), [0, 3,
       1, 2]) + r``): the Linear adds ``r``'s channels-last view, and the permute follows.
+      So is ``attention(...)[0] + r`` of a converted MultiheadAttention (a Transformer
+      block's, ViT's), added in the output projection's epilogue, where ``r`` is computed
+      before the attention call (the call does not move).
 
     A layer called at more than one place in the forward, and modules with hooks, are left
     as they are. ``model`` itself is not changed. The result's ``state_dict`` differs from
@@ -144,6 +147,27 @@ class _Rewrite:
         for node in self.graph.nodes:
             if node.op == "call_module":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
+
+    def attention_output(self, node):
+        """The call of a tilesmith MultiheadAttention whose output ``node`` is
+        (``attention(...)[0]``), where that output goes to one call only and the call could
+        take a residual (run nowhere else, no hooks, no residual yet); else None. The
+        weights may be used: a residual does not change them."""
+        if not (isinstance(node, fx.Node) and node.op == "call_function"
+                and node.target is operator.getitem and len(node.users) == 1
+                and len(node.args) == 2 and node.args[1] == 0):
+            return None
+        call = node.args[0]
+        if not (isinstance(call, fx.Node) and call.op == "call_module"
+                and type(self.modules[call.target]) is MultiheadAttention
+                and self.calls[call.target] == 1 and "residual" not in call.kwargs
+                and not _has_hooks(self.modules[call.target])):
+            return None
+        users = list(call.users)  # (the (output, weights) tuple itself used elsewhere: no)
+        if not all(user.op == "call_function" and user.target is operator.getitem
+                   for user in users):
+            return None
+        return call if [user for user in users if user.args[1] == 0] == [node] else None
 
     def lone_call(self, node) -> bool:
         """A call of a module that runs nowhere else, has no hooks, and whose output goes to
@@ -236,7 +260,8 @@ class _Rewrite:
         """``layer(x) + r`` as ``layer(x, residual=r)``. The layer's call moves down to the
         sum's place, after r's (a ResNet computes its downsampled shortcut after the block's
         last convolution): its inputs are computed before it was, and the sum was its one
-        use. Also through the permute to channels first that ConvNeXt's blocks end with:
+        use. A MultiheadAttention's output takes its sum where r comes before the call.
+        Also through the permute to channels first that ConvNeXt's blocks end with:
         ``permute(linear(x), [0, 3, 1, 2]) + r`` as ``linear(x, residual=r')`` moved back to
         channels first, r' being r's channels-last view (no copy where r is channels-last
         in memory, as the previous block's output is)."""
@@ -244,6 +269,13 @@ class _Rewrite:
         for node in list(self.graph.nodes):
             addends = _residual_sum(node)
             for value, residual in (addends, addends[::-1]) if addends else ():
+                attention = self.attention_output(value)
+                if (attention is not None and isinstance(residual, fx.Node)
+                        and _comes_before(residual, attention)):
+                    attention.kwargs = {**attention.kwargs, "residual": residual}
+                    self.replace(node, value)
+                    fused.append((attention.target, node.name))
+                    break
                 permute = value if _is_channels_first_permute(value) else None
                 source = permute.args[0] if permute is not None else value
                 if not (self.lone_call(source) and isinstance(residual, fx.Node)
@@ -266,6 +298,16 @@ class _Rewrite:
                 fused.append((source.target, node.name))
                 break
         return fused
+
+
+def _comes_before(first: fx.Node, second: fx.Node) -> bool:
+    """Whether ``first`` is computed before ``second`` in the graph's order."""
+    node = first.next
+    while node.op != "root":
+        if node is second:
+            return True
+        node = node.next
+    return False
 
 
 def _channels_last_addend(addend):

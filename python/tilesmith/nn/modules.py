@@ -139,7 +139,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     does, and the output is their product with v (two matmuls, no flash kernel).
     ``is_causal=True`` is read as torch reads it: it needs an ``attn_mask`` and stands for
     it (the kernels' causal path, which skips the masked tiles), unless a
-    ``key_padding_mask`` is merged into that mask or the weights are asked for."""
+    ``key_padding_mask`` is merged into that mask or the weights are asked for.
+    ``forward(..., residual=r)`` returns ``(output + r, weights)`` (a Transformer block's
+    residual connection), ``r`` added in the output projection's epilogue where it has the
+    output's shape and dtype outside autocast, else by a separate add, as Linear's."""
 
     # Set by __init__, or by convert (which re-classes torch's module without calling it).
     backend: str | None = None
@@ -153,7 +156,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return _options_repr(self).removeprefix(", ")
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+                attn_mask=None, average_attn_weights=True, is_causal=False, *,
+                residual: torch.Tensor | None = None):
         self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         dropout = self.dropout if self.training else 0.0
         if is_causal:  # torch's rules for the hint
@@ -237,12 +241,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                                    backend=self.backend)
         # (bsz, heads, tgt_len, head_dim) -> the input's layout, heads side by side.
         out = out.permute(0, 2, 1, 3) if batch_major else out.permute(2, 0, 1, 3)
+        out_shape = ((bsz, tgt_len, embed) if batch_major else (tgt_len, bsz, embed)
+                     if batched else (tgt_len, embed))
+        # As Linear's: under autocast torch's + promotes to the residual's dtype, added apart.
+        fused = (isinstance(residual, torch.Tensor) and residual.shape == out_shape
+                 and residual.dtype == query.dtype == self.out_proj.weight.dtype
+                 and not torch.is_autocast_enabled(query.device.type))
         out = ops.gemm(out.reshape(-1, embed), self.out_proj.weight.t(),
-                       bias=self.out_proj.bias, backend=self.backend)
-        out = out.view(bsz, tgt_len, embed) if batch_major else out.view(tgt_len, bsz, embed)
-        if not batched:
-            out = out.squeeze(1)
-        return out, weights
+                       bias=self.out_proj.bias,
+                       residual=residual.reshape(-1, embed) if fused else None,
+                       backend=self.backend).view(out_shape)
+        return out + residual if residual is not None and not fused else out, weights
 
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask):
         """torch's module's argument rules, raised as errors that name the argument and
