@@ -241,8 +241,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                                    backend=self.backend)
         # (bsz, heads, tgt_len, head_dim) -> the input's layout, heads side by side.
         out = out.permute(0, 2, 1, 3) if batch_major else out.permute(2, 0, 1, 3)
-        out_shape = ((bsz, tgt_len, embed) if batch_major else (tgt_len, bsz, embed)
-                     if batched else (tgt_len, embed))
+        if not batched:
+            out_shape = (tgt_len, embed)
+        else:
+            out_shape = (bsz, tgt_len, embed) if batch_major else (tgt_len, bsz, embed)
         # As Linear's: under autocast torch's + promotes to the residual's dtype, added apart.
         fused = (isinstance(residual, torch.Tensor) and residual.shape == out_shape
                  and residual.dtype == query.dtype == self.out_proj.weight.dtype
