@@ -970,12 +970,15 @@ def test_squeeze_excitation_gates_fuse():
     optimize_for_inference and by convert's nn.Sequential rule; outputs as the model's."""
     torch.manual_seed(0)
     native = _SqueezeExcitation().to(DEVICE).eval()
+    with torch.no_grad():  # gates past hardsigmoid's +-3 and into sigmoid's tails
+        native.fc2.weight.mul_(40)
+        native.fc4.weight.mul_(40)
     ours, report = tilesmith.nn.optimize_for_inference(native, backend=KERNELS,
                                                        return_report=True)
     assert sorted((layer, name) for layer, _, name in report.fused) == [
         ("fc1", "relu"), ("fc2", "hardsigmoid"), ("fc3", "silu"), ("fc4", "sigmoid"),
         ("head", "sigmoid")]
-    x = torch.randn(2, 16, 5, 7, device=DEVICE) * 4  # past hardsigmoid's +-3
+    x = torch.randn(2, 16, 5, 7, device=DEVICE) * 4
     with torch.no_grad():
         _close(ours(x), native(x))
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Hardsigmoid(),
