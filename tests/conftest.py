@@ -20,6 +20,12 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 
+# PyTorch computes fp32 convolutions on the GPU in TF32 by default (cuDNN's allow_tf32), its
+# fp32 matmuls in IEEE fp32 ("highest" matmul precision); tilesmith's fp32 kernels follow
+# the matmul precision for both (README). The tests hold fp32 models and ops to IEEE-level
+# agreement with torch's, so torch's convolutions here run in IEEE fp32 too.
+torch.backends.cudnn.allow_tf32 = False
+
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (none on this machine)")
 # The cuda backend's matmul/gemm run on wgmma (tilesmith._C_sm90a) on compute capability 9.0.
 HOPPER_KERNELS = (HAS_GPU and torch.cuda.get_device_capability() == (9, 0)
